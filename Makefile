@@ -1,0 +1,43 @@
+# Two commands for a new user: `make demo` and `make test`. Both create .venv from uv.lock first.
+SHELL := /bin/bash
+VENV := .venv
+PY310 = $(shell scripts/find-python)
+# Every process that may load TensorFlow must see this before the import (TFT/TFMA are Keras 2 only).
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONWARNINGS ?= ignore::FutureWarning
+
+.PHONY: demo test lint format venv bench clean-home lock image
+
+venv: $(VENV)/.synced
+
+# uv resolves this stack in seconds where pip backtracks for many minutes; it is bootstrapped from
+# PyPI into the Python 3.10 user site when missing.
+$(VENV)/.synced: pyproject.toml uv.lock
+	@py="$(PY310)"; [ -n "$$py" ] || exit 1; \
+	$$py -m uv --version >/dev/null 2>&1 || $$py -m pip install --quiet --user uv || $$py -m pip install --quiet uv; \
+	UV_PYTHON=$$py $$py -m uv sync --frozen --extra dev --python $$py
+	@touch $@
+
+lock:
+	@py="$(PY310)"; UV_PYTHON=$$py $$py -m uv lock --python $$py
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/van-tfx demo
+
+bench: venv
+	$(VENV)/bin/python benchmarks/bench_model.py
+
+image:
+	docker build -t van-tfx:latest -f Dockerfile .

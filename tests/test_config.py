@@ -1,0 +1,52 @@
+"""The typed config: defaults, YAML round trip, overrides and readable errors."""
+
+import pytest
+
+from van_tfx.config import Config, ConfigError, load_config, save_config
+
+
+def test_defaults_validate_and_derive_paths_from_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAN_TFX_HOME", str(tmp_path))
+    config = load_config()
+    assert config.data_dir == tmp_path / "data"
+    assert config.serving_base_path == tmp_path / "serving" / "van"
+    assert config.metadata_path.parent == tmp_path
+
+
+def test_yaml_round_trip_with_overrides(tmp_path):
+    path = tmp_path / "config.yaml"
+    save_config(load_config(overrides=["train.epochs=3", "model.variant=b1"]), path)
+    loaded = load_config(path, ["beam.args=[--runner=DirectRunner]"])
+    assert loaded.train.epochs == 3
+    assert loaded.model.variant == "b1"
+    assert loaded.beam.args == ["--runner=DirectRunner"]
+    assert isinstance(loaded, Config)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.epochs=0", "train.epochs"),
+        ("model.variant=b9", "model.variant"),
+        ("train.epocs=3", "train.epocs"),
+        ("model.image_size=100", "model.image_size"),
+        ("noequals", "section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_stored_size_must_cover_model_input():
+    with pytest.raises(ConfigError, match="stored_image_size"):
+        load_config(overrides=["data.stored_image_size=32", "model.image_size=64"])
+
+
+def test_missing_and_malformed_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)

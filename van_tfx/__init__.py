@@ -1,0 +1,5 @@
+"""van-tfx: shared foundation (environment guard, typed config, CLI) for the VAN TFX pipeline."""
+
+from van_tfx import env as _env
+
+_env.require_legacy_keras()

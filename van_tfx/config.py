@@ -1,0 +1,238 @@
+"""The one typed configuration of van-tfx: every default lives here, every stage reads from it.
+
+A `Config` is loaded from YAML (`$VAN_TFX_HOME/config.yaml` or `--config FILE`), overridden from the
+CLI with dotted keys (`--set train.epochs=3`), validated by pydantic, and handed to each stage as
+the section it needs (TFX components receive `section.model_dump()` through `custom_config`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from van_tfx.env import van_tfx_home
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos in user YAML; reject them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the ImageNet-style TFRecords are and how Transform stores images."""
+
+    root: str = Field("", description="Data directory; empty means $VAN_TFX_HOME/data.")
+    layout: Literal["spans", "plain"] = "spans"
+    train_pattern: str = "span-{SPAN}/train-*"
+    eval_pattern: str = "span-{SPAN}/validation-*"
+    stored_image_size: int = Field(64, ge=32, description="Square side Transform stores (uint8).")
+    schema_path: str = Field("", description="Curated schema; empty means the one in the repo.")
+
+
+class ModelConfig(_Section):
+    """Which VAN to build."""
+
+    variant: Literal["b0", "b1", "b2", "b3", "b4", "b5", "b6", "tiny"] = "b0"
+    image_size: int = Field(32, ge=32, multiple_of=32)
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    pretrained_weights: str = Field("", description="Converted official .weights.h5 to fine-tune.")
+
+
+class AugmentConfig(_Section):
+    """The paper's per-step training augmentation (timm 0.4.12 recipe); each part switchable."""
+
+    random_resized_crop: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    horizontal_flip: bool = True
+    randaugment: bool = True
+    randaugment_num_ops: int = Field(2, ge=0)
+    randaugment_magnitude: float = Field(9.0, ge=0, le=10)
+    randaugment_magnitude_std: float = Field(0.5, ge=0)
+    mixup_alpha: float = Field(0.8, ge=0)
+    cutmix_alpha: float = Field(1.0, ge=0)
+    mixup_prob: float = Field(1.0, ge=0, le=1)
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1)
+    random_erasing_prob: float = Field(0.25, ge=0, le=1)
+    color_jitter: float = Field(0.4, ge=0)
+
+
+class TrainConfig(_Section):
+    """Optimisation budget and recipe (official VAN recipe defaults, scaled to the batch)."""
+
+    epochs: int = Field(10, ge=1)
+    steps_per_epoch: int = Field(0, ge=0, description="0 means one pass over the training split.")
+    batch_size: int = Field(32, ge=1, description="Global batch size across all replicas.")
+    base_learning_rate: float = Field(1e-3, gt=0, description="LR at global batch 1024.")
+    warmup_epochs: float = Field(5.0, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    clip_grad_norm: float = Field(0.0, ge=0, description="0 disables clipping.")
+    mixed_precision: Literal["none", "mixed_bfloat16", "mixed_float16"] = "none"
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="0 disables the weight EMA.")
+    checkpoint_every_steps: int = Field(50, ge=1)
+    eval_steps: int = Field(0, ge=0, description="0 means the whole validation split.")
+    seed: int = 0
+    deterministic: bool = False
+    warm_start: bool = True
+
+
+class EvalConfig(_Section):
+    """The Evaluator's blessing gate and the eval-time preprocessing."""
+
+    crop_pct: float = Field(0.9, gt=0, le=1)
+    min_top1: float = Field(0.5, ge=0, le=1)
+    max_top1_drop: float = Field(0.01, ge=0, le=1, description="Allowed drop vs the baseline.")
+    top_k: int = Field(5, ge=1)
+    inference_batch_size: int = Field(64, ge=1)
+
+
+class ServingConfig(_Section):
+    """How the pushed model is named and served."""
+
+    model_name: str = Field("van", pattern=r"^[A-Za-z0-9_.-]+$")
+    base_path: str = Field(
+        "", description="Serving base path; empty means $VAN_TFX_HOME/serving/<model_name>."
+    )
+    grpc_port: int = Field(8500, ge=0, le=65535)
+    rest_port: int = Field(8501, ge=0, le=65535)
+    top_k: int = Field(5, ge=1)
+
+
+class BeamConfig(_Section):
+    """Beam pipeline args for Transform/StatisticsGen/Evaluator."""
+
+    args: list[str] = Field(
+        default_factory=lambda: ["--direct_running_mode=multi_processing", "--direct_num_workers=0"]
+    )
+
+
+class KubeflowConfig(_Section):
+    """What `van-tfx compile` puts into the KFP v2 PipelineSpec."""
+
+    image: str = "ghcr.io/van-tfx/van-tfx:0.1.0"
+    pipeline_root: str = "gs://YOUR_BUCKET/van-tfx/pipeline-root"
+    serving_base_path: str = "gs://YOUR_BUCKET/van-tfx/serving/van"
+    data_root: str = "gs://YOUR_BUCKET/van-tfx/data"
+    gpus: int = Field(0, ge=0)
+    accelerator_type: str = "NVIDIA_TESLA_T4"
+    trainer_cpu: float = Field(8, gt=0)
+    trainer_memory_gb: float = Field(32, gt=0)
+    beam_args: list[str] = Field(
+        default_factory=lambda: [
+            "--runner=DataflowRunner",
+            "--project=YOUR_PROJECT",
+            "--region=us-central1",
+            "--temp_location=gs://YOUR_BUCKET/van-tfx/tmp",
+            "--experiments=use_runner_v2",
+        ]
+    )
+
+
+class Config(_Section):
+    """Everything a van-tfx run needs; defaults are the demo's settings on a 2-core CPU."""
+
+    pipeline_name: str = Field("van-tfx", pattern=r"^[a-z0-9][a-z0-9-]*$")
+    home: str = Field("", description="State directory; empty means $VAN_TFX_HOME.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    beam: BeamConfig = Field(default_factory=BeamConfig)
+    kubeflow: KubeflowConfig = Field(default_factory=KubeflowConfig)
+
+    @model_validator(mode="after")
+    def _stored_size_covers_model_input(self) -> Config:
+        if self.data.stored_image_size < self.model.image_size:
+            raise ValueError(
+                f"data.stored_image_size ({self.data.stored_image_size}) must be >= "
+                f"model.image_size ({self.model.image_size})"
+            )
+        return self
+
+    # Derived paths: computed, never stored, so a moved home keeps working.
+    @property
+    def home_dir(self) -> Path:
+        """The state directory ($VAN_TFX_HOME unless the config names one)."""
+        return Path(self.home or van_tfx_home()).resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the TFRecords live."""
+        return Path(self.data.root).resolve() if self.data.root else self.home_dir / "data"
+
+    @property
+    def pipeline_root(self) -> Path:
+        """TFX pipeline root for artifacts."""
+        return self.home_dir / "pipeline_root"
+
+    @property
+    def metadata_path(self) -> Path:
+        """SQLite ML Metadata database."""
+        return self.home_dir / "metadata.sqlite"
+
+    @property
+    def serving_base_path(self) -> Path:
+        """TF Serving model base path: <base>/<version>/saved_model.pb."""
+        if self.serving.base_path:
+            return Path(self.serving.base_path).resolve()
+        return self.home_dir / "serving" / self.serving.model_name
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the offending key."""
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Load a Config from YAML (or defaults) and apply `key.sub=value` overrides."""
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    for item in overrides or []:
+        _apply_override(data, item)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        source = f" in {path}" if path else ""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid config{source}: {problems}") from exc
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, raw = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {key} is not a section")
+    # YAML parsing gives `3` -> int, `true` -> bool, `[a, b]` -> list, like the config file would.
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write a Config as YAML that load_config reads back to an equal Config."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

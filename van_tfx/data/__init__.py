@@ -1,0 +1,1 @@
+"""ImageNet-style TFRecord tools: folder converter and bundled sample."""

@@ -1,0 +1,23 @@
+"""Process environment that must be in place before TensorFlow is imported."""
+
+import os
+import sys
+
+
+def require_legacy_keras() -> None:
+    """Force TF_USE_LEGACY_KERAS=1, failing loudly if TensorFlow was already imported with Keras 3."""
+    # TFT and TFMA 1.16 only understand Keras 2 (tf_keras); TensorFlow reads this variable once, at
+    # import, so setting it after `import tensorflow` would silently give us Keras 3.
+    already_loaded = "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1"
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if already_loaded:
+        raise RuntimeError(
+            "TensorFlow was imported before van-tfx could set TF_USE_LEGACY_KERAS=1; "
+            "import van_tfx (or set TF_USE_LEGACY_KERAS=1) before importing tensorflow."
+        )
+
+
+def van_tfx_home() -> str:
+    """Return $VAN_TFX_HOME (default ./van_tfx_home) as an absolute path."""
+    return os.path.abspath(os.environ.get("VAN_TFX_HOME", "van_tfx_home"))
