@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "van_trainer.cli",
     "van_tfx.data.cli",
     "pipeline.cli",
+    "pipeline.kubeflow_cli",
     "serving.cli",
 )
 

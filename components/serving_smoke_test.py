@@ -1,0 +1,174 @@
+"""Serving smoke test: TFX's InfraValidator, minus Docker, against our TF-Serving-compatible server.
+
+InfraValidator needs a Docker engine or a KFP-v1 pod to start tensorflow_model_server; neither
+exists on a laptop or in CI. This component does the same job with `van-tfx serve` (same flags,
+protos and status codes): it loads the candidate in a real server process, sends real gRPC
+requests built from validation examples to both signatures, and blesses only if they all succeed.
+Like InfraValidator with `make_warmup=True`, the blessing carries a copy of the model with
+`assets.extra/tf_serving_warmup_requests`, so Pusher pushes a model TF Serving warms up on load.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+import tempfile
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    classification_pb2,
+    input_pb2,
+    predict_pb2,
+    prediction_log_pb2,
+    prediction_service_pb2_grpc,
+)
+from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
+from tfx.dsl.component.experimental.decorators import component
+from tfx.types.standard_artifacts import Examples, InfraBlessing, Model
+from tfx.utils import io_utils, path_utils
+
+from serving.process import ServerStartError, running_model_server
+from van_trainer import features
+
+_BLESSED_KEY = "blessed"  # the custom properties Pusher reads, as InfraValidator writes them
+_HAS_MODEL_KEY = "has_model"
+
+
+class SmokeTestFailure(RuntimeError):
+    """The candidate model could not be served or answered a request wrongly."""
+
+
+@component
+def ServingSmokeTest(  # noqa: N802  (TFX component names are class-like)
+    model: InputArtifact[Model],
+    examples: InputArtifact[Examples],
+    blessing: OutputArtifact[InfraBlessing],
+    split: Parameter[str] = "eval",
+    num_examples: Parameter[int] = 4,
+    timeout_seconds: Parameter[int] = 300,
+) -> None:
+    """Serve the candidate in a real model server, query both signatures, bless and add warmup."""
+    model_dir = path_utils.serving_model_path(model.uri, path_utils.is_old_model_artifact(model))
+    records = read_raw_examples(examples.uri, split, num_examples)
+    try:
+        requests = smoke_test_model(model_dir, records, timeout_seconds)
+    except SmokeTestFailure as exc:
+        print(f"ServingSmokeTest: NOT blessed: {exc}", file=sys.stderr)
+        io_utils.write_string_file(os.path.join(blessing.uri, "INFRA_NOT_BLESSED"), str(exc))
+        blessing.set_int_custom_property(_BLESSED_KEY, 0)
+        return
+    stamped = path_utils.stamped_model_path(blessing.uri)
+    copy_model_with_warmup(model_dir, stamped, requests)
+    io_utils.write_string_file(os.path.join(blessing.uri, "INFRA_BLESSED"), "")
+    blessing.set_int_custom_property(_BLESSED_KEY, 1)
+    blessing.set_int_custom_property(_HAS_MODEL_KEY, 1)
+
+
+def read_raw_examples(examples_uri: str, split: str, limit: int) -> list[bytes]:
+    """Read up to `limit` serialized tf.Examples from one split of an Examples artifact."""
+    files = sorted(glob.glob(os.path.join(examples_uri, f"Split-{split}", "*")))
+    if not files:
+        raise SmokeTestFailure(f"no files for split {split!r} under {examples_uri}")
+    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").take(limit)
+    return [record.numpy() for record in dataset]
+
+
+def smoke_test_model(model_dir: str, records: list[bytes], timeout_seconds: float) -> list:
+    """Serve `model_dir` with `van-tfx serve`, check both signatures; return the requests sent."""
+    requests = build_requests("smoke", records)
+    with tempfile.TemporaryDirectory(prefix="smoke-") as base:
+        # TF Serving wants <base>/<integer version>/; a symlink avoids copying the model.
+        os.symlink(os.path.abspath(model_dir), os.path.join(base, "1"))
+        try:
+            with running_model_server(base, "smoke", timeout_seconds) as (channel, _port):
+                check_responses(channel, requests, len(records))
+        except ServerStartError as exc:
+            raise SmokeTestFailure(str(exc)) from exc
+    for request in requests:
+        request.model_spec.name = ""  # warmup replays on the servable, whatever it is named
+    return requests
+
+
+def build_requests(model_name: str, records: list[bytes]) -> list:
+    """One request per way a client calls our model: images, Predict on examples, Classify."""
+    encoded = [
+        tf.train.Example.FromString(r).features.feature[features.IMAGE_ENCODED] for r in records
+    ]
+    images = predict_pb2.PredictRequest()
+    images.model_spec.name = model_name
+    images.model_spec.signature_name = features.PREDICT_IMAGES_SIGNATURE
+    images.inputs[features.PREDICT_IMAGES_INPUT].CopyFrom(
+        tf.make_tensor_proto([f.bytes_list.value[0] for f in encoded], dtype=tf.string)
+    )
+    examples = predict_pb2.PredictRequest()
+    examples.model_spec.name = model_name
+    examples.model_spec.signature_name = features.SERVING_EXAMPLES_SIGNATURE
+    examples.inputs["examples"].CopyFrom(tf.make_tensor_proto(records, dtype=tf.string))
+    classify = classification_pb2.ClassificationRequest()
+    classify.model_spec.name = model_name
+    classify.model_spec.signature_name = features.SERVING_EXAMPLES_SIGNATURE
+    classify.input.CopyFrom(
+        input_pb2.Input(
+            example_list=input_pb2.ExampleList(
+                examples=[tf.train.Example.FromString(r) for r in records]
+            )
+        )
+    )
+    return [images, examples, classify]
+
+
+def check_responses(channel, requests: list, num_records: int) -> None:
+    """Send each request over gRPC and check the answers are well-formed probabilities."""
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    for request in requests:
+        kind = type(request).__name__
+        try:
+            if isinstance(request, classification_pb2.ClassificationRequest):
+                response = stub.Classify(request, timeout=120)
+                scores = np.array(
+                    [
+                        [c.score for c in result.classes]
+                        for result in response.result.classifications
+                    ]
+                )
+            else:
+                response = stub.Predict(request, timeout=120)
+                scores = tf.make_ndarray(response.outputs["probabilities"])
+        except grpc.RpcError as exc:
+            raise SmokeTestFailure(
+                f"{kind} to {request.model_spec.signature_name}: {exc.code().name} {exc.details()}"
+            ) from exc
+        check_probabilities(scores, num_records, f"{kind} {request.model_spec.signature_name}")
+
+
+def check_probabilities(scores: np.ndarray, num_records: int, what: str) -> None:
+    """Fail unless `scores` is [num_records, C] of finite probabilities summing to one."""
+    if scores.ndim != 2 or scores.shape[0] != num_records:
+        raise SmokeTestFailure(f"{what}: expected [{num_records}, C] scores, got {scores.shape}")
+    if not np.all(np.isfinite(scores)) or not np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
+        raise SmokeTestFailure(f"{what}: scores are not probabilities: {scores[:2]}")
+
+
+def copy_model_with_warmup(model_dir: str, destination: str, requests: list) -> None:
+    """Copy the SavedModel and add assets.extra/tf_serving_warmup_requests (PredictionLogs)."""
+    shutil.copytree(model_dir, destination)
+    warmup_path = path_utils.warmup_file_path(destination)
+    os.makedirs(os.path.dirname(warmup_path), exist_ok=True)
+    with tf.io.TFRecordWriter(warmup_path) as writer:
+        for request in requests:
+            writer.write(as_prediction_log(request).SerializeToString())
+
+
+def as_prediction_log(request) -> prediction_log_pb2.PredictionLog:
+    """Wrap a Predict/Classify request in the PredictionLog TF Serving's warmup replays."""
+    if isinstance(request, classification_pb2.ClassificationRequest):
+        return prediction_log_pb2.PredictionLog(
+            classify_log=prediction_log_pb2.ClassifyLog(request=request)
+        )
+    return prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request)
+    )

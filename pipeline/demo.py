@@ -1,0 +1,114 @@
+"""`make demo`: bundled sample → whole pipeline → local TF-Serving-compatible server → gRPC."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+
+from van_tfx.config import Config
+
+DEMO_BATCH = 32
+
+
+def run_demo(config: Config, *, num_predictions: int = 8, echo=print) -> int:
+    """Run every stage a user would, print predictions next to true labels; 0 on success."""
+    from pipeline.local import print_outcome, run_locally
+
+    ensure_sample_data(config, echo)
+    echo("== Pipeline ==")
+    outcome = run_locally(config, echo=echo)
+    print_outcome(outcome)
+    version = latest_version(config.serving_base_path)
+    if version is None:
+        echo(f"No model has been pushed to {config.serving_base_path}; nothing to serve.")
+        return 1
+    echo(f"== Serving version {version} of {config.serving.model_name!r} over gRPC ==")
+    records = validation_records(config)
+    accuracy = serve_and_predict(config, records, num_predictions, echo)
+    echo(f"top-1 on {len(records)} validation images through predict_images: {accuracy:.3f}")
+    if outcome.report_path:
+        echo(f"Run report: {outcome.report_path}")
+    return 0
+
+
+def ensure_sample_data(config: Config, echo) -> None:
+    """Build the bundled digits sample into the data dir unless data is already there."""
+    from van_tfx.data.sample import build_sample
+
+    if glob.glob(str(config.data_dir / "span-*")):
+        echo(f"== Data == using {config.data_dir}")
+        return
+    echo(f"== Data == building the bundled digits sample in {config.data_dir}")
+    build_sample(str(config.data_dir))
+
+
+def latest_version(base_path: Path) -> int | None:
+    """Highest integer version directory that has a saved_model.pb (what TF Serving would load)."""
+    versions = [
+        int(p.name)
+        for p in Path(base_path).glob("*")
+        if p.name.isdigit() and (p / "saved_model.pb").exists()
+    ]
+    return max(versions, default=None)
+
+
+def validation_records(config: Config) -> list[tuple[bytes, str]]:
+    """(JPEG bytes, true synset) for every validation image of the newest span."""
+    import tensorflow as tf
+
+    from van_trainer import features
+
+    spans = sorted(glob.glob(str(config.data_dir / "span-*")), key=lambda p: int(p.split("-")[-1]))
+    files = sorted(glob.glob(os.path.join(spans[-1], "validation-*")))
+    records = []
+    for raw in tf.data.TFRecordDataset(files):
+        example = tf.train.Example.FromString(raw.numpy()).features.feature
+        image = example[features.IMAGE_ENCODED].bytes_list.value[0]
+        synset = example[features.SYNSET].bytes_list.value[0].decode()
+        records.append((image, synset))
+    return records
+
+
+def serve_and_predict(config: Config, records, num_predictions: int, echo) -> float:
+    """Start the server on the serving base path, print a few predictions, return top-1."""
+    from serving.process import running_model_server
+
+    name = config.serving.model_name
+    with running_model_server(str(config.serving_base_path), name) as (channel, port):
+        echo(f"server up on 127.0.0.1:{port}; {num_predictions} predictions:")
+        top1 = []
+        for start in range(0, len(records), DEMO_BATCH):
+            batch = records[start : start + DEMO_BATCH]
+            synsets, scores = predict_images(channel, name, [image for image, _ in batch])
+            rows = list(zip(synsets, scores, (true for _, true in batch), strict=True))
+            top1.extend(predicted == true for predicted, _, true in rows)
+            if start == 0:
+                for predicted, score, true in rows[:num_predictions]:
+                    mark = "ok " if predicted == true else "BAD"
+                    echo(f"  {mark} true {true:<10} predicted {predicted:<10} p={score:.3f}")
+    echo("server stopped")
+    return float(np.mean(top1))
+
+
+def predict_images(channel, model_name: str, images: list[bytes]) -> tuple[list[str], list[float]]:
+    """Top-1 synsets and scores for encoded images, via the stock PredictionService stub."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from van_trainer import features
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = features.PREDICT_IMAGES_SIGNATURE
+    request.inputs[features.PREDICT_IMAGES_INPUT].CopyFrom(
+        tf.make_tensor_proto(images, dtype=tf.string)
+    )
+    response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+        request, timeout=120
+    )
+    synsets = tf.make_ndarray(response.outputs["top_k_synsets"])[:, 0]
+    scores = tf.make_ndarray(response.outputs["top_k_scores"])[:, 0]
+    return [s.decode() for s in synsets], [float(s) for s in scores]

@@ -1,0 +1,48 @@
+"""The Evaluator's TFMA config: top-1/top-5/loss, per-class slices, confusion matrix, the gate."""
+
+from __future__ import annotations
+
+import tensorflow_model_analysis as tfma
+
+from van_tfx.config import EvalConfig
+from van_trainer import features
+
+TOP1 = "sparse_categorical_accuracy"
+TOP5 = "top_5_accuracy"
+# The label TFMA compares against is the Transform output (0-based class id), produced by the
+# model's `transform_features` signature, so the gate sees exactly the ids the model predicts.
+LABEL_KEY = features.TRANSFORMED_LABEL
+SLICE_FEATURE = features.SYNSET
+
+
+def build_eval_config(config: EvalConfig) -> tfma.EvalConfig:
+    """Build the EvalConfig that blesses a candidate only if it clears both thresholds."""
+    top1_threshold = tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": config.min_top1}),
+        # Ignored on the first run: no blessed baseline resolves yet.
+        change_threshold=tfma.GenericChangeThreshold(
+            direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+            absolute={"value": -config.max_top1_drop},
+        ),
+    )
+    metrics = [
+        tfma.MetricConfig(class_name="SparseCategoricalAccuracy", threshold=top1_threshold),
+        tfma.MetricConfig(
+            class_name="SparseTopKCategoricalAccuracy",
+            config=f'{{"k": {config.top_k}, "name": "top_{config.top_k}_accuracy"}}',
+        ),
+        tfma.MetricConfig(class_name="SparseCategoricalCrossentropy", config='{"name": "loss"}'),
+        tfma.MetricConfig(class_name="ExampleCount"),
+        tfma.MetricConfig(class_name="MultiClassConfusionMatrixPlot"),
+    ]
+    return tfma.EvalConfig(
+        model_specs=[
+            tfma.ModelSpec(
+                signature_name=features.SERVING_EXAMPLES_SIGNATURE,
+                label_key=LABEL_KEY,
+                preprocessing_function_names=[features.TRANSFORM_FEATURES_SIGNATURE],
+            )
+        ],
+        slicing_specs=[tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=[SLICE_FEATURE])],
+        metrics_specs=[tfma.MetricsSpec(metrics=metrics)],
+    )

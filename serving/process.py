@@ -1,0 +1,91 @@
+"""Start `van-tfx serve` as a real subprocess and wait until its models are AVAILABLE.
+
+Used by the pipeline's serving smoke test and by `make demo`: both exercise the server exactly as
+a user does, through its command line and the stock tensorflow-serving-api stubs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+AVAILABLE = 30  # tensorflow.serving.ModelVersionStatus.State.AVAILABLE
+
+
+class ServerStartError(RuntimeError):
+    """The model server exited or never reported the model AVAILABLE."""
+
+
+def free_port() -> int:
+    """Ask the kernel for a free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_model_server(
+    base_path: str, model_name: str, timeout_seconds: float = 300, extra_flags: list[str] = ()
+):
+    """Run `van-tfx serve` on a free loopback port; yield (grpc channel, port) once it serves."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "van_tfx.cli",
+        "serve",
+        f"--port={port}",
+        "--rest_api_port=0",
+        f"--model_name={model_name}",
+        f"--model_base_path={base_path}",
+        *extra_flags,
+    ]
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            wait_until_available(channel, model_name, process, log, timeout_seconds)
+            yield channel, port
+        finally:
+            channel.close()
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_until_available(channel, model_name, process, log, timeout_seconds) -> None:
+    """Poll GetModelStatus until a version is AVAILABLE; fail with the server's output otherwise."""
+    stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = model_name
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerStartError(f"model server exited with {process.returncode}: {tail(log)}")
+        with contextlib.suppress(grpc.RpcError):
+            status = stub.GetModelStatus(request, timeout=5)
+            if any(v.state == AVAILABLE for v in status.model_version_status):
+                return
+        time.sleep(0.5)
+    raise ServerStartError(
+        f"model {model_name!r} not AVAILABLE after {timeout_seconds}s: {tail(log)}"
+    )
+
+
+def tail(log, limit: int = 4000) -> str:
+    """Return the end of a server's captured output."""
+    log.flush()
+    log.seek(0)
+    return log.read().decode(errors="replace")[-limit:]
