@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -62,10 +63,15 @@ def run_command(args) -> int:
 
     try:
         config = resolve_config(args)
-        outcome = run_locally(config, force=args.force, echo=_stderr)
+        # Keras and Beam print progress to stdout; keep stdout for the outcome (e.g. --json).
+        with contextlib.redirect_stdout(sys.stderr):
+            outcome = run_locally(config, force=args.force, echo=_stderr)
     except (ConfigError, RunLockedError) as exc:
         print(f"van-tfx run: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a component failed: say which error, not a 200-line traceback
+        print(f"van-tfx run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(outcome_as_dict(outcome), indent=2))
     else:

@@ -31,6 +31,9 @@ class DataConfig(_Section):
     eval_pattern: str = "span-{SPAN}/validation-*"
     stored_image_size: int = Field(64, ge=32, description="Square side Transform stores (uint8).")
     schema_path: str = Field("", description="Curated schema; empty means the one in the repo.")
+    num_classes: int = Field(
+        0, ge=0, description="Label domain max for validation; 0 = count the data's synsets.txt."
+    )
 
 
 class ModelConfig(_Section):
@@ -81,6 +84,14 @@ class TrainConfig(_Section):
     seed: int = 0
     deterministic: bool = False
     warm_start: bool = True
+    strategy: Literal["auto", "default", "mirrored", "multi_worker"] = Field(
+        "auto", description="auto: multi-worker if TF_CONFIG names >1 task, mirrored if >1 GPU."
+    )
+    cpu_devices: int = Field(
+        0, ge=0, description="Split the CPU into N logical devices (before TF starts) for mirrored."
+    )
+    shuffle_buffer: int = Field(2048, ge=1)
+    log_every_steps: int = Field(10, ge=1, description="TensorBoard scalar cadence.")
 
 
 class EvalConfig(_Section):
@@ -133,6 +144,15 @@ class KubeflowConfig(_Section):
             "--experiments=use_runner_v2",
         ]
     )
+    experiment: str = Field("van-tfx", description="KFP experiment runs and schedules go into.")
+    service_account: str = Field("", description="Kubernetes service account; empty = default.")
+    # Multi-worker training on Vertex AI: the Trainer step only launches a CustomJob whose worker
+    # pools run the same image; pool 0 is the chief (exports), pool 1 holds the other workers.
+    vertex_training: bool = False
+    vertex_project: str = "YOUR_PROJECT"
+    vertex_region: str = "us-central1"
+    training_workers: int = Field(2, ge=1, description="Replicas in total, chief included.")
+    worker_machine_type: str = "n1-standard-8"
 
 
 class Config(_Section):

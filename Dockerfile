@@ -1,0 +1,56 @@
+# syntax=docker/dockerfile:1
+# The van-tfx image: every Kubeflow step and every Vertex AI training replica runs in it.
+#
+# Why not FROM tensorflow/tensorflow:2.16.2-gpu: that image ships Python 3.11, and TFX 1.16 only
+# supports Python 3.10. Ubuntu/Debian images with a 3.10 interpreter plus NVIDIA's CUDA wheels give
+# the same GPU runtime: TF 2.16 wheels find the nvidia-* packages in site-packages, and the GPU
+# driver itself comes from the node (NVIDIA device plugin), not from the image.
+ARG PYTHON_IMAGE=python:3.10-slim-bookworm
+FROM ${PYTHON_IMAGE}
+
+ARG UV_VERSION=0.13.9
+# 1 = add the CUDA 12.3 / cuDNN 8.9 libraries TF 2.16.2 was built against (GPU nodes); 0 = CPU only.
+ARG WITH_CUDA=1
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    TF_USE_LEGACY_KERAS=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    UV_PROJECT_ENVIRONMENT=/opt/venv \
+    UV_LINK_MODE=copy \
+    UV_COMPILE_BYTECODE=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+RUN pip install --no-cache-dir "uv==${UV_VERSION}"
+
+WORKDIR /app
+# Locked third-party stack first: this layer is reused while only our code changes.
+COPY pyproject.toml uv.lock README.md ./
+RUN uv sync --frozen --no-dev --no-install-project
+
+# The exact pins of `tensorflow[and-cuda]==2.16.2` (not in uv.lock, which is solved for CPU CI).
+RUN if [ "$WITH_CUDA" = "1" ]; then \
+      uv pip install --no-cache --python /opt/venv/bin/python \
+        nvidia-cublas-cu12==12.3.4.1 nvidia-cuda-cupti-cu12==12.3.101 \
+        nvidia-cuda-nvcc-cu12==12.3.107 nvidia-cuda-nvrtc-cu12==12.3.107 \
+        nvidia-cuda-runtime-cu12==12.3.101 nvidia-cudnn-cu12==8.9.7.29 \
+        nvidia-cufft-cu12==11.0.12.1 nvidia-curand-cu12==10.3.4.107 \
+        nvidia-cusolver-cu12==11.5.4.101 nvidia-cusparse-cu12==12.2.0.103 \
+        nvidia-nccl-cu12==2.19.3 nvidia-nvjitlink-cu12==12.3.101; \
+    fi
+
+COPY van_tfx ./van_tfx
+COPY van_trainer ./van_trainer
+COPY pipeline ./pipeline
+COPY components ./components
+COPY serving ./serving
+# Non-editable: the steps import van_tfx, van_trainer, components... from site-packages.
+RUN uv sync --frozen --no-dev --no-editable
+
+# Steps never need root; KFP and Vertex override the command (python -m tfx...), so no ENTRYPOINT.
+RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin van
+USER 1000
+ENV HOME=/home/van VAN_TFX_HOME=/home/van/van_tfx_home
+WORKDIR /home/van
+CMD ["van-tfx", "--help"]

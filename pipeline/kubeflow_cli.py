@@ -1,0 +1,279 @@
+"""`van-tfx compile`, `van-tfx submit` and `van-tfx schedule`: the pipeline on Kubeflow Pipelines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipeline.cli import add_config_arguments, resolve_config
+from van_tfx.config import ConfigError
+
+HOST_ENV = "KFP_HOST"
+DEFAULT_PACKAGE = "pipeline.yaml"
+
+
+def add_parser(subparsers) -> None:
+    """Register the compile, submit and schedule subcommands."""
+    _add_compile(subparsers)
+    _add_submit(subparsers)
+    _add_schedule(subparsers)
+
+
+def _add_compile(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compile", help="compile the pipeline to a KFP v2 PipelineSpec YAML (KubeflowV2DagRunner)"
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--output", default=DEFAULT_PACKAGE, help="where to write the .yaml")
+    _add_compile_options(parser)
+    parser.set_defaults(func=compile_command)
+
+
+def _add_compile_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", help="container image of every step (default: kubeflow.image)")
+    parser.add_argument(
+        "--gpus", type=int, help="accelerators for the Trainer (default: kubeflow.gpus)"
+    )
+    parser.add_argument(
+        "--vertex-training",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train in a Vertex AI multi-worker CustomJob (default: kubeflow.vertex_training)",
+    )
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser, default=None) -> None:
+    # Sub-actions use SUPPRESS so an option given before `list`/`disable` is not reset by them.
+    parser.add_argument(
+        "--host",
+        default=default,
+        help=f"KFP API endpoint, e.g. http://localhost:8080 (env {HOST_ENV})",
+    )
+    parser.add_argument(
+        "--namespace", default=default, help="Kubernetes namespace (multi-user KFP)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default if default is not None else 30.0,
+        help="seconds to wait for the KFP host (default 30)",
+    )
+
+
+def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--pipeline",
+        help=f"compiled package to send (default: compile to $VAN_TFX_HOME/kubeflow/{DEFAULT_PACKAGE})",
+    )
+    _add_compile_options(parser)
+    _add_connection_arguments(parser)
+    parser.add_argument("--experiment", help="KFP experiment (default: kubeflow.experiment)")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="disable KFP step caching for this run/schedule"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the request as JSON and contact nothing"
+    )
+
+
+def _add_submit(subparsers) -> None:
+    parser = subparsers.add_parser("submit", help="start one run on Kubeflow Pipelines")
+    _add_request_arguments(parser)
+    parser.add_argument("--run-name", help="display name of the run (default: kfp's)")
+    parser.set_defaults(func=submit_command)
+
+
+def _add_schedule(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "schedule", help="create a recurring KFP run (retraining); `schedule list|disable`"
+    )
+    _add_request_arguments(parser)
+    trigger = parser.add_mutually_exclusive_group()
+    trigger.add_argument(
+        "--cron", help="KFP 6-field cron, seconds first: '0 0 3 * * *' = every day at 03:00"
+    )
+    trigger.add_argument("--interval", type=int, help="run every N seconds instead of --cron")
+    parser.add_argument("--job-name", help="recurring run name (default: <pipeline>-retrain)")
+    parser.set_defaults(func=schedule_command)
+
+    actions = parser.add_subparsers(dest="action", metavar="{list,disable}")
+    listing = actions.add_parser("list", help="list recurring runs")
+    _add_connection_arguments(listing, default=argparse.SUPPRESS)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=schedule_list_command)
+    disable = actions.add_parser("disable", help="disable a recurring run")
+    disable.add_argument("job_id", help="recurring run id (see `van-tfx schedule list`)")
+    _add_connection_arguments(disable, default=argparse.SUPPRESS)
+    disable.set_defaults(func=schedule_disable_command)
+
+
+def compile_command(args) -> int:
+    """Compile the pipeline to a PipelineSpec YAML."""
+    from pipeline import kubeflow
+
+    try:
+        config = resolve_config(args)
+        spec = kubeflow.compile_pipeline(
+            config,
+            args.output,
+            image=args.image,
+            gpus=args.gpus,
+            vertex_training=args.vertex_training,
+        )
+    except (ConfigError, kubeflow.KubeflowError) as exc:
+        return _fail("compile", exc)
+    tasks = sorted(spec["root"]["dag"]["tasks"])
+    print(f"Wrote {args.output}: {len(tasks)} tasks ({', '.join(tasks)})")
+    return 0
+
+
+def submit_command(args) -> int:
+    """Create one run (or print the request with --dry-run)."""
+    from pipeline import kubeflow
+
+    try:
+        config, package = _config_and_package(args)
+        calls = kubeflow.submit_request(
+            config,
+            package,
+            run_name=args.run_name,
+            experiment=args.experiment,
+            namespace=args.namespace,
+            enable_caching=False if args.no_cache else None,
+        )
+        return _dispatch("submit", args, calls, _print_run)
+    except (ConfigError, kubeflow.KubeflowError) as exc:
+        return _fail("submit", exc)
+
+
+def schedule_command(args) -> int:
+    """Create a recurring run (or print the requests with --dry-run)."""
+    from pipeline import kubeflow
+
+    if args.cron is None and args.interval is None:
+        return _fail(
+            "schedule", "give --cron '0 0 3 * * *' or --interval SECONDS (or: list, disable)"
+        )
+    try:
+        config, package = _config_and_package(args)
+        calls = kubeflow.schedule_request(
+            config,
+            package,
+            cron=args.cron,
+            interval_seconds=args.interval,
+            job_name=args.job_name,
+            experiment=args.experiment,
+            namespace=args.namespace,
+            enable_caching=False if args.no_cache else None,
+        )
+        return _dispatch("schedule", args, calls, _print_schedule)
+    except (ConfigError, kubeflow.KubeflowError) as exc:
+        return _fail("schedule", exc)
+
+
+def schedule_list_command(args) -> int:
+    """Print the recurring runs on the host."""
+    from pipeline import kubeflow
+
+    try:
+        schedules = kubeflow.list_schedules(
+            _host(args), namespace=args.namespace, timeout=args.timeout
+        )
+    except kubeflow.KubeflowError as exc:
+        return _fail("schedule list", exc)
+    if args.json:
+        print(json.dumps(schedules, indent=2))
+        return 0
+    for item in schedules:
+        trigger = item["cron"] or f"every {item['interval_second']}s"
+        print(f"{item['id']}  {item['status']:<8}  {trigger:<16}  {item['name']}")
+    if not schedules:
+        print("no recurring runs")
+    return 0
+
+
+def schedule_disable_command(args) -> int:
+    """Disable one recurring run."""
+    from pipeline import kubeflow
+
+    try:
+        kubeflow.disable_schedule(
+            _host(args), args.job_id, namespace=args.namespace, timeout=args.timeout
+        )
+    except kubeflow.KubeflowError as exc:
+        return _fail("schedule disable", exc)
+    print(f"disabled recurring run {args.job_id}")
+    return 0
+
+
+def _config_and_package(args):
+    """The config, and the package to send: --pipeline as given, else a fresh compile."""
+    from pipeline import kubeflow
+
+    config = resolve_config(args)
+    if args.pipeline:
+        package = Path(args.pipeline)
+        kubeflow.load_pipeline_spec(package)  # refuse to send a file KFP would reject
+        return config, package
+    package = config.home_dir / "kubeflow" / DEFAULT_PACKAGE
+    kubeflow.compile_pipeline(
+        config, package, image=args.image, gpus=args.gpus, vertex_training=args.vertex_training
+    )
+    return config, package
+
+
+def _dispatch(command: str, args, calls, print_result) -> int:
+    from pipeline import kubeflow
+
+    _warn_about_resolvers(calls)
+    host = args.host or os.environ.get(HOST_ENV)
+    if args.dry_run:
+        print(kubeflow.describe_request(host, calls))
+        return 0
+    if not host:
+        return _fail(command, f"no KFP host: pass --host URL or set {HOST_ENV}")
+    results = kubeflow.send(host, calls, namespace=args.namespace, timeout=args.timeout)
+    print_result(results[-1])
+    return 0
+
+
+def _warn_about_resolvers(calls) -> None:
+    from pipeline import kubeflow
+
+    package = calls[-1]["kwargs"].get("pipeline_file") or calls[-1]["kwargs"].get(
+        "pipeline_package_path"
+    )
+    resolvers = kubeflow.resolver_tasks(kubeflow.load_pipeline_spec(package))
+    if resolvers:
+        print(
+            f"warning: {package} has TFX resolver steps ({', '.join(resolvers)}); open-source "
+            "KFP 2.x rejects them ('resolver executors not implemented'), Vertex AI Pipelines "
+            "runs them. See docs/kubeflow.md.",
+            file=sys.stderr,
+        )
+
+
+def _print_run(result) -> None:
+    print(f"created run {result.run_id}")
+
+
+def _print_schedule(result) -> None:
+    print(f"created recurring run {result.recurring_run_id} ({result.display_name})")
+
+
+def _host(args) -> str:
+    from pipeline import kubeflow
+
+    host = args.host or os.environ.get(HOST_ENV)
+    if not host:
+        raise kubeflow.KubeflowError(f"no KFP host: pass --host URL or set {HOST_ENV}")
+    return host
+
+
+def _fail(command: str, error) -> int:
+    print(f"van-tfx {command}: {error}", file=sys.stderr)
+    return 2

@@ -1,0 +1,368 @@
+"""Kubeflow: compile to a KFP v2 PipelineSpec, submit/schedule requests, the container image."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from van_tfx.cli import main
+from van_tfx.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = "registry.example.com/van-tfx:test"
+PIPELINE_ROOT = "gs://test-bucket/van-tfx/root"
+OVERRIDES = [
+    "--set",
+    f"kubeflow.pipeline_root={PIPELINE_ROOT}",
+    "--set",
+    "kubeflow.data_root=gs://test-bucket/van-tfx/data",
+    "--set",
+    "kubeflow.beam_args=[--runner=DataflowRunner, --project=test-project, --region=europe-west4]",
+    "--set",
+    "kubeflow.trainer_cpu=6",
+    "--set",
+    "kubeflow.trainer_memory_gb=24",
+    "--set",
+    "kubeflow.accelerator_type=NVIDIA_TESLA_T4",
+]
+EXPECTED_TASKS = {
+    "ImportExampleGen",
+    "StatisticsGen",
+    "ImportSchemaGen",
+    "ExampleValidator",
+    "AnomaliesGate",
+    "Transform",
+    "Trainer",
+    "Evaluator",
+    "ServingSmokeTest",
+    "Pusher",
+}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A fresh VAN_TFX_HOME for the module (resolve_config writes its config.yaml there)."""
+    path = tmp_path_factory.mktemp("kf-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VAN_TFX_HOME", str(path))
+        yield path
+
+
+def compile_to(path: Path, *extra: str) -> dict:
+    """Run `van-tfx compile` in-process and load the YAML it wrote."""
+    assert main(["compile", "--output", str(path), "--image", IMAGE, *OVERRIDES, *extra]) == 0
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def compiled(home, tmp_path_factory):
+    """The pipeline compiled with 2 GPUs for the Trainer."""
+    path = tmp_path_factory.mktemp("kf") / "pipeline.yaml"
+    return path, compile_to(path, "--gpus", "2")
+
+
+def constant(spec: dict, task: str, parameter: str) -> str:
+    """A string parameter the compiled spec passes to a task."""
+    value = spec["root"]["dag"]["tasks"][task]["inputs"]["parameters"][parameter]
+    return value["runtimeValue"]["constantValue"]["stringValue"]
+
+
+def executor(spec: dict, task: str) -> dict:
+    """The container spec behind a task of the root DAG."""
+    component = spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
+    label = spec["components"][component]["executorLabel"]
+    return spec["deploymentSpec"]["executors"][label]["container"]
+
+
+# ------------------------------------------------------------------------------------- compile
+
+
+def test_compiled_yaml_loads_with_kfp_pipeline_spec_proto(compiled):
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    path, spec = compiled
+    proto = json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())
+    assert proto.pipeline_info.name == "van-tfx"
+    assert "pipelineSpec" not in spec  # bare PipelineSpec, not the Vertex job wrapper
+    assert path.read_text().startswith("# PIPELINE DEFINITION")
+
+
+def test_compiled_dag_has_every_stage_in_order(compiled):
+    _, spec = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    assert EXPECTED_TASKS <= set(tasks)
+    assert any("resolver" in name for name in tasks)
+    assert "Transform" in tasks["Trainer"]["dependentTasks"]
+    assert "Trainer" in tasks["Evaluator"]["dependentTasks"]
+    assert {"Evaluator", "ServingSmokeTest"} <= set(tasks["Pusher"]["dependentTasks"])
+
+
+def test_every_container_runs_our_image(compiled):
+    _, spec = compiled
+    containers = [
+        e["container"] for e in spec["deploymentSpec"]["executors"].values() if "container" in e
+    ]
+    assert len(containers) >= len(EXPECTED_TASKS)
+    assert {c["image"] for c in containers} == {IMAGE}
+
+
+def test_trainer_requests_gpus_cpu_and_memory(compiled):
+    _, spec = compiled
+    resources = executor(spec, "Trainer")["resources"]
+    assert resources["accelerator"] == {"type": "NVIDIA_TESLA_T4", "count": "2"}
+    assert resources["cpuLimit"] == 6 and resources["cpuRequest"] == 6
+    assert resources["memoryLimit"] == 24 and resources["memoryRequest"] == 24
+    assert "resources" not in executor(spec, "Transform")  # only the Trainer asks for GPUs
+
+
+@pytest.mark.parametrize("task", ["Transform", "StatisticsGen", "Evaluator"])
+def test_beam_steps_carry_the_beam_args(compiled, task):
+    _, spec = compiled
+    args = executor(spec, task)["args"]
+    for expected in ("--runner=DataflowRunner", "--project=test-project", "--region=europe-west4"):
+        assert expected in args
+    assert "--direct_running_mode=multi_processing" not in args  # the local args stay local
+
+
+def test_pipeline_root_is_the_spec_default(compiled):
+    _, spec = compiled
+    assert spec["defaultPipelineRoot"] == PIPELINE_ROOT
+
+
+def test_schema_points_into_the_image_not_this_checkout(compiled):
+    _, spec = compiled
+    schema = constant(spec, "ImportSchemaGen", "schema_file")
+    assert schema == "/opt/venv/lib/python3.10/site-packages/pipeline/schema/schema.pbtxt"
+    assert str(REPO) not in json.dumps(spec)
+
+
+def test_zero_gpus_means_no_accelerator(home, tmp_path):
+    spec = compile_to(tmp_path / "cpu.yaml", "--gpus", "0")
+    resources = executor(spec, "Trainer")["resources"]
+    assert "accelerator" not in resources
+    assert resources["cpuLimit"] == 6
+
+
+def test_vertex_training_carries_the_worker_pool_spec(home, tmp_path):
+    spec = compile_to(
+        tmp_path / "vertex.yaml",
+        "--gpus",
+        "1",
+        "--vertex-training",
+        "--set",
+        "kubeflow.training_workers=3",
+        "--set",
+        "kubeflow.vertex_project=test-project",
+    )
+    trainer = executor(spec, "Trainer")
+    assert (
+        "tfx.extensions.google_cloud_ai_platform.trainer.executor.GenericExecutor"
+        in trainer["args"]
+    )
+    assert "accelerator" not in trainer.get("resources", {})  # the launcher pod needs no GPU
+    custom = json.loads(constant(spec, "Trainer", "custom_config"))
+    assert custom["ai_platform_enable_vertex"] is True
+    job = custom["ai_platform_training_args"]
+    assert job["project"] == "test-project"
+    chief, workers = job["job_spec"]["worker_pool_specs"]
+    assert chief["replica_count"] == 1 and workers["replica_count"] == 2
+    for pool in (chief, workers):
+        assert pool["container_spec"]["image_uri"] == IMAGE
+        assert pool["machine_spec"]["accelerator_type"] == "NVIDIA_TESLA_T4"
+        assert pool["machine_spec"]["accelerator_count"] == 1
+    assert custom["model"]["variant"] == "b0"  # the stage config still reaches run_fn
+
+
+def test_compile_rejects_a_json_output(home, tmp_path, capsys):
+    assert main(["compile", "--output", str(tmp_path / "p.json")]) == 2
+    assert "must end in .yaml" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------- submit
+
+
+def closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound once, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_submit_dry_run_prints_the_call_and_contacts_nothing(compiled, capsys):
+    path, _ = compiled
+    host = f"http://127.0.0.1:{closed_port()}"  # would fail if contacted
+    code = main(
+        ["submit", "--pipeline", str(path), "--host", host, "--run-name", "nightly-1", "--dry-run"]
+    )
+    assert code == 0
+    out = capsys.readouterr()
+    request = json.loads(out.out)
+    assert request["host"] == host
+    (call,) = request["calls"]
+    assert call["method"] == "create_run_from_pipeline_package"
+    assert call["kwargs"]["pipeline_file"] == str(path)
+    assert call["kwargs"]["run_name"] == "nightly-1"
+    assert call["kwargs"]["experiment_name"] == "van-tfx"
+    assert call["kwargs"]["pipeline_root"] == PIPELINE_ROOT
+    assert "resolver" in out.err  # the open-source-KFP warning names the resolver steps
+
+
+def test_submit_to_an_unreachable_host_fails_in_one_line(compiled, capsys):
+    path, _ = compiled
+    host = f"http://127.0.0.1:{closed_port()}"
+    code = main(["submit", "--pipeline", str(path), "--host", host, "--timeout", "2"])
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("van-tfx")]
+    assert errors == [
+        f"van-tfx submit: cannot reach Kubeflow Pipelines at {host}: Connection refused"
+    ]
+
+
+def test_submit_without_host_says_how_to_give_one(compiled, capsys, monkeypatch):
+    monkeypatch.delenv("KFP_HOST", raising=False)
+    path, _ = compiled
+    assert main(["submit", "--pipeline", str(path)]) == 2
+    assert "pass --host URL or set KFP_HOST" in capsys.readouterr().err
+
+
+def test_submit_refuses_a_file_that_is_not_a_pipeline_spec(home, tmp_path, capsys):
+    bogus = tmp_path / "bogus.yaml"
+    bogus.write_text("hello: world\n")
+    assert main(["submit", "--pipeline", str(bogus), "--dry-run"]) == 2
+    assert "not a KFP PipelineSpec" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ schedule
+
+
+def test_schedule_dry_run_requests_one_run_at_a_time_without_catchup(compiled, capsys):
+    path, _ = compiled
+    code = main(["schedule", "--pipeline", str(path), "--cron", "0 0 3 * * *", "--dry-run"])
+    assert code == 0
+    experiment, recurring = json.loads(capsys.readouterr().out)["calls"]
+    assert experiment == {
+        "method": "create_experiment",
+        "kwargs": {"name": "van-tfx", "namespace": None},
+    }
+    assert recurring["method"] == "create_recurring_run"
+    kwargs = recurring["kwargs"]
+    assert kwargs["cron_expression"] == "0 0 3 * * *"
+    assert "interval_second" not in kwargs
+    assert kwargs["max_concurrency"] == 1 and kwargs["no_catchup"] is True
+    assert kwargs["pipeline_package_path"] == str(path)
+    assert kwargs["job_name"] == "van-tfx-retrain"
+
+
+def test_schedule_by_interval(compiled, capsys):
+    path, _ = compiled
+    assert main(["schedule", "--pipeline", str(path), "--interval", "3600", "--dry-run"]) == 0
+    kwargs = json.loads(capsys.readouterr().out)["calls"][1]["kwargs"]
+    assert kwargs["interval_second"] == 3600 and "cron_expression" not in kwargs
+
+
+@pytest.mark.parametrize(
+    ("cron", "message"),
+    [
+        ("0 3 * * *", "has 5 fields; KFP needs 6"),
+        ("0 0 3 * *", "did you mean '0 0 0 3 * *'?"),
+        ("0 0 3 * * * *", "has 7 fields"),
+        ("0 0 3 * * mon;", "day-of-week field 'mon;' is not valid cron"),
+    ],
+)
+def test_schedule_rejects_bad_cron_clearly(compiled, capsys, cron, message):
+    path, _ = compiled
+    assert main(["schedule", "--pipeline", str(path), "--cron", cron, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_schedule_needs_a_trigger(compiled, capsys):
+    path, _ = compiled
+    assert main(["schedule", "--pipeline", str(path), "--dry-run"]) == 2
+    assert "--cron" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("action", [["list"], ["disable", "job-123"]])
+def test_schedule_helpers_fail_clearly_on_unreachable_host(home, capsys, action):
+    host = f"http://127.0.0.1:{closed_port()}"
+    assert main(["schedule", *action, "--host", host, "--timeout", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"cannot reach Kubeflow Pipelines at {host}: Connection refused")
+
+
+# ---------------------------------------------------------------------------- image and configs
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [tuple(line.split(None, 1)) for line in lines if line and not line.startswith("#")]
+
+
+def test_dockerfile_uses_python_310_the_lock_and_legacy_keras():
+    instructions = dockerfile_instructions()
+    args = " ".join(a for i, a in instructions if i == "ARG")
+    assert "PYTHON_IMAGE=python:3.10" in args
+    runs = [a for i, a in instructions if i == "RUN"]
+    assert any("uv sync --frozen --no-dev" in r for r in runs)
+    env = " ".join(a for i, a in instructions if i == "ENV")
+    assert "TF_USE_LEGACY_KERAS=1" in env
+    assert "UV_PROJECT_ENVIRONMENT=/opt/venv" in env  # where kubeflow.IMAGE_SITE_PACKAGES points
+    users = [a for i, a in instructions if i == "USER"]
+    assert users and users[-1] not in ("root", "0")
+
+
+def test_dockerfile_copies_only_files_that_exist_and_every_package():
+    copied = []
+    for instruction, arguments in dockerfile_instructions():
+        if instruction == "COPY" and "--from" not in arguments:
+            copied += shlex.split(arguments)[:-1]
+    for source in copied:
+        assert (REPO / source).exists(), source
+    pyproject = (REPO / "pyproject.toml").read_text()
+    packages = re.search(r"packages = \[(.*?)\]", pyproject).group(1)
+    for package in re.findall(r'"(\w+)"', packages):
+        assert package in copied, f"{package} is packaged but not copied into the image"
+    assert "uv.lock" in copied
+
+
+def test_dockerfile_cuda_pins_match_tensorflow_and_cuda_extra():
+    from importlib.metadata import requires
+
+    pins = {
+        r.split(";")[0].replace(" ", "")
+        for r in requires("tensorflow")
+        if "and-cuda" in r and r.startswith("nvidia-")
+    }
+    text = (REPO / "Dockerfile").read_text()
+    assert pins and all(pin in text for pin in pins)
+
+
+def test_dockerignore_keeps_local_state_out():
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", "van_tfx_home", ".git"} <= set(ignored)
+
+
+def test_example_config_validates():
+    config = load_config(REPO / "configs" / "kubeflow.example.yaml")
+    assert config.kubeflow.gpus == 1
+    assert config.kubeflow.training_workers == 4
+
+
+def test_tfjob_example_has_one_chief_and_workers_on_our_image():
+    docs = list(yaml.safe_load_all((REPO / "configs" / "tfjob-trainer.example.yaml").read_text()))
+    tfjob = next(d for d in docs if d and d.get("kind") == "TFJob")
+    replicas = tfjob["spec"]["tfReplicaSpecs"]
+    assert replicas["Chief"]["replicas"] == 1 and replicas["Worker"]["replicas"] >= 1
+    for spec in replicas.values():
+        container = spec["template"]["spec"]["containers"][0]
+        assert container["name"] == "tensorflow"  # the training operator injects TF_CONFIG here
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["TF_USE_LEGACY_KERAS"] == "1"
