@@ -8,7 +8,6 @@ Like InfraValidator with `make_warmup=True`, the blessing carries a copy of the 
 `assets.extra/tf_serving_warmup_requests`, so Pusher pushes a model TF Serving warms up on load.
 """
 
-
 import glob
 import os
 import shutil

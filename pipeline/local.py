@@ -182,6 +182,11 @@ def stage_progress(log_path: Path, echo):
     if root_had_absl:
         root.removeHandler(absl_handler)  # keep the terminal to progress lines; details go to file
     logger.setLevel(logging.INFO)
+    # Beam configures the root logger; without this every TFX INFO line would reach the terminal.
+    previous_propagate, logger.propagate = logger.propagate, False
+    # Transform lowers absl's verbosity mid-run, which would silence the stage lines; pin the
+    # level for the run by shadowing setLevel on this one logger instance.
+    logger.setLevel = lambda level: None
     logger.addHandler(file_handler)
     logger.addHandler(stage_handler)
     try:
@@ -192,7 +197,9 @@ def stage_progress(log_path: Path, echo):
     finally:
         logger.removeHandler(file_handler)
         logger.removeHandler(stage_handler)
+        del logger.setLevel
         logger.setLevel(previous_level)
+        logger.propagate = previous_propagate
         if root_had_absl:
             root.addHandler(absl_handler)
         file_handler.close()

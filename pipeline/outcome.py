@@ -60,22 +60,34 @@ def overall_metrics(evaluation_uri: str) -> tuple[dict[str, float], dict[str, fl
     return candidate, baseline
 
 
-def validation_failures(evaluation_uri: str) -> list[str]:
-    """Readable lines for each failed threshold: metric, value, threshold, baseline."""
+def validation_failures(evaluation_uri: str, baseline: dict[str, float]) -> list[str]:
+    """Readable lines for each failed threshold: metric, value, threshold, baseline value."""
     import tensorflow_model_analysis as tfma
 
     result = tfma.load_validation_result(evaluation_uri)
     if result.validation_ok:
         return []
-    lines = []
-    for per_slice in result.metric_validations_per_slice:
-        for failure in per_slice.failures:
-            lines.append(
-                f"evaluator: {failure.metric_key.name} = {failure.metric_value.double_value.value:.4f} "
-                f"failed its threshold ({failure.message.strip()})"
-            )
-    lines.extend(f"evaluator: {m.error_message}" for m in result.missing_thresholds)
+    lines = [
+        describe_failure(failure, baseline)
+        for per_slice in result.metric_validations_per_slice
+        for failure in per_slice.failures
+    ]
     return lines or ["evaluator: validation failed (no per-metric detail recorded)"]
+
+
+def describe_failure(failure, baseline: dict[str, float]) -> str:
+    """One failed TFMA threshold as a sentence a person can act on."""
+    name = failure.metric_key.name
+    value = failure.metric_value.double_value.value
+    threshold = failure.metric_threshold
+    if threshold.HasField("change_threshold"):
+        allowed = threshold.change_threshold.absolute.value
+        return (
+            f"evaluator: {name} changed by {value:+.4f} vs the baseline "
+            f"({baseline.get(name, float('nan')):.4f}); the change threshold allows >= {allowed:+.4f}"
+        )
+    bound = threshold.value_threshold.lower_bound.value
+    return f"evaluator: {name} = {value:.4f} is below the value threshold {bound:.4f}"
 
 
 def latest_run_outcome(config, location, span):
@@ -89,7 +101,7 @@ def latest_run_outcome(config, location, span):
     evaluations = outputs.get("ModelEvaluation", [])
     if evaluations:
         outcome.metrics, outcome.baseline_metrics = overall_metrics(evaluations[0].uri)
-        outcome.reasons.extend(validation_failures(evaluations[0].uri))
+        outcome.reasons.extend(validation_failures(evaluations[0].uri, outcome.baseline_metrics))
         if not outcome.baseline_metrics:
             outcome.reasons.append("no blessed baseline yet: the change threshold was not applied")
     blessings = outputs.get("ModelBlessing", [])

@@ -1,0 +1,210 @@
+"""The folder converter on real images: conversions, labels, failures, determinism, CLI."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits, load_sample_images
+
+from van_tfx.cli import main
+from van_tfx.data.build import InvalidImagesError, build_dataset
+from van_tfx.data.records import (
+    CorruptShardError,
+    SynsetListError,
+    read_examples,
+    read_synset_mapping,
+)
+from van_trainer import features
+
+DIGITS_PER_CLASS = 20  # 3 classes x 20 = 60 digits; with the photos > 64 files: the parallel path
+
+
+def sample_photo_paths() -> dict[str, Path]:
+    """sklearn's bundled real photos (china.jpg, flower.jpg) by name."""
+    return {Path(p).name: Path(p) for p in load_sample_images().filenames}
+
+
+def digit_image(pixels: np.ndarray) -> Image.Image:
+    """An 8x8 digit as a 32x32 grayscale image."""
+    gray = (255 - pixels * (255 / 16)).astype(np.uint8)
+    return Image.fromarray(gray, "L").resize((32, 32), Image.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    """IMAGE_DIR/<synset>/<file> with RGB JPEG, PNG, grayscale, CMYK, RGBA and palette inputs."""
+    root = tmp_path_factory.mktemp("images")
+    photos = sample_photo_paths()
+    china = Image.open(photos["china.jpg"])
+    (root / "n_photo").mkdir()
+    (root / "n_photo" / "china.jpg").write_bytes(photos["china.jpg"].read_bytes())
+    Image.open(photos["flower.jpg"]).save(root / "n_photo" / "flower.png")
+    china.resize((120, 80)).convert("CMYK").save(root / "n_photo" / "cmyk.jpg")
+    rgba = china.resize((60, 40)).convert("RGBA")
+    rgba.putalpha(Image.new("L", rgba.size, 0).point(lambda _: 0))  # fully transparent
+    rgba.paste((0, 0, 0, 255), (0, 0, 30, 40))  # left half opaque black
+    rgba.save(root / "n_photo" / "rgba.png")
+    china.resize((50, 30)).convert("P", palette=Image.ADAPTIVE).save(
+        root / "n_photo" / "palette.gif"
+    )
+    digits = load_digits()
+    for digit in range(3):
+        folder = root / f"digit_{digit}"
+        folder.mkdir()
+        chosen = np.flatnonzero(digits.target == digit)[:DIGITS_PER_CLASS]
+        for k, index in enumerate(chosen):
+            ext = "png" if k % 2 else "jpg"  # grayscale JPEGs and grayscale PNGs
+            digit_image(digits.images[index]).save(folder / f"{index}.{ext}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(image_dir, tmp_path_factory):
+    """One serial conversion into 3 shards."""
+    out = tmp_path_factory.mktemp("out")
+    result = build_dataset(image_dir, out, shards=3, workers=1, progress=False)
+    return out, result
+
+
+def test_every_payload_is_an_rgb_jpeg_matching_its_size(built):
+    out, result = built
+    records = list(read_examples(result.shards))
+    assert len(records) == result.num_records == 5 + 3 * DIGITS_PER_CLASS
+    for record in records:
+        image = Image.open(io.BytesIO(record[features.IMAGE_ENCODED]))
+        assert image.format == "JPEG" and image.mode == "RGB", record[features.IMAGE_FILENAME]
+        assert (record[features.IMAGE_HEIGHT], record[features.IMAGE_WIDTH]) == (
+            image.height,
+            image.width,
+        )
+        assert record[features.IMAGE_FORMAT] == b"JPEG" and record[features.IMAGE_CHANNELS] == 3
+        assert record[features.IMAGE_COLORSPACE] == b"RGB"
+
+
+def test_rgb_jpeg_is_kept_byte_for_byte_and_others_converted(built):
+    out, result = built
+    by_name = {r[features.IMAGE_FILENAME].decode(): r for r in read_examples(result.shards)}
+    china = sample_photo_paths()["china.jpg"].read_bytes()
+    assert by_name["n_photo/china.jpg"][features.IMAGE_ENCODED] == china
+    flower = by_name["n_photo/flower.png"]
+    assert (flower[features.IMAGE_HEIGHT], flower[features.IMAGE_WIDTH]) == (427, 640)
+    cmyk = Image.open(io.BytesIO(by_name["n_photo/cmyk.jpg"][features.IMAGE_ENCODED]))
+    assert cmyk.mode == "RGB" and cmyk.size == (120, 80)
+    # RGBA is composited on white: the transparent right half is white, the opaque left black.
+    rgba = np.asarray(Image.open(io.BytesIO(by_name["n_photo/rgba.png"][features.IMAGE_ENCODED])))
+    assert rgba[:, 40:].mean() > 240 and rgba[:, :20].mean() < 15
+
+
+def test_labels_follow_the_written_synset_list(built):
+    out, result = built
+    synsets = list(read_synset_mapping(out / "synsets.txt"))
+    assert synsets == ["digit_0", "digit_1", "digit_2", "n_photo"]
+    for record in read_examples(result.shards):
+        synset = record[features.SYNSET].decode()
+        assert record[features.LABEL] == synsets.index(synset) + 1
+        assert record[features.IMAGE_FILENAME].decode().startswith(synset + "/")
+
+
+def test_shards_mix_classes_and_are_named_of_total(built):
+    out, result = built
+    assert [p.name for p in result.shards] == [f"train-0000{k}-of-00003" for k in range(3)]
+    first_shard = {r[features.SYNSET] for r in read_examples(result.shards[:1])}
+    assert len(first_shard) >= 3  # the seeded shuffle spreads classes across shards
+
+
+def test_parallel_conversion_is_byte_identical_to_serial(built, image_dir, tmp_path):
+    out, result = built
+    parallel = build_dataset(image_dir, tmp_path, shards=3, workers=2, progress=False)
+    for a, b in zip(result.shards, parallel.shards, strict=True):
+        assert a.read_bytes() == b.read_bytes()
+    other_seed = build_dataset(
+        image_dir, tmp_path / "s", shards=3, seed=1, workers=1, progress=False
+    )
+    assert other_seed.shards[0].read_bytes() != result.shards[0].read_bytes()
+
+
+def test_validation_split_reuses_labels_and_rejects_unknown_synsets(built, image_dir, tmp_path):
+    out, _ = built
+    val_dir = tmp_path / "val"
+    (val_dir / "n_photo").mkdir(parents=True)
+    (val_dir / "n_photo" / "china.jpg").write_bytes(
+        (image_dir / "n_photo" / "china.jpg").read_bytes()
+    )
+    result = build_dataset(val_dir, out, split="validation", workers=1, progress=False)
+    [record] = read_examples(result.shards)
+    assert record[features.LABEL] == 4  # n_photo's label in the train list, not 1
+    (val_dir / "n_unknown").mkdir()
+    with pytest.raises(SynsetListError, match="n_unknown"):
+        build_dataset(val_dir, out, split="validation", workers=1, progress=False)
+
+
+def test_synsets_file_supplies_class_texts(image_dir, tmp_path):
+    mapping = tmp_path / "LOC_synset_mapping.txt"
+    mapping.write_text(
+        "digit_0 zero\ndigit_1 one\ndigit_2 two, deux\nn_photo photograph\tof a place\n"
+    )
+    result = build_dataset(
+        image_dir, tmp_path / "o", synsets_file=mapping, workers=1, progress=False
+    )
+    texts = {r[features.SYNSET]: r[features.CLASS_TEXT] for r in read_examples(result.shards)}
+    assert texts[b"digit_2"] == b"two, deux" and texts[b"n_photo"] == b"photograph\tof a place"
+    mapping.write_text("digit_0 zero\n")
+    with pytest.raises(SynsetListError, match="digit_1"):
+        build_dataset(image_dir, tmp_path / "o2", synsets_file=mapping, workers=1, progress=False)
+
+
+@pytest.fixture()
+def dir_with_bad_files(image_dir, tmp_path) -> Path:
+    """A copy of two classes plus a non-image and a truncated JPEG."""
+    root = tmp_path / "bad"
+    (root / "n_photo").mkdir(parents=True)
+    china = (image_dir / "n_photo" / "china.jpg").read_bytes()
+    (root / "n_photo" / "china.jpg").write_bytes(china)
+    (root / "n_photo" / "truncated.jpg").write_bytes(china[: len(china) // 2])
+    (root / "digit_0").mkdir()
+    (root / "digit_0" / "notes.jpg").write_text("this is not an image")
+    for source in sorted((image_dir / "digit_0").iterdir())[:3]:
+        (root / "digit_0" / source.name).write_bytes(source.read_bytes())
+    return root
+
+
+def test_corrupt_files_fail_naming_all_of_them_and_write_nothing(dir_with_bad_files, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(InvalidImagesError) as failure:
+        build_dataset(dir_with_bad_files, out, workers=1, progress=False)
+    message = str(failure.value)
+    assert "truncated.jpg" in message and "notes.jpg" in message
+    assert sorted(p.name for p in out.iterdir()) == []  # no shards, temp dir or synset list
+
+
+def test_skip_invalid_converts_the_rest_and_reports(dir_with_bad_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        ["data", "build", str(dir_with_bad_files), str(out), "--skip-invalid", "--workers", "1"]
+    )
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "truncated.jpg" in err and "notes.jpg" in err
+    report = (out / "train-rejected.tsv").read_text().splitlines()
+    assert report[0] == "path\treason" and len(report) == 3
+    assert len(list(read_examples(sorted(out.glob("train-*-of-*"))))) == 4
+
+
+def test_cli_without_skip_invalid_fails_naming_files(dir_with_bad_files, tmp_path, capsys):
+    code = main(["data", "build", str(dir_with_bad_files), str(tmp_path / "o"), "--workers", "1"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "notes.jpg" in err and "--skip-invalid" in err
+
+
+def test_truncated_shard_is_reported_by_name(built, tmp_path):
+    _, result = built
+    shard = tmp_path / "train-00000-of-00001"
+    data = result.shards[0].read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CorruptShardError, match="train-00000-of-00001"):
+        list(read_examples([shard]))

@@ -1,0 +1,200 @@
+"""Folder converter: IMAGE_DIR/<synset>/<file> -> ImageNet-style TFRecord shards + synset list."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import random
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from van_tfx.data.records import (
+    SYNSETS_FILE,
+    ImageRecord,
+    InvalidImageError,
+    SynsetListError,
+    label_of,
+    load_image_file,
+    read_synset_mapping,
+    write_split,
+    write_synset_list,
+)
+
+DEFAULT_SEED = 0
+IMAGES_PER_SHARD = 1024
+
+
+class InvalidImagesError(ValueError):
+    """Some input files are not decodable images; lists every one of them."""
+
+    def __init__(self, rejected: list[tuple[str, str]]):
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in rejected)
+        super().__init__(
+            f"{len(rejected)} file(s) are not decodable images; nothing was written "
+            f"(fix or remove them, or pass --skip-invalid):\n{lines}"
+        )
+        self.rejected = rejected
+
+
+@dataclass
+class BuildResult:
+    """What one converter run wrote."""
+
+    shards: list[Path]
+    num_records: int
+    synsets_path: Path
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    rejected_report: Path | None = None
+
+
+def list_images(image_dir: str | os.PathLike) -> dict[str, list[Path]]:
+    """Map each synset directory of IMAGE_DIR (sorted) to its sorted files (hidden ones skipped)."""
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image directory not found: {root}")
+    synsets = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not synsets:
+        raise SynsetListError(
+            f"{root} has no <synset>/ subdirectories (expected IMAGE_DIR/<synset>/<file>)"
+        )
+    return {
+        d.name: sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
+        for d in synsets
+    }
+
+
+def resolve_synsets(
+    found: list[str], output_dir: Path, synsets_file: str | os.PathLike | None
+) -> tuple[dict[str, str], bool]:
+    """The synset list (in label order, with texts) and whether it already exists on disk.
+
+    An existing OUTPUT_DIR/synsets.txt fixes the labels (so validation matches train); otherwise
+    the sorted synset directories do. Texts come from --synsets-file, else the existing list.
+    """
+    existing_path = output_dir / SYNSETS_FILE
+    existing = read_synset_mapping(existing_path) if existing_path.exists() else None
+    mapping = read_synset_mapping(synsets_file) if synsets_file else None
+    order = list(existing) if existing is not None else sorted(found)
+    unknown = [s for s in found if s not in order]
+    if unknown:
+        raise SynsetListError(
+            f"synset(s) {', '.join(unknown)} are not in the existing list {existing_path}; "
+            "labels must match the other splits (convert into a fresh OUTPUT_DIR or extend the list)"
+        )
+    if mapping is not None:
+        missing = [s for s in order if s not in mapping]
+        if missing:
+            raise SynsetListError(f"synset(s) {', '.join(missing)} have no entry in {synsets_file}")
+        return {s: mapping[s] for s in order}, existing is not None
+    texts = existing or {}
+    return {s: texts.get(s, s) for s in order}, existing is not None
+
+
+def shuffled_items(images: dict[str, list[Path]], seed: int) -> list[tuple[Path, str]]:
+    """All (file, synset) pairs in a seeded shuffle, so every shard mixes classes reproducibly."""
+    items = [(path, synset) for synset, files in images.items() for path in files]
+    random.Random(seed).shuffle(items)
+    return items
+
+
+def _load(path: Path) -> tuple[bytes, int, int] | InvalidImageError:
+    # Runs in worker processes: return the error instead of raising so every failure is collected.
+    try:
+        return load_image_file(str(path))
+    except InvalidImageError as exc:
+        return exc
+
+
+def _decoded(
+    paths: list[Path], workers: int
+) -> Iterator[tuple[bytes, int, int] | InvalidImageError]:
+    if workers <= 1 or len(paths) < 64:
+        yield from map(_load, paths)
+        return
+    # spawn: the parent may already hold TensorFlow's threads, which fork would copy half-alive.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield from pool.map(_load, paths, chunksize=16)
+
+
+def _records(
+    items: list[tuple[Path, str]],
+    texts: dict[str, str],
+    workers: int,
+    rejected: list[tuple[str, str]],
+    progress: bool,
+    skip_invalid: bool,
+) -> Iterator[ImageRecord]:
+    from tqdm import tqdm
+
+    labels = label_of(list(texts))
+    results = _decoded([path for path, _ in items], workers)
+    bar = tqdm(
+        zip(items, results, strict=False),
+        total=len(items),
+        unit="img",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    written = 0
+    for (path, synset), result in bar:
+        if isinstance(result, InvalidImageError):
+            rejected.append((str(path), result.reason))
+            continue
+        jpeg, height, width = result
+        written += 1
+        yield ImageRecord(
+            jpeg, height, width, labels[synset], synset, texts[synset], f"{synset}/{path.name}"
+        )
+    if rejected and (not skip_invalid or written == 0):
+        raise InvalidImagesError(rejected)  # inside the writer: the temp shards are discarded
+
+
+def build_dataset(
+    image_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    split: str = "train",
+    shards: int | None = None,
+    skip_invalid: bool = False,
+    synsets_file: str | os.PathLike | None = None,
+    seed: int = DEFAULT_SEED,
+    workers: int | None = None,
+    progress: bool = True,
+) -> BuildResult:
+    """Convert IMAGE_DIR/<synset>/<file> into OUTPUT_DIR/<split>-NNNNN-of-MMMMM TFRecord shards."""
+    output_dir = Path(output_dir)
+    images = list_images(image_dir)
+    texts, list_exists = resolve_synsets(list(images), output_dir, synsets_file)
+    items = shuffled_items(images, seed)
+    if not items:
+        raise SynsetListError(f"{image_dir} contains no files")
+    num_shards = shards or math.ceil(len(items) / IMAGES_PER_SHARD)
+    num_shards = max(1, min(num_shards, len(items)))
+    rejected: list[tuple[str, str]] = []
+    records = _records(
+        items, texts, workers or os.cpu_count() or 1, rejected, progress, skip_invalid
+    )
+    paths = write_split(records, output_dir, split, num_shards)
+    synsets_path = output_dir / "synsets.txt"
+    if not list_exists:
+        write_synset_list(synsets_path, texts)
+    report = write_rejected_report(output_dir, split, rejected)
+    return BuildResult(paths, len(items) - len(rejected), synsets_path, rejected, report)
+
+
+def write_rejected_report(
+    output_dir: Path, split: str, rejected: list[tuple[str, str]]
+) -> Path | None:
+    """Write `<split>-rejected.tsv` (path, reason) or remove a stale one when nothing was rejected."""
+    report = output_dir / f"{split}-rejected.tsv"
+    if not rejected:
+        report.unlink(missing_ok=True)
+        return None
+    clean = [(p, r.replace("\t", " ").replace("\n", " ")) for p, r in rejected]
+    report.write_text("path\treason\n" + "".join(f"{p}\t{r}\n" for p, r in clean))
+    return report

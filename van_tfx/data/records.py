@@ -1,0 +1,261 @@
+"""ImageNet-style tf.Example records: RGB-JPEG normalisation, synset lists, shard writing/reading.
+
+The image work (PIL decode/convert/encode) is pure Python so it can run in worker processes that
+never import TensorFlow; only shard writing and reading import TensorFlow, lazily.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageFile
+
+from van_trainer import features
+
+SYNSETS_FILE = "synsets.txt"
+JPEG_QUALITY = 95
+# Alpha is composited on white: ImageNet-style photos have no transparency, and black behind
+# transparent logos/icons would change what the image shows.
+ALPHA_BACKGROUND = (255, 255, 255)
+# Refuse decompression bombs (PIL's own default warns only); ~ a 16k x 16k image.
+MAX_PIXELS = 16384 * 16384
+
+
+class InvalidImageError(ValueError):
+    """A file that is not a decodable image; the message names the file and the reason."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class CorruptShardError(IOError):
+    """A TFRecord shard that cannot be read to the end (truncated or corrupted)."""
+
+
+class SynsetListError(ValueError):
+    """A synset list or mapping that does not match the images being converted."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One labelled image, already normalised to RGB JPEG bytes."""
+
+    jpeg: bytes
+    height: int
+    width: int
+    label: int  # 1-based position of `synset` in the sorted synset list
+    synset: str
+    text: str
+    filename: str
+
+
+def to_rgb_jpeg(data: bytes, name: str = "<bytes>") -> tuple[bytes, int, int]:
+    """Decode any PIL-readable image and return (RGB JPEG bytes, height, width).
+
+    RGB JPEGs are kept byte-for-byte; PNG, grayscale, CMYK, palette and alpha images are converted
+    (alpha composited on white) and re-encoded, as TF's build_imagenet_data.py does.
+    """
+    image = _decode_fully(data, name)
+    if image.format == "JPEG" and image.mode == "RGB":
+        return data, image.height, image.width
+    rgb = _as_rgb(image)
+    out = io.BytesIO()
+    rgb.save(out, format="JPEG", quality=JPEG_QUALITY)
+    return out.getvalue(), rgb.height, rgb.width
+
+
+def _decode_fully(data: bytes, name: str) -> Image.Image:
+    # verify() catches structural damage; load() catches truncation (a second open is required).
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must be False to detect truncation")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            if probe.width * probe.height > MAX_PIXELS:
+                raise InvalidImageError(name, f"image too large ({probe.width}x{probe.height})")
+            probe.verify()
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except InvalidImageError:
+        raise
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        reason = str(exc) or type(exc).__name__
+        raise InvalidImageError(name, f"not a decodable image ({reason})") from None
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)  # animated GIF/PNG: the first frame, as tf.io.decode_image would
+    return image
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or image.mode.endswith("A"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale PNG: scale to 8 bits instead of clipping.
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+def load_image_file(path: str) -> tuple[bytes, int, int]:
+    """Read one file and normalise it to RGB JPEG; raises InvalidImageError naming it."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidImageError(path, f"cannot read file ({exc.strerror})") from None
+    if not data:
+        raise InvalidImageError(path, "empty file")
+    return to_rgb_jpeg(data, path)
+
+
+# ---- synset lists -----------------------------------------------------------------------------
+
+
+def read_synset_mapping(path: str | os.PathLike) -> dict[str, str]:
+    """Parse `synset text...` lines (synsets.txt / LOC_synset_mapping.txt / tab-separated)."""
+    mapping: dict[str, str] = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.strip().split(None, 1)
+        synset = parts[0]
+        if synset in mapping:
+            raise SynsetListError(f"{path}:{number}: synset {synset!r} is listed twice")
+        mapping[synset] = parts[1].strip() if len(parts) > 1 else synset
+    return mapping
+
+
+def write_synset_list(path: str | os.PathLike, texts: dict[str, str]) -> None:
+    """Write the synset list (one `synset text` line each, in label order) atomically."""
+    body = "".join(f"{synset} {text}\n" for synset, text in texts.items())
+    _atomic_write_text(Path(path), body)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def label_of(synsets: list[str]) -> dict[str, int]:
+    """Map each synset to its 1-based label (its position in the list)."""
+    return {synset: index for index, synset in enumerate(synsets, start=1)}
+
+
+# ---- tf.Example encoding ----------------------------------------------------------------------
+
+
+def example_bytes(record: ImageRecord) -> bytes:
+    """Serialize one record as an ImageNet-style tf.Example (TF's build_imagenet_data.py keys)."""
+    import tensorflow as tf
+
+    def b(value: str | bytes):
+        value = value.encode() if isinstance(value, str) else value
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def i(value: int):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+    feature = {
+        features.IMAGE_ENCODED: b(record.jpeg),
+        features.IMAGE_FORMAT: b("JPEG"),
+        features.IMAGE_HEIGHT: i(record.height),
+        features.IMAGE_WIDTH: i(record.width),
+        features.IMAGE_CHANNELS: i(3),
+        features.IMAGE_COLORSPACE: b("RGB"),
+        features.IMAGE_FILENAME: b(record.filename),
+        features.LABEL: i(record.label),
+        features.SYNSET: b(record.synset),
+        features.CLASS_TEXT: b(record.text),
+    }
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    # Map fields serialize in arbitrary order unless asked: same input must give the same bytes.
+    return example.SerializeToString(deterministic=True)
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    """`<split>-NNNNN-of-MMMMM`, the ImageNet TFRecord naming."""
+    return f"{split}-{index:05d}-of-{num_shards:05d}"
+
+
+def write_split(
+    records: Iterable[ImageRecord], output_dir: str | os.PathLike, split: str, num_shards: int
+) -> list[Path]:
+    """Write records round-robin into `num_shards` shards, atomically per split; return the paths.
+
+    Shards go to a temporary directory inside `output_dir` and are renamed into place (replacing
+    any older shards of the split) only after the iterator is exhausted, so a failed or interrupted
+    run never leaves a complete-looking split behind. The iterator may raise to abort.
+    """
+    import tensorflow as tf
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    names = [shard_name(split, k, num_shards) for k in range(num_shards)]
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{split}-", dir=output_dir))
+    try:
+        writers = [tf.io.TFRecordWriter(str(tmp_dir / name)) for name in names]
+        try:
+            for index, record in enumerate(records):
+                writers[index % num_shards].write(example_bytes(record))
+        finally:
+            for writer in writers:
+                writer.close()
+        remove_split(output_dir, split)
+        for name in names:
+            os.replace(tmp_dir / name, output_dir / name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return [output_dir / name for name in names]
+
+
+def remove_split(output_dir: Path, split: str) -> None:
+    """Delete existing `<split>-*-of-*` shards (a rewrite may use a different shard count)."""
+    for old in output_dir.glob(f"{split}-?????-of-?????"):
+        old.unlink()
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+def iter_shard(path: str | os.PathLike) -> Iterator[bytes]:
+    """Yield the serialized records of one shard; CorruptShardError names a damaged shard."""
+    import tensorflow as tf
+
+    count = 0
+    try:
+        for raw in tf.data.TFRecordDataset(str(path)):
+            count += 1
+            yield raw.numpy()
+    except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as exc:
+        raise CorruptShardError(
+            f"TFRecord shard {path} is truncated or corrupted after {count} records: "
+            f"{exc.message.splitlines()[0]}"
+        ) from None
+
+
+def read_examples(paths: Iterable[str | os.PathLike]) -> Iterator[dict]:
+    """Yield each record of the shards as a dict of plain Python values (for tests and tools)."""
+    import tensorflow as tf
+
+    for path in paths:
+        for raw in iter_shard(path):
+            parsed = tf.train.Example.FromString(raw).features.feature
+            yield {key: _plain(value) for key, value in parsed.items()}
+
+
+def _plain(feature) -> object:
+    kind = feature.WhichOneof("kind")
+    values = list(getattr(feature, kind).value) if kind else []
+    return values[0] if len(values) == 1 else values
