@@ -1,0 +1,172 @@
+"""A shared batcher per servable signature: concurrent requests' tensors are merged along dim 0,
+run once, and split back, like TF Serving's BasicBatchScheduler."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+
+from serving.errors import ServingError, invalid_argument, unavailable
+from serving.protos import BatchingSettings
+
+Tensors = dict[str, np.ndarray]
+
+
+class _Task:
+    def __init__(self, inputs: Tensors, rows: int):
+        self.inputs = inputs
+        self.rows = rows
+        self.enqueued = time.monotonic()
+        self.done = threading.Event()
+        self.result: Tensors | None = None
+        self.error: Exception | None = None
+
+    def finish(self, result: Tensors | None = None, error: Exception | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+
+class Batcher:
+    """Merge concurrent calls of `run` into batches of at most `max_batch_size` rows."""
+
+    def __init__(self, run: Callable[[Tensors], Tensors], settings: BatchingSettings, name: str):
+        self._run = run
+        self._settings = settings
+        self._queue: collections.deque[_Task] = collections.deque()
+        self._queued_rows = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.batches_run = 0  # how many merged runs happened (observability, tests)
+        self.tasks_run = 0
+        self._threads = [
+            threading.Thread(target=self._work, name=f"batch-{name}-{i}", daemon=True)
+            for i in range(settings.num_batch_threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, inputs: Tensors, timeout: float | None = None) -> Tensors:
+        """Run `inputs` as part of a batch; blocks until its slice of the result is ready."""
+        rows = _batch_rows(inputs)
+        limit = self._settings.max_batch_size
+        if rows > limit:
+            raise invalid_argument(
+                f"Task size {rows} is larger than maximum input batch size {limit}"
+            )
+        task = _Task(inputs, rows)
+        with self._cond:
+            if self._stopping:  # the servable is being unloaded: finish in-flight work directly
+                return self._run(inputs)
+            if self._queued_rows + rows > limit * self._settings.max_enqueued_batches:
+                raise unavailable(
+                    "The batch scheduling queue to which this task was submitted is full"
+                )
+            self._queue.append(task)
+            self._queued_rows += rows
+            self._cond.notify()
+        if not task.done.wait(timeout):
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded")
+        if task.error is not None:
+            raise task.error
+        return task.result
+
+    def stop(self) -> None:
+        """Let the workers drain the queue, then end them."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._execute(batch)
+
+    def _next_batch(self) -> list[_Task] | None:
+        timeout = self._settings.batch_timeout_micros / 1e6
+        with self._cond:
+            while True:
+                if not self._queue:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                wait = self._queue[0].enqueued + timeout - time.monotonic()
+                full = self._queued_rows >= self._settings.max_batch_size
+                if full or wait <= 0 or self._stopping:
+                    return self._take_batch()
+                self._cond.wait(wait)
+
+    def _take_batch(self) -> list[_Task]:
+        batch = [self._queue.popleft()]
+        rows = batch[0].rows
+        while self._queue and _compatible(batch[0], self._queue[0]):
+            if rows + self._queue[0].rows > self._settings.max_batch_size:
+                break
+            task = self._queue.popleft()
+            batch.append(task)
+            rows += task.rows
+        self._queued_rows -= rows
+        return batch
+
+    def _execute(self, batch: list[_Task]) -> None:
+        self.batches_run += 1
+        self.tasks_run += len(batch)
+        if len(batch) == 1:
+            self._execute_alone(batch[0])
+            return
+        merged = {
+            name: np.concatenate([task.inputs[name] for task in batch]) for name in batch[0].inputs
+        }
+        try:
+            outputs = self._run(merged)
+        except Exception:
+            # One bad request (say an undecodable image) must not fail its batch neighbours.
+            for task in batch:
+                self._execute_alone(task)
+            return
+        total = sum(task.rows for task in batch)
+        start = 0
+        for task in batch:
+            task.finish(result=_slice(outputs, start, start + task.rows, total))
+            start += task.rows
+
+    def _execute_alone(self, task: _Task) -> None:
+        try:
+            task.finish(result=self._run(task.inputs))
+        except Exception as exc:  # handed to the waiting request thread
+            task.finish(error=exc)
+
+
+def _batch_rows(inputs: Tensors) -> int:
+    sizes = {value.shape[0] if value.ndim else -1 for value in inputs.values()}
+    if len(sizes) != 1 or -1 in sizes:
+        raise invalid_argument(
+            "Batching session Run() input tensors must have equal 0th-dimension size"
+        )
+    return sizes.pop()
+
+
+def _compatible(first: _Task, other: _Task) -> bool:
+    if first.inputs.keys() != other.inputs.keys():
+        return False
+    return all(
+        first.inputs[k].shape[1:] == other.inputs[k].shape[1:]
+        and first.inputs[k].dtype == other.inputs[k].dtype
+        for k in first.inputs
+    )
+
+
+def _slice(outputs: Tensors, start: int, stop: int, total: int) -> Tensors:
+    return {
+        name: value[start:stop] if value.ndim and value.shape[0] == total else value
+        for name, value in outputs.items()
+    }

@@ -1,0 +1,224 @@
+"""`van-tfx serve | predict | loadtest | serving-manifests` (TensorFlow is imported lazily)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers) -> None:
+    """Register the serving subcommands."""
+    _add_serve(subparsers)
+    _add_predict(subparsers)
+    _add_loadtest(subparsers)
+    manifests = subparsers.add_parser(
+        "serving-manifests", help="write serving/deploy/*.yaml for tensorflow/serving on Kubernetes"
+    )
+    from serving.manifests import add_arguments, run
+
+    add_arguments(manifests)
+    manifests.set_defaults(func=run)
+
+
+def _flag_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _serving_defaults():
+    from van_tfx.config import ServingConfig
+
+    return ServingConfig()
+
+
+def _add_serve(subparsers) -> None:
+    defaults = _serving_defaults()
+    p = subparsers.add_parser(
+        "serve",
+        help="serve SavedModels over TF Serving's gRPC and REST APIs (tensorflow_model_server flags)",
+    )
+    p.add_argument("--port", type=int, default=defaults.grpc_port, help="gRPC port")
+    p.add_argument("--grpc_host", default="127.0.0.1", help="gRPC bind address")
+    p.add_argument("--rest_api_port", type=int, default=defaults.rest_port, help="0 disables REST")
+    p.add_argument("--rest_api_host", default="127.0.0.1", help="REST bind address")
+    p.add_argument("--model_name", default=defaults.model_name)
+    p.add_argument("--model_base_path", default="", help="default: the config's serving base path")
+    p.add_argument("--model_config_file", default="", help="ModelServerConfig text proto")
+    p.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0)
+    p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0)
+    p.add_argument("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False)
+    p.add_argument("--batching_parameters_file", default="")
+    p.add_argument("--monitoring_config_file", default="")
+    p.add_argument("--rest_api_timeout_in_ms", type=int, default=30000)
+    p.add_argument("--enable_model_warmup", type=_flag_bool, nargs="?", const=True, default=True)
+    p.add_argument("--max_message_bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument("--config", help="van-tfx config YAML (for the default base path)")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    import logging
+    import signal
+
+    from serving.manager import LoadError
+    from serving.protos import ConfigFileError
+    from serving.server import ModelServer, ServerOptions
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    base_path = args.model_base_path
+    if not base_path and not args.model_config_file:
+        from van_tfx.config import load_config
+
+        base_path = str(load_config(args.config).serving_base_path)
+    options = ServerOptions(
+        port=args.port,
+        grpc_host=args.grpc_host,
+        rest_api_port=args.rest_api_port,
+        rest_api_host=args.rest_api_host,
+        model_name=args.model_name,
+        model_base_path=base_path,
+        model_config_file=args.model_config_file,
+        model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+        enable_batching=args.enable_batching,
+        batching_parameters_file=args.batching_parameters_file,
+        monitoring_config_file=args.monitoring_config_file,
+        rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
+        enable_model_warmup=args.enable_model_warmup,
+        max_message_bytes=args.max_message_bytes,
+    )
+    server = ModelServer(options)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.start()
+    except (ConfigFileError, LoadError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"Running gRPC ModelServer at {server.grpc_target} ...", flush=True)
+    if server.rest_url:
+        print(f"Exporting HTTP/REST API at {server.rest_url} ...", flush=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def _add_predict(subparsers) -> None:
+    defaults = _serving_defaults()
+    p = subparsers.add_parser("predict", help="classify image files through a model server")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--server", default=None, help="host:port (default 127.0.0.1:8500, REST 8501)")
+    p.add_argument("--rest", action="store_true", help="use the REST API instead of gRPC")
+    p.add_argument("--model-name", default=defaults.model_name)
+    p.add_argument("--signature", default="predict_images")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(func=_predict)
+
+
+def _read_images(paths: list[str]) -> list[bytes]:
+    images = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                images.append(f.read())
+        except OSError as exc:
+            raise SystemExit(f"error: cannot read image {path}: {exc.strerror}") from None
+    return images
+
+
+def _predict(args) -> int:
+    from serving import client
+
+    defaults = _serving_defaults()
+    images = _read_images(args.images)
+    port = defaults.rest_port if args.rest else defaults.grpc_port
+    server = args.server or f"127.0.0.1:{port}"
+    try:
+        if args.rest:
+            url = server if server.startswith("http") else f"http://{server}"
+            rows = client.predict_images_rest(
+                url, images, args.model_name, args.signature, args.timeout
+            )
+        else:
+            rows = client.predict_images(
+                server, images, args.model_name, args.signature, args.timeout
+            )
+    except client.ServerUnavailable as exc:
+        print(
+            f"error: no model server at {server} ({exc}); start one with `van-tfx serve`",
+            file=sys.stderr,
+        )
+        return 2
+    except client.PredictionError as exc:
+        print(f"error: the server rejected the request: {exc}", file=sys.stderr)
+        return 1
+    for path, row in zip(args.images, rows, strict=True):
+        print(path)
+        for rank, entry in enumerate(row, start=1):
+            text = f"  {entry.text}" if entry.text else ""
+            print(f"  {rank}. {entry.synset:<12} {entry.score:.4f}  (class {entry.index}){text}")
+    return 0
+
+
+def _add_loadtest(subparsers) -> None:
+    defaults = _serving_defaults()
+    p = subparsers.add_parser("loadtest", help="concurrent gRPC load with QPS and p50/p95/p99")
+    p.add_argument("--server", default=f"127.0.0.1:{defaults.grpc_port}", help="gRPC host:port")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--model-name", default=defaults.model_name)
+    p.add_argument("--signature", default="predict_images")
+    p.add_argument("--image", action="append", default=[], help="image file(s) to send")
+    p.add_argument("--swap-to", help="SavedModel dir to push as the next version mid-run")
+    p.add_argument("--base-path", help="the served model base path (for --swap-to)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_loadtest)
+
+
+def _loadtest(args) -> int:
+    from serving import client
+    from serving.loadtest import run_loadtest
+
+    if args.swap_to and not args.base_path:
+        from van_tfx.config import load_config
+
+        args.base_path = str(load_config().serving_base_path)
+    images = _read_images(args.image) if args.image else [_sample_image()]
+    try:  # fail fast and clearly when nothing listens
+        client.predict_images(args.server, images[:1], args.model_name, args.signature, 10)
+    except client.ServerUnavailable as exc:
+        print(f"error: no model server at {args.server} ({exc})", file=sys.stderr)
+        return 2
+    except client.PredictionError as exc:
+        print(f"error: the server rejected the request: {exc}", file=sys.stderr)
+        return 1
+    report = run_loadtest(
+        args.server,
+        images,
+        args.duration,
+        args.concurrency,
+        args.model_name,
+        args.signature,
+        swap_to=args.swap_to,
+        base_path=args.base_path,
+        progress=not args.no_progress,
+    )
+    print(report.summary())
+    for error in report.errors[:5]:
+        print(f"  error: {error}", file=sys.stderr)
+    return 1 if report.errors else 0
+
+
+def _sample_image() -> bytes:
+    from serving.testing import encode_image
+
+    return encode_image((180, 120, 60), size=64, fmt="JPEG")

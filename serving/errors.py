@@ -1,0 +1,87 @@
+"""TF Serving status codes and messages, shared by the gRPC and REST front ends."""
+
+from __future__ import annotations
+
+import grpc
+
+# How TF Serving's HTTP front end maps canonical codes to HTTP status codes.
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNKNOWN: 500,
+}
+
+
+class ServingError(Exception):
+    """A request failure carrying the canonical status code TF Serving would return."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status the REST API answers with."""
+        return HTTP_STATUS.get(self.code, 500)
+
+
+def invalid_argument(message: str) -> ServingError:
+    """A bad request (malformed input, undecodable image, wrong dtype)."""
+    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> ServingError:
+    """An unknown model or version."""
+    return ServingError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def unavailable(message: str) -> ServingError:
+    """A full batching queue or a server shutting down."""
+    return ServingError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def servable_not_found(name: str, version: int | None = None) -> ServingError:
+    """The NOT_FOUND error TF Serving returns for an unknown model or version."""
+    spec = f"Latest({name})" if version is None else f"Specific({name}, {version})"
+    return not_found(f"Servable not found for request: {spec}")
+
+
+def signature_not_found(key: str) -> ServingError:
+    """The FAILED_PRECONDITION error TF Serving returns for an unknown signature key."""
+    return ServingError(
+        grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{key}" not found.'
+    )
+
+
+def from_tf_error(exc: Exception) -> ServingError:
+    """Map a TensorFlow runtime error to the status TF Serving would return."""
+    import tensorflow as tf
+
+    if isinstance(exc, tf.errors.OpError):
+        code = grpc.StatusCode.INVALID_ARGUMENT
+        for status in grpc.StatusCode:
+            if status.value[0] == exc.error_code:
+                code = status
+        return ServingError(code, _op_error_message(exc.message or str(exc)))
+    return ServingError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+def _op_error_message(message: str) -> str:
+    # Eager function errors wrap the op's message in "Graph execution error" and Python call
+    # stacks that mean nothing to a client; keep the op's own message and node, as TF Serving does.
+    noise = ("Graph execution error", "Detected at node", "<stack traces", "File ", "[Op:")
+    lines = [line.strip() for line in message.splitlines()]
+    kept = [line for line in lines if line and not line.startswith(noise)]
+    return " ".join(line.split(" [Op:")[0] for line in kept) or message.strip()

@@ -1,0 +1,145 @@
+"""TF Serving's request semantics on protos, shared by the gRPC and REST front ends and warmup."""
+
+from __future__ import annotations
+
+import numpy as np
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    predict_pb2,
+)
+
+from serving.errors import invalid_argument
+from serving.servable import DEFAULT_SIGNATURE, Servable
+from serving.tensors import from_tensor_proto, to_tensor_proto
+
+SCORE_OUTPUTS = ("scores", "probabilities")
+
+
+def resolve(manager, model_spec) -> Servable:
+    """The servable a ModelSpec names (latest, a version, or a label)."""
+    which = model_spec.WhichOneof("version_choice")
+    version = model_spec.version.value if which == "version" else None
+    label = model_spec.version_label if which == "version_label" else None
+    return manager.resolve(model_spec.name, version=version, label=label)
+
+
+def predict(manager, request, timeout: float | None = None):
+    """Answer a PredictRequest."""
+    return predict_on(resolve(manager, request.model_spec), request, timeout)
+
+
+def predict_on(servable: Servable, request, timeout: float | None = None):
+    """Run a PredictRequest on one servable."""
+    inputs = {alias: from_tensor_proto(proto) for alias, proto in request.inputs.items()}
+    key = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    outputs = servable.run(key, inputs, request.output_filter, timeout)
+    response = predict_pb2.PredictResponse()
+    _fill_spec(response.model_spec, servable, key)
+    for alias, value in outputs.items():
+        response.outputs[alias].CopyFrom(to_tensor_proto(value))
+    return response
+
+
+def classify(manager, request, timeout: float | None = None):
+    """Answer a ClassificationRequest."""
+    return classify_on(resolve(manager, request.model_spec), request, timeout)
+
+
+def classify_on(servable: Servable, request, timeout: float | None = None):
+    """Classify serialized tf.Examples with a signature taking one string tensor."""
+    key = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    classifications = classify_examples(servable, key, examples_of(request.input), timeout)
+    response = classification_pb2.ClassificationResponse()
+    _fill_spec(response.model_spec, servable, key)
+    for row in classifications:
+        entry = response.result.classifications.add()
+        for label, score in row:
+            entry.classes.add(label=label, score=score)
+    return response
+
+
+def classify_examples(servable: Servable, key: str, examples: list[bytes], timeout=None):
+    """[(label, score), ...] per serialized example, labels from `classes` or class indices."""
+    signature = servable.signature_def(key)
+    if len(signature.inputs) != 1:
+        raise invalid_argument(
+            f"Classify needs a signature with one string input, {key} has "
+            f"{len(signature.inputs)}"
+        )
+    if not examples:
+        raise invalid_argument("Invalid argument: Input is empty.")
+    alias = next(iter(signature.inputs))
+    outputs = servable.run(key, {alias: np.array(examples, dtype=object)}, (), timeout)
+    scores = next((outputs[name] for name in SCORE_OUTPUTS if name in outputs), None)
+    if scores is None:
+        raise invalid_argument(f"Signature {key} has no scores/probabilities output to classify")
+    classes = outputs.get("classes")
+    rows = []
+    for i, row in enumerate(scores.reshape(len(examples), -1)):
+        labels = (
+            [c.decode("utf-8", "replace") for c in classes[i]]
+            if classes is not None
+            else [str(j) for j in range(len(row))]
+        )
+        rows.append(list(zip(labels, (float(s) for s in row), strict=False)))
+    return rows
+
+
+def examples_of(input_proto) -> list[bytes]:
+    """Serialized tf.Examples of a tensorflow.serving.Input (context merged into each)."""
+    kind = input_proto.WhichOneof("kind")
+    if kind == "example_list":
+        return [e.SerializeToString() for e in input_proto.example_list.examples]
+    if kind == "example_list_with_context":
+        with_context = input_proto.example_list_with_context
+        merged = []
+        for example in with_context.examples:
+            copy = type(example)()
+            copy.CopyFrom(with_context.context)
+            copy.MergeFrom(example)
+            merged.append(copy.SerializeToString())
+        return merged
+    raise invalid_argument("Invalid argument: Input is empty.")
+
+
+def metadata(manager, request):
+    """Answer a GetModelMetadataRequest (signature_def only, like TF Serving)."""
+    fields = list(request.metadata_field)
+    if not fields:
+        raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
+    for field in fields:
+        if field != "signature_def":
+            raise invalid_argument(f"Metadata field {field} is not supported")
+    servable = resolve(manager, request.model_spec)
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    for key, signature in servable.signature_defs.items():
+        signature_map.signature_def[key].CopyFrom(signature)
+    response = get_model_metadata_pb2.GetModelMetadataResponse()
+    response.model_spec.name = servable.name
+    response.model_spec.version.value = servable.version
+    response.metadata["signature_def"].Pack(signature_map)
+    return response
+
+
+def status(manager, request):
+    """Answer a GetModelStatusRequest."""
+    spec = request.model_spec
+    which = spec.WhichOneof("version_choice")
+    version = spec.version.value if which == "version" else None
+    if which == "version_label":
+        version = manager.label_version(spec.name, spec.version_label)
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for entry in manager.status(spec.name, version):
+        item = response.model_version_status.add(version=entry.version, state=entry.state)
+        item.status.error_code = entry.error_code  # TF Serving always fills status (OK = 0)
+        item.status.error_message = entry.error
+        item.status.SetInParent()
+    return response
+
+
+def _fill_spec(spec, servable: Servable, key: str) -> None:
+    spec.name = servable.name
+    spec.version.value = servable.version
+    spec.signature_name = key

@@ -1,0 +1,243 @@
+"""`ModelServer`: TF Serving's gRPC + REST model server in-process, configured like
+tensorflow_model_server (the same flags, as `ServerOptions`).
+
+    with ModelServer(ServerOptions(model_name="van", model_base_path=path, port=0,
+                                   rest_api_port=ANY_PORT)) as server:
+        stub = PredictionServiceStub(grpc.insecure_channel(server.grpc_target))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from concurrent import futures
+
+from serving.manager import ModelManager
+from serving.metrics import Metrics
+from serving.protos import (
+    BatchingSettings,
+    ConfigFileError,
+    ModelConfig,
+    parse_batching_file,
+    parse_model_config_file,
+    parse_monitoring_file,
+)
+
+log = logging.getLogger(__name__)
+ANY_PORT = -1  # rest_api_port value that picks a free port (0 disables REST, as in TF Serving)
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class ServerOptions:
+    """tensorflow_model_server's flags (those van-tfx supports), with its defaults."""
+
+    port: int = 8500  # gRPC; 0 picks a free port
+    grpc_host: str = "127.0.0.1"
+    rest_api_port: int = 8501  # 0 disables REST; ANY_PORT picks a free port
+    rest_api_host: str = "127.0.0.1"
+    model_name: str = "default"
+    model_base_path: str = ""
+    model_config_file: str = ""
+    model_config_file_poll_wait_seconds: float = 0.0  # 0: read the config file once
+    file_system_poll_wait_seconds: float = 1.0
+    enable_batching: bool = False
+    batching_parameters_file: str = ""
+    monitoring_config_file: str = ""
+    rest_api_timeout_in_ms: int = 30000
+    enable_model_warmup: bool = True
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC receive/send and REST body limit
+    grpc_max_threads: int = 64
+    startup_timeout_seconds: float | None = None  # None waits for models forever, like TF Serving
+
+    def model_configs(self) -> list:
+        """The ModelConfig list: from --model_config_file or --model_name/--model_base_path."""
+        if self.model_config_file:
+            if self.model_base_path:
+                raise ConfigFileError(
+                    "use either --model_config_file or --model_base_path, not both"
+                )
+            return parse_model_config_file(self.model_config_file)
+        if not self.model_base_path:
+            raise ConfigFileError(
+                "give --model_base_path (with --model_name) or --model_config_file"
+            )
+        config = ModelConfig(
+            name=self.model_name,
+            base_path=os.path.abspath(self.model_base_path)
+            if "://" not in self.model_base_path
+            else self.model_base_path,
+            model_platform="tensorflow",
+        )
+        config.model_version_policy.latest.num_versions = 1
+        return [config]
+
+    def batching_settings(self) -> BatchingSettings | None:
+        """The batching parameters when --enable_batching, else None."""
+        if not self.enable_batching:
+            return None
+        if self.batching_parameters_file:
+            return parse_batching_file(self.batching_parameters_file)
+        return BatchingSettings.tf_serving_defaults()
+
+    def prometheus_path(self) -> str | None:
+        """Where Prometheus metrics are exposed on the REST port, if enabled."""
+        return (
+            parse_monitoring_file(self.monitoring_config_file)
+            if self.monitoring_config_file
+            else None
+        )
+
+
+class ModelServer:
+    """A running model server: start() loads every model, then opens the gRPC and REST ports."""
+
+    def __init__(self, options: ServerOptions):
+        self.options = options
+        self.manager: ModelManager | None = None
+        self.metrics = Metrics()
+        self.grpc_port: int | None = None
+        self.rest_port: int | None = None
+        self._grpc_server = None
+        self._http_server = None
+        self._http_thread: threading.Thread | None = None
+        self._rest_app = None
+        self._stopping = threading.Event()
+        self._private_base: str | None = None
+
+    @property
+    def grpc_target(self) -> str:
+        """host:port for grpc.insecure_channel."""
+        return f"{self.options.grpc_host}:{self.grpc_port}"
+
+    @property
+    def rest_url(self) -> str | None:
+        """http://host:port of the REST API, or None when it is disabled."""
+        return f"http://{self.options.rest_api_host}:{self.rest_port}" if self.rest_port else None
+
+    def start(self) -> ModelServer:
+        """Load all models (ports stay closed until they are AVAILABLE), then serve."""
+        options = self.options
+        configs = options.model_configs()
+        batching = options.batching_settings()
+        metrics_path = options.prometheus_path()
+        self.manager = ModelManager(
+            configs,
+            batching=batching,
+            enable_warmup=options.enable_model_warmup,
+            poll_wait_seconds=options.file_system_poll_wait_seconds,
+        )
+        try:
+            self.manager.wait_until_available(options.startup_timeout_seconds)
+            self._start_grpc()
+            if options.rest_api_port != 0:
+                self._start_rest(metrics_path)
+        except BaseException:
+            self.stop()
+            raise
+        self.manager.start_polling()
+        if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
+            threading.Thread(
+                target=self._watch_config_file, name="config-poll", daemon=True
+            ).start()
+        log.info("gRPC on %s, REST on %s", self.grpc_target, self.rest_url)
+        return self
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Close the ports (in-flight calls get `grace` seconds), then unload every model."""
+        self._stopping.set()
+        if self._http_server is not None:
+            self._http_server.shutdown()
+            self._http_server.server_close()
+            self._http_server = None
+            self._rest_app.close()
+        if self._grpc_server is not None:
+            self._grpc_server.stop(grace).wait()
+            self._grpc_server = None
+        if self.manager is not None:
+            self.manager.stop()
+            self.manager = None
+        if self._private_base:
+            shutil.rmtree(self._private_base, ignore_errors=True)
+            self._private_base = None
+
+    def wait(self) -> None:
+        """Block until the gRPC server terminates (Ctrl-C to stop)."""
+        if self._grpc_server is not None:
+            self._grpc_server.wait_for_termination()
+
+    @classmethod
+    def for_saved_model(cls, saved_model_dir: str, model_name: str = "van", **options):
+        """A server (not started) for one SavedModel dir, e.g. a pipeline's candidate model.
+
+        The dir is linked in as version 1 of a private base path; gRPC and REST take free ports
+        on 127.0.0.1 unless `options` say otherwise.
+        """
+        if not os.path.isfile(os.path.join(saved_model_dir, "saved_model.pb")):
+            raise FileNotFoundError(f"{saved_model_dir} holds no saved_model.pb")
+        base = tempfile.mkdtemp(prefix=f"van-tfx-serve-{model_name}-")
+        os.symlink(os.path.abspath(saved_model_dir), os.path.join(base, "1"))
+        defaults = dict(model_name=model_name, model_base_path=base, port=0, rest_api_port=ANY_PORT,
+                        file_system_poll_wait_seconds=0)  # fmt: skip
+        server = cls(ServerOptions(**{**defaults, **options}))
+        server._private_base = base
+        return server
+
+    def __enter__(self) -> ModelServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _watch_config_file(self) -> None:
+        # --model_config_file_poll_wait_seconds: apply edits of the config file like a reload RPC.
+        seen = parse_model_config_file(self.options.model_config_file)
+        while not self._stopping.wait(self.options.model_config_file_poll_wait_seconds):
+            try:
+                configs = parse_model_config_file(self.options.model_config_file)
+                if configs != seen and self.manager is not None:
+                    self.manager.reload(configs)
+                    seen = configs
+            except Exception:  # keep serving the last good config
+                log.exception("cannot apply %s", self.options.model_config_file)
+
+    def _start_grpc(self) -> None:
+        import grpc
+
+        from serving.grpc_api import add_services
+
+        limit = self.options.max_message_bytes
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.options.grpc_max_threads),
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        add_services(server, self.manager, self.metrics)
+        port = server.add_insecure_port(f"{self.options.grpc_host}:{self.options.port}")
+        if port == 0:
+            raise OSError(f"cannot bind gRPC to {self.options.grpc_host}:{self.options.port}")
+        server.start()
+        self._grpc_server, self.grpc_port = server, port
+
+    def _start_rest(self, metrics_path: str | None) -> None:
+        from serving.rest_api import RestApp, make_http_server
+
+        app = self._rest_app = RestApp(
+            self.manager, self.metrics, self.options.rest_api_timeout_in_ms / 1000, metrics_path
+        )
+        port = 0 if self.options.rest_api_port == ANY_PORT else self.options.rest_api_port
+        self._http_server = make_http_server(
+            app, self.options.rest_api_host, port, self.options.max_message_bytes
+        )
+        self.rest_port = self._http_server.server_address[1]
+        self._http_thread = threading.Thread(
+            target=self._http_server.serve_forever, name="rest", daemon=True
+        )
+        self._http_thread.start()

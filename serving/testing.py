@@ -1,0 +1,167 @@
+"""Tiny SavedModels with the van-tfx serving signatures, for tests, benchmarks and demos.
+
+They mirror the Trainer's export contract without training anything: `serving_default` takes
+serialized tf.Examples (float feature "x" of length 3) and `predict_images` takes encoded images.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+SYNSETS = ("n01440764", "n01443537", "n01484850", "n01491361")
+CLASS_TEXT = ("tench", "goldfish", "great white shark", "tiger shark")
+_WEIGHTS = np.array(
+    [[4.0, -2.0, 0.0, 1.0], [-1.0, 3.0, 0.5, 0.0], [0.0, 0.0, 2.0, -3.0]], dtype=np.float32
+)
+
+
+def encode_image(rgb: tuple[int, int, int], size: int = 8, fmt: str = "PNG") -> bytes:
+    """A solid-colour image encoded as PNG or JPEG."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), tuple(rgb)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def expected_probabilities(rgb_batch: np.ndarray, bias: float = 0.0) -> np.ndarray:
+    """What the tiny model computes for mean RGB values in [0, 1] (numpy reference)."""
+    logits = rgb_batch.astype(np.float32) @ _WEIGHTS + bias
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def build_tiny_model(top_k: int = 2, bias: float = 0.0):
+    """A tf.Module whose signatures match the Trainer's export (linear softmax on mean RGB)."""
+    import tensorflow as tf
+
+    class TinyVan(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.weights_ = tf.Variable(_WEIGHTS, trainable=False)
+            self.bias = tf.Variable(bias, trainable=False)
+            self.synsets = tf.constant(SYNSETS)
+
+        def _probabilities(self, rgb):
+            return tf.nn.softmax(tf.matmul(rgb, self.weights_) + self.bias)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        def predict_images(self, images):
+            rgb = tf.map_fn(_mean_rgb, images, fn_output_signature=tf.TensorSpec([3], tf.float32))
+            probabilities = self._probabilities(rgb)
+            scores, indices = tf.math.top_k(probabilities, k=top_k)
+            return {
+                "probabilities": probabilities,
+                "top_k_indices": indices,
+                "top_k_synsets": tf.gather(self.synsets, indices),
+                "top_k_scores": scores,
+            }
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        def predict_probabilities(self, images):
+            return {"probabilities": self.predict_images(images)["probabilities"]}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+        def serving_default(self, examples):
+            spec = {"x": tf.io.FixedLenFeature([3], tf.float32)}
+            rgb = tf.io.parse_example(examples, spec)["x"]
+            probabilities = self._probabilities(rgb)
+            classes = tf.tile(self.synsets[tf.newaxis], [tf.shape(rgb)[0], 1])
+            return {"probabilities": probabilities, "classes": classes}
+
+    return TinyVan()
+
+
+def _mean_rgb(encoded):
+    import tensorflow as tf
+
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    return tf.reduce_mean(tf.cast(image, tf.float32), axis=[0, 1]) / 255.0
+
+
+def build_conv_model(
+    image_size: int = 32, width: int = 16, depth: int = 4, classes: int = 10, head_layers: int = 0
+):
+    """A small conv net behind `predict_images` (plus `head_layers` dense layers of `width`)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+
+    class ConvNet(tf.Module):
+        def __init__(self):
+            super().__init__()
+            shapes = [(3, 3, 3, width)] + [(3, 3, width, width)] * (depth - 1)
+            self.kernels = [
+                tf.Variable(rng.normal(0, 0.2, s).astype(np.float32), trainable=False)
+                for s in shapes
+            ]
+            self.dense = [
+                tf.Variable(rng.normal(0, 0.3, (width, width)).astype(np.float32), trainable=False)
+                for _ in range(head_layers)
+            ]
+            self.head = tf.Variable(rng.normal(0, 0.2, (width, classes)).astype(np.float32))
+            self.synsets = tf.constant([f"n{i:08d}" for i in range(classes)])
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        def predict_images(self, images):
+            def decode(encoded):
+                image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+                image = tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size])
+                return image / 127.5 - 1.0
+
+            x = tf.map_fn(decode, images, fn_output_signature=tf.TensorSpec([image_size] * 2 + [3]))
+            for kernel in self.kernels:
+                x = tf.nn.relu(tf.nn.conv2d(x, kernel, strides=1, padding="SAME"))
+            features = tf.reduce_mean(x, axis=[1, 2])
+            for kernel in self.dense:
+                features = tf.nn.relu(features @ kernel) + features
+            probabilities = tf.nn.softmax(features @ self.head)
+            scores, indices = tf.math.top_k(probabilities, k=5)
+            return {
+                "probabilities": probabilities,
+                "top_k_indices": indices,
+                "top_k_synsets": tf.gather(self.synsets, indices),
+                "top_k_scores": scores,
+            }
+
+    return ConvNet()
+
+
+def export(module, base_path: str, version: int) -> str:
+    """Save `module` as <base_path>/<version> with its signatures; returns the version dir."""
+    import tensorflow as tf
+
+    path = os.path.join(base_path, str(version))
+    signatures = {
+        name: getattr(module, name)
+        for name in ("serving_default", "predict_images", "predict_probabilities")
+        if hasattr(module, name)
+    }
+    if "serving_default" not in signatures:
+        signatures["serving_default"] = module.predict_images
+    tf.saved_model.save(module, path, signatures=signatures)
+    return path
+
+
+def write_warmup(version_dir: str, images: list[bytes], model_name: str = "van") -> str:
+    """Write assets.extra/tf_serving_warmup_requests with one predict_images request per image."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    path = os.path.join(version_dir, "assets.extra", "tf_serving_warmup_requests")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for image in images:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = model_name
+            request.model_spec.signature_name = "predict_images"
+            request.inputs["images"].CopyFrom(tf.make_tensor_proto([image]))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
+            writer.write(log.SerializeToString())
+    return path

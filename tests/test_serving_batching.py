@@ -1,0 +1,135 @@
+"""Server-side batching: merged runs, correct splits, isolation of bad requests, full queues."""
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from serving import testing
+from serving.batching import Batcher
+from serving.errors import ServingError
+from serving.protos import BatchingSettings, render_batching
+from serving.server import ModelServer, ServerOptions
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batching")
+    testing.export(testing.build_tiny_model(), str(root / "van"), 1)
+    params = root / "batching.config"
+    settings = BatchingSettings(
+        max_batch_size=8, batch_timeout_micros=200_000, max_enqueued_batches=4, num_batch_threads=1
+    )
+    params.write_text(render_batching(settings))
+    options = ServerOptions(
+        model_name="van",
+        model_base_path=str(root / "van"),
+        port=0,
+        rest_api_port=0,
+        enable_batching=True,
+        batching_parameters_file=str(params),
+    )
+    with ModelServer(options) as running:
+        yield running
+
+
+def request_for(images):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "van"
+    request.model_spec.signature_name = "predict_images"
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(images, dtype=tf.string))
+    return request
+
+
+def call_concurrently(server, requests):
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(
+        grpc.insecure_channel(server.grpc_target)
+    )
+    results = [None] * len(requests)
+    barrier = threading.Barrier(len(requests))
+
+    def call(i):
+        barrier.wait()
+        try:
+            results[i] = stub.Predict(requests[i], timeout=60)
+        except grpc.RpcError as err:
+            results[i] = err
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_concurrent_requests_are_merged_and_split_back_correctly(server):
+    batcher_before = server.manager.resolve("van").batchers().get("predict_images")
+    runs_before = batcher_before.batches_run if batcher_before else 0
+    requests = [request_for([testing.encode_image(c)] * (1 + i % 2)) for i, c in enumerate(COLOURS)]
+    results = call_concurrently(server, requests)
+    for colour, request, response in zip(COLOURS, requests, results, strict=True):
+        assert isinstance(response, predict_pb2.PredictResponse), response
+        rows = len(request.inputs["images"].string_val)
+        expected = testing.expected_probabilities(np.array([colour] * rows) / 255.0)
+        np.testing.assert_allclose(
+            tf.make_ndarray(response.outputs["probabilities"]), expected, atol=1e-5
+        )
+    batcher = server.manager.resolve("van").batchers()["predict_images"]
+    assert batcher.batches_run - runs_before < len(requests)  # some requests shared a run
+
+
+def test_a_bad_request_does_not_fail_its_batch_neighbours(server):
+    requests = [request_for([testing.encode_image(c)]) for c in COLOURS[:3]]
+    requests.append(request_for([b"definitely not a png"]))
+    results = call_concurrently(server, requests)
+    assert all(isinstance(r, predict_pb2.PredictResponse) for r in results[:3])
+    assert results[3].code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image" in results[3].details().lower()
+
+
+def test_task_larger_than_max_batch_size_is_invalid_argument(server):
+    results = call_concurrently(server, [request_for([testing.encode_image(COLOURS[0])] * 9)])
+    assert results[0].code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "larger than maximum input batch size 8" in results[0].details()
+
+
+def test_full_queue_is_unavailable():
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow_run(inputs):
+        started.set()
+        release.wait(30)
+        return {"y": inputs["x"] * 2}
+
+    settings = BatchingSettings(
+        max_batch_size=2, batch_timeout_micros=0, max_enqueued_batches=1, num_batch_threads=1
+    )
+    batcher = Batcher(slow_run, settings, "test")
+    results = {}
+
+    def submit(key, rows):
+        results[key] = batcher.submit({"x": np.ones(rows)}, timeout=30)
+
+    running = threading.Thread(target=submit, args=("running", 1))
+    running.start()
+    assert started.wait(30)  # the only worker is busy with the first task
+    queued = threading.Thread(target=submit, args=("queued", 2))
+    queued.start()
+    while batcher._queued_rows < 2:  # noqa: SLF001 (wait for the queued task to be enqueued)
+        threading.Event().wait(0.01)
+    with pytest.raises(ServingError) as err:
+        batcher.submit({"x": np.ones(1)})
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    assert err.value.http_status == 503
+    release.set()
+    running.join()
+    queued.join()
+    batcher.stop()
+    np.testing.assert_array_equal(results["queued"]["y"], [2.0, 2.0])

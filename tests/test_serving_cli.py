@@ -1,0 +1,147 @@
+"""`van-tfx serve` as a real subprocess; `predict` and `loadtest` through the CLI entry point
+in-process (a subprocess each would re-import TensorFlow for seconds) against it."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from serving import testing
+from serving.manifests import PRODUCTION_BATCHING
+from serving.protos import render_batching, render_monitoring
+from van_tfx.cli import main
+
+VAN_TFX = [sys.executable, "-m", "van_tfx.cli"]
+ENV = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def van_tfx(capsys, *args):
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:  # argparse and unreadable files exit with a message
+        code = exit_.code if isinstance(exit_.code, int) else 1
+        print(exit_.code, file=sys.stderr)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`van-tfx serve` in a subprocess with batching and Prometheus from the production files."""
+    root = tmp_path_factory.mktemp("cli")
+    version = testing.export(testing.build_tiny_model(), str(root / "export"), 1)
+    shutil.copytree(version, root / "van" / "1")
+    (root / "batching.config").write_text(render_batching(PRODUCTION_BATCHING))
+    (root / "monitoring.config").write_text(render_monitoring())
+    grpc_port, rest_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [
+            *VAN_TFX,
+            "serve",
+            f"--port={grpc_port}",
+            f"--rest_api_port={rest_port}",
+            "--model_name=van",
+            f"--model_base_path={root / 'van'}",
+            "--enable_batching",
+            f"--batching_parameters_file={root / 'batching.config'}",
+            f"--monitoring_config_file={root / 'monitoring.config'}",
+            "--file_system_poll_wait_seconds=0.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        lines.append(line)
+        if "Exporting HTTP/REST API" in line or process.poll() is not None:
+            break
+    assert process.poll() is None, "".join(lines)
+    # Keep reading its log so a full pipe can never block the server.
+    threading.Thread(target=lambda: [lines.append(x) for x in process.stdout], daemon=True).start()
+    images = {}
+    for name, colour in (("red.png", (255, 0, 0)), ("blue.jpg", (0, 0, 255))):
+        images[name] = root / name
+        images[name].write_bytes(
+            testing.encode_image(colour, fmt="PNG" if "png" in name else "JPEG")
+        )
+    yield {
+        "root": root,
+        "grpc": f"127.0.0.1:{grpc_port}",
+        "rest": f"127.0.0.1:{rest_port}",
+        "images": images,
+        "export": version,
+    }
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_predict_prints_top_k_over_grpc_and_rest(capsys, served):
+    images = [str(p) for p in served["images"].values()]
+    for extra in ([], ["--rest"]):
+        server = served["rest"] if extra else served["grpc"]
+        result = van_tfx(capsys, "predict", *images, "--server", server, *extra)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("1. n0") == 2
+        red_block = result.stdout.split(images[1])[0]
+        assert testing.SYNSETS[0] in red_block.splitlines()[1]  # red is class 0 (tench)
+
+
+def test_prometheus_metrics_on_the_rest_port(capsys, served):
+    url = f"http://{served['rest']}/monitoring/prometheus/metrics"
+    van_tfx(capsys, "predict", str(served["images"]["red.png"]), "--server", served["grpc"])
+    text = urllib.request.urlopen(url, timeout=30).read().decode()
+    assert ':tensorflow:serving:request_count{model_name="van",status="OK"}' in text
+
+
+def test_predict_errors_are_clear(capsys, served, tmp_path):
+    missing = van_tfx(capsys, "predict", str(tmp_path / "nope.jpg"), "--server", served["grpc"])
+    assert missing.returncode != 0 and "cannot read image" in missing.stderr
+    down = van_tfx(
+        capsys, "predict", str(served["images"]["red.png"]), "--server", f"127.0.0.1:{free_port()}"
+    )
+    assert down.returncode == 2 and "no model server" in down.stderr
+    assert "Traceback" not in down.stderr
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"not an image")
+    bad = van_tfx(capsys, "predict", str(garbage), "--server", served["grpc"])
+    assert (
+        bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "Traceback" not in bad.stderr
+    )
+
+
+def test_loadtest_swaps_versions_without_errors(capsys, served):
+    result = van_tfx(
+        capsys,
+        "loadtest",
+        "--server",
+        served["grpc"],
+        "--duration",
+        "4",
+        "--concurrency",
+        "3",
+        "--swap-to",
+        served["export"],
+        "--base-path",
+        str(served["root"] / "van"),
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " 0 errors" in result.stdout and "swapped to version 2" in result.stdout
+    assert "QPS" in result.stdout and "p99" in result.stdout

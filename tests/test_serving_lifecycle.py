@@ -1,0 +1,210 @@
+"""Version lifecycle like TF Serving: polling, policies, labels, reload, warmup, hot swap."""
+
+import os
+import shutil
+import threading
+import time
+
+import grpc
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    model_management_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from serving import testing
+from serving.errors import ServingError
+from serving.manager import LoadError
+from serving.protos import render_model_config
+from serving.server import ModelServer, ServerOptions
+
+IMAGE = testing.encode_image((10, 200, 30))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One exported version dir to copy around (export costs seconds; copying is instant)."""
+    root = tmp_path_factory.mktemp("export")
+    return testing.export(testing.build_tiny_model(), str(root), 1)
+
+
+def add_version(base, exported, version, warmup=None):
+    staging = os.path.join(base, f"staging-{version}")  # complete before it becomes visible
+    shutil.copytree(exported, staging)
+    if warmup is not None:
+        testing.write_warmup(staging, warmup)
+    target = os.path.join(base, str(version))
+    os.rename(staging, target)
+    return target
+
+
+def predict(stub, name="van", version=None, label=None):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    request.model_spec.signature_name = "predict_images"
+    if version is not None:
+        request.model_spec.version.value = version
+    if label is not None:
+        request.model_spec.version_label = label
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto([IMAGE]))
+    return stub.Predict(request, timeout=30)
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except ServingError:
+            pass  # not there yet
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def serve(base, **kwargs):
+    options = dict(model_name="van", model_base_path=str(base), port=0, rest_api_port=0)
+    options.update(kwargs)
+    return ModelServer(ServerOptions(**options))
+
+
+def test_only_integer_dirs_with_saved_model_count_and_latest_wins(tmp_path, exported):
+    add_version(tmp_path, exported, 1)
+    add_version(tmp_path, exported, 3)
+    shutil.copytree(exported, tmp_path / "temp-4")  # not an integer name: ignored
+    os.makedirs(tmp_path / "5")  # no saved_model.pb yet: not live
+    with serve(tmp_path, file_system_poll_wait_seconds=0.1) as server:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(
+            grpc.insecure_channel(server.grpc_target)
+        )
+        assert predict(stub).model_spec.version.value == 3
+        with pytest.raises(grpc.RpcError) as err:
+            predict(stub, version=1)  # latest{num_versions: 1} unloads nothing but serves only 3
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        shutil.copytree(exported, tmp_path / "5", dirs_exist_ok=True)  # the pusher finishes
+        wait_for(lambda: predict(stub).model_spec.version.value == 5)
+        shutil.rmtree(tmp_path / "5")  # removed versions are unloaded; 3 comes back
+        wait_for(lambda: predict(stub).model_spec.version.value == 3)
+
+
+def test_config_file_policies_labels_and_reload(tmp_path, exported):
+    for version in (1, 2, 3):
+        add_version(tmp_path / "van", exported, version)
+    add_version(tmp_path / "other", exported, 7)
+    config = tmp_path / "models.config"
+    config.write_text(
+        render_model_config(
+            [("van", str(tmp_path / "van"))], num_versions=2, labels={"stable": 2, "canary": 3}
+        )
+    )
+    with serve("", model_config_file=str(config), file_system_poll_wait_seconds=0) as server:
+        channel = grpc.insecure_channel(server.grpc_target)
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        assert predict(stub, label="stable").model_spec.version.value == 2
+        assert predict(stub, label="canary").model_spec.version.value == 3
+        with pytest.raises(grpc.RpcError) as err:
+            predict(stub, version=1)  # latest{2} keeps 2 and 3 only
+        assert err.value.details() == "Servable not found for request: Specific(van, 1)"
+        with pytest.raises(grpc.RpcError) as err:
+            predict(stub, label="beta")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        reload = model_management_pb2.ReloadConfigRequest()
+        entry = reload.config.model_config_list.config.add(
+            name="other", base_path=str(tmp_path / "other"), model_platform="tensorflow"
+        )
+        entry.model_version_policy.specific.versions.append(7)
+        model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
+            reload, timeout=60
+        )
+        assert predict(stub, name="other").model_spec.version.value == 7
+        with pytest.raises(grpc.RpcError) as err:
+            predict(stub)  # "van" left the config list
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_warmup_requests_are_replayed_and_a_bad_warmup_fails_the_version(tmp_path, exported):
+    add_version(tmp_path, exported, 1, warmup=[IMAGE, IMAGE, IMAGE])
+    with serve(tmp_path, file_system_poll_wait_seconds=0.1) as server:
+        assert server.manager.resolve("van").warmup_records == 3
+        add_version(tmp_path, exported, 2, warmup=[b"not an image"])
+        wait_for(lambda: server.manager.status("van", 2)[0].state == 50)  # END
+        failure = server.manager.status("van", 2)[0]
+        assert "warmup record 1" in failure.error
+        assert server.manager.resolve("van").version == 1  # the old version keeps serving
+
+
+def test_ports_stay_closed_until_a_version_is_available(tmp_path):
+    server = serve(tmp_path / "empty", startup_timeout_seconds=0.3)
+    with pytest.raises(LoadError, match="van"):
+        server.start()
+    assert server.grpc_port is None
+
+
+def test_hot_swap_under_load_has_zero_failed_requests(tmp_path, exported):
+    add_version(tmp_path, exported, 1)
+    with serve(tmp_path, file_system_poll_wait_seconds=0.05) as server:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(
+            grpc.insecure_channel(server.grpc_target)
+        )
+        stop = threading.Event()
+        versions, errors = [], []
+
+        def client():
+            while not stop.is_set():
+                try:
+                    versions.append(predict(stub).model_spec.version.value)
+                except grpc.RpcError as err:
+                    errors.append(err)
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_for(lambda: len(versions) > 20)
+            add_version(tmp_path, exported, 2)
+            wait_for(lambda: versions[-1] == 2 and server.manager.status("van", 1)[0].state == 50)
+            n = len(versions)
+            wait_for(lambda: len(versions) > n + 20)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        assert errors == []
+        assert versions[0] == 1 and versions[-1] == 2
+        assert versions.index(2) > 0 and 1 not in versions[versions.index(2) + 8 :]
+
+
+def test_edited_config_file_is_applied_when_polled(tmp_path, exported):
+    for version in (1, 2):
+        add_version(tmp_path / "van", exported, version)
+    config = tmp_path / "models.config"
+    config.write_text(render_model_config([("van", str(tmp_path / "van"))], 2, {"stable": 1}))
+    options = dict(model_config_file=str(config), model_config_file_poll_wait_seconds=0.1)
+    with serve("", **options) as server:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(
+            grpc.insecure_channel(server.grpc_target)
+        )
+        assert predict(stub, label="stable").model_spec.version.value == 1
+        config.write_text(render_model_config([("van", str(tmp_path / "van"))], 2, {"stable": 2}))
+        wait_for(lambda: predict(stub, label="stable").model_spec.version.value == 2)
+
+
+def test_for_saved_model_serves_a_bare_saved_model_dir_on_free_ports(exported):
+    with ModelServer.for_saved_model(exported, model_name="candidate") as server:
+        assert server.grpc_target.startswith("127.0.0.1:") and server.rest_url
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(
+            grpc.insecure_channel(server.grpc_target)
+        )
+        assert predict(stub, name="candidate").model_spec.version.value == 1
+        base = server.options.model_base_path
+    assert not os.path.exists(base) and os.path.isdir(exported)  # only the private link is removed
+
+
+def test_startup_fails_clearly_when_the_only_version_is_broken(tmp_path, exported):
+    add_version(tmp_path, exported, 1, warmup=[b"not an image"])
+    with pytest.raises(LoadError, match="van version 1: warmup record 1"):
+        serve(tmp_path).start()
