@@ -124,7 +124,7 @@ def run_locally(config: Config, *, force: bool = False, echo=print) -> RunOutcom
         echo(f"van-tfx run {run_id}: span {span} from {location.data_root}")
         with stage_progress(log_path, echo):
             run_pipeline(config, location)
-        outcome = summarize_run(config, location, span)
+        outcome = summarize_run(config, location, span, run_id)
         outcome.log_path = str(log_path)
         record = {"run_id": run_id, "fingerprint": fingerprint, "span": span}
         record.update(pushed_version=outcome.pushed_version, blessed=outcome.blessed)
@@ -189,6 +189,11 @@ def stage_progress(log_path: Path, echo):
     logger.setLevel = lambda level: None
     logger.addHandler(file_handler)
     logger.addHandler(stage_handler)
+    # Our own stages (Trainer's run_fn, custom components) log through stdlib loggers.
+    own_loggers = [logging.getLogger(name) for name in ("van_trainer", "components", "serving")]
+    for own in own_loggers:
+        own.addHandler(file_handler)
+        own.setLevel(logging.INFO)
     try:
         yield
     except Exception:
@@ -197,6 +202,8 @@ def stage_progress(log_path: Path, echo):
     finally:
         logger.removeHandler(file_handler)
         logger.removeHandler(stage_handler)
+        for own in own_loggers:
+            own.removeHandler(file_handler)
         del logger.setLevel
         logger.setLevel(previous_level)
         logger.propagate = previous_propagate
@@ -205,11 +212,11 @@ def stage_progress(log_path: Path, echo):
         file_handler.close()
 
 
-def summarize_run(config: Config, location, span: int | None) -> RunOutcome:
+def summarize_run(config: Config, location, span: int | None, run_id: str) -> RunOutcome:
     """Read the run's blessing, validation and push results back from ML Metadata."""
     from pipeline import outcome as outcome_lib
 
-    return outcome_lib.latest_run_outcome(config, location, span)
+    return outcome_lib.latest_run_outcome(config, location, span, run_id)
 
 
 def print_outcome(outcome: RunOutcome, stream=sys.stdout) -> None:

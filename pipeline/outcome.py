@@ -90,14 +90,14 @@ def describe_failure(failure, baseline: dict[str, float]) -> str:
     return f"evaluator: {name} = {value:.4f} is below the value threshold {bound:.4f}"
 
 
-def latest_run_outcome(config, location, span):
+def latest_run_outcome(config, location, span, run_id: str):
     """Summarize the newest run: blessed?, pushed where?, and why not when it was not."""
     from pipeline.local import RunOutcome
     from pipeline.report import write_report
 
     store = open_store(location.metadata_path)
-    run_name, outputs = latest_run_outputs(store)
-    outcome = RunOutcome(run_id=run_name, span=span)
+    _run_name, outputs = latest_run_outputs(store)
+    outcome = RunOutcome(run_id=run_id, span=span)
     evaluations = outputs.get("ModelEvaluation", [])
     if evaluations:
         outcome.metrics, outcome.baseline_metrics = overall_metrics(evaluations[0].uri)
