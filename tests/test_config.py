@@ -50,3 +50,11 @@ def test_missing_and_malformed_files_are_named(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(bad)
+
+
+def test_demo_profile_is_a_valid_config():
+    from van_tfx.config import DEMO_OVERRIDES
+
+    config = load_config(overrides=DEMO_OVERRIDES)
+    assert config.model.variant == "tiny"
+    assert not config.augment.horizontal_flip

@@ -102,6 +102,7 @@ def test_grpc_predict_default_signature_with_output_filter(stub):
 def test_grpc_classify_uses_classes_output_as_labels(stub):
     request = classification_pb2.ClassificationRequest()
     request.model_spec.name = "van"
+    request.model_spec.signature_name = "classify"
     for rgb in ([1.0, 0.0, 0.0], [0.0, 0.0, 1.0]):
         request.input.example_list.examples.add().ParseFromString(example_bytes(rgb))
     response = stub.Classify(request, timeout=30)
@@ -111,6 +112,18 @@ def test_grpc_classify_uses_classes_output_as_labels(stub):
     expected = testing.expected_probabilities(np.array([[1, 0, 0], [0, 0, 1]]))
     np.testing.assert_allclose(
         [[c.score for c in row.classes] for row in rows], expected, rtol=1e-5
+    )
+
+
+def test_grpc_classify_on_a_predict_signature_fails_as_tf_serving_does(stub):
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name = "van"  # no signature name: serving_default, a predict signature
+    request.input.example_list.examples.add().ParseFromString(example_bytes([1.0, 0.0, 0.0]))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Classify(request, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Expected classification signature method_name to be tensorflow/serving/classify" in (
+        error.value.details()
     )
 
 
@@ -234,7 +247,7 @@ def test_rest_predict_row_and_column_forms_with_several_outputs(server):
 
 
 def test_rest_classify(server):
-    body = {"examples": [{"x": [0.0, 1.0, 0.0]}]}
+    body = {"signature_name": "classify", "examples": [{"x": [0.0, 1.0, 0.0]}]}
     status, answer = rest(server, "/v1/models/van:classify", body)
     assert status == 200
     labels = [label for label, _ in answer["results"][0]]

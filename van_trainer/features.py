@@ -23,5 +23,8 @@ SYNSET_VOCABULARY = "synsets"  # TFT vocabulary file name: class id i -> line i
 SERVING_EXAMPLES_SIGNATURE = "serving_default"
 PREDICT_IMAGES_SIGNATURE = "predict_images"
 PREDICT_IMAGES_INPUT = "images"
+# TF Serving's Classify API: a classify-method signature, input "inputs", outputs classes/scores.
+CLASSIFY_SIGNATURE = "classify"
+CLASSIFY_INPUT = "inputs"
 # Serialized tf.Example -> Transform outputs (incl. the label); TFMA extracts labels through it.
 TRANSFORM_FEATURES_SIGNATURE = "transform_features"

@@ -1,0 +1,381 @@
+"""run_fn end to end on a real Transform output: training, export, no train/serve skew, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from van_tfx.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+N_TRAIN, N_EVAL = 96, 48
+
+
+# --------------------------------------------------------------------------- shared fixture code
+
+
+def tiny_config(**train) -> Config:
+    """Tiny VAN at 32 px on 40 px stored images: seconds per step on a busy CPU."""
+    config = Config.model_validate(
+        {
+            "data": {"stored_image_size": 40},
+            "model": {"variant": "tiny", "image_size": 32, "drop_path_rate": 0.0},
+            "train": {
+                "epochs": 2,
+                "steps_per_epoch": 3,
+                "batch_size": 8,
+                "base_learning_rate": 0.05,
+                "warmup_epochs": 0.5,
+                "checkpoint_every_steps": 2,
+                "deterministic": True,
+                **train,
+            },
+            "serving": {"top_k": 3},
+        }
+    )
+    return config
+
+
+def _preprocessing_fn():
+    from van_trainer.preprocessing import preprocessing_fn
+
+    return preprocessing_fn
+
+
+def _raw_examples(split_files, limit):
+    from van_tfx.data.records import iter_shard
+
+    records = []
+    for path in split_files:
+        records.extend(iter_shard(path))
+    return records[:limit]
+
+
+def build_transform_output(root: Path, config: Config, preprocessing_fn=None) -> dict:
+    """Run tf.Transform (Beam DirectRunner) over a few digits-sample records, TFX-style layout."""
+    done = root / "DONE"
+    if done.exists():
+        return json.loads(done.read_text())
+    import apache_beam as beam
+    import tensorflow as tf
+    import tensorflow_transform.beam as tft_beam
+    from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io, schema_utils
+    from tfx_bsl.public import tfxio
+
+    from van_tfx.data.sample import build_sample
+    from van_trainer import features
+
+    span = build_sample(root / "data")
+    raw_spec = {
+        features.IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string),
+        features.SYNSET: tf.io.FixedLenFeature([], tf.string),
+        features.LABEL: tf.io.FixedLenFeature([], tf.int64),
+    }
+    raw_metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw_spec))
+    schema = raw_metadata.schema
+    custom_config = {"data": config.data.model_dump(mode="json")}
+    preprocessing_fn = preprocessing_fn or _preprocessing_fn()
+    splits = {
+        "train": _raw_examples(sorted(span.glob("train-*")), N_TRAIN),
+        "eval": _raw_examples(sorted(span.glob("validation-*")), N_EVAL),
+    }
+    transform_dir = root / "transform_graph"
+    decoder = tfxio.TFExampleBeamRecord(physical_format="tfrecord", schema=schema)
+    with beam.Pipeline() as pipeline, tft_beam.Context(temp_dir=str(root / "tft_tmp")):
+        train_raw = (
+            pipeline
+            | "ReadTrain" >> beam.Create(splits["train"])
+            | "DecTrain" >> decoder.BeamSource()
+        )
+        eval_raw = (
+            pipeline | "ReadEval" >> beam.Create(splits["eval"]) | "DecEval" >> decoder.BeamSource()
+        )
+        train_data = (train_raw, decoder.TensorAdapterConfig())
+        (transformed_train, _), transform_fn = train_data | tft_beam.AnalyzeAndTransformDataset(
+            lambda inputs: preprocessing_fn(inputs, custom_config), output_record_batches=True
+        )
+        transformed_eval, _ = ((eval_raw, decoder.TensorAdapterConfig()), transform_fn) | (
+            tft_beam.TransformDataset(output_record_batches=True)
+        )
+        transform_fn | tft_beam.WriteTransformFn(str(transform_dir))
+        for name, data in (("train", transformed_train), ("eval", transformed_eval)):
+            _ = (
+                data
+                | f"Encode{name}" >> beam.FlatMapTuple(lambda batch, _: _encode_batch(batch))
+                | f"Write{name}"
+                >> beam.io.WriteToTFRecord(
+                    str(root / "transformed" / f"Split-{name}" / "transformed_examples"),
+                    file_name_suffix=".gz",
+                )
+            )
+    # TFX's Transform also stores the raw schema there; the serving signature parses with it.
+    metadata_io.write_metadata(raw_metadata, str(transform_dir / "metadata"))
+    paths = {
+        "transform_output": str(transform_dir),
+        "train_files": [str(root / "transformed" / "Split-train" / "*")],
+        "eval_files": [str(root / "transformed" / "Split-eval" / "*")],
+        "raw_eval_files": [str(p) for p in sorted(span.glob("validation-*"))],
+    }
+    done.write_text(json.dumps(paths))
+    return paths
+
+
+def _encode_batch(batch):
+    from tfx_bsl.coders.example_coder import RecordBatchToExamples
+
+    return RecordBatchToExamples(batch)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def transform_paths(tmp_path_factory):
+    """Transform output of the digits sample, shared by every trainer test of the session."""
+    pytest.importorskip("van_trainer.preprocessing")
+    root = tmp_path_factory.getbasetemp() / "trainer_transform"
+    root.mkdir(exist_ok=True)
+    return build_transform_output(root, tiny_config())
+
+
+# --------------------------------------------------------------------------- subprocess runs
+
+RUN_SCRIPT = """
+import json, sys
+import van_tfx
+from tfx.components.trainer.fn_args_utils import FnArgs
+from van_trainer import train
+args = json.loads(sys.argv[1])
+train.run_fn(FnArgs(**args))
+"""
+
+
+def fn_args_dict(paths: dict, out: Path, config: Config, **extra) -> dict:
+    """The FnArgs fields TFX's GenericExecutor fills, as JSON for a subprocess."""
+    from van_trainer.train import custom_config_for
+
+    return {
+        "train_files": paths["train_files"],
+        "eval_files": paths["eval_files"],
+        "transform_graph_path": paths["transform_output"],
+        "transform_output": paths["transform_output"],
+        "serving_model_dir": str(out / "serving"),
+        "model_run_dir": str(out / "model_run"),
+        "custom_config": custom_config_for(config),
+        **extra,
+    }
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for a child Python: legacy Keras, quiet TF, repo importable."""
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def start_run(args: dict, log_path: Path, script: str = RUN_SCRIPT, **env) -> subprocess.Popen:
+    """Start run_fn in a real child process, logging to log_path."""
+    log = open(log_path, "ab")  # noqa: SIM115  (closed by the child's exit)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, json.dumps(args)],
+        cwd=REPO,
+        env=subprocess_env(**env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
+    """Poll until predicate() holds; fail with the child's log if it exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"child exited ({proc.returncode}) early:\n{log_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+RESUME_STEPS_PER_EPOCH, RESUME_EPOCHS, RESUME_EVERY = 6, 2, 3
+
+
+@pytest.fixture(scope="session")
+def resumed_run(transform_paths, tmp_path_factory):
+    """run_fn SIGKILLed right after its first checkpoint, then restarted to completion."""
+    out = tmp_path_factory.mktemp("resumed_run")
+    config = tiny_config(
+        steps_per_epoch=RESUME_STEPS_PER_EPOCH,
+        epochs=RESUME_EPOCHS,
+        checkpoint_every_steps=RESUME_EVERY,
+    )
+    args = fn_args_dict(transform_paths, out, config)
+    log_path = out / "run.log"
+    backup = out / "model_run" / "backup"
+    first = start_run(args, log_path)
+    # CheckpointManager writes its "checkpoint" state file last: then the checkpoint is usable.
+    wait_for(lambda: any(backup.rglob("checkpoint")), first, 600, log_path)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_before_export = not (out / "serving" / "saved_model.pb").exists()
+    second = start_run(args, log_path)
+    assert second.wait(timeout=900) == 0, log_path.read_text()[-4000:]
+    report = json.loads((out / "model_run" / "metrics.json").read_text())
+    return {
+        "out": out,
+        "config": config,
+        "report": report,
+        "first_returncode": first.returncode,
+        "killed_before_export": killed_before_export,
+    }
+
+
+# --------------------------------------------------------------------------- tests: run_fn
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_finishes(resumed_run):
+    report = resumed_run["report"]
+    assert resumed_run["first_returncode"] == -signal.SIGKILL
+    assert resumed_run["killed_before_export"]
+    assert report["initial_step"] > 0
+    assert report["initial_step"] % RESUME_EVERY == 0
+    assert report["final_step"] == RESUME_STEPS_PER_EPOCH * RESUME_EPOCHS
+
+
+def test_run_writes_tensorboard_logs_curves_and_metrics(resumed_run):
+    run_dir = resumed_run["out"] / "model_run"
+    report = resumed_run["report"]
+    assert list((run_dir / "train").glob("events.out.tfevents.*"))
+    assert list((run_dir / "validation").glob("events.out.tfevents.*"))
+    png = (run_dir / "training_curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert set(report["final"]) >= {"loss", "accuracy", "top5"}
+    assert np.isfinite(report["final"]["loss"])
+    assert report["num_classes"] == 10
+    # Checkpoints are cleaned up after a finished run (a restart must not "resume" a done run).
+    assert not list((run_dir / "backup").rglob("*.index"))
+
+
+@pytest.fixture(scope="session")
+def exported(resumed_run):
+    import tensorflow as tf
+
+    export_dir = resumed_run["out"] / "serving"
+    return tf.saved_model.load(str(export_dir)), export_dir
+
+
+def test_export_has_the_serving_signatures_and_keras_weights(exported):
+    from van_trainer import export, features
+
+    model, export_dir = exported
+    assert set(model.signatures) == {
+        features.SERVING_EXAMPLES_SIGNATURE,
+        features.PREDICT_IMAGES_SIGNATURE,
+        features.TRANSFORM_FEATURES_SIGNATURE,
+    }
+    assert Path(export.keras_weights_path(str(export_dir))).is_file()
+
+
+def _raw_validation(transform_paths, limit=6):
+    import tensorflow as tf
+
+    from van_tfx.data.records import iter_shard
+    from van_trainer import features
+
+    records = []
+    for path in transform_paths["raw_eval_files"]:
+        records.extend(iter_shard(path))
+    examples = [tf.train.Example.FromString(r) for r in records[:limit]]
+    jpegs = [e.features.feature[features.IMAGE_ENCODED].bytes_list.value[0] for e in examples]
+    return records[:limit], jpegs
+
+
+def test_serving_default_returns_probabilities_per_class(exported, transform_paths):
+    import tensorflow as tf
+
+    model, _ = exported
+    serialized, _ = _raw_validation(transform_paths, 4)
+    out = model.signatures["serving_default"](examples=tf.constant(serialized))
+    probabilities = out["probabilities"].numpy()
+    assert probabilities.shape == (4, 10) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert [c.decode() for c in out["classes"].numpy()[0]] == [f"digit_{d}" for d in range(10)]
+
+
+def test_predict_images_matches_the_model_on_transform_materialised_eval_examples(
+    exported, transform_paths, resumed_run, tmp_path
+):
+    """No train/serve skew: raw JPEG -> predict_images == Keras model on Transform's eval data."""
+    import tensorflow as tf
+
+    from van_trainer import dataset, export, features, train
+
+    model, export_dir = exported
+    config = resumed_run["config"]
+    serialized, jpegs = _raw_validation(transform_paths, 6)
+    served = model.signatures["predict_images"](images=tf.constant(jpegs))
+    # Pair raw records with materialised ones by their stored pixels (Beam may reorder records).
+    stored = model.signatures["transform_features"](examples=tf.constant(serialized))
+    stored = [b.numpy() for b in stored[features.TRANSFORMED_IMAGE]]
+    materialised = {}
+    for record in tf.data.TFRecordDataset(
+        dataset.resolve_files(transform_paths["eval_files"]), compression_type="GZIP"
+    ):
+        parsed = tf.io.parse_single_example(record, dataset.transformed_feature_spec())
+        materialised[parsed[features.TRANSFORMED_IMAGE].numpy()] = record
+    assert all(s in materialised for s in stored), "serving Transform differs from materialised"
+    # The Trainer's own eval input path over those materialised records.
+    subset = tmp_path / "eval-subset.tfrecord"
+    with tf.io.TFRecordWriter(str(subset)) as writer:
+        for s in stored:
+            writer.write(materialised[s].numpy())
+    images, _ = next(iter(dataset.eval_dataset([str(subset)], config, 10, batch_size=len(stored))))
+    keras_model = train.build_model(config, 10)
+    keras_model.load_weights(export.keras_weights_path(str(export_dir)))
+    logits = keras_model(images, training=False)
+    expected = tf.nn.softmax(logits).numpy()
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
+    top = served["top_k_indices"].numpy()
+    assert top.shape == (6, 3)
+    np.testing.assert_array_equal(top[:, 0], expected.argmax(axis=1))
+    assert served["top_k_synsets"].numpy()[0, 0].decode() == f"digit_{top[0, 0]}"
+
+
+def test_predict_images_rejects_bytes_that_are_not_an_image(exported, transform_paths):
+    import tensorflow as tf
+
+    model, _ = exported
+    _, jpegs = _raw_validation(transform_paths, 1)
+    for bad in (b"not an image at all", jpegs[0][: len(jpegs[0]) // 2]):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="JPEG or PNG"):
+            model.signatures["predict_images"](images=tf.constant([jpegs[0], bad]))
+
+
+def test_warm_start_loads_the_base_models_weights_only_when_the_head_fits(resumed_run):
+    from van_trainer import train
+
+    config = resumed_run["config"]
+    base = str(resumed_run["out"] / "serving")
+    fitting = train.build_model(config, 10)
+    assert train.load_initial_weights(fitting, config, 10, base).endswith("van.weights.h5")
+    reference = train.build_model(config, 10)
+    reference.load_weights(os.path.join(base, "assets.extra", "van.weights.h5"))
+    for a, b in zip(fitting.weights, reference.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    other_head = train.build_model(config, 7)
+    before = [w.numpy().copy() for w in other_head.weights]
+    assert train.load_initial_weights(other_head, config, 7, base) == ""
+    for w, b in zip(other_head.weights, before, strict=True):
+        np.testing.assert_array_equal(w.numpy(), b)
+    no_warm = config.model_copy(
+        update={"train": config.train.model_copy(update={"warm_start": False})}
+    )
+    assert train.load_initial_weights(train.build_model(config, 10), no_warm, 10, base) == ""

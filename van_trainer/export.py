@@ -1,0 +1,156 @@
+"""Serving export: the trained model + Transform graph + THE eval preprocessing as signatures.
+
+Signatures (names in van_trainer.features):
+- `serving_default`: serialized tf.Example `examples` [N] -> `probabilities` [N,C] float32 and
+  `classes` [N,C] string (synset of each column).
+- `predict_images`: encoded JPEG/PNG `images` [N] -> `probabilities`, `top_k_indices` int32,
+  `top_k_synsets` string, `top_k_scores` float32 ([N,K], K = min(serving.top_k, C)).
+- `transform_features`: serialized tf.Example -> every Transform output (label included), for
+  TFMA's `preprocessing_function_names`.
+The Keras weights also go to `<export>/assets.extra/van.weights.h5` (warm start of the next run).
+"""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+import tensorflow_transform as tft
+import tf_keras as keras
+
+from van_tfx.config import Config
+from van_tfx.saved_model import mark_classification_signature
+from van_trainer import augment, dataset, features
+
+KERAS_WEIGHTS_PATH = os.path.join("assets.extra", "van.weights.h5")
+# Raw features that carry the answer: never required (or accepted) at serving time.
+LABEL_KEYS = (features.LABEL, features.SYNSET, features.CLASS_TEXT)
+
+
+def keras_weights_path(export_dir: str) -> str:
+    """Where an exported model keeps its Keras weights."""
+    return os.path.join(export_dir, KERAS_WEIGHTS_PATH)
+
+
+def serving_feature_spec(tft_output: tft.TFTransformOutput) -> dict:
+    """The raw feature spec minus the label keys: what a serving request's tf.Example holds."""
+    return {k: v for k, v in tft_output.raw_feature_spec().items() if k not in LABEL_KEYS}
+
+
+def synsets(tft_output: tft.TFTransformOutput) -> list[str]:
+    """Class id -> synset, from Transform's vocabulary."""
+    return [s.decode() for s in tft_output.vocabulary_by_name(features.SYNSET_VOCABULARY)]
+
+
+class ServingModule(tf.Module):
+    """What is saved: the model, the Transform layer and the signature functions."""
+
+    def __init__(self, model: keras.Model, tft_output: tft.TFTransformOutput, config: Config):
+        super().__init__(name="van_serving")
+        # Track the variables, not the Keras model: saving a Keras model re-traces every layer's
+        # call (minutes for VAN); the signatures below are all that serving and TFMA use.
+        self.model_variables = list(model.variables)
+        self._forward = _Untracked(model)
+        self.tft_layer = tft_output.transform_features_layer()
+        self._raw_spec = tft_output.raw_feature_spec()
+        self._spec = serving_feature_spec(tft_output)
+        self._synsets = synsets(tft_output)
+        self._top_k = min(config.serving.top_k, len(self._synsets))
+        self._image_size = config.model.image_size
+        self._stored_size = config.data.stored_image_size
+        self._crop_pct = config.eval.crop_pct
+
+    def _probabilities(self, transformed: dict) -> tf.Tensor:
+        images = dataset.decode_stored_images(
+            transformed[features.TRANSFORMED_IMAGE], self._stored_size
+        )
+        images = augment.eval_preprocess(images, self._image_size, self._crop_pct)
+        logits = self._forward.model(images, training=False)
+        return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+
+    def _classes(self, batch_size: tf.Tensor) -> tf.Tensor:
+        return tf.tile(tf.constant(self._synsets)[None], [batch_size, 1])
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def serve_examples(self, examples):
+        """serving_default: serialized raw tf.Examples -> class probabilities."""
+        raw = tf.io.parse_example(examples, self._spec)
+        probabilities = self._probabilities(self.tft_layer(raw))
+        return {"probabilities": probabilities, "classes": self._classes(tf.shape(examples)[0])}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=features.CLASSIFY_INPUT)])
+    def classify(self, inputs):
+        """classify: serialized raw tf.Examples -> classes and scores (TF Serving's Classify)."""
+        outputs = self.serve_examples(inputs)
+        return {"classes": outputs["classes"], "scores": outputs["probabilities"]}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def transform_features(self, examples):
+        """Serialized raw tf.Examples (label included) -> Transform outputs."""
+        raw = tf.io.parse_example(examples, self._raw_spec)
+        return self.tft_layer(raw)
+
+    @tf.function(
+        input_signature=[tf.TensorSpec([None], tf.string, name=features.PREDICT_IMAGES_INPUT)]
+    )
+    def predict_images(self, images):
+        """Encoded JPEG/PNG bytes -> probabilities and the top-k classes."""
+        images = checked_images(images)
+        # The raw spec comes from the schema (shape [1] for image/encoded): match its rank.
+        image_shape = self._raw_spec[features.IMAGE_ENCODED].shape
+        transformed = self.tft_layer(
+            {features.IMAGE_ENCODED: tf.reshape(images, [-1, *image_shape])}
+        )
+        probabilities = self._probabilities(transformed)
+        scores, indices = tf.math.top_k(probabilities, k=self._top_k)
+        return {
+            "probabilities": probabilities,
+            "top_k_indices": indices,
+            "top_k_synsets": tf.gather(tf.constant(self._synsets), indices),
+            "top_k_scores": scores,
+        }
+
+    def signatures(self) -> dict:
+        """Signature functions keyed by name."""
+        # tf.functions with input signatures, not concrete functions: only those can be saved
+        # when the variables are distributed (Mirrored/MultiWorkerMirrored strategies).
+        return {
+            features.SERVING_EXAMPLES_SIGNATURE: self.serve_examples,
+            features.PREDICT_IMAGES_SIGNATURE: self.predict_images,
+            features.TRANSFORM_FEATURES_SIGNATURE: self.transform_features,
+            features.CLASSIFY_SIGNATURE: self.classify,
+        }
+
+
+class _Untracked:
+    """Holds an object out of tf.Module's dependency tracking."""
+
+    def __init__(self, model):
+        self.model = model
+
+
+def checked_images(images: tf.Tensor) -> tf.Tensor:
+    """`images`, after failing with InvalidArgumentError naming the input if any element does
+    not start like a JPEG or PNG (Transform's decode then rejects truncated ones)."""
+    is_png = tf.strings.substr(images, 0, 8) == b"\x89PNG\r\n\x1a\n"
+    is_jpeg = tf.strings.substr(images, 0, 3) == b"\xff\xd8\xff"
+    check = tf.debugging.assert_equal(
+        tf.reduce_all(is_png | is_jpeg),
+        True,
+        message=f"'{features.PREDICT_IMAGES_INPUT}' holds bytes that are not a JPEG or PNG image",
+    )
+    with tf.control_dependencies([check]):  # runs before any decode sees the bytes
+        return tf.identity(images)
+
+
+def export_serving_model(
+    model: keras.Model, tft_output: tft.TFTransformOutput, config: Config, export_dir: str
+) -> str:
+    """Save the serving SavedModel (and the Keras weights) to `export_dir`."""
+    module = ServingModule(model, tft_output, config)
+    tf.saved_model.save(module, export_dir, signatures=module.signatures())
+    mark_classification_signature(export_dir, features.CLASSIFY_SIGNATURE)
+    weights = keras_weights_path(export_dir)
+    tf.io.gfile.makedirs(os.path.dirname(weights))
+    model.save_weights(weights)
+    return export_dir

@@ -1,0 +1,337 @@
+"""TFX Trainer entry point (GenericExecutor): `run_fn="van_trainer.train.run_fn"`.
+
+run_fn rebuilds the typed config from `custom_config`, picks a distribution strategy, trains VAN
+on Transform output with per-step augmentation (resumable from checkpoints in model_run_dir), and
+exports the serving SavedModel from the chief only. model_run_dir receives TensorBoard logs,
+history.csv, metrics.json and training_curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import tensorflow as tf
+import tf_keras as keras
+
+from van_tfx.config import Config
+from van_trainer import dataset, distribute, export, features, optim
+
+log = logging.getLogger(__name__)
+
+# The Config sections the pipeline hands the Trainer through custom_config.
+TRAINER_SECTIONS = ("data", "model", "augment", "train", "eval", "serving")
+BACKUP_DIR = "backup"
+HISTORY_CSV = "history.csv"
+METRICS_JSON = "metrics.json"
+CURVES_PNG = "training_curves.png"
+
+
+# --------------------------------------------------------------------------- config
+
+
+def custom_config_for(config: Config) -> dict:
+    """What the pipeline passes as the Trainer's custom_config (JSON-able sections)."""
+    return {name: getattr(config, name).model_dump(mode="json") for name in TRAINER_SECTIONS}
+
+
+def config_from_custom_config(custom_config: dict | None) -> Config:
+    """Rebuild the typed Config from the Trainer's custom_config (missing sections: defaults)."""
+    sections = {k: v for k, v in (custom_config or {}).items() if k in Config.model_fields}
+    return Config.model_validate(sections)
+
+
+def plan_steps(config: Config, train_files: list[str], train_steps: int | None) -> tuple[int, int]:
+    """(epochs, steps_per_epoch): TFX train_args.num_steps, if set, is the total step budget
+    spread over train.epochs; otherwise train.steps_per_epoch (or one pass over the data)."""
+    epochs = config.train.epochs
+    if train_steps:
+        epochs = min(epochs, train_steps)
+        return epochs, math.ceil(train_steps / epochs)
+    if config.train.steps_per_epoch:
+        return epochs, config.train.steps_per_epoch
+    return epochs, max(1, dataset.count_records(train_files) // config.train.batch_size)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class NanGuard(keras.callbacks.Callback):
+    """Stop training with a clear error as soon as the loss is NaN or infinite."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            step = int(self.model.optimizer.iterations.numpy())
+            raise RuntimeError(
+                f"training loss became {float(loss)} at step {step}; lower train.base_learning_rate "
+                "or enable train.clip_grad_norm"
+            )
+
+
+class ProgressLog(keras.callbacks.Callback):
+    """Record the step training (re)started from and the learning rate of every epoch."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule = schedule
+        self.initial_step = 0
+
+    def on_train_begin(self, logs=None):
+        # Runs after BackupAndRestore restored the optimizer, so this is the resumed step.
+        self.initial_step = int(self.model.optimizer.iterations.numpy())
+        log.info("training starts at step %d", self.initial_step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(self.schedule(self.model.optimizer.iterations))
+
+
+def build_callbacks(config: Config, model_run_dir: str, schedule, chief: bool) -> list:
+    """Checkpoint/resume first (the others must see restored state), then logging and guards."""
+    callbacks = [
+        keras.callbacks.BackupAndRestore(
+            os.path.join(model_run_dir, BACKUP_DIR),
+            save_freq=config.train.checkpoint_every_steps,
+            delete_checkpoint=True,
+        ),
+        ProgressLog(schedule),
+        NanGuard(),
+        keras.callbacks.TensorBoard(model_run_dir, update_freq=config.train.log_every_steps),
+    ]
+    if chief:
+        csv_path = os.path.join(model_run_dir, HISTORY_CSV)
+        callbacks.append(keras.callbacks.CSVLogger(csv_path, append=True))
+    return callbacks
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(config: Config, num_classes: int) -> keras.Model:
+    """VAN at config.model, taking config.model.image_size inputs."""
+    from van_trainer.model import build_van  # the model module is heavy; import it late
+
+    size = config.model.image_size
+    return build_van(
+        config.model.variant,
+        num_classes=num_classes,
+        input_shape=(size, size, 3),
+        drop_path_rate=config.model.drop_path_rate,
+    )
+
+
+def load_initial_weights(
+    model: keras.Model, config: Config, num_classes: int, base_model: str | None
+) -> str:
+    """Warm start from the last blessed model, else official weights; returns what was loaded."""
+    if base_model and config.train.warm_start:
+        path = export.keras_weights_path(base_model)
+        if not tf.io.gfile.exists(path):
+            log.warning("warm start skipped: %s has no Keras weights at %s", base_model, path)
+        elif _load_if_compatible(model, config, num_classes, path):
+            log.info("warm start from %s", path)
+            return path
+    if config.model.pretrained_weights:
+        # New head: layers whose shapes differ (the classifier) keep their initialisation.
+        model.load_weights(config.model.pretrained_weights, by_name=True, skip_mismatch=True)
+        log.info(
+            "initialised from %s (mismatched layers kept fresh)", config.model.pretrained_weights
+        )
+        return config.model.pretrained_weights
+    return ""
+
+
+def _load_if_compatible(model, config, num_classes, path) -> bool:
+    # Load into a scratch copy first: a failed load must not leave the real model half-overwritten.
+    scratch = build_model(config, num_classes)
+    try:
+        scratch.load_weights(path)
+    except (ValueError, KeyError) as exc:
+        log.warning(
+            "warm start skipped: %s does not fit %s with %d classes (%s)",
+            path,
+            config.model.variant,
+            num_classes,
+            exc,
+        )
+        return False
+    model.set_weights(scratch.get_weights())
+    return True
+
+
+def compile_model(model, config: Config, schedule, num_classes: int) -> None:
+    """AdamW recipe, label-smoothed soft-target cross-entropy, top-1/top-5 accuracy."""
+    model.compile(
+        optimizer=optim.build_optimizer(config.train, schedule, model.trainable_variables),
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=config.train.label_smoothing
+        ),
+        metrics=[
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+        ],
+        jit_compile=False,
+    )
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_fn(fn_args) -> None:
+    """TFX Trainer entry point: train on Transform output and export the serving model."""
+    config = config_from_custom_config(fn_args.custom_config)
+    train_and_export(
+        config,
+        train_files=fn_args.train_files,
+        eval_files=fn_args.eval_files,
+        transform_output=fn_args.transform_graph_path or fn_args.transform_output,
+        serving_model_dir=fn_args.serving_model_dir,
+        model_run_dir=fn_args.model_run_dir,
+        base_model=fn_args.base_model,
+        train_steps=fn_args.train_steps,
+        eval_steps=fn_args.eval_steps,
+    )
+
+
+def train_and_export(
+    config: Config,
+    *,
+    train_files: list[str],
+    eval_files: list[str],
+    transform_output: str,
+    serving_model_dir: str,
+    model_run_dir: str,
+    base_model: str | None = None,
+    train_steps: int | None = None,
+    eval_steps: int | None = None,
+) -> dict:
+    """Train, export (chief only) and return the metrics written to model_run_dir."""
+    import tensorflow_transform as tft
+
+    train_files = dataset.resolve_files(train_files)
+    eval_files = dataset.resolve_files(eval_files)
+    keras.utils.set_random_seed(config.train.seed)
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy = distribute.choose_strategy(config.train)
+    chief = distribute.is_chief(strategy)
+    _check_batch(config, strategy)
+    tft_output = tft.TFTransformOutput(transform_output)
+    num_classes = tft_output.vocabulary_size_by_name(features.SYNSET_VOCABULARY)
+    epochs, steps_per_epoch = plan_steps(config, train_files, train_steps)
+    schedule = optim.build_schedule(config.train, steps_per_epoch, epochs)
+    previous_policy = keras.mixed_precision.global_policy()
+    if config.train.mixed_precision != "none":
+        keras.mixed_precision.set_global_policy(config.train.mixed_precision)
+    try:
+        with strategy.scope():
+            model = build_model(config, num_classes)
+            warm_from = load_initial_weights(model, config, num_classes, base_model)
+            compile_model(model, config, schedule, num_classes)
+        callbacks = build_callbacks(config, model_run_dir, schedule, chief)
+        history = model.fit(
+            dataset.train_dataset(train_files, config, num_classes),
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=dataset.eval_dataset(eval_files, config, num_classes),
+            validation_steps=config.train.eval_steps or eval_steps or None,
+            callbacks=callbacks,
+            verbose=2,
+        )
+        final = _final_metrics(model, config, history, eval_files, num_classes, eval_steps)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    # After the policy reset: the model keeps its dtypes, the Transform layer must not autocast.
+    export_dir = distribute.write_dir(serving_model_dir, strategy)
+    export.export_serving_model(model, tft_output, config, export_dir)
+    distribute.remove_worker_dir(export_dir, serving_model_dir)
+    report = {
+        "final": final,
+        "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "initial_step": callbacks[1].initial_step,
+        "final_step": int(model.optimizer.iterations.numpy()),
+        "num_classes": num_classes,
+        "replicas": strategy.num_replicas_in_sync,
+        "warm_start_from": warm_from,
+        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+    }
+    if chief:
+        write_run_report(model_run_dir, report)
+    return report
+
+
+def _check_batch(config: Config, strategy) -> None:
+    replicas = strategy.num_replicas_in_sync
+    if config.train.batch_size % replicas:
+        raise ValueError(
+            f"train.batch_size ({config.train.batch_size}) must be divisible by the "
+            f"{replicas} replicas of {type(strategy).__name__}"
+        )
+
+
+def _final_metrics(model, config, history, eval_files, num_classes, eval_steps) -> dict:
+    # fit() swaps the EMA weights in at its end, so only then do they need a fresh evaluation.
+    if config.train.ema_decay > 0:
+        return model.evaluate(
+            dataset.eval_dataset(eval_files, config, num_classes),
+            steps=config.train.eval_steps or eval_steps or None,
+            return_dict=True,
+            verbose=0,
+        )
+    return {k[4:]: float(v[-1]) for k, v in history.history.items() if k.startswith("val_")}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_run_report(model_run_dir: str, report: dict) -> None:
+    """metrics.json and training_curves.png (from history.csv, which spans restarts)."""
+    tf.io.gfile.makedirs(model_run_dir)
+    with tf.io.gfile.GFile(os.path.join(model_run_dir, METRICS_JSON), "w") as f:
+        f.write(json.dumps(report, indent=2))
+    csv_path = os.path.join(model_run_dir, HISTORY_CSV)
+    if tf.io.gfile.exists(csv_path):
+        plot_training_curves(csv_path, os.path.join(model_run_dir, CURVES_PNG))
+
+
+def _read_history(csv_path: str) -> dict[str, list[float]]:
+    import csv
+
+    with tf.io.gfile.GFile(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    columns: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if value not in ("", None):
+                columns.setdefault(key, []).append(float(value))
+    return columns
+
+
+def plot_training_curves(csv_path: str, png_path: str) -> None:
+    """Loss, accuracy and learning-rate curves per epoch, as a PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = _read_history(csv_path)
+    epochs = [int(e) + 1 for e in history.get("epoch", [])]
+    panels = (("loss", "loss"), ("accuracy", "top-1 accuracy"), ("learning_rate", "learning rate"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for name, style in ((key, "-o"), (f"val_{key}", "--s")):
+            if name in history:
+                ax.plot(epochs[: len(history[name])], history[name], style, label=name, ms=3)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    with tf.io.gfile.GFile(png_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
+    plt.close(fig)
