@@ -108,7 +108,7 @@ def build_requests(model_name: str, records: list[bytes]) -> list:
     examples.inputs["examples"].CopyFrom(tf.make_tensor_proto(records, dtype=tf.string))
     classify = classification_pb2.ClassificationRequest()
     classify.model_spec.name = model_name
-    classify.model_spec.signature_name = features.SERVING_EXAMPLES_SIGNATURE
+    classify.model_spec.signature_name = features.CLASSIFY_SIGNATURE
     classify.input.CopyFrom(
         input_pb2.Input(
             example_list=input_pb2.ExampleList(

@@ -7,7 +7,7 @@ import contextlib
 import json
 import sys
 
-from van_tfx.config import Config, ConfigError, load_config, save_config
+from van_tfx.config import DEMO_OVERRIDES, Config, ConfigError, load_config, save_config
 from van_tfx.env import van_tfx_home
 
 HOME_CONFIG = "config.yaml"
@@ -45,13 +45,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_config(args) -> Config:
-    """Load the config a command runs with; a new home keeps a copy of it."""
+def resolve_config(args, profile: list[str] = ()) -> Config:
+    """Load the config a command runs with; a new home keeps a copy of it.
+
+    `profile` (e.g. the demo's settings) applies only when neither --config nor a home config
+    exists, so a home made by `make demo` keeps repeating the demo's pipeline.
+    """
     from pathlib import Path
 
     home_config = Path(van_tfx_home()) / HOME_CONFIG
     source = args.config or (home_config if home_config.exists() else None)
-    config = load_config(source, args.overrides)
+    overrides = args.overrides if source else [*profile, *args.overrides]
+    config = load_config(source, overrides)
     if not home_config.exists():
         save_config(config, home_config)
     return config
@@ -85,7 +90,7 @@ def demo_command(args) -> int:
     from pipeline.local import RunLockedError
 
     try:
-        config = resolve_config(args)
+        config = resolve_config(args, DEMO_OVERRIDES)
         return run_demo(config, num_predictions=args.num_predictions, echo=_stderr)
     except (ConfigError, RunLockedError) as exc:
         print(f"van-tfx demo: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ from components.serving_smoke_test import ServingSmokeTest
 from pipeline import ingest
 from pipeline.evaluation import build_eval_config
 from van_tfx.config import Config
+from van_trainer.train import custom_config_for
 
 PREPROCESSING_FN = "van_trainer.preprocessing.preprocessing_fn"
 RUN_FN = "van_trainer.train.run_fn"
@@ -27,12 +28,6 @@ class PipelineLocation:
     metadata_path: str | None = None  # SQLite file locally; None on Kubeflow (cluster MLMD)
 
 
-def stage_config(config: Config) -> dict:
-    """The config sections a component's custom_config carries (JSON-safe)."""
-    sections = ("data", "model", "augment", "train", "eval", "serving")
-    return {name: getattr(config, name).model_dump(mode="json") for name in sections}
-
-
 def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipeline:
     """Assemble ExampleGen → validation → Transform → Trainer → Evaluator → smoke test → Pusher."""
     example_gen = ingest.example_gen(config.data, location.data_root)
@@ -47,7 +42,7 @@ def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipel
         preprocessing_fn=PREPROCESSING_FN,
         # Vocabulary and other analyzers see only training data; both splits are transformed.
         splits_config=transform_pb2.SplitsConfig(analyze=["train"], transform=["train", "eval"]),
-        custom_config=stage_config(config),
+        custom_config=custom_config_for(config),
     )
     # Anomalies stop the run before Transform spends time on bad data.
     transform.add_upstream_node(anomalies_gate)
@@ -64,7 +59,7 @@ def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipel
         transform_graph=transform.outputs["transform_graph"],
         schema=schema_importer.outputs["schema"],
         base_model=latest_blessed.outputs["model"],
-        custom_config=stage_config(config),
+        custom_config=custom_config_for(config),
     )
 
     evaluator = tfx.components.Evaluator(

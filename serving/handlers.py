@@ -14,7 +14,9 @@ from serving.errors import invalid_argument
 from serving.servable import DEFAULT_SIGNATURE, Servable
 from serving.tensors import from_tensor_proto, to_tensor_proto
 
-SCORE_OUTPUTS = ("scores", "probabilities")
+CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
+CLASSIFY_CLASSES = "classes"
+CLASSIFY_SCORES = "scores"
 
 
 def resolve(manager, model_spec) -> Servable:
@@ -61,30 +63,45 @@ def classify_on(servable: Servable, request, timeout: float | None = None):
 
 
 def classify_examples(servable: Servable, key: str, examples: list[bytes], timeout=None):
-    """[(label, score), ...] per serialized example, labels from `classes` or class indices."""
+    """[(label, score), ...] per serialized example, with TF Serving's classify-signature rules."""
     signature = servable.signature_def(key)
-    if len(signature.inputs) != 1:
-        raise invalid_argument(
-            f"Classify needs a signature with one string input, {key} has "
-            f"{len(signature.inputs)}"
-        )
+    check_classification_signature(signature)
     if not examples:
         raise invalid_argument("Invalid argument: Input is empty.")
     alias = next(iter(signature.inputs))
     outputs = servable.run(key, {alias: np.array(examples, dtype=object)}, (), timeout)
-    scores = next((outputs[name] for name in SCORE_OUTPUTS if name in outputs), None)
-    if scores is None:
-        raise invalid_argument(f"Signature {key} has no scores/probabilities output to classify")
-    classes = outputs.get("classes")
+    scores, classes = outputs.get(CLASSIFY_SCORES), outputs.get(CLASSIFY_CLASSES)
+    reference = scores if scores is not None else classes
     rows = []
-    for i, row in enumerate(scores.reshape(len(examples), -1)):
-        labels = (
-            [c.decode("utf-8", "replace") for c in classes[i]]
-            if classes is not None
-            else [str(j) for j in range(len(row))]
+    for i in range(len(examples)):
+        width = reference[i].size
+        labels = [c.decode("utf-8", "replace") for c in classes[i]] if classes is not None else []
+        values = [float(v) for v in scores[i]] if scores is not None else []
+        # TF Serving leaves the missing half of each (label, score) pair empty.
+        rows.append(
+            [(labels[j] if labels else "", values[j] if values else 0.0) for j in range(width)]
         )
-        rows.append(list(zip(labels, (float(s) for s in row), strict=False)))
     return rows
+
+
+def check_classification_signature(signature) -> None:
+    """Reject what TF Serving's classifier rejects (method name, one input, classes/scores)."""
+    if signature.method_name != CLASSIFY_METHOD_NAME:
+        raise invalid_argument(
+            f"Expected classification signature method_name to be {CLASSIFY_METHOD_NAME}. "
+            f"Was: {signature.method_name}"
+        )
+    if len(signature.inputs) != 1:
+        raise invalid_argument("Expected one input Tensor.")
+    if len(signature.outputs) not in (1, 2):
+        raise invalid_argument(
+            f"Expected one or two output Tensors, found {len(signature.outputs)}"
+        )
+    if not {CLASSIFY_CLASSES, CLASSIFY_SCORES} & set(signature.outputs):
+        raise invalid_argument(
+            f'Expected classification signature outputs to contain at least one of "'
+            f'{CLASSIFY_CLASSES}" or "{CLASSIFY_SCORES}"'
+        )
 
 
 def examples_of(input_proto) -> list[bytes]:

@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from van_tfx.saved_model import mark_classification_signature
+
 SYNSETS = ("n01440764", "n01443537", "n01484850", "n01491361")
 CLASS_TEXT = ("tench", "goldfish", "great white shark", "tiger shark")
 _WEIGHTS = np.array(
@@ -72,6 +74,11 @@ def build_tiny_model(top_k: int = 2, bias: float = 0.0):
             probabilities = self._probabilities(rgb)
             classes = tf.tile(self.synsets[tf.newaxis], [tf.shape(rgb)[0], 1])
             return {"probabilities": probabilities, "classes": classes}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+        def classify(self, inputs):
+            outputs = self.serving_default(inputs)
+            return {"classes": outputs["classes"], "scores": outputs["probabilities"]}
 
     return TinyVan()
 
@@ -138,12 +145,14 @@ def export(module, base_path: str, version: int) -> str:
     path = os.path.join(base_path, str(version))
     signatures = {
         name: getattr(module, name)
-        for name in ("serving_default", "predict_images", "predict_probabilities")
+        for name in ("serving_default", "predict_images", "predict_probabilities", "classify")
         if hasattr(module, name)
     }
     if "serving_default" not in signatures:
         signatures["serving_default"] = module.predict_images
     tf.saved_model.save(module, path, signatures=signatures)
+    if "classify" in signatures:
+        mark_classification_signature(path, "classify")
     return path
 
 
