@@ -280,8 +280,27 @@ def test_export_has_the_serving_signatures_and_keras_weights(exported):
         features.SERVING_EXAMPLES_SIGNATURE,
         features.PREDICT_IMAGES_SIGNATURE,
         features.TRANSFORM_FEATURES_SIGNATURE,
+        features.CLASSIFY_SIGNATURE,
     }
     assert Path(export.keras_weights_path(str(export_dir))).is_file()
+
+
+def test_classify_signature_has_tf_serving_classify_method(exported):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from van_tfx.saved_model import CLASSIFY_METHOD_NAME, PREDICT_METHOD_NAME
+    from van_trainer import features
+
+    _, export_dir = exported
+    saved = saved_model_pb2.SavedModel.FromString(
+        (Path(export_dir) / "saved_model.pb").read_bytes()
+    )
+    signatures = saved.meta_graphs[0].signature_def
+    classify = signatures[features.CLASSIFY_SIGNATURE]
+    assert classify.method_name == CLASSIFY_METHOD_NAME
+    assert set(classify.inputs) == {features.CLASSIFY_INPUT}
+    assert set(classify.outputs) == {"classes", "scores"}
+    assert signatures[features.SERVING_EXAMPLES_SIGNATURE].method_name == PREDICT_METHOD_NAME
 
 
 def _raw_validation(transform_paths, limit=6):
