@@ -138,3 +138,22 @@ def test_bad_record_stops_the_run_with_a_readable_summary(tmp_path):
     assert "split eval: feature 'image/class/label'" in message
     assert "split eval: feature 'image/format'" in message
     assert "split train" not in message
+
+
+def test_truncated_image_in_eval_split_fails_transform_naming_the_record(tmp_path):
+    write_small_sample(tmp_path / "data", train=60, validation=30)
+    shard = tmp_path / "data" / "span-1" / "validation-00000-of-00001"
+    records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(shard))]
+    victim = records[3].features.feature
+    victim[features.IMAGE_ENCODED].bytes_list.value[0] = victim[
+        features.IMAGE_ENCODED
+    ].bytes_list.value[0][:300]
+    name = victim[features.IMAGE_FILENAME].bytes_list.value[0].decode()
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for record in records:
+            writer.write(record.SerializeToString())
+    with pytest.raises(Exception) as failure:
+        run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=True)
+    message = str(failure.value)
+    assert name in message
+    assert "not a complete JPEG or PNG" in message

@@ -20,7 +20,7 @@ import tf_keras as keras
 
 from van_tfx.config import Config
 from van_tfx.saved_model import mark_classification_signature
-from van_trainer import augment, dataset, features
+from van_trainer import augment, dataset, features, preprocessing
 from van_trainer.model import fold_for_inference
 
 KERAS_WEIGHTS_PATH = os.path.join("assets.extra", "van.weights.h5")
@@ -131,14 +131,14 @@ class _Untracked:
 
 
 def checked_images(images: tf.Tensor) -> tf.Tensor:
-    """`images`, after failing with InvalidArgumentError naming the input if any element does
-    not start like a JPEG or PNG (Transform's decode then rejects truncated ones)."""
-    is_png = tf.strings.substr(images, 0, 8) == b"\x89PNG\r\n\x1a\n"
-    is_jpeg = tf.strings.substr(images, 0, 3) == b"\xff\xd8\xff"
+    """`images`, after failing with InvalidArgumentError naming the input if any element is not
+    a whole JPEG or PNG (unknown format or truncated): never a silent placeholder image."""
     check = tf.debugging.assert_equal(
-        tf.reduce_all(is_png | is_jpeg),
+        tf.reduce_all(preprocessing.image_is_complete(images)),
         True,
-        message=f"'{features.PREDICT_IMAGES_INPUT}' holds bytes that are not a JPEG or PNG image",
+        message=(
+            f"'{features.PREDICT_IMAGES_INPUT}' holds bytes that are not a complete JPEG or PNG image"
+        ),
     )
     with tf.control_dependencies([check]):  # runs before any decode sees the bytes
         return tf.identity(images)

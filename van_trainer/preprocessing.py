@@ -107,12 +107,16 @@ def encode_stored_images(encoded: tf.Tensor, size: int) -> tf.Tensor:
 
 def _stored_image_bytes(encoded: tf.Tensor, size: int) -> tf.Tensor:
     # No Assert in here: a stateful op would make TFT run this decode in every analysis phase
-    # too (measured 4x slower). The named completeness check sits on the label path instead.
-    # Checked again here (without the filename, which serving requests need not carry) so an
-    # incomplete image is a clear error rather than libjpeg's "Invalid JPEG data".
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    pixels = resize_and_center_crop(image, size)
-    return raw_bytes(pixels)
+    # too (measured 4x slower). The named completeness check sits on the label path instead, so
+    # an incomplete image must not reach libjpeg here: its "Invalid JPEG data" names no record
+    # and could win the race against the named check. It becomes a placeholder that the named
+    # check (always among Transform's outputs) rejects; serving checks completeness up front.
+    def decode() -> tf.Tensor:
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        return raw_bytes(resize_and_center_crop(image, size))
+
+    placeholder = lambda: tf.constant(b"\0" * (size * size * 3))  # noqa: E731
+    return tf.cond(image_is_complete(encoded[tf.newaxis])[0], decode, placeholder)
 
 
 def resize_and_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
