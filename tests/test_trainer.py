@@ -398,3 +398,23 @@ def test_warm_start_loads_the_base_models_weights_only_when_the_head_fits(resume
         update={"train": config.train.model_copy(update={"warm_start": False})}
     )
     assert train.load_initial_weights(train.build_model(config, 10), no_warm, 10, base) == ""
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_with_ema_and_clipping_trains_and_exports_float32(
+    policy, transform_paths, tmp_path
+):
+    import tensorflow as tf
+
+    config = tiny_config(
+        epochs=1, steps_per_epoch=2, mixed_precision=policy, ema_decay=0.9, clip_grad_norm=1.0
+    )
+    log = tmp_path / "run.log"
+    proc = start_run(fn_args_dict(transform_paths, tmp_path, config), log)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    model = tf.saved_model.load(str(tmp_path / "serving"))
+    _, jpegs = _raw_validation(transform_paths, limit=3)
+    images = tf.constant(jpegs)
+    probabilities = model.signatures["predict_images"](images=images)["probabilities"]
+    assert probabilities.dtype == tf.float32
+    np.testing.assert_allclose(probabilities.numpy().sum(axis=1), 1.0, atol=1e-4)
