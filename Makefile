@@ -36,8 +36,12 @@ test: lint
 demo: venv
 	$(VENV)/bin/van-tfx demo
 
+# Speed claims, each a ratio against a baseline measured in the same run (see README).
 bench: venv
-	$(VENV)/bin/python benchmarks/bench_model.py
+	$(VENV)/bin/python benchmarks/bench_model.py --variants b0 --steps 2 --rounds 2
+	$(VENV)/bin/python benchmarks/bench_transform.py
+	$(VENV)/bin/python benchmarks/bench_input.py --variant b0 --image-size 32 --batch-size 64
+	$(VENV)/bin/python benchmarks/bench_serving.py
 
 image:
 	docker build -t van-tfx:latest -f Dockerfile .
