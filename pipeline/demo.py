@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import os
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +35,9 @@ def run_demo(config: Config, *, num_predictions: int = 8, echo=print) -> int:
 
 def ensure_sample_data(config: Config, echo) -> None:
     """Build the bundled digits sample into the data dir unless data is already there."""
-    from van_tfx.data.sample import build_sample
+    from van_tfx.data.sample import build_sample, existing_spans
 
-    if glob.glob(str(config.data_dir / "span-*")):
+    if existing_spans(config.data_dir):
         echo(f"== Data == using {config.data_dir}")
         return
     echo(f"== Data == building the bundled digits sample in {config.data_dir}")
@@ -57,33 +56,37 @@ def latest_version(base_path: Path) -> int | None:
 
 def validation_records(config: Config) -> list[tuple[bytes, str]]:
     """(JPEG bytes, true synset) for every validation image of the newest span."""
-    import tensorflow as tf
-
+    from van_tfx.data.records import read_examples
+    from van_tfx.data.sample import existing_spans
     from van_trainer import features
 
-    spans = sorted(glob.glob(str(config.data_dir / "span-*")), key=lambda p: int(p.split("-")[-1]))
-    files = sorted(glob.glob(os.path.join(spans[-1], "validation-*")))
-    records = []
-    for raw in tf.data.TFRecordDataset(files):
-        example = tf.train.Example.FromString(raw.numpy()).features.feature
-        image = example[features.IMAGE_ENCODED].bytes_list.value[0]
-        synset = example[features.SYNSET].bytes_list.value[0].decode()
-        records.append((image, synset))
-    return records
+    span_dir = config.data_dir / f"span-{existing_spans(config.data_dir)[-1]}"
+    files = sorted(glob.glob(str(span_dir / "validation-*")))
+    return [
+        (example[features.IMAGE_ENCODED], example[features.SYNSET].decode())
+        for example in read_examples(files)
+    ]
 
 
 def serve_and_predict(config: Config, records, num_predictions: int, echo) -> float:
     """Start the server on the serving base path, print a few predictions, return top-1."""
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    from serving.client import predict_images
     from serving.process import running_model_server
 
     name = config.serving.model_name
     with running_model_server(str(config.serving_base_path), name) as (channel, port):
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         echo(f"server up on 127.0.0.1:{port}; {num_predictions} predictions:")
         top1 = []
         for start in range(0, len(records), DEMO_BATCH):
             batch = records[start : start + DEMO_BATCH]
-            synsets, scores = predict_images(channel, name, [image for image, _ in batch])
-            rows = list(zip(synsets, scores, (true for _, true in batch), strict=True))
+            top_k = predict_images(stub, [image for image, _ in batch], name, timeout=120)
+            rows = [
+                (classes[0].synset, classes[0].score, true)
+                for classes, (_, true) in zip(top_k, batch, strict=True)
+            ]
             top1.extend(predicted == true for predicted, _, true in rows)
             if start == 0:
                 for predicted, score, true in rows[:num_predictions]:
@@ -91,24 +94,3 @@ def serve_and_predict(config: Config, records, num_predictions: int, echo) -> fl
                     echo(f"  {mark} true {true:<10} predicted {predicted:<10} p={score:.3f}")
     echo("server stopped")
     return float(np.mean(top1))
-
-
-def predict_images(channel, model_name: str, images: list[bytes]) -> tuple[list[str], list[float]]:
-    """Top-1 synsets and scores for encoded images, via the stock PredictionService stub."""
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-
-    from van_trainer import features
-
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model_name
-    request.model_spec.signature_name = features.PREDICT_IMAGES_SIGNATURE
-    request.inputs[features.PREDICT_IMAGES_INPUT].CopyFrom(
-        tf.make_tensor_proto(images, dtype=tf.string)
-    )
-    response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-        request, timeout=120
-    )
-    synsets = tf.make_ndarray(response.outputs["top_k_synsets"])[:, 0]
-    scores = tf.make_ndarray(response.outputs["top_k_scores"])[:, 0]
-    return [s.decode() for s in synsets], [float(s) for s in scores]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
 
 from tfx import v1 as tfx
 from tfx.proto import example_gen_pb2
 
 from van_tfx.config import DataConfig
+from van_tfx.data.sample import existing_spans
 from van_trainer import features
 
 CURATED_SCHEMA = Path(__file__).resolve().parent / "schema" / "schema.pbtxt"
@@ -121,12 +121,10 @@ def count_synsets(config: DataConfig, data_root: str) -> int:
         return 0
     directory = root
     if config.layout == "spans":
-        spans = [
-            int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"span-(\d+)", p.name))
-        ]
+        spans = existing_spans(root)
         if not spans:
             return 0
-        directory = root / f"span-{max(spans)}"
+        directory = root / f"span-{spans[-1]}"
     synsets = directory / SYNSETS_FILE
     if not synsets.exists():
         return 0

@@ -122,16 +122,25 @@ def test_transformed_image_matches_the_source_digit(transformed):
     assert np.abs(image - np.asarray(source, float)).mean() < 12
 
 
+def rewrite_shard(shard: Path, edit) -> list[tf.train.Example]:
+    """Apply `edit` to the shard's parsed tf.Examples, write them back in place, return them."""
+    records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(shard))]
+    edit(records)
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for record in records:
+            writer.write(record.SerializeToString())
+    return records
+
+
 def test_bad_record_stops_the_run_with_a_readable_summary(tmp_path):
     validation = write_small_sample(tmp_path / "data", train=60, validation=30)
     del validation
-    bad = tmp_path / "data" / "span-1" / "validation-00000-of-00001"
-    records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(bad))]
-    del records[0].features.feature[features.LABEL]
-    records[1].features.feature[features.IMAGE_FORMAT].bytes_list.value[0] = b"TIFF"
-    with tf.io.TFRecordWriter(str(bad)) as writer:
-        for record in records:
-            writer.write(record.SerializeToString())
+
+    def break_two(records):
+        del records[0].features.feature[features.LABEL]
+        records[1].features.feature[features.IMAGE_FORMAT].bytes_list.value[0] = b"TIFF"
+
+    rewrite_shard(tmp_path / "data" / "span-1" / "validation-00000-of-00001", break_two)
     with pytest.raises(Exception) as failure:
         run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=False)
     message = str(failure.value)
@@ -142,16 +151,14 @@ def test_bad_record_stops_the_run_with_a_readable_summary(tmp_path):
 
 def test_truncated_image_in_eval_split_fails_transform_naming_the_record(tmp_path):
     write_small_sample(tmp_path / "data", train=60, validation=30)
+
+    def truncate_one(records):
+        victim = records[3].features.feature[features.IMAGE_ENCODED].bytes_list
+        victim.value[0] = victim.value[0][:300]
+
     shard = tmp_path / "data" / "span-1" / "validation-00000-of-00001"
-    records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(shard))]
-    victim = records[3].features.feature
-    victim[features.IMAGE_ENCODED].bytes_list.value[0] = victim[
-        features.IMAGE_ENCODED
-    ].bytes_list.value[0][:300]
-    name = victim[features.IMAGE_FILENAME].bytes_list.value[0].decode()
-    with tf.io.TFRecordWriter(str(shard)) as writer:
-        for record in records:
-            writer.write(record.SerializeToString())
+    records = rewrite_shard(shard, truncate_one)
+    name = records[3].features.feature[features.IMAGE_FILENAME].bytes_list.value[0].decode()
     with pytest.raises(Exception) as failure:
         run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=True)
     message = str(failure.value)
