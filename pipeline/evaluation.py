@@ -13,16 +13,8 @@ LABEL_KEY = features.TRANSFORMED_LABEL
 SLICE_FEATURE = features.SYNSET
 
 
-def build_eval_config(config: EvalConfig) -> tfma.EvalConfig:
-    """Build the EvalConfig that blesses a candidate only if it clears both thresholds."""
-    top1_threshold = tfma.MetricThreshold(
-        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": config.min_top1}),
-        # Ignored on the first run: no blessed baseline resolves yet.
-        change_threshold=tfma.GenericChangeThreshold(
-            direction=tfma.MetricDirection.HIGHER_IS_BETTER,
-            absolute={"value": -config.max_top1_drop},
-        ),
-    )
+def build_eval_config(config: EvalConfig, *, with_baseline: bool = True) -> tfma.EvalConfig:
+    """Build the EvalConfig that blesses a candidate only if it clears the thresholds."""
     metrics = [
         # Gate on the overall slice only: per-class slices are reported, not gated (a class of
         # 30 validation images moves by 3% per image).
@@ -30,7 +22,8 @@ def build_eval_config(config: EvalConfig) -> tfma.EvalConfig:
             class_name="SparseCategoricalAccuracy",
             per_slice_thresholds=[
                 tfma.PerSliceMetricThreshold(
-                    slicing_specs=[tfma.SlicingSpec()], threshold=top1_threshold
+                    slicing_specs=[tfma.SlicingSpec()],
+                    threshold=top1_threshold(config, with_baseline),
                 )
             ],
         ),
@@ -53,3 +46,22 @@ def build_eval_config(config: EvalConfig) -> tfma.EvalConfig:
         slicing_specs=[tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=[SLICE_FEATURE])],
         metrics_specs=[tfma.MetricsSpec(metrics=metrics)],
     )
+
+
+def top1_threshold(config: EvalConfig, with_baseline: bool) -> tfma.MetricThreshold:
+    """Top-1 >= eval.min_top1, and (with a baseline) at most eval.max_top1_drop below it."""
+    threshold = tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": config.min_top1})
+    )
+    # Without a baseline TFMA accepts change thresholds only when "rubber stamping" (TFX's
+    # Evaluator always passes rubber_stamp=True, then drops them). Leave them out so the compiled
+    # eval_config states what is really gated. With a resolver that finds no blessed model yet
+    # (first run) they are dropped the same way.
+    if with_baseline:
+        threshold.change_threshold.CopyFrom(
+            tfma.GenericChangeThreshold(
+                direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+                absolute={"value": -config.max_top1_drop},
+            )
+        )
+    return threshold

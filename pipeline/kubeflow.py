@@ -48,6 +48,7 @@ def kubeflow_location(config: Config):
         serving_base_path=kf.serving_base_path,
         beam_args=list(kf.beam_args),
         metadata_path=None,  # KFP runs use the cluster's ML Metadata service
+        resolve_baseline=kf.resolve_baseline,
     )
 
 
@@ -156,6 +157,7 @@ def compile_pipeline(
     image: str | None = None,
     gpus: int | None = None,
     vertex_training: bool | None = None,
+    resolve_baseline: bool | None = None,
 ) -> dict[str, Any]:
     """Compile the pipeline into a KFP v2 PipelineSpec YAML at `output`; return the spec as a dict."""
     from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as v2
@@ -170,6 +172,9 @@ def compile_pipeline(
     if gpus < 0:
         raise KubeflowError(f"--gpus must be >= 0, got {gpus}")
     vertex = config.kubeflow.vertex_training if vertex_training is None else vertex_training
+    if resolve_baseline is not None:
+        config = config.model_copy(deep=True)
+        config.kubeflow.resolve_baseline = resolve_baseline
 
     tfx_pipeline = create_pipeline(config, kubeflow_location(config))
     relocate_local_files(tfx_pipeline)

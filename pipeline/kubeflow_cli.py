@@ -43,6 +43,14 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="train in a Vertex AI multi-worker CustomJob (default: kubeflow.vertex_training)",
     )
+    parser.add_argument(
+        "--no-baseline",
+        dest="resolve_baseline",
+        action="store_false",
+        default=None,
+        help="no resolver step (for open-source KFP): no warm start, no Evaluator baseline "
+        "(sets kubeflow.resolve_baseline=false)",
+    )
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser, default=None) -> None:
@@ -123,6 +131,7 @@ def compile_command(args) -> int:
             image=args.image,
             gpus=args.gpus,
             vertex_training=args.vertex_training,
+            resolve_baseline=args.resolve_baseline,
         )
     except (ConfigError, kubeflow.KubeflowError) as exc:
         return _fail("compile", exc)
@@ -221,7 +230,12 @@ def _config_and_package(args):
         return config, package
     package = config.home_dir / "kubeflow" / DEFAULT_PACKAGE
     kubeflow.compile_pipeline(
-        config, package, image=args.image, gpus=args.gpus, vertex_training=args.vertex_training
+        config,
+        package,
+        image=args.image,
+        gpus=args.gpus,
+        vertex_training=args.vertex_training,
+        resolve_baseline=args.resolve_baseline,
     )
     return config, package
 
@@ -252,7 +266,9 @@ def _warn_about_resolvers(calls) -> None:
         print(
             f"warning: {package} has TFX resolver steps ({', '.join(resolvers)}); open-source "
             "KFP 2.x rejects them ('resolver executors not implemented'), Vertex AI Pipelines "
-            "runs them. See docs/kubeflow.md.",
+            "runs them. For open-source KFP compile with --no-baseline (or set "
+            "kubeflow.resolve_baseline: false): no warm start, no Evaluator baseline. "
+            "See docs/kubeflow.md.",
             file=sys.stderr,
         )
 

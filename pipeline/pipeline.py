@@ -26,6 +26,18 @@ class PipelineLocation:
     serving_base_path: str
     beam_args: list[str] = field(default_factory=list)
     metadata_path: str | None = None  # SQLite file locally; None on Kubeflow (cluster MLMD)
+    # The latest blessed model (warm start + Evaluator baseline) comes from a TFX Resolver, which
+    # open-source KFP 2.x cannot run; False builds the pipeline without it.
+    resolve_baseline: bool = True
+
+
+def latest_blessed_model() -> tfx.dsl.Resolver:
+    """The Resolver of the latest model the Evaluator blessed (warm start and baseline)."""
+    return tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+    ).with_id("latest_blessed_model_resolver")
 
 
 def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipeline:
@@ -47,26 +59,23 @@ def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipel
     # Anomalies stop the run before Transform spends time on bad data.
     transform.add_upstream_node(anomalies_gate)
 
-    latest_blessed = tfx.dsl.Resolver(
-        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
-        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
-        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
-    ).with_id("latest_blessed_model_resolver")
+    latest_blessed = latest_blessed_model() if location.resolve_baseline else None
+    base_model = latest_blessed.outputs["model"] if latest_blessed else None
 
     trainer = tfx.components.Trainer(
         run_fn=RUN_FN,
         examples=transform.outputs["transformed_examples"],
         transform_graph=transform.outputs["transform_graph"],
         schema=schema_importer.outputs["schema"],
-        base_model=latest_blessed.outputs["model"],
+        base_model=base_model,
         custom_config=custom_config_for(config),
     )
 
     evaluator = tfx.components.Evaluator(
         examples=example_gen.outputs["examples"],
         model=trainer.outputs["model"],
-        baseline_model=latest_blessed.outputs["model"],
-        eval_config=build_eval_config(config.eval),
+        baseline_model=base_model,
+        eval_config=build_eval_config(config.eval, with_baseline=base_model is not None),
         example_splits=["eval"],
     )
 
@@ -93,7 +102,7 @@ def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipel
         example_validator,
         anomalies_gate,
         transform,
-        latest_blessed,
+        *([latest_blessed] if latest_blessed else []),
         trainer,
         evaluator,
         smoke_test,

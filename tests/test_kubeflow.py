@@ -67,6 +67,13 @@ def compiled(home, tmp_path_factory):
     return path, compile_to(path, "--gpus", "2")
 
 
+@pytest.fixture(scope="module")
+def compiled_no_baseline(home, tmp_path_factory):
+    """The pipeline compiled for open-source KFP: `--no-baseline`, no resolver."""
+    path = tmp_path_factory.mktemp("kf") / "no-baseline.yaml"
+    return path, compile_to(path, "--no-baseline")
+
+
 def constant(spec: dict, task: str, parameter: str) -> str:
     """A string parameter the compiled spec passes to a task."""
     value = spec["root"]["dag"]["tasks"][task]["inputs"]["parameters"][parameter]
@@ -180,6 +187,61 @@ def test_vertex_training_carries_the_worker_pool_spec(home, tmp_path):
     assert custom["model"]["variant"] == "b0"  # the stage config still reaches run_fn
 
 
+def thresholds(spec: dict) -> list[dict]:
+    """The Evaluator's top-1 threshold(s) as compiled into its eval_config."""
+    eval_config = json.loads(constant(spec, "Evaluator", "eval_config"))
+    return [
+        per_slice["threshold"]
+        for metrics_spec in eval_config["metrics_specs"]
+        for metric in metrics_spec["metrics"]
+        for per_slice in metric.get("per_slice_thresholds", [])
+    ]
+
+
+def test_default_compile_resolves_the_baseline(compiled):
+    from pipeline.kubeflow import load_pipeline_spec, resolver_tasks
+
+    path, spec = compiled
+    assert resolver_tasks(load_pipeline_spec(path))
+    assert "base_model" in spec["root"]["dag"]["tasks"]["Trainer"]["inputs"]["artifacts"]
+    assert "baseline_model" in spec["root"]["dag"]["tasks"]["Evaluator"]["inputs"]["artifacts"]
+    [threshold] = thresholds(spec)
+    assert "change_threshold" in threshold and "value_threshold" in threshold
+
+
+def test_no_baseline_compile_has_no_resolver_warm_start_or_change_threshold(compiled_no_baseline):
+    from pipeline.kubeflow import load_pipeline_spec, resolver_tasks
+
+    path, spec = compiled_no_baseline
+    assert resolver_tasks(load_pipeline_spec(path)) == []
+    tasks = spec["root"]["dag"]["tasks"]
+    assert EXPECTED_TASKS <= set(tasks)
+    assert not [name for name in tasks if "resolver" in name]
+    assert "base_model" not in tasks["Trainer"]["inputs"]["artifacts"]
+    assert "baseline_model" not in tasks["Evaluator"]["inputs"]["artifacts"]
+    [threshold] = thresholds(spec)
+    assert threshold["value_threshold"]["lower_bound"] == 0.5  # eval.min_top1
+    assert "change_threshold" not in threshold
+
+
+def test_no_baseline_is_also_a_config_key(home, tmp_path):
+    spec = compile_to(tmp_path / "p.yaml", "--set", "kubeflow.resolve_baseline=false")
+    assert not [name for name in spec["root"]["dag"]["tasks"] if "resolver" in name]
+
+
+@pytest.mark.parametrize(
+    "command", [["submit"], ["schedule", "--cron", "0 0 3 * * *"]], ids=["submit", "schedule"]
+)
+def test_no_baseline_package_sends_without_the_resolver_warning(
+    compiled_no_baseline, capsys, command
+):
+    path, _ = compiled_no_baseline
+    assert main([*command, "--pipeline", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["calls"]
+    assert "warning" not in out.err
+
+
 def test_compile_rejects_a_json_output(home, tmp_path, capsys):
     assert main(["compile", "--output", str(tmp_path / "p.json")]) == 2
     assert "must end in .yaml" in capsys.readouterr().err
@@ -212,6 +274,7 @@ def test_submit_dry_run_prints_the_call_and_contacts_nothing(compiled, capsys):
     assert call["kwargs"]["experiment_name"] == "van-tfx"
     assert call["kwargs"]["pipeline_root"] == PIPELINE_ROOT
     assert "resolver" in out.err  # the open-source-KFP warning names the resolver steps
+    assert "--no-baseline" in out.err  # ... and says how to compile without them
 
 
 def test_submit_to_an_unreachable_host_fails_in_one_line(compiled, capsys):
