@@ -26,6 +26,10 @@ EVAL_SPLIT = "eval"
 _SPAN_DIR = "span-{SPAN}/"
 
 
+class DerivedSchemaError(RuntimeError):
+    """The schema with the label max filled in cannot be written; the message names the path."""
+
+
 def split_patterns(config: DataConfig) -> dict[str, str]:
     """File patterns of the train and eval splits, relative to the data root.
 
@@ -96,7 +100,8 @@ def schema_file(config: DataConfig, data_root: str) -> str:
     The class count comes from data.num_classes when set, else from the synsets.txt of the
     newest span (or of the root, for the plain layout). When neither is readable at build time
     (e.g. a gs:// root while compiling for Kubeflow) the curated schema is used as is: labels
-    are then only checked to be >= 1, and Transform still rejects unknown synsets.
+    are then only checked to be >= 1, and Transform still rejects unknown synsets. The derived
+    schema is written under the data root, which may be object storage (the pods read it there).
     """
     curated = Path(config.schema_path) if config.schema_path else CURATED_SCHEMA
     num_classes = config.num_classes or count_synsets(config, data_root)
@@ -104,14 +109,32 @@ def schema_file(config: DataConfig, data_root: str) -> str:
         return str(curated)
     text = with_label_max(curated.read_text(), num_classes)
     # Content-addressed: ImportSchemaGen caches on the path, so a changed schema needs a new one.
+    # A plain string join: Path() would collapse gs:// to gs:/ and write on this machine.
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    target = Path(data_root) / DERIVED_SCHEMA_DIR / digest / "schema.pbtxt"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
-    return str(target)
+    target = os.path.join(str(data_root), DERIVED_SCHEMA_DIR, digest, "schema.pbtxt")
+    write_once(target, text)
+    return target
+
+
+def write_once(path: str, text: str) -> None:
+    """Write `text` to `path` unless it exists; local or object storage (tf.io.gfile)."""
+    import tensorflow as tf
+
+    try:
+        if tf.io.gfile.exists(path):
+            return
+        tf.io.gfile.makedirs(os.path.dirname(path))
+        tmp = path + ".tmp"
+        with tf.io.gfile.GFile(tmp, "w") as handle:
+            handle.write(text)
+        tf.io.gfile.rename(tmp, path, overwrite=True)  # readers never see half a schema
+    except tf.errors.OpError as exc:
+        reason = str(exc.message).strip().splitlines()[0]
+        raise DerivedSchemaError(
+            f"cannot write the schema with the data's class count to {path}: {reason}. "
+            "The pipeline's ImportSchemaGen reads it from there: give this machine write access "
+            "to the data root, or set data.num_classes=0 to import the curated schema as is."
+        ) from None
 
 
 def count_synsets(config: DataConfig, data_root: str) -> int:

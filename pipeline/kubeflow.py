@@ -162,6 +162,7 @@ def compile_pipeline(
     """Compile the pipeline into a KFP v2 PipelineSpec YAML at `output`; return the spec as a dict."""
     from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as v2
 
+    from pipeline import ingest
     from pipeline.pipeline import create_pipeline
 
     output = Path(output)
@@ -176,7 +177,10 @@ def compile_pipeline(
         config = config.model_copy(deep=True)
         config.kubeflow.resolve_baseline = resolve_baseline
 
-    tfx_pipeline = create_pipeline(config, kubeflow_location(config))
+    try:
+        tfx_pipeline = create_pipeline(config, kubeflow_location(config))
+    except ingest.DerivedSchemaError as exc:
+        raise KubeflowError(str(exc)) from None
     relocate_local_files(tfx_pipeline)
     configure_trainer(tfx_pipeline, config, image, gpus, vertex)
     runner = v2.KubeflowV2DagRunner(config=v2.KubeflowV2DagRunnerConfig(default_image=image))

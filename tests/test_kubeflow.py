@@ -242,6 +242,53 @@ def test_no_baseline_package_sends_without_the_resolver_warning(
     assert "warning" not in out.err
 
 
+def test_num_classes_schema_goes_to_object_storage_not_a_local_gs_dir(
+    home, tmp_path, monkeypatch, capsys
+):
+    # ram:// is TensorFlow's in-process filesystem: the same tf.io.gfile path gs:// takes,
+    # without a bucket. The pods read the derived schema from the data root.
+    monkeypatch.chdir(tmp_path)  # a Path()-collapsed "gs:/..." would land here
+    spec = compile_to(
+        tmp_path / "p.yaml",
+        "--set",
+        "kubeflow.data_root=ram://kf-test/data",
+        "--set",
+        "data.num_classes=10",
+    )
+    schema_path = constant(spec, "ImportSchemaGen", "schema_file")
+    assert schema_path.startswith("ram://kf-test/data/_schema/")
+    assert schema_path.endswith("/schema.pbtxt")
+    text = tf_gfile_read(schema_path)
+    assert "max: 10" in text
+    assert not list(tmp_path.glob("ram*")) and not list(tmp_path.glob("gs*"))
+
+
+def test_num_classes_with_gs_data_root_writes_to_the_bucket_or_says_why_not(
+    home, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    code = main(
+        ["compile", "--output", str(tmp_path / "p.yaml"), *OVERRIDES]
+        + ["--set", "data.num_classes=10"]
+    )
+    # Nobody can write gs://test-bucket from here (no network, no credentials): the error names
+    # the full gs:// path.
+    # Before the fix, Path() turned the root into "gs:/test-bucket/..." and wrote it locally.
+    assert code == 2, "compiled without writing the schema to gs://?"
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("van-tfx")]
+    assert "cannot write the schema with the data's class count to gs://test-bucket/" in line
+    assert "data.num_classes=0" in line
+    assert not list(tmp_path.glob("gs*"))
+
+
+def tf_gfile_read(path: str) -> str:
+    """Read a file through tf.io.gfile (local, ram://, gs://)."""
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path) as handle:
+        return handle.read()
+
+
 def test_compile_rejects_a_json_output(home, tmp_path, capsys):
     assert main(["compile", "--output", str(tmp_path / "p.json")]) == 2
     assert "must end in .yaml" in capsys.readouterr().err
