@@ -6,6 +6,8 @@ protos and status codes): it loads the candidate in a real server process, sends
 requests built from validation examples to both signatures, and blesses only if they all succeed.
 Like InfraValidator with `make_warmup=True`, the blessing carries a copy of the model with
 `assets.extra/tf_serving_warmup_requests`, so Pusher pushes a model TF Serving warms up on load.
+The copy also gets `assets.extra/van_training_data.json` (span, input fingerprint and URI of the
+examples), which the NewDataGate of later runs compares with their data.
 """
 
 import glob
@@ -29,6 +31,7 @@ from tfx.dsl.component.experimental.decorators import component
 from tfx.types.standard_artifacts import Examples, InfraBlessing, Model
 from tfx.utils import io_utils, path_utils
 
+from components.new_data_gate import write_training_data
 from serving.process import ServerStartError, running_model_server
 from van_trainer import features
 
@@ -61,6 +64,8 @@ def ServingSmokeTest(  # noqa: N802  (TFX component names are class-like)
         return
     stamped = path_utils.stamped_model_path(blessing.uri)
     copy_model_with_warmup(model_dir, stamped, requests)
+    # What this model was trained on travels with it to the serving dir, for the NewDataGate.
+    write_training_data(stamped, examples)
     io_utils.write_string_file(os.path.join(blessing.uri, "INFRA_BLESSED"), "")
     blessing.set_int_custom_property(_BLESSED_KEY, 1)
     blessing.set_int_custom_property(_HAS_MODEL_KEY, 1)

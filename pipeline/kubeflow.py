@@ -162,6 +162,7 @@ def compile_pipeline(
     """Compile the pipeline into a KFP v2 PipelineSpec YAML at `output`; return the spec as a dict."""
     from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as v2
 
+    from components.new_data_gate import GATE_ID
     from pipeline import ingest
     from pipeline.pipeline import create_pipeline
 
@@ -186,12 +187,25 @@ def compile_pipeline(
     runner = v2.KubeflowV2DagRunner(config=v2.KubeflowV2DagRunnerConfig(default_image=image))
     job = runner.run(tfx_pipeline, write_out=False)
     spec = job["pipelineSpec"]
+    never_cache(spec, GATE_ID)
     # The runner keeps the pipeline root only in the Vertex job wrapper; a bare YAML needs it in
     # the spec itself or KFP falls back to its cluster-wide default bucket.
     spec["defaultPipelineRoot"] = config.kubeflow.pipeline_root
     parse_pipeline_spec(spec)  # fail here, not on the cluster, if kfp cannot read it
     write_pipeline_spec(spec, output)
     return spec
+
+
+def never_cache(spec: dict[str, Any], task: str) -> None:
+    """Switch KFP's step cache off for one task of the root DAG.
+
+    The NewDataGate reads the serving directory, which is not among its inputs: a cached gate
+    would repeat an old decision after a push.
+    """
+    tasks = spec["root"]["dag"]["tasks"]
+    if task not in tasks:
+        raise KubeflowError(f"the compiled pipeline has no task {task!r}")
+    tasks[task]["cachingOptions"] = {"enableCache": False}
 
 
 def write_pipeline_spec(spec: dict[str, Any], output: Path) -> None:

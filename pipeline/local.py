@@ -107,6 +107,7 @@ def run_locally(config: Config, *, force: bool = False, echo=print) -> RunOutcom
     """Run the whole pipeline once, unless the data has not changed since the last completed run."""
     home = config.home_dir
     location = local_location(config)
+    config = with_force(config, force)
     with home_lock(home):
         fingerprint, span = current_data_fingerprint(config, location)
         last = previous_run(home)
@@ -132,13 +133,36 @@ def run_locally(config: Config, *, force: bool = False, echo=print) -> RunOutcom
         return outcome
 
 
+def with_force(config: Config, force: bool) -> Config:
+    """The config a run uses: --force gets past the check above and the pipeline's gate too."""
+    if not force:
+        return config
+    return config.model_copy(update={"retrain_on_same_data": True})
+
+
 def run_pipeline(config: Config, location) -> None:
     """Build the pipeline for this machine and run it with LocalDagRunner."""
+    from tfx.dsl.compiler import compiler
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
 
+    from components.new_data_gate import GATE_ID
     from pipeline.pipeline import create_pipeline
 
-    LocalDagRunner().run(create_pipeline(config, location))
+    # LocalDagRunner.run(pipeline) is compile + run_with_ir; compiling here lets us switch the
+    # cache off for the NewDataGate, which reads the serving dir (not one of its inputs).
+    # (run() also resolves pip-dependency futures of module_file components; we have none.)
+    ir = compiler.Compiler().compile(create_pipeline(config, location))
+    never_cache(ir, GATE_ID)
+    LocalDagRunner().run_with_ir(ir)
+
+
+def never_cache(ir, node_id: str) -> None:
+    """Switch caching off for one node of a compiled pipeline IR."""
+    for node in ir.nodes:
+        if node.pipeline_node.node_info.id == node_id:
+            node.pipeline_node.execution_options.caching_options.enable_cache = False
+            return
+    raise ValueError(f"the compiled pipeline has no node {node_id!r}")
 
 
 class _StageEcho(logging.Handler):
@@ -163,6 +187,8 @@ class _StageEcho(logging.Handler):
             self.echo(f"  [{self.done:2d}] {name} done in {seconds:.0f}s")
         elif message.startswith("A cached execution"):
             self.echo("       (cached: inputs unchanged, reusing the previous result)")
+        elif message.startswith("Skipping execution for "):
+            self.echo("       (skipped: its run condition is false)")
 
 
 @contextlib.contextmanager

@@ -6,6 +6,8 @@ from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 from tfx.orchestration import metadata
 
+from components.new_data_gate import DECISION_TYPE_NAME, NEW_DATA_KEY, REASON_KEY
+
 _OUTPUT_EVENTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
 
 
@@ -90,6 +92,14 @@ def describe_failure(failure, baseline: dict[str, float]) -> str:
     return f"evaluator: {name} = {value:.4f} is below the value threshold {bound:.4f}"
 
 
+def gate_decision(outputs: dict[str, list]):
+    """The NewDataGate's decision artifact among a run's outputs (None if the gate did not run)."""
+    for artifact in outputs.get(DECISION_TYPE_NAME, []):
+        if NEW_DATA_KEY in artifact.custom_properties:
+            return artifact
+    return None
+
+
 def latest_run_outcome(config, location, span, run_id: str):
     """Summarize the newest run: blessed?, pushed where?, and why not when it was not."""
     from pipeline.local import RunOutcome
@@ -98,6 +108,17 @@ def latest_run_outcome(config, location, span, run_id: str):
     store = open_store(location.metadata_path)
     _run_name, outputs = latest_run_outputs(store)
     outcome = RunOutcome(run_id=run_id, span=span)
+    decision = gate_decision(outputs)
+    if decision is not None and int_property(decision, NEW_DATA_KEY, 1) == 0:
+        # Trainer, Evaluator, smoke test and Pusher were skipped by their condition.
+        outcome.trained = False
+        outcome.reasons.append(
+            "no new data since the served model: trained nothing "
+            f"({string_property(decision, REASON_KEY)}). Add data, or pass --force "
+            "(retrain_on_same_data) to retrain anyway."
+        )
+        outcome.report_path = write_report(config, outputs, outcome)
+        return outcome
     evaluations = outputs.get("ModelEvaluation", [])
     if evaluations:
         outcome.metrics, outcome.baseline_metrics = overall_metrics(evaluations[0].uri)

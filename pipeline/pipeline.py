@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from tfx import v1 as tfx
 from tfx.proto import transform_pb2
 
+from components.new_data_gate import NewDataGate, has_new_data
 from components.serving_smoke_test import ServingSmokeTest
 from pipeline import ingest
 from pipeline.evaluation import build_eval_config
@@ -43,6 +44,11 @@ def latest_blessed_model() -> tfx.dsl.Resolver:
 def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipeline:
     """Assemble ExampleGen → validation → Transform → Trainer → Evaluator → smoke test → Pusher."""
     example_gen = ingest.example_gen(config.data, location.data_root)
+    new_data_gate = NewDataGate(
+        examples=example_gen.outputs["examples"],
+        serving_base_path=location.serving_base_path,
+        force=int(config.retrain_on_same_data),
+    )
     statistics_gen = ingest.statistics_gen(example_gen)
     schema_importer = ingest.schema_importer(config.data, location.data_root)
     example_validator = ingest.example_validator(statistics_gen, schema_importer)
@@ -60,8 +66,44 @@ def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipel
     transform.add_upstream_node(anomalies_gate)
 
     latest_blessed = latest_blessed_model() if location.resolve_baseline else None
-    base_model = latest_blessed.outputs["model"] if latest_blessed else None
+    # Data the served model was already trained on: train, evaluate and push nothing (an idle
+    # scheduled run would otherwise retrain after every push, see components/new_data_gate.py).
+    with tfx.dsl.Cond(has_new_data(new_data_gate)):
+        trained_and_pushed = train_evaluate_push(
+            config, location, example_gen, schema_importer, transform, latest_blessed
+        )
 
+    components = [
+        example_gen,
+        new_data_gate,
+        statistics_gen,
+        schema_importer,
+        example_validator,
+        anomalies_gate,
+        transform,
+        *([latest_blessed] if latest_blessed else []),
+        *trained_and_pushed,
+    ]
+    metadata = (
+        tfx.orchestration.metadata.sqlite_metadata_connection_config(location.metadata_path)
+        if location.metadata_path
+        else None
+    )
+    return tfx.dsl.Pipeline(
+        pipeline_name=config.pipeline_name,
+        pipeline_root=location.pipeline_root,
+        components=components,
+        enable_cache=True,
+        metadata_connection_config=metadata,
+        beam_pipeline_args=list(location.beam_args),
+    )
+
+
+def train_evaluate_push(
+    config: Config, location: PipelineLocation, example_gen, schema_importer, transform, resolver
+) -> list:
+    """Trainer, Evaluator, ServingSmokeTest and Pusher; warm start and baseline from `resolver`."""
+    base_model = resolver.outputs["model"] if resolver else None
     trainer = tfx.components.Trainer(
         run_fn=RUN_FN,
         examples=transform.outputs["transformed_examples"],
@@ -83,8 +125,8 @@ def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipel
         model=trainer.outputs["model"], examples=example_gen.outputs["examples"]
     )
 
-    # Pushes the smoke-tested copy (it carries TF Serving warmup requests) only when both the
-    # Evaluator and the smoke test blessed it.
+    # Pushes the smoke-tested copy (it carries TF Serving warmup requests and the record of its
+    # training data) only when both the Evaluator and the smoke test blessed it.
     pusher = tfx.components.Pusher(
         model_blessing=evaluator.outputs["blessing"],
         infra_blessing=smoke_test.outputs["blessing"],
@@ -94,30 +136,4 @@ def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipel
             )
         ),
     )
-
-    components = [
-        example_gen,
-        statistics_gen,
-        schema_importer,
-        example_validator,
-        anomalies_gate,
-        transform,
-        *([latest_blessed] if latest_blessed else []),
-        trainer,
-        evaluator,
-        smoke_test,
-        pusher,
-    ]
-    metadata = (
-        tfx.orchestration.metadata.sqlite_metadata_connection_config(location.metadata_path)
-        if location.metadata_path
-        else None
-    )
-    return tfx.dsl.Pipeline(
-        pipeline_name=config.pipeline_name,
-        pipeline_root=location.pipeline_root,
-        components=components,
-        enable_cache=True,
-        metadata_connection_config=metadata,
-        beam_pipeline_args=list(location.beam_args),
-    )
+    return [trainer, evaluator, smoke_test, pusher]

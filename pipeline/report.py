@@ -43,12 +43,15 @@ _CSS = (
 
 def decision_section(outcome) -> str:
     """Pushed or not, and why."""
-    verdict = (
-        f"<p class='ok'>Pushed version {html.escape(str(outcome.pushed_version))} to "
-        f"{html.escape(str(outcome.pushed_path))}</p>"
-        if outcome.pushed
-        else "<p class='bad'>Not pushed.</p>"
-    )
+    if outcome.pushed:
+        verdict = (
+            f"<p class='ok'>Pushed version {html.escape(str(outcome.pushed_version))} to "
+            f"{html.escape(str(outcome.pushed_path))}</p>"
+        )
+    elif not outcome.trained:
+        verdict = "<p>Trained nothing, pushed nothing.</p>"
+    else:
+        verdict = "<p class='bad'>Not pushed.</p>"
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in outcome.reasons)
     return f"<h2>Decision</h2>{verdict}<ul>{reasons}</ul>"
 

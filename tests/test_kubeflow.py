@@ -33,6 +33,7 @@ OVERRIDES = [
 ]
 EXPECTED_TASKS = {
     "ImportExampleGen",
+    "NewDataGate",
     "StatisticsGen",
     "ImportSchemaGen",
     "ExampleValidator",
@@ -109,6 +110,45 @@ def test_compiled_dag_has_every_stage_in_order(compiled):
     assert "Transform" in tasks["Trainer"]["dependentTasks"]
     assert "Trainer" in tasks["Evaluator"]["dependentTasks"]
     assert {"Evaluator", "ServingSmokeTest"} <= set(tasks["Pusher"]["dependentTasks"])
+
+
+GATED = ("Trainer", "Evaluator", "ServingSmokeTest", "Pusher")
+# What KubeflowV2DagRunner compiles `Cond(gate.outputs["decision"].future()[0]
+# .custom_property("new_data") == 1)` into: a CEL expression over the task's inputs.
+NEW_DATA_CONDITION = (
+    "(inputs.artifacts['_NewDataGate.decision'].artifacts[0].metadata['new_data'] == 1.0)"
+)
+
+
+@pytest.mark.parametrize("variant", ["compiled", "compiled_no_baseline"])
+def test_train_evaluate_push_run_only_when_the_gate_saw_new_data(request, variant):
+    _, spec = request.getfixturevalue(variant)
+    tasks = spec["root"]["dag"]["tasks"]
+    gate = tasks["NewDataGate"]
+    assert gate["dependentTasks"] == ["ImportExampleGen"]
+    assert "triggerPolicy" not in gate and "triggerPolicy" not in tasks["Transform"]
+    for name in GATED:
+        assert tasks[name]["triggerPolicy"]["condition"] == NEW_DATA_CONDITION, name
+        assert "NewDataGate" in tasks[name]["dependentTasks"]
+        assert "_NewDataGate.decision" in tasks[name]["inputs"]["artifacts"]
+
+
+def test_gate_is_never_cached_and_compares_with_the_serving_path(compiled):
+    _, spec = compiled
+    gate = spec["root"]["dag"]["tasks"]["NewDataGate"]
+    assert gate["cachingOptions"] == {"enableCache": False}
+    assert spec["root"]["dag"]["tasks"]["Trainer"]["cachingOptions"] == {"enableCache": True}
+    serving = constant(spec, "NewDataGate", "serving_base_path")
+    assert serving == load_config().kubeflow.serving_base_path
+    assert gate["inputs"]["parameters"]["force"]["runtimeValue"]["constantValue"] == {
+        "intValue": "0"
+    }
+
+
+def test_retrain_on_same_data_forces_the_gate_open(home, tmp_path):
+    spec = compile_to(tmp_path / "p.yaml", "--set", "retrain_on_same_data=true")
+    force = spec["root"]["dag"]["tasks"]["NewDataGate"]["inputs"]["parameters"]["force"]
+    assert force["runtimeValue"]["constantValue"] == {"intValue": "1"}
 
 
 def test_every_container_runs_our_image(compiled):

@@ -1,7 +1,8 @@
 """End to end: `van-tfx run` on the bundled sample, its gates, and its retraining semantics.
 
 One session-scoped home is shared: a first run that pushes, an idle rerun, a refused overlapping
-run, and a run on a new span whose gate is set out of reach. Each run is the real CLI in a real
+run, a run on the same data that gets past the local check and is stopped by the pipeline's
+NewDataGate, and a run on a new span whose gate is set out of reach. Each run is the real CLI in a real
 subprocess (LocalDagRunner, Beam DirectRunner, SQLite ML Metadata).
 """
 
@@ -95,7 +96,17 @@ def idle_rerun(home, first_run) -> tuple[dict, list[str], int]:
 
 
 @pytest.fixture(scope="session")
-def new_span_run(home, idle_rerun) -> dict:
+def same_data_run(home, idle_rerun) -> tuple[dict, list[str], int]:
+    """A run that gets past the local no-new-data check, as every scheduled cluster run does."""
+    # The local check compares with last_run.json; without it the pipeline starts, and only the
+    # in-pipeline NewDataGate (span + fingerprint vs the served model's record) can stop it.
+    (home / "last_run.json").unlink()
+    before = (versions(home), pipeline_runs(home))
+    return run_json(home), *before
+
+
+@pytest.fixture(scope="session")
+def new_span_run(home, same_data_run) -> dict:
     """New data arrives; the gate is set out of reach so this candidate must not be pushed."""
     build_sample(home / "data", new_span=True)
     return run_json(home, "--set", "eval.min_top1=1.0")
@@ -154,6 +165,26 @@ def test_idle_rerun_trains_and_pushes_nothing(home, idle_rerun):
     assert "no new data" in outcome["reasons"][0]
     assert versions(home) == versions_before
     assert pipeline_runs(home) == runs_before
+
+
+def test_pushed_model_records_the_data_it_was_trained_on(home, first_run):
+    model_dir = home / "serving" / "van" / first_run["pushed_version"]
+    record = json.loads((model_dir / "assets.extra" / "van_training_data.json").read_text())
+    assert record["span"] == 1 and record["input_fingerprint"]
+    assert "ImportExampleGen" in record["examples_uri"]
+
+
+def test_gate_trains_nothing_on_the_data_of_the_served_model(home, same_data_run):
+    outcome, versions_before, runs_before = same_data_run
+    assert not outcome["trained"] and not outcome["pushed"]
+    assert outcome["reasons"][0].startswith("no new data since the served model: trained nothing")
+    assert f"served version {versions_before[-1]}" in outcome["reasons"][0]
+    assert versions(home) == versions_before
+    assert pipeline_runs(home) == runs_before + 1  # the pipeline ran, up to the gate
+    log = Path(outcome["log_path"]).read_text()
+    for component in ("Trainer", "Evaluator", "ServingSmokeTest", "Pusher"):
+        assert f"Skipping execution for {component}" in log
+    assert "Trained nothing" in Path(outcome["report_path"]).read_text()
 
 
 def test_overlapping_run_is_refused_without_touching_metadata(home, idle_rerun):

@@ -169,6 +169,11 @@ class Config(_Section):
 
     pipeline_name: str = Field("van-tfx", pattern=r"^[a-z0-9][a-z0-9-]*$")
     home: str = Field("", description="State directory; empty means $VAN_TFX_HOME.")
+    # Top level, not in `train`: the train section is part of Transform's and the Trainer's
+    # custom_config, so toggling a run policy there would invalidate their caches.
+    retrain_on_same_data: bool = Field(
+        False, description="Train even when the served model was trained on the same data."
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

@@ -1,0 +1,164 @@
+"""NewDataGate: a run trains only when its data differs from what the served model learned from.
+
+TFX caching cannot keep an idle scheduled run from retraining: after a push the resolver hands the
+Trainer a new base model, i.e. a new input, so the Trainer misses the cache and the new candidate
+is usually pushed again, night after night. The gate compares the Examples ImportExampleGen just
+produced (span + input fingerprint: file names, sizes, mtimes) with the record the served model
+carries, `<serving_base_path>/<newest version>/assets.extra/van_training_data.json`, which
+ServingSmokeTest writes into the copy Pusher pushes. It does not use the resolver, so it works in
+the `--no-baseline` pipeline too. Its output has `new_data` (1/0) and a readable `reason`; the
+pipeline runs Trainer, Evaluator, ServingSmokeTest and Pusher under `Cond(new_data == 1)`.
+
+The gate reads state outside its inputs (the serving directory), so it must never be served from
+the cache: the local runner and the Kubeflow compiler both switch caching off for it.
+"""
+
+import json
+import os
+import sys
+
+import tensorflow as tf
+from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
+from tfx.dsl.component.experimental.decorators import component
+from tfx.types.experimental.simple_artifacts import File
+from tfx.types.standard_artifacts import Examples
+
+GATE_ID = "NewDataGate"
+DECISION_OUTPUT = "decision"
+# A first-party TFX type: KFP v2 maps it to `tfx.File`; a custom type would need its import path
+# as a one-dot schema title.
+DECISION_TYPE_NAME = File.TYPE_NAME
+NEW_DATA_KEY = "new_data"  # int custom property of the decision: 1 train, 0 skip
+REASON_KEY = "reason"
+DECISION_FILE = "decision.json"
+TRAINING_DATA_FILE = "van_training_data.json"  # next to TF Serving's warmup file
+_ASSETS_EXTRA = "assets.extra"
+# Custom properties ImportExampleGen's driver records on its Examples artifact.
+_SPAN_KEY = "span"
+_FINGERPRINT_KEY = "input_fingerprint"
+
+
+class TrainingDataRecordError(ValueError):
+    """A served model's training-data record is unreadable; the message names the file."""
+
+
+def training_data(examples) -> dict:
+    """What identifies the data in an Examples artifact: span, input fingerprint, URI."""
+    return {
+        "span": examples_span(examples),
+        "input_fingerprint": examples.get_string_custom_property(_FINGERPRINT_KEY),
+        "examples_uri": examples.uri,
+    }
+
+
+def examples_span(examples) -> int:
+    """The span of an Examples artifact (a custom property locally, maybe a property on KFP)."""
+    if examples.has_custom_property(_SPAN_KEY):
+        return examples.get_int_custom_property(_SPAN_KEY)
+    # The KFP v2 entrypoint turns artifact metadata whose key is a declared property (Examples
+    # declares `span`) into that property rather than a custom one.
+    return int(examples.span or 0)
+
+
+def training_data_path(model_dir: str) -> str:
+    """Where a pushed model keeps the record of the data it was trained on."""
+    return os.path.join(model_dir, _ASSETS_EXTRA, TRAINING_DATA_FILE)
+
+
+def write_training_data(model_dir: str, examples) -> None:
+    """Record in `model_dir` which data (span, fingerprint, URI) the model was trained on."""
+    path = training_data_path(model_dir)
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    with tf.io.gfile.GFile(path, "w") as handle:
+        handle.write(json.dumps(training_data(examples), indent=2))
+
+
+def newest_served_version(serving_base_path: str) -> str | None:
+    """The version TF Serving would serve: the highest integer dir holding saved_model.pb."""
+    if not tf.io.gfile.isdir(serving_base_path):
+        return None
+    # Pusher copies saved_model.pb last, so a version without it is still being pushed.
+    versions = sorted(
+        (name.rstrip("/") for name in tf.io.gfile.listdir(serving_base_path)),
+        key=lambda name: int(name) if name.isdigit() else -1,
+        reverse=True,
+    )
+    for version in versions:
+        if version.isdigit() and tf.io.gfile.exists(
+            os.path.join(serving_base_path, version, "saved_model.pb")
+        ):
+            return version
+    return None
+
+
+def read_training_data(model_dir: str) -> dict | None:
+    """The training-data record of a pushed model; None for a model pushed without one."""
+    path = training_data_path(model_dir)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as handle:
+        text = handle.read()
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TrainingDataRecordError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(record, dict) or not {"span", "input_fingerprint"} <= set(record):
+        raise TrainingDataRecordError(
+            f"{path} must hold a JSON object with 'span' and 'input_fingerprint', got {text[:200]!r}"
+        )
+    return record
+
+
+def decide(current: dict, serving_base_path: str, force: bool = False) -> tuple[bool, str]:
+    """(train?, why) for data `current` (see training_data) against the newest served model."""
+    span = current["span"]
+    if force:
+        return True, f"retraining forced (retrain_on_same_data) on span {span}"
+    version = newest_served_version(serving_base_path)
+    if version is None:
+        return True, f"no model is served from {serving_base_path} yet: train on span {span}"
+    record = read_training_data(os.path.join(serving_base_path, version))
+    if record is None:
+        return True, (
+            f"served version {version} has no {_ASSETS_EXTRA}/{TRAINING_DATA_FILE}, so what it "
+            f"was trained on is unknown: train on span {span}"
+        )
+    if not current["input_fingerprint"]:
+        return True, f"the Examples of span {span} carry no input fingerprint to compare: train"
+    if record["span"] != span:
+        newer = "new data" if span > record["span"] else "other data"
+        return True, (
+            f"{newer}: span {span}; served version {version} was trained on span {record['span']}"
+        )
+    if record["input_fingerprint"] != current["input_fingerprint"]:
+        return True, (
+            f"span {span} changed (different files, sizes or mtimes) since served version "
+            f"{version} was trained on it"
+        )
+    return False, (
+        f"span {span} with the same input fingerprint is what served version {version} was "
+        "trained on"
+    )
+
+
+def has_new_data(gate):
+    """The predicate for tfx.dsl.Cond: the gate decided this run has data worth training on."""
+    return gate.outputs[DECISION_OUTPUT].future()[0].custom_property(NEW_DATA_KEY) == 1
+
+
+@component
+def NewDataGate(  # noqa: N802  (TFX component names are class-like)
+    examples: InputArtifact[Examples],
+    decision: OutputArtifact[File],
+    serving_base_path: Parameter[str],
+    force: Parameter[int] = 0,  # an int, not a bool: the local and KFP compilers encode it alike
+) -> None:
+    """Set decision.new_data to 1 when the examples differ from the served model's, else 0."""
+    new_data, reason = decide(training_data(examples), serving_base_path, bool(force))
+    decision.set_int_custom_property(NEW_DATA_KEY, int(new_data))
+    decision.set_string_custom_property(REASON_KEY, reason)
+    tf.io.gfile.makedirs(decision.uri)
+    with tf.io.gfile.GFile(os.path.join(decision.uri, DECISION_FILE), "w") as handle:
+        handle.write(json.dumps({NEW_DATA_KEY: int(new_data), REASON_KEY: reason}, indent=2))
+    skipped = "" if new_data else "; Trainer, Evaluator, ServingSmokeTest and Pusher are skipped"
+    print(f"NewDataGate: {reason}{skipped}", file=sys.stderr)

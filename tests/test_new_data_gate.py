@@ -1,0 +1,188 @@
+"""NewDataGate: its decision on real data files, real SavedModel version dirs, real artifacts."""
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+from tfx.types.experimental.simple_artifacts import File
+from tfx.types.standard_artifacts import Examples
+
+from components.new_data_gate import (
+    GATE_ID,
+    NEW_DATA_KEY,
+    REASON_KEY,
+    NewDataGate,
+    TrainingDataRecordError,
+    training_data_path,
+    write_training_data,
+)
+from pipeline import ingest
+from van_tfx.config import DataConfig, load_config
+
+
+def write_span(data_root: Path, span: int) -> None:
+    """A span directory with one train and one validation TFRecord shard."""
+    directory = data_root / f"span-{span}"
+    directory.mkdir(parents=True, exist_ok=True)
+    example = tf.train.Example()
+    example.features.feature["x"].int64_list.value.append(span)
+    for name in ("train-00000-of-00001", "validation-00000-of-00001"):
+        with tf.io.TFRecordWriter(str(directory / name)) as writer:
+            writer.write(example.SerializeToString())
+
+
+def examples_of(data_root: Path, tmp_path: Path) -> Examples:
+    """The Examples artifact ImportExampleGen would output now: span + input fingerprint."""
+    from tfx.components.example_gen import utils
+
+    splits = ingest.input_config(DataConfig()).splits
+    fingerprint, span, _ = utils.calculate_splits_fingerprint_span_and_version(
+        str(data_root), splits
+    )
+    examples = Examples()
+    examples.uri = str(tmp_path / "ImportExampleGen" / "examples" / str(span))
+    # As ImportExampleGen's driver records them (tfx/components/example_gen/driver.py).
+    examples.set_int_custom_property("span", span)
+    examples.set_string_custom_property("input_fingerprint", fingerprint)
+    return examples
+
+
+def push(serving: Path, version: int, examples: Examples | None) -> Path:
+    """A real SavedModel as Pusher leaves it, with the smoke test's training-data record."""
+    model_dir = serving / str(version)
+    tf.saved_model.save(tf.Module(), str(model_dir))
+    if examples is not None:
+        write_training_data(str(model_dir), examples)
+    return model_dir
+
+
+def gate(examples: Examples, serving: Path, tmp_path: Path, force: bool = False) -> File:
+    """Run the component's function on real artifacts; return its decision artifact."""
+    decision = File()
+    decision.uri = str(tmp_path / GATE_ID / "decision" / uuid.uuid4().hex)
+    NewDataGate.test_call(
+        examples=examples, decision=decision, serving_base_path=str(serving), force=int(force)
+    )
+    return decision
+
+
+def new_data(decision: File) -> int:
+    return decision.get_int_custom_property(NEW_DATA_KEY)
+
+
+def reason(decision: File) -> str:
+    return decision.get_string_custom_property(REASON_KEY)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    root = tmp_path / "data"
+    write_span(root, 1)
+    return root
+
+
+def test_nothing_served_yet_means_train(data, tmp_path):
+    decision = gate(examples_of(data, tmp_path), tmp_path / "serving", tmp_path)
+    assert new_data(decision) == 1
+    assert "no model is served" in reason(decision)
+
+
+def test_same_span_and_fingerprint_as_the_served_model_means_skip(data, tmp_path):
+    examples = examples_of(data, tmp_path)
+    push(tmp_path / "serving", 1700000000, examples)
+    decision = gate(examples_of(data, tmp_path), tmp_path / "serving", tmp_path)
+    assert new_data(decision) == 0
+    assert "span 1" in reason(decision) and "1700000000" in reason(decision)
+    written = json.loads(Path(decision.uri, "decision.json").read_text())
+    assert written == {NEW_DATA_KEY: 0, REASON_KEY: reason(decision)}
+
+
+def test_record_travels_with_the_model(data, tmp_path):
+    examples = examples_of(data, tmp_path)
+    model_dir = push(tmp_path / "serving", 1700000000, examples)
+    record = json.loads(Path(training_data_path(str(model_dir))).read_text())
+    assert record["span"] == 1
+    assert record["input_fingerprint"] == examples.get_string_custom_property("input_fingerprint")
+    assert record["examples_uri"] == examples.uri
+    assert Path(model_dir, "assets.extra", "van_training_data.json").exists()
+
+
+def test_new_span_means_train(data, tmp_path):
+    push(tmp_path / "serving", 1700000000, examples_of(data, tmp_path))
+    write_span(data, 2)
+    decision = gate(examples_of(data, tmp_path), tmp_path / "serving", tmp_path)
+    assert new_data(decision) == 1
+    assert "span 2" in reason(decision) and "span 1" in reason(decision)
+
+
+def test_rewritten_files_of_the_same_span_mean_train(data, tmp_path):
+    push(tmp_path / "serving", 1700000000, examples_of(data, tmp_path))
+    shard = data / "span-1" / "train-00000-of-00001"
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # re-uploaded
+    decision = gate(examples_of(data, tmp_path), tmp_path / "serving", tmp_path)
+    assert new_data(decision) == 1
+    assert "changed" in reason(decision)
+
+
+def test_force_trains_on_the_same_data(data, tmp_path):
+    push(tmp_path / "serving", 1700000000, examples_of(data, tmp_path))
+    decision = gate(examples_of(data, tmp_path), tmp_path / "serving", tmp_path, force=True)
+    assert new_data(decision) == 1
+    assert "forced" in reason(decision)
+
+
+def test_model_pushed_without_a_record_means_train(data, tmp_path):
+    push(tmp_path / "serving", 1700000000, None)
+    decision = gate(examples_of(data, tmp_path), tmp_path / "serving", tmp_path)
+    assert new_data(decision) == 1
+    assert "van_training_data.json" in reason(decision)
+
+
+def test_only_the_newest_complete_version_counts(data, tmp_path):
+    serving = tmp_path / "serving"
+    push(serving, 1700000000, examples_of(data, tmp_path))
+    # A newer version still being pushed (saved_model.pb is copied last) and a non-version dir.
+    (serving / "1800000000" / "variables").mkdir(parents=True)
+    (serving / "tmp-push").mkdir()
+    decision = gate(examples_of(data, tmp_path), serving, tmp_path)
+    assert new_data(decision) == 0
+    assert "1700000000" in reason(decision)
+    # A newer complete version trained on other data wins.
+    write_span(data, 2)
+    push(serving, 1900000000, examples_of(data, tmp_path))
+    (data / "span-2" / "train-00000-of-00001").unlink()  # the data now resolves to span 1 again
+    (data / "span-2" / "validation-00000-of-00001").unlink()
+    (data / "span-2").rmdir()
+    decision = gate(examples_of(data, tmp_path), serving, tmp_path)
+    assert new_data(decision) == 1
+    assert "1900000000" in reason(decision)
+
+
+def test_unreadable_record_is_an_error_naming_the_file(data, tmp_path):
+    model_dir = push(tmp_path / "serving", 1700000000, examples_of(data, tmp_path))
+    Path(training_data_path(str(model_dir))).write_text("{not json")
+    with pytest.raises(TrainingDataRecordError, match="van_training_data.json is not valid JSON"):
+        gate(examples_of(data, tmp_path), tmp_path / "serving", tmp_path)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_force_reaches_the_gate_and_the_local_gate_is_never_cached(tmp_path, force):
+    from tfx.dsl.compiler import compiler
+
+    from pipeline.local import local_location, never_cache, with_force
+    from pipeline.pipeline import create_pipeline
+
+    config = with_force(load_config(overrides=[f"home={tmp_path}"]), force)
+    ir = compiler.Compiler().compile(create_pipeline(config, local_location(config)))
+    never_cache(ir, GATE_ID)
+    nodes = {n.pipeline_node.node_info.id: n.pipeline_node for n in ir.nodes}
+    gate_node = nodes[GATE_ID]
+    assert gate_node.parameters.parameters["force"].field_value.int_value == int(force)
+    assert not gate_node.execution_options.caching_options.enable_cache
+    assert nodes["Transform"].execution_options.caching_options.enable_cache
+    for name in ("Trainer", "Evaluator", "ServingSmokeTest", "Pusher"):
+        assert nodes[name].inputs.conditionals, f"{name} runs whatever the gate decided"
