@@ -1,8 +1,15 @@
 """A shared batcher per servable signature: concurrent requests' tensors are merged along dim 0,
-run once, and split back, like TF Serving's BasicBatchScheduler."""
+run once, and split back, like TF Serving's BasicBatchScheduler.
+
+Requests arrive either from threads (REST, warmup: `submit` blocks) or from the gRPC event loop
+(`submit_async` returns an asyncio future). A finished batch wakes each waiting thread, but an
+event loop only once per batch: under load that one wake-up instead of one per request is most of
+what makes batching pay off in a Python server (see docs/serving.md, "Performance").
+"""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 import time
@@ -18,17 +25,17 @@ Tensors = dict[str, np.ndarray]
 
 
 class _Task:
-    def __init__(self, inputs: Tensors, rows: int):
+    def __init__(self, inputs: Tensors, rows: int, future: asyncio.Future | None = None):
         self.inputs = inputs
         self.rows = rows
         self.enqueued = time.monotonic()
+        self.future = future  # set for event-loop callers, None for threads
         self.done = threading.Event()
         self.result: Tensors | None = None
         self.error: Exception | None = None
 
     def finish(self, result: Tensors | None = None, error: Exception | None = None) -> None:
         self.result, self.error = result, error
-        self.done.set()
 
 
 class Batcher:
@@ -52,28 +59,46 @@ class Batcher:
 
     def submit(self, inputs: Tensors, timeout: float | None = None) -> Tensors:
         """Run `inputs` as part of a batch; blocks until its slice of the result is ready."""
+        task = _Task(inputs, self._checked_rows(inputs))
+        if not self._enqueue(task):  # the servable is being unloaded: finish in-flight work here
+            return self._run(inputs)
+        if not task.done.wait(timeout):
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded")
+        if task.error is not None:
+            raise task.error
+        return task.result
+
+    def submit_async(self, inputs: Tensors) -> asyncio.Future:
+        """Queue `inputs` from a running event loop; the future resolves to its result slice."""
+        loop = asyncio.get_running_loop()
+        task = _Task(inputs, self._checked_rows(inputs), loop.create_future())
+        if not self._enqueue(task):
+            return loop.run_in_executor(None, self._run, inputs)
+        return task.future
+
+    def _checked_rows(self, inputs: Tensors) -> int:
         rows = _batch_rows(inputs)
         limit = self._settings.max_batch_size
         if rows > limit:
             raise invalid_argument(
                 f"Task size {rows} is larger than maximum input batch size {limit}"
             )
-        task = _Task(inputs, rows)
+        return rows
+
+    def _enqueue(self, task: _Task) -> bool:
+        """Queue the task (False when stopping); UNAVAILABLE when the queue is full."""
+        limit = self._settings.max_batch_size
         with self._cond:
-            if self._stopping:  # the servable is being unloaded: finish in-flight work directly
-                return self._run(inputs)
-            if self._queued_rows + rows > limit * self._settings.max_enqueued_batches:
+            if self._stopping:
+                return False
+            if self._queued_rows + task.rows > limit * self._settings.max_enqueued_batches:
                 raise unavailable(
                     "The batch scheduling queue to which this task was submitted is full"
                 )
             self._queue.append(task)
-            self._queued_rows += rows
+            self._queued_rows += task.rows
             self._cond.notify()
-        if not task.done.wait(timeout):
-            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded")
-        if task.error is not None:
-            raise task.error
-        return task.result
+        return True
 
     def stop(self) -> None:
         """Let the workers drain the queue, then end them."""
@@ -120,6 +145,10 @@ class Batcher:
     def _execute(self, batch: list[_Task]) -> None:
         self.batches_run += 1
         self.tasks_run += len(batch)
+        self._compute(batch)
+        _deliver(batch)
+
+    def _compute(self, batch: list[_Task]) -> None:
         if len(batch) == 1:
             self._execute_alone(batch[0])
             return
@@ -144,6 +173,31 @@ class Batcher:
             task.finish(result=self._run(task.inputs))
         except Exception as exc:  # handed to the waiting request thread
             task.finish(error=exc)
+
+
+def _deliver(batch: list[_Task]) -> None:
+    """Wake every waiting thread, and each event loop once for all of its tasks."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Task]] = {}
+    for task in batch:
+        if task.future is None:
+            task.done.set()
+        else:
+            by_loop.setdefault(task.future.get_loop(), []).append(task)
+    for loop, tasks in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve_futures, tasks)
+        except RuntimeError:  # that loop is closed: its server stopped, nobody is waiting
+            pass
+
+
+def _resolve_futures(tasks: list[_Task]) -> None:
+    for task in tasks:
+        if task.future.done():  # the caller gave up (deadline, cancelled RPC)
+            continue
+        if task.error is not None:
+            task.future.set_exception(task.error)
+        else:
+            task.future.set_result(task.result)
 
 
 def _batch_rows(inputs: Tensors) -> int:

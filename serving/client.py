@@ -52,13 +52,9 @@ def predict_images(
     """Top-k classes per encoded image through gRPC Predict."""
     import grpc
     import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2
 
     stub = prediction_stub(stub_or_target) if isinstance(stub_or_target, str) else stub_or_target
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model_name
-    request.model_spec.signature_name = signature
-    request.inputs["images"].CopyFrom(tf.make_tensor_proto(list(images), dtype=tf.string))
+    request = predict_request(images, model_name, signature)
     try:
         response = stub.Predict(request, timeout=timeout)
     except grpc.RpcError as err:
@@ -67,6 +63,20 @@ def predict_images(
         raise PredictionError(err.code().name, err.details()) from err
     outputs = {name: tf.make_ndarray(proto).tolist() for name, proto in response.outputs.items()}
     return top_k_rows(outputs)
+
+
+def predict_request(
+    images: list[bytes], model_name: str = "van", signature: str = DEFAULT_SIGNATURE
+):
+    """A PredictRequest sending encoded images to the `images` input of `signature`."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = signature
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(list(images), dtype=tf.string))
+    return request
 
 
 def predict_images_rest(

@@ -1,7 +1,13 @@
-"""gRPC PredictionService and ModelService servicers built on the stock tensorflow_serving stubs."""
+"""gRPC PredictionService and ModelService servicers (grpc.aio) on the stock tensorflow_serving
+stubs.
+
+Handlers run on the server's event loop; model calls leave it (the batch queue, or `executor` when
+batching is off), so the loop keeps accepting and answering requests while models run.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -24,18 +30,21 @@ def _rpc(api: str):
 
     def decorate(method):
         @functools.wraps(method)
-        def wrapper(self, request, context):
+        async def wrapper(self, request, context):
             start = time.perf_counter()
             status = "OK"
             try:
-                return method(self, request, context, _deadline(context))
+                return await method(self, request, context, _deadline(context))
             except ServingError as exc:
                 status = exc.code.name
-                context.abort(exc.code, exc.message)
+                await context.abort(exc.code, exc.message)
+            except asyncio.CancelledError:  # the client went away or its deadline passed
+                status = "CANCELLED"
+                raise
             except Exception as exc:  # a bug must surface as INTERNAL, not kill the server
                 log.exception("%s failed", api)
                 status = "INTERNAL"
-                context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+                await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             finally:
                 name = getattr(getattr(request, "model_spec", None), "name", "")
                 self.metrics.record(name, api, "GRPC", status, time.perf_counter() - start)
@@ -53,28 +62,29 @@ def _deadline(context) -> float | None:
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     """tensorflow.serving.PredictionService."""
 
-    def __init__(self, manager, metrics):
+    def __init__(self, manager, metrics, executor):
         self.manager = manager
         self.metrics = metrics
+        self.executor = executor
 
     @_rpc("predict")
-    def Predict(self, request, context, timeout):
-        return handlers.predict(self.manager, request, timeout)
+    async def Predict(self, request, context, timeout):
+        return await handlers.predict_async(self.manager, request, timeout, self.executor)
 
     @_rpc("classify")
-    def Classify(self, request, context, timeout):
-        return handlers.classify(self.manager, request, timeout)
+    async def Classify(self, request, context, timeout):
+        return await handlers.classify_async(self.manager, request, timeout, self.executor)
 
     @_rpc("get_model_metadata")
-    def GetModelMetadata(self, request, context, timeout):
+    async def GetModelMetadata(self, request, context, timeout):
         return handlers.metadata(self.manager, request)
 
     @_rpc("regress")
-    def Regress(self, request, context, timeout):
+    async def Regress(self, request, context, timeout):
         raise ServingError(grpc.StatusCode.UNIMPLEMENTED, "Regress is not supported by van-tfx")
 
     @_rpc("multi_inference")
-    def MultiInference(self, request, context, timeout):
+    async def MultiInference(self, request, context, timeout):
         raise ServingError(
             grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not supported by van-tfx"
         )
@@ -83,30 +93,35 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     """tensorflow.serving.ModelService."""
 
-    def __init__(self, manager, metrics):
+    def __init__(self, manager, metrics, executor):
         self.manager = manager
         self.metrics = metrics
+        self.executor = executor
 
     @_rpc("get_model_status")
-    def GetModelStatus(self, request, context, timeout):
+    async def GetModelStatus(self, request, context, timeout):
         return handlers.status(self.manager, request)
 
     @_rpc("reload_config")
-    def HandleReloadConfigRequest(self, request, context, timeout):
+    async def HandleReloadConfigRequest(self, request, context, timeout):
         config = request.config
         if config.WhichOneof("config") != "model_config_list":
             raise ServingError(
                 grpc.StatusCode.INVALID_ARGUMENT, "ModelServerConfig must hold a model_config_list"
             )
-        self.manager.reload(list(config.model_config_list.config))
+        # Loading models takes seconds: off the loop, so serving goes on meanwhile.
+        configs = list(config.model_config_list.config)
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.manager.reload, configs
+        )
         return model_management_pb2.ReloadConfigResponse()
 
 
-def add_services(server, manager, metrics) -> None:
-    """Register both services on a grpc.Server."""
+def add_services(server, manager, metrics, executor) -> None:
+    """Register both services on a grpc.aio.Server; blocking work goes to `executor`."""
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(manager, metrics), server
+        PredictionService(manager, metrics, executor), server
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelService(manager, metrics), server
+        ModelService(manager, metrics, executor), server
     )

@@ -32,15 +32,31 @@ def predict(manager, request, timeout: float | None = None):
     return predict_on(resolve(manager, request.model_spec), request, timeout)
 
 
+async def predict_async(manager, request, timeout: float | None = None, executor=None):
+    """Answer a PredictRequest from an event loop (the model runs off the loop)."""
+    servable = resolve(manager, request.model_spec)
+    key, inputs = _predict_inputs(request)
+    outputs = await servable.run_async(key, inputs, request.output_filter, timeout, executor)
+    return _predict_response(servable, key, outputs)
+
+
 def predict_on(servable: Servable, request, timeout: float | None = None):
     """Run a PredictRequest on one servable."""
-    inputs = {alias: from_tensor_proto(proto) for alias, proto in request.inputs.items()}
-    key = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    key, inputs = _predict_inputs(request)
     outputs = servable.run(key, inputs, request.output_filter, timeout)
+    return _predict_response(servable, key, outputs)
+
+
+def _predict_inputs(request) -> tuple[str, dict[str, np.ndarray]]:
+    inputs = {alias: from_tensor_proto(proto) for alias, proto in request.inputs.items()}
+    return request.model_spec.signature_name or DEFAULT_SIGNATURE, inputs
+
+
+def _predict_response(servable: Servable, key: str, outputs: dict[str, np.ndarray]):
     response = predict_pb2.PredictResponse()
     _fill_spec(response.model_spec, servable, key)
     for alias, value in outputs.items():
-        response.outputs[alias].CopyFrom(to_tensor_proto(value))
+        to_tensor_proto(value, into=response.outputs[alias])
     return response
 
 
@@ -49,10 +65,24 @@ def classify(manager, request, timeout: float | None = None):
     return classify_on(resolve(manager, request.model_spec), request, timeout)
 
 
+async def classify_async(manager, request, timeout: float | None = None, executor=None):
+    """Answer a ClassificationRequest from an event loop (the model runs off the loop)."""
+    servable = resolve(manager, request.model_spec)
+    key = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    examples = examples_of(request.input)
+    feed = classification_feed(servable, key, examples)
+    outputs = await servable.run_async(key, feed, (), timeout, executor)
+    return _classify_response(servable, key, classification_rows(outputs, len(examples)))
+
+
 def classify_on(servable: Servable, request, timeout: float | None = None):
     """Classify serialized tf.Examples with a signature taking one string tensor."""
     key = request.model_spec.signature_name or DEFAULT_SIGNATURE
     classifications = classify_examples(servable, key, examples_of(request.input), timeout)
+    return _classify_response(servable, key, classifications)
+
+
+def _classify_response(servable: Servable, key: str, classifications: list):
     response = classification_pb2.ClassificationResponse()
     _fill_spec(response.model_spec, servable, key)
     for row in classifications:
@@ -64,16 +94,25 @@ def classify_on(servable: Servable, request, timeout: float | None = None):
 
 def classify_examples(servable: Servable, key: str, examples: list[bytes], timeout=None):
     """[(label, score), ...] per serialized example, with TF Serving's classify-signature rules."""
+    feed = classification_feed(servable, key, examples)
+    return classification_rows(servable.run(key, feed, (), timeout), len(examples))
+
+
+def classification_feed(servable: Servable, key: str, examples: list[bytes]) -> dict:
+    """The classify signature's input for serialized examples, after TF Serving's checks."""
     signature = servable.signature_def(key)
     check_classification_signature(signature)
     if not examples:
         raise invalid_argument("Invalid argument: Input is empty.")
-    alias = next(iter(signature.inputs))
-    outputs = servable.run(key, {alias: np.array(examples, dtype=object)}, (), timeout)
+    return {next(iter(signature.inputs)): np.array(examples, dtype=object)}
+
+
+def classification_rows(outputs: dict[str, np.ndarray], count: int) -> list:
+    """[(label, score), ...] per example from a classify signature's classes/scores outputs."""
     scores, classes = outputs.get(CLASSIFY_SCORES), outputs.get(CLASSIFY_CLASSES)
     reference = scores if scores is not None else classes
     rows = []
-    for i in range(len(examples)):
+    for i in range(count):
         width = reference[i].size
         labels = [c.decode("utf-8", "replace") for c in classes[i]] if classes is not None else []
         values = [float(v) for v in scores[i]] if scores is not None else []

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+from typing import NamedTuple
 
+import grpc
 import numpy as np
 
 from serving.batching import Batcher
-from serving.errors import from_tf_error, invalid_argument, signature_not_found
+from serving.errors import ServingError, from_tf_error, invalid_argument, signature_not_found
 from serving.protos import BatchingSettings
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -42,6 +45,7 @@ class Servable:
         self._lock = threading.Lock()
         self.warmup_records = 0
         self._unloaded = False
+        self._specs: dict[str, list[_InputSpec]] = {}
 
     def signature_def(self, key: str):
         """The SignatureDef for `key` ('' means serving_default) or FAILED_PRECONDITION."""
@@ -58,15 +62,45 @@ class Servable:
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Validate `inputs` against signature `key`, run it (batched if enabled), filter outputs."""
-        key = key or DEFAULT_SIGNATURE
-        signature = self.signature_def(key)
-        feed = _validated_inputs(signature, inputs)
-        wanted = _validated_filter(signature, output_filter)
+        key, feed, wanted = self._prepare(key, inputs, output_filter)
         if self._batching is None or self._unloaded:  # in-flight calls finish after an unload
             outputs = self._call(key, feed)
         else:
             outputs = self._batcher(key).submit(feed, timeout)
-        return {name: value for name, value in outputs.items() if not wanted or name in wanted}
+        return _filtered(outputs, wanted)
+
+    async def run_async(
+        self,
+        key: str,
+        inputs: dict[str, np.ndarray],
+        output_filter=(),
+        timeout: float | None = None,
+        executor=None,
+    ) -> dict[str, np.ndarray]:
+        """`run` for an event loop: batched calls join the batch queue, others go to `executor`."""
+        key, feed, wanted = self._prepare(key, inputs, output_filter)
+        if self._batching is None or self._unloaded:
+            pending = asyncio.get_running_loop().run_in_executor(executor, self._call, key, feed)
+        else:
+            pending = self._batcher(key).submit_async(feed)
+        try:
+            outputs = await asyncio.wait_for(pending, timeout)
+        except asyncio.TimeoutError:
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded") from None
+        return _filtered(outputs, wanted)
+
+    def _prepare(self, key: str, inputs, output_filter) -> tuple[str, dict, set[str]]:
+        key = key or DEFAULT_SIGNATURE
+        signature = self.signature_def(key)
+        feed = _validated_inputs(self._input_specs(key), inputs)
+        return key, feed, _validated_filter(signature, output_filter)
+
+    def _input_specs(self, key: str) -> list[_InputSpec]:
+        # Built once per signature: dtype lookups cost more than the checks themselves.
+        specs = self._specs.get(key)
+        if specs is None:
+            specs = self._specs[key] = _input_specs(self.signature_defs[key])
+        return specs
 
     def batchers(self) -> dict[str, Batcher]:
         """The batchers created so far, by signature key."""
@@ -101,12 +135,31 @@ class Servable:
         return {name: tensor.numpy() for name, tensor in outputs.items()}
 
 
-def _validated_inputs(signature, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+class _InputSpec(NamedTuple):
+    position: int
+    alias: str
+    dtype: object  # tf.DType
+    dims: list[int] | None  # None: unknown rank
+
+
+def _input_specs(signature) -> list[_InputSpec]:
     import tensorflow as tf
 
-    expected = signature.inputs
-    if set(inputs) != set(expected):
-        unknown = sorted(set(inputs) - set(expected))
+    return [
+        _InputSpec(
+            position,
+            alias,
+            tf.dtypes.as_dtype(info.dtype),
+            None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim],
+        )
+        for position, (alias, info) in enumerate(sorted(signature.inputs.items()))
+    ]
+
+
+def _validated_inputs(specs: list[_InputSpec], inputs: dict[str, np.ndarray]) -> dict:
+    expected = {spec.alias for spec in specs}
+    if inputs.keys() != expected:
+        unknown = sorted(set(inputs) - expected)
         if unknown:
             raise invalid_argument(
                 f"input tensor alias not found in signature: {unknown[0]}. Inputs expected to be "
@@ -117,11 +170,10 @@ def _validated_inputs(signature, inputs: dict[str, np.ndarray]) -> dict[str, np.
             f"{','.join(sorted(inputs))}}}) != len({{{','.join(sorted(expected))}}})."
         )
     feed = {}
-    for position, (alias, info) in enumerate(sorted(expected.items())):
-        want = tf.dtypes.as_dtype(info.dtype)
-        value = inputs[alias]
-        feed[alias] = _as_dtype(value, want, position, alias)
-        _check_shape(info.tensor_shape, feed[alias].shape, alias)
+    for spec in specs:
+        value = _as_dtype(inputs[spec.alias], spec.dtype, spec.position, spec.alias)
+        _check_shape(spec.dims, value.shape, spec.alias)
+        feed[spec.alias] = value
     return feed
 
 
@@ -142,10 +194,9 @@ def _as_dtype(value: np.ndarray, want, position: int, alias: str) -> np.ndarray:
     )
 
 
-def _check_shape(shape_proto, actual: tuple, alias: str) -> None:
-    if shape_proto.unknown_rank:
+def _check_shape(dims: list[int] | None, actual: tuple, alias: str) -> None:
+    if dims is None:
         return
-    dims = [d.size for d in shape_proto.dim]
     if len(dims) != len(actual) or any(
         d not in (-1, a) for d, a in zip(dims, actual, strict=False)
     ):
@@ -153,6 +204,10 @@ def _check_shape(shape_proto, actual: tuple, alias: str) -> None:
             f"input {alias} has shape {list(actual)} but the signature expects "
             f"{['?' if d == -1 else d for d in dims]}"
         )
+
+
+def _filtered(outputs: dict[str, np.ndarray], wanted: set[str]) -> dict[str, np.ndarray]:
+    return {name: value for name, value in outputs.items() if not wanted or name in wanted}
 
 
 def _validated_filter(signature, output_filter) -> set[str]:

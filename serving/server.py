@@ -8,6 +8,7 @@ tensorflow_model_server (the same flags, as `ServerOptions`).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -103,6 +104,11 @@ class ModelServer:
         self.grpc_port: int | None = None
         self.rest_port: int | None = None
         self._grpc_server = None
+        self._grpc_loop: asyncio.AbstractEventLoop | None = None
+        self._grpc_thread: threading.Thread | None = None
+        self._grpc_stop: asyncio.Event | None = None
+        self._grpc_grace = 2.0
+        self._executor: futures.ThreadPoolExecutor | None = None
         self._http_server = None
         self._http_thread: threading.Thread | None = None
         self._rest_app = None
@@ -155,9 +161,7 @@ class ModelServer:
             self._http_server.server_close()
             self._http_server = None
             self._rest_app.close()
-        if self._grpc_server is not None:
-            self._grpc_server.stop(grace).wait()
-            self._grpc_server = None
+        self._stop_grpc(grace)
         if self.manager is not None:
             self.manager.stop()
             self.manager = None
@@ -167,8 +171,9 @@ class ModelServer:
 
     def wait(self) -> None:
         """Block until the gRPC server terminates (Ctrl-C to stop)."""
-        if self._grpc_server is not None:
-            self._grpc_server.wait_for_termination()
+        thread = self._grpc_thread
+        while thread is not None and thread.is_alive():
+            thread.join(0.5)  # short joins keep the main thread responsive to signals
 
     @classmethod
     def for_saved_model(cls, saved_model_dir: str, model_name: str = "van", **options):
@@ -206,25 +211,74 @@ class ModelServer:
                 log.exception("cannot apply %s", self.options.model_config_file)
 
     def _start_grpc(self) -> None:
+        # grpc.aio on an event loop thread of its own: one thread does all per-request Python
+        # work, instead of a thread per request contending for the GIL (docs/serving.md).
+        loop = self._grpc_loop = asyncio.new_event_loop()
+        self._executor = futures.ThreadPoolExecutor(
+            max_workers=self.options.grpc_max_threads, thread_name_prefix="grpc-model"
+        )
+        started: futures.Future = futures.Future()
+        self._grpc_thread = threading.Thread(
+            target=self._run_grpc_loop, args=(loop, started), name="grpc", daemon=True
+        )
+        self._grpc_thread.start()
+        self._grpc_server, self.grpc_port = started.result()
+
+    def _run_grpc_loop(self, loop: asyncio.AbstractEventLoop, started: futures.Future) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve_grpc(started))
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _serve_grpc(self, started: futures.Future) -> None:
         import grpc
 
         from serving.grpc_api import add_services
 
         limit = self.options.max_message_bytes
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.options.grpc_max_threads),
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
-        add_services(server, self.manager, self.metrics)
-        port = server.add_insecure_port(f"{self.options.grpc_host}:{self.options.port}")
-        if port == 0:
-            raise OSError(f"cannot bind gRPC to {self.options.grpc_host}:{self.options.port}")
-        server.start()
-        self._grpc_server, self.grpc_port = server, port
+        try:
+            server = grpc.aio.server(
+                options=[
+                    ("grpc.max_receive_message_length", limit),
+                    ("grpc.max_send_message_length", limit),
+                    ("grpc.so_reuseport", 0),
+                ],
+            )
+            add_services(server, self.manager, self.metrics, self._executor)
+            address = f"{self.options.grpc_host}:{self.options.port}"
+            try:
+                port = server.add_insecure_port(address)
+            except RuntimeError as exc:  # grpc.aio raises where grpc.server returned 0
+                raise OSError(f"cannot bind gRPC to {address}: {exc}") from None
+            if port == 0:
+                raise OSError(f"cannot bind gRPC to {address}")
+            await server.start()
+        except BaseException as exc:
+            started.set_exception(exc)
+            return
+        stop_requested = asyncio.Event()
+        self._grpc_stop = stop_requested
+        started.set_result((server, port))
+        await stop_requested.wait()
+        # Stopped here, not from another thread: the loop must outlive the server's shutdown.
+        await server.stop(self._grpc_grace)
+
+    def _stop_grpc(self, grace: float) -> None:
+        server, loop, thread = self._grpc_server, self._grpc_loop, self._grpc_thread
+        self._grpc_server = self._grpc_loop = self._grpc_thread = None
+        if server is not None and loop is not None:
+            self._grpc_grace = grace
+            try:
+                loop.call_soon_threadsafe(self._grpc_stop.set)
+            except RuntimeError:  # the loop already ended
+                pass
+        if thread is not None:
+            thread.join(timeout=grace + 30)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     def _start_rest(self, metrics_path: str | None) -> None:
         from serving.rest_api import RestApp, make_http_server

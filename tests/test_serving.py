@@ -313,3 +313,35 @@ def test_rest_errors_match_tf_serving(server, path, body, status, message):
     code, answer = rest(server, path, body)
     assert code == status
     assert set(answer) == {"error"} and message in answer["error"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.array([[0.25, -1.5, 3.0]], dtype=np.float32),
+        np.arange(6, dtype=np.int64).reshape(2, 3),
+        np.array([[True, False]]),
+        np.zeros((2, 0), dtype=np.float16),
+        np.array([7], dtype=np.uint8),
+        np.array([[b"n01440764", b"\xff\x00"]], dtype=object),
+        np.array(b"scalar", dtype=object),
+    ],
+    ids=["float32", "int64", "bool", "empty-float16", "uint8", "bytes", "scalar-bytes"],
+)
+def test_tensor_conversion_agrees_with_tensorflow(value):
+    from serving.tensors import from_tensor_proto, to_tensor_proto
+
+    ours, theirs = to_tensor_proto(value), tf.make_tensor_proto(value)
+    assert (ours.dtype, ours.tensor_shape) == (theirs.dtype, theirs.tensor_shape)
+    decoded = tf.make_ndarray(ours)
+    assert decoded.dtype == tf.make_ndarray(theirs).dtype and np.array_equal(decoded, value)
+    read = from_tensor_proto(theirs)
+    assert read.shape == value.shape and np.array_equal(read, value)
+
+
+def test_string_tensor_with_fewer_values_than_its_shape_follows_tensorflow():
+    from serving.tensors import from_tensor_proto
+
+    proto = tf.make_tensor_proto([b"x"], dtype=tf.string)
+    proto.tensor_shape.dim[0].size = 3  # TF repeats the last value to fill the shape
+    assert from_tensor_proto(proto).tolist() == tf.make_ndarray(proto).tolist() == [b"x"] * 3
