@@ -50,6 +50,7 @@ class Batcher:
         self._stopping = False
         self.batches_run = 0  # how many merged runs happened (observability, tests)
         self.tasks_run = 0
+        self.tasks_abandoned = 0
         self._threads = [
             threading.Thread(target=self._work, name=f"batch-{name}-{i}", daemon=True)
             for i in range(settings.num_batch_threads)
@@ -113,7 +114,8 @@ class Batcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._execute(batch)
+            if batch:
+                self._execute(batch)
 
     def _next_batch(self) -> list[_Task] | None:
         timeout = self._settings.batch_timeout_micros / 1e6
@@ -131,6 +133,9 @@ class Batcher:
                 self._cond.wait(wait)
 
     def _take_batch(self) -> list[_Task]:
+        self._drop_abandoned()
+        if not self._queue:
+            return []
         batch = [self._queue.popleft()]
         rows = batch[0].rows
         while self._queue and _compatible(batch[0], self._queue[0]):
@@ -141,6 +146,14 @@ class Batcher:
             rows += task.rows
         self._queued_rows -= rows
         return batch
+
+    def _drop_abandoned(self) -> None:
+        # A caller whose deadline passed (its future was cancelled) costs no model time.
+        if any(task.future is not None and task.future.cancelled() for task in self._queue):
+            kept = [t for t in self._queue if t.future is None or not t.future.cancelled()]
+            self.tasks_abandoned += len(self._queue) - len(kept)
+            self._queued_rows = sum(task.rows for task in kept)
+            self._queue = collections.deque(kept)
 
     def _execute(self, batch: list[_Task]) -> None:
         self.batches_run += 1

@@ -2,7 +2,9 @@
 stubs.
 
 Handlers run on the server's event loop; model calls leave it (the batch queue, or `executor` when
-batching is off), so the loop keeps accepting and answering requests while models run.
+batching is off), so the loop keeps accepting and answering requests while models run. Deadlines
+need no timer here: grpc.aio cancels a handler when its client's deadline passes (the client sees
+DEADLINE_EXCEEDED), and the batcher skips queued requests whose caller is gone.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _rpc(api: str):
             start = time.perf_counter()
             status = "OK"
             try:
-                return await method(self, request, context, _deadline(context))
+                return await method(self, request, context)
             except ServingError as exc:
                 status = exc.code.name
                 await context.abort(exc.code, exc.message)
@@ -54,11 +56,6 @@ def _rpc(api: str):
     return decorate
 
 
-def _deadline(context) -> float | None:
-    remaining = context.time_remaining()
-    return remaining if remaining is not None and remaining < 1e8 else None
-
-
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     """tensorflow.serving.PredictionService."""
 
@@ -68,23 +65,23 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.executor = executor
 
     @_rpc("predict")
-    async def Predict(self, request, context, timeout):
-        return await handlers.predict_async(self.manager, request, timeout, self.executor)
+    async def Predict(self, request, context):
+        return await handlers.predict_async(self.manager, request, self.executor)
 
     @_rpc("classify")
-    async def Classify(self, request, context, timeout):
-        return await handlers.classify_async(self.manager, request, timeout, self.executor)
+    async def Classify(self, request, context):
+        return await handlers.classify_async(self.manager, request, self.executor)
 
     @_rpc("get_model_metadata")
-    async def GetModelMetadata(self, request, context, timeout):
+    async def GetModelMetadata(self, request, context):
         return handlers.metadata(self.manager, request)
 
     @_rpc("regress")
-    async def Regress(self, request, context, timeout):
+    async def Regress(self, request, context):
         raise ServingError(grpc.StatusCode.UNIMPLEMENTED, "Regress is not supported by van-tfx")
 
     @_rpc("multi_inference")
-    async def MultiInference(self, request, context, timeout):
+    async def MultiInference(self, request, context):
         raise ServingError(
             grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not supported by van-tfx"
         )
@@ -99,11 +96,11 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self.executor = executor
 
     @_rpc("get_model_status")
-    async def GetModelStatus(self, request, context, timeout):
+    async def GetModelStatus(self, request, context):
         return handlers.status(self.manager, request)
 
     @_rpc("reload_config")
-    async def HandleReloadConfigRequest(self, request, context, timeout):
+    async def HandleReloadConfigRequest(self, request, context):
         config = request.config
         if config.WhichOneof("config") != "model_config_list":
             raise ServingError(

@@ -32,11 +32,11 @@ def predict(manager, request, timeout: float | None = None):
     return predict_on(resolve(manager, request.model_spec), request, timeout)
 
 
-async def predict_async(manager, request, timeout: float | None = None, executor=None):
+async def predict_async(manager, request, executor=None):
     """Answer a PredictRequest from an event loop (the model runs off the loop)."""
     servable = resolve(manager, request.model_spec)
     key, inputs = _predict_inputs(request)
-    outputs = await servable.run_async(key, inputs, request.output_filter, timeout, executor)
+    outputs = await servable.run_async(key, inputs, request.output_filter, executor)
     return _predict_response(servable, key, outputs)
 
 
@@ -65,13 +65,13 @@ def classify(manager, request, timeout: float | None = None):
     return classify_on(resolve(manager, request.model_spec), request, timeout)
 
 
-async def classify_async(manager, request, timeout: float | None = None, executor=None):
+async def classify_async(manager, request, executor=None):
     """Answer a ClassificationRequest from an event loop (the model runs off the loop)."""
     servable = resolve(manager, request.model_spec)
     key = request.model_spec.signature_name or DEFAULT_SIGNATURE
     examples = examples_of(request.input)
     feed = classification_feed(servable, key, examples)
-    outputs = await servable.run_async(key, feed, (), timeout, executor)
+    outputs = await servable.run_async(key, feed, (), executor)
     return _classify_response(servable, key, classification_rows(outputs, len(examples)))
 
 

@@ -7,11 +7,10 @@ import os
 import threading
 from typing import NamedTuple
 
-import grpc
 import numpy as np
 
 from serving.batching import Batcher
-from serving.errors import ServingError, from_tf_error, invalid_argument, signature_not_found
+from serving.errors import from_tf_error, invalid_argument, signature_not_found
 from serving.protos import BatchingSettings
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -70,24 +69,18 @@ class Servable:
         return _filtered(outputs, wanted)
 
     async def run_async(
-        self,
-        key: str,
-        inputs: dict[str, np.ndarray],
-        output_filter=(),
-        timeout: float | None = None,
-        executor=None,
+        self, key: str, inputs: dict[str, np.ndarray], output_filter=(), executor=None
     ) -> dict[str, np.ndarray]:
-        """`run` for an event loop: batched calls join the batch queue, others go to `executor`."""
+        """`run` for an event loop: batched calls join the batch queue, others go to `executor`.
+
+        No timeout: cancelling the awaiting task (grpc.aio does at the deadline) abandons the call.
+        """
         key, feed, wanted = self._prepare(key, inputs, output_filter)
         if self._batching is None or self._unloaded:
             pending = asyncio.get_running_loop().run_in_executor(executor, self._call, key, feed)
         else:
             pending = self._batcher(key).submit_async(feed)
-        try:
-            outputs = await asyncio.wait_for(pending, timeout)
-        except asyncio.TimeoutError:
-            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded") from None
-        return _filtered(outputs, wanted)
+        return _filtered(await pending, wanted)
 
     def _prepare(self, key: str, inputs, output_filter) -> tuple[str, dict, set[str]]:
         key = key or DEFAULT_SIGNATURE

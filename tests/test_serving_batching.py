@@ -133,3 +133,37 @@ def test_full_queue_is_unavailable():
     queued.join()
     batcher.stop()
     np.testing.assert_array_equal(results["queued"]["y"], [2.0, 2.0])
+
+
+def test_event_loop_callers_share_batches_and_abandoned_calls_cost_no_model_time():
+    import asyncio
+
+    release = threading.Event()
+    seen_rows = []
+
+    def run(inputs):
+        seen_rows.append(len(inputs["x"]))
+        release.wait(30)
+        return {"y": inputs["x"] * 2}
+
+    settings = BatchingSettings(
+        max_batch_size=4, batch_timeout_micros=0, max_enqueued_batches=10, num_batch_threads=1
+    )
+    batcher = Batcher(run, settings, "test")
+
+    async def scenario():
+        first = batcher.submit_async({"x": np.array([1.0])})
+        while not seen_rows:  # the worker is now busy with `first`
+            await asyncio.sleep(0.01)
+        abandoned = batcher.submit_async({"x": np.array([5.0])})
+        kept = [batcher.submit_async({"x": np.array([float(i)])}) for i in (2, 3)]
+        abandoned.cancel()  # what grpc.aio does to a handler whose deadline passed
+        release.set()
+        return await first, await asyncio.gather(*kept)
+
+    first, kept = asyncio.run(scenario())
+    batcher.stop()
+    assert first["y"].tolist() == [2.0]
+    assert [k["y"].tolist() for k in kept] == [[4.0], [6.0]]
+    assert seen_rows == [1, 2]  # the two kept calls ran as one batch; the abandoned one never ran
+    assert batcher.tasks_abandoned == 1
