@@ -8,11 +8,14 @@ Like InfraValidator with `make_warmup=True`, the blessing carries a copy of the 
 `assets.extra/tf_serving_warmup_requests`, so Pusher pushes a model TF Serving warms up on load.
 The copy also gets `assets.extra/van_training_data.json` (span, input fingerprint and URI of the
 examples), which the NewDataGate of later runs compares with their data.
+
+Artifact URIs are bucket paths (gs://...) on Kubeflow/Vertex, so every read and write of the
+model, the examples and the blessing goes through tf.io.gfile. The server is a subprocess that
+wants `<base>/<integer version>/`: a local candidate is linked into a temp base dir as before, a
+remote one is copied there first (a symlink cannot point into a bucket).
 """
 
-import glob
 import os
-import shutil
 import sys
 import tempfile
 
@@ -29,10 +32,11 @@ from tensorflow_serving.apis import (
 from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component
 from tfx.types.standard_artifacts import Examples, InfraBlessing, Model
-from tfx.utils import io_utils, path_utils
+from tfx.utils import path_utils
 
 from components.new_data_gate import write_training_data
 from serving.process import ServerStartError, running_model_server
+from van_tfx import storage
 from van_trainer import features
 
 _BLESSED_KEY = "blessed"  # the custom properties Pusher reads, as InfraValidator writes them
@@ -53,27 +57,35 @@ def ServingSmokeTest(  # noqa: N802  (TFX component names are class-like)
     timeout_seconds: Parameter[int] = 300,
 ) -> None:
     """Serve the candidate in a real model server, query both signatures, bless and add warmup."""
-    model_dir = path_utils.serving_model_path(model.uri, path_utils.is_old_model_artifact(model))
+    # Our Trainer (GenericExecutor) exports to <uri>/Format-Serving; no estimator export/ layout.
+    model_dir = path_utils.serving_model_dir(model.uri, path_utils.is_old_model_artifact(model))
     records = read_raw_examples(examples.uri, split, num_examples)
     try:
         requests = smoke_test_model(model_dir, records, timeout_seconds)
     except SmokeTestFailure as exc:
         print(f"ServingSmokeTest: NOT blessed: {exc}", file=sys.stderr)
-        io_utils.write_string_file(os.path.join(blessing.uri, "INFRA_NOT_BLESSED"), str(exc))
+        write_text(os.path.join(blessing.uri, "INFRA_NOT_BLESSED"), str(exc))
         blessing.set_int_custom_property(_BLESSED_KEY, 0)
         return
     stamped = path_utils.stamped_model_path(blessing.uri)
     copy_model_with_warmup(model_dir, stamped, requests)
     # What this model was trained on travels with it to the serving dir, for the NewDataGate.
     write_training_data(stamped, examples)
-    io_utils.write_string_file(os.path.join(blessing.uri, "INFRA_BLESSED"), "")
+    write_text(os.path.join(blessing.uri, "INFRA_BLESSED"), "")
     blessing.set_int_custom_property(_BLESSED_KEY, 1)
     blessing.set_int_custom_property(_HAS_MODEL_KEY, 1)
 
 
+def write_text(path: str, text: str) -> None:
+    """Write a small text file, local or on object storage."""
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    with tf.io.gfile.GFile(path, "w") as handle:
+        handle.write(text)
+
+
 def read_raw_examples(examples_uri: str, split: str, limit: int) -> list[bytes]:
     """Read up to `limit` serialized tf.Examples from one split of an Examples artifact."""
-    files = sorted(glob.glob(os.path.join(examples_uri, f"Split-{split}", "*")))
+    files = sorted(tf.io.gfile.glob(os.path.join(examples_uri, f"Split-{split}", "*")))
     if not files:
         raise SmokeTestFailure(f"no files for split {split!r} under {examples_uri}")
     dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").take(limit)
@@ -84,8 +96,13 @@ def smoke_test_model(model_dir: str, records: list[bytes], timeout_seconds: floa
     """Serve `model_dir` with `van-tfx serve`, check both signatures; return the requests sent."""
     requests = build_requests("smoke", records)
     with tempfile.TemporaryDirectory(prefix="smoke-") as base:
-        # TF Serving wants <base>/<integer version>/; a symlink avoids copying the model.
-        os.symlink(os.path.abspath(model_dir), os.path.join(base, "1"))
+        # TF Serving wants <base>/<integer version>/. A local model is linked (no copy); one on
+        # object storage is copied to this machine, where the server subprocess can read it.
+        version_dir = os.path.join(base, "1")
+        if storage.is_remote(model_dir):
+            storage.copy_tree(model_dir, version_dir)
+        else:
+            os.symlink(os.path.abspath(model_dir), version_dir)
         try:
             with running_model_server(base, "smoke", timeout_seconds) as (channel, _port):
                 check_responses(channel, requests, len(records))
@@ -158,9 +175,9 @@ def check_probabilities(scores: np.ndarray, num_records: int, what: str) -> None
 
 def copy_model_with_warmup(model_dir: str, destination: str, requests: list) -> None:
     """Copy the SavedModel and add assets.extra/tf_serving_warmup_requests (PredictionLogs)."""
-    shutil.copytree(model_dir, destination)
+    storage.copy_tree(model_dir, destination)
     warmup_path = path_utils.warmup_file_path(destination)
-    os.makedirs(os.path.dirname(warmup_path), exist_ok=True)
+    tf.io.gfile.makedirs(os.path.dirname(warmup_path))
     with tf.io.TFRecordWriter(warmup_path) as writer:
         for request in requests:
             writer.write(as_prediction_log(request).SerializeToString())

@@ -400,6 +400,62 @@ def test_warm_start_loads_the_base_models_weights_only_when_the_head_fits(resume
     assert train.load_initial_weights(train.build_model(config, 10), no_warm, 10, base) == ""
 
 
+def test_run_fn_with_every_uri_on_object_storage_writes_there_and_warm_starts_from_it(
+    transform_paths, tmp_path
+):
+    """Kubeflow/Vertex hand run_fn gs:// URIs; ram:// takes the same tf.io.gfile code paths.
+
+    In-process on purpose: ram:// files live in this process only.
+    """
+    import uuid
+
+    import tensorflow as tf
+    from tfx.components.trainer.fn_args_utils import FnArgs
+
+    from van_tfx import storage
+    from van_trainer import export, train
+
+    root = f"ram://trainer-{uuid.uuid4().hex}"
+    transform_root = os.path.dirname(transform_paths["transform_output"])
+    storage.copy_tree(transform_paths["transform_output"], f"{root}/transform_graph")
+    storage.copy_tree(f"{transform_root}/transformed", f"{root}/transformed")
+    config = tiny_config(epochs=1, steps_per_epoch=2, deterministic=False)
+    paths = {
+        "transform_output": f"{root}/transform_graph",
+        "train_files": [f"{root}/transformed/Split-train/*"],
+        "eval_files": [f"{root}/transformed/Split-eval/*"],
+    }
+    args = fn_args_dict(paths, tmp_path, config)
+    args.update(serving_model_dir=f"{root}/serving", model_run_dir=f"{root}/model_run")
+    train.run_fn(FnArgs(**args))
+
+    serving, run_dir = f"{root}/serving", f"{root}/model_run"
+    weights = export.keras_weights_path(serving)
+    assert tf.io.gfile.exists(f"{serving}/saved_model.pb")
+    assert tf.io.gfile.stat(weights).length > 0
+    assert tf.io.gfile.glob(f"{run_dir}/train/events.out.tfevents.*")
+    assert tf.io.gfile.exists(f"{run_dir}/history.csv")
+    with tf.io.gfile.GFile(f"{run_dir}/metrics.json") as handle:
+        assert json.load(handle)["final_step"] == 2
+    with tf.io.gfile.GFile(f"{run_dir}/training_curves.png", "rb") as handle:
+        assert handle.read().startswith(b"\x89PNG")
+    assert not tf.io.gfile.glob(f"{run_dir}/backup/*/*.index")
+    served = tf.saved_model.load(serving)
+    _, jpegs = _raw_validation(transform_paths, limit=2)
+    probabilities = served.signatures["predict_images"](images=tf.constant(jpegs))["probabilities"]
+    np.testing.assert_allclose(probabilities.numpy().sum(axis=1), 1.0, atol=1e-4)
+
+    # The next run warm-starts from that base model on object storage.
+    local = tmp_path / "van.weights.h5"
+    tf.io.gfile.copy(weights, str(local))
+    reference = train.build_model(config, 10)
+    reference.load_weights(str(local))
+    warm = train.build_model(config, 10)
+    assert train.load_initial_weights(warm, config, 10, serving) == weights
+    for a, b in zip(warm.weights, reference.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_with_ema_and_clipping_trains_and_exports_float32(
     policy, transform_paths, tmp_path

@@ -24,5 +24,9 @@ def mark_classification_signature(export_dir: str, signature_key: str) -> None:
         if signature_key not in meta_graph.signature_def:
             raise KeyError(f"{export_dir} has no signature {signature_key!r} to mark as classify")
         meta_graph.signature_def[signature_key].method_name = CLASSIFY_METHOD_NAME
-    with tf.io.gfile.GFile(path, "wb") as f:
+    # A new file renamed over the old one: never half a saved_model.pb, and correct on file
+    # systems whose writers do not truncate an existing file (TensorFlow's ram://, used in tests).
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "wb") as f:
         f.write(saved_model.SerializeToString())
+    tf.io.gfile.rename(tmp, path, overwrite=True)

@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 import tf_keras as keras
 
+from van_tfx import storage
 from van_tfx.config import Config
 from van_tfx.saved_model import mark_classification_signature
 from van_trainer import augment, dataset, features, preprocessing
@@ -155,5 +156,8 @@ def export_serving_model(
     mark_classification_signature(export_dir, features.CLASSIFY_SIGNATURE)
     weights = keras_weights_path(export_dir)
     tf.io.gfile.makedirs(os.path.dirname(weights))
-    model.save_weights(weights)
+    # h5py writes local files only (and tf_keras sends a gs:// .h5 to a temp file it never
+    # uploads): write locally, then copy to object storage.
+    with storage.local_output(weights) as local:
+        model.save_weights(local)
     return export_dir

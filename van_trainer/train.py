@@ -16,6 +16,7 @@ import os
 import tensorflow as tf
 import tf_keras as keras
 
+from van_tfx import storage
 from van_tfx.config import Config
 from van_trainer import dataset, distribute, export, features, optim
 
@@ -136,7 +137,8 @@ def load_initial_weights(
             return path
     if config.model.pretrained_weights:
         # New head: layers whose shapes differ (the classifier) keep their initialisation.
-        model.load_weights(config.model.pretrained_weights, by_name=True, skip_mismatch=True)
+        with storage.local_copy(config.model.pretrained_weights) as local:
+            model.load_weights(local, by_name=True, skip_mismatch=True)
         log.info(
             "initialised from %s (mismatched layers kept fresh)", config.model.pretrained_weights
         )
@@ -148,7 +150,9 @@ def _load_if_compatible(model, config, num_classes, path) -> bool:
     # Load into a scratch copy first: a failed load must not leave the real model half-overwritten.
     scratch = build_model(config, num_classes)
     try:
-        scratch.load_weights(path)
+        # h5py reads local files only: a base model on object storage is copied here first.
+        with storage.local_copy(path) as local:
+            scratch.load_weights(local)
     except (ValueError, KeyError) as exc:
         log.warning(
             "warm start skipped: %s does not fit %s with %d classes (%s)",

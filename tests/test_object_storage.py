@@ -1,0 +1,202 @@
+"""Object-storage artifact URIs (gs:// on Kubeflow/Vertex), exercised on TensorFlow's `ram://`.
+
+`ram://` is TensorFlow's in-process file system: reached only through tf.io.gfile, like a bucket,
+and invisible to Python's own file calls and to other processes (the model server subprocess
+included). Code that works here goes through the same tf.io.gfile calls as with gs:// URIs.
+"""
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+from tfx.types.standard_artifacts import Examples, InfraBlessing, Model
+
+from components.serving_smoke_test import ServingSmokeTest
+from serving import testing
+from van_tfx import storage
+from van_tfx.saved_model import mark_classification_signature
+from van_trainer import features
+
+NUM_EXAMPLES = 3
+
+
+def ram_root() -> str:
+    """A fresh ram:// directory (the file system lives as long as the test process)."""
+    return f"ram://van-tfx-test-{uuid.uuid4().hex}"
+
+
+def ram_files(root: str) -> set[str]:
+    """Every file under `root`, relative to it."""
+    paths = (os.path.join(d, name) for d, _, names in tf.io.gfile.walk(root) for name in names)
+    # ram:// also lists `assets.extra` under `assets/`, as a `.extra` that does not exist.
+    return {path[len(root) + 1 :] for path in paths if tf.io.gfile.exists(path)}
+
+
+# --------------------------------------------------------------------------- storage helpers
+
+
+def test_copy_tree_between_ram_and_local_keeps_files_and_empty_dirs(tmp_path):
+    source = ram_root()
+    tf.io.gfile.makedirs(f"{source}/variables")
+    tf.io.gfile.makedirs(f"{source}/assets")  # empty, like a SavedModel's assets/
+    tf.io.gfile.makedirs(f"{source}/assets.extra")
+    files = {"saved_model.pb": b"pb", "variables/variables.index": b"ix", "assets.extra/w": b"w"}
+    for name, data in files.items():
+        with tf.io.gfile.GFile(f"{source}/{name}", "wb") as handle:
+            handle.write(data)
+
+    local = tmp_path / "copy"
+    storage.copy_tree(source, str(local))
+    assert (local / "saved_model.pb").read_bytes() == b"pb"
+    assert (local / "variables" / "variables.index").read_bytes() == b"ix"
+    assert (local / "assets").is_dir() and not list((local / "assets").iterdir())
+    assert (local / "assets.extra" / "w").read_bytes() == b"w"
+
+    back = ram_root()
+    storage.copy_tree(str(local), back)
+    assert ram_files(back) == set(files)
+    assert tf.io.gfile.isdir(f"{back}/assets")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        storage.copy_tree(f"{source}/missing", str(tmp_path / "nothing"))
+
+
+def test_local_copy_and_local_output_round_trip_a_remote_file(tmp_path):
+    remote = f"{ram_root()}/assets.extra/van.weights.h5"
+    with storage.local_output(remote) as local:
+        assert not storage.is_remote(local) and local.endswith("van.weights.h5")
+        Path(local).write_bytes(b"weights")
+    assert not Path(local).exists()  # the temp copy is gone, the upload stays
+    with storage.local_copy(remote) as local:
+        assert Path(local).read_bytes() == b"weights" and local.endswith("van.weights.h5")
+    # Local paths are handed through untouched: no copies on a laptop.
+    with storage.local_copy(str(tmp_path / "w.h5")) as local:
+        assert local == str(tmp_path / "w.h5")
+    failed = f"{ram_root()}/never.h5"
+    with pytest.raises(RuntimeError), storage.local_output(failed) as local:
+        Path(local).write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert not tf.io.gfile.exists(failed)
+
+
+# --------------------------------------------------------------------------- ServingSmokeTest
+
+
+def export_candidate(model_uri: str, with_classify: bool = True) -> str:
+    """The tiny van-tfx-signature model where our Trainer puts it: <model uri>/Format-Serving."""
+    module = testing.build_tiny_model()
+    path = os.path.join(model_uri, "Format-Serving")
+    signatures = {
+        features.SERVING_EXAMPLES_SIGNATURE: module.serving_default,
+        features.PREDICT_IMAGES_SIGNATURE: module.predict_images,
+    }
+    if with_classify:
+        signatures[features.CLASSIFY_SIGNATURE] = module.classify
+    tf.saved_model.save(module, path, signatures=signatures)
+    if with_classify:
+        mark_classification_signature(path, features.CLASSIFY_SIGNATURE)
+    return path
+
+
+def write_examples(examples_uri: str) -> None:
+    """ImportExampleGen's layout: GZIP'ed tf.Examples under Split-<name>/ (image + feature x)."""
+    for split, count in (("train", 2), ("eval", 5)):
+        path = os.path.join(examples_uri, f"Split-{split}", "data_tfrecord-00000-of-00001.gz")
+        tf.io.gfile.makedirs(os.path.dirname(path))
+        with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+            for i in range(count):
+                example = tf.train.Example()
+                rgb = (40 * i, 200 - 30 * i, 90)
+                image = testing.encode_image(rgb)
+                example.features.feature[features.IMAGE_ENCODED].bytes_list.value.append(image)
+                example.features.feature["x"].float_list.value.extend(np.array(rgb) / 255.0)
+                writer.write(example.SerializeToString())
+
+
+def artifacts(root: str, with_classify: bool = True) -> tuple[Model, Examples, InfraBlessing]:
+    model = Model()
+    model.uri = f"{root}/Trainer/model/7"
+    export_candidate(model.uri, with_classify)
+    examples = Examples()
+    examples.uri = f"{root}/ImportExampleGen/examples/3"
+    examples.set_int_custom_property("span", 3)
+    examples.set_string_custom_property("input_fingerprint", "split:eval,num_files:1,...")
+    write_examples(examples.uri)
+    blessing = InfraBlessing()
+    blessing.uri = f"{root}/ServingSmokeTest/blessing/9"
+    return model, examples, blessing
+
+
+def test_smoke_test_serves_a_model_on_object_storage_and_writes_the_stamped_copy_there():
+    root = ram_root()
+    model, examples, blessing = artifacts(root)
+    ServingSmokeTest.test_call(
+        model=model, examples=examples, blessing=blessing, num_examples=NUM_EXAMPLES
+    )
+
+    assert blessing.get_int_custom_property("blessed") == 1
+    assert blessing.get_int_custom_property("has_model") == 1
+    assert tf.io.gfile.exists(f"{blessing.uri}/INFRA_BLESSED")
+    stamped = f"{blessing.uri}/stamped_model"
+    files = ram_files(stamped)
+    candidate = ram_files(f"{model.uri}/Format-Serving")
+    assert candidate <= files  # the whole SavedModel, variables included
+    assert {"saved_model.pb", "variables/variables.index"} <= files
+    assert files - candidate == {
+        "assets.extra/tf_serving_warmup_requests",
+        "assets.extra/van_training_data.json",
+    }
+    with tf.io.gfile.GFile(f"{stamped}/saved_model.pb", "rb") as a:
+        with tf.io.gfile.GFile(f"{model.uri}/Format-Serving/saved_model.pb", "rb") as b:
+            assert a.read() == b.read()
+
+    logs = [
+        prediction_log_pb2.PredictionLog.FromString(r.numpy())
+        for r in tf.data.TFRecordDataset(f"{stamped}/assets.extra/tf_serving_warmup_requests")
+    ]
+    assert [log.WhichOneof("log_type") for log in logs] == [
+        "predict_log",
+        "predict_log",
+        "classify_log",
+    ]
+    images, examples_request = (log.predict_log.request for log in logs[:2])
+    assert images.model_spec.signature_name == features.PREDICT_IMAGES_SIGNATURE
+    assert len(images.inputs["images"].string_val) == NUM_EXAMPLES
+    assert len(examples_request.inputs["examples"].string_val) == NUM_EXAMPLES
+    assert len(logs[2].classify_log.request.input.example_list.examples) == NUM_EXAMPLES
+
+    with tf.io.gfile.GFile(f"{stamped}/assets.extra/van_training_data.json") as handle:
+        record = json.loads(handle.read())
+    assert record == {
+        "span": 3,
+        "input_fingerprint": "split:eval,num_files:1,...",
+        "examples_uri": examples.uri,
+    }
+    # What was served is readable as a SavedModel where Pusher picks it up.
+    served = tf.saved_model.load(stamped)
+    assert set(served.signatures) >= {"serving_default", "predict_images", "classify"}
+
+
+def test_smoke_test_failure_on_object_storage_writes_not_blessed_there():
+    model, examples, blessing = artifacts(ram_root(), with_classify=False)
+    ServingSmokeTest.test_call(
+        model=model, examples=examples, blessing=blessing, num_examples=NUM_EXAMPLES
+    )
+    assert blessing.get_int_custom_property("blessed") == 0
+    with tf.io.gfile.GFile(f"{blessing.uri}/INFRA_NOT_BLESSED") as handle:
+        assert "classify" in handle.read()
+    assert not tf.io.gfile.exists(f"{blessing.uri}/stamped_model")
+
+
+def test_smoke_test_names_the_split_when_object_storage_has_no_examples():
+    from components.serving_smoke_test import SmokeTestFailure, read_raw_examples
+
+    root = ram_root()
+    write_examples(f"{root}/examples")
+    assert len(read_raw_examples(f"{root}/examples", "eval", 10)) == 5
+    with pytest.raises(SmokeTestFailure, match="no files for split 'test'"):
+        read_raw_examples(f"{root}/examples", "test", 10)

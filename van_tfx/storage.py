@@ -1,0 +1,83 @@
+"""Paths that may be object storage (gs://, s3://, ...): read and written through tf.io.gfile.
+
+On Kubeflow/Vertex every artifact URI is a bucket path. Python's own file calls (open, glob,
+shutil, os.path, h5py) only see this machine's disk; these helpers go through tf.io.gfile, and
+hand a local copy to code that can only work on local files (h5py, a server subprocess).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+
+def is_remote(path: str) -> bool:
+    """Whether `path` names a file system other than this machine's (it has a URI scheme)."""
+    return "://" in str(path)
+
+
+def copy_tree(source: str, destination: str) -> None:
+    """Copy the directory tree `source` to `destination` (either may be object storage).
+
+    Empty directories are recreated too (a SavedModel's `assets/`). Files already at the
+    destination are overwritten, so a retried step can write the same output URI again.
+    """
+    import tensorflow as tf
+
+    source = str(source).rstrip("/")
+    if not tf.io.gfile.isdir(source):
+        raise FileNotFoundError(f"{source} is not a directory")
+    for directory, _subdirs, files in tf.io.gfile.walk(source):
+        # Object stores may list directories with a trailing '/': strip it before joining.
+        relative = directory.rstrip("/")[len(source) :].strip("/")
+        target = os.path.join(destination, relative) if relative else str(destination)
+        tf.io.gfile.makedirs(target)
+        for name in files:
+            path = os.path.join(directory, name)
+            # TensorFlow's ram:// (the tests' stand-in for a bucket) lists `assets.extra` under
+            # `assets/` too, as a file `.extra` that does not exist: skip what is not there.
+            if tf.io.gfile.exists(path):
+                tf.io.gfile.copy(path, os.path.join(target, name), overwrite=True)
+
+
+@contextlib.contextmanager
+def local_copy(path: str):
+    """Yield a local path holding the file `path`: `path` itself when local, else a temp copy.
+
+    The copy keeps the file's name (libraries pick formats from suffixes such as .weights.h5).
+    """
+    if not is_remote(path):
+        yield str(path)
+        return
+    import tensorflow as tf
+
+    directory = tempfile.mkdtemp(prefix="van-tfx-")
+    try:
+        local = os.path.join(directory, os.path.basename(str(path).rstrip("/")))
+        tf.io.gfile.copy(path, local, overwrite=True)
+        yield local
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_output(path: str):
+    """Yield a local path to write the file `path` to; a remote `path` gets it uploaded after.
+
+    Nothing is uploaded when the block raises.
+    """
+    if not is_remote(path):
+        yield str(path)
+        return
+    import tensorflow as tf
+
+    directory = tempfile.mkdtemp(prefix="van-tfx-")
+    try:
+        local = os.path.join(directory, os.path.basename(str(path).rstrip("/")))
+        yield local
+        tf.io.gfile.makedirs(os.path.dirname(str(path)))
+        tf.io.gfile.copy(local, path, overwrite=True)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
