@@ -52,7 +52,7 @@ class ServerOptions:
     rest_api_timeout_in_ms: int = 30000
     enable_model_warmup: bool = True
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC receive/send and REST body limit
-    grpc_max_threads: int = 64
+    grpc_max_threads: int = 64  # threads running unbatched model calls (off the event loop)
     startup_timeout_seconds: float | None = None  # None waits for models forever, like TF Serving
 
     def model_configs(self) -> list:
