@@ -46,6 +46,8 @@ class Batcher:
         self._settings = settings
         self._queue: collections.deque[_Task] = collections.deque()
         self._queued_rows = 0
+        self._enqueued_batches = 1
+        self._tail_rows = 0
         self._cond = threading.Condition()
         self._stopping = False
         self.batches_run = 0  # how many merged runs happened (observability, tests)
@@ -92,14 +94,29 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 return False
-            if self._queued_rows + task.rows > limit * self._settings.max_enqueued_batches:
-                raise unavailable(
-                    "The batch scheduling queue to which this task was submitted is full"
-                )
+            # TF Serving's rule: a task that does not fit the open (last) batch starts a new one,
+            # and a new batch beyond max_enqueued_batches is refused.
+            if self._tail_rows + task.rows > limit:
+                if self._enqueued_batches >= self._settings.max_enqueued_batches:
+                    raise unavailable(
+                        "The batch scheduling queue to which this task was submitted is full"
+                    )
+                self._enqueued_batches += 1
+                self._tail_rows = 0
+            self._tail_rows += task.rows
             self._queue.append(task)
             self._queued_rows += task.rows
             self._cond.notify()
         return True
+
+    def _recount_batches(self) -> None:
+        # The queue as TF Serving's scheduler would hold it: tasks packed in order into batches.
+        batches, tail = 1, 0  # there is always an open batch, possibly empty
+        for task in self._queue:
+            if tail + task.rows > self._settings.max_batch_size:
+                batches, tail = batches + 1, 0
+            tail += task.rows
+        self._enqueued_batches, self._tail_rows = batches, tail
 
     def stop(self) -> None:
         """Let the workers drain the queue, then end them."""
@@ -145,6 +162,7 @@ class Batcher:
             batch.append(task)
             rows += task.rows
         self._queued_rows -= rows
+        self._recount_batches()
         return batch
 
     def _drop_abandoned(self) -> None:
@@ -154,6 +172,7 @@ class Batcher:
             self.tasks_abandoned += len(self._queue) - len(kept)
             self._queued_rows = sum(task.rows for task in kept)
             self._queue = collections.deque(kept)
+            self._recount_batches()
 
     def _execute(self, batch: list[_Task]) -> None:
         self.batches_run += 1

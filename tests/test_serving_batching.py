@@ -167,3 +167,42 @@ def test_event_loop_callers_share_batches_and_abandoned_calls_cost_no_model_time
     assert [k["y"].tolist() for k in kept] == [[4.0], [6.0]]
     assert seen_rows == [1, 2]  # the two kept calls ran as one batch; the abandoned one never ran
     assert batcher.tasks_abandoned == 1
+
+
+def test_queue_limit_counts_batches_as_tf_serving_packs_them():
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow_run(inputs):
+        started.set()
+        release.wait(30)
+        return {"y": inputs["x"]}
+
+    settings = BatchingSettings(
+        max_batch_size=4, batch_timeout_micros=10_000_000, max_enqueued_batches=2,
+        num_batch_threads=1,
+    )  # fmt: skip
+    batcher = Batcher(slow_run, settings, "test")
+    threads = []
+
+    def submit_in_background(rows):
+        thread = threading.Thread(
+            target=batcher.submit, args=({"x": np.ones(rows)},), kwargs={"timeout": 30}
+        )
+        thread.start()
+        threads.append(thread)
+
+    submit_in_background(4)  # a full batch: the worker takes it and blocks in slow_run
+    assert started.wait(30)
+    for rows in (3, 3, 1):  # packed in order: [3], [3, 1] - two enqueued batches, 7 of 8 rows
+        submit_in_background(rows)
+    while batcher._queued_rows < 7:  # noqa: SLF001 (wait until all three are enqueued)
+        threading.Event().wait(0.01)
+    # One row would still fit by count (8 <= 2 x 4), but it needs a third batch.
+    with pytest.raises(ServingError) as err:
+        batcher.submit({"x": np.ones(1)})
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    batcher.stop()
