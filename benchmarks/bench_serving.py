@@ -60,22 +60,15 @@ def start_server(base: str, batching_file: str | None) -> tuple[subprocess.Popen
     raise RuntimeError(f"server exited with {process.wait()}")
 
 
-def predict_request(image: bytes):
-    """A single-image predict_images PredictRequest for model "bench"."""
-    from serving.client import predict_request as build
-
-    return build([image], model_name="bench")
-
-
 def interleaved_p50s(base: str, target: str, image: bytes, calls: int) -> tuple[float, float]:
     """p50 ms of in-process calls and of gRPC calls, alternated so both see the same load."""
     import tensorflow as tf
 
-    from serving.client import prediction_stub
+    from serving.client import predict_request, prediction_stub
 
     fn = tf.saved_model.load(os.path.join(base, "1")).signatures["predict_images"]
     batch = tf.constant([image])
-    stub, request = prediction_stub(target), predict_request(image)
+    stub, request = prediction_stub(target), predict_request([image], model_name="bench")
 
     def local() -> None:
         {k: v.numpy() for k, v in fn(images=batch).items()}
@@ -111,6 +104,7 @@ def build_van_module(image_size: int = 32, variant: str = "tiny", classes: int =
     """VAN behind a predict_images signature, as the demo's pushed model serves it."""
     import tensorflow as tf
 
+    from serving import testing
     from van_trainer.model import build_van, fold_for_inference
 
     model = fold_for_inference(build_van(variant, classes, (image_size, image_size, 3)))
@@ -123,21 +117,9 @@ def build_van_module(image_size: int = 32, variant: str = "tiny", classes: int =
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
         def predict_images(self, images):
-            def decode(encoded):
-                image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-                image = tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size])
-                return image / 127.5 - 1.0
-
-            spec = tf.TensorSpec([image_size, image_size, 3])
-            x = tf.map_fn(decode, images, fn_output_signature=spec)
+            x = testing.decode_images(images, image_size)
             probabilities = tf.nn.softmax(self.model(x, training=False))
-            scores, indices = tf.math.top_k(probabilities, k=5)
-            return {
-                "probabilities": probabilities,
-                "top_k_indices": indices,
-                "top_k_synsets": tf.gather(self.synsets, indices),
-                "top_k_scores": scores,
-            }
+            return testing.prediction_outputs(probabilities, self.synsets)
 
     return VanModule()
 

@@ -109,14 +109,16 @@ class Batcher:
             self._cond.notify()
         return True
 
-    def _recount_batches(self) -> None:
-        # The queue as TF Serving's scheduler would hold it: tasks packed in order into batches.
+    def _recount(self) -> None:
+        # Rows, and the queue as TF Serving's scheduler would hold it: tasks packed in order into
+        # batches. Kept up to date by _enqueue; rebuilt here after tasks leave the queue.
         batches, tail = 1, 0  # there is always an open batch, possibly empty
         for task in self._queue:
             if tail + task.rows > self._settings.max_batch_size:
                 batches, tail = batches + 1, 0
             tail += task.rows
         self._enqueued_batches, self._tail_rows = batches, tail
+        self._queued_rows = sum(task.rows for task in self._queue)
 
     def stop(self) -> None:
         """Let the workers drain the queue, then end them."""
@@ -151,18 +153,15 @@ class Batcher:
 
     def _take_batch(self) -> list[_Task]:
         self._drop_abandoned()
-        if not self._queue:
-            return []
-        batch = [self._queue.popleft()]
-        rows = batch[0].rows
-        while self._queue and _compatible(batch[0], self._queue[0]):
-            if rows + self._queue[0].rows > self._settings.max_batch_size:
+        batch, rows = [], 0
+        limit = self._settings.max_batch_size
+        while self._queue and rows + self._queue[0].rows <= limit:
+            if batch and not _compatible(batch[0], self._queue[0]):
                 break
             task = self._queue.popleft()
             batch.append(task)
             rows += task.rows
-        self._queued_rows -= rows
-        self._recount_batches()
+        self._recount()
         return batch
 
     def _drop_abandoned(self) -> None:
@@ -170,9 +169,7 @@ class Batcher:
         if any(task.future is not None and task.future.cancelled() for task in self._queue):
             kept = [t for t in self._queue if t.future is None or not t.future.cancelled()]
             self.tasks_abandoned += len(self._queue) - len(kept)
-            self._queued_rows = sum(task.rows for task in kept)
             self._queue = collections.deque(kept)
-            self._recount_batches()
 
     def _execute(self, batch: list[_Task]) -> None:
         self.batches_run += 1

@@ -56,13 +56,17 @@ def _rpc(api: str):
     return decorate
 
 
-class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """tensorflow.serving.PredictionService."""
+class _Servicer:
+    """What every RPC here works with: the models, the metrics, and threads for blocking work."""
 
     def __init__(self, manager, metrics, executor):
         self.manager = manager
         self.metrics = metrics
         self.executor = executor
+
+
+class PredictionService(_Servicer, prediction_service_pb2_grpc.PredictionServiceServicer):
+    """tensorflow.serving.PredictionService."""
 
     @_rpc("predict")
     async def Predict(self, request, context):
@@ -87,13 +91,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         )
 
 
-class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+class ModelService(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
     """tensorflow.serving.ModelService."""
-
-    def __init__(self, manager, metrics, executor):
-        self.manager = manager
-        self.metrics = metrics
-        self.executor = executor
 
     @_rpc("get_model_status")
     async def GetModelStatus(self, request, context):

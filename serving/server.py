@@ -106,8 +106,7 @@ class ModelServer:
         self._grpc_server = None
         self._grpc_loop: asyncio.AbstractEventLoop | None = None
         self._grpc_thread: threading.Thread | None = None
-        self._grpc_stop: asyncio.Event | None = None
-        self._grpc_grace = 2.0
+        self._grpc_stop: asyncio.Future | None = None  # resolved with the grace period by stop()
         self._executor: futures.ThreadPoolExecutor | None = None
         self._http_server = None
         self._http_thread: threading.Thread | None = None
@@ -258,20 +257,18 @@ class ModelServer:
         except BaseException as exc:
             started.set_exception(exc)
             return
-        stop_requested = asyncio.Event()
-        self._grpc_stop = stop_requested
+        self._grpc_stop = asyncio.get_running_loop().create_future()
         started.set_result((server, port))
-        await stop_requested.wait()
+        grace = await self._grpc_stop
         # Stopped here, not from another thread: the loop must outlive the server's shutdown.
-        await server.stop(self._grpc_grace)
+        await server.stop(grace)
 
     def _stop_grpc(self, grace: float) -> None:
         server, loop, thread = self._grpc_server, self._grpc_loop, self._grpc_thread
         self._grpc_server = self._grpc_loop = self._grpc_thread = None
         if server is not None and loop is not None:
-            self._grpc_grace = grace
             try:
-                loop.call_soon_threadsafe(self._grpc_stop.set)
+                loop.call_soon_threadsafe(self._grpc_stop.set_result, grace)
             except RuntimeError:  # the loop already ended
                 pass
         if thread is not None:

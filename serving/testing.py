@@ -54,14 +54,7 @@ def build_tiny_model(top_k: int = 2, bias: float = 0.0):
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
         def predict_images(self, images):
             rgb = tf.map_fn(_mean_rgb, images, fn_output_signature=tf.TensorSpec([3], tf.float32))
-            probabilities = self._probabilities(rgb)
-            scores, indices = tf.math.top_k(probabilities, k=top_k)
-            return {
-                "probabilities": probabilities,
-                "top_k_indices": indices,
-                "top_k_synsets": tf.gather(self.synsets, indices),
-                "top_k_scores": scores,
-            }
+            return prediction_outputs(self._probabilities(rgb), self.synsets, k=top_k)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
         def predict_probabilities(self, images):
@@ -115,27 +108,41 @@ def build_conv_model(
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
         def predict_images(self, images):
-            def decode(encoded):
-                image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-                image = tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size])
-                return image / 127.5 - 1.0
-
-            x = tf.map_fn(decode, images, fn_output_signature=tf.TensorSpec([image_size] * 2 + [3]))
+            x = decode_images(images, image_size)
             for kernel in self.kernels:
                 x = tf.nn.relu(tf.nn.conv2d(x, kernel, strides=1, padding="SAME"))
             features = tf.reduce_mean(x, axis=[1, 2])
             for kernel in self.dense:
                 features = tf.nn.relu(features @ kernel) + features
-            probabilities = tf.nn.softmax(features @ self.head)
-            scores, indices = tf.math.top_k(probabilities, k=5)
-            return {
-                "probabilities": probabilities,
-                "top_k_indices": indices,
-                "top_k_synsets": tf.gather(self.synsets, indices),
-                "top_k_scores": scores,
-            }
+            return prediction_outputs(tf.nn.softmax(features @ self.head), self.synsets)
 
     return ConvNet()
+
+
+def decode_images(images, image_size: int):
+    """Encoded images (string [N]) as float32 [N, S, S, 3] in [-1, 1], inside a tf.function."""
+    import tensorflow as tf
+
+    def decode(encoded):
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        image = tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size])
+        return image / 127.5 - 1.0
+
+    spec = tf.TensorSpec([image_size, image_size, 3])
+    return tf.map_fn(decode, images, fn_output_signature=spec)
+
+
+def prediction_outputs(probabilities, synsets, k: int = 5) -> dict:
+    """The outputs of a `predict_images` signature from class probabilities."""
+    import tensorflow as tf
+
+    scores, indices = tf.math.top_k(probabilities, k=k)
+    return {
+        "probabilities": probabilities,
+        "top_k_indices": indices,
+        "top_k_synsets": tf.gather(synsets, indices),
+        "top_k_scores": scores,
+    }
 
 
 def export(module, base_path: str, version: int) -> str:

@@ -99,9 +99,9 @@ def test_task_larger_than_max_batch_size_is_invalid_argument(server):
     assert "larger than maximum input batch size 8" in results[0].details()
 
 
-def test_full_queue_is_unavailable():
-    release = threading.Event()
-    started = threading.Event()
+def held_batcher(max_batch_size, max_enqueued_batches, batch_timeout_micros=0):
+    """A one-thread Batcher whose runs (x -> 2x) wait for `release`; `started` marks the first."""
+    started, release = threading.Event(), threading.Event()
 
     def slow_run(inputs):
         started.set()
@@ -109,21 +109,36 @@ def test_full_queue_is_unavailable():
         return {"y": inputs["x"] * 2}
 
     settings = BatchingSettings(
-        max_batch_size=2, batch_timeout_micros=0, max_enqueued_batches=1, num_batch_threads=1
-    )
-    batcher = Batcher(slow_run, settings, "test")
-    results = {}
+        max_batch_size=max_batch_size, batch_timeout_micros=batch_timeout_micros,
+        max_enqueued_batches=max_enqueued_batches, num_batch_threads=1,
+    )  # fmt: skip
+    return Batcher(slow_run, settings, "test"), started, release
 
-    def submit(key, rows):
-        results[key] = batcher.submit({"x": np.ones(rows)}, timeout=30)
 
-    running = threading.Thread(target=submit, args=("running", 1))
-    running.start()
-    assert started.wait(30)  # the only worker is busy with the first task
-    queued = threading.Thread(target=submit, args=("queued", 2))
-    queued.start()
-    while batcher._queued_rows < 2:  # noqa: SLF001 (wait for the queued task to be enqueued)
+def submit_in_background(batcher, rows):
+    """Submit `rows` ones from a thread; returns the thread and a dict that receives the result."""
+    result = {}
+
+    def submit():
+        result["outputs"] = batcher.submit({"x": np.ones(rows)}, timeout=30)
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    return thread, result
+
+
+def wait_until_queued(batcher, rows):
+    """Block until `rows` rows wait in the batcher's queue."""
+    while batcher._queued_rows < rows:  # noqa: SLF001
         threading.Event().wait(0.01)
+
+
+def test_full_queue_is_unavailable():
+    batcher, started, release = held_batcher(max_batch_size=2, max_enqueued_batches=1)
+    running, _ = submit_in_background(batcher, 1)
+    assert started.wait(30)  # the only worker is busy with the first task
+    queued, queued_result = submit_in_background(batcher, 2)
+    wait_until_queued(batcher, 2)
     with pytest.raises(ServingError) as err:
         batcher.submit({"x": np.ones(1)})
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
@@ -132,7 +147,7 @@ def test_full_queue_is_unavailable():
     running.join()
     queued.join()
     batcher.stop()
-    np.testing.assert_array_equal(results["queued"]["y"], [2.0, 2.0])
+    np.testing.assert_array_equal(queued_result["outputs"]["y"], [2.0, 2.0])
 
 
 def test_event_loop_callers_share_batches_and_abandoned_calls_cost_no_model_time():
@@ -170,34 +185,15 @@ def test_event_loop_callers_share_batches_and_abandoned_calls_cost_no_model_time
 
 
 def test_queue_limit_counts_batches_as_tf_serving_packs_them():
-    release = threading.Event()
-    started = threading.Event()
-
-    def slow_run(inputs):
-        started.set()
-        release.wait(30)
-        return {"y": inputs["x"]}
-
-    settings = BatchingSettings(
-        max_batch_size=4, batch_timeout_micros=10_000_000, max_enqueued_batches=2,
-        num_batch_threads=1,
-    )  # fmt: skip
-    batcher = Batcher(slow_run, settings, "test")
-    threads = []
-
-    def submit_in_background(rows):
-        thread = threading.Thread(
-            target=batcher.submit, args=({"x": np.ones(rows)},), kwargs={"timeout": 30}
-        )
-        thread.start()
-        threads.append(thread)
-
-    submit_in_background(4)  # a full batch: the worker takes it and blocks in slow_run
+    batcher, started, release = held_batcher(
+        max_batch_size=4, max_enqueued_batches=2, batch_timeout_micros=10_000_000
+    )
+    # A full batch first: the worker takes it and blocks in its run.
+    threads = [submit_in_background(batcher, 4)[0]]
     assert started.wait(30)
     for rows in (3, 3, 1):  # packed in order: [3], [3, 1] - two enqueued batches, 7 of 8 rows
-        submit_in_background(rows)
-    while batcher._queued_rows < 7:  # noqa: SLF001 (wait until all three are enqueued)
-        threading.Event().wait(0.01)
+        threads.append(submit_in_background(batcher, rows)[0])
+    wait_until_queued(batcher, 7)
     # One row would still fit by count (8 <= 2 x 4), but it needs a third batch.
     with pytest.raises(ServingError) as err:
         batcher.submit({"x": np.ones(1)})
