@@ -23,6 +23,9 @@ from tfx.dsl.component.experimental.decorators import component
 from tfx.types.experimental.simple_artifacts import File
 from tfx.types.standard_artifacts import Examples
 
+from serving.manager import list_versions
+from van_tfx import storage
+
 GATE_ID = "NewDataGate"
 DECISION_OUTPUT = "decision"
 # A first-party TFX type: KFP v2 maps it to `tfx.File`; a custom type would need its import path
@@ -67,28 +70,15 @@ def training_data_path(model_dir: str) -> str:
 
 def write_training_data(model_dir: str, examples) -> None:
     """Record in `model_dir` which data (span, fingerprint, URI) the model was trained on."""
-    path = training_data_path(model_dir)
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    with tf.io.gfile.GFile(path, "w") as handle:
-        handle.write(json.dumps(training_data(examples), indent=2))
+    storage.write_text(training_data_path(model_dir), json.dumps(training_data(examples), indent=2))
 
 
 def newest_served_version(serving_base_path: str) -> str | None:
     """The version TF Serving would serve: the highest integer dir holding saved_model.pb."""
-    if not tf.io.gfile.isdir(serving_base_path):
-        return None
-    # Pusher copies saved_model.pb last, so a version without it is still being pushed.
-    versions = sorted(
-        (name.rstrip("/") for name in tf.io.gfile.listdir(serving_base_path)),
-        key=lambda name: int(name) if name.isdigit() else -1,
-        reverse=True,
-    )
-    for version in versions:
-        if version.isdigit() and tf.io.gfile.exists(
-            os.path.join(serving_base_path, version, "saved_model.pb")
-        ):
-            return version
-    return None
+    # The model server's own listing: a version still being pushed (no saved_model.pb yet, the
+    # Pusher copies it last) is not served, so it is not what the data is compared with.
+    versions = list_versions(serving_base_path)
+    return str(versions[-1]) if versions else None
 
 
 def read_training_data(model_dir: str) -> dict | None:
@@ -157,8 +147,7 @@ def NewDataGate(  # noqa: N802  (TFX component names are class-like)
     new_data, reason = decide(training_data(examples), serving_base_path, bool(force))
     decision.set_int_custom_property(NEW_DATA_KEY, int(new_data))
     decision.set_string_custom_property(REASON_KEY, reason)
-    tf.io.gfile.makedirs(decision.uri)
-    with tf.io.gfile.GFile(os.path.join(decision.uri, DECISION_FILE), "w") as handle:
-        handle.write(json.dumps({NEW_DATA_KEY: int(new_data), REASON_KEY: reason}, indent=2))
+    summary = json.dumps({NEW_DATA_KEY: int(new_data), REASON_KEY: reason}, indent=2)
+    storage.write_text(os.path.join(decision.uri, DECISION_FILE), summary)
     skipped = "" if new_data else "; Trainer, Evaluator, ServingSmokeTest and Pusher are skipped"
     print(f"NewDataGate: {reason}{skipped}", file=sys.stderr)

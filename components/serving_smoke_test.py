@@ -64,23 +64,16 @@ def ServingSmokeTest(  # noqa: N802  (TFX component names are class-like)
         requests = smoke_test_model(model_dir, records, timeout_seconds)
     except SmokeTestFailure as exc:
         print(f"ServingSmokeTest: NOT blessed: {exc}", file=sys.stderr)
-        write_text(os.path.join(blessing.uri, "INFRA_NOT_BLESSED"), str(exc))
+        storage.write_text(os.path.join(blessing.uri, "INFRA_NOT_BLESSED"), str(exc))
         blessing.set_int_custom_property(_BLESSED_KEY, 0)
         return
     stamped = path_utils.stamped_model_path(blessing.uri)
     copy_model_with_warmup(model_dir, stamped, requests)
     # What this model was trained on travels with it to the serving dir, for the NewDataGate.
     write_training_data(stamped, examples)
-    write_text(os.path.join(blessing.uri, "INFRA_BLESSED"), "")
+    storage.write_text(os.path.join(blessing.uri, "INFRA_BLESSED"), "")
     blessing.set_int_custom_property(_BLESSED_KEY, 1)
     blessing.set_int_custom_property(_HAS_MODEL_KEY, 1)
-
-
-def write_text(path: str, text: str) -> None:
-    """Write a small text file, local or on object storage."""
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    with tf.io.gfile.GFile(path, "w") as handle:
-        handle.write(text)
 
 
 def read_raw_examples(examples_uri: str, split: str, limit: int) -> list[bytes]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from tfx import v1 as tfx
 from tfx.proto import example_gen_pb2
 
+from van_tfx import storage
 from van_tfx.config import DataConfig
 from van_tfx.data.sample import existing_spans
 from van_trainer import features
@@ -140,7 +141,7 @@ def write_once(path: str, text: str) -> None:
 def count_synsets(config: DataConfig, data_root: str) -> int:
     """Number of lines of the newest span's synsets.txt (0 when there is none to read here)."""
     root = Path(data_root)
-    if "://" in str(data_root) or not root.is_dir():
+    if storage.is_remote(data_root) or not root.is_dir():
         return 0
     directory = root
     if config.layout == "spans":

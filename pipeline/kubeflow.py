@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from van_tfx import storage
 from van_tfx.config import Config
 
 TRAINER_ID = "Trainer"
@@ -146,7 +147,7 @@ def relocate_local_files(tfx_pipeline) -> None:
     """Point file parameters compiled from this checkout (the curated schema) at the image's copy."""
     for component in tfx_pipeline.components:
         path = component.exec_properties.get("schema_file")
-        if isinstance(path, str) and path and "://" not in path:
+        if isinstance(path, str) and path and not storage.is_remote(path):
             component.exec_properties["schema_file"] = path_in_image(path)
 
 

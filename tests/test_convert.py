@@ -317,25 +317,18 @@ def test_official_key_set_and_shapes_match_the_model(variant, config):
         assert convert._keras_to_torch_shape(variable.shape, layer, short) == expected[key], key
 
 
-def test_cli_convert_weights(tmp_path, tiny_state):
+def convert_with_cli(checkpoint, output) -> int:
+    """`van-tfx convert-weights --variant tiny` in this process; returns its exit code."""
     from van_tfx.cli import main
 
+    argv = ["convert-weights", "--variant", "tiny", "--checkpoint", str(checkpoint)]
+    return main([*argv, "--output", str(output)])
+
+
+def test_cli_convert_weights(tmp_path, tiny_state):
     np.savez(tmp_path / "w.npz", **tiny_state)
     out = tmp_path / "w.weights.h5"
-    assert (
-        main(
-            [
-                "convert-weights",
-                "--variant",
-                "tiny",
-                "--checkpoint",
-                str(tmp_path / "w.npz"),
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert convert_with_cli(tmp_path / "w.npz", out) == 0
     assert out.is_file()
 
 
@@ -351,21 +344,9 @@ def test_converted_weights_fine_tune_into_another_class_count(tmp_path, tiny_sta
 
 
 def test_cli_reports_bad_checkpoint_without_traceback(tmp_path, capsys, tiny_state):
-    from van_tfx.cli import main
-
     state = dict(tiny_state)
     del state["norm3.bias"]
     np.savez(tmp_path / "w.npz", **state)
-    code = main(
-        [
-            "convert-weights",
-            "--variant",
-            "tiny",
-            "--checkpoint",
-            str(tmp_path / "w.npz"),
-            "--output",
-            str(tmp_path / "w.weights.h5"),
-        ]
-    )
+    code = convert_with_cli(tmp_path / "w.npz", tmp_path / "w.weights.h5")
     assert code == 2
     assert "norm3.bias" in capsys.readouterr().err

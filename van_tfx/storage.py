@@ -42,6 +42,15 @@ def copy_tree(source: str, destination: str) -> None:
                 tf.io.gfile.copy(path, os.path.join(target, name), overwrite=True)
 
 
+def write_text(path: str, text: str) -> None:
+    """Write a small text file (its directory created), local or on object storage."""
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(os.path.dirname(str(path)))
+    with tf.io.gfile.GFile(path, "w") as handle:
+        handle.write(text)
+
+
 @contextlib.contextmanager
 def local_copy(path: str):
     """Yield a local path holding the file `path`: `path` itself when local, else a temp copy.
@@ -53,13 +62,9 @@ def local_copy(path: str):
         return
     import tensorflow as tf
 
-    directory = tempfile.mkdtemp(prefix="van-tfx-")
-    try:
-        local = os.path.join(directory, os.path.basename(str(path).rstrip("/")))
+    with _local_twin(path) as local:
         tf.io.gfile.copy(path, local, overwrite=True)
         yield local
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -73,11 +78,17 @@ def local_output(path: str):
         return
     import tensorflow as tf
 
-    directory = tempfile.mkdtemp(prefix="van-tfx-")
-    try:
-        local = os.path.join(directory, os.path.basename(str(path).rstrip("/")))
+    with _local_twin(path) as local:
         yield local
         tf.io.gfile.makedirs(os.path.dirname(str(path)))
         tf.io.gfile.copy(local, path, overwrite=True)
+
+
+@contextlib.contextmanager
+def _local_twin(path: str):
+    """A path with the file name of `path` in a fresh local temp dir, removed afterwards."""
+    directory = tempfile.mkdtemp(prefix="van-tfx-")
+    try:
+        yield os.path.join(directory, os.path.basename(str(path).rstrip("/")))
     finally:
         shutil.rmtree(directory, ignore_errors=True)

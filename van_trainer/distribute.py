@@ -9,6 +9,7 @@ import shutil
 
 import tensorflow as tf
 
+from van_tfx import storage
 from van_tfx.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def write_dir(path: str, strategy: tf.distribute.Strategy | None = None) -> str:
 def remove_worker_dir(path: str, final_path: str) -> None:
     """Delete a non-chief worker's throwaway copy (no-op on the chief)."""
     if path != final_path and tf.io.gfile.exists(path):
-        if "://" in path:
+        if storage.is_remote(path):
             tf.io.gfile.rmtree(path)
         else:
             shutil.rmtree(path, ignore_errors=True)
