@@ -26,7 +26,7 @@ def bare_tf_data(files: list[str], size: int) -> tuple[int, float]:
     """Decode + resize + center crop every record with tf.data (the floor any Transform pays)."""
     import tensorflow as tf
 
-    from van_trainer import features, preprocessing
+    from van_tfx import features, preprocessing
 
     spec = {features.IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string)}
 
@@ -49,10 +49,10 @@ def tf_transform(files: list[str], size: int, workdir: str) -> tuple[int, float]
     from tensorflow_metadata.proto.v0 import schema_pb2
     from tfx_bsl.public import tfxio
 
-    from pipeline.ingest import CURATED_SCHEMA
+    from components.curated_schema import curated_schema_text
     from van_trainer import preprocessing
 
-    schema = text_format.Parse(CURATED_SCHEMA.read_text(), schema_pb2.Schema())
+    schema = text_format.Parse(curated_schema_text(), schema_pb2.Schema())
     source = tfxio.TFExampleRecord(file_pattern=files, schema=schema)
 
     def fn(inputs):

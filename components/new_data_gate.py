@@ -1,16 +1,20 @@
-"""NewDataGate: a run trains only when its data differs from what the served model learned from.
+"""NewDataGate: a run ingests and trains only when its data differs from what the served model learned.
 
-TFX caching cannot keep an idle scheduled run from retraining: after a push the resolver hands the
-Trainer a new base model, i.e. a new input, so the Trainer misses the cache and the new candidate
-is usually pushed again, night after night. The gate compares the Examples ImportExampleGen just
-produced (span + input fingerprint: file names, sizes, mtimes) with the record the served model
-carries, `<serving_base_path>/<newest version>/assets.extra/van_training_data.json`, which
-ServingSmokeTest writes into the copy Pusher pushes. It does not use the resolver, so it works in
-the `--no-baseline` pipeline too. Its output has `new_data` (1/0) and a readable `reason`; the
-pipeline runs Trainer, Evaluator, ServingSmokeTest and Pusher under `Cond(new_data == 1)`.
+The gate is the first task of the pipeline. It resolves the span ImportExampleGen would ingest
+(TFX's own FileBasedInputProcessor: newest `{SPAN}`, and the input fingerprint of its files: names,
+sizes, mtimes) and compares it with the record the served model carries,
+`<serving_base_path>/<newest version>/assets.extra/van_training_data.json`, which ServingSmokeTest
+writes into the copy Pusher pushes. Every other task runs under `Cond(new_data == 1)`, so an idle
+scheduled run costs one listing of the span's files, not a copy of the dataset, its statistics and
+a Transform pass (what ImportExampleGen, StatisticsGen and Transform would spend on unchanged data).
 
-The gate reads state outside its inputs (the serving directory), so it must never be served from
-the cache: the local runner and the Kubeflow compiler both switch caching off for it.
+TFX caching cannot do this job: after a push the baseline (the served model) is a new Trainer input,
+so an idle night would retrain and usually push again, night after night. The decision carries
+`new_data` (1/0), a readable `reason`, the span and fingerprint it saw, and `served_version`, the
+version the ServedModel baseline then copies (so the comparison and the baseline refer to one model).
+
+The gate reads state outside its inputs (the data root and the serving directory), so it must never
+be served from a cache: the local runner and the Kubeflow compiler both switch caching off for it.
 """
 
 import json
@@ -18,10 +22,9 @@ import os
 import sys
 
 import tensorflow as tf
-from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
+from tfx.dsl.component.experimental.annotations import OutputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component
 from tfx.types.experimental.simple_artifacts import File
-from tfx.types.standard_artifacts import Examples
 
 from serving.manager import list_versions
 from van_tfx import storage
@@ -33,31 +36,46 @@ DECISION_OUTPUT = "decision"
 DECISION_TYPE_NAME = File.TYPE_NAME
 NEW_DATA_KEY = "new_data"  # int custom property of the decision: 1 train, 0 skip
 REASON_KEY = "reason"
+SPAN_KEY = "span"
+FINGERPRINT_KEY = "input_fingerprint"  # the name ImportExampleGen's driver uses
+SERVED_VERSION_KEY = "served_version"  # "" when nothing is served
 DECISION_FILE = "decision.json"
 TRAINING_DATA_FILE = "van_training_data.json"  # next to TF Serving's warmup file
 _ASSETS_EXTRA = "assets.extra"
-# Custom properties ImportExampleGen's driver records on its Examples artifact.
-_SPAN_KEY = "span"
-_FINGERPRINT_KEY = "input_fingerprint"
 
 
 class TrainingDataRecordError(ValueError):
     """A served model's training-data record is unreadable; the message names the file."""
 
 
+def data_to_ingest(input_base: str, input_config_json: str) -> dict:
+    """Span and input fingerprint of what ImportExampleGen would ingest now (TFX's own logic)."""
+    from tfx.components.example_gen import input_processor
+    from tfx.proto import example_gen_pb2
+    from tfx.utils import proto_utils
+
+    config = proto_utils.json_to_proto(input_config_json, example_gen_pb2.Input())
+    processor = input_processor.FileBasedInputProcessor(input_base, config.splits, None)
+    span, version = processor.resolve_span_and_version()
+    return {
+        "span": span,
+        "input_fingerprint": processor.get_input_fingerprint(span, version),
+    }
+
+
 def training_data(examples) -> dict:
     """What identifies the data in an Examples artifact: span, input fingerprint, URI."""
     return {
         "span": examples_span(examples),
-        "input_fingerprint": examples.get_string_custom_property(_FINGERPRINT_KEY),
+        "input_fingerprint": examples.get_string_custom_property(FINGERPRINT_KEY),
         "examples_uri": examples.uri,
     }
 
 
 def examples_span(examples) -> int:
     """The span of an Examples artifact (a custom property locally, maybe a property on KFP)."""
-    if examples.has_custom_property(_SPAN_KEY):
-        return examples.get_int_custom_property(_SPAN_KEY)
+    if examples.has_custom_property(SPAN_KEY):
+        return examples.get_int_custom_property(SPAN_KEY)
     # The KFP v2 entrypoint turns artifact metadata whose key is a declared property (Examples
     # declares `span`) into that property rather than a custom one.
     return int(examples.span or 0)
@@ -99,36 +117,36 @@ def read_training_data(model_dir: str) -> dict | None:
     return record
 
 
-def decide(current: dict, serving_base_path: str, force: bool = False) -> tuple[bool, str]:
-    """(train?, why) for data `current` (see training_data) against the newest served model."""
+def decide(current: dict, serving_base_path: str, force: bool = False) -> tuple[bool, str, str]:
+    """(train?, why, served version or "") for data `current` against the newest served model."""
     span = current["span"]
-    if force:
-        return True, f"retraining forced (retrain_on_same_data) on span {span}"
     version = newest_served_version(serving_base_path)
+    if force:
+        return True, f"retraining forced (retrain_on_same_data) on span {span}", version or ""
     if version is None:
-        return True, f"no model is served from {serving_base_path} yet: train on span {span}"
+        return True, f"no model is served from {serving_base_path} yet: train on span {span}", ""
     record = read_training_data(os.path.join(serving_base_path, version))
     if record is None:
-        return True, (
+        why = (
             f"served version {version} has no {_ASSETS_EXTRA}/{TRAINING_DATA_FILE}, so what it "
             f"was trained on is unknown: train on span {span}"
         )
-    if not current["input_fingerprint"]:
-        return True, f"the Examples of span {span} carry no input fingerprint to compare: train"
+        return True, why, version
     if record["span"] != span:
         newer = "new data" if span > record["span"] else "other data"
-        return True, (
-            f"{newer}: span {span}; served version {version} was trained on span {record['span']}"
-        )
+        why = f"{newer}: span {span}; served version {version} was trained on span {record['span']}"
+        return True, why, version
     if record["input_fingerprint"] != current["input_fingerprint"]:
-        return True, (
+        why = (
             f"span {span} changed (different files, sizes or mtimes) since served version "
             f"{version} was trained on it"
         )
-    return False, (
+        return True, why, version
+    why = (
         f"span {span} with the same input fingerprint is what served version {version} was "
         "trained on"
     )
+    return False, why, version
 
 
 def has_new_data(gate):
@@ -138,16 +156,22 @@ def has_new_data(gate):
 
 @component
 def NewDataGate(  # noqa: N802  (TFX component names are class-like)
-    examples: InputArtifact[Examples],
     decision: OutputArtifact[File],
+    input_base: Parameter[str],
+    input_config: Parameter[str],
     serving_base_path: Parameter[str],
     force: Parameter[int] = 0,  # an int, not a bool: the local and KFP compilers encode it alike
 ) -> None:
-    """Set decision.new_data to 1 when the examples differ from the served model's, else 0."""
-    new_data, reason = decide(training_data(examples), serving_base_path, bool(force))
+    """Set decision.new_data to 1 when the newest span differs from the served model's, else 0."""
+    current = data_to_ingest(input_base, input_config)
+    new_data, reason, served_version = decide(current, serving_base_path, bool(force))
     decision.set_int_custom_property(NEW_DATA_KEY, int(new_data))
     decision.set_string_custom_property(REASON_KEY, reason)
-    summary = json.dumps({NEW_DATA_KEY: int(new_data), REASON_KEY: reason}, indent=2)
-    storage.write_text(os.path.join(decision.uri, DECISION_FILE), summary)
-    skipped = "" if new_data else "; Trainer, Evaluator, ServingSmokeTest and Pusher are skipped"
+    decision.set_int_custom_property(SPAN_KEY, current["span"])
+    decision.set_string_custom_property(FINGERPRINT_KEY, current["input_fingerprint"])
+    decision.set_string_custom_property(SERVED_VERSION_KEY, served_version)
+    summary = {NEW_DATA_KEY: int(new_data), REASON_KEY: reason, **current}
+    summary[SERVED_VERSION_KEY] = served_version
+    storage.write_text(os.path.join(decision.uri, DECISION_FILE), json.dumps(summary, indent=2))
+    skipped = "" if new_data else "; every later step is skipped"
     print(f"NewDataGate: {reason}{skipped}", file=sys.stderr)

@@ -64,7 +64,8 @@ def resolve_config(args, profile: list[str] = ()) -> Config:
 
 def run_command(args) -> int:
     """Run the pipeline once and report what happened."""
-    from pipeline.local import RunLockedError, outcome_as_dict, print_outcome, run_locally
+    from pipeline.local import RunLockedError, run_locally
+    from pipeline.outcome import outcome_as_dict, print_outcome
 
     try:
         config = resolve_config(args)

@@ -14,7 +14,8 @@ DEMO_BATCH = 32
 
 def run_demo(config: Config, *, num_predictions: int = 8, echo=print) -> int:
     """Run every stage a user would, print predictions next to true labels; 0 on success."""
-    from pipeline.local import print_outcome, run_locally
+    from pipeline.local import run_locally
+    from pipeline.outcome import print_outcome
 
     ensure_sample_data(config, echo)
     echo("== Pipeline ==")
@@ -56,9 +57,9 @@ def latest_version(base_path: Path) -> int | None:
 
 def validation_records(config: Config) -> list[tuple[bytes, str]]:
     """(JPEG bytes, true synset) for every validation image of the newest span."""
+    from van_tfx import features
     from van_tfx.data.records import read_examples
     from van_tfx.data.sample import existing_spans
-    from van_trainer import features
 
     span_dir = config.data_dir / f"span-{existing_spans(config.data_dir)[-1]}"
     files = sorted(glob.glob(str(span_dir / "validation-*")))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import tensorflow_model_analysis as tfma
 
+from van_tfx import features
 from van_tfx.config import EvalConfig
-from van_trainer import features
 
 # The label TFMA compares against is the Transform output (0-based class id), produced by the
 # model's `transform_features` signature, so the gate sees exactly the ids the model predicts.
@@ -13,7 +13,7 @@ LABEL_KEY = features.TRANSFORMED_LABEL
 SLICE_FEATURE = features.SYNSET
 
 
-def build_eval_config(config: EvalConfig, *, with_baseline: bool = True) -> tfma.EvalConfig:
+def build_eval_config(config: EvalConfig) -> tfma.EvalConfig:
     """Build the EvalConfig that blesses a candidate only if it clears the thresholds."""
     metrics = [
         # Gate on the overall slice only: per-class slices are reported, not gated (a class of
@@ -23,7 +23,7 @@ def build_eval_config(config: EvalConfig, *, with_baseline: bool = True) -> tfma
             per_slice_thresholds=[
                 tfma.PerSliceMetricThreshold(
                     slicing_specs=[tfma.SlicingSpec()],
-                    threshold=top1_threshold(config, with_baseline),
+                    threshold=top1_threshold(config),
                 )
             ],
         ),
@@ -48,20 +48,14 @@ def build_eval_config(config: EvalConfig, *, with_baseline: bool = True) -> tfma
     )
 
 
-def top1_threshold(config: EvalConfig, with_baseline: bool) -> tfma.MetricThreshold:
-    """Top-1 >= eval.min_top1, and (with a baseline) at most eval.max_top1_drop below it."""
-    threshold = tfma.MetricThreshold(
-        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": config.min_top1})
+def top1_threshold(config: EvalConfig) -> tfma.MetricThreshold:
+    """Top-1 >= eval.min_top1, and at most eval.max_top1_drop below the baseline (served model)."""
+    # When nothing is served yet there is no baseline; TFX's Evaluator then passes
+    # rubber_stamp=True and TFMA drops the change threshold for that first run.
+    return tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": config.min_top1}),
+        change_threshold=tfma.GenericChangeThreshold(
+            direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+            absolute={"value": -config.max_top1_drop},
+        ),
     )
-    # Without a baseline TFMA accepts change thresholds only when "rubber stamping" (TFX's
-    # Evaluator always passes rubber_stamp=True, then drops them). Leave them out so the compiled
-    # eval_config states what is really gated. With a resolver that finds no blessed model yet
-    # (first run) they are dropped the same way.
-    if with_baseline:
-        threshold.change_threshold.CopyFrom(
-            tfma.GenericChangeThreshold(
-                direction=tfma.MetricDirection.HIGHER_IS_BETTER,
-                absolute={"value": -config.max_top1_drop},
-            )
-        )
-    return threshold

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli import add_config_arguments, resolve_config
+from pipeline.kfp_spec import KubeflowError, load_pipeline_spec, resolver_tasks
 from van_tfx.config import ConfigError
 
 HOST_ENV = "KFP_HOST"
@@ -16,10 +17,38 @@ DEFAULT_PACKAGE = "pipeline.yaml"
 
 
 def add_parser(subparsers) -> None:
-    """Register the compile, submit and schedule subcommands."""
+    """Register the compile, kfp-local, submit and schedule subcommands."""
     _add_compile(subparsers)
+    _add_kfp_local(subparsers)
     _add_submit(subparsers)
     _add_schedule(subparsers)
+
+
+def _add_kfp_local(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "kfp-local",
+        help="run a compiled PipelineSpec on this machine under open-source KFP's rules",
+    )
+    parser.add_argument("pipeline", help="the compiled .yaml (van-tfx compile)")
+    parser.add_argument(
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pipeline parameter (YAML value), repeatable",
+    )
+    parser.add_argument(
+        "--pipeline-root", help="local directory for artifacts (default: the spec's, if local)"
+    )
+    parser.add_argument(
+        "--no-publish-logs",
+        dest="publish_logs",
+        action="store_false",
+        help="as a backend with PUBLISH_LOGS=false: no executor-logs output",
+    )
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    parser.set_defaults(func=kfp_local_command)
 
 
 def _add_compile(subparsers) -> None:
@@ -42,14 +71,6 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="train in a Vertex AI multi-worker CustomJob (default: kubeflow.vertex_training)",
-    )
-    parser.add_argument(
-        "--no-baseline",
-        dest="resolve_baseline",
-        action="store_false",
-        default=None,
-        help="no resolver step (for open-source KFP): no warm start, no Evaluator baseline "
-        "(sets kubeflow.resolve_baseline=false)",
     )
 
 
@@ -131,22 +152,57 @@ def compile_command(args) -> int:
             image=args.image,
             gpus=args.gpus,
             vertex_training=args.vertex_training,
-            resolve_baseline=args.resolve_baseline,
         )
-    except (ConfigError, kubeflow.KubeflowError) as exc:
+    except (ConfigError, KubeflowError) as exc:
         return _fail("compile", exc)
     tasks = sorted(spec["root"]["dag"]["tasks"])
     print(f"Wrote {args.output}: {len(tasks)} tasks ({', '.join(tasks)})")
     return 0
 
 
+def kfp_local_command(args) -> int:
+    """Replay a compiled spec locally; print the outcome like `van-tfx run`."""
+    import contextlib
+
+    import yaml
+
+    from pipeline import kfp_local
+    from pipeline.outcome import outcome_as_dict, print_outcome
+
+    try:
+        params = {}
+        for item in args.params:
+            name, sep, raw = item.partition("=")
+            if not sep or not name:
+                raise KubeflowError(f"--param {item!r} must look like NAME=VALUE")
+            params[name] = yaml.safe_load(raw) if raw.strip() else ""
+        # Tasks write to their own log files; stdout stays for the outcome (e.g. --json).
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = kfp_local.run_pipeline_spec(
+                args.pipeline,
+                pipeline_root=args.pipeline_root,
+                params=params,
+                publish_logs=args.publish_logs,
+                echo=lambda line: print(line, file=sys.stderr, flush=True),
+            )
+    except KubeflowError as exc:
+        return _fail("kfp-local", exc)
+    if summary.error:
+        print(f"van-tfx kfp-local: {summary.error}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**outcome_as_dict(summary.outcome), "error": summary.error}, indent=2))
+    else:
+        print_outcome(summary.outcome)
+    return 1 if summary.failed_task else 0
+
+
 def submit_command(args) -> int:
     """Create one run (or print the request with --dry-run)."""
-    from pipeline import kubeflow
+    from pipeline import kfp_client
 
     try:
         config, package = _config_and_package(args)
-        calls = kubeflow.submit_request(
+        calls = kfp_client.submit_request(
             config,
             package,
             run_name=args.run_name,
@@ -155,13 +211,13 @@ def submit_command(args) -> int:
             enable_caching=False if args.no_cache else None,
         )
         return _dispatch("submit", args, calls, _print_run)
-    except (ConfigError, kubeflow.KubeflowError) as exc:
+    except (ConfigError, KubeflowError) as exc:
         return _fail("submit", exc)
 
 
 def schedule_command(args) -> int:
     """Create a recurring run (or print the requests with --dry-run)."""
-    from pipeline import kubeflow
+    from pipeline import kfp_client
 
     if args.cron is None and args.interval is None:
         return _fail(
@@ -169,7 +225,7 @@ def schedule_command(args) -> int:
         )
     try:
         config, package = _config_and_package(args)
-        calls = kubeflow.schedule_request(
+        calls = kfp_client.schedule_request(
             config,
             package,
             cron=args.cron,
@@ -180,19 +236,19 @@ def schedule_command(args) -> int:
             enable_caching=False if args.no_cache else None,
         )
         return _dispatch("schedule", args, calls, _print_schedule)
-    except (ConfigError, kubeflow.KubeflowError) as exc:
+    except (ConfigError, KubeflowError) as exc:
         return _fail("schedule", exc)
 
 
 def schedule_list_command(args) -> int:
     """Print the recurring runs on the host."""
-    from pipeline import kubeflow
+    from pipeline import kfp_client
 
     try:
-        schedules = kubeflow.list_schedules(
+        schedules = kfp_client.list_schedules(
             _host(args), namespace=args.namespace, timeout=args.timeout
         )
-    except kubeflow.KubeflowError as exc:
+    except KubeflowError as exc:
         return _fail("schedule list", exc)
     if args.json:
         print(json.dumps(schedules, indent=2))
@@ -207,13 +263,13 @@ def schedule_list_command(args) -> int:
 
 def schedule_disable_command(args) -> int:
     """Disable one recurring run."""
-    from pipeline import kubeflow
+    from pipeline import kfp_client
 
     try:
-        kubeflow.disable_schedule(
+        kfp_client.disable_schedule(
             _host(args), args.job_id, namespace=args.namespace, timeout=args.timeout
         )
-    except kubeflow.KubeflowError as exc:
+    except KubeflowError as exc:
         return _fail("schedule disable", exc)
     print(f"disabled recurring run {args.job_id}")
     return 0
@@ -226,7 +282,7 @@ def _config_and_package(args):
     config = resolve_config(args)
     if args.pipeline:
         package = Path(args.pipeline)
-        kubeflow.load_pipeline_spec(package)  # refuse to send a file KFP would reject
+        load_pipeline_spec(package)  # refuse to send a file KFP would reject
         return config, package
     package = config.home_dir / "kubeflow" / DEFAULT_PACKAGE
     kubeflow.compile_pipeline(
@@ -235,40 +291,36 @@ def _config_and_package(args):
         image=args.image,
         gpus=args.gpus,
         vertex_training=args.vertex_training,
-        resolve_baseline=args.resolve_baseline,
     )
     return config, package
 
 
 def _dispatch(command: str, args, calls, print_result) -> int:
-    from pipeline import kubeflow
+    from pipeline import kfp_client
 
     _warn_about_resolvers(calls)
     host = args.host or os.environ.get(HOST_ENV)
     if args.dry_run:
-        print(kubeflow.describe_request(host, calls))
+        print(kfp_client.describe_request(host, calls))
         return 0
     if not host:
         return _fail(command, f"no KFP host: pass --host URL or set {HOST_ENV}")
-    results = kubeflow.send(host, calls, namespace=args.namespace, timeout=args.timeout)
+    results = kfp_client.send(host, calls, namespace=args.namespace, timeout=args.timeout)
     print_result(results[-1])
     return 0
 
 
 def _warn_about_resolvers(calls) -> None:
-    from pipeline import kubeflow
-
     package = calls[-1]["kwargs"].get("pipeline_file") or calls[-1]["kwargs"].get(
         "pipeline_package_path"
     )
-    resolvers = kubeflow.resolver_tasks(kubeflow.load_pipeline_spec(package))
+    resolvers = resolver_tasks(load_pipeline_spec(package))
     if resolvers:
         print(
-            f"warning: {package} has TFX resolver steps ({', '.join(resolvers)}); open-source "
-            "KFP 2.x rejects them ('resolver executors not implemented'), Vertex AI Pipelines "
-            "runs them. For open-source KFP compile with --no-baseline (or set "
-            "kubeflow.resolve_baseline: false): no warm start, no Evaluator baseline. "
-            "See docs/kubeflow.md.",
+            f"warning: {package} has TFX resolver executors ({', '.join(resolvers)}); "
+            "open-source KFP refuses to compile such a run ('non-container and non-importer "
+            "executor not implemented'), only Vertex AI Pipelines runs them. A package from "
+            "`van-tfx compile` has none. See docs/kubeflow.md.",
             file=sys.stderr,
         )
 
@@ -282,11 +334,9 @@ def _print_schedule(result) -> None:
 
 
 def _host(args) -> str:
-    from pipeline import kubeflow
-
     host = args.host or os.environ.get(HOST_ENV)
     if not host:
-        raise kubeflow.KubeflowError(f"no KFP host: pass --host URL or set {HOST_ENV}")
+        raise KubeflowError(f"no KFP host: pass --host URL or set {HOST_ENV}")
     return host
 
 

@@ -8,11 +8,10 @@ import fcntl
 import json
 import logging
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.outcome import RunArtifact, RunOutcome, summarize
 from van_tfx.config import Config
 
 STATE_FILE = "last_run.json"
@@ -21,24 +20,6 @@ LOCK_FILE = ".van-tfx.lock"
 
 class RunLockedError(RuntimeError):
     """Another van-tfx run holds this home's lock."""
-
-
-@dataclass
-class RunOutcome:
-    """What one `van-tfx run` did, in terms a person deciding about a model needs."""
-
-    run_id: str
-    span: int | None
-    trained: bool = True
-    blessed: bool = False
-    pushed: bool = False
-    pushed_version: str | None = None
-    pushed_path: str | None = None
-    reasons: list[str] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    baseline_metrics: dict[str, float] = field(default_factory=dict)
-    report_path: str | None = None
-    log_path: str | None = None
 
 
 def local_location(config: Config):
@@ -239,33 +220,54 @@ def stage_progress(log_path: Path, echo):
 
 
 def summarize_run(config: Config, location, span: int | None, run_id: str) -> RunOutcome:
-    """Read the run's blessing, validation and push results back from ML Metadata."""
-    from pipeline import outcome as outcome_lib
+    """Read the run's decisions back from ML Metadata and write its report."""
+    from pipeline.report import write_report
 
-    return outcome_lib.latest_run_outcome(config, location, span, run_id)
-
-
-def print_outcome(outcome: RunOutcome, stream=sys.stdout) -> None:
-    """Print a run outcome for people, most important line first."""
-    if not outcome.trained:
-        print(outcome.reasons[0], file=stream)
-        return
-    if outcome.pushed:
-        print(f"PUSHED version {outcome.pushed_version} to {outcome.pushed_path}", file=stream)
-    else:
-        print("NOT pushed.", file=stream)
-    for reason in outcome.reasons:
-        print(f"  - {reason}", file=stream)
-    for name, value in sorted(outcome.metrics.items()):
-        base = outcome.baseline_metrics.get(name)
-        versus = f" (baseline {base:.4f})" if base is not None else ""
-        print(f"  {name}: {value:.4f}{versus}", file=stream)
-    if outcome.report_path:
-        print(f"Run report: {outcome.report_path}", file=stream)
-    if outcome.log_path:
-        print(f"Full log:   {outcome.log_path}", file=stream)
+    _run_name, outputs = latest_run_outputs(open_store(location.metadata_path))
+    outcome = summarize(outputs, span, run_id)
+    outcome.report_path = write_report(report_path(config, run_id), outputs, outcome)
+    return outcome
 
 
-def outcome_as_dict(outcome: RunOutcome) -> dict:
-    """JSON-safe form of an outcome (for --json and tests)."""
-    return asdict(outcome)
+def report_path(config: Config, run_id: str) -> Path:
+    """Where the HTML report of a local run goes."""
+    return Path(config.pipeline_root) / "reports" / run_id / "report.html"
+
+
+def open_store(metadata_path: str):
+    """Open the SQLite ML Metadata store of a local home."""
+    from ml_metadata.metadata_store import metadata_store
+    from tfx.orchestration import metadata
+
+    return metadata_store.MetadataStore(metadata.sqlite_metadata_connection_config(metadata_path))
+
+
+def latest_run_outputs(store) -> tuple[str, dict[str, list[RunArtifact]]]:
+    """Name of the newest pipeline run and its output artifacts, keyed by artifact type name."""
+    from ml_metadata.proto import metadata_store_pb2
+
+    output_events = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
+    runs = store.get_contexts_by_type("pipeline_run")
+    if not runs:
+        return "", {}
+    run = max(runs, key=lambda c: (c.create_time_since_epoch, c.id))
+    execution_ids = [e.id for e in store.get_executions_by_context(run.id)]
+    events = store.get_events_by_execution_ids(execution_ids)
+    artifact_ids = sorted({e.artifact_id for e in events if e.type in output_events})
+    types = {t.id: t.name for t in store.get_artifact_types()}
+    outputs: dict[str, list[RunArtifact]] = {}
+    for artifact in store.get_artifacts_by_id(artifact_ids):
+        record = RunArtifact(types[artifact.type_id], artifact.uri, mlmd_properties(artifact))
+        outputs.setdefault(record.type_name, []).append(record)
+    return run.name, outputs
+
+
+def mlmd_properties(artifact) -> dict:
+    """An MLMD artifact's properties and custom properties as plain values (custom ones win)."""
+    values = {}
+    for mapping in (artifact.properties, artifact.custom_properties):
+        for name, value in mapping.items():
+            kind = value.WhichOneof("value")
+            if kind in ("int_value", "double_value", "string_value", "bool_value"):
+                values[name] = getattr(value, kind)
+    return values

@@ -1,47 +1,73 @@
-"""What the last pipeline run decided, read back from ML Metadata and the Evaluator's output."""
+"""What a pipeline run decided, in terms a person deciding about a model needs.
+
+Both runners end here: `van-tfx run` (LocalDagRunner) reads its run's artifacts back from ML
+Metadata, `van-tfx kfp-local` from the ExecutorOutputs of a compiled KFP spec's tasks. Each turns
+them into `RunArtifact`s keyed by TFX type name; `summarize` reads the gate's decision, the
+Evaluator's metrics and failed thresholds, the smoke test's and the Pusher's results from those.
+This module only reads; the runners write the report and their own state.
+"""
 
 from __future__ import annotations
 
-from ml_metadata.metadata_store import metadata_store
-from ml_metadata.proto import metadata_store_pb2
-from tfx.orchestration import metadata
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from components.new_data_gate import DECISION_TYPE_NAME, NEW_DATA_KEY, REASON_KEY
 
-_OUTPUT_EVENTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
+TFX_TITLE_PREFIX = "tfx."  # KFP schema titles of first-party TFX types: tfx.Model, tfx.File, ...
 
 
-def open_store(metadata_path: str) -> metadata_store.MetadataStore:
-    """Open the SQLite ML Metadata store of a local home."""
-    return metadata_store.MetadataStore(metadata.sqlite_metadata_connection_config(metadata_path))
+@dataclass(frozen=True)
+class RunArtifact:
+    """One output artifact of a run: its TFX type name, URI, and (custom) properties."""
+
+    type_name: str
+    uri: str
+    properties: dict[str, Any] = field(default_factory=dict)
 
 
-def latest_run_outputs(store: metadata_store.MetadataStore) -> tuple[str, dict[str, list]]:
-    """Name of the newest pipeline run and its output artifacts, keyed by artifact type name."""
-    runs = store.get_contexts_by_type("pipeline_run")
-    if not runs:
-        return "", {}
-    run = max(runs, key=lambda c: (c.create_time_since_epoch, c.id))
-    execution_ids = [e.id for e in store.get_executions_by_context(run.id)]
-    events = store.get_events_by_execution_ids(execution_ids)
-    artifact_ids = sorted({e.artifact_id for e in events if e.type in _OUTPUT_EVENTS})
-    types = {t.id: t.name for t in store.get_artifact_types()}
-    outputs: dict[str, list] = {}
-    for artifact in store.get_artifacts_by_id(artifact_ids):
-        outputs.setdefault(types[artifact.type_id], []).append(artifact)
-    return run.name, outputs
+@dataclass
+class RunOutcome:
+    """What one pipeline run did: trained?, blessed?, pushed where?, and why not."""
+
+    run_id: str
+    span: int | None
+    trained: bool = True
+    blessed: bool = False
+    pushed: bool = False
+    pushed_version: str | None = None
+    pushed_path: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    baseline_metrics: dict[str, float] = field(default_factory=dict)
+    report_path: str | None = None
+    log_path: str | None = None
 
 
-def int_property(artifact, name: str, default: int = 0) -> int:
-    """An integer custom property of an MLMD artifact."""
-    value = artifact.custom_properties.get(name)
-    return value.int_value if value is not None else default
+def type_name_of_title(schema_title: str) -> str:
+    """The TFX type name behind a KFP schema title (`tfx.Model` -> `Model`)."""
+    return schema_title.removeprefix(TFX_TITLE_PREFIX)
 
 
-def string_property(artifact, name: str) -> str | None:
-    """A string custom property of an MLMD artifact."""
-    value = artifact.custom_properties.get(name)
-    return value.string_value if value is not None else None
+def int_property(artifact: RunArtifact, name: str, default: int = 0) -> int:
+    """An integer (custom) property; KFP metadata carries every number as a double."""
+    value = artifact.properties.get(name)
+    return default if value is None or value == "" else int(value)
+
+
+def string_property(artifact: RunArtifact, name: str) -> str | None:
+    """A string (custom) property, or None when the artifact has none of that name."""
+    value = artifact.properties.get(name)
+    return None if value is None else str(value)
+
+
+def gate_decision(outputs: dict[str, list[RunArtifact]]) -> RunArtifact | None:
+    """The NewDataGate's decision among a run's outputs (None if the gate did not run)."""
+    for artifact in outputs.get(DECISION_TYPE_NAME, []):
+        if NEW_DATA_KEY in artifact.properties:
+            return artifact
+    return None
 
 
 def overall_metrics(evaluation_uri: str) -> tuple[dict[str, float], dict[str, float]]:
@@ -92,39 +118,25 @@ def describe_failure(failure, baseline: dict[str, float]) -> str:
     return f"evaluator: {name} = {value:.4f} is below the value threshold {bound:.4f}"
 
 
-def gate_decision(outputs: dict[str, list]):
-    """The NewDataGate's decision artifact among a run's outputs (None if the gate did not run)."""
-    for artifact in outputs.get(DECISION_TYPE_NAME, []):
-        if NEW_DATA_KEY in artifact.custom_properties:
-            return artifact
-    return None
-
-
-def latest_run_outcome(config, location, span, run_id: str):
-    """Summarize the newest run: blessed?, pushed where?, and why not when it was not."""
-    from pipeline.local import RunOutcome
-    from pipeline.report import write_report
-
-    store = open_store(location.metadata_path)
-    _run_name, outputs = latest_run_outputs(store)
+def summarize(outputs: dict[str, list[RunArtifact]], span: int | None, run_id: str) -> RunOutcome:
+    """Blessed?, pushed where?, and why not, from the output artifacts of one run."""
     outcome = RunOutcome(run_id=run_id, span=span)
     decision = gate_decision(outputs)
     if decision is not None and int_property(decision, NEW_DATA_KEY, 1) == 0:
-        # Trainer, Evaluator, smoke test and Pusher were skipped by their condition.
+        # Everything downstream of the gate was skipped by its run condition.
         outcome.trained = False
         outcome.reasons.append(
             "no new data since the served model: trained nothing "
-            f"({string_property(decision, REASON_KEY)}). Add data, or pass --force "
-            "(retrain_on_same_data) to retrain anyway."
+            f"({string_property(decision, REASON_KEY)}). Add data, or set "
+            "retrain_on_same_data (van-tfx run --force) to retrain anyway."
         )
-        outcome.report_path = write_report(config, outputs, outcome)
         return outcome
     evaluations = outputs.get("ModelEvaluation", [])
     if evaluations:
         outcome.metrics, outcome.baseline_metrics = overall_metrics(evaluations[0].uri)
         outcome.reasons.extend(validation_failures(evaluations[0].uri, outcome.baseline_metrics))
         if not outcome.baseline_metrics:
-            outcome.reasons.append("no blessed baseline yet: the change threshold was not applied")
+            outcome.reasons.append("no model is served yet: the change threshold was not applied")
     blessings = outputs.get("ModelBlessing", [])
     infra = outputs.get("InfraBlessing", [])
     outcome.blessed = bool(blessings) and int_property(blessings[0], "blessed") == 1
@@ -137,5 +149,32 @@ def latest_run_outcome(config, location, span, run_id: str):
         outcome.pushed = True
         outcome.pushed_version = string_property(pushed[0], "pushed_version")
         outcome.pushed_path = string_property(pushed[0], "pushed_destination")
-    outcome.report_path = write_report(config, outputs, outcome)
     return outcome
+
+
+def print_outcome(outcome: RunOutcome, stream=sys.stdout) -> None:
+    """Print a run outcome for people, most important line first."""
+    if not outcome.trained:
+        print(outcome.reasons[0], file=stream)
+        if outcome.report_path:
+            print(f"Run report: {outcome.report_path}", file=stream)
+        return
+    if outcome.pushed:
+        print(f"PUSHED version {outcome.pushed_version} to {outcome.pushed_path}", file=stream)
+    else:
+        print("NOT pushed.", file=stream)
+    for reason in outcome.reasons:
+        print(f"  - {reason}", file=stream)
+    for name, value in sorted(outcome.metrics.items()):
+        base = outcome.baseline_metrics.get(name)
+        versus = f" (baseline {base:.4f})" if base is not None else ""
+        print(f"  {name}: {value:.4f}{versus}", file=stream)
+    if outcome.report_path:
+        print(f"Run report: {outcome.report_path}", file=stream)
+    if outcome.log_path:
+        print(f"Full log:   {outcome.log_path}", file=stream)
+
+
+def outcome_as_dict(outcome: RunOutcome) -> dict:
+    """JSON-safe form of an outcome (for --json and tests)."""
+    return asdict(outcome)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tfx import v1 as tfx
+from tfx.dsl.components.base import executor_spec
 from tfx.proto import transform_pb2
 
-from components.new_data_gate import NewDataGate, has_new_data
+from components.new_data_gate import has_new_data
+from components.served_model import ServedBaselineEvaluator, ServedModel
 from components.serving_smoke_test import ServingSmokeTest
 from pipeline import ingest
 from pipeline.evaluation import build_eval_config
@@ -27,63 +29,18 @@ class PipelineLocation:
     serving_base_path: str
     beam_args: list[str] = field(default_factory=list)
     metadata_path: str | None = None  # SQLite file locally; None on Kubeflow (cluster MLMD)
-    # The latest blessed model (warm start + Evaluator baseline) comes from a TFX Resolver, which
-    # open-source KFP 2.x cannot run; False builds the pipeline without it.
-    resolve_baseline: bool = True
-
-
-def latest_blessed_model() -> tfx.dsl.Resolver:
-    """The Resolver of the latest model the Evaluator blessed (warm start and baseline)."""
-    return tfx.dsl.Resolver(
-        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
-        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
-        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
-    ).with_id("latest_blessed_model_resolver")
 
 
 def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipeline:
-    """Assemble ExampleGen → validation → Transform → Trainer → Evaluator → smoke test → Pusher."""
-    example_gen = ingest.example_gen(config.data, location.data_root)
-    new_data_gate = NewDataGate(
-        examples=example_gen.outputs["examples"],
-        serving_base_path=location.serving_base_path,
-        force=int(config.retrain_on_same_data),
+    """Assemble the gate, then ExampleGen → validation → Transform → Trainer → Evaluator → push."""
+    gate = ingest.new_data_gate(
+        config.data, location.data_root, location.serving_base_path, config.retrain_on_same_data
     )
-    statistics_gen = ingest.statistics_gen(example_gen)
-    schema_importer = ingest.schema_importer(config.data, location.data_root)
-    example_validator = ingest.example_validator(statistics_gen, schema_importer)
-    anomalies_gate = ingest.anomalies_gate(example_validator)
-
-    transform = tfx.components.Transform(
-        examples=example_gen.outputs["examples"],
-        schema=schema_importer.outputs["schema"],
-        preprocessing_fn=PREPROCESSING_FN,
-        # Vocabulary and other analyzers see only training data; both splits are transformed.
-        splits_config=transform_pb2.SplitsConfig(analyze=["train"], transform=["train", "eval"]),
-        custom_config=custom_config_for(config),
-    )
-    # Anomalies stop the run before Transform spends time on bad data.
-    transform.add_upstream_node(anomalies_gate)
-
-    latest_blessed = latest_blessed_model() if location.resolve_baseline else None
-    # Data the served model was already trained on: train, evaluate and push nothing (an idle
-    # scheduled run would otherwise retrain after every push, see components/new_data_gate.py).
-    with tfx.dsl.Cond(has_new_data(new_data_gate)):
-        trained_and_pushed = train_evaluate_push(
-            config, location, example_gen, schema_importer, transform, latest_blessed
-        )
-
-    components = [
-        example_gen,
-        new_data_gate,
-        statistics_gen,
-        schema_importer,
-        example_validator,
-        anomalies_gate,
-        transform,
-        *([latest_blessed] if latest_blessed else []),
-        *trained_and_pushed,
-    ]
+    # Data the served model was already trained on: ingest, train and push nothing. The gate
+    # comes first so that an idle scheduled run does not copy the dataset (ImportExampleGen),
+    # compute its statistics or transform it just to find that out.
+    with tfx.dsl.Cond(has_new_data(gate)):
+        steps = ingest_train_evaluate_push(config, location, gate)
     metadata = (
         tfx.orchestration.metadata.sqlite_metadata_connection_config(location.metadata_path)
         if location.metadata_path
@@ -92,39 +49,56 @@ def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipel
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=location.pipeline_root,
-        components=components,
+        components=[gate, *steps],
         enable_cache=True,
         metadata_connection_config=metadata,
         beam_pipeline_args=list(location.beam_args),
     )
 
 
-def train_evaluate_push(
-    config: Config, location: PipelineLocation, example_gen, schema_importer, transform, resolver
-) -> list:
-    """Trainer, Evaluator, ServingSmokeTest and Pusher; warm start and baseline from `resolver`."""
-    base_model = resolver.outputs["model"] if resolver else None
+def ingest_train_evaluate_push(config: Config, location: PipelineLocation, gate) -> list:
+    """Every step after the gate, in order."""
+    example_gen = ingest.example_gen(config.data, location.data_root)
+    statistics_gen = ingest.statistics_gen(example_gen)
+    schema = ingest.curated_schema(config.data, location.data_root, example_gen)
+    example_validator = ingest.example_validator(statistics_gen, schema)
+    anomalies_gate = ingest.anomalies_gate(example_validator)
+
+    transform = tfx.components.Transform(
+        examples=example_gen.outputs["examples"],
+        schema=schema.outputs["schema"],
+        preprocessing_fn=PREPROCESSING_FN,
+        # Vocabulary and other analyzers see only training data; both splits are transformed.
+        splits_config=transform_pb2.SplitsConfig(analyze=["train"], transform=["train", "eval"]),
+        custom_config=custom_config_for(config),
+    )
+    # Anomalies stop the run before Transform spends time on bad data.
+    transform.add_upstream_node(anomalies_gate)
+
+    served = ServedModel(
+        decision=gate.outputs["decision"], serving_base_path=location.serving_base_path
+    )
     trainer = tfx.components.Trainer(
         run_fn=RUN_FN,
         examples=transform.outputs["transformed_examples"],
         transform_graph=transform.outputs["transform_graph"],
-        schema=schema_importer.outputs["schema"],
-        base_model=base_model,
+        schema=schema.outputs["schema"],
+        base_model=served.outputs["model"],  # warm start from what production serves
         custom_config=custom_config_for(config),
     )
-
     evaluator = tfx.components.Evaluator(
         examples=example_gen.outputs["examples"],
         model=trainer.outputs["model"],
-        baseline_model=base_model,
-        eval_config=build_eval_config(config.eval, with_baseline=base_model is not None),
+        baseline_model=served.outputs["model"],
+        eval_config=build_eval_config(config.eval),
         example_splits=["eval"],
     )
+    # TFX's executor, except that an empty ServedModel (nothing served yet) means no baseline.
+    evaluator.executor_spec = executor_spec.BeamExecutorSpec(ServedBaselineEvaluator)
 
     smoke_test = ServingSmokeTest(
         model=trainer.outputs["model"], examples=example_gen.outputs["examples"]
     )
-
     # Pushes the smoke-tested copy (it carries TF Serving warmup requests and the record of its
     # training data) only when both the Evaluator and the smoke test blessed it.
     pusher = tfx.components.Pusher(
@@ -136,4 +110,16 @@ def train_evaluate_push(
             )
         ),
     )
-    return [trainer, evaluator, smoke_test, pusher]
+    return [
+        example_gen,
+        statistics_gen,
+        schema,
+        example_validator,
+        anomalies_gate,
+        transform,
+        served,
+        trainer,
+        evaluator,
+        smoke_test,
+        pusher,
+    ]

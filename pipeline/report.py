@@ -14,9 +14,9 @@ import numpy as np
 CURVES_FILE = "training_curves.png"
 
 
-def write_report(config, outputs: dict[str, list], outcome) -> str:
-    """Write report.html for a run under the pipeline root and return its path."""
-    path = Path(config.pipeline_root) / "reports" / outcome.run_id / "report.html"
+def write_report(path: str | Path, outputs: dict[str, list], outcome) -> str:
+    """Write the HTML report of a run to `path` and return the path."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sections = [
         decision_section(outcome),

@@ -32,13 +32,14 @@ OVERRIDES = [
     "kubeflow.accelerator_type=NVIDIA_TESLA_T4",
 ]
 EXPECTED_TASKS = {
-    "ImportExampleGen",
     "NewDataGate",
+    "ImportExampleGen",
     "StatisticsGen",
-    "ImportSchemaGen",
+    "CuratedSchema",
     "ExampleValidator",
     "AnomaliesGate",
     "Transform",
+    "ServedModel",
     "Trainer",
     "Evaluator",
     "ServingSmokeTest",
@@ -68,17 +69,10 @@ def compiled(home, tmp_path_factory):
     return path, compile_to(path, "--gpus", "2")
 
 
-@pytest.fixture(scope="module")
-def compiled_no_baseline(home, tmp_path_factory):
-    """The pipeline compiled for open-source KFP: `--no-baseline`, no resolver."""
-    path = tmp_path_factory.mktemp("kf") / "no-baseline.yaml"
-    return path, compile_to(path, "--no-baseline")
-
-
-def constant(spec: dict, task: str, parameter: str) -> str:
-    """A string parameter the compiled spec passes to a task."""
+def constant(spec: dict, task: str, parameter: str):
+    """A parameter the compiled spec passes to a task (`runtimeValue.constant`, spec 2.1)."""
     value = spec["root"]["dag"]["tasks"][task]["inputs"]["parameters"][parameter]
-    return value["runtimeValue"]["constantValue"]["stringValue"]
+    return value["runtimeValue"]["constant"]
 
 
 def executor(spec: dict, task: str) -> dict:
@@ -105,14 +99,48 @@ def test_compiled_yaml_loads_with_kfp_pipeline_spec_proto(compiled):
 def test_compiled_dag_has_every_stage_in_order(compiled):
     _, spec = compiled
     tasks = spec["root"]["dag"]["tasks"]
-    assert EXPECTED_TASKS <= set(tasks)
-    assert any("resolver" in name for name in tasks)
+    assert set(tasks) == EXPECTED_TASKS
     assert "Transform" in tasks["Trainer"]["dependentTasks"]
     assert "Trainer" in tasks["Evaluator"]["dependentTasks"]
     assert {"Evaluator", "ServingSmokeTest"} <= set(tasks["Pusher"]["dependentTasks"])
 
 
-GATED = ("Trainer", "Evaluator", "ServingSmokeTest", "Pusher")
+def test_spec_is_in_the_form_the_open_source_backend_reads(compiled):
+    from pipeline.kfp_spec import load_pipeline_spec, resolver_tasks
+
+    path, spec = compiled
+    text = path.read_text()
+    assert "constantValue" not in text, "the OSS driver accepts only runtimeValue.constant"
+    assert spec["schemaVersion"] == "2.1.0"
+    assert resolver_tasks(load_pipeline_spec(path)) == []
+    for name, component in spec["components"].items():
+        for parameter in component.get("inputDefinitions", {}).get("parameters", {}).values():
+            assert "parameterType" in parameter and "type" not in parameter, name
+    for label, executor in spec["deploymentSpec"]["executors"].items():
+        container = executor["container"]
+        assert container["command"] == ["python", "-m", "pipeline.kfp_entrypoint"], label
+        assert "--json_serialized_inputs_spec_args" in container["args"], label
+
+
+def test_spec_loads_with_kfps_and_vertex_ais_own_parsers(compiled):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import aiplatform
+    from kfp.components import load_component_from_file
+
+    path, _ = compiled
+    assert load_component_from_file(str(path)).name == "van-tfx"
+    job = aiplatform.PipelineJob(
+        display_name="van-tfx",
+        template_path=str(path),
+        pipeline_root=PIPELINE_ROOT,
+        project="test-project",
+        location="us-central1",
+        credentials=AnonymousCredentials(),
+        enable_caching=False,
+    )
+    assert set(job.to_dict()["pipelineSpec"]["root"]["dag"]["tasks"]) == EXPECTED_TASKS
+
+
 # What KubeflowV2DagRunner compiles `Cond(gate.outputs["decision"].future()[0]
 # .custom_property("new_data") == 1)` into: a CEL expression over the task's inputs.
 NEW_DATA_CONDITION = (
@@ -120,17 +148,17 @@ NEW_DATA_CONDITION = (
 )
 
 
-@pytest.mark.parametrize("variant", ["compiled", "compiled_no_baseline"])
-def test_train_evaluate_push_run_only_when_the_gate_saw_new_data(request, variant):
-    _, spec = request.getfixturevalue(variant)
-    tasks = spec["root"]["dag"]["tasks"]
-    gate = tasks["NewDataGate"]
-    assert gate["dependentTasks"] == ["ImportExampleGen"]
-    assert "triggerPolicy" not in gate and "triggerPolicy" not in tasks["Transform"]
-    for name in GATED:
-        assert tasks[name]["triggerPolicy"]["condition"] == NEW_DATA_CONDITION, name
-        assert "NewDataGate" in tasks[name]["dependentTasks"]
-        assert "_NewDataGate.decision" in tasks[name]["inputs"]["artifacts"]
+def test_every_step_after_the_gate_runs_only_when_it_saw_new_data(compiled):
+    _, spec = compiled
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    gate = tasks.pop("NewDataGate")
+    assert "dependentTasks" not in gate and "triggerPolicy" not in gate
+    assert "artifacts" not in gate["inputs"], "the gate reads the data root, not Examples"
+    for name, task in tasks.items():
+        condition = task["triggerPolicy"]["condition"]
+        assert condition.endswith("artifacts[0].metadata['new_data'] == 1.0)"), name
+        assert "NewDataGate" in task["dependentTasks"]
+    assert tasks["Trainer"]["triggerPolicy"]["condition"] == NEW_DATA_CONDITION
 
 
 def test_gate_is_never_cached_and_compares_with_the_serving_path(compiled):
@@ -140,15 +168,13 @@ def test_gate_is_never_cached_and_compares_with_the_serving_path(compiled):
     assert spec["root"]["dag"]["tasks"]["Trainer"]["cachingOptions"] == {"enableCache": True}
     serving = constant(spec, "NewDataGate", "serving_base_path")
     assert serving == load_config().kubeflow.serving_base_path
-    assert gate["inputs"]["parameters"]["force"]["runtimeValue"]["constantValue"] == {
-        "intValue": "0"
-    }
+    assert constant(spec, "NewDataGate", "input_base") == "gs://test-bucket/van-tfx/data"
+    assert constant(spec, "NewDataGate", "force") == 0
 
 
 def test_retrain_on_same_data_forces_the_gate_open(home, tmp_path):
     spec = compile_to(tmp_path / "p.yaml", "--set", "retrain_on_same_data=true")
-    force = spec["root"]["dag"]["tasks"]["NewDataGate"]["inputs"]["parameters"]["force"]
-    assert force["runtimeValue"]["constantValue"] == {"intValue": "1"}
+    assert constant(spec, "NewDataGate", "force") == 1
 
 
 def test_every_container_runs_our_image(compiled):
@@ -183,11 +209,37 @@ def test_pipeline_root_is_the_spec_default(compiled):
     assert spec["defaultPipelineRoot"] == PIPELINE_ROOT
 
 
-def test_schema_points_into_the_image_not_this_checkout(compiled):
+def test_schema_comes_from_the_image_and_the_ingested_span(compiled):
     _, spec = compiled
-    schema = constant(spec, "ImportSchemaGen", "schema_file")
-    assert schema == "/opt/venv/lib/python3.10/site-packages/pipeline/schema/schema.pbtxt"
+    assert constant(spec, "CuratedSchema", "schema_file") == ""  # the one shipped in the image
+    assert constant(spec, "CuratedSchema", "input_base") == "gs://test-bucket/van-tfx/data"
+    assert constant(spec, "CuratedSchema", "split_pattern") == "span-{SPAN}/train-*"
     assert str(REPO) not in json.dumps(spec)
+
+
+def test_a_local_schema_file_is_refused_for_the_cluster(home, tmp_path, capsys):
+    schema = tmp_path / "schema.pbtxt"
+    schema.write_text("")
+    code = main(
+        ["compile", "--output", str(tmp_path / "p.yaml"), "--set", f"data.schema_path={schema}"]
+    )
+    assert code == 2
+    assert f"data.schema_path {schema} is a file on this machine the cluster cannot see" in (
+        capsys.readouterr().err
+    )
+
+
+def test_compiling_reads_and_writes_no_data_root(home, tmp_path, monkeypatch):
+    # A data root that holds spans and a synsets.txt, readable and writable from here: the
+    # compiled spec must not depend on it, and nothing may be written into it.
+    data = tmp_path / "data"
+    (data / "span-1").mkdir(parents=True)
+    (data / "span-1" / "synsets.txt").write_text("a\nb\n")
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    spec = compile_to(tmp_path / "p.yaml", "--set", f"kubeflow.data_root={data}")
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    assert constant(spec, "CuratedSchema", "num_classes") == 0  # counted in the pod, per span
 
 
 def test_zero_gpus_means_no_accelerator(home, tmp_path):
@@ -238,95 +290,21 @@ def thresholds(spec: dict) -> list[dict]:
     ]
 
 
-def test_default_compile_resolves_the_baseline(compiled):
-    from pipeline.kubeflow import load_pipeline_spec, resolver_tasks
-
-    path, spec = compiled
-    assert resolver_tasks(load_pipeline_spec(path))
-    assert "base_model" in spec["root"]["dag"]["tasks"]["Trainer"]["inputs"]["artifacts"]
-    assert "baseline_model" in spec["root"]["dag"]["tasks"]["Evaluator"]["inputs"]["artifacts"]
-    [threshold] = thresholds(spec)
-    assert "change_threshold" in threshold and "value_threshold" in threshold
-
-
-def test_no_baseline_compile_has_no_resolver_warm_start_or_change_threshold(compiled_no_baseline):
-    from pipeline.kubeflow import load_pipeline_spec, resolver_tasks
-
-    path, spec = compiled_no_baseline
-    assert resolver_tasks(load_pipeline_spec(path)) == []
+def test_baseline_and_warm_start_are_the_served_model_without_a_resolver(compiled):
+    _, spec = compiled
     tasks = spec["root"]["dag"]["tasks"]
-    assert EXPECTED_TASKS <= set(tasks)
-    assert not [name for name in tasks if "resolver" in name]
-    assert "base_model" not in tasks["Trainer"]["inputs"]["artifacts"]
-    assert "baseline_model" not in tasks["Evaluator"]["inputs"]["artifacts"]
+    served = {"taskOutputArtifact": {"outputArtifactKey": "model", "producerTask": "ServedModel"}}
+    assert tasks["Trainer"]["inputs"]["artifacts"]["base_model"] == served
+    assert tasks["Evaluator"]["inputs"]["artifacts"]["baseline_model"] == served
+    assert (
+        constant(spec, "ServedModel", "serving_base_path")
+        == load_config().kubeflow.serving_base_path
+    )
     [threshold] = thresholds(spec)
     assert threshold["value_threshold"]["lower_bound"] == 0.5  # eval.min_top1
-    assert "change_threshold" not in threshold
-
-
-def test_no_baseline_is_also_a_config_key(home, tmp_path):
-    spec = compile_to(tmp_path / "p.yaml", "--set", "kubeflow.resolve_baseline=false")
-    assert not [name for name in spec["root"]["dag"]["tasks"] if "resolver" in name]
-
-
-@pytest.mark.parametrize(
-    "command", [["submit"], ["schedule", "--cron", "0 0 3 * * *"]], ids=["submit", "schedule"]
-)
-def test_no_baseline_package_sends_without_the_resolver_warning(
-    compiled_no_baseline, capsys, command
-):
-    path, _ = compiled_no_baseline
-    assert main([*command, "--pipeline", str(path), "--dry-run"]) == 0
-    out = capsys.readouterr()
-    assert json.loads(out.out)["calls"]
-    assert "warning" not in out.err
-
-
-def test_num_classes_schema_goes_to_object_storage_not_a_local_gs_dir(
-    home, tmp_path, monkeypatch, capsys
-):
-    # ram:// is TensorFlow's in-process filesystem: the same tf.io.gfile path gs:// takes,
-    # without a bucket. The pods read the derived schema from the data root.
-    monkeypatch.chdir(tmp_path)  # a Path()-collapsed "gs:/..." would land here
-    spec = compile_to(
-        tmp_path / "p.yaml",
-        "--set",
-        "kubeflow.data_root=ram://kf-test/data",
-        "--set",
-        "data.num_classes=10",
-    )
-    schema_path = constant(spec, "ImportSchemaGen", "schema_file")
-    assert schema_path.startswith("ram://kf-test/data/_schema/")
-    assert schema_path.endswith("/schema.pbtxt")
-    text = tf_gfile_read(schema_path)
-    assert "max: 10" in text
-    assert not list(tmp_path.glob("ram*")) and not list(tmp_path.glob("gs*"))
-
-
-def test_num_classes_with_gs_data_root_writes_to_the_bucket_or_says_why_not(
-    home, tmp_path, monkeypatch, capsys
-):
-    monkeypatch.chdir(tmp_path)
-    code = main(
-        ["compile", "--output", str(tmp_path / "p.yaml"), *OVERRIDES]
-        + ["--set", "data.num_classes=10"]
-    )
-    # Nobody can write gs://test-bucket from here (no network, no credentials): the error names
-    # the full gs:// path.
-    # Before the fix, Path() turned the root into "gs:/test-bucket/..." and wrote it locally.
-    assert code == 2, "compiled without writing the schema to gs://?"
-    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("van-tfx")]
-    assert "cannot write the schema with the data's class count to gs://test-bucket/" in line
-    assert "data.num_classes=0" in line
-    assert not list(tmp_path.glob("gs*"))
-
-
-def tf_gfile_read(path: str) -> str:
-    """Read a file through tf.io.gfile (local, ram://, gs://)."""
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(path) as handle:
-        return handle.read()
+    assert threshold["change_threshold"]["absolute"] == -0.01  # eval.max_top1_drop
+    evaluator = executor(spec, "Evaluator")
+    assert "components.served_model.ServedBaselineEvaluator" in evaluator["args"]
 
 
 def test_compile_rejects_a_json_output(home, tmp_path, capsys):
@@ -360,8 +338,7 @@ def test_submit_dry_run_prints_the_call_and_contacts_nothing(compiled, capsys):
     assert call["kwargs"]["run_name"] == "nightly-1"
     assert call["kwargs"]["experiment_name"] == "van-tfx"
     assert call["kwargs"]["pipeline_root"] == PIPELINE_ROOT
-    assert "resolver" in out.err  # the open-source-KFP warning names the resolver steps
-    assert "--no-baseline" in out.err  # ... and says how to compile without them
+    assert "warning" not in out.err  # no resolver: nothing open-source KFP would refuse
 
 
 def test_submit_to_an_unreachable_host_fails_in_one_line(compiled, capsys):

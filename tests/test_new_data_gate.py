@@ -9,11 +9,13 @@ import pytest
 import tensorflow as tf
 from tfx.types.experimental.simple_artifacts import File
 from tfx.types.standard_artifacts import Examples
+from tfx.utils import proto_utils
 
 from components.new_data_gate import (
     GATE_ID,
     NEW_DATA_KEY,
     REASON_KEY,
+    SERVED_VERSION_KEY,
     NewDataGate,
     TrainingDataRecordError,
     training_data_path,
@@ -59,12 +61,16 @@ def push(serving: Path, version: int, examples: Examples | None) -> Path:
     return model_dir
 
 
-def gate(examples: Examples, serving: Path, tmp_path: Path, force: bool = False) -> File:
-    """Run the component's function on real artifacts; return its decision artifact."""
+def gate(data_root: Path, serving: Path, tmp_path: Path, force: bool = False) -> File:
+    """Run the component's function on the real data root; return its decision artifact."""
     decision = File()
     decision.uri = str(tmp_path / GATE_ID / "decision" / uuid.uuid4().hex)
     NewDataGate.test_call(
-        examples=examples, decision=decision, serving_base_path=str(serving), force=int(force)
+        decision=decision,
+        input_base=str(data_root),
+        input_config=proto_utils.proto_to_json(ingest.input_config(DataConfig())),
+        serving_base_path=str(serving),
+        force=int(force),
     )
     return decision
 
@@ -85,7 +91,7 @@ def data(tmp_path) -> Path:
 
 
 def test_nothing_served_yet_means_train(data, tmp_path):
-    decision = gate(examples_of(data, tmp_path), tmp_path / "serving", tmp_path)
+    decision = gate(data, tmp_path / "serving", tmp_path)
     assert new_data(decision) == 1
     assert "no model is served" in reason(decision)
 
@@ -93,11 +99,14 @@ def test_nothing_served_yet_means_train(data, tmp_path):
 def test_same_span_and_fingerprint_as_the_served_model_means_skip(data, tmp_path):
     examples = examples_of(data, tmp_path)
     push(tmp_path / "serving", 1700000000, examples)
-    decision = gate(examples_of(data, tmp_path), tmp_path / "serving", tmp_path)
+    decision = gate(data, tmp_path / "serving", tmp_path)
     assert new_data(decision) == 0
     assert "span 1" in reason(decision) and "1700000000" in reason(decision)
+    assert decision.get_string_custom_property(SERVED_VERSION_KEY) == "1700000000"
     written = json.loads(Path(decision.uri, "decision.json").read_text())
-    assert written == {NEW_DATA_KEY: 0, REASON_KEY: reason(decision)}
+    assert written[NEW_DATA_KEY] == 0 and written[REASON_KEY] == reason(decision)
+    fingerprint = examples.get_string_custom_property("input_fingerprint")
+    assert written["span"] == 1 and written["input_fingerprint"] == fingerprint
 
 
 def test_record_travels_with_the_model(data, tmp_path):
@@ -113,7 +122,7 @@ def test_record_travels_with_the_model(data, tmp_path):
 def test_new_span_means_train(data, tmp_path):
     push(tmp_path / "serving", 1700000000, examples_of(data, tmp_path))
     write_span(data, 2)
-    decision = gate(examples_of(data, tmp_path), tmp_path / "serving", tmp_path)
+    decision = gate(data, tmp_path / "serving", tmp_path)
     assert new_data(decision) == 1
     assert "span 2" in reason(decision) and "span 1" in reason(decision)
 
@@ -123,21 +132,21 @@ def test_rewritten_files_of_the_same_span_mean_train(data, tmp_path):
     shard = data / "span-1" / "train-00000-of-00001"
     stat = shard.stat()
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # re-uploaded
-    decision = gate(examples_of(data, tmp_path), tmp_path / "serving", tmp_path)
+    decision = gate(data, tmp_path / "serving", tmp_path)
     assert new_data(decision) == 1
     assert "changed" in reason(decision)
 
 
 def test_force_trains_on_the_same_data(data, tmp_path):
     push(tmp_path / "serving", 1700000000, examples_of(data, tmp_path))
-    decision = gate(examples_of(data, tmp_path), tmp_path / "serving", tmp_path, force=True)
+    decision = gate(data, tmp_path / "serving", tmp_path, force=True)
     assert new_data(decision) == 1
     assert "forced" in reason(decision)
 
 
 def test_model_pushed_without_a_record_means_train(data, tmp_path):
     push(tmp_path / "serving", 1700000000, None)
-    decision = gate(examples_of(data, tmp_path), tmp_path / "serving", tmp_path)
+    decision = gate(data, tmp_path / "serving", tmp_path)
     assert new_data(decision) == 1
     assert "van_training_data.json" in reason(decision)
 
@@ -148,7 +157,7 @@ def test_only_the_newest_complete_version_counts(data, tmp_path):
     # A newer version still being pushed (saved_model.pb is copied last) and a non-version dir.
     (serving / "1800000000" / "variables").mkdir(parents=True)
     (serving / "tmp-push").mkdir()
-    decision = gate(examples_of(data, tmp_path), serving, tmp_path)
+    decision = gate(data, serving, tmp_path)
     assert new_data(decision) == 0
     assert "1700000000" in reason(decision)
     # A newer complete version trained on other data wins.
@@ -157,7 +166,7 @@ def test_only_the_newest_complete_version_counts(data, tmp_path):
     (data / "span-2" / "train-00000-of-00001").unlink()  # the data now resolves to span 1 again
     (data / "span-2" / "validation-00000-of-00001").unlink()
     (data / "span-2").rmdir()
-    decision = gate(examples_of(data, tmp_path), serving, tmp_path)
+    decision = gate(data, serving, tmp_path)
     assert new_data(decision) == 1
     assert "1900000000" in reason(decision)
 
@@ -166,7 +175,7 @@ def test_unreadable_record_is_an_error_naming_the_file(data, tmp_path):
     model_dir = push(tmp_path / "serving", 1700000000, examples_of(data, tmp_path))
     Path(training_data_path(str(model_dir))).write_text("{not json")
     with pytest.raises(TrainingDataRecordError, match="van_training_data.json is not valid JSON"):
-        gate(examples_of(data, tmp_path), tmp_path / "serving", tmp_path)
+        gate(data, tmp_path / "serving", tmp_path)
 
 
 @pytest.mark.parametrize("force", [False, True])
@@ -184,5 +193,7 @@ def test_force_reaches_the_gate_and_the_local_gate_is_never_cached(tmp_path, for
     assert gate_node.parameters.parameters["force"].field_value.int_value == int(force)
     assert not gate_node.execution_options.caching_options.enable_cache
     assert nodes["Transform"].execution_options.caching_options.enable_cache
-    for name in ("Trainer", "Evaluator", "ServingSmokeTest", "Pusher"):
-        assert nodes[name].inputs.conditionals, f"{name} runs whatever the gate decided"
+    assert not gate_node.inputs.inputs, "the gate reads the data root itself, before ingestion"
+    for name, node in nodes.items():
+        if name != GATE_ID:
+            assert node.inputs.conditionals, f"{name} runs whatever the gate decided"

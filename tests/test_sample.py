@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from van_tfx import features
 from van_tfx.cli import main
 from van_tfx.data.records import read_examples, read_synset_mapping
 from van_tfx.data.sample import build_sample
-from van_trainer import features
 
 
 @pytest.fixture(scope="module")

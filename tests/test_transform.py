@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from van_tfx import features, preprocessing
 from van_tfx.config import DataConfig
 from van_tfx.data.records import write_split, write_synset_list
 from van_tfx.data.sample import SYNSET_TEXTS, span_records
-from van_trainer import features, preprocessing
 
 STORED = 32
 
@@ -29,7 +29,7 @@ def write_small_sample(root: Path, train: int = 200, validation: int = 100) -> l
 
 
 def run_ingest_and_transform(tmp: Path, data_root: Path, *, with_transform: bool) -> dict:
-    """Run ImportExampleGen → StatisticsGen → ImportSchemaGen → ExampleValidator → gate (→ Transform)."""
+    """Run ImportExampleGen → StatisticsGen → CuratedSchema → ExampleValidator → gate (→ Transform)."""
     from tfx import v1 as tfx
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
     from tfx.proto import transform_pb2
@@ -39,7 +39,7 @@ def run_ingest_and_transform(tmp: Path, data_root: Path, *, with_transform: bool
     config = DataConfig(stored_image_size=STORED)
     example_gen = ingest.example_gen(config, str(data_root))
     statistics = ingest.statistics_gen(example_gen)
-    schema = ingest.schema_importer(config, str(data_root))
+    schema = ingest.curated_schema(config, str(data_root), example_gen)
     validator = ingest.example_validator(statistics, schema)
     gate = ingest.anomalies_gate(validator)
     components = [example_gen, statistics, schema, validator, gate]

@@ -144,11 +144,6 @@ class KubeflowConfig(_Section):
             "--experiments=use_runner_v2",
         ]
     )
-    # Open-source KFP 2.x has no resolver executors: without the resolver the pipeline trains from
-    # scratch (no warm start) and the Evaluator gates on eval.min_top1 only (no baseline).
-    resolve_baseline: bool = Field(
-        True, description="Resolve the latest blessed model (warm start, baseline); needs Vertex."
-    )
     experiment: str = Field("van-tfx", description="KFP experiment runs and schedules go into.")
     service_account: str = Field("", description="Kubernetes service account; empty = default.")
     # Multi-worker training on Vertex AI: the Trainer step only launches a CustomJob whose worker

@@ -12,7 +12,7 @@ from typing import Any
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from van_trainer import features
+from van_tfx import features
 
 DEFAULT_STORED_IMAGE_SIZE = 64  # = van_tfx.config.DataConfig.stored_image_size's default
 _JPEG_START = b"\xff\xd8\xff"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile
 
-from van_trainer import features
+from van_tfx import features
 
 SYNSETS_FILE = "synsets.txt"
 JPEG_QUALITY = 95

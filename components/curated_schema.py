@@ -1,0 +1,110 @@
+"""CuratedSchema: the curated schema, with the label's class count taken from the span being ingested.
+
+TFX's ImportSchemaGen imports a file as it is, so the class count (the label's int_domain max, which
+ExampleValidator checks) would have to be written into a copy when the pipeline is built: from the
+data a compile machine happens to see, into the data root it must be able to write, and frozen into
+every scheduled run compiled from it. This component does it at run time instead, in the pod: it
+reads the `synsets.txt` next to the ingested span's training files (through tf.io.gfile, so a
+gs:// data root works) and writes the schema artifact. A new span with more classes gets a schema
+that says so; compiling has no side effects.
+"""
+
+import os
+import sys
+from importlib import resources
+
+import tensorflow as tf
+from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
+from tfx.dsl.component.experimental.decorators import component
+from tfx.types.standard_artifacts import Examples, Schema
+
+from components.new_data_gate import examples_span
+from van_tfx import features
+
+SCHEMA_FILE = "schema.pbtxt"  # the name TFX components look for in a Schema artifact
+SYNSETS_FILE = "synsets.txt"
+
+
+class SchemaError(ValueError):
+    """The curated schema or the data's synset list cannot be used; the message names the file."""
+
+
+def curated_schema_text(schema_file: str = "") -> str:
+    """The curated schema: `schema_file` (local or object storage), else the one shipped here."""
+    if not schema_file:
+        return resources.files("components").joinpath("schema", SCHEMA_FILE).read_text()
+    if not tf.io.gfile.exists(schema_file):
+        raise SchemaError(f"data.schema_path {schema_file} does not exist")
+    with tf.io.gfile.GFile(schema_file) as handle:
+        return handle.read()
+
+
+def synsets_path(input_base: str, split_pattern: str, span: int, version: int | None) -> str:
+    """The synsets.txt beside a span's files: the split pattern's directory, span filled in."""
+    from tfx.components.example_gen import utils
+    from tfx.proto import example_gen_pb2
+
+    split = example_gen_pb2.Input.Split(name="train", pattern=split_pattern)
+    is_span, is_date, is_version = utils.verify_split_pattern_specs(split)
+    pattern = utils.get_pattern_for_span_version(
+        split_pattern, is_span, is_date, is_version, span, version
+    )
+    return os.path.join(input_base, os.path.dirname(pattern), SYNSETS_FILE)
+
+
+def count_synsets(path: str) -> int:
+    """Number of non-empty lines of a synsets.txt (0 when there is none)."""
+    if not tf.io.gfile.exists(path):
+        return 0
+    with tf.io.gfile.GFile(path) as handle:
+        return sum(1 for line in handle.read().splitlines() if line.strip())
+
+
+def with_label_max(schema_text: str, num_classes: int) -> str:
+    """The schema text with the label's int_domain max set to num_classes."""
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    schema = text_format.Parse(schema_text, schema_pb2.Schema())
+    for feature in schema.feature:
+        if feature.name == features.LABEL:
+            feature.int_domain.min = 1
+            feature.int_domain.max = num_classes
+            return text_format.MessageToString(schema)
+    raise SchemaError(f"the curated schema has no {features.LABEL!r} feature")
+
+
+def examples_version(examples) -> int | None:
+    """The version of an Examples artifact, None when its patterns have no {VERSION}."""
+    if examples.has_custom_property("version"):
+        return examples.get_int_custom_property("version")
+    return None
+
+
+@component
+def CuratedSchema(  # noqa: N802  (TFX component names are class-like)
+    examples: InputArtifact[Examples],
+    schema: OutputArtifact[Schema],
+    input_base: Parameter[str],
+    split_pattern: Parameter[str],
+    schema_file: Parameter[str] = "",
+    num_classes: Parameter[int] = 0,
+) -> None:
+    """Write the curated schema with the label max of this span (num_classes, else synsets.txt)."""
+    text = curated_schema_text(schema_file)
+    if not num_classes:
+        path = synsets_path(
+            input_base, split_pattern, examples_span(examples), examples_version(examples)
+        )
+        num_classes = count_synsets(path)
+        if not num_classes:
+            print(
+                f"CuratedSchema: no {path}: labels are only checked to be >= 1 "
+                "(set data.num_classes to check the upper bound)",
+                file=sys.stderr,
+            )
+    if num_classes:
+        text = with_label_max(text, num_classes)
+    tf.io.gfile.makedirs(schema.uri)
+    with tf.io.gfile.GFile(os.path.join(schema.uri, SCHEMA_FILE), "w") as handle:
+        handle.write(text)

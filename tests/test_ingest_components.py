@@ -1,0 +1,197 @@
+"""CuratedSchema, ServedModel and the span-resolving ImportExampleGen executor on real files."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_metadata.proto.v0 import schema_pb2
+from tfx.components.example_gen import utils as example_gen_utils
+from tfx.types.experimental.simple_artifacts import File
+from tfx.types.standard_artifacts import Examples, Model, Schema
+from tfx.utils import proto_utils
+
+from components.curated_schema import CuratedSchema, SchemaError, curated_schema_text
+from components.example_gen import SpanResolvingImportExecutor, has_unresolved_specs
+from components.new_data_gate import SERVED_VERSION_KEY, write_training_data
+from components.served_model import ServedModel, ServedModelError
+from pipeline import ingest
+from van_tfx import features
+from van_tfx.config import DataConfig
+
+
+def write_span(data_root: Path, span: int, synsets: list[str] | None = None) -> None:
+    """A span directory with one train and one validation shard, and its synsets.txt."""
+    directory = data_root / f"span-{span}"
+    directory.mkdir(parents=True, exist_ok=True)
+    example = tf.train.Example()
+    example.features.feature["x"].int64_list.value.append(span)
+    for name in ("train-00000-of-00001", "validation-00000-of-00001"):
+        with tf.io.TFRecordWriter(str(directory / name)) as writer:
+            writer.write(example.SerializeToString())
+    if synsets is not None:
+        (directory / "synsets.txt").write_text("".join(f"{s}\n" for s in synsets))
+
+
+def examples_of_span(tmp_path: Path, span: int) -> Examples:
+    examples = Examples()
+    examples.uri = str(tmp_path / "examples" / uuid.uuid4().hex)
+    examples.set_int_custom_property("span", span)
+    return examples
+
+
+def label_max(schema_artifact: Schema) -> int:
+    text = Path(schema_artifact.uri, "schema.pbtxt").read_text()
+    schema = text_format.Parse(text, schema_pb2.Schema())
+    [label] = [f for f in schema.feature if f.name == features.LABEL]
+    return label.int_domain.max
+
+
+def curate(tmp_path: Path, data: Path, span: int, **params) -> Schema:
+    schema = Schema()
+    schema.uri = str(tmp_path / "schema" / uuid.uuid4().hex)
+    CuratedSchema.test_call(
+        examples=examples_of_span(tmp_path, span),
+        schema=schema,
+        input_base=str(data),
+        split_pattern=ingest.split_patterns(DataConfig())["train"],
+        **params,
+    )
+    return schema
+
+
+# ---------------------------------------------------------------------------- CuratedSchema
+
+
+def test_label_max_follows_the_synsets_of_the_ingested_span(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1, ["a", "b", "c"])
+    write_span(data, 2, ["a", "b", "c", "d", "e"])
+    assert label_max(curate(tmp_path, data, 1)) == 3
+    assert label_max(curate(tmp_path, data, 2)) == 5  # a new span with more classes says so
+
+
+def test_num_classes_overrides_and_a_missing_synset_list_leaves_the_max_open(tmp_path, capfd):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    assert label_max(curate(tmp_path, data, 1, num_classes=7)) == 7
+    assert label_max(curate(tmp_path, data, 1)) == 0
+    assert "labels are only checked to be >= 1" in capfd.readouterr().err
+
+
+def test_a_given_schema_file_is_used_and_a_missing_one_is_named(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1, ["a"])
+    custom = tmp_path / "my-schema.pbtxt"
+    custom.write_text(curated_schema_text() + 'feature { name: "extra" type: INT }\n')
+    schema = curate(tmp_path, data, 1, schema_file=str(custom))
+    assert label_max(schema) == 1
+    assert 'name: "extra"' in Path(schema.uri, "schema.pbtxt").read_text()
+    with pytest.raises(SchemaError, match="nope.pbtxt does not exist"):
+        curate(tmp_path, data, 1, schema_file=str(tmp_path / "nope.pbtxt"))
+
+
+# ------------------------------------------------------------------------------- ServedModel
+
+
+def decision_seeing(version: str) -> File:
+    decision = File()
+    decision.set_string_custom_property(SERVED_VERSION_KEY, version)
+    return decision
+
+
+def served_model(tmp_path: Path, serving: Path, version: str) -> Model:
+    model = Model()
+    model.uri = str(tmp_path / "ServedModel" / uuid.uuid4().hex)
+    ServedModel.test_call(
+        decision=decision_seeing(version), model=model, serving_base_path=str(serving)
+    )
+    return model
+
+
+def push(serving: Path, version: int) -> Path:
+    """A served version as Pusher leaves it: a SavedModel with the warm-start weights."""
+    model_dir = serving / str(version)
+    tf.saved_model.save(tf.Module(), str(model_dir))
+    (model_dir / "assets.extra").mkdir(exist_ok=True)
+    (model_dir / "assets.extra" / "van.weights.h5").write_bytes(b"weights")
+    examples = Examples()
+    examples.set_int_custom_property("span", 1)
+    write_training_data(str(model_dir), examples)
+    return model_dir
+
+
+def test_served_version_is_copied_where_trainer_and_evaluator_look(tmp_path):
+    serving = tmp_path / "serving"
+    push(serving, 1700000000)
+    push(serving, 1800000000)
+    model = served_model(tmp_path, serving, "1700000000")  # the version the gate saw
+    copy = Path(model.uri, "Format-Serving")
+    assert (copy / "saved_model.pb").read_bytes() == (
+        serving / "1700000000" / "saved_model.pb"
+    ).read_bytes()
+    assert (copy / "assets.extra" / "van.weights.h5").read_bytes() == b"weights"
+    assert model.get_string_custom_property(SERVED_VERSION_KEY) == "1700000000"
+
+
+def test_nothing_served_gives_an_empty_model(tmp_path):
+    model = served_model(tmp_path, tmp_path / "serving", "")
+    assert model.get_string_custom_property(SERVED_VERSION_KEY) == ""
+    assert not Path(model.uri, "Format-Serving").exists()
+
+
+def test_a_version_removed_since_the_gate_looked_is_an_error_naming_it(tmp_path):
+    serving = tmp_path / "serving"
+    push(serving, 1700000000)
+    (serving / "1700000000" / "saved_model.pb").unlink()  # being replaced / deleted
+    with pytest.raises(ServedModelError, match="served version 1700000000 is no longer complete"):
+        served_model(tmp_path, serving, "1700000000")
+
+
+# --------------------------------------------------------------- ImportExampleGen's executor
+
+
+def input_config_json() -> str:
+    return proto_utils.proto_to_json(ingest.input_config(DataConfig()))
+
+
+def test_unresolved_patterns_are_recognised():
+    assert has_unresolved_specs(input_config_json())
+    plain = proto_utils.proto_to_json(ingest.input_config(DataConfig(layout="plain")))
+    assert not has_unresolved_specs(plain)
+
+
+def test_executor_resolves_the_newest_span_and_records_what_the_driver_would(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    write_span(data, 2)
+    examples = Examples()
+    examples.uri = str(tmp_path / "ImportExampleGen" / "examples")
+    exec_properties = {
+        "input_base": str(data),
+        "input_config": input_config_json(),
+        "output_config": "{}",
+        "output_data_format": 6,  # FORMAT_TF_EXAMPLE
+        "output_file_format": 5,  # FORMAT_TFRECORDS_GZIP
+    }
+    SpanResolvingImportExecutor().Do({}, {"examples": [examples]}, exec_properties)
+    # The same calculation TFX's driver makes before the executor on LocalDagRunner / Vertex.
+    fingerprint, span, version = example_gen_utils.calculate_splits_fingerprint_span_and_version(
+        str(data), ingest.input_config(DataConfig()).splits
+    )
+    assert span == 2
+    assert examples.get_int_custom_property("span") == 2
+    assert examples.get_string_custom_property("input_fingerprint") == fingerprint
+    assert not examples.has_custom_property("version") and version is None
+    ingested = list(
+        tf.data.TFRecordDataset(
+            tf.io.gfile.glob(str(Path(examples.uri, "Split-train", "*"))), compression_type="GZIP"
+        )
+    )
+    assert len(ingested) == 1
+    assert tf.train.Example.FromString(ingested[0].numpy()).features.feature[
+        "x"
+    ].int64_list.value == [2]
