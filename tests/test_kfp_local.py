@@ -19,7 +19,8 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from pipeline import kfp_entrypoint, kfp_local
+from pipeline import kfp_entrypoint
+from pipeline.kfp_backend import TaskFailed, driver, expression, metadata
 from pipeline.kfp_spec import write_pipeline_spec
 from van_tfx.cli import main
 
@@ -169,22 +170,17 @@ def test_our_entrypoint_runs_both_tasks_and_the_decision_arrives_as_metadata(tmp
 # --------------------------------------------------------------------- driver and launcher rules
 
 
-def executor_input_with(metadata: dict):
-    """An ExecutorInput whose input artifact `d` carries `metadata`, as MLMD hands it back."""
-    stored = kfp_local.StoredArtifact(
-        7,
-        "decision",
-        "/x",
-        "title: tfx.File",
-        {k: kfp_local.struct_value_to_mlmd(k, v) for k, v in _values(metadata).items()},
-    )
+def executor_input_with(values: dict):
+    """An ExecutorInput whose input artifact `d` carries `values`, as MLMD hands it back."""
+    properties = {k: metadata.struct_value_to_mlmd(k, v) for k, v in _values(values).items()}
+    stored = metadata.StoredArtifact(7, "decision", "/x", "title: tfx.File", properties)
     executor_input = pipeline_spec_pb2.ExecutorInput()
-    executor_input.inputs.artifacts["d"].artifacts.append(kfp_local.runtime_artifact_of(stored))
+    executor_input.inputs.artifacts["d"].artifacts.append(metadata.runtime_artifact_of(stored))
     return executor_input
 
 
-def _values(metadata: dict) -> dict:
-    struct = json_format.ParseDict(metadata, pipeline_spec_pb2.RuntimeArtifact().metadata)
+def _values(values: dict) -> dict:
+    struct = json_format.ParseDict(values, pipeline_spec_pb2.RuntimeArtifact().metadata)
     return dict(struct.fields)
 
 
@@ -192,38 +188,36 @@ def _values(metadata: dict) -> dict:
 def test_condition_is_cel_over_the_executor_input_with_numbers_as_doubles(value, expected):
     executor_input = executor_input_with({"new_data": value})
     condition = "(inputs.artifacts['d'].artifacts[0].metadata['new_data'] == 1.0)"
-    assert kfp_local.evaluate_condition(executor_input, condition) is expected
+    assert expression.evaluate_condition(executor_input, condition) is expected
 
 
 def test_condition_errors_fail_the_task_like_the_driver():
     executor_input = executor_input_with({"new_data": 1})
-    with pytest.raises(kfp_local.TaskFailed, match="evaluation error"):
-        kfp_local.evaluate_condition(executor_input, "inputs.artifacts['missing'].artifacts[0]")
-    with pytest.raises(kfp_local.TaskFailed, match="return type is not bool"):
-        kfp_local.evaluate_condition(executor_input, "inputs.artifacts['d'].artifacts[0].uri")
+    with pytest.raises(TaskFailed, match="evaluation error"):
+        expression.evaluate_condition(executor_input, "inputs.artifacts['missing'].artifacts[0]")
+    with pytest.raises(TaskFailed, match="return type is not bool"):
+        expression.evaluate_condition(executor_input, "inputs.artifacts['d'].artifacts[0].uri")
 
 
 def test_condition_may_parse_json_like_the_backends_cel_environment():
     executor_input = executor_input_with({"config": '{"k": [1, 2]}'})
     condition = "size(parseJson(inputs.artifacts['d'].artifacts[0].metadata['config']).k) == 2"
-    assert kfp_local.evaluate_condition(executor_input, condition)
+    assert expression.evaluate_condition(executor_input, condition)
 
 
 def test_artifacts_come_back_from_mlmd_untyped_with_doubles_and_launcher_properties():
-    stored = kfp_local.StoredArtifact(
+    stored = metadata.StoredArtifact(
         5,
         "examples",
         "/u",
         "title: tfx.Examples",
         {
-            "span": kfp_local.struct_value_to_mlmd("span", _values({"span": 3})["span"]),
-            "ok": kfp_local.struct_value_to_mlmd("ok", _values({"ok": True})["ok"]),
-            "splits": kfp_local.struct_value_to_mlmd(
-                "splits", _values({"splits": ["a"]})["splits"]
-            ),
+            "span": metadata.struct_value_to_mlmd("span", _values({"span": 3})["span"]),
+            "ok": metadata.struct_value_to_mlmd("ok", _values({"ok": True})["ok"]),
+            "splits": metadata.struct_value_to_mlmd("splits", _values({"splits": ["a"]})["splits"]),
         },
     )
-    artifact = json_format.MessageToDict(kfp_local.runtime_artifact_of(stored))
+    artifact = json_format.MessageToDict(metadata.runtime_artifact_of(stored))
     assert artifact["name"] == "5" and artifact["type"] == {"instanceSchema": ""}
     assert artifact["metadata"] == {"span": 3.0, "ok": 1.0, "splits": {"list": ["a"]}}
 
@@ -232,7 +226,7 @@ def test_null_metadata_cannot_be_recorded_like_the_launcher():
     with pytest.raises(
         Exception, match=r"unknown/unsupported value type \*structpb.Value_NullValue"
     ):
-        kfp_local.struct_value_to_mlmd("x", _values({"x": None})["x"])
+        metadata.struct_value_to_mlmd("x", _values({"x": None})["x"])
 
 
 def test_string_parameters_take_any_value_as_text_and_others_must_match():
@@ -242,23 +236,21 @@ def test_string_parameters_take_any_value_as_text_and_others_must_match():
     inputs = pipeline_spec_pb2.ExecutorInput.Inputs()
     inputs.parameter_values["s"].number_value = 1e-6
     inputs.parameter_values["n"].number_value = 6
-    kfp_local.validate_parameter_types(inputs, component)
+    driver.validate_parameter_types(inputs, component)
     assert inputs.parameter_values["s"].string_value == "0.000001"  # strconv 'f', -1
     inputs.parameter_values["n"].string_value = "6"
-    with pytest.raises(
-        kfp_local.TaskFailed, match="type mismatch: expect NUMBER_INTEGER, got string"
-    ):
-        kfp_local.validate_parameter_types(inputs, component)
+    with pytest.raises(TaskFailed, match="type mismatch: expect NUMBER_INTEGER, got string"):
+        driver.validate_parameter_types(inputs, component)
 
 
 # ------------------------------------------------------------------- the entrypoint's repairs
 
 
 def test_entrypoint_restores_input_types_and_hides_only_the_launchers_logs():
-    stored = kfp_local.StoredArtifact(3, "decision", "/d", "title: tfx.File", {})
+    stored = metadata.StoredArtifact(3, "decision", "/d", "title: tfx.File", {})
     executor_input = pipeline_spec_pb2.ExecutorInput()
     executor_input.inputs.artifacts["decision"].artifacts.append(
-        kfp_local.runtime_artifact_of(stored)
+        metadata.runtime_artifact_of(stored)
     )
     logs = executor_input.outputs.artifacts["executor-logs"].artifacts.add(name="executor-logs")
     logs.type.schema_title = "system.Artifact"

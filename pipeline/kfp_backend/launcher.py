@@ -1,0 +1,163 @@
+"""What the launcher does around a task's command (backend/src/v2/component/launcher_v2.go)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.kfp_backend import LOGS_OUTPUT, NotReplayed, TaskFailed
+from pipeline.kfp_backend.driver import PARAMETER_TYPE_NAMES
+from pipeline.kfp_backend.metadata import (
+    StoredArtifact,
+    struct_value_to_mlmd,
+    text_as_value,
+    value_as_text,
+)
+from pipeline.kfp_backend.state import RunState
+
+
+def with_default_parameters(executor_input, component):
+    """launcher_v2.addDefaultParams: a copy with component defaults for missing parameters."""
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    copy = pipeline_spec_pb2.ExecutorInput()
+    copy.CopyFrom(executor_input)
+    for name, definition in component.input_definitions.parameters.items():
+        if definition.HasField("default_value") and name not in copy.inputs.parameter_values:
+            copy.inputs.parameter_values[name].CopyFrom(definition.default_value)
+    return copy
+
+
+def placeholders(executor_input) -> dict[str, str]:
+    """launcher_v2.getPlaceholders (and the driver's input-parameter substitution)."""
+    values: dict[str, str] = {}
+    for name, artifacts in executor_input.inputs.artifacts.items():
+        if artifacts.artifacts:
+            uri = artifacts.artifacts[0].uri
+            values[f"{{{{$.inputs.artifacts['{name}'].uri}}}}"] = uri
+            values[f"{{{{$.inputs.artifacts['{name}'].path}}}}"] = uri  # the bucket is local here
+    for name, artifacts in executor_input.outputs.artifacts.items():
+        if artifacts.artifacts:
+            uri = artifacts.artifacts[0].uri
+            values[f"{{{{$.outputs.artifacts['{name}'].uri}}}}"] = uri
+            values[f"{{{{$.outputs.artifacts['{name}'].path}}}}"] = uri
+    for name, value in executor_input.inputs.parameter_values.items():
+        values[f"{{{{$.inputs.parameters['{name}']}}}}"] = value_as_text(value)
+    for name, parameter in executor_input.outputs.parameters.items():
+        values[f"{{{{$.outputs.parameters['{name}'].output_file}}}}"] = parameter.output_file
+    return values
+
+
+def compiled_command(container, executor_input) -> list[str]:
+    """The container's command + args with `{{$}}` (the ExecutorInput JSON) and placeholders."""
+    from google.protobuf import json_format
+
+    as_json = json_format.MessageToJson(executor_input, indent=None)
+    substitutions = placeholders(executor_input)
+    command = []
+    for arg in [*container.command, *container.args]:
+        if arg.startswith('{"IfPresent"') or arg.startswith('{"Concat"'):
+            raise NotReplayed(f"structured placeholder {arg[:40]}...")
+        arg = arg.replace("{{$}}", as_json)
+        for placeholder, value in substitutions.items():
+            arg = arg.replace(placeholder, value)
+        command.append(arg)
+    return command
+
+
+def image_environment(container) -> dict[str, str]:
+    """The task's environment: this one (standing in for the image's), plus the spec's `env`."""
+    env = dict(os.environ)
+    # `python` in the command is the image's interpreter: here, the one running this runner.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    env.update({item.name: item.value for item in container.env})
+    return env
+
+
+def run_executor(command: list[str], env: dict[str, str], cwd: str, log_path: str) -> int:
+    """exec.Command(...).Run() with stdout and stderr teed to the executor-logs file."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    os.makedirs(cwd, exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.run(
+            command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        )
+    return process.returncode
+
+
+def read_executor_output(path: str):
+    """launcher_v2.getExecutorOutputFile: the ExecutorOutput the task wrote (empty if none)."""
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    output = pipeline_spec_pb2.ExecutorOutput()
+    if not os.path.exists(path):
+        return output
+    with open(path) as handle:
+        text = handle.read()
+    try:
+        json_format.Parse(text, output)  # protojson.Unmarshal: unknown fields are errors
+    except json_format.ParseError as exc:
+        raise TaskFailed(f"failed to unmarshall ExecutorOutput in file {path!r}: {exc}") from None
+    return output
+
+
+def collect_output_parameters(executor_input, executor_output, component) -> dict[str, Any]:
+    """launcher_v2.collectOutputParameters: values from the output file, else the parameter files."""
+    values = dict(executor_output.parameter_values)
+    for name, parameter in executor_input.outputs.parameters.items():
+        if name in values:
+            continue
+        definition = component.output_definitions.parameters[name]
+        try:
+            text = Path(parameter.output_file).read_text()
+        except OSError as exc:
+            raise TaskFailed(
+                f"failed to read output parameter name={name!r} "
+                f"type={PARAMETER_TYPE_NAMES.get(definition.parameter_type)!r} "
+                f"path={parameter.output_file!r}: {exc.strerror}"
+            ) from None
+        values[name] = text_as_value(text, definition.parameter_type)
+    return values
+
+
+def record_outputs(run: RunState, executor_input, executor_output, succeeded: bool):
+    """launcher_v2.uploadOutputArtifacts: merge what the executor wrote, record in MLMD."""
+    outputs = dict(executor_input.outputs.artifacts)
+    if not succeeded:  # only the log artifact is registered for a failed component
+        outputs = {k: v for k, v in outputs.items() if k == LOGS_OUTPUT}
+    recorded: dict[str, StoredArtifact] = {}
+    for name, artifact_list in outputs.items():
+        for artifact in artifact_list.artifacts:
+            if name != LOGS_OUTPUT and name in executor_output.artifacts:
+                written = executor_output.artifacts[name].artifacts
+                if written:
+                    merge_runtime_artifact(written[0], artifact)
+            recorded[name] = stored_artifact(run, name, artifact)
+    return recorded
+
+
+def merge_runtime_artifact(source, destination) -> None:
+    """launcher_v2.mergeRuntimeArtifacts: the executor's URI and metadata win."""
+    if source.uri:
+        destination.uri = source.uri
+    for key, value in source.metadata.fields.items():
+        destination.metadata.fields[key].CopyFrom(value)
+
+
+def stored_artifact(run: RunState, name: str, artifact) -> StoredArtifact:
+    """metadata.Client.RecordArtifact: custom properties from metadata, display name, session."""
+    kind = artifact.type.WhichOneof("kind")
+    if kind == "schema_title":
+        schema = "title: " + artifact.type.schema_title
+    elif kind == "instance_schema":
+        schema = artifact.type.instance_schema
+    else:
+        raise TaskFailed(f"failed to determine schema for output {name!r}: unknown type")
+    properties = {k: struct_value_to_mlmd(k, v) for k, v in artifact.metadata.fields.items()}
+    properties.setdefault("display_name", ("string", name))
+    properties.setdefault("store_session_info", ("string", "{}"))
+    return StoredArtifact(run.new_artifact_id(), name, artifact.uri, schema, properties)

@@ -1,0 +1,113 @@
+"""How ML Metadata stores a task's outputs and hands them to the next task (backend/src/v2/metadata)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from pipeline.kfp_backend import KubeflowError
+
+
+@dataclass
+class StoredArtifact:
+    """An output artifact as the launcher records it in ML Metadata (metadata.Client.RecordArtifact)."""
+
+    id: int
+    output_name: str
+    uri: str
+    schema: str  # the instance schema, or "title: <schemaTitle>" (launcher_v2.getArtifactSchema)
+    custom_properties: dict[str, tuple[str, Any]] = field(default_factory=dict)
+
+    @property
+    def schema_title(self) -> str:
+        """The `title:` of the artifact's schema (metadata.SchemaToArtifactType)."""
+        for line in self.schema.splitlines():
+            if line.startswith("title:"):
+                return line.split(":", 1)[1].strip()
+        return ""
+
+
+def struct_value_to_mlmd(name: str, value) -> tuple[str, Any]:
+    """metadata.StructValueToMLMDValue: how one metadata value is stored as a custom property."""
+    from google.protobuf import json_format
+
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return ("string", value.string_value)
+    if kind == "number_value":
+        return ("double", value.number_value)
+    if kind == "bool_value":
+        return ("int", int(value.bool_value))
+    if kind == "list_value":
+        return ("struct", {"list": json_format.MessageToDict(value.list_value)})
+    if kind == "struct_value":
+        return ("struct", {"struct": json_format.MessageToDict(value.struct_value)})
+    # "TODO: support null": the launcher fails to record the artifact.
+    kind_type = {"null_value": "*structpb.Value_NullValue"}.get(kind, "<nil>")
+    raise KubeflowError(
+        f"unable to produce MLMD artifact for output metadata {name!r}: failed to convert "
+        f"RuntimeArtifact to MLMD artifact: unknown/unsupported value type {kind_type}"
+    )
+
+
+def runtime_artifact_of(stored: StoredArtifact):
+    """What a downstream driver gets back from MLMD (metadata.toRuntimeArtifact, ToRuntimeArtifact)."""
+    from google.protobuf import struct_pb2
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    artifact = pipeline_spec_pb2.RuntimeArtifact(name=str(stored.id), uri=stored.uri)
+    artifact.metadata.SetInParent()
+    for key, (kind, value) in stored.custom_properties.items():
+        if kind in ("double", "int"):
+            artifact.metadata.fields[key].number_value = float(value)
+        elif kind == "string":
+            artifact.metadata.fields[key].string_value = value
+        else:
+            struct = struct_pb2.Struct()
+            struct.update(value)
+            artifact.metadata.fields[key].struct_value.CopyFrom(struct)
+    # GetOutputArtifactsByExecutionId sets Schema "" ("TODO(Bobgy): figure out how to get
+    # schema"); ToRuntimeArtifact turns that into an empty instance schema.
+    artifact.type.instance_schema = ""
+    return artifact
+
+
+def value_as_text(value) -> str:
+    """metadata.PbValueToText: a parameter value as the text a STRING parameter receives."""
+    from google.protobuf import json_format
+
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":  # strconv.FormatFloat(v, 'f', -1, 64): shortest, no exponent
+        number = value.number_value
+        return str(int(number)) if number.is_integer() else format(Decimal(repr(number)), "f")
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    if kind in ("list_value", "struct_value"):
+        return json.dumps(json_format.MessageToDict(getattr(value, kind)), separators=(",", ":"))
+    return ""
+
+
+def text_as_value(text: str, parameter_type: int):
+    """metadata.TextToPbValue: an output parameter file's text as a typed value."""
+    from google.protobuf import struct_pb2
+
+    if parameter_type == 3:
+        return struct_pb2.Value(string_value=text)
+    if parameter_type in (1, 2):
+        return struct_pb2.Value(number_value=float(text))
+    if parameter_type == 4:
+        return struct_pb2.Value(bool_value=text.strip().lower() == "true")
+    return value_of(json.loads(text))
+
+
+def value_of(python_value):
+    """A Python value as a google.protobuf.Value (JSON rules: numbers become doubles)."""
+    from google.protobuf import struct_pb2
+
+    wrapper = struct_pb2.Struct()
+    wrapper.update({"v": python_value})
+    return wrapper.fields["v"]
