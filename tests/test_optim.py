@@ -79,3 +79,49 @@ def test_nan_loss_stops_training_with_an_error_naming_the_step():
         model.fit(
             x, y, batch_size=4, epochs=1, shuffle=False, callbacks=[train.NanGuard()], verbose=0
         )
+
+
+def test_fused_adamw_matches_tf_keras_adamw_step_for_step():
+    rng = np.random.default_rng(0)
+    shapes = [(3, 3, 4, 8), (8,), (16, 5)]
+    init = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    grads = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(6)]
+    schedule = optim.WarmupCosineDecay(peak_lr=1e-2, total_steps=6, warmup_steps=2)
+    results = []
+    for cls in (optim.FusedAdamW, keras.optimizers.AdamW):
+        variables = [tf.Variable(v, name=f"w{i}") for i, v in enumerate(init)]
+        optimizer = cls(learning_rate=schedule, weight_decay=0.05, epsilon=1e-8)
+        optimizer.exclude_from_weight_decay(var_list=[variables[1]])
+        step = tf.function(
+            lambda g, opt=optimizer, vs=variables: opt.apply_gradients(zip(g, vs, strict=True))
+        )
+        for g in grads:
+            step([tf.constant(x) for x in g])
+        results.append([v.numpy() for v in variables])
+    for fused, reference in zip(*results, strict=True):
+        np.testing.assert_allclose(fused, reference, rtol=1e-5, atol=1e-6)  # float rounding
+    assert not np.allclose(results[0][0], init[0])  # the step moved the weights
+
+
+def test_the_trainers_train_step_is_traced_once_without_autograph_in_tf_keras():
+    from tensorflow.python.autograph.impl import conversion
+
+    from van_tfx.config import Config
+
+    config = Config.model_validate(
+        {"model": {"variant": "tiny", "image_size": 32}, "train": {"batch_size": 4}}
+    )
+    model = train.build_model(config, 3)  # importing the model module installs the rule
+    assert conversion.is_allowlisted(keras.Model.train_step)
+    schedule = optim.build_schedule(config.train, steps_per_epoch=2, epochs=1)
+    train.compile_model(model, config, schedule, 3)
+    images = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
+    targets = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2, 0, 1]]
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    history = model.fit(images, targets, batch_size=4, epochs=1, verbose=0)
+    assert model.train_function.experimental_get_tracing_count() == 1
+    assert int(model.optimizer.iterations.numpy()) == 2 and np.isfinite(history.history["loss"][0])
+    assert any(
+        not np.allclose(a, b.numpy())
+        for a, b in zip(before, model.trainable_variables, strict=True)
+    )

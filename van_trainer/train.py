@@ -18,7 +18,7 @@ import tf_keras as keras
 
 from van_tfx import storage
 from van_tfx.config import Config
-from van_trainer import dataset, distribute, export, features, optim
+from van_trainer import dataset, distribute, export, features, optim, tracing
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ def compile_model(model, config: Config, schedule, num_classes: int) -> None:
         ],
         jit_compile=False,
     )
+    tracing.create_optimizer_variables(model)
 
 
 # --------------------------------------------------------------------------- run
