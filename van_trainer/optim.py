@@ -119,7 +119,7 @@ def build_optimizer(
         global_clipnorm=train.clip_grad_norm or None,
         use_ema=train.ema_decay > 0,
         ema_momentum=train.ema_decay or 0.99,
-        jit_compile=False,  # XLA makes VAN much slower on CPU
+        jit_compile=train.jit_compile,  # off by default: XLA makes VAN much slower on CPU
     )
     optimizer.exclude_from_weight_decay(var_list=[v for v in model_variables if not is_decayed(v)])
     if train.mixed_precision == "mixed_float16":
