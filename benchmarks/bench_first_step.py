@@ -13,7 +13,8 @@ of the first `on_train_batch_end` (model build, tf.data tracing, train-step trac
 first execution). `--undo` names the start-up fixes the baseline goes without (van_trainer.tracing,
 optim.FusedAdamW): `autograph` (AutoGraph converts tf_keras again), `data-autograph` (and the
 tf.data map functions), `single-trace` (the optimizer
-creates its slots inside the first step), `fused` (tf_keras' own AdamW update), `all`.
+creates its slots inside the first step), `shared-scalars` (the fused update rebuilds the step's
+scalars per variable), `fused` (tf_keras' own AdamW update), `all`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 START = time.perf_counter()
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before any TensorFlow import
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-FIXES = ("autograph", "data-autograph", "single-trace", "fused")
+FIXES = ("autograph", "data-autograph", "single-trace", "shared-scalars", "fused")
 MODELS = {
     # The demo's settings (van_tfx.config.DEMO_OVERRIDES).
     "demo": [],
@@ -65,6 +66,8 @@ def undo(fixes: set[str]) -> None:
         dataset.graph_function = lambda fn: fn
     if "single-trace" in fixes:
         tracing.create_optimizer_variables = lambda model: None
+    if "shared-scalars" in fixes:
+        optim.FusedAdamW._step_scalars = lambda self, dtype: self._build_step_scalars(dtype)
     if "fused" in fixes:
         optim.FusedAdamW = keras.optimizers.AdamW
 
@@ -115,13 +118,16 @@ def child(model_name: str, fixes: set[str], steps: int) -> dict:
             callbacks=callbacks,
             verbose=0,
         )
+        traces = int(model.train_function.experimental_get_tracing_count())
+        graph = model.train_function.get_concrete_function(iter(train_ds)).graph
     return {
         "import_s": imported - START,
         "build_compile_s": built - begin,
         "first_step_s": marks["first_step"] - begin,
         "later_step_s": (marks["last_step"] - marks["first_step"]) / max(steps - 1, 1),
         "first_validation_s": marks["test_end"] - marks["test_begin"],
-        "traces": int(model.train_function.experimental_get_tracing_count()),
+        "traces": traces,
+        "graph_ops": len(graph.get_operations()),
         "tf": tf.__version__,
     }
 
@@ -181,13 +187,13 @@ def report(model_name: str, samples: dict[str, list[dict]], loads: list[str]) ->
     keys = ("first_step_s", "build_compile_s", "later_step_s", "first_validation_s", "import_s")
     print(f"\n== {model_name}: seconds (median of {len(next(iter(samples.values())))}) ==")
     print(f"load average before / after: {loads[0]} / {loads[1]}")
-    print(f"{'variant':<42}" + "".join(f"{k[:-2]:>18}" for k in keys) + f"{'traces':>8}")
+    print(f"{'variant':<42}" + "".join(f"{k[:-2]:>18}" for k in keys) + "  traces  graph ops")
     ours = statistics.median(s["first_step_s"] for s in samples["ours"])
     for name, runs in samples.items():
         row = [statistics.median(r[k] for r in runs) for k in keys]
         ratio = "" if name == "ours" else f"  (first step x{row[0] / ours:.1f} ours)"
         cells = "".join(f"{v:>18.2f}" for v in row)
-        print(f"{name:<42}{cells}{runs[0]['traces']:>8}{ratio}")
+        print(f"{name:<42}{cells}{runs[0]['traces']:>8}{runs[0]['graph_ops']:>11}{ratio}")
 
 
 if __name__ == "__main__":
