@@ -1,7 +1,7 @@
 """The PyTorch reference of bench_model.py: Hugging Face's VanForImageClassification on CPU.
 
 Runs inside the side environment `.bench-venv/` (Python 3.11, torch, transformers; created by
-benchmarks/torch_reference.py), never in the project's venv, and imports nothing from the project.
+benchmarks/workers.py), never in the project's venv, and imports nothing from the project.
 It reads one JSON command per line on stdin and answers one JSON line on stdout, so the parent can
 alternate its rounds with TensorFlow's:
 
@@ -11,7 +11,7 @@ alternate its rounds with TensorFlow's:
     {"cmd": "quit"}
 
 The implementation: transformers 4.57.6, `transformers.models.deprecated.van` (VAN was moved there
-and later removed; pinned in torch_reference.py). Its b0 has 4,106,312 parameters: the official
+and later removed; pinned in workers.py). Its b0 has 4,106,312 parameters: the official
 4,105,800 plus a 256-wide `VanModel.layernorm` that is built but never called in `forward()`.
 """
 
@@ -102,8 +102,8 @@ def main() -> int:
         if cmd["cmd"] == "setup":
             runners = build(cmd)
             for model, optimizer, images, labels in runners.values():  # warm-up
-                train_steps(model, optimizer, images, labels, 1)
-                infer_steps(model, images, 1)
+                train_steps(model, optimizer, images, labels, 2)
+                infer_steps(model, images, 2)
             answer = facts(runners)
         else:
             model, optimizer, images, labels = runners[cmd["layout"]]

@@ -1,8 +1,11 @@
-"""The PyTorch side environment and a worker process that times the reference VAN on request.
+"""Benchmark worker processes (ours: tf_van.py, PyTorch: torch_van.py) and the PyTorch side env.
 
-`ensure_side_env()` creates `.bench-venv/` (gitignored) on first use: a Python 3.11 venv with the
-pinned torch CPU wheel and the last transformers line that still ships VAN; later runs reuse it.
-Only the benchmarks call this; `make test` never does.
+Each worker is a process started with its own environment (ISA caps, oneDNN switch, threads:
+read once when a framework starts) that answers one JSON command at a time, so a benchmark can
+alternate rounds between frameworks and settings. `ensure_side_env()` creates `.bench-venv/`
+(gitignored) on first use: a Python 3.11 venv with the pinned torch CPU wheel and the last
+transformers line that still ships VAN; later runs reuse it. Only benchmarks call this, never
+`make test`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +23,7 @@ SIDE_ENV = REPO / ".bench-venv"
 # torch 2.13.0 is the CPU wheel these machines carry (an unpinned `torch` pulls a CUDA build);
 # transformers 4.57.6 still has models.deprecated.van (later releases removed it).
 PINS = ("torch==2.13.0", "transformers==4.57.6")
-WORKER = Path(__file__).resolve().parent / "torch_van.py"
+HERE = Path(__file__).resolve().parent
 
 
 def find_python311() -> str:
@@ -52,16 +56,18 @@ def ensure_side_env(echo=print) -> Path:
     return python
 
 
-class TorchWorker:
-    """A torch_van.py process in the side env, answering one command at a time."""
+class Worker:
+    """A worker script in a Python of its choice, answering one command at a time."""
 
-    def __init__(self, env: dict[str, str] | None = None, echo=print):
-        python = ensure_side_env(echo)
+    def __init__(self, python: str | Path, script: str, env: dict[str, str] | None = None):
         child_env = {**os.environ, **(env or {})}
+        # Framework start-up chatter goes to a file, shown only if the worker dies.
+        self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
-            [str(python), str(WORKER)],
+            [str(python), str(HERE / script)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=self.log,
             env=child_env,
             text=True,
         )
@@ -72,7 +78,9 @@ class TorchWorker:
         self.process.stdin.flush()
         line = self.process.stdout.readline()
         if not line:
-            raise RuntimeError(f"the PyTorch worker exited ({self.process.wait()}) on {cmd}")
+            code = self.process.wait()
+            self.log.seek(0)
+            raise RuntimeError(f"worker exited ({code}) on {cmd}:\n{self.log.read()[-3000:]}")
         return json.loads(line)
 
     def close(self) -> None:
@@ -81,12 +89,23 @@ class TorchWorker:
             self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
             self.process.stdin.close()
             self.process.wait(timeout=60)
+        self.log.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def torch_worker(env: dict[str, str] | None = None, echo=print) -> Worker:
+    """torch_van.py in the side env (created on first use)."""
+    return Worker(ensure_side_env(echo), "torch_van.py", env)
+
+
+def tf_worker(env: dict[str, str] | None = None) -> Worker:
+    """tf_van.py in this interpreter (the project's venv)."""
+    return Worker(sys.executable, "tf_van.py", {"TF_USE_LEGACY_KERAS": "1", **(env or {})})
 
 
 if __name__ == "__main__":
