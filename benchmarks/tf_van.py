@@ -12,7 +12,6 @@ PyTorch's:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import van_tfx  # noqa: E402,F401  (legacy Keras and the oneDNN default before TensorFlow)
+from benchmarks.protocol import serve  # noqa: E402
 
 
 def rows() -> dict:
@@ -145,22 +145,19 @@ def facts(variant: str) -> dict:
 def main() -> int:
     """Answer commands until 'quit' or end of input."""
     runners: dict = {}
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["cmd"] == "quit":
-            break
+
+    def answer(cmd: dict) -> dict:
         if cmd["cmd"] == "setup":
-            runners = build(cmd)
-            answer = facts(cmd["variant"])
+            runners.update(build(cmd))
+            return facts(cmd["variant"])
+        train, infer, images, labels = runners[cmd["row"]]
+        if cmd["cmd"] == "train":
+            seconds = seconds_per_call(train, (images, labels), cmd["steps"])
         else:
-            train, infer, images, labels = runners[cmd["row"]]
-            if cmd["cmd"] == "train":
-                seconds = seconds_per_call(train, (images, labels), cmd["steps"])
-            else:
-                seconds = seconds_per_call(infer, (images,), cmd["steps"])
-            answer = {"images_per_second": int(images.shape[0]) / seconds}
-        print(json.dumps(answer), flush=True)
-    return 0
+            seconds = seconds_per_call(infer, (images,), cmd["steps"])
+        return {"images_per_second": int(images.shape[0]) / seconds}
+
+    return serve(answer)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,11 @@ and later removed; pinned in workers.py). Its b0 has 4,106,312 parameters: the o
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from protocol import serve  # this folder is sys.path[0]: the script runs in the side env
 from transformers.models.deprecated.van import VanConfig, VanForImageClassification
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -95,25 +94,22 @@ def facts(runners: dict) -> dict:
 def main() -> int:
     """Answer commands until 'quit' or end of input."""
     runners: dict = {}
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["cmd"] == "quit":
-            break
+
+    def answer(cmd: dict) -> dict:
         if cmd["cmd"] == "setup":
-            runners = build(cmd)
+            runners.update(build(cmd))
             for model, optimizer, images, labels in runners.values():  # warm-up
                 train_steps(model, optimizer, images, labels, 2)
                 infer_steps(model, images, 2)
-            answer = facts(runners)
+            return facts(runners)
+        model, optimizer, images, labels = runners[cmd["layout"]]
+        if cmd["cmd"] == "train":
+            seconds = train_steps(model, optimizer, images, labels, cmd["steps"])
         else:
-            model, optimizer, images, labels = runners[cmd["layout"]]
-            if cmd["cmd"] == "train":
-                seconds = train_steps(model, optimizer, images, labels, cmd["steps"])
-            else:
-                seconds = infer_steps(model, images, cmd["steps"])
-            answer = {"images_per_second": images.shape[0] / seconds}
-        print(json.dumps(answer), flush=True)
-    return 0
+            seconds = infer_steps(model, images, cmd["steps"])
+        return {"images_per_second": images.shape[0] / seconds}
+
+    return serve(answer)
 
 
 if __name__ == "__main__":
