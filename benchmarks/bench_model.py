@@ -1,156 +1,190 @@
-"""VAN train-step and inference throughput on CPU, against a naive port measured in the same run.
+"""VAN train-step and inference throughput on CPU against PyTorch, both measured in this run.
 
-    TF_USE_LEGACY_KERAS=1 .venv/bin/python benchmarks/bench_model.py               # b0, b1
-    TF_USE_LEGACY_KERAS=1 .venv/bin/python benchmarks/bench_model.py --variants b0 --steps 3
-    TF_USE_LEGACY_KERAS=1 .venv/bin/python benchmarks/bench_model.py --ideas        # every idea
+    .venv/bin/python benchmarks/bench_model.py                       # b0, this CPU's own ISA
+    .venv/bin/python benchmarks/bench_model.py --isa native,avx2     # and oneDNN/ATen at AVX2
+    .venv/bin/python benchmarks/bench_model.py --ideas               # each optimisation alone
+    .venv/bin/python benchmarks/bench_model.py --tf-env "oneDNN off:TF_ENABLE_ONEDNN_OPTS=0"
 
-Implementations are interleaved (one round of each, repeated) so load from other processes on a
-shared machine hits them alike; the median round is reported.
+The reference is Hugging Face's `VanForImageClassification` (transformers 4.57.6, torch 2.13.0
+CPU) in the side environment `.bench-venv/`, created on first use (benchmarks/workers.py), timed
+in NCHW and channels-last; the faster layout counts. Ours is `build_van` trained with the
+Trainer's optimizer (optim.build_optimizer: fused AdamW, decay exemptions) and served as the
+folded copy (`fold_for_inference`). Same batch, size, drop-path rate and loss on both sides.
+
+Every framework and setting runs in a worker process of its own (benchmarks/tf_van.py,
+benchmarks/torch_van.py); rounds alternate between them (one round of each, repeated) so load
+from other processes on a shared machine hits them alike, and the median round is reported with
+the load average. `--isa avx2` starts the workers with oneDNN capped (ONEDNN_MAX_CPU_ISA=AVX2,
+TF and torch) and ATen capped (ATEN_CPU_CAPABILITY=avx2): TF's own Eigen kernels are compiled into
+the pip wheel for AVX and ignore the cap, so a capped figure approximates, and is not, an AVX2
+machine. `--tf-env` adds TF workers that differ only in environment variables.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
-import time
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
+from benchmarks.machine import cpu_model, describe_machine, load_average  # noqa: E402
+from benchmarks.workers import tf_worker, torch_worker  # noqa: E402
 
-from van_trainer.model import Implementation, build_van, fold_for_inference  # noqa: E402
-
-# Official PyTorch VAN-Classification code on CPU, b0, 224 px, batch 16, on this machine's 2 cores:
-# constants from DEVELOPERS.md (torch cannot be installed in the py3.10 venv).
-TORCH_IMAGES_PER_SECOND = {"b0": {"train": 5.9, "infer": 36.3}}
-
-NAIVE = Implementation(
-    pointwise="conv", depthwise="grouped", fused_batch_norm=False, analytic_gelu_gradient=False
-)
-OURS = "ours (dense 1x1, fused BN, analytic GELU grad, folded)"
-IDEAS = {
-    "naive (grouped conv, conv 1x1, unfused BN, autodiff GELU)": NAIVE,
-    "depthwise + conv 1x1 + fused BN": Implementation(pointwise="conv"),
-    "depthwise + dense 1x1 + unfused BN": Implementation(fused_batch_norm=False),
-    "depthwise + dense 1x1 + fused BN, not folded": Implementation(),
-    "depthwise + dense 1x1 + fused BN, autodiff GELU": Implementation(analytic_gelu_gradient=False),
+ISA_CAPS = {
+    "native": {},
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
 }
+TORCH_LAYOUTS = ("nchw", "channels_last")
+OURS = "ours"
+IDEAS = (
+    "naive port (grouped conv, conv 1x1, unfused BN, autodiff GELU)",
+    "ours, not folded for inference",
+    "ours, conv 1x1 for training",
+    "ours, autodiff GELU gradient",
+    "ours, mixed_bfloat16",
+)
+GOALS = {"train": 2.0, "infer": 1.5}
 
 
-def make_train_step(model: keras.Model):
-    """A compiled AdamW + softmax cross-entropy step, as the Trainer runs it."""
-    optimizer = keras.optimizers.AdamW(1e-3, weight_decay=0.05)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    @tf.function(reduce_retracing=True)
-    def step(images, labels):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(labels, model(images, training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=False))
-        return loss
-
-    return step
+def parse_tf_envs(specs: list[str]) -> dict[str, dict[str, str]]:
+    """['label:VAR=V,VAR2=W', ...] -> {label: {VAR: V, VAR2: W}}."""
+    envs = {}
+    for spec in specs:
+        label, _, assignments = spec.partition(":")
+        pairs = [a.split("=", 1) for a in assignments.split(",") if a]
+        if not label or not pairs or any(len(p) != 2 for p in pairs):
+            raise SystemExit(f"--tf-env {spec!r}: expected 'label:VAR=VALUE[,VAR=VALUE]'")
+        envs[label] = dict(pairs)
+    return envs
 
 
-def make_infer_step(model: keras.Model):
-    """Inference as serving runs it: one traced function, training=False."""
-
-    @tf.function(reduce_retracing=True)
-    def infer(images):
-        return model(images, training=False)
-
-    return infer
-
-
-def time_steps(fn, args, steps: int) -> float:
-    """Seconds per call, averaged over `steps` calls after the caller's warm-up."""
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = fn(*args)
-    np.asarray(out)  # wait for the last result
-    return (time.perf_counter() - start) / steps
-
-
-def build_runners(variant: str, batch: int, size: int, ideas: dict) -> dict:
-    """name -> (train step, infer step), each traced and warmed up once."""
-    images = tf.random.normal([batch, size, size, 3])
-    labels = tf.random.uniform([batch], 0, 1000, dtype=tf.int64)
-    runners = {}
-    for name, impl in ideas.items():
-        model = build_van(
-            variant, input_shape=(size, size, 3), drop_path_rate=0.1, implementation=impl
-        )
-        # Ours serves the folded copy (BatchNorm and layer scales folded into the convs).
-        infer_model = fold_for_inference(model) if name == OURS else model
-        train, infer = make_train_step(model), make_infer_step(infer_model)
-        for _ in range(2):
-            train(images, labels), infer(images)
-        runners[name] = (train, infer)
-    return runners, (images, labels)
-
-
-def measure(variant: str, batch: int, size: int, steps: int, rounds: int, ideas: dict) -> dict:
-    """name -> {"train": img/s, "infer": img/s}, median over interleaved rounds."""
-    runners, (images, labels) = build_runners(variant, batch, size, ideas)
-    samples = {name: {"train": [], "infer": []} for name in runners}
-    for _ in range(rounds):
-        for name, (train, infer) in runners.items():
-            samples[name]["train"].append(batch / time_steps(train, (images, labels), steps))
-            samples[name]["infer"].append(batch / time_steps(infer, (images,), steps * 3))
-    return {
-        name: {kind: statistics.median(v) for kind, v in kinds.items()}
-        for name, kinds in samples.items()
+def measure(args, variant: str, torch, tfs: dict) -> tuple[dict, dict]:
+    """Set every worker up, then alternate rounds; (facts per side, img/s samples per row)."""
+    shape = {"batch": args.batch, "image_size": args.image_size, "drop_path_rate": 0.1}
+    facts, rows = {}, {}  # rows: row label -> (worker, row name in the worker)
+    for label, (worker, names) in tfs.items():
+        facts[label] = worker.ask(cmd="setup", variant=variant, rows=list(names), **shape)
+        for name in names:
+            rows[name if label == OURS else f"{name}, {label}"] = (worker, name)
+    # The same widths, depths and MLP ratios, from van_trainer.model.VARIANTS via our worker.
+    facts["torch"] = torch.ask(cmd="setup", **facts[OURS]["variant_config"], **shape)
+    samples = {
+        f"PyTorch (HF VAN), {layout}": {"train": [], "infer": []} for layout in TORCH_LAYOUTS
     }
+    samples |= {row: {"train": [], "infer": []} for row in rows}
+    layouts = {"train": list(TORCH_LAYOUTS), "infer": list(TORCH_LAYOUTS)}
+    for round_index in range(args.rounds):
+        for kind, steps in (("train", args.steps), ("infer", 3 * args.steps)):
+            for layout in layouts[kind]:
+                answer = torch.ask(cmd=kind, layout=layout, steps=steps)
+                samples[f"PyTorch (HF VAN), {layout}"][kind].append(answer["images_per_second"])
+            if round_index == 0:
+                layouts[kind] = fast_layouts(samples, kind)
+            for row, (worker, name) in rows.items():
+                answer = worker.ask(cmd=kind, row=name, steps=steps)
+                samples[row][kind].append(answer["images_per_second"])
+    return facts, samples
 
 
-def report(variant: str, results: dict, naive_name: str) -> None:
-    """Print img/s and the ratios vs the naive port and vs PyTorch."""
-    torch = TORCH_IMAGES_PER_SECOND.get(variant, {})
-    print(f"\n== VAN-{variant} ==")
-    print(f"{'implementation':<60}{'train img/s':>12}{'infer img/s':>12}  ratios")
-    for name, r in results.items():
-        ratios = [
-            f"vs naive x{r['train'] / results[naive_name]['train']:.2f}/"
-            f"x{r['infer'] / results[naive_name]['infer']:.2f}"
-        ]
-        if torch:
-            ratios.append(
-                f"vs torch x{r['train'] / torch['train']:.2f}/x{r['infer'] / torch['infer']:.2f}"
-            )
-        print(f"{name:<60}{r['train']:>12.1f}{r['infer']:>12.1f}  {'  '.join(ratios)}")
-    if torch:
-        print(
-            f"{'official PyTorch (DEVELOPERS.md constant)':<60}{torch['train']:>12.1f}{torch['infer']:>12.1f}"
+def fast_layouts(samples: dict, kind: str) -> list[str]:
+    """Layouts within 2x of the best after round 1; slower ones keep their one figure (the
+    other layout then counts anyway) and cost no more rounds."""
+    first = {layout: samples[f"PyTorch (HF VAN), {layout}"][kind][0] for layout in TORCH_LAYOUTS}
+    return [layout for layout, ips in first.items() if ips * 2 >= max(first.values())]
+
+
+def report(variant: str, args, facts: dict, samples: dict, loads: tuple[str, str]) -> None:
+    """Median img/s per row, the best PyTorch layout, and each row / best PyTorch."""
+    medians = {
+        n: {k: statistics.median(v) for k, v in kinds.items()} for n, kinds in samples.items()
+    }
+    torch_rows = [n for n in medians if n.startswith("PyTorch")]
+    best = {k: max(medians[n][k] for n in torch_rows) for k in ("train", "infer")}
+    t, ours = facts["torch"], facts[OURS]
+    print(
+        f"\n== VAN-{variant}, batch {args.batch}, {args.image_size} px: images/s, median of "
+        f"{args.rounds} interleaved rounds; load average before / after: {loads[0]} / {loads[1]}"
+    )
+    print(
+        f"PyTorch {t['torch']} (ATen {t['cpu_capability']}, {t['threads']} threads), transformers "
+        f"{t['transformers']} VanForImageClassification, {t['parameters_used']:,} parameters in "
+        f"use ({t['parameters']:,} defined); TF {ours['tf']} (oneDNN "
+        f"{'on' if ours['onednn'] else 'off'}, {ours['intra_op_threads']} intra-op threads)"
+    )
+    print(f"{'implementation':<72}{'train':>8}{'infer':>8}   vs best PyTorch (train / infer)")
+    for name, m in medians.items():
+        ratio = (
+            ""
+            if name in torch_rows
+            else f"   x{m['train'] / best['train']:.2f} / x{m['infer'] / best['infer']:.2f}"
         )
+        print(f"{name:<72}{m['train']:>8.1f}{m['infer']:>8.1f}{ratio}")
+    verdict = ", ".join(
+        f"{kind} x{medians[OURS][kind] / best[kind]:.2f} (goal x{goal}: "
+        f"{'met' if medians[OURS][kind] / best[kind] >= goal else 'NOT met'})"
+        for kind, goal in GOALS.items()
+    )
+    print(f"ours vs best PyTorch layout: {verdict}")
+
+
+def run_isa(args, isa: str, tf_envs: dict) -> None:
+    """All variants with every worker started under one ISA cap."""
+    caps = dict(ISA_CAPS[isa])
+    if args.threads:
+        # OpenMP (torch) and TF's own pools; one thread each is the comparison least moved by
+        # other processes, which stall OpenMP's barriers far more than TF's work queues.
+        caps |= {
+            "OMP_NUM_THREADS": str(args.threads),
+            "TF_NUM_INTRAOP_THREADS": str(args.threads),
+            "TF_NUM_INTEROP_THREADS": str(args.threads),
+        }
+    label = (
+        f"AVX2-capped on {cpu_model()} (oneDNN and ATen kernels capped; TF's Eigen kernels are "
+        "not; not a real AVX2 machine)"
+        if isa == "avx2"
+        else f"native ISA of {cpu_model()}"
+    )
+    print(
+        f"\n##### {label}" + (f", {args.threads} thread(s) per framework" if args.threads else "")
+    )
+    print(describe_machine() + (f"; workers start with {caps}" if caps else ""))
+    with contextlib.ExitStack() as stack:
+        torch = stack.enter_context(torch_worker(caps))
+        tfs = {OURS: (stack.enter_context(tf_worker(caps)), [OURS, *(IDEAS if args.ideas else ())])}
+        for name, env in tf_envs.items():
+            tfs[name] = (stack.enter_context(tf_worker({**caps, **env})), [OURS])
+        for variant in args.variants.split(","):
+            before = load_average()
+            facts, samples = measure(args, variant, torch, tfs)
+            report(variant, args, facts, samples, (before, load_average()))
 
 
 def main(argv=None) -> int:
-    """Run the benchmark and print a table per variant."""
+    """Parse arguments; measure and print per ISA cap."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="b0,b1")
+    parser.add_argument("--variants", default="b0")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=5, help="train steps per round (infer: 3x)")
+    parser.add_argument("--steps", type=int, default=3, help="train steps per round (infer: 3x)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--isa", default="native", help="comma-separated: native, avx2")
     parser.add_argument("--ideas", action="store_true", help="also time each optimisation alone")
-    args = parser.parse_args(argv)
-    naive_name = next(iter(IDEAS))
-    ideas = dict(IDEAS) if args.ideas else {naive_name: NAIVE}
-    ideas[OURS] = Implementation()
-    print(
-        f"TF {tf.__version__}, intra-op threads {tf.config.threading.get_intra_op_parallelism_threads()} "
-        f"(0 = all {os.cpu_count()} cores), batch {args.batch}, {args.image_size} px"
+    parser.add_argument(
+        "--threads", type=int, default=0, help="threads per framework (0: each one's default)"
     )
-    for variant in args.variants.split(","):
-        results = measure(variant, args.batch, args.image_size, args.steps, args.rounds, ideas)
-        report(variant, results, naive_name)
+    parser.add_argument(
+        "--tf-env", action="append", default=[], help="'label:VAR=VALUE,...' extra TF worker"
+    )
+    args = parser.parse_args(argv)
+    isas = args.isa.split(",")
+    if unknown := set(isas) - set(ISA_CAPS):
+        parser.error(f"unknown --isa {sorted(unknown)}; choose from {sorted(ISA_CAPS)}")
+    tf_envs = parse_tf_envs(args.tf_env)
+    for isa in isas:
+        run_isa(args, isa, tf_envs)
     return 0
 
 

@@ -58,3 +58,20 @@ def test_demo_profile_is_a_valid_config():
     config = load_config(overrides=DEMO_OVERRIDES)
     assert config.model.variant == "tiny"
     assert not config.augment.horizontal_flip
+
+
+def test_importing_van_tfx_turns_onednn_on_unless_the_user_chose():
+    import os
+    import subprocess
+    import sys
+
+    probe = "import os, van_tfx; print(os.environ['TF_ENABLE_ONEDNN_OPTS'])"
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    chosen = {**env, "TF_ENABLE_ONEDNN_OPTS": "0"}
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", probe], env=e, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for e in (env, chosen)
+    ]
+    assert outputs == ["1", "0"]

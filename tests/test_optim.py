@@ -79,3 +79,90 @@ def test_nan_loss_stops_training_with_an_error_naming_the_step():
         model.fit(
             x, y, batch_size=4, epochs=1, shuffle=False, callbacks=[train.NanGuard()], verbose=0
         )
+
+
+def test_fused_adamw_matches_tf_keras_adamw_step_for_step():
+    rng = np.random.default_rng(0)
+    shapes = [(3, 3, 4, 8), (8,), (16, 5)]
+    init = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    grads = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(6)]
+    schedule = optim.WarmupCosineDecay(peak_lr=1e-2, total_steps=6, warmup_steps=2)
+    results = []
+    for cls in (optim.FusedAdamW, keras.optimizers.AdamW):
+        variables = [tf.Variable(v, name=f"w{i}") for i, v in enumerate(init)]
+        optimizer = cls(learning_rate=schedule, weight_decay=0.05, epsilon=1e-8)
+        optimizer.exclude_from_weight_decay(var_list=[variables[1]])
+        step = tf.function(
+            lambda g, opt=optimizer, vs=variables: opt.apply_gradients(zip(g, vs, strict=True))
+        )
+        for g in grads:
+            step([tf.constant(x) for x in g])
+        results.append([v.numpy() for v in variables])
+    for fused, reference in zip(*results, strict=True):
+        np.testing.assert_allclose(fused, reference, rtol=1e-5, atol=1e-6)  # float rounding
+    assert not np.allclose(results[0][0], init[0])  # the step moved the weights
+
+
+def _tiny_compiled(steps: int, **train_keys):
+    """VAN-tiny compiled the Trainer's way and `steps` batches of 4 random images."""
+    from van_tfx.config import Config
+
+    config = Config.model_validate(
+        {
+            "model": {"variant": "tiny", "image_size": 32},
+            "train": {"batch_size": 4, **train_keys},
+        }
+    )
+    model = train.build_model(config, 3)
+    schedule = optim.build_schedule(config.train, steps_per_epoch=steps, epochs=1)
+    train.compile_model(model, config, schedule, 3)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (4 * steps, 32, 32, 3)).astype(np.float32)
+    targets = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 4 * steps)]
+    return model, tf.data.Dataset.from_tensor_slices((images, targets)).batch(4)
+
+
+def _tiny_fit(steps: int, **train_keys):
+    """Fit VAN-tiny for one epoch of `steps` batches; (model, data, batch indices callbacks saw)."""
+    model, data = _tiny_compiled(steps, **train_keys)
+    seen = []
+    callback = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: seen.append(b))
+    model.fit(data, epochs=1, callbacks=[callback], verbose=0)
+    return model, data, seen
+
+
+def _train_step_graph(model, data):
+    """The graph of the train function fit() traced (fetched from its cache, not retraced)."""
+    return model.train_function.get_concrete_function(iter(data)).graph
+
+
+def test_the_trainers_train_step_is_traced_once_without_autograph_in_tf_keras():
+    from tensorflow.python.autograph.impl import conversion
+
+    model, data, seen = _tiny_fit(steps=2)
+    assert conversion.is_allowlisted(keras.Model.train_step)  # installed by the model module
+    assert model.train_function.experimental_get_tracing_count() == 1
+    assert seen == [0, 1] and int(model.optimizer.iterations.numpy()) == 2
+    assert not model.jit_compile and not model.optimizer.jit_compile  # CPU default
+
+
+def test_jit_compile_reaches_the_compiled_train_step():
+    model, data = _tiny_compiled(steps=1, jit_compile=True)
+    model.make_train_function()  # what fit() runs; traced here, XLA compiles at its first call
+    must_compile = [
+        op.name
+        for op in _train_step_graph(model, data).get_operations()
+        if "_XlaMustCompile" in op.node_def.attr and op.get_attr("_XlaMustCompile")
+    ]
+    assert must_compile, "no XLA-compiled call in the train function"
+    # tf_keras XLA-compiles the optimizer's own update only where there is a GPU; on CPU the
+    # update runs inside the XLA-compiled train step.
+    assert model.optimizer.jit_compile == bool(tf.config.list_physical_devices("GPU"))
+
+
+def test_steps_per_execution_runs_several_steps_per_compiled_call():
+    model, data, seen = _tiny_fit(steps=4, steps_per_execution=2)
+    op_types = {op.type for op in _train_step_graph(model, data).get_operations()}
+    assert "While" in op_types or "StatelessWhile" in op_types  # the loop over the steps
+    assert int(model.optimizer.iterations.numpy()) == 4
+    assert seen == [1, 3]  # callbacks see the last step of each call

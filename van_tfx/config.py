@@ -90,6 +90,14 @@ class TrainConfig(_Section):
     cpu_devices: int = Field(
         0, ge=0, description="Split the CPU into N logical devices (before TF starts) for mirrored."
     )
+    # Accelerator switches, off by default: on this project's CPUs XLA makes VAN's step many times
+    # slower and one step per call costs nothing measurable (docs/trainer.md#gpu-and-tpu-switches).
+    jit_compile: bool = Field(
+        False, description="XLA-compile the train step and the optimizer update (GPU/TPU)."
+    )
+    steps_per_execution: int = Field(
+        1, ge=1, description="Train steps per compiled call; callbacks see every Nth step."
+    )
     shuffle_buffer: int = Field(2048, ge=1)
     log_every_steps: int = Field(10, ge=1, description="TensorBoard scalar cadence.")
 

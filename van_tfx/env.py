@@ -5,12 +5,17 @@ import sys
 
 
 def require_legacy_keras() -> None:
-    """Force TF_USE_LEGACY_KERAS=1, failing loudly if TensorFlow was already imported with Keras 3."""
+    """Force TF_USE_LEGACY_KERAS=1 (and default oneDNN on), failing loudly if TensorFlow was
+    already imported with Keras 3."""
     # TFT and TFMA 1.16 only understand Keras 2 (tf_keras); TensorFlow reads this variable once, at
     # import, so setting it after `import tensorflow` would silently give us Keras 3.
     already_loaded = "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1"
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TF turns oneDNN on by default only on CPUs with VNNI/BF16/AMX units; on AVX2-only CPUs
+    # (e.g. AMD EPYC Zen 2/3) its Eigen kernels, compiled for AVX in the pip wheel, are what
+    # run, and VAN is slower with them (docs/model.md#performance). An explicit value wins.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     if already_loaded:
         raise RuntimeError(
             "TensorFlow was imported before van-tfx could set TF_USE_LEGACY_KERAS=1; "

@@ -18,6 +18,10 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from van_trainer.tracing import keep_autograph_out_of_tf_keras
+
+keep_autograph_out_of_tf_keras()  # idempotent; every path that builds VAN traces it
+
 BN_EPSILON = 1e-5  # PyTorch BatchNorm2d default
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1 in Keras terms
 LN_EPSILON = 1e-6

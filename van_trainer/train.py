@@ -18,7 +18,7 @@ import tf_keras as keras
 
 from van_tfx import storage
 from van_tfx.config import Config
-from van_trainer import dataset, distribute, export, features, optim
+from van_trainer import dataset, distribute, export, features, optim, tracing
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,8 @@ def _load_if_compatible(model, config, num_classes, path) -> bool:
 
 
 def compile_model(model, config: Config, schedule, num_classes: int) -> None:
-    """AdamW recipe, label-smoothed soft-target cross-entropy, top-1/top-5 accuracy."""
+    """AdamW recipe, label-smoothed soft-target cross-entropy, top-1/top-5 accuracy; XLA and
+    steps per call as train.jit_compile / train.steps_per_execution say."""
     model.compile(
         optimizer=optim.build_optimizer(config.train, schedule, model.trainable_variables),
         loss=keras.losses.CategoricalCrossentropy(
@@ -177,8 +178,10 @@ def compile_model(model, config: Config, schedule, num_classes: int) -> None:
             keras.metrics.CategoricalAccuracy(name="accuracy"),
             keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
         ],
-        jit_compile=False,
+        jit_compile=config.train.jit_compile,
+        steps_per_execution=config.train.steps_per_execution,
     )
+    tracing.create_optimizer_variables(model)
 
 
 # --------------------------------------------------------------------------- run

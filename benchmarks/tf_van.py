@@ -1,0 +1,164 @@
+"""Our side of bench_model.py: VAN in tf_keras, timed on request in a process of its own.
+
+Speaks torch_van.py's protocol (one JSON command per line on stdin, one JSON answer per line on
+stdout), so bench_model.py can run several of these with different environments (oneDNN on/off,
+ISA caps, thread counts: all read once, when TensorFlow starts) and alternate their rounds with
+PyTorch's:
+
+    {"cmd": "setup", "variant": "b0", "batch": 16, "image_size": 224, "drop_path_rate": 0.1,
+     "rows": ["ours", ...]}                                -> TF facts
+    {"cmd": "train" | "infer", "row": "ours", "steps": 2}  -> images/s
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import van_tfx  # noqa: E402,F401  (legacy Keras and the oneDNN default before TensorFlow)
+from benchmarks.protocol import serve  # noqa: E402
+
+
+def rows() -> dict:
+    """name -> (Implementation, fold for inference, precision policy): every row we can time."""
+    from van_trainer.model import Implementation
+
+    naive = Implementation(
+        pointwise="conv", depthwise="grouped", fused_batch_norm=False, analytic_gelu_gradient=False
+    )
+    return {
+        "ours": (Implementation(), True, "float32"),
+        "naive port (grouped conv, conv 1x1, unfused BN, autodiff GELU)": (naive, False, "float32"),
+        "ours, not folded for inference": (Implementation(), False, "float32"),
+        "ours, conv 1x1 for training": (Implementation(pointwise="conv"), True, "float32"),
+        "ours, autodiff GELU gradient": (
+            Implementation(analytic_gelu_gradient=False),
+            True,
+            "float32",
+        ),
+        "ours, mixed_bfloat16": (Implementation(), True, "mixed_bfloat16"),
+    }
+
+
+def make_train_step(model):
+    """One compiled step of the Trainer's AdamW on label cross-entropy (no metrics, no input)."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from van_tfx.config import TrainConfig
+    from van_trainer import optim
+
+    optimizer = optim.build_optimizer(TrainConfig(), 1e-3, model.trainable_variables)
+    optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(labels, model(images, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return loss
+
+    return step
+
+
+def make_infer_step(model):
+    """Inference as serving runs it: one traced function, training=False."""
+    import tensorflow as tf
+
+    @tf.function
+    def infer(images):
+        return model(images, training=False)
+
+    return infer
+
+
+def build(cmd: dict) -> dict:
+    """row name -> (train step, infer step, images, labels), each traced and warmed up."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from van_trainer.model import build_van, fold_for_inference
+
+    catalogue = rows()
+    size, batch = cmd["image_size"], cmd["batch"]
+    images = tf.random.normal([batch, size, size, 3])
+    labels = tf.random.uniform([batch], 0, 1000, dtype=tf.int64)
+    runners = {}
+    for name in cmd["rows"]:
+        impl, fold, policy = catalogue[name]
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            model = build_van(
+                cmd["variant"],
+                input_shape=(size, size, 3),
+                drop_path_rate=cmd["drop_path_rate"],
+                implementation=impl,
+            )
+            train = make_train_step(model)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        infer = make_infer_step(fold_for_inference(model) if fold else model)
+        for _ in range(2):
+            train(images, labels), infer(images)
+        runners[name] = (train, infer, images, labels)
+    return runners
+
+
+def seconds_per_call(fn, args, steps: int) -> float:
+    """Wall seconds per call over `steps` calls of a warm function."""
+    import numpy as np
+
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = fn(*args)
+    np.asarray(out)  # wait for the last result
+    return (time.perf_counter() - start) / steps
+
+
+def facts(variant: str) -> dict:
+    """What the parent prints about this side, and the variant's shape for the reference."""
+    import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port
+
+    from van_trainer.model import VARIANTS
+
+    cfg = VARIANTS[variant]
+    threads = tf.config.threading
+    return {
+        "variant_config": {
+            "embed_dims": list(cfg.embed_dims),
+            "depths": list(cfg.depths),
+            "mlp_ratios": list(cfg.mlp_ratios),
+        },
+        "tf": tf.__version__,
+        "onednn": bool(_pywrap_util_port.IsMklEnabled()),
+        "intra_op_threads": threads.get_intra_op_parallelism_threads() or os.cpu_count(),
+        "inter_op_threads": threads.get_inter_op_parallelism_threads() or os.cpu_count(),
+    }
+
+
+def main() -> int:
+    """Answer commands until 'quit' or end of input."""
+    runners: dict = {}
+
+    def answer(cmd: dict) -> dict:
+        if cmd["cmd"] == "setup":
+            runners.update(build(cmd))
+            return facts(cmd["variant"])
+        train, infer, images, labels = runners[cmd["row"]]
+        if cmd["cmd"] == "train":
+            seconds = seconds_per_call(train, (images, labels), cmd["steps"])
+        else:
+            seconds = seconds_per_call(infer, (images,), cmd["steps"])
+        return {"images_per_second": int(images.shape[0]) / seconds}
+
+    return serve(answer)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
