@@ -27,7 +27,7 @@ def write_records(path: Path, count: int, stored_size: int) -> list[str]:
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from van_trainer import features
+    from van_tfx import features
 
     digits = load_digits()
     file = str(path / "transformed_examples-00000-of-00001.gz")

@@ -70,8 +70,8 @@ def build_transform_output(root: Path, config: Config, preprocessing_fn=None) ->
     from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io, schema_utils
     from tfx_bsl.public import tfxio
 
+    from van_tfx import features
     from van_tfx.data.sample import build_sample
-    from van_trainer import features
 
     span = build_sample(root / "data")
     raw_spec = {
@@ -288,8 +288,8 @@ def test_export_has_the_serving_signatures_and_keras_weights(exported):
 def test_classify_signature_has_tf_serving_classify_method(exported):
     from tensorflow.core.protobuf import saved_model_pb2
 
+    from van_tfx import features
     from van_tfx.saved_model import CLASSIFY_METHOD_NAME, PREDICT_METHOD_NAME
-    from van_trainer import features
 
     _, export_dir = exported
     saved = saved_model_pb2.SavedModel.FromString(
@@ -306,8 +306,8 @@ def test_classify_signature_has_tf_serving_classify_method(exported):
 def _raw_validation(transform_paths, limit=6):
     import tensorflow as tf
 
+    from van_tfx import features
     from van_tfx.data.records import iter_shard
-    from van_trainer import features
 
     records = []
     for path in transform_paths["raw_eval_files"]:

@@ -42,7 +42,7 @@ def _records(files: list[str], shuffle_files: bool, seed: int) -> tf.data.Datase
 
 
 def transformed_feature_spec() -> dict:
-    """The Transform outputs the Trainer reads (see van_trainer.features)."""
+    """The Transform outputs the Trainer reads (see van_tfx.features)."""
     return {
         features.TRANSFORMED_IMAGE: tf.io.FixedLenFeature([], tf.string),
         features.TRANSFORMED_LABEL: tf.io.FixedLenFeature([], tf.int64),
