@@ -6,19 +6,21 @@ PY310 = $(shell scripts/find-python)
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONWARNINGS ?= ignore::FutureWarning
+# Let Python cache bytecode in .venv even where PYTHONDONTWRITEBYTECODE is set (as on our build
+# machines): without the cache every process compiles the TFX stack's modules from source again,
+# 20 s of CPU per pipeline step (27 s -> 10 s to import TFX's KFP entrypoint once cached).
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: demo test lint format venv bench clean-home lock image
 
 venv: $(VENV)/.synced
 
 # uv resolves this stack in seconds where pip backtracks for many minutes; it is bootstrapped from
-# PyPI into the Python 3.10 user site when missing. --compile-bytecode writes every .pyc at install:
-# where PYTHONDONTWRITEBYTECODE is set (as on our build machines) Python would otherwise compile
-# TFX's ~21,000 modules from source in every process, ~3x the import time of each pipeline step.
+# PyPI into the Python 3.10 user site when missing.
 $(VENV)/.synced: pyproject.toml uv.lock
 	@py="$(PY310)"; [ -n "$$py" ] || exit 1; \
 	$$py -m uv --version >/dev/null 2>&1 || $$py -m pip install --quiet --user uv || $$py -m pip install --quiet uv; \
-	UV_PYTHON=$$py $$py -m uv sync --frozen --extra dev --python $$py --compile-bytecode
+	UV_PYTHON=$$py $$py -m uv sync --frozen --extra dev --python $$py
 	@touch $@
 
 lock:
