@@ -11,6 +11,7 @@ from tfx.proto import transform_pb2
 from components.new_data_gate import has_new_data
 from components.served_model import ServedBaselineEvaluator, ServedModel
 from components.serving_smoke_test import ServingSmokeTest
+from components.transform_executor import ShardingTransformExecutor
 from pipeline import ingest
 from pipeline.evaluation import build_eval_config
 from van_tfx.config import Config
@@ -72,6 +73,9 @@ def ingest_train_evaluate_push(config: Config, location: PipelineLocation, gate)
         splits_config=transform_pb2.SplitsConfig(analyze=["train"], transform=["train", "eval"]),
         custom_config=custom_config_for(config),
     )
+    # TFX's executor, writing each split in files of data.examples_per_shard records (each
+    # training worker reads its own) and recording their counts for the Trainer's step plan.
+    transform.executor_spec = executor_spec.BeamExecutorSpec(ShardingTransformExecutor)
     # Anomalies stop the run before Transform spends time on bad data.
     transform.add_upstream_node(anomalies_gate)
 

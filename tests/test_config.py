@@ -39,8 +39,8 @@ def test_bad_values_name_the_key(override, needle):
 
 
 def test_stored_size_must_cover_model_input():
-    with pytest.raises(ConfigError, match="stored_image_size"):
-        load_config(overrides=["data.stored_image_size=32", "model.image_size=64"])
+    with pytest.raises(ConfigError, match="max_image_side"):
+        load_config(overrides=["data.max_image_side=32", "model.image_size=64"])
 
 
 def test_missing_and_malformed_files_are_named(tmp_path):

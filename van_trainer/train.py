@@ -16,12 +16,15 @@ import os
 import tensorflow as tf
 import tf_keras as keras
 
-from van_tfx import storage
+from van_tfx import features, storage
 from van_tfx.config import Config
-from van_trainer import dataset, distribute, export, features, optim, tracing
+from van_tfx.data import shards
+from van_trainer import dataset, distribute, export, optim, tracing
 
 log = logging.getLogger(__name__)
 
+# TFX Trainer's split names (train_args / eval_args defaults).
+TRAIN_SPLIT, EVAL_SPLIT = "train", "eval"
 # The Config sections the pipeline hands the Trainer through custom_config.
 TRAINER_SECTIONS = ("data", "model", "augment", "train", "eval", "serving")
 BACKUP_DIR = "backup"
@@ -44,16 +47,30 @@ def config_from_custom_config(custom_config: dict | None) -> Config:
     return Config.model_validate(sections)
 
 
-def plan_steps(config: Config, train_files: list[str], train_steps: int | None) -> tuple[int, int]:
+def plan_steps(config: Config, transform_output: str, train_steps: int | None) -> tuple[int, int]:
     """(epochs, steps_per_epoch): TFX train_args.num_steps, if set, is the total step budget
-    spread over train.epochs; otherwise train.steps_per_epoch (or one pass over the data)."""
+    spread over train.epochs; otherwise train.steps_per_epoch, or one pass over the training split
+    as counted by Transform (never by reading the data)."""
     epochs = config.train.epochs
     if train_steps:
         epochs = min(epochs, train_steps)
         return epochs, math.ceil(train_steps / epochs)
     if config.train.steps_per_epoch:
         return epochs, config.train.steps_per_epoch
-    return epochs, max(1, dataset.count_records(train_files) // config.train.batch_size)
+    return epochs, max(1, split_size(transform_output, TRAIN_SPLIT) // config.train.batch_size)
+
+
+def split_size(transform_output: str, split: str) -> int:
+    """Examples in a transformed split, from the count Transform recorded in its graph."""
+    count = shards.read_example_count(transform_output, split)
+    if count is None:
+        raise ValueError(
+            f"the transform graph {transform_output} records no example count for split "
+            f"{split!r} ({shards.example_count_path(transform_output, split)}): Transform "
+            "writes it when run with components.transform_executor.ShardingTransformExecutor, "
+            "as the pipeline does; otherwise set train.steps_per_epoch"
+        )
+    return count
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -228,7 +245,7 @@ def train_and_export(
     _check_batch(config, strategy)
     tft_output = tft.TFTransformOutput(transform_output)
     num_classes = tft_output.vocabulary_size_by_name(features.SYNSET_VOCABULARY)
-    epochs, steps_per_epoch = plan_steps(config, train_files, train_steps)
+    epochs, steps_per_epoch = plan_steps(config, transform_output, train_steps)
     schedule = optim.build_schedule(config.train, steps_per_epoch, epochs)
     previous_policy = keras.mixed_precision.global_policy()
     if config.train.mixed_precision != "none":
@@ -239,16 +256,22 @@ def train_and_export(
             warm_from = load_initial_weights(model, config, num_classes, base_model)
             compile_model(model, config, schedule, num_classes)
         callbacks = build_callbacks(config, model_run_dir, schedule, chief)
+        # Each worker reads only its own files; validation runs over the whole eval split once
+        # (each worker its files, to their end), so it needs no count.
         history = model.fit(
-            dataset.train_dataset(train_files, config, num_classes),
+            dataset.distributed(strategy, dataset.train_dataset, train_files, config, num_classes),
             epochs=epochs,
             steps_per_epoch=steps_per_epoch,
-            validation_data=dataset.eval_dataset(eval_files, config, num_classes),
+            validation_data=dataset.distributed(
+                strategy, dataset.eval_dataset, eval_files, config, num_classes
+            ),
             validation_steps=config.train.eval_steps or eval_steps or None,
             callbacks=callbacks,
             verbose=2,
         )
-        final = _final_metrics(model, config, history, eval_files, num_classes, eval_steps)
+        final = _final_metrics(
+            model, config, history, strategy, eval_files, num_classes, eval_steps
+        )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     # After the policy reset: the model keeps its dtypes, the Transform layer must not autocast.
@@ -259,6 +282,8 @@ def train_and_export(
         "final": final,
         "epochs": epochs,
         "steps_per_epoch": steps_per_epoch,
+        "train_examples": shards.read_example_count(transform_output, TRAIN_SPLIT),
+        "eval_examples": shards.read_example_count(transform_output, EVAL_SPLIT),
         "initial_step": callbacks[1].initial_step,
         "final_step": int(model.optimizer.iterations.numpy()),
         "num_classes": num_classes,
@@ -280,11 +305,11 @@ def _check_batch(config: Config, strategy) -> None:
         )
 
 
-def _final_metrics(model, config, history, eval_files, num_classes, eval_steps) -> dict:
+def _final_metrics(model, config, history, strategy, eval_files, num_classes, eval_steps) -> dict:
     # fit() swaps the EMA weights in at its end, so only then do they need a fresh evaluation.
     if config.train.ema_decay > 0:
         return model.evaluate(
-            dataset.eval_dataset(eval_files, config, num_classes),
+            dataset.distributed(strategy, dataset.eval_dataset, eval_files, config, num_classes),
             steps=config.train.eval_steps or eval_steps or None,
             return_dict=True,
             verbose=0,
