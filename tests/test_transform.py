@@ -32,11 +32,8 @@ def write_small_sample(root: Path, train: int = 200, validation: int = 100) -> l
 def run_ingest_and_transform(tmp: Path, data_root: Path, *, with_transform: bool) -> dict:
     """Run ImportExampleGen → StatisticsGen → CuratedSchema → ExampleValidator → gate (→ Transform)."""
     from tfx import v1 as tfx
-    from tfx.dsl.components.base import executor_spec
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
-    from tfx.proto import transform_pb2
 
-    from components.transform_executor import ShardingTransformExecutor
     from pipeline import ingest
 
     config = DataConfig(examples_per_shard=PER_SHARD)
@@ -47,16 +44,9 @@ def run_ingest_and_transform(tmp: Path, data_root: Path, *, with_transform: bool
     gate = ingest.anomalies_gate(validator)
     components = [example_gen, statistics, schema, validator, gate]
     if with_transform:
-        transform = tfx.components.Transform(
-            examples=example_gen.outputs["examples"],
-            schema=schema.outputs["schema"],
-            preprocessing_fn="van_trainer.preprocessing.preprocessing_fn",
-            splits_config=transform_pb2.SplitsConfig(
-                analyze=["train"], transform=["train", "eval"]
-            ),
-            custom_config={"data": config.model_dump(mode="json")},
+        transform = ingest.transform(
+            config, example_gen.outputs["examples"], schema.outputs["schema"]
         )
-        transform.executor_spec = executor_spec.BeamExecutorSpec(ShardingTransformExecutor)
         transform.add_upstream_node(gate)
         components.append(transform)
     pipeline = tfx.dsl.Pipeline(
