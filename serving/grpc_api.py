@@ -82,7 +82,7 @@ class PredictionService(_Servicer, prediction_service_pb2_grpc.PredictionService
 
     @_rpc("regress")
     async def Regress(self, request, context):
-        raise ServingError(grpc.StatusCode.UNIMPLEMENTED, "Regress is not supported by van-tfx")
+        return await handlers.regress_async(self.manager, request, self.executor)
 
     @_rpc("multi_inference")
     async def MultiInference(self, request, context):

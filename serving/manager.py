@@ -12,6 +12,7 @@ import time
 from tensorflow_serving.apis import get_model_status_pb2
 
 from serving.errors import ServingError, invalid_argument, not_found, servable_not_found
+from serving.limits import RequestLimits
 from serving.protos import BatchingSettings
 from serving.servable import SAVED_MODEL_FILE, WARMUP_FILE, Servable
 
@@ -82,8 +83,12 @@ class ModelManager:
         batching: BatchingSettings | None = None,
         enable_warmup: bool = True,
         poll_wait_seconds: float = 1.0,
+        limits: RequestLimits | None = None,
+        method_name_check: bool = False,
     ):
         self._batching = batching
+        self._limits = limits or RequestLimits()
+        self._method_name_check = method_name_check
         self._enable_warmup = enable_warmup
         self._poll_wait = poll_wait_seconds
         self._lock = threading.Lock()
@@ -98,10 +103,10 @@ class ModelManager:
         """The servable for a request: latest available, a version, or a label's version."""
         with self._lock:
             model = self._models.get(name)
+            if label is not None:  # ServerCore::GetModelVersionForLabel, even for unknown models
+                version = self._label_version(model, label)
             if model is None:
                 raise servable_not_found(name, version)
-            if label is not None:
-                version = self._label_version(model, name, label)
             if version is None:
                 if not model.servables:
                     raise servable_not_found(name)
@@ -111,17 +116,9 @@ class ModelManager:
                 raise servable_not_found(name, version)
             return servable
 
-    def label_version(self, name: str, label: str) -> int:
-        """The version a label points to."""
-        with self._lock:
-            model = self._models.get(name)
-            if model is None:
-                raise not_found(f"Could not find any versions of model {name}")
-            return self._label_version(model, name, label)
-
     @staticmethod
-    def _label_version(model: _Model, name: str, label: str) -> int:
-        labels = model.config.version_labels
+    def _label_version(model: _Model | None, label: str) -> int:
+        labels = model.config.version_labels if model is not None else {}
         if label not in labels:
             raise invalid_argument(f"Unrecognized servable version label: {label}")
         return labels[label]
@@ -257,7 +254,9 @@ class ModelManager:
         path = os.path.join(model.config.base_path, str(version))
         self._set_state(model, VersionStatus(version, State.LOADING))
         try:
-            servable = Servable(name, version, path, self._batching)
+            servable = Servable(
+                name, version, path, self._batching, self._limits, self._method_name_check
+            )
             if self._enable_warmup:
                 servable.warmup_records = run_warmup(servable)
         except Exception as exc:  # a broken version is reported, never served

@@ -7,13 +7,22 @@ import os
 import threading
 from typing import NamedTuple
 
+import grpc
 import numpy as np
 
 from serving.batching import Batcher
-from serving.errors import from_tf_error, invalid_argument, signature_not_found
+from serving.errors import ServingError, from_tf_error, invalid_argument, signature_not_found
+from serving.images import check_pixel_budget
+from serving.limits import RequestLimits
 from serving.protos import BatchingSettings
+from serving.tensors import array_nbytes, from_tensor_proto
 
 DEFAULT_SIGNATURE = "serving_default"
+PREDICT_METHOD_NAMES = (
+    "tensorflow/serving/predict",
+    "tensorflow/serving/classify",
+    "tensorflow/serving/regress",
+)
 SAVED_MODEL_FILE = "saved_model.pb"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
@@ -32,7 +41,15 @@ def read_signature_defs(path: str):
 class Servable:
     """A SavedModel version loaded with tf.saved_model.load, callable by signature key."""
 
-    def __init__(self, name: str, version: int, path: str, batching: BatchingSettings | None):
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        path: str,
+        batching: BatchingSettings | None,
+        limits: RequestLimits | None = None,
+        method_name_check: bool = False,
+    ):
         import tensorflow as tf
 
         self.name, self.version, self.path = name, version, path
@@ -45,6 +62,8 @@ class Servable:
         self.warmup_records = 0
         self._unloaded = False
         self._specs: dict[str, list[_InputSpec]] = {}
+        self.limits = limits or RequestLimits()
+        self.method_name_check = method_name_check
 
     def signature_def(self, key: str):
         """The SignatureDef for `key` ('' means serving_default) or FAILED_PRECONDITION."""
@@ -56,11 +75,12 @@ class Servable:
     def run(
         self,
         key: str,
-        inputs: dict[str, np.ndarray],
+        inputs: dict,
         output_filter=(),
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Validate `inputs` against signature `key`, run it (batched if enabled), filter outputs."""
+        """Validate `inputs` (arrays or TensorProtos) against signature `key`, run it (batched if
+        enabled), filter outputs."""
         key, feed, wanted = self._prepare(key, inputs, output_filter)
         if self._batching is None or self._unloaded:  # in-flight calls finish after an unload
             outputs = self._call(key, feed)
@@ -69,7 +89,7 @@ class Servable:
         return _filtered(outputs, wanted)
 
     async def run_async(
-        self, key: str, inputs: dict[str, np.ndarray], output_filter=(), executor=None
+        self, key: str, inputs: dict, output_filter=(), executor=None
     ) -> dict[str, np.ndarray]:
         """`run` for an event loop: batched calls join the batch queue, others go to `executor`.
 
@@ -83,9 +103,17 @@ class Servable:
         return _filtered(await pending, wanted)
 
     def _prepare(self, key: str, inputs, output_filter) -> tuple[str, dict, set[str]]:
+        # TF Serving's order (predict_util.cc RunPredict, PreProcessPrediction): signature,
+        # method name (when checked), input count, each input, then the output filter.
         key = key or DEFAULT_SIGNATURE
         signature = self.signature_def(key)
-        feed = _validated_inputs(self._input_specs(key), inputs)
+        if self.method_name_check and signature.method_name not in PREDICT_METHOD_NAMES:
+            raise ServingError(
+                grpc.StatusCode.INTERNAL,
+                "Expected prediction signature method_name to be one of {"
+                f"{', '.join(PREDICT_METHOD_NAMES)}}}. Was: {signature.method_name}",
+            )
+        feed = _validated_inputs(signature, self._input_specs(key), inputs, self.limits)
         return key, feed, _validated_filter(signature, output_filter)
 
     def _input_specs(self, key: str) -> list[_InputSpec]:
@@ -121,7 +149,7 @@ class Servable:
 
         try:
             outputs = self._functions[key](**{k: tf.constant(v) for k, v in feed.items()})
-        except tf.errors.OpError as exc:
+        except (tf.errors.OpError, UnicodeDecodeError) as exc:
             raise from_tf_error(exc) from exc
         except (ValueError, TypeError) as exc:  # inputs the concrete function cannot accept
             raise invalid_argument(str(exc)) from exc
@@ -131,6 +159,7 @@ class Servable:
 class _InputSpec(NamedTuple):
     position: int
     alias: str
+    feed_name: str
     dtype: object  # tf.DType
     dims: list[int] | None  # None: unknown rank
 
@@ -142,6 +171,7 @@ def _input_specs(signature) -> list[_InputSpec]:
         _InputSpec(
             position,
             alias,
+            info.name,
             tf.dtypes.as_dtype(info.dtype),
             None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim],
         )
@@ -149,23 +179,31 @@ def _input_specs(signature) -> list[_InputSpec]:
     ]
 
 
-def _validated_inputs(specs: list[_InputSpec], inputs: dict[str, np.ndarray]) -> dict:
-    expected = {spec.alias for spec in specs}
-    if inputs.keys() != expected:
-        unknown = sorted(set(inputs) - expected)
-        if unknown:
-            raise invalid_argument(
-                f"input tensor alias not found in signature: {unknown[0]}. Inputs expected to be "
-                f"in the set {{{','.join(sorted(expected))}}}."
-            )
+def _validated_inputs(signature, specs: list[_InputSpec], inputs: dict, limits) -> dict:
+    """The feed, checked as TF Serving checks it; TensorProtos are decoded within `limits`."""
+    expected, sent = {spec.alias for spec in specs}, set(inputs)
+    if len(sent) != len(expected):  # VerifyRequestInputsSize (predict_util.cc)
         raise invalid_argument(
-            f"input size does not match signature: {len(inputs)}!={len(expected)} len({{"
-            f"{','.join(sorted(inputs))}}}) != len({{{','.join(sorted(expected))}}})."
+            f"input size does not match signature: {len(sent)}!={len(expected)} "
+            f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+            f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+            f"Missing but required: {{{','.join(sorted(expected - sent))}}}."
         )
-    feed = {}
-    for spec in specs:
-        value = _as_dtype(inputs[spec.alias], spec.dtype, spec.position, spec.alias)
+    feed, budget = {}, limits.max_tensor_bytes
+    for spec in specs:  # GetInputValues (tensorflow/cc/saved_model/util.cc)
+        if spec.alias not in inputs:
+            raise invalid_argument(
+                f"Signature input alias: {spec.alias}(feed name: {spec.feed_name}) not found in "
+                f"request and no default value provided. Inputs expected to be in the request "
+                f"{{{','.join(sorted(sent))}}}, or default input alias set: "
+            )
+        value = inputs[spec.alias]
+        if not isinstance(value, np.ndarray):  # a TensorProto: decode within what is left
+            value = from_tensor_proto(value, spec.alias, budget)
+            budget -= array_nbytes(value)
+        value = _as_dtype(value, spec.dtype, spec.position, spec.alias)
         _check_shape(spec.dims, value.shape, spec.alias)
+        check_pixel_budget(spec.alias, value, limits.max_image_pixels)
         feed[spec.alias] = value
     return feed
 
@@ -182,7 +220,7 @@ def _as_dtype(value: np.ndarray, want, position: int, alias: str) -> np.ndarray:
     if want == tf.string and value.size == 0:
         return value.astype(object)
     raise invalid_argument(
-        f"Expects arg[{position}] ({alias}) to be {want.name} but "
+        f"Expects arg[{position}] to be {want.name} but "
         f"{have.name if have else value.dtype} is provided"
     )
 
@@ -204,11 +242,14 @@ def _filtered(outputs: dict[str, np.ndarray], wanted: set[str]) -> dict[str, np.
 
 
 def _validated_filter(signature, output_filter) -> set[str]:
-    wanted = set(output_filter)
-    for alias in wanted:
+    wanted: set[str] = set()
+    for alias in output_filter:
         if alias not in signature.outputs:
             raise invalid_argument(
                 f"output tensor alias not found in signature: {alias} Outputs expected to be in "
                 f"the set {{{','.join(sorted(signature.outputs))}}}."
             )
+        if alias in wanted:
+            raise invalid_argument(f"duplicate output tensor alias: {alias}")
+        wanted.add(alias)
     return wanted

@@ -122,9 +122,20 @@ def test_grpc_classify_on_a_predict_signature_fails_as_tf_serving_does(stub):
     with pytest.raises(grpc.RpcError) as error:
         stub.Classify(request, timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "Expected classification signature method_name to be tensorflow/serving/classify" in (
-        error.value.details()
+    # TF Serving checks method names only with --enable_signature_method_name_check (default
+    # off); PreProcessClassification then finds no input named "inputs".
+    assert error.value.details().startswith(
+        'No classification inputs found in SignatureDef: inputs {\n  key: "examples"'
     )
+
+
+def test_classify_method_name_is_checked_first_when_enabled(server):
+    from serving.handlers import check_classification_signature
+
+    signature = server.manager.resolve("van").signature_defs["serving_default"]
+    with pytest.raises(Exception, match="Expected classification signature method_name to be "
+                       "tensorflow/serving/classify. Was: tensorflow/serving/predict"):  # fmt: skip
+        check_classification_signature(signature, method_name_check=True)
 
 
 def test_grpc_metadata_reports_signature_defs(stub):
@@ -299,7 +310,7 @@ def test_rest_status_and_metadata(server):
             "/v1/models/van:predict",
             {"signature_name": "nope", "instances": ["x"]},
             400,
-            'Serving signature key "nope" not found.',
+            'Serving signature name: "nope" not found in signature def',  # GetInfoMap
         ),
         (
             "/v1/models/van/labels/stable:predict",

@@ -145,6 +145,12 @@ class ServingConfig(_Section):
     grpc_port: int = Field(8500, ge=0, le=65535)
     rest_port: int = Field(8501, ge=0, le=65535)
     top_k: int = Field(5, ge=1)
+    max_image_pixels: int = Field(
+        25_000_000,
+        ge=1,
+        description="Largest image (width x height x frames) the exported graph and van-tfx serve "
+        "decode; larger ones are refused before decoding.",
+    )
 
 
 class BeamConfig(_Section):
