@@ -196,10 +196,12 @@ def classification_rows(signature, outputs: dict[str, np.ndarray], count: int) -
 
 
 def _dtype_name(value: np.ndarray) -> str:
+    """DataType_Name of an output's dtype ("DT_FLOAT")."""
     import tensorflow as tf
+    from tensorflow.core.framework import types_pb2
 
     try:
-        return "DT_" + tf.dtypes.as_dtype(value.dtype).name.upper()
+        return types_pb2.DataType.Name(tf.dtypes.as_dtype(value.dtype).as_datatype_enum)
     except TypeError:
         return str(value.dtype)
 

@@ -210,12 +210,15 @@ class ModelManager:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop polling and unload every version."""
+        """Stop polling, cancel the model calls still running, and unload every version."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
         with self._lock:
             models, self._models = list(self._models.values()), {}
+        for model in models:
+            for servable in model.servables.values():
+                servable.cancel_running()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
         for model in models:
             self._unload(model, list(model.servables.values()))
 

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from serving.errors import ServingError, invalid_argument
+from serving.tensors import data_type_string
 
 SIGNATURE_KEY = "signature_name"
 INSTANCES_KEY = "instances"
@@ -42,21 +43,6 @@ _INT_RANGES = {
     "int64": (-(2**63), 2**63 - 1),
     "uint32": (0, 2**32 - 1),
     "uint64": (0, 2**64 - 1),
-}
-_TYPE_NAMES = {
-    "float32": "float",
-    "float64": "double",
-    "int32": "int32",
-    "int16": "int16",
-    "int8": "int8",
-    "uint8": "uint8",
-    "int64": "int64",
-    "uint32": "uint32",
-    "uint64": "uint64",
-    "bool": "bool",
-    "string": "string",
-    "float16": "half",
-    "bfloat16": "bfloat16",
 }
 # Python's json messages -> RapidJSON's GetParseError_En wording.
 _PARSE_ERRORS = {
@@ -335,7 +321,7 @@ def _leaf(value, dtype: str):
         return utf8(value)
     raise ServingError(
         grpc.StatusCode.UNIMPLEMENTED,
-        f"Conversion of JSON Value: {value_text(value)} to type: {_TYPE_NAMES.get(dtype, dtype)}",
+        f"Conversion of JSON Value: {value_text(value)} to type: {data_type_string(dtype)}",
     )
 
 
@@ -353,13 +339,9 @@ def decode_b64(value) -> bytes:
         raise invalid_argument(
             f"JSON Value: {value_text(value)} not formatted correctly for base64 data"
         )
-    try:
-        return base64.b64decode(value[B64_KEY], validate=True)
-    except (binascii.Error, ValueError):
-        pass
-    try:  # absl::Base64Unescape also reads the URL-safe alphabet and missing padding
-        text = value[B64_KEY]
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    text = value[B64_KEY]
+    try:  # absl::Base64Unescape: the standard alphabet, padding optional
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise invalid_argument("Unable to base64 decode") from None
 
@@ -380,7 +362,7 @@ def _as_array(values: list, dtype: str) -> np.ndarray:
 def _type_error(value, dtype: str) -> ServingError:
     return invalid_argument(
         f"JSON Value: {value_text(value)} Type: {_json_type(value)} is not of expected type: "
-        f"{_TYPE_NAMES.get(dtype, dtype)}"
+        f"{data_type_string(dtype)}"
     )
 
 
@@ -559,7 +541,7 @@ def _tensor_json(value: np.ndarray, name: str) -> str:
         flat = ["true" if v else "false" for v in value.ravel().tolist()]
     else:
         raise invalid_argument(
-            f"Failed to write JSON value for tensor type: {_TYPE_NAMES.get(value.dtype.name, value.dtype.name)}"
+            f"Failed to write JSON value for tensor type: {data_type_string(value.dtype.name)}"
         )
     return _nest(flat, value.shape)
 

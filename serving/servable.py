@@ -15,7 +15,7 @@ from serving.errors import ServingError, from_tf_error, invalid_argument, signat
 from serving.images import check_pixel_budget
 from serving.limits import RequestLimits
 from serving.protos import BatchingSettings
-from serving.tensors import array_nbytes, from_tensor_proto
+from serving.tensors import array_nbytes, data_type_string, from_tensor_proto
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD_NAMES = (
@@ -62,6 +62,7 @@ class Servable:
         self.warmup_records = 0
         self._unloaded = False
         self._specs: dict[str, list[_InputSpec]] = {}
+        self._running: set = set()  # CancellationManagers of the model calls in progress
         self.limits = limits or RequestLimits()
         self.method_name_check = method_name_check
 
@@ -83,10 +84,28 @@ class Servable:
         enabled), filter outputs."""
         key, feed, wanted = self._prepare(key, inputs, output_filter)
         if self._batching is None or self._unloaded:  # in-flight calls finish after an unload
-            outputs = self._call(key, feed)
+            outputs = self._call_with_deadline(key, feed, timeout)
         else:
             outputs = self._batcher(key).submit(feed, timeout)
         return _filtered(outputs, wanted)
+
+    def _call_with_deadline(self, key: str, feed: dict, timeout: float | None) -> dict:
+        # A caller that stops waiting stops the model too: the graph is cancelled at the
+        # deadline instead of running on for nobody.
+        if timeout is None:
+            return self._call(key, feed)
+        cancel = _cancellation_manager()
+        timer = threading.Timer(timeout, cancel.start_cancel)
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._call(key, feed, cancel)
+        except ServingError as exc:
+            if exc.code == grpc.StatusCode.CANCELLED and not timer.is_alive():
+                raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded") from None
+            raise
+        finally:
+            timer.cancel()
 
     async def run_async(
         self, key: str, inputs: dict, output_filter=(), executor=None
@@ -96,11 +115,16 @@ class Servable:
         No timeout: cancelling the awaiting task (grpc.aio does at the deadline) abandons the call.
         """
         key, feed, wanted = self._prepare(key, inputs, output_filter)
-        if self._batching is None or self._unloaded:
-            pending = asyncio.get_running_loop().run_in_executor(executor, self._call, key, feed)
-        else:
-            pending = self._batcher(key).submit_async(feed)
-        return _filtered(await pending, wanted)
+        if self._batching is not None and not self._unloaded:
+            return _filtered(await self._batcher(key).submit_async(feed), wanted)
+        cancel = _cancellation_manager()
+        loop = asyncio.get_running_loop()
+        pending = loop.run_in_executor(executor, self._call, key, feed, cancel)
+        try:
+            return _filtered(await pending, wanted)
+        except asyncio.CancelledError:  # deadline passed or client gone: stop the graph too
+            cancel.start_cancel()
+            raise
 
     def _prepare(self, key: str, inputs, output_filter) -> tuple[str, dict, set[str]]:
         # TF Serving's order (predict_util.cc RunPredict, PreProcessPrediction): signature,
@@ -144,16 +168,41 @@ class Servable:
                 )
             return self._batchers[key]
 
-    def _call(self, key: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def cancel_running(self) -> int:
+        """Cancel every model call in progress (server shutdown); returns how many."""
+        with self._lock:
+            running = list(self._running)
+        for cancel in running:
+            cancel.start_cancel()
+        return len(running)
+
+    def _call(self, key: str, feed: dict[str, np.ndarray], cancel=None) -> dict[str, np.ndarray]:
         import tensorflow as tf
 
+        cancel = cancel or _cancellation_manager()
+        with self._lock:
+            self._running.add(cancel)
         try:
-            outputs = self._functions[key](**{k: tf.constant(v) for k, v in feed.items()})
+            function = cancel.get_cancelable_function(self._functions[key])
+            outputs = function(**{k: tf.constant(v) for k, v in feed.items()})
+            return {name: tensor.numpy() for name, tensor in outputs.items()}
+        except tf.errors.CancelledError:
+            raise ServingError(grpc.StatusCode.CANCELLED, "The model call was cancelled") from None
         except (tf.errors.OpError, UnicodeDecodeError) as exc:
             raise from_tf_error(exc) from exc
         except (ValueError, TypeError) as exc:  # inputs the concrete function cannot accept
             raise invalid_argument(str(exc)) from exc
-        return {name: tensor.numpy() for name, tensor in outputs.items()}
+        finally:
+            with self._lock:
+                self._running.discard(cancel)
+
+
+def _cancellation_manager():
+    # TF's own mechanism for stopping a running function (tf.distribute uses it): ops check it
+    # between kernels, so a long graph ends within one kernel of start_cancel().
+    from tensorflow.python.eager import cancellation
+
+    return cancellation.CancellationManager()
 
 
 class _InputSpec(NamedTuple):
@@ -220,8 +269,8 @@ def _as_dtype(value: np.ndarray, want, position: int, alias: str) -> np.ndarray:
     if want == tf.string and value.size == 0:
         return value.astype(object)
     raise invalid_argument(
-        f"Expects arg[{position}] to be {want.name} but "
-        f"{have.name if have else value.dtype} is provided"
+        f"Expects arg[{position}] to be {data_type_string(want.name)} but "
+        f"{data_type_string(have.name) if have else value.dtype} is provided"
     )
 
 

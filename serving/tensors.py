@@ -43,6 +43,28 @@ _VALUE_FIELDS = {
 }
 
 
+_TYPE_NAMES = {  # tf.DType.name -> DataTypeString, as TF Serving's messages write dtypes
+    "float32": "float",
+    "float64": "double",
+    "int32": "int32",
+    "int16": "int16",
+    "int8": "int8",
+    "uint8": "uint8",
+    "int64": "int64",
+    "uint32": "uint32",
+    "uint64": "uint64",
+    "bool": "bool",
+    "string": "string",
+    "float16": "half",
+    "bfloat16": "bfloat16",
+}
+
+
+def data_type_string(name: str) -> str:
+    """TensorFlow's DataTypeString for a tf.DType name ("float32" -> "float")."""
+    return _TYPE_NAMES.get(name, name)
+
+
 def tensor_parsing_error(alias: str):
     """TF Serving's answer when Tensor::FromProto rejects an input (GetInputValues)."""
     return invalid_argument(f"tensor parsing error: {alias}")

@@ -76,6 +76,42 @@ def build_tiny_model(top_k: int = 2, bias: float = 0.0):
     return TinyVan()
 
 
+def build_numbers_model():
+    """A model with numeric inputs and a slow signature, for request-handling tests.
+
+    `serving_default`: `x` float32 [N, 2] and `k` int64 [N] -> `total` float32 [N] (row sum + k)
+    and `labels_bytes` string [N]; `regress`: serialized tf.Examples `inputs` -> `outputs` float32
+    [N] (sum of feature "x"); `spin`: `n` int64 [] -> `acc` float32 [], a loop of n steps.
+    """
+    import tensorflow as tf
+
+    class Numbers(tf.Module):
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, 2], tf.float32, name="x"),
+                tf.TensorSpec([None], tf.int64, name="k"),
+            ]
+        )
+        def serving_default(self, x, k):
+            total = tf.reduce_sum(x, axis=1) + tf.cast(k, tf.float32)
+            return {"total": total, "labels_bytes": tf.strings.as_string(k)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+        def regress(self, inputs):
+            x = tf.io.parse_example(inputs, {"x": tf.io.VarLenFeature(tf.float32)})["x"]
+            return {"outputs": tf.sparse.reduce_sum(x, axis=1)}
+
+        @tf.function(input_signature=[tf.TensorSpec([], tf.int64, name="n")])
+        def spin(self, n):
+            def step(i, acc):
+                return i + 1, acc + tf.sin(tf.cast(i, tf.float32))
+
+            _, acc = tf.while_loop(lambda i, acc: i < n, step, [tf.constant(0, tf.int64), 0.0])
+            return {"acc": acc}
+
+    return Numbers()
+
+
 def _mean_rgb(encoded):
     import tensorflow as tf
 
@@ -150,11 +186,9 @@ def export(module, base_path: str, version: int) -> str:
     import tensorflow as tf
 
     path = os.path.join(base_path, str(version))
-    signatures = {
-        name: getattr(module, name)
-        for name in ("serving_default", "predict_images", "predict_probabilities", "classify")
-        if hasattr(module, name)
-    }
+    names = ("serving_default", "predict_images", "predict_probabilities", "classify")
+    names += ("regress", "spin")
+    signatures = {name: getattr(module, name) for name in names if hasattr(module, name)}
     if "serving_default" not in signatures:
         signatures["serving_default"] = module.predict_images
     tf.saved_model.save(module, path, signatures=signatures)
