@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 
 import numpy as np
 
@@ -179,6 +181,48 @@ def prediction_outputs(probabilities, synsets, k: int = 5) -> dict:
         "top_k_synsets": tf.gather(synsets, indices),
         "top_k_scores": scores,
     }
+
+
+# ---- hostile images: small files declaring huge pixel counts -------------------------------
+
+
+def png_bomb(side: int) -> bytes:
+    """A real, valid side x side RGB PNG of zeros (~3 KB per 1000 px of side, decodes fully)."""
+    row = b"\x00" * (1 + 3 * side)  # filter byte + pixels
+    block = row * 100
+    compressor = zlib.compressobj(9)
+    # After a full flush deflate restarts: the same block compresses to the same bytes.
+    head = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    body = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    tail = compressor.flush()[:-4]
+    adler = 1
+    for _ in range(side // 100):
+        adler = zlib.adler32(block, adler)
+    data = head + body * (side // 100 - 1) + tail + struct.pack(">I", adler)
+
+    def chunk(kind: bytes, content: bytes) -> bytes:
+        crc = zlib.crc32(kind + content) & 0xFFFFFFFF
+        return struct.pack(">I", len(content)) + kind + content + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A real JPEG whose frame header is rewritten to declare width x height."""
+    data = bytearray(encode_image((90, 90, 90), size=16, fmt="JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def gif_of_frames(width: int, height: int, frames: int) -> bytes:
+    """A GIF with a width x height screen and `frames` 1x1 frames (decode_gif: all at full size)."""
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    screen = struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    return b"GIF89a" + screen + frame * frames + b"\x3b"
 
 
 def export(module, base_path: str, version: int) -> str:
