@@ -18,6 +18,7 @@ import grpc
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
 AVAILABLE = 30  # tensorflow.serving.ModelVersionStatus.State.AVAILABLE
+STAND_IN_COMMAND = [sys.executable, "-m", "van_tfx.cli", "serve"]
 
 
 class ServerStartError(RuntimeError):
@@ -33,15 +34,18 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_model_server(
-    base_path: str, model_name: str, timeout_seconds: float = 300, extra_flags: list[str] = ()
+    base_path: str,
+    model_name: str,
+    timeout_seconds: float = 300,
+    extra_flags: list[str] = (),
+    server_command: list[str] | None = None,
+    cwd: str | None = None,
 ):
-    """Run `van-tfx serve` on a free loopback port; yield (grpc channel, port) once it serves."""
+    """Run `van-tfx serve` (or `server_command`, which takes tensorflow_model_server's flags) on a
+    free loopback port; yield (grpc channel, port) once the model is AVAILABLE."""
     port = free_port()
     command = [
-        sys.executable,
-        "-m",
-        "van_tfx.cli",
-        "serve",
+        *(server_command or STAND_IN_COMMAND),
         f"--port={port}",
         "--rest_api_port=0",
         f"--model_name={model_name}",
@@ -50,7 +54,7 @@ def running_model_server(
     ]
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         try:
             wait_until_available(channel, model_name, process, log, timeout_seconds)

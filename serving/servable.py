@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from typing import NamedTuple
@@ -63,6 +64,7 @@ class Servable:
         self._unloaded = False
         self._specs: dict[str, list[_InputSpec]] = {}
         self._running: set = set()  # CancellationManagers of the model calls in progress
+        self.priority = None  # the manager's LoadPriority once live (None while loading)
         self.limits = limits or RequestLimits()
         self.method_name_check = method_name_check
 
@@ -184,8 +186,9 @@ class Servable:
             self._running.add(cancel)
         try:
             function = cancel.get_cancelable_function(self._functions[key])
-            outputs = function(**{k: tf.constant(v) for k, v in feed.items()})
-            return {name: tensor.numpy() for name, tensor in outputs.items()}
+            with self.priority.model_call() if self.priority else contextlib.nullcontext():
+                outputs = function(**{k: tf.constant(v) for k, v in feed.items()})
+                return {name: tensor.numpy() for name, tensor in outputs.items()}
         except tf.errors.CancelledError:
             raise ServingError(grpc.StatusCode.CANCELLED, "The model call was cancelled") from None
         except (tf.errors.OpError, UnicodeDecodeError) as exc:
