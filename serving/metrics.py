@@ -20,7 +20,8 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 
 REQUEST_COUNT = ":tensorflow:serving:request_count"
 REQUEST_LATENCY = ":tensorflow:serving:request_latency"
-LATENCY_BUCKETS_US = (1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2.5e6, 1e7)
+# servables/tensorflow/util.cc: Buckets::Exponential(10, 1.8, 33), 10 us to ~20 minutes.
+LATENCY_BUCKETS_US = tuple(10 * 1.8**i for i in range(33))
 
 
 class Metrics:
@@ -80,4 +81,4 @@ class Metrics:
 
 
 def _bound_text(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(bound)
+    return "+Inf" if bound == float("inf") else f"{bound:g}"

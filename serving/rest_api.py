@@ -68,10 +68,9 @@ class RestApp:
         if method == "OPTIONS":  # CORS preflight (http_server.cc)
             origin = (headers or {}).get("Origin", "")
             return (200, "text/plain", "") if re.search("https?://", origin) else (400, "", "")
-        start, status, name, api = time.perf_counter(), "OK", "", "unknown"
+        start, status, seen = time.perf_counter(), "OK", {"name": "", "api": ""}
         try:
-            name, api, answer = self._dispatch(method, target, body or b"")
-            return 200, "application/json", answer
+            return 200, "application/json", self._dispatch(method, target, body or b"", seen)
         except ServingError as exc:
             status = exc.code.name
             return _error(exc.http_status, exc.message)
@@ -80,13 +79,15 @@ class RestApp:
             status = "INTERNAL"
             return _error(500, f"{type(exc).__name__}: {exc}")
         finally:
-            self.metrics.record(name, api, "REST", status, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.metrics.record(seen["name"], seen["api"], "REST", status, seconds)
 
     def close(self) -> None:
         """Release the request threads."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _dispatch(self, method: str, target: str, body: bytes) -> tuple[str, str, str]:
+    def _dispatch(self, method: str, target: str, body: bytes, seen: dict) -> str:
+        """The answer body; `seen` gets the model name and API for the metrics, once parsed."""
         # HttpRestApiHandler::ProcessRequest: anything that matches neither route is malformed.
         malformed = invalid_argument(f"Malformed request: {method} {target}")
         route = {"POST": _PREDICTION_PATH, "GET": _STATUS_PATH}.get(method)
@@ -94,17 +95,17 @@ class RestApp:
         if match is None:
             raise malformed
         name, version, label, verb = match.groups()
+        seen["name"] = urllib.parse.unquote(name or "")
         spec = _model_spec(name or "", version, label)
         if method == "POST":
+            seen["api"] = verb  # http_server.cc records the method it parsed (none for GETs)
             if verb not in ("predict", "classify", "regress"):  # the regex is (?i); this is not
                 raise malformed
             run = {"predict": self._predict, "classify": self._classify, "regress": self._regress}
-            return spec.name, verb, self._with_deadline(run[verb], spec, body)
+            return self._with_deadline(run[verb], spec, body)
         if not spec.name:
             raise invalid_argument("Missing model name in request.")
-        if verb == "metadata":
-            return spec.name, "metadata", self._metadata(spec)
-        return spec.name, "status", self._status(spec)
+        return self._metadata(spec) if verb == "metadata" else self._status(spec)
 
     def _with_deadline(self, function, *args):
         # --rest_api_timeout_in_ms: answer DEADLINE_EXCEEDED (504) instead of holding the client;

@@ -356,3 +356,26 @@ def test_string_tensor_with_fewer_values_than_its_shape_follows_tensorflow():
     proto = tf.make_tensor_proto([b"x"], dtype=tf.string)
     proto.tensor_shape.dim[0].size = 3  # TF repeats the last value to fill the shape
     assert from_tensor_proto(proto).tolist() == tf.make_ndarray(proto).tolist() == [b"x"] * 3
+
+
+def test_metrics_keep_tf_serving_names_and_escape_label_values():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.record("van", "Predict", "GRPC", "OK", 0.002)
+    metrics.record('a"b\\c\nd', "predict", "REST", "NOT_FOUND", 0.1)  # before: written unescaped
+    text = metrics.render()
+    assert "# TYPE :tensorflow:serving:request_count counter" in text
+    assert ':tensorflow:serving:request_count{model_name="van",status="OK"} 1.0' in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    counts = {
+        s.labels["model_name"]: s.value
+        for s in families[":tensorflow:serving:request_count"].samples
+    }
+    assert counts == {"van": 1.0, 'a"b\\c\nd': 1.0}  # parsed back exactly
+    latency = families[":tensorflow:serving:request_latency"].samples
+    assert {s.labels["model_name"] for s in latency} == {"van"}  # only successful requests
+    total = next(s for s in latency if s.name.endswith("_sum"))
+    assert total.value == pytest.approx(2000.0) and total.labels["API"] == "Predict"
