@@ -16,7 +16,7 @@ from serving.errors import ServingError, from_tf_error, invalid_argument, signat
 from serving.images import check_pixel_budget
 from serving.limits import RequestLimits
 from serving.protos import BatchingSettings
-from serving.tensors import array_nbytes, data_type_string, from_tensor_proto
+from serving.tensors import checked_shape, data_type_string, decoded_nbytes, from_tensor_proto
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD_NAMES = (
@@ -241,7 +241,8 @@ def _validated_inputs(signature, specs: list[_InputSpec], inputs: dict, limits) 
             f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
             f"Missing but required: {{{','.join(sorted(expected - sent))}}}."
         )
-    feed, budget = {}, limits.max_tensor_bytes
+    _check_decoded_size(specs, inputs, limits.max_tensor_bytes)
+    feed = {}
     for spec in specs:  # GetInputValues (tensorflow/cc/saved_model/util.cc)
         if spec.alias not in inputs:
             raise invalid_argument(
@@ -250,14 +251,34 @@ def _validated_inputs(signature, specs: list[_InputSpec], inputs: dict, limits) 
                 f"{{{','.join(sorted(sent))}}}, or default input alias set: "
             )
         value = inputs[spec.alias]
-        if not isinstance(value, np.ndarray):  # a TensorProto: decode within what is left
-            value = from_tensor_proto(value, spec.alias, budget)
-            budget -= array_nbytes(value)
+        if not isinstance(value, np.ndarray):  # a TensorProto, within the size checked above
+            value = from_tensor_proto(value, spec.alias)
         value = _as_dtype(value, spec.dtype, spec.position, spec.alias)
         _check_shape(spec.dims, value.shape, spec.alias)
         check_pixel_budget(spec.alias, value, limits.max_image_pixels)
         feed[spec.alias] = value
     return feed
+
+
+def _check_decoded_size(specs: list[_InputSpec], inputs: dict, limit: int) -> None:
+    """Refuse a request whose TensorProtos would decode to more than `limit` bytes in all.
+
+    Tensor::FromProto fills a declared shape by repeating the last value (or with zeros), so a
+    12-byte proto may declare gigabytes; the sizes are computed from the shapes, before decoding.
+    """
+    sizes = {
+        spec.alias: decoded_nbytes(proto, checked_shape(proto, spec.alias), spec.alias)
+        for spec in specs
+        if not isinstance(proto := inputs.get(spec.alias, np.empty(0)), np.ndarray)
+    }
+    if sum(sizes.values()) > limit:
+        alias = max(sizes, key=sizes.get)
+        shape = checked_shape(inputs[alias], alias)
+        raise invalid_argument(
+            f"Input {alias} declares shape {shape}: {sizes[alias]} bytes once decoded"
+            f"{' (all inputs: ' + str(sum(sizes.values())) + ')' if len(sizes) > 1 else ''}, "
+            f"more than the {limit} bytes this server decodes per request (--max_message_bytes)"
+        )
 
 
 def _as_dtype(value: np.ndarray, want, position: int, alias: str) -> np.ndarray:

@@ -70,24 +70,15 @@ def tensor_parsing_error(alias: str):
     return invalid_argument(f"tensor parsing error: {alias}")
 
 
-def from_tensor_proto(proto, alias: str = "", max_bytes: int | None = None) -> np.ndarray:
+def from_tensor_proto(proto, alias: str = "") -> np.ndarray:
     """A numpy array from a TensorProto (strings become an object array of bytes).
 
     TF's rules, with TF Serving's answer for what they reject: fewer values than the shape holds
-    repeat the last one, none means zeros, extra values are dropped. What the shape declares is
-    checked first: a request of a few bytes may not make the server build a tensor bigger than
-    `max_bytes` (the largest message the server accepts; see decoded_nbytes).
+    repeat the last one, none means zeros, extra values are dropped. Callers bound the size
+    first (decoded_nbytes): the shape alone decides how much memory this takes.
     """
     shape = checked_shape(proto, alias)
     count = math.prod(shape)
-    if max_bytes is not None:
-        size = decoded_nbytes(proto, shape, alias)
-        if size > max_bytes:
-            raise invalid_argument(
-                f"Input {alias} declares shape {shape}: {size} bytes once decoded, more than "
-                f"this server's {max_bytes} byte limit for a request's tensors "
-                "(--max_message_bytes)"
-            )
     if proto.dtype == types_pb2.DT_STRING and not proto.tensor_content:
         values = proto.string_val
         if count and values:
@@ -135,15 +126,6 @@ def decoded_nbytes(proto, shape: list[int], alias: str = "") -> int:
     kept = values[:count]
     repeated = (count - len(kept)) * len(values[-1]) if values else 0
     return count * STRING_ELEMENT_OVERHEAD + sum(len(v) for v in kept) + repeated
-
-
-def array_nbytes(value: np.ndarray) -> int:
-    """What decoded_nbytes counts for an array already decoded."""
-    if value.dtype != object:
-        return value.nbytes
-    return value.size * STRING_ELEMENT_OVERHEAD + sum(
-        len(v) for v in value.flat if isinstance(v, bytes)
-    )
 
 
 @functools.cache

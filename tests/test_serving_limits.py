@@ -175,7 +175,7 @@ def test_amplified_shapes_are_refused_before_the_deadline_without_memory(served,
             with pytest.raises(grpc.RpcError) as error:
                 stub.Predict(request, timeout=10)
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "bytes once decoded" in error.value.details()
+            assert "more than the 67108864 bytes this server decodes" in error.value.details()
             assert "--max_message_bytes" in error.value.details()
     print(f"\n{case}: {request.ByteSize()} byte request, server RSS growth "
           f"{memory.growth / MiB:.1f} MiB")  # fmt: skip
