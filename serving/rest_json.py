@@ -15,6 +15,7 @@ import base64
 import binascii
 import json
 import math
+import re
 
 import grpc
 import numpy as np
@@ -62,6 +63,10 @@ class _NumberTooBig(ValueError):
     pass
 
 
+# Exponents of 100 or more, or 20+ digits: literals that might not fit a double or an int64.
+_SUSPECT_NUMBER = re.compile(rb"[eE]\+?0*[1-9]\d{2,}|\d{20,}")
+
+
 def _parse_float(text: str) -> float:
     value = float(text)
     if math.isinf(value):  # RapidJSON: kParseErrorNumberTooBig; Python would say inf
@@ -93,12 +98,14 @@ def parse_json(body: bytes) -> dict:
         raise invalid_argument("JSON Parse error: The document is empty")
     # RapidJSON does not validate UTF-8 in strings; surrogateescape keeps such bytes as they came.
     text = body.decode("utf-8", "surrogateescape")
+    # The number hooks cost a Python call per number (seconds for a large tensor): they are only
+    # needed when a literal could overflow a double or a (u)int64.
+    hooks = {"parse_float": _parse_float, "parse_int": _parse_int}
     try:
         doc = json.loads(
             text,
-            parse_float=_parse_float,
-            parse_int=_parse_int,
             object_pairs_hook=_first_key_wins,
+            **(hooks if _SUSPECT_NUMBER.search(body) else {}),
         )
     except _NumberTooBig as exc:
         offset = text.find(str(exc))
@@ -252,7 +259,42 @@ def _from_inputs(value, input_dtypes: dict[str, str]) -> dict:
 def to_array(value, dtype: str) -> np.ndarray:
     """One JSON value (scalar or nested lists) as an array of `dtype` (FillTensorProto)."""
     shape = dense_shape(value)
+    fast = _regular_array(value, shape, dtype)
+    if fast is not None:
+        return fast
     return _as_array(fill_values(value, shape, dtype), dtype).reshape(shape)
+
+
+_KINDS = {  # Python types of JSON values each dtype takes without a check per element
+    "float32": {int, float},
+    "float64": {int, float},
+    "bool": {bool},
+    "string": {str},
+}
+
+
+def _regular_array(value, shape: list[int], dtype: str) -> np.ndarray | None:
+    """The array in bulk when `value` is a regular nesting of acceptable leaves; None to take
+    the element-by-element path (which also words the errors)."""
+    if not shape or not math.prod(shape):
+        return None
+    try:
+        objects = np.array(value, dtype=object)
+    except ValueError:
+        return None
+    if list(objects.shape) != shape:
+        return None  # ragged or deeper than its first elements
+    flat = objects.ravel()
+    kinds = set(map(type, flat))
+    if dtype in _INT_RANGES:
+        low, high = _INT_RANGES[dtype]
+        if kinds != {int} or min(flat) < low or max(flat) > high:
+            return None
+    elif dtype not in _KINDS or not kinds <= _KINDS[dtype]:
+        return None
+    if dtype == "string":
+        flat = np.array([utf8(v) for v in flat], dtype=object)
+    return _as_array(flat, dtype).reshape(shape)
 
 
 def dense_shape(value) -> list[int]:
@@ -273,15 +315,13 @@ def dense_shape(value) -> list[int]:
 def fill_values(value, shape: list[int], dtype: str) -> list:
     """The leaf values in row-major order, checked level by level like FillTensorProto."""
     values: list = []
+    innermost = len(shape) - 1
     stack = [(value, 0)]  # iterative: a deep list must not exhaust Python's recursion
     while stack:
         item, level = stack.pop()
         if not isinstance(item, list):
             if level != len(shape):
-                raise invalid_argument(
-                    f"JSON Value: {value_text(item)} found at incorrect level: {level + 1} in "
-                    f"the JSON DOM. Expected at level: {len(shape)}"
-                )
+                raise _level_error(item, level, len(shape))
             values.append(_leaf(item, dtype))
             continue
         if level >= len(shape):
@@ -293,8 +333,24 @@ def fill_values(value, shape: list[int], dtype: str) -> list:
                 f"Encountered list at unexpected size: {len(item)} at level: {level} expected "
                 f"size: {shape[level]}"
             )
+        if level == innermost:  # the bulk of a tensor: leaves, read without a stack entry each
+            for leaf in item:
+                if isinstance(leaf, list):
+                    raise invalid_argument(
+                        f"Encountered list at unexpected level: {level + 1} expected < "
+                        f"{len(shape)}"
+                    )
+                values.append(_leaf(leaf, dtype))
+            continue
         stack.extend((child, level + 1) for child in reversed(item))
     return values
+
+
+def _level_error(item, level: int, rank: int) -> ServingError:
+    return invalid_argument(
+        f"JSON Value: {value_text(item)} found at incorrect level: {level + 1} in the JSON DOM. "
+        f"Expected at level: {rank}"
+    )
 
 
 def _leaf(value, dtype: str):
@@ -346,7 +402,9 @@ def decode_b64(value) -> bytes:
         raise invalid_argument("Unable to base64 decode") from None
 
 
-def _as_array(values: list, dtype: str) -> np.ndarray:
+def _as_array(values, dtype: str) -> np.ndarray:
+    if dtype == "string" and isinstance(values, np.ndarray):
+        return values
     if dtype == "string":
         array = np.empty(len(values), dtype=object)
         array[:] = values
