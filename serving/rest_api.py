@@ -161,20 +161,20 @@ class RestApp:
         return rest_json.predict_json(outputs, form)
 
     def _classify(self, spec, body: bytes) -> str:
-        doc = rest_json.parse_json(body)
-        key = rest_json.signature_name(doc) or handlers.DEFAULT_SIGNATURE
-        examples = rest_json.classify_examples(doc)
-        servable = handlers.resolve(self.manager, spec)
-        rows = handlers.classify_examples(servable, key, examples, self.timeout)
+        rows = self._on_examples(spec, body, handlers.classify_examples)
         return rest_json.classify_json(rows)
 
     def _regress(self, spec, body: bytes) -> str:
+        values = self._on_examples(spec, body, handlers.regress_examples)
+        return rest_json.regress_json(values)
+
+    def _on_examples(self, spec, body: bytes, run):
+        # ProcessClassifyRequest / ProcessRegressRequest: the whole body is read into
+        # tf.Examples before the servable is looked up.
         doc = rest_json.parse_json(body)
         key = rest_json.signature_name(doc) or handlers.DEFAULT_SIGNATURE
         examples = rest_json.classify_examples(doc)
-        servable = handlers.resolve(self.manager, spec)
-        values = handlers.regress_examples(servable, key, examples, self.timeout)
-        return rest_json.regress_json(values)
+        return run(handlers.resolve(self.manager, spec), key, examples, self.timeout)
 
 
 def _model_spec(name: str, version: str | None, label: str | None):

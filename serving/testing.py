@@ -275,6 +275,20 @@ def export(module, base_path: str, version: int) -> str:
     return path
 
 
+def export_test_models(root: str, numbers_version: int = 1) -> str:
+    """The tiny image model (`van`, version 1) and the numbers model (`numbers`) under `root`,
+    and a models.config serving both; returns the config file's path."""
+    from serving.protos import render_model_config
+
+    export(build_tiny_model(), os.path.join(root, "van"), 1)
+    export(build_numbers_model(), os.path.join(root, "numbers"), numbers_version)
+    models = [(name, os.path.join(root, name)) for name in ("van", "numbers")]
+    path = os.path.join(root, "models.config")
+    with open(path, "w") as config:
+        config.write(render_model_config(models))
+    return path
+
+
 def write_warmup(
     version_dir: str,
     images: list[bytes],

@@ -25,7 +25,6 @@ from tensorflow_serving.apis import (
 )
 
 from serving import testing
-from serving.protos import render_model_config
 from serving.server import ANY_PORT, ModelServer, ServerOptions
 
 RED = (255, 0, 0)
@@ -33,14 +32,9 @@ RED = (255, 0, 0)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("answers")
-    testing.export(testing.build_tiny_model(), str(root / "van"), 1)
-    testing.export(testing.build_numbers_model(), str(root / "numbers"), 3)
-    config = root / "models.config"
-    config.write_text(render_model_config([("van", str(root / "van")),
-                                           ("numbers", str(root / "numbers"))]))  # fmt: skip
+    config = testing.export_test_models(str(tmp_path_factory.mktemp("answers")), 3)
     options = ServerOptions(
-        model_config_file=str(config), port=0, rest_api_port=ANY_PORT, max_message_bytes=1 << 20
+        model_config_file=config, port=0, rest_api_port=ANY_PORT, max_message_bytes=1 << 20
     )
     with ModelServer(options) as running:
         yield running

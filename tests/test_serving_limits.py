@@ -21,7 +21,6 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving import testing
 from serving.process import free_port, wait_until_available
-from serving.protos import render_model_config
 
 MiB = 1 << 20
 # Growth a refused request may cause at most; decoding any of the requests below would take
@@ -33,11 +32,7 @@ RSS_GROWTH_LIMIT = 150 * MiB
 def served(tmp_path_factory):
     """`van-tfx serve` (subprocess) with the tiny image model and the numbers model."""
     root = tmp_path_factory.mktemp("limits")
-    testing.export(testing.build_tiny_model(), str(root / "van"), 1)
-    testing.export(testing.build_numbers_model(), str(root / "numbers"), 1)
-    config = root / "models.config"
-    models = [("van", str(root / "van")), ("numbers", str(root / "numbers"))]
-    config.write_text(render_model_config(models))
+    config = testing.export_test_models(str(root))
     port = free_port()
     command = [sys.executable, "-m", "van_tfx.cli", "serve", f"--port={port}",
                "--rest_api_port=0", f"--model_config_file={config}"]  # fmt: skip
