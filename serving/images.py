@@ -105,7 +105,18 @@ def _gif_size(data: bytes) -> ImageSize:
     return ImageSize(width, height, max(frames, 1))
 
 
-def _bmp_size(data: bytes) -> ImageSize:
+# BMP info header sizes (BITMAPCOREHEADER 12, BITMAPINFOHEADER 40, ... V5 124): "BM" alone is
+# too weak a signature, text inputs may start with it.
+_BMP_HEADERS = frozenset({12, 40, 52, 56, 64, 108, 124})
+
+
+def _bmp_size(data: bytes) -> ImageSize | None:
+    (header,) = struct.unpack("<I", data[14:18])
+    if header not in _BMP_HEADERS:
+        return None
+    if header == 12:
+        width, height = struct.unpack("<HH", data[18:22])
+        return ImageSize(width, height)
     width, height = struct.unpack("<ii", data[18:26])
     return ImageSize(abs(width), abs(height))  # negative height: rows stored top-down
 

@@ -245,3 +245,13 @@ def test_sigterm_ends_a_server_busy_with_a_long_call(served):
     print(f"\nexited with {code} {time.monotonic() - start:.1f} s after SIGTERM")
     caller.join(30)
     assert code == 0 and outcome and outcome[0] != grpc.StatusCode.OK
+
+
+def test_image_headers_are_read_and_text_is_not_mistaken_for_an_image():
+    from serving.images import image_size
+
+    for fmt in ("PNG", "JPEG", "GIF", "BMP"):
+        assert image_size(testing.encode_image((1, 2, 3), size=37, fmt=fmt))[:2] == (37, 37), fmt
+    assert image_size(testing.gif_of_frames(4000, 4000, 40)) == (4000, 4000, 40)
+    assert image_size(b"BMW and GIF89a are names, not images; this text is long enough") is None
+    assert image_size(b"\x89PNG\r\n\x1a\n") is None  # truncated: the decoder will refuse it
