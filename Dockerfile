@@ -6,6 +6,12 @@
 # the same GPU runtime: TF 2.16 wheels find the nvidia-* packages in site-packages, and the GPU
 # driver itself comes from the node (NVIDIA device plugin), not from the image.
 ARG PYTHON_IMAGE=python:3.10-slim-bookworm
+# The real model server, from the tensorflow/serving image of the version production serves
+# (serving/manifests.py TF_SERVING_VERSION; TF 2.16 -> 2.16.1): the pipeline's ServingSmokeTest
+# validates candidates with it whenever it is on PATH, and records which server did.
+ARG TF_SERVING_IMAGE=tensorflow/serving:2.16.1
+FROM ${TF_SERVING_IMAGE} AS tf_serving
+
 FROM ${PYTHON_IMAGE}
 
 ARG UV_VERSION=0.13.9
@@ -39,6 +45,10 @@ RUN if [ "$WITH_CUDA" = "1" ]; then \
         nvidia-cusolver-cu12==11.5.4.101 nvidia-cusparse-cu12==12.2.0.103 \
         nvidia-nccl-cu12==2.19.3 nvidia-nvjitlink-cu12==12.3.101; \
     fi
+
+# One binary (glibc and libstdc++ from this Debian image); fail the build here if it cannot run.
+COPY --from=tf_serving /usr/bin/tensorflow_model_server /usr/local/bin/tensorflow_model_server
+RUN tensorflow_model_server --version
 
 COPY van_tfx ./van_tfx
 COPY van_trainer ./van_trainer

@@ -474,3 +474,22 @@ def test_mixed_precision_with_ema_and_clipping_trains_and_exports_float32(
     probabilities = model.signatures["predict_images"](images=images)["probabilities"]
     assert probabilities.dtype == tf.float32
     np.testing.assert_allclose(probabilities.numpy().sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_image_signatures_refuse_images_over_the_pixel_budget_before_decoding(
+    exported, transform_paths
+):
+    import tensorflow as tf
+
+    from serving import testing
+    from van_trainer import features
+
+    model, _ = exported
+    serialized, jpegs = _raw_validation(transform_paths, 1)
+    bomb = testing.jpeg_declaring(60000, 60000)  # a complete 16x16 JPEG declaring 3.6 G pixels
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more than 25000000 pixels"):
+        model.signatures["predict_images"](images=tf.constant([jpegs[0], bomb]))
+    example = tf.train.Example.FromString(serialized[0])
+    example.features.feature[features.IMAGE_ENCODED].bytes_list.value[0] = bomb
+    with pytest.raises(tf.errors.InvalidArgumentError, match="input image/encoded holds an image"):
+        model.signatures["serving_default"](examples=tf.constant([example.SerializeToString()]))
