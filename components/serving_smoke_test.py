@@ -46,8 +46,7 @@ from serving.process import (
     model_server_binary,
     running_model_server,
 )
-from van_tfx import storage
-from van_trainer import features
+from van_tfx import features, storage
 
 _BLESSED_KEY = "blessed"  # the custom properties Pusher reads, as InfraValidator writes them
 _HAS_MODEL_KEY = "has_model"

@@ -21,9 +21,8 @@ from tfx.types.standard_artifacts import Examples, InfraBlessing, Model
 from components.serving_smoke_test import MODEL_SERVER_KEY, ServingSmokeTest
 from serving import testing
 from serving.process import model_server_binary
-from van_tfx import storage
+from van_tfx import features, storage
 from van_tfx.saved_model import mark_classification_signature
-from van_trainer import features
 
 NUM_EXAMPLES = 3
 

@@ -482,7 +482,7 @@ def test_image_signatures_refuse_images_over_the_pixel_budget_before_decoding(
     import tensorflow as tf
 
     from serving import testing
-    from van_trainer import features
+    from van_tfx import features
 
     model, _ = exported
     serialized, jpegs = _raw_validation(transform_paths, 1)

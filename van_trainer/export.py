@@ -1,6 +1,6 @@
 """Serving export: the trained model + Transform graph + THE eval preprocessing as signatures.
 
-Signatures (names in van_trainer.features):
+Signatures (names in van_tfx.features):
 - `serving_default`: serialized tf.Example `examples` [N] -> `probabilities` [N,C] float32 and
   `classes` [N,C] string (synset of each column).
 - `predict_images`: encoded JPEG/PNG `images` [N] -> `probabilities`, `top_k_indices` int32,
