@@ -58,7 +58,8 @@ COPY serving ./serving
 # Non-editable: the steps import van_tfx, van_trainer, components... from site-packages.
 RUN uv sync --frozen --no-dev --no-editable
 
-# Steps never need root; KFP and Vertex override the command (python -m tfx...), so no ENTRYPOINT.
+# Steps never need root; KFP and Vertex set the command (python -m pipeline.kfp_entrypoint), so no
+# ENTRYPOINT.
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin van
 USER 1000
 ENV HOME=/home/van VAN_TFX_HOME=/home/van/van_tfx_home
