@@ -117,7 +117,8 @@ def run_task(run: RunState, name: str, task) -> TaskResult:
     seconds = time.monotonic() - started
     if code != 0:
         record_outputs(run, executor_input, pipeline_spec_pb2.ExecutorOutput(), succeeded=False)
-        raise TaskFailed(f"task {name} failed (exit status {code}):\n{log_tail(log_path)}")
+        message = f"task {name} failed (exit status {code}):\n{log_tail(log_path)}"
+        raise TaskFailed(message, log_path=log_path)
     executor_output = read_executor_output(executor_input.outputs.output_file)
     result = TaskResult(name, "succeeded", seconds=seconds, log_path=log_path)
     result.output_parameters = collect_output_parameters(executor_input, executor_output, component)
@@ -208,7 +209,7 @@ def task_result(future, name: str, summary: RunSummary) -> TaskResult:
     except TaskFailed as exc:
         if summary.failed_task is None:
             summary.failed_task, summary.error = name, str(exc)
-        return TaskResult(name, "failed", reason=str(exc))
+        return TaskResult(name, "failed", reason=str(exc), log_path=exc.log_path)
 
 
 def finish(run: RunState, summary: RunSummary, result: TaskResult, number, echo) -> None:

@@ -273,7 +273,8 @@ def exported(resumed_run):
 
 
 def test_export_has_the_serving_signatures_and_keras_weights(exported):
-    from van_trainer import export, features
+    from van_tfx import features
+    from van_trainer import export
 
     model, export_dir = exported
     assert set(model.signatures) == {
@@ -335,7 +336,8 @@ def test_predict_images_matches_the_model_on_transform_materialised_eval_example
     """No train/serve skew: raw JPEG -> predict_images == Keras model on Transform's eval data."""
     import tensorflow as tf
 
-    from van_trainer import dataset, export, features, train
+    from van_tfx import features
+    from van_trainer import dataset, export, train
 
     model, export_dir = exported
     config = resumed_run["config"]

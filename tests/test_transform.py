@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from van_tfx import features, preprocessing
+from van_tfx import features
 from van_tfx.config import DataConfig
 from van_tfx.data.records import write_split, write_synset_list
 from van_tfx.data.sample import SYNSET_TEXTS, span_records
+from van_trainer import preprocessing
 
 STORED = 32
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from van_tfx import features
 from van_tfx.config import Config
-from van_trainer import augment, features
+from van_trainer import augment
 
 AUTOTUNE = tf.data.AUTOTUNE
 # The map functions branch only on Python config values (tensor branches are explicit tf.cond /

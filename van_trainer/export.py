@@ -18,10 +18,10 @@ import tensorflow as tf
 import tensorflow_transform as tft
 import tf_keras as keras
 
-from van_tfx import storage
+from van_tfx import features, storage
 from van_tfx.config import Config
 from van_tfx.saved_model import mark_classification_signature
-from van_trainer import augment, dataset, features, preprocessing
+from van_trainer import augment, dataset, preprocessing
 from van_trainer.model import fold_for_inference
 
 KERAS_WEIGHTS_PATH = os.path.join("assets.extra", "van.weights.h5")

@@ -16,9 +16,9 @@ import os
 import tensorflow as tf
 import tf_keras as keras
 
-from van_tfx import storage
+from van_tfx import features, storage
 from van_tfx.config import Config
-from van_trainer import dataset, distribute, export, features, optim, tracing
+from van_trainer import dataset, distribute, export, optim, tracing
 
 log = logging.getLogger(__name__)
 
