@@ -6,6 +6,12 @@
 # the same GPU runtime: TF 2.16 wheels find the nvidia-* packages in site-packages, and the GPU
 # driver itself comes from the node (NVIDIA device plugin), not from the image.
 ARG PYTHON_IMAGE=python:3.10-slim-bookworm
+# The real model server, from the tensorflow/serving image of the version production serves
+# (serving/manifests.py TF_SERVING_VERSION; TF 2.16 -> 2.16.1): the pipeline's ServingSmokeTest
+# validates candidates with it whenever it is on PATH, and records which server did.
+ARG TF_SERVING_IMAGE=tensorflow/serving:2.16.1
+FROM ${TF_SERVING_IMAGE} AS tf_serving
+
 FROM ${PYTHON_IMAGE}
 
 ARG UV_VERSION=0.13.9
@@ -40,6 +46,10 @@ RUN if [ "$WITH_CUDA" = "1" ]; then \
         nvidia-nccl-cu12==2.19.3 nvidia-nvjitlink-cu12==12.3.101; \
     fi
 
+# One binary (glibc and libstdc++ from this Debian image); fail the build here if it cannot run.
+COPY --from=tf_serving /usr/bin/tensorflow_model_server /usr/local/bin/tensorflow_model_server
+RUN tensorflow_model_server --version
+
 COPY van_tfx ./van_tfx
 COPY van_trainer ./van_trainer
 COPY pipeline ./pipeline
@@ -48,7 +58,8 @@ COPY serving ./serving
 # Non-editable: the steps import van_tfx, van_trainer, components... from site-packages.
 RUN uv sync --frozen --no-dev --no-editable
 
-# Steps never need root; KFP and Vertex override the command (python -m tfx...), so no ENTRYPOINT.
+# Steps never need root; KFP and Vertex set the command (python -m pipeline.kfp_entrypoint), so no
+# ENTRYPOINT.
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin van
 USER 1000
 ENV HOME=/home/van VAN_TFX_HOME=/home/van/van_tfx_home

@@ -26,7 +26,8 @@ def bare_tf_data(files: list[str], size: int) -> tuple[int, float]:
     """Decode + resize + center crop every record with tf.data (the floor any Transform pays)."""
     import tensorflow as tf
 
-    from van_tfx import features, preprocessing
+    from van_tfx import features
+    from van_trainer import preprocessing
 
     spec = {features.IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string)}
 

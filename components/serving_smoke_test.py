@@ -1,9 +1,14 @@
-"""Serving smoke test: TFX's InfraValidator, minus Docker, against our TF-Serving-compatible server.
+"""Serving smoke test: TFX's InfraValidator, minus Docker, against the real model server.
 
-InfraValidator needs a Docker engine or a KFP-v1 pod to start tensorflow_model_server; neither
-exists on a laptop or in CI. This component does the same job with `van-tfx serve` (same flags,
-protos and status codes): it loads the candidate in a real server process, sends real gRPC
-requests built from validation examples to both signatures, and blesses only if they all succeed.
+InfraValidator needs a Docker engine or a KFP-v1 pod to start tensorflow_model_server. This
+component starts the server as a subprocess instead: the real `tensorflow_model_server` wherever
+it is on PATH (the van-tfx image ships the one of tensorflow/serving:2.16.1, so every Kubeflow run
+validates with production's server), else our stand-in `van-tfx serve` (same flags, protos and
+status codes; laptops and CI). It loads the candidate, sends real gRPC requests built from
+validation examples to every signature clients use, and blesses only if they all succeed. Which
+server validated is recorded: the blessing's `model_server` custom property and the first line of
+INFRA_BLESSED / the last of INFRA_NOT_BLESSED ("tensorflow_model_server 2.16.1+..." or
+"van-tfx serve 0.1.0").
 Like InfraValidator with `make_warmup=True`, the blessing carries a copy of the model with
 `assets.extra/tf_serving_warmup_requests`, so Pusher pushes a model TF Serving warms up on load.
 The copy also gets `assets.extra/van_training_data.json` (span, input fingerprint and URI of the
@@ -35,12 +40,17 @@ from tfx.types.standard_artifacts import Examples, InfraBlessing, Model
 from tfx.utils import path_utils
 
 from components.new_data_gate import write_training_data
-from serving.process import ServerStartError, running_model_server
-from van_tfx import storage
-from van_trainer import features
+from serving.process import (
+    ModelServerBinary,
+    ServerStartError,
+    model_server_binary,
+    running_model_server,
+)
+from van_tfx import features, storage
 
 _BLESSED_KEY = "blessed"  # the custom properties Pusher reads, as InfraValidator writes them
 _HAS_MODEL_KEY = "has_model"
+MODEL_SERVER_KEY = "model_server"  # which server validated the model (string custom property)
 
 
 class SmokeTestFailure(RuntimeError):
@@ -61,19 +71,34 @@ def ServingSmokeTest(  # noqa: N802  (TFX component names are class-like)
     model_dir = path_utils.serving_model_dir(model.uri, path_utils.is_old_model_artifact(model))
     records = read_raw_examples(examples.uri, split, num_examples)
     try:
-        requests = smoke_test_model(model_dir, records, timeout_seconds)
+        server = model_server_binary()
+    except ServerStartError as exc:  # a tensorflow_model_server on PATH that cannot run
+        _not_blessed(blessing, ModelServerBinary([], "tensorflow_model_server (broken)"), str(exc))
+        return
+    blessing.set_string_custom_property(MODEL_SERVER_KEY, server.description)
+    print(f"ServingSmokeTest: validating with {server.description}")
+    try:
+        requests = smoke_test_model(model_dir, records, timeout_seconds, server)
     except SmokeTestFailure as exc:
-        print(f"ServingSmokeTest: NOT blessed: {exc}", file=sys.stderr)
-        storage.write_text(os.path.join(blessing.uri, "INFRA_NOT_BLESSED"), str(exc))
-        blessing.set_int_custom_property(_BLESSED_KEY, 0)
+        _not_blessed(blessing, server, str(exc))
         return
     stamped = path_utils.stamped_model_path(blessing.uri)
     copy_model_with_warmup(model_dir, stamped, requests)
     # What this model was trained on travels with it to the serving dir, for the NewDataGate.
     write_training_data(stamped, examples)
-    storage.write_text(os.path.join(blessing.uri, "INFRA_BLESSED"), "")
+    storage.write_text(
+        os.path.join(blessing.uri, "INFRA_BLESSED"), f"{MODEL_SERVER_KEY}: {server.description}\n"
+    )
     blessing.set_int_custom_property(_BLESSED_KEY, 1)
     blessing.set_int_custom_property(_HAS_MODEL_KEY, 1)
+
+
+def _not_blessed(blessing, server: ModelServerBinary, reason: str) -> None:
+    print(f"ServingSmokeTest: NOT blessed by {server.description}: {reason}", file=sys.stderr)
+    blessing.set_string_custom_property(MODEL_SERVER_KEY, server.description)
+    text = f"{reason}\n{MODEL_SERVER_KEY}: {server.description}\n"
+    storage.write_text(os.path.join(blessing.uri, "INFRA_NOT_BLESSED"), text)
+    blessing.set_int_custom_property(_BLESSED_KEY, 0)
 
 
 def read_raw_examples(examples_uri: str, split: str, limit: int) -> list[bytes]:
@@ -85,8 +110,10 @@ def read_raw_examples(examples_uri: str, split: str, limit: int) -> list[bytes]:
     return [record.numpy() for record in dataset]
 
 
-def smoke_test_model(model_dir: str, records: list[bytes], timeout_seconds: float) -> list:
-    """Serve `model_dir` with `van-tfx serve`, check both signatures; return the requests sent."""
+def smoke_test_model(
+    model_dir: str, records: list[bytes], timeout_seconds: float, server: ModelServerBinary
+) -> list:
+    """Serve `model_dir` with `server`, check every signature; return the requests sent."""
     requests = build_requests("smoke", records)
     with tempfile.TemporaryDirectory(prefix="smoke-") as base:
         # TF Serving wants <base>/<integer version>/. A local model is linked (no copy); one on
@@ -97,7 +124,8 @@ def smoke_test_model(model_dir: str, records: list[bytes], timeout_seconds: floa
         else:
             os.symlink(os.path.abspath(model_dir), version_dir)
         try:
-            with running_model_server(base, "smoke", timeout_seconds) as (channel, _port):
+            running = running_model_server(base, "smoke", timeout_seconds, (), server.command)
+            with running as (channel, _port):
                 check_responses(channel, requests, len(records))
         except ServerStartError as exc:
             raise SmokeTestFailure(str(exc)) from exc

@@ -14,12 +14,13 @@ none) and there is no cache (every task executes).
 What it does not reproduce (docs/kubeflow.md has the table): pods, images and resources; the
 object store (a local directory stands in for the bucket and its `/gcs/...` mount, so nothing is
 downloaded or uploaded); the MLMD service (artifacts live in memory for one run, with the
-backend's value conversions); parallel branches (tasks run one at a time); retries; importer,
+backend's value conversions); retries; importer,
 iterator and nested-DAG tasks (refused with a message that says so).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import time
@@ -62,7 +63,7 @@ class RunSummary:
 
 
 def task_order(dag) -> list[str]:
-    """Tasks in dependency order (Argo runs independent ones in parallel; here one at a time)."""
+    """Tasks in dependency order (ties by name): the order a replay starts them in."""
     remaining = {name: set(task.dependent_tasks) for name, task in dag.tasks.items()}
     order: list[str] = []
     while remaining:
@@ -116,7 +117,8 @@ def run_task(run: RunState, name: str, task) -> TaskResult:
     seconds = time.monotonic() - started
     if code != 0:
         record_outputs(run, executor_input, pipeline_spec_pb2.ExecutorOutput(), succeeded=False)
-        raise TaskFailed(f"task {name} failed (exit status {code}):\n{log_tail(log_path)}")
+        message = f"task {name} failed (exit status {code}):\n{log_tail(log_path)}"
+        raise TaskFailed(message, log_path=log_path)
     executor_output = read_executor_output(executor_input.outputs.output_file)
     result = TaskResult(name, "succeeded", seconds=seconds, log_path=log_path)
     result.output_parameters = collect_output_parameters(executor_input, executor_output, component)
@@ -139,6 +141,7 @@ def run_pipeline_spec(
     pipeline_root: str | None = None,
     params: dict[str, Any] | None = None,
     publish_logs: bool = True,
+    parallelism: int | None = None,
     echo=print,
 ) -> RunSummary:
     """Replay a compiled PipelineSpec here under the open-source backend's rules."""
@@ -151,28 +154,73 @@ def run_pipeline_spec(
         f"kfp-local run {run.run_id}: {len(order)} tasks of {spec.pipeline_info.name} -> {run.run_root}"
     )
     summary = RunSummary(run.run_id, run.run_root, [])
-    for index, name in enumerate(order, start=1):
-        task = spec.root.dag.tasks[name]
-        prefix = f"  [{index:2d}/{len(order)}] {name}"
-        if summary.failed_task:
-            result = TaskResult(
-                name, "omitted", reason=f"not started: {summary.failed_task} failed"
-            )
-        elif (blocked := upstream_not_succeeded(run, task)) is not None:
-            result = TaskResult(name, "omitted", reason=blocked)
-        else:
-            echo(f"{prefix} ...")
-            try:
-                result = run_task(run, name, task)
-            except TaskFailed as exc:
-                result = TaskResult(name, "failed", reason=str(exc))
-                summary.failed_task, summary.error = name, str(exc)
-        run.results[name] = result
-        summary.tasks.append(result)
-        echo(f"{prefix} {describe_result(result)}")
+    number = {name: index for index, name in enumerate(order, start=1)}
+    pending = list(order)
+    running: dict[concurrent.futures.Future, str] = {}
+    # Argo runs every task whose dependencies are done at once; here at most `parallelism`.
+    workers = max(1, parallelism or os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        while pending or running:
+            for name in ready_tasks(run, pending):
+                pending.remove(name)
+                result = verdict_before_start(run, summary, name)
+                if result is None:
+                    future = pool.submit(start_task, run, summary, name, number, echo)
+                    running[future] = name
+                else:
+                    finish(run, summary, result, number, echo)
+            if running:
+                done, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
+                for future in sorted(done, key=lambda f: number[running[f]]):
+                    result = task_result(future, running.pop(future), summary)
+                    finish(run, summary, result, number, echo)
+    summary.tasks.sort(key=lambda result: number[result.name])
     summary.outcome = run_outcome(run, summary)
     write_run_record(run, summary)
     return summary
+
+
+def ready_tasks(run: RunState, pending: list[str]) -> list[str]:
+    """Pending tasks whose dependencies have all finished, in dependency order."""
+    tasks = run.spec.root.dag.tasks
+    return [n for n in pending if all(d in run.results for d in tasks[n].dependent_tasks)]
+
+
+def start_task(run: RunState, summary: RunSummary, name: str, number, echo) -> TaskResult:
+    """Run one task on a worker, unless another failed while it waited for one (failFast)."""
+    if summary.failed_task:
+        return TaskResult(name, "omitted", reason=f"not started: {summary.failed_task} failed")
+    echo(f"{progress_prefix(number, name)} ...")
+    return run_task(run, name, run.spec.root.dag.tasks[name])
+
+
+def verdict_before_start(run: RunState, summary: RunSummary, name: str) -> TaskResult | None:
+    """A task's result without running it (omitted), or None when it may start."""
+    if summary.failed_task:
+        return TaskResult(name, "omitted", reason=f"not started: {summary.failed_task} failed")
+    blocked = upstream_not_succeeded(run, run.spec.root.dag.tasks[name])
+    return TaskResult(name, "omitted", reason=blocked) if blocked else None
+
+
+def task_result(future, name: str, summary: RunSummary) -> TaskResult:
+    """A started task's result; a failure stops the run from starting more (Argo's failFast)."""
+    try:
+        return future.result()
+    except TaskFailed as exc:
+        if summary.failed_task is None:
+            summary.failed_task, summary.error = name, str(exc)
+        return TaskResult(name, "failed", reason=str(exc), log_path=exc.log_path)
+
+
+def finish(run: RunState, summary: RunSummary, result: TaskResult, number, echo) -> None:
+    """Record a task's result and print its progress line."""
+    run.results[result.name] = result
+    summary.tasks.append(result)
+    echo(f"{progress_prefix(number, result.name)} {describe_result(result)}")
+
+
+def progress_prefix(number: dict[str, int], name: str) -> str:
+    return f"  [{number[name]:2d}/{len(number)}] {name}"
 
 
 def describe_result(result: TaskResult) -> str:

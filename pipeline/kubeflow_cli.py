@@ -47,6 +47,11 @@ def _add_kfp_local(subparsers) -> None:
         action="store_false",
         help="as a backend with PUBLISH_LOGS=false: no executor-logs output",
     )
+    parser.add_argument(
+        "--parallelism",
+        type=int,
+        help="tasks run at once, as Argo runs independent ones (default: the CPU count)",
+    )
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
     parser.set_defaults(func=kfp_local_command)
 
@@ -183,6 +188,7 @@ def kfp_local_command(args) -> int:
                 pipeline_root=args.pipeline_root,
                 params=params,
                 publish_logs=args.publish_logs,
+                parallelism=args.parallelism,
                 echo=lambda line: print(line, file=sys.stderr, flush=True),
             )
     except KubeflowError as exc:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from components.new_data_gate import DECISION_TYPE_NAME, NEW_DATA_KEY, REASON_KEY
+from components.serving_smoke_test import MODEL_SERVER_KEY
 
 TFX_TITLE_PREFIX = "tfx."  # KFP schema titles of first-party TFX types: tfx.Model, tfx.File, ...
 
@@ -39,6 +40,7 @@ class RunOutcome:
     pushed_version: str | None = None
     pushed_path: str | None = None
     reasons: list[str] = field(default_factory=list)
+    model_server: str | None = None  # which model server the smoke test validated with
     metrics: dict[str, float] = field(default_factory=dict)
     baseline_metrics: dict[str, float] = field(default_factory=dict)
     report_path: str | None = None
@@ -140,6 +142,8 @@ def summarize(outputs: dict[str, list[RunArtifact]], span: int | None, run_id: s
     blessings = outputs.get("ModelBlessing", [])
     infra = outputs.get("InfraBlessing", [])
     outcome.blessed = bool(blessings) and int_property(blessings[0], "blessed") == 1
+    if infra:
+        outcome.model_server = string_property(infra[0], MODEL_SERVER_KEY)
     if infra and int_property(infra[0], "blessed") != 1:
         outcome.reasons.append(
             "serving smoke test failed: see INFRA_NOT_BLESSED in " + infra[0].uri
@@ -165,6 +169,8 @@ def print_outcome(outcome: RunOutcome, stream=sys.stdout) -> None:
         print("NOT pushed.", file=stream)
     for reason in outcome.reasons:
         print(f"  - {reason}", file=stream)
+    if outcome.model_server:
+        print(f"  smoke-tested with {outcome.model_server}", file=stream)
     for name, value in sorted(outcome.metrics.items()):
         base = outcome.baseline_metrics.get(name)
         versus = f" (baseline {base:.4f})" if base is not None else ""

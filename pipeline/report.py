@@ -53,7 +53,12 @@ def decision_section(outcome) -> str:
     else:
         verdict = "<p class='bad'>Not pushed.</p>"
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in outcome.reasons)
-    return f"<h2>Decision</h2>{verdict}<ul>{reasons}</ul>"
+    server = (
+        f"<p>Smoke-tested with {html.escape(outcome.model_server)}.</p>"
+        if outcome.model_server
+        else ""
+    )
+    return f"<h2>Decision</h2>{verdict}<ul>{reasons}</ul>{server}"
 
 
 def metrics_section(outcome) -> str:

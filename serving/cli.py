@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from serving.limits import DEFAULT_MAX_MESSAGE_BYTES
+
 
 def add_parser(subparsers) -> None:
     """Register the serving subcommands."""
@@ -35,6 +37,9 @@ def _serving_defaults():
     return ServingConfig()
 
 
+SHUTDOWN_SECONDS = 10.0  # after SIGTERM: in-flight calls get 2 s, unloading the rest
+
+
 def _add_serve(subparsers) -> None:
     defaults = _serving_defaults()
     p = subparsers.add_parser(
@@ -42,9 +47,9 @@ def _add_serve(subparsers) -> None:
         help="serve SavedModels over TF Serving's gRPC and REST APIs (tensorflow_model_server flags)",
     )
     p.add_argument("--port", type=int, default=defaults.grpc_port, help="gRPC port")
-    p.add_argument("--grpc_host", default="127.0.0.1", help="gRPC bind address")
+    p.add_argument("--grpc_host", default="127.0.0.1", help="gRPC bind address (ours)")
     p.add_argument("--rest_api_port", type=int, default=defaults.rest_port, help="0 disables REST")
-    p.add_argument("--rest_api_host", default="127.0.0.1", help="REST bind address")
+    p.add_argument("--rest_api_host", default="127.0.0.1", help="REST bind address (ours)")
     p.add_argument("--model_name", default=defaults.model_name)
     p.add_argument("--model_base_path", default="", help="default: the config's serving base path")
     p.add_argument("--model_config_file", default="", help="ModelServerConfig text proto")
@@ -55,7 +60,25 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--monitoring_config_file", default="")
     p.add_argument("--rest_api_timeout_in_ms", type=int, default=30000)
     p.add_argument("--enable_model_warmup", type=_flag_bool, nargs="?", const=True, default=True)
-    p.add_argument("--max_message_bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument(
+        "--enable_signature_method_name_check", type=_flag_bool, nargs="?", const=True,
+        default=False,
+    )  # fmt: skip
+    p.add_argument("--grpc_max_threads", type=int, default=64)
+    p.add_argument(
+        "--max_message_bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="ours: largest gRPC message and REST body, and what a request's tensors may decode "
+        "to (TF Serving: 2 GiB messages, no decode limit)",
+    )
+    p.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=defaults.max_image_pixels,
+        help="ours: largest image (width x height x frames) a request may send; larger ones are "
+        "refused before decoding",
+    )
     p.add_argument("--config", help="van-tfx config YAML (for the default base path)")
     p.set_defaults(func=_serve)
 
@@ -63,6 +86,7 @@ def _add_serve(subparsers) -> None:
 def _serve(args) -> int:
     import logging
     import signal
+    import threading
 
     from serving.manager import LoadError
     from serving.protos import ConfigFileError
@@ -92,9 +116,13 @@ def _serve(args) -> int:
         rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
         enable_model_warmup=args.enable_model_warmup,
         max_message_bytes=args.max_message_bytes,
+        max_image_pixels=args.max_image_pixels,
+        enable_signature_method_name_check=args.enable_signature_method_name_check,
+        grpc_max_threads=args.grpc_max_threads,
     )
     server = ModelServer(options)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    stop_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
     try:
         server.start()
     except (ConfigFileError, LoadError, OSError) as exc:
@@ -104,12 +132,31 @@ def _serve(args) -> int:
     if server.rest_url:
         print(f"Exporting HTTP/REST API at {server.rest_url} ...", flush=True)
     try:
-        server.wait()
+        while server.is_serving() and not stop_requested.wait(0.5):
+            pass
     except KeyboardInterrupt:
         pass
-    finally:
-        server.stop()
+    _exit_after_stop(server)
     return 0
+
+
+def _exit_after_stop(server) -> None:
+    """Stop the server, then end the process even if a model call is still running.
+
+    A TensorFlow call cannot be interrupted, and Python waits for busy worker threads at exit:
+    without os._exit a SIGTERM would leave the process alive until that call ends.
+    """
+    import os
+    import threading
+
+    stopper = threading.Thread(target=server.stop, name="shutdown", daemon=True)
+    stopper.start()
+    stopper.join(SHUTDOWN_SECONDS)
+    if stopper.is_alive():
+        print(f"error: shutdown took over {SHUTDOWN_SECONDS:.0f} s; exiting", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _add_predict(subparsers) -> None:

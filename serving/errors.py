@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
-# How TF Serving's HTTP front end maps canonical codes to HTTP status codes.
+# How TF Serving's HTTP front end maps canonical codes to HTTP status codes
+# (model_servers/http_server.cc, ToHTTPStatusCode).
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.DATA_LOSS: 500,
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -23,10 +29,19 @@ HTTP_STATUS = {
 }
 
 
+# Error messages travel in the grpc-message trailer, and gRPC clients refuse metadata beyond
+# 8 KiB by default; TF's messages can quote a whole request value (a parse_example failure quotes
+# the example), so longer ones are cut here.
+MAX_MESSAGE_CHARS = 4000
+
+
 class ServingError(Exception):
     """A request failure carrying the canonical status code TF Serving would return."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
+        if len(message) > MAX_MESSAGE_CHARS:
+            cut = len(message) - MAX_MESSAGE_CHARS
+            message = f"{message[:MAX_MESSAGE_CHARS]}... ({cut} more characters)"
         super().__init__(message)
         self.code = code
         self.message = message
@@ -65,10 +80,21 @@ def signature_not_found(key: str) -> ServingError:
     )
 
 
+def missing_model_spec() -> ServingError:
+    """A request without a model_spec (predict_impl.cc, classification_service.cc, ...)."""
+    return invalid_argument("Missing ModelSpec")
+
+
 def from_tf_error(exc: Exception) -> ServingError:
     """Map a TensorFlow runtime error to the status TF Serving would return."""
     import tensorflow as tf
 
+    if isinstance(exc, UnicodeDecodeError) and isinstance(exc.object, bytes):
+        # TF raises this instead of the op's error when the message quotes binary input (say
+        # "Could not parse example input, value: '\x89PNG...'"): the message is in the bytes.
+        # Ops that quote inputs fail on bad inputs: INVALID_ARGUMENT, as TF Serving answers.
+        text = exc.object.decode("utf-8", "backslashreplace")
+        return invalid_argument(_op_error_message(text))
     if isinstance(exc, tf.errors.OpError):
         code = grpc.StatusCode.INVALID_ARGUMENT
         for status in grpc.StatusCode:
@@ -82,6 +108,7 @@ def _op_error_message(message: str) -> str:
     # Eager function errors wrap the op's message in "Graph execution error" and Python call
     # stacks that mean nothing to a client; keep the op's own message and node, as TF Serving does.
     noise = ("Graph execution error", "Detected at node", "<stack traces", "File ", "[Op:")
+    message = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", message.strip())
     lines = [line.strip() for line in message.splitlines()]
     kept = [line for line in lines if line and not line.startswith(noise)]
     return " ".join(line.split(" [Op:")[0] for line in kept) or message.strip()

@@ -27,8 +27,9 @@ from serving.errors import ServingError
 log = logging.getLogger(__name__)
 
 
-def _rpc(api: str):
-    """Turn ServingErrors into gRPC statuses, count the call, and never let a request crash."""
+def _rpc(api: str | None):
+    """Turn ServingErrors into gRPC statuses, count the call (`api` None: uncounted, as in
+    prediction_service_impl.cc), and never let a request crash."""
 
     def decorate(method):
         @functools.wraps(method)
@@ -48,8 +49,9 @@ def _rpc(api: str):
                 status = "INTERNAL"
                 await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             finally:
-                name = getattr(getattr(request, "model_spec", None), "name", "")
-                self.metrics.record(name, api, "GRPC", status, time.perf_counter() - start)
+                if api is not None:
+                    name = getattr(getattr(request, "model_spec", None), "name", "")
+                    self.metrics.record(name, api, "GRPC", status, time.perf_counter() - start)
 
         return wrapper
 
@@ -68,23 +70,23 @@ class _Servicer:
 class PredictionService(_Servicer, prediction_service_pb2_grpc.PredictionServiceServicer):
     """tensorflow.serving.PredictionService."""
 
-    @_rpc("predict")
+    @_rpc("Predict")
     async def Predict(self, request, context):
         return await handlers.predict_async(self.manager, request, self.executor)
 
-    @_rpc("classify")
+    @_rpc("Classify")
     async def Classify(self, request, context):
         return await handlers.classify_async(self.manager, request, self.executor)
 
-    @_rpc("get_model_metadata")
+    @_rpc(None)
     async def GetModelMetadata(self, request, context):
         return handlers.metadata(self.manager, request)
 
-    @_rpc("regress")
+    @_rpc("Regress")
     async def Regress(self, request, context):
-        raise ServingError(grpc.StatusCode.UNIMPLEMENTED, "Regress is not supported by van-tfx")
+        return await handlers.regress_async(self.manager, request, self.executor)
 
-    @_rpc("multi_inference")
+    @_rpc(None)
     async def MultiInference(self, request, context):
         raise ServingError(
             grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not supported by van-tfx"
@@ -94,11 +96,11 @@ class PredictionService(_Servicer, prediction_service_pb2_grpc.PredictionService
 class ModelService(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
     """tensorflow.serving.ModelService."""
 
-    @_rpc("get_model_status")
+    @_rpc(None)
     async def GetModelStatus(self, request, context):
         return handlers.status(self.manager, request)
 
-    @_rpc("reload_config")
+    @_rpc(None)
     async def HandleReloadConfigRequest(self, request, context):
         config = request.config
         if config.WhichOneof("config") != "model_config_list":

@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import numpy as np
+from google.protobuf import text_format
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
     predict_pb2,
+    regression_pb2,
 )
 
-from serving.errors import invalid_argument
+from serving.errors import invalid_argument, missing_model_spec
 from serving.servable import DEFAULT_SIGNATURE, Servable
-from serving.tensors import from_tensor_proto, to_tensor_proto
+from serving.tensors import to_tensor_proto
 
 CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
+REGRESS_METHOD_NAME = "tensorflow/serving/regress"
+REGRESS_OUTPUTS = "outputs"
+CLASSIFY_INPUTS = "inputs"
 CLASSIFY_CLASSES = "classes"
 CLASSIFY_SCORES = "scores"
 
 
+def model_spec_of(request):
+    """The request's ModelSpec; INVALID_ARGUMENT "Missing ModelSpec" when it has none."""
+    if not request.HasField("model_spec"):
+        raise missing_model_spec()
+    return request.model_spec
+
+
 def resolve(manager, model_spec) -> Servable:
     """The servable a ModelSpec names (latest, a version, or a label)."""
+    if not model_spec.name:  # ServerCore::ServableRequestFromModelSpec
+        raise invalid_argument("ModelSpec has no name specified.")
     which = model_spec.WhichOneof("version_choice")
     version = model_spec.version.value if which == "version" else None
     label = model_spec.version_label if which == "version_label" else None
@@ -29,27 +43,23 @@ def resolve(manager, model_spec) -> Servable:
 
 def predict(manager, request, timeout: float | None = None):
     """Answer a PredictRequest."""
-    return predict_on(resolve(manager, request.model_spec), request, timeout)
+    return predict_on(resolve(manager, model_spec_of(request)), request, timeout)
 
 
 async def predict_async(manager, request, executor=None):
     """Answer a PredictRequest from an event loop (the model runs off the loop)."""
-    servable = resolve(manager, request.model_spec)
-    key, inputs = _predict_inputs(request)
-    outputs = await servable.run_async(key, inputs, request.output_filter, executor)
+    servable = resolve(manager, model_spec_of(request))
+    key = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    # The TensorProtos are decoded by the servable, after the checks TF Serving makes first.
+    outputs = await servable.run_async(key, dict(request.inputs), request.output_filter, executor)
     return _predict_response(servable, key, outputs)
 
 
 def predict_on(servable: Servable, request, timeout: float | None = None):
     """Run a PredictRequest on one servable."""
-    key, inputs = _predict_inputs(request)
-    outputs = servable.run(key, inputs, request.output_filter, timeout)
+    key = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    outputs = servable.run(key, dict(request.inputs), request.output_filter, timeout)
     return _predict_response(servable, key, outputs)
-
-
-def _predict_inputs(request) -> tuple[str, dict[str, np.ndarray]]:
-    inputs = {alias: from_tensor_proto(proto) for alias, proto in request.inputs.items()}
-    return request.model_spec.signature_name or DEFAULT_SIGNATURE, inputs
 
 
 def _predict_response(servable: Servable, key: str, outputs: dict[str, np.ndarray]):
@@ -62,17 +72,18 @@ def _predict_response(servable: Servable, key: str, outputs: dict[str, np.ndarra
 
 def classify(manager, request, timeout: float | None = None):
     """Answer a ClassificationRequest."""
-    return classify_on(resolve(manager, request.model_spec), request, timeout)
+    return classify_on(resolve(manager, model_spec_of(request)), request, timeout)
 
 
 async def classify_async(manager, request, executor=None):
     """Answer a ClassificationRequest from an event loop (the model runs off the loop)."""
-    servable = resolve(manager, request.model_spec)
+    servable = resolve(manager, model_spec_of(request))
     key = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    signature = classification_signature(servable, key)
     examples = examples_of(request.input)
-    feed = classification_feed(servable, key, examples)
-    outputs = await servable.run_async(key, feed, (), executor)
-    return _classify_response(servable, key, classification_rows(outputs, len(examples)))
+    outputs = await servable.run_async(key, _classify_feed(examples), (), executor)
+    rows = classification_rows(signature, outputs, len(examples))
+    return _classify_response(servable, key, rows)
 
 
 def classify_on(servable: Servable, request, timeout: float | None = None):
@@ -94,38 +105,33 @@ def _classify_response(servable: Servable, key: str, classifications: list):
 
 def classify_examples(servable: Servable, key: str, examples: list[bytes], timeout=None):
     """[(label, score), ...] per serialized example, with TF Serving's classify-signature rules."""
-    feed = classification_feed(servable, key, examples)
-    return classification_rows(servable.run(key, feed, (), timeout), len(examples))
+    signature = classification_signature(servable, key)
+    outputs = servable.run(key, _classify_feed(examples), (), timeout)
+    return classification_rows(signature, outputs, len(examples))
 
 
-def classification_feed(servable: Servable, key: str, examples: list[bytes]) -> dict:
-    """The classify signature's input for serialized examples, after TF Serving's checks."""
-    signature = servable.signature_def(key)
-    check_classification_signature(signature)
-    if not examples:
-        raise invalid_argument("Invalid argument: Input is empty.")
-    return {next(iter(signature.inputs)): np.array(examples, dtype=object)}
+def _classify_feed(examples: list[bytes]) -> dict:
+    if not examples:  # InputToSerializedExampleTensor (servables/tensorflow/util.cc)
+        raise invalid_argument("Input is empty.")
+    return {CLASSIFY_INPUTS: np.array(examples, dtype=object)}
 
 
-def classification_rows(outputs: dict[str, np.ndarray], count: int) -> list:
-    """[(label, score), ...] per example from a classify signature's classes/scores outputs."""
-    scores, classes = outputs.get(CLASSIFY_SCORES), outputs.get(CLASSIFY_CLASSES)
-    reference = scores if scores is not None else classes
-    rows = []
-    for i in range(count):
-        width = reference[i].size
-        labels = [c.decode("utf-8", "replace") for c in classes[i]] if classes is not None else []
-        values = [float(v) for v in scores[i]] if scores is not None else []
-        # TF Serving leaves the missing half of each (label, score) pair empty.
-        rows.append(
-            [(labels[j] if labels else "", values[j] if values else 0.0) for j in range(width)]
-        )
-    return rows
+def classification_signature(servable: Servable, key: str):
+    """The classify signature `key`, after TF Serving's checks in its order (classifier.cc)."""
+    signature = servable.signature_defs.get(key)
+    if signature is None:  # GetClassificationSignatureDef: INVALID_ARGUMENT, not as in Predict
+        raise invalid_argument(f"No signature was found with the name: {key}")
+    check_classification_signature(signature, servable.method_name_check)
+    return signature
 
 
-def check_classification_signature(signature) -> None:
-    """Reject what TF Serving's classifier rejects (method name, one input, classes/scores)."""
-    if signature.method_name != CLASSIFY_METHOD_NAME:
+def check_classification_signature(signature, method_name_check: bool = False) -> None:
+    """Reject what TF Serving's PreProcessClassification rejects, in its order.
+
+    The method name is checked only with --enable_signature_method_name_check (off by default in
+    TF Serving); then one input named `inputs`, one or two outputs, `classes` and/or `scores`.
+    """
+    if method_name_check and signature.method_name != CLASSIFY_METHOD_NAME:
         raise invalid_argument(
             f"Expected classification signature method_name to be {CLASSIFY_METHOD_NAME}. "
             f"Was: {signature.method_name}"
@@ -136,11 +142,145 @@ def check_classification_signature(signature) -> None:
         raise invalid_argument(
             f"Expected one or two output Tensors, found {len(signature.outputs)}"
         )
+    if CLASSIFY_INPUTS not in signature.inputs:
+        raise invalid_argument(
+            f"No classification inputs found in SignatureDef: {_debug_string(signature)}"
+        )
     if not {CLASSIFY_CLASSES, CLASSIFY_SCORES} & set(signature.outputs):
         raise invalid_argument(
-            f'Expected classification signature outputs to contain at least one of "'
-            f'{CLASSIFY_CLASSES}" or "{CLASSIFY_SCORES}"'
+            "Expected classification signature outputs to contain at least one of "
+            f'"{CLASSIFY_CLASSES}" or "{CLASSIFY_SCORES}". Signature was: '
+            f"{_debug_string(signature)}"
         )
+
+
+def _debug_string(message) -> str:
+    return text_format.MessageToString(message)
+
+
+def classification_rows(signature, outputs: dict[str, np.ndarray], count: int) -> list:
+    """[(label, score), ...] per example, checked as PostProcessClassificationResult does."""
+    classes = outputs.get(CLASSIFY_CLASSES) if CLASSIFY_CLASSES in signature.outputs else None
+    scores = outputs.get(CLASSIFY_SCORES) if CLASSIFY_SCORES in signature.outputs else None
+    for name, value, dtype in (("classes", classes, "DT_STRING"), ("scores", scores, "DT_FLOAT")):
+        if value is None:
+            continue
+        if value.ndim != 2:
+            raise invalid_argument(
+                "Expected Tensor shape: [batch_size num_classes] but got "
+                f"[{','.join(map(str, value.shape))}]"
+            )
+        kind_ok = value.dtype == object if dtype == "DT_STRING" else value.dtype == np.float32
+        if not kind_ok:
+            raise invalid_argument(f"Expected {name} Tensor of {dtype}. Got: {_dtype_name(value)}")
+        if value.shape[0] != count:
+            raise invalid_argument(
+                f"Expected {name} output batch size of {count}. Got: {value.shape[0]}"
+            )
+    if classes is not None and scores is not None and classes.shape[1] != scores.shape[1]:
+        raise invalid_argument(
+            "Tensors class and score should match in dim_size(1). Got "
+            f"{classes.shape[1]} vs. {scores.shape[1]}"
+        )
+    reference = classes if classes is not None else scores
+    width = reference.shape[1] if reference is not None else 0
+    rows = []
+    for i in range(count):
+        # TF Serving leaves the missing half of each (label, score) pair empty.
+        labels = [c.decode("utf-8", "replace") for c in classes[i]] if classes is not None else []
+        values = [float(v) for v in scores[i]] if scores is not None else []
+        rows.append(
+            [(labels[j] if labels else "", values[j] if values else 0.0) for j in range(width)]
+        )
+    return rows
+
+
+def _dtype_name(value: np.ndarray) -> str:
+    """DataType_Name of an output's dtype ("DT_FLOAT")."""
+    import tensorflow as tf
+    from tensorflow.core.framework import types_pb2
+
+    try:
+        return types_pb2.DataType.Name(tf.dtypes.as_dtype(value.dtype).as_datatype_enum)
+    except TypeError:
+        return str(value.dtype)
+
+
+def regress(manager, request, timeout: float | None = None):
+    """Answer a RegressionRequest."""
+    return regress_on(resolve(manager, model_spec_of(request)), request, timeout)
+
+
+async def regress_async(manager, request, executor=None):
+    """Answer a RegressionRequest from an event loop (the model runs off the loop)."""
+    servable = resolve(manager, model_spec_of(request))
+    key = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    regression_signature(servable, key)
+    examples = examples_of(request.input)
+    outputs = await servable.run_async(key, _classify_feed(examples), (), executor)
+    return _regress_response(servable, key, regression_values(outputs, len(examples)))
+
+
+def regress_on(servable: Servable, request, timeout: float | None = None):
+    """Run a RegressionRequest on one servable."""
+    key = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    values = regress_examples(servable, key, examples_of(request.input), timeout)
+    return _regress_response(servable, key, values)
+
+
+def regress_examples(servable: Servable, key: str, examples: list[bytes], timeout=None):
+    """One float per serialized example, with TF Serving's regression-signature rules."""
+    regression_signature(servable, key)
+    outputs = servable.run(key, _classify_feed(examples), (), timeout)
+    return regression_values(outputs, len(examples))
+
+
+def regression_signature(servable: Servable, key: str):
+    """The regress signature `key`, after the checks of regressor.cc in its order."""
+    signature = servable.signature_defs.get(key)
+    if signature is None:
+        raise invalid_argument(f"No signature was found with the name: {key}")
+    if servable.method_name_check and signature.method_name != REGRESS_METHOD_NAME:
+        raise invalid_argument(
+            f"Expected regression signature method_name to be {REGRESS_METHOD_NAME}. "
+            f"Was: {signature.method_name}"
+        )
+    if len(signature.inputs) != 1:
+        raise invalid_argument("Expected one input Tensor.")
+    if len(signature.outputs) != 1:
+        raise invalid_argument("Expected one output Tensor.")
+    for kind, names, name in (("inputs", signature.inputs, CLASSIFY_INPUTS),
+                              ("outputs", signature.outputs, REGRESS_OUTPUTS)):  # fmt: skip
+        if name not in names:
+            raise invalid_argument(
+                f"No regression {kind} found in SignatureDef: {_debug_string(signature)}"
+            )
+    return signature
+
+
+def regression_values(outputs: dict[str, np.ndarray], count: int) -> list[float]:
+    """The regressions, checked as PostProcessRegressionResult does."""
+    value = outputs[REGRESS_OUTPUTS]
+    if not (value.ndim == 1 or (value.ndim == 2 and value.shape[1] == 1)):
+        raise invalid_argument(
+            "Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got "
+            f"[{','.join(map(str, value.shape))}]"
+        )
+    if value.shape[0] != count:
+        raise invalid_argument(
+            f"Input batch size did not match output batch size: {count} vs. {value.shape[0]}"
+        )
+    if value.dtype != np.float32:
+        raise invalid_argument(f"Expected output Tensor of DT_FLOAT.  Got: {_dtype_name(value)}")
+    return [float(v) for v in value.ravel()]
+
+
+def _regress_response(servable: Servable, key: str, values: list[float]):
+    response = regression_pb2.RegressionResponse()
+    _fill_spec(response.model_spec, servable, key)
+    for value in values:
+        response.result.regressions.add(value=value)
+    return response
 
 
 def examples_of(input_proto) -> list[bytes]:
@@ -157,11 +297,12 @@ def examples_of(input_proto) -> list[bytes]:
             copy.MergeFrom(example)
             merged.append(copy.SerializeToString())
         return merged
-    raise invalid_argument("Invalid argument: Input is empty.")
+    raise invalid_argument("Input is empty.")
 
 
 def metadata(manager, request):
     """Answer a GetModelMetadataRequest (signature_def only, like TF Serving)."""
+    model_spec_of(request)
     fields = list(request.metadata_field)
     if not fields:
         raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
@@ -180,12 +321,10 @@ def metadata(manager, request):
 
 
 def status(manager, request):
-    """Answer a GetModelStatusRequest."""
-    spec = request.model_spec
-    which = spec.WhichOneof("version_choice")
-    version = spec.version.value if which == "version" else None
-    if which == "version_label":
-        version = manager.label_version(spec.name, spec.version_label)
+    """Answer a GetModelStatusRequest (a version label is ignored, as in get_model_status_impl.cc:
+    all versions are reported)."""
+    spec = model_spec_of(request)
+    version = spec.version.value if spec.WhichOneof("version_choice") == "version" else None
     response = get_model_status_pb2.GetModelStatusResponse()
     for entry in manager.status(spec.name, version):
         item = response.model_version_status.add(version=entry.version, state=entry.state)

@@ -9,9 +9,13 @@ generator would end up measuring itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -28,6 +32,8 @@ class LoadTestReport:
     seconds: float
     latencies_ms: list[float]
     swapped_to: int | None = None
+    versions_seen: dict[int, int] = dataclasses.field(default_factory=dict)  # version -> answers
+    live_after_seconds: float | None = None  # saved_model.pb written -> first answer from it
 
     @property
     def qps(self) -> float:
@@ -47,6 +53,10 @@ class LoadTestReport:
         )
         if self.swapped_to is not None:
             line += f"; swapped to version {self.swapped_to}"
+            if self.live_after_seconds is not None:
+                line += f", live {self.live_after_seconds:.1f} s after its saved_model.pb"
+            else:
+                line += ", which never answered"
         return line
 
 
@@ -56,15 +66,17 @@ def next_version(base_path: str) -> int:
     return max([int(n) for n in names if n.isdigit()], default=0) + 1
 
 
-def push_version(source_dir: str, base_path: str) -> int:
-    """Copy a SavedModel dir in as the next version, made visible atomically (rename)."""
+def push_version(source_dir: str, base_path: str) -> tuple[int, float]:
+    """Copy a SavedModel dir in as the next version the way TFX's Pusher does: everything into
+    `<base>/<version>/`, saved_model.pb last. Returns the version and when saved_model.pb landed
+    (time.monotonic())."""
     if not os.path.isfile(os.path.join(source_dir, "saved_model.pb")):
         raise FileNotFoundError(f"{source_dir} has no saved_model.pb")
     version = next_version(base_path)
-    staging = os.path.join(base_path, f".staging-{version}")  # not an integer: ignored by servers
-    shutil.copytree(source_dir, staging)
-    os.rename(staging, os.path.join(base_path, str(version)))
-    return version
+    target = os.path.join(base_path, str(version))
+    shutil.copytree(source_dir, target, ignore=shutil.ignore_patterns("saved_model.pb"))
+    shutil.copy(os.path.join(source_dir, "saved_model.pb"), target)
+    return version, time.monotonic()
 
 
 def run_loadtest(
@@ -77,32 +89,47 @@ def run_loadtest(
     swap_to: str | None = None,
     base_path: str | None = None,
     progress: bool = True,
+    swap_after: float | None = None,
+    settle: float | None = None,
 ) -> LoadTestReport:
-    """Hammer `target` with `concurrency` clients for `duration` seconds."""
+    """Hammer `target` with `concurrency` clients for `duration` seconds; with `swap_to`, push
+    that SavedModel as the next version after `swap_after` seconds (default: half-way), and with
+    `settle`, stop that long after the new version first answered."""
     requests = [predict_request([image], model_name, signature) for image in images]
-    return asyncio.run(_load(target, requests, duration, concurrency, swap_to, base_path, progress))
+    swap_after = duration / 2 if swap_after is None else swap_after
+    return asyncio.run(
+        _load(target, requests, duration, concurrency, swap_to, base_path, progress, swap_after,
+              settle)
+    )  # fmt: skip
 
 
-async def _load(target, requests, duration, concurrency, swap_to, base_path, progress):
+async def _load(
+    target, requests, duration, concurrency, swap_to, base_path, progress, swap_after, settle
+):
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
     from tqdm import tqdm
 
     latencies, errors = [], []
+    versions: dict[int, int] = {}
+    first_answer: dict[int, float] = {}  # version -> time.monotonic() of its first answer
     stopping = asyncio.Event()
 
     async def client(stub, request) -> None:
         while not stopping.is_set():
             start = time.perf_counter()
             try:
-                await stub.Predict(request, timeout=30)
+                response = await stub.Predict(request, timeout=30)
                 latencies.append((time.perf_counter() - start) * 1000)
+                version = response.model_spec.version.value
+                versions[version] = versions.get(version, 0) + 1
+                first_answer.setdefault(version, time.monotonic())
             except Exception as exc:  # every failure is counted and reported
                 errors.append(f"{type(exc).__name__}: {exc}")
 
     async with grpc.aio.insecure_channel(target) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        swapped = None
+        swapped = pushed_at = None
         start = time.monotonic()
         clients = [
             asyncio.create_task(client(stub, requests[i % len(requests)]))
@@ -110,9 +137,12 @@ async def _load(target, requests, duration, concurrency, swap_to, base_path, pro
         ]
         with tqdm(total=round(duration), unit="s", disable=not progress, desc="loadtest") as bar:
             while (elapsed := time.monotonic() - start) < duration:
-                if swap_to and swapped is None and elapsed >= duration / 2:
-                    swapped = await asyncio.to_thread(push_version, swap_to, base_path)
-                await asyncio.sleep(min(1.0, duration - elapsed))
+                if swap_to and swapped is None and elapsed >= swap_after:
+                    swapped, pushed_at = await asyncio.to_thread(push_version, swap_to, base_path)
+                live = first_answer.get(swapped) if swapped is not None else None
+                if settle is not None and live is not None and time.monotonic() > live + settle:
+                    break
+                await asyncio.sleep(min(0.2, duration - elapsed))
                 bar.n = min(round(time.monotonic() - start), round(duration))
                 bar.set_postfix(
                     qps=f"{len(latencies) / max(time.monotonic() - start, 1e-9):.0f}",
@@ -121,4 +151,48 @@ async def _load(target, requests, duration, concurrency, swap_to, base_path, pro
         stopping.set()
         await asyncio.gather(*clients)
     seconds = time.monotonic() - start
-    return LoadTestReport(len(latencies) + len(errors), errors, seconds, latencies, swapped)
+    live = first_answer[swapped] - pushed_at if swapped in first_answer else None
+    return LoadTestReport(
+        len(latencies) + len(errors), errors, seconds, latencies, swapped, versions, live
+    )
+
+
+@contextlib.contextmanager
+def busy_neighbours(count: int):
+    """`count` processes spinning on the CPU: the other tenants of a shared machine."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield spinners
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def measure_swap(
+    model_dir: str,
+    image: bytes,
+    neighbours: int = 1,
+    clients: int = 4,
+    signature: str = "predict_images",
+    server_command: list[str] | None = None,
+    server_cwd: str | None = None,
+    max_seconds: float = 120.0,
+) -> LoadTestReport:
+    """Serve `model_dir` as version 1 of a fresh base path (`van-tfx serve`, or
+    `server_command`), load it with `clients` callers and `neighbours` busy processes, push it
+    again as version 2 after 3 s, and stop 3 s after version 2 first answered (or at
+    `max_seconds`); the report says when version 2 went live."""
+    from serving.process import running_model_server
+
+    with tempfile.TemporaryDirectory(prefix="swap-") as base:
+        shutil.copytree(model_dir, os.path.join(base, "1"))
+        flags = ["--file_system_poll_wait_seconds=1"]
+        server = running_model_server(base, "van", 300, flags, server_command, server_cwd)
+        with server as (_channel, port):
+            with busy_neighbours(neighbours):
+                return run_loadtest(
+                    f"127.0.0.1:{port}", [image], max_seconds, clients, "van", signature,
+                    swap_to=model_dir, base_path=base, progress=False, swap_after=3.0,
+                    settle=3.0,
+                )  # fmt: skip

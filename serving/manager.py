@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -12,12 +14,14 @@ import time
 from tensorflow_serving.apis import get_model_status_pb2
 
 from serving.errors import ServingError, invalid_argument, not_found, servable_not_found
+from serving.limits import RequestLimits
 from serving.protos import BatchingSettings
 from serving.servable import SAVED_MODEL_FILE, WARMUP_FILE, Servable
 
 log = logging.getLogger(__name__)
 State = get_model_status_pb2.ModelVersionStatus.State
 MAX_WARMUP_RECORDS = 1000
+WARMUP_THREADS = 4
 UNKNOWN_ERROR_CODE = 2  # tensorflow.error.Code.UNKNOWN
 
 
@@ -33,6 +37,42 @@ class VersionStatus:
 
 class LoadError(RuntimeError):
     """A version that could not be loaded or warmed up."""
+
+
+class LoadPriority:
+    """While a version loads and warms up, live servables run one model call at a time.
+
+    Loading is CPU work (function restoration, then graph optimisation on each signature's first
+    call) that competes with request handling for the same cores and the GIL; on a small, shared
+    box a fair share was not enough (a new version took ~40 s to go live under four clients and
+    busy neighbours). Serialising model calls for those seconds keeps every request answered,
+    only slower, and leaves the loader most of the machine.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._loads = 0
+        self._turn = threading.Semaphore(1)
+
+    @contextlib.contextmanager
+    def loading(self):
+        """Mark a load in progress for the duration of the block."""
+        with self._lock:
+            self._loads += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._loads -= 1
+
+    @contextlib.contextmanager
+    def model_call(self):
+        """Wrap one model call of a live servable: its turn while loads run, free otherwise."""
+        if not self._loads:
+            yield
+            return
+        with self._turn:
+            yield
 
 
 def list_versions(base_path: str) -> list[int]:
@@ -82,8 +122,12 @@ class ModelManager:
         batching: BatchingSettings | None = None,
         enable_warmup: bool = True,
         poll_wait_seconds: float = 1.0,
+        limits: RequestLimits | None = None,
+        method_name_check: bool = False,
     ):
         self._batching = batching
+        self._limits = limits or RequestLimits()
+        self._method_name_check = method_name_check
         self._enable_warmup = enable_warmup
         self._poll_wait = poll_wait_seconds
         self._lock = threading.Lock()
@@ -91,6 +135,7 @@ class ModelManager:
         self._models: dict[str, _Model] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.priority = LoadPriority()
         self.reload(configs, poll=False)
 
     # Lookups used by every request.
@@ -98,10 +143,10 @@ class ModelManager:
         """The servable for a request: latest available, a version, or a label's version."""
         with self._lock:
             model = self._models.get(name)
+            if label is not None:  # ServerCore::GetModelVersionForLabel, even for unknown models
+                version = self._label_version(model, label)
             if model is None:
                 raise servable_not_found(name, version)
-            if label is not None:
-                version = self._label_version(model, name, label)
             if version is None:
                 if not model.servables:
                     raise servable_not_found(name)
@@ -111,17 +156,9 @@ class ModelManager:
                 raise servable_not_found(name, version)
             return servable
 
-    def label_version(self, name: str, label: str) -> int:
-        """The version a label points to."""
-        with self._lock:
-            model = self._models.get(name)
-            if model is None:
-                raise not_found(f"Could not find any versions of model {name}")
-            return self._label_version(model, name, label)
-
     @staticmethod
-    def _label_version(model: _Model, name: str, label: str) -> int:
-        labels = model.config.version_labels
+    def _label_version(model: _Model | None, label: str) -> int:
+        labels = model.config.version_labels if model is not None else {}
         if label not in labels:
             raise invalid_argument(f"Unrecognized servable version label: {label}")
         return labels[label]
@@ -213,12 +250,15 @@ class ModelManager:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop polling and unload every version."""
+        """Stop polling, cancel the model calls still running, and unload every version."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
         with self._lock:
             models, self._models = list(self._models.values()), {}
+        for model in models:
+            for servable in model.servables.values():
+                servable.cancel_running()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
         for model in models:
             self._unload(model, list(model.servables.values()))
 
@@ -256,17 +296,27 @@ class ModelManager:
         name = model.config.name
         path = os.path.join(model.config.base_path, str(version))
         self._set_state(model, VersionStatus(version, State.LOADING))
+        start = time.monotonic()
         try:
-            servable = Servable(name, version, path, self._batching)
-            if self._enable_warmup:
-                servable.warmup_records = run_warmup(servable)
+            with self.priority.loading():
+                servable = Servable(
+                    name, version, path, self._batching, self._limits, self._method_name_check
+                )
+                restored = time.monotonic()
+                if self._enable_warmup:
+                    servable.warmup_records = run_warmup(servable)
+            servable.priority = self.priority  # live from here on: it yields to later loads
         except Exception as exc:  # a broken version is reported, never served
             log.error("failed to load %s version %d: %s", name, version, exc)
             model.failed.add(version)
             self._set_state(model, VersionStatus(version, State.END, str(exc), UNKNOWN_ERROR_CODE))
             return None
         self._set_state(model, VersionStatus(version, State.AVAILABLE))
-        log.info("serving %s version %d from %s", name, version, path)
+        log.info(
+            "serving %s version %d from %s (restored in %.1f s, %d warmup records in %.1f s)",
+            name, version, path, restored - start, servable.warmup_records,
+            time.monotonic() - restored,
+        )  # fmt: skip
         return servable
 
     def _unload(self, model: _Model, servables: list[Servable]) -> None:
@@ -294,29 +344,44 @@ def _check_configs(configs: list) -> None:
 
 
 def run_warmup(servable: Servable) -> int:
-    """Replay <version>/assets.extra/tf_serving_warmup_requests; returns the records replayed."""
+    """Replay <version>/assets.extra/tf_serving_warmup_requests; returns the records replayed.
+
+    Records run concurrently (up to WARMUP_THREADS): most of warmup is each signature's first
+    call optimising its graph, single-threaded work that parallelises across signatures.
+    """
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_log_pb2
-
-    from serving import handlers
 
     path = os.path.join(servable.path, WARMUP_FILE)
     if not tf.io.gfile.exists(path):
         return 0
-    count = 0
+    records = []
     for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
-        count += 1
-        if count > MAX_WARMUP_RECORDS:
+        if len(records) == MAX_WARMUP_RECORDS:
             raise LoadError(f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS})")
-        entry = prediction_log_pb2.PredictionLog.FromString(record)
-        kind = entry.WhichOneof("log_type")
-        try:
-            if kind == "predict_log":
-                handlers.predict_on(servable, entry.predict_log.request)
-            elif kind == "classify_log":
-                handlers.classify_on(servable, entry.classify_log.request)
-            else:
-                raise LoadError(f"Unsupported log_type for warmup: {kind}")
-        except ServingError as exc:
-            raise LoadError(f"warmup record {count} of {path} failed: {exc.message}") from exc
-    return count
+        records.append(prediction_log_pb2.PredictionLog.FromString(record))
+    with concurrent.futures.ThreadPoolExecutor(WARMUP_THREADS, "warmup") as pool:
+        outcomes = list(pool.map(lambda entry: _replay(servable, entry), records))
+    for number, problem in enumerate(outcomes, start=1):
+        if problem:
+            raise LoadError(f"warmup record {number} of {path} failed: {problem}")
+    return len(records)
+
+
+def _replay(servable: Servable, entry) -> str | None:
+    """Run one warmup PredictionLog; the failure message, or None."""
+    from serving import handlers
+
+    kind = entry.WhichOneof("log_type")
+    try:
+        if kind == "predict_log":
+            handlers.predict_on(servable, entry.predict_log.request)
+        elif kind == "classify_log":
+            handlers.classify_on(servable, entry.classify_log.request)
+        elif kind == "regress_log":
+            handlers.regress_on(servable, entry.regress_log.request)
+        else:
+            return f"Unsupported log_type for warmup: {kind}"
+    except ServingError as exc:
+        return exc.message
+    return None

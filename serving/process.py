@@ -1,13 +1,16 @@
-"""Start `van-tfx serve` as a real subprocess and wait until its models are AVAILABLE.
+"""Start a model server as a real subprocess and wait until its models are AVAILABLE.
 
-Used by the pipeline's serving smoke test and by `make demo`: both exercise the server exactly as
-a user does, through its command line and the stock tensorflow-serving-api stubs.
+The real `tensorflow_model_server` when it is on PATH (the van-tfx image ships it), else our
+stand-in `van-tfx serve`: both take the same flags and answer the stock tensorflow-serving-api
+stubs. Used by the pipeline's serving smoke test and by `make demo`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +21,47 @@ import grpc
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
 AVAILABLE = 30  # tensorflow.serving.ModelVersionStatus.State.AVAILABLE
+STAND_IN_COMMAND = [sys.executable, "-m", "van_tfx.cli", "serve"]
+TF_SERVING_BINARY = "tensorflow_model_server"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelServerBinary:
+    """How to start a model server, and what to call it in blessings and reports."""
+
+    command: list[str]
+    description: str  # "tensorflow_model_server 2.16.1+dev.sha.…" or "van-tfx serve 0.1.0"
+
+    @property
+    def is_tf_serving(self) -> bool:
+        """True for the real tensorflow_model_server."""
+        return self.description.startswith(TF_SERVING_BINARY)
+
+
+def model_server_binary() -> ModelServerBinary:
+    """The real tensorflow_model_server when one is on PATH, else the `van-tfx serve` stand-in.
+
+    The version comes from `tensorflow_model_server --version` ("TensorFlow ModelServer: X"); a
+    binary that cannot report one is broken, and that is an error, not a reason to fall back.
+    """
+    path = shutil.which(TF_SERVING_BINARY)
+    if path is None:
+        from importlib.metadata import version
+
+        return ModelServerBinary(list(STAND_IN_COMMAND), f"van-tfx serve {version('van-tfx')}")
+    try:
+        result = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServerStartError(f"{path} --version failed: {exc}") from exc
+    for line in result.stdout.splitlines():
+        if line.startswith("TensorFlow ModelServer:"):
+            return ModelServerBinary([path], f"{TF_SERVING_BINARY} {line.split(':', 1)[1].strip()}")
+    raise ServerStartError(
+        f"{path} --version exited with {result.returncode} without a version: "
+        f"{(result.stdout + result.stderr).strip()[-500:]}"
+    )
 
 
 class ServerStartError(RuntimeError):
@@ -33,15 +77,18 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_model_server(
-    base_path: str, model_name: str, timeout_seconds: float = 300, extra_flags: list[str] = ()
+    base_path: str,
+    model_name: str,
+    timeout_seconds: float = 300,
+    extra_flags: list[str] = (),
+    server_command: list[str] | None = None,
+    cwd: str | None = None,
 ):
-    """Run `van-tfx serve` on a free loopback port; yield (grpc channel, port) once it serves."""
+    """Run `van-tfx serve` (or `server_command`, which takes tensorflow_model_server's flags) on a
+    free loopback port; yield (grpc channel, port) once the model is AVAILABLE."""
     port = free_port()
     command = [
-        sys.executable,
-        "-m",
-        "van_tfx.cli",
-        "serve",
+        *(server_command or STAND_IN_COMMAND),
         f"--port={port}",
         "--rest_api_port=0",
         f"--model_name={model_name}",
@@ -50,7 +97,7 @@ def running_model_server(
     ]
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         try:
             wait_until_available(channel, model_name, process, log, timeout_seconds)

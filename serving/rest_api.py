@@ -1,4 +1,10 @@
-"""TF Serving's REST API (/v1/models/...) on the standard library's ThreadingHTTPServer."""
+"""TF Serving's REST API (/v1/models/...) on the standard library's ThreadingHTTPServer.
+
+Routing and answers follow TF Serving 2.16.1: model_servers/http_server.cc (dispatch, status
+codes), http_rest_api_util.cc (path regexes, URL decoding, version parsing) and
+http_rest_api_handler.cc (the order in which a request is parsed, resolved and run); the JSON
+rules are serving/rest_json.py's.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import json
 import logging
 import re
 import time
-from http import HTTPStatus
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
@@ -18,17 +24,26 @@ from tensorflow_serving.apis import (
     model_pb2,
 )
 
-from serving import handlers
+from serving import handlers, rest_json
 from serving.errors import ServingError, invalid_argument
-from serving.tensors import array_to_json, json_to_array, json_to_example
 
 log = logging.getLogger(__name__)
 
-_PATH = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)"
-    r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-    r"(?::(?P<verb>predict|classify|regress)|(?P<metadata>/metadata))?$"
+# http_rest_api_util.cc: kPredictionApiGegex, kModelStatusApiRegex (RE2 FullMatch, (?i)), and
+# http_rest_api_util.h: kHTTPRestApiHandlerPathRegex. The query string is part of the path they
+# match, as in EvHTTPRequest::uri_path().
+_PREDICTION_PATH = re.compile(
+    r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)",
+    re.IGNORECASE,
 )
+_STATUS_PATH = re.compile(
+    r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:\/(metadata))?",
+    re.IGNORECASE,
+)
+_API_PATH = re.compile(r"/v1/.*", re.IGNORECASE)
+_INT64_MAX = 2**63 - 1
+# libevent's evhttp_send_error page, which TF Serving sends for paths outside /v1/.
+_NOT_FOUND_PAGE = "<HTML><HEAD>\n<TITLE>404 Not Found</TITLE>\n</HEAD><BODY>\n<H1>Not Found</H1>\n</BODY></HTML>\n"
 
 
 class RestApp:
@@ -41,35 +56,56 @@ class RestApp:
         self.metrics_path = metrics_path
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=64)
 
-    def handle(self, method: str, path: str, body: bytes | None) -> tuple[int, str, str]:
-        """(HTTP status, content type, body) for one request."""
-        if method == "GET" and self.metrics_path and path == self.metrics_path:
-            return 200, "text/plain; version=0.0.4", self.metrics.render()
-        match = _PATH.match(path)
-        if not match or (method == "GET") != (match["verb"] is None):
-            return _error(400, f"Malformed request: {method} {path}")
-        spec = _model_spec(match)
-        start, status = time.perf_counter(), "OK"
+    def handle(
+        self, method: str, target: str, body: bytes | None, headers=None
+    ) -> tuple[int, str, str]:
+        """(HTTP status, content type, body) for one request; `target` is path[?query]."""
+        path = target.split("?", 1)[0].split("#", 1)[0]
+        if self.metrics_path and path == self.metrics_path:
+            return 200, self.metrics.content_type, self.metrics.render()
+        if not _API_PATH.fullmatch(target):
+            return 404, "text/html", _NOT_FOUND_PAGE
+        if method == "OPTIONS":  # CORS preflight (http_server.cc)
+            origin = (headers or {}).get("Origin", "")
+            return (200, "text/plain", "") if re.search("https?://", origin) else (400, "", "")
+        start, status, seen = time.perf_counter(), "OK", {"name": "", "api": ""}
         try:
-            if method == "GET":
-                answer = self._metadata(spec) if match["metadata"] else self._status(spec)
-            else:
-                answer = self._with_deadline(self._post, match["verb"], spec, _parse_json(body))
-            return 200, "application/json", json.dumps(answer)
+            return 200, "application/json", self._dispatch(method, target, body or b"", seen)
         except ServingError as exc:
             status = exc.code.name
             return _error(exc.http_status, exc.message)
         except Exception as exc:  # a bug must answer 500, never take the server down
-            log.exception("REST %s %s failed", method, path)
+            log.exception("REST %s %s failed", method, target)
             status = "INTERNAL"
             return _error(500, f"{type(exc).__name__}: {exc}")
         finally:
-            api = match["verb"] or ("metadata" if match["metadata"] else "status")
-            self.metrics.record(spec.name, api, "REST", status, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.metrics.record(seen["name"], seen["api"], "REST", status, seconds)
 
     def close(self) -> None:
         """Release the request threads."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _dispatch(self, method: str, target: str, body: bytes, seen: dict) -> str:
+        """The answer body; `seen` gets the model name and API for the metrics, once parsed."""
+        # HttpRestApiHandler::ProcessRequest: anything that matches neither route is malformed.
+        malformed = invalid_argument(f"Malformed request: {method} {target}")
+        route = {"POST": _PREDICTION_PATH, "GET": _STATUS_PATH}.get(method)
+        match = route.fullmatch(target) if route else None
+        if match is None:
+            raise malformed
+        name, version, label, verb = match.groups()
+        seen["name"] = urllib.parse.unquote(name or "")
+        spec = _model_spec(name or "", version, label)
+        if method == "POST":
+            seen["api"] = verb  # http_server.cc records the method it parsed (none for GETs)
+            if verb not in ("predict", "classify", "regress"):  # the regex is (?i); this is not
+                raise malformed
+            run = {"predict": self._predict, "classify": self._classify, "regress": self._regress}
+            return self._with_deadline(run[verb], spec, body)
+        if not spec.name:
+            raise invalid_argument("Missing model name in request.")
+        return self._metadata(spec) if verb == "metadata" else self._status(spec)
 
     def _with_deadline(self, function, *args):
         # --rest_api_timeout_in_ms: answer DEADLINE_EXCEEDED (504) instead of holding the client;
@@ -80,21 +116,21 @@ class RestApp:
         except concurrent.futures.TimeoutError:
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded") from None
 
-    def _status(self, spec) -> dict:
+    def _status(self, spec) -> str:
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.CopyFrom(spec)
         response = handlers.status(self.manager, request)
-        return json_format.MessageToDict(
+        return json_format.MessageToJson(
             response, including_default_value_fields=True, preserving_proto_field_name=True
         )
 
-    def _metadata(self, spec) -> dict:
+    def _metadata(self, spec) -> str:
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         request.model_spec.CopyFrom(spec)
         response = handlers.metadata(self.manager, request)
         signature_map = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signature_map)
-        return {
+        answer = {
             "model_spec": json_format.MessageToDict(
                 response.model_spec,
                 including_default_value_fields=True,
@@ -102,130 +138,65 @@ class RestApp:
             ),
             "metadata": {
                 "signature_def": json_format.MessageToDict(
-                    signature_map, preserving_proto_field_name=True
+                    signature_map,
+                    including_default_value_fields=True,
+                    preserving_proto_field_name=True,
                 )
             },
         }
+        return json.dumps(answer, indent=1)
 
-    def _post(self, verb: str, spec, body: dict) -> dict:
-        if verb == "regress":
-            raise ServingError(grpc.StatusCode.UNIMPLEMENTED, "Regress is not supported by van-tfx")
+    def _predict(self, spec, body: bytes) -> str:
+        # ProcessPredictRequest: parse, then the signature's inputs (GetInfoMap resolves the
+        # servable), then the tensors, then Predict.
+        doc = rest_json.parse_json(body)
+        key = rest_json.signature_name(doc)
         servable = handlers.resolve(self.manager, spec)
-        key = body.get("signature_name") or handlers.DEFAULT_SIGNATURE
-        if not isinstance(key, str):
-            raise invalid_argument("signature_name must be a string")
-        if verb == "classify":
-            return self._classify(servable, key, body)
-        return self._predict(servable, key, body)
+        name = key or handlers.DEFAULT_SIGNATURE
+        if name not in servable.signature_defs:
+            raise invalid_argument(f'Serving signature name: "{name}" not found in signature def')
+        dtypes = _input_dtypes(servable.signature_defs[name])
+        inputs, form = rest_json.predict_inputs(doc, dtypes, key)
+        outputs = servable.run(name, inputs, (), self.timeout)
+        return rest_json.predict_json(outputs, form)
 
-    def _predict(self, servable, key: str, body: dict) -> dict:
-        signature = servable.signature_def(key)
-        row_format = "instances" in body
-        if row_format == ("inputs" in body):
-            raise invalid_argument(
-                "Missing 'inputs' or 'instances' key"
-                if not row_format
-                else "Not both 'inputs' and 'instances' keys may be set"
-            )
-        dtypes = _input_dtypes(signature)
-        if row_format:
-            inputs = _rows_to_inputs(body["instances"], dtypes)
-        else:
-            inputs = _columns_to_inputs(body["inputs"], dtypes)
-        outputs = servable.run(key, inputs, (), self.timeout)
-        if row_format:
-            return {"predictions": _outputs_to_rows(outputs)}
-        named = {name: array_to_json(value, name) for name, value in outputs.items()}
-        return {"outputs": next(iter(named.values())) if len(named) == 1 else named}
+    def _classify(self, spec, body: bytes) -> str:
+        rows = self._on_examples(spec, body, handlers.classify_examples)
+        return rest_json.classify_json(rows)
 
-    def _classify(self, servable, key: str, body: dict) -> dict:
-        examples = body.get("examples")
-        if not isinstance(examples, list):
-            raise invalid_argument("'examples' must be a list of JSON objects")
-        context = json_to_example(body.get("context", {}), "context")
-        serialized = []
-        for example in examples:
-            merged = type(context)()
-            merged.CopyFrom(context)
-            merged.MergeFrom(json_to_example(example))
-            serialized.append(merged.SerializeToString())
-        rows = handlers.classify_examples(servable, key, serialized, self.timeout)
-        return {"results": [[[label, score] for label, score in row] for row in rows]}
+    def _regress(self, spec, body: bytes) -> str:
+        values = self._on_examples(spec, body, handlers.regress_examples)
+        return rest_json.regress_json(values)
+
+    def _on_examples(self, spec, body: bytes, run):
+        # ProcessClassifyRequest / ProcessRegressRequest: the whole body is read into
+        # tf.Examples before the servable is looked up.
+        doc = rest_json.parse_json(body)
+        key = rest_json.signature_name(doc) or handlers.DEFAULT_SIGNATURE
+        examples = rest_json.classify_examples(doc)
+        return run(handlers.resolve(self.manager, spec), key, examples, self.timeout)
 
 
-def _model_spec(match):
-    spec = model_pb2.ModelSpec(name=match["name"])
-    if match["version"] is not None:
-        spec.version.value = int(match["version"])
-    elif match["label"] is not None:
-        spec.version_label = match["label"]
+def _model_spec(name: str, version: str | None, label: str | None):
+    # ParseModelInfo: the name and label are URL-decoded; the version must fit an int64.
+    spec = model_pb2.ModelSpec(name=urllib.parse.unquote(name))
+    if version is not None:
+        if int(version) > _INT64_MAX:
+            raise invalid_argument(f"Failed to convert version: {version} to numeric.")
+        spec.version.value = int(version)
+    elif label is not None:
+        spec.version_label = urllib.parse.unquote(label)
     return spec
 
 
-def _parse_json(body: bytes | None) -> dict:
-    try:
-        parsed = json.loads(body or b"")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise invalid_argument(f"JSON Parse error: {exc}") from exc
-    if not isinstance(parsed, dict):
-        raise invalid_argument("JSON Value: request body must be a JSON object")
-    return parsed
-
-
-def _input_dtypes(signature) -> dict:
+def _input_dtypes(signature) -> dict[str, str]:
     import tensorflow as tf
 
-    return {alias: tf.dtypes.as_dtype(info.dtype) for alias, info in signature.inputs.items()}
-
-
-def _rows_to_inputs(instances, dtypes: dict) -> dict:
-    if not isinstance(instances, list) or not instances:
-        raise invalid_argument("'instances' must be a non-empty list")
-    named = [isinstance(row, dict) and set(row) != {"b64"} for row in instances]
-    if any(named) != all(named):
-        raise invalid_argument("Instances must all be objects or all be values")
-    if not named[0]:
-        if len(dtypes) != 1:
-            raise invalid_argument(f"Instances must be objects naming the inputs {sorted(dtypes)}")
-        alias = next(iter(dtypes))
-        return {alias: json_to_array(instances, dtypes[alias], alias)}
-    columns = {}
-    for alias in {k for row in instances for k in row}:
-        if any(alias not in row for row in instances):
-            raise invalid_argument(f"Every instance must set input {alias}")
-        if alias not in dtypes:
-            return {alias: None}  # let the signature check name the unknown alias
-        columns[alias] = json_to_array([row[alias] for row in instances], dtypes[alias], alias)
-    return columns
-
-
-def _columns_to_inputs(inputs, dtypes: dict) -> dict:
-    if isinstance(inputs, dict) and set(inputs) != {"b64"}:
-        return {
-            alias: json_to_array(value, dtypes[alias], alias) if alias in dtypes else None
-            for alias, value in inputs.items()
-        }
-    if len(dtypes) != 1:
-        raise invalid_argument(f"'inputs' must be an object naming the inputs {sorted(dtypes)}")
-    alias = next(iter(dtypes))
-    return {alias: json_to_array(inputs, dtypes[alias], alias)}
-
-
-def _outputs_to_rows(outputs: dict) -> list:
-    columns = {name: array_to_json(value, name) for name, value in outputs.items()}
-    sizes = {len(v) if isinstance(v, list) else -1 for v in columns.values()}
-    if len(sizes) != 1 or -1 in sizes:
-        raise invalid_argument(
-            "Tensor name: outputs have different 0th dimensions; use the 'inputs' (columnar) format"
-        )
-    if len(columns) == 1:
-        return next(iter(columns.values()))
-    rows = sizes.pop()
-    return [{name: value[i] for name, value in columns.items()} for i in range(rows)]
+    return {alias: tf.dtypes.as_dtype(info.dtype).name for alias, info in signature.inputs.items()}
 
 
 def _error(status: int, message: str) -> tuple[int, str, str]:
-    return status, "application/json", json.dumps({"error": message})
+    return status, "application/json", json.dumps({"error": message}, indent=4)
 
 
 def make_http_server(
@@ -237,10 +208,20 @@ def make_http_server(
         protocol_version = "HTTP/1.1"
         server_version = "van-tfx-serving"
 
-        def do_GET(self):  # noqa: N802 (http.server naming)
-            self._answer(*app.handle("GET", self.path.split("?")[0], None))
+        def _serve(self):
+            body = self._read_body()
+            if body is not None:
+                self._answer(*app.handle(self.command, self.path, body, self.headers))
 
-        def do_POST(self):  # noqa: N802
+        # Every method reaches the API, as in TF Serving: those it does not serve get a 400
+        # "Malformed request" in JSON there, not http.server's HTML 501.
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _serve
+
+        def do_HEAD(self):  # noqa: N802 (http.server naming)
+            status, content_type, _ = app.handle("HEAD", self.path, self._read_body() or b"")
+            self._answer(status, content_type, "", head=True)
+
+        def _read_body(self) -> bytes | None:
             try:
                 length = int(self.headers.get("Content-Length", "0"))
             except ValueError:
@@ -249,21 +230,22 @@ def make_http_server(
                 self.close_connection = True
                 self._answer(
                     *_error(
-                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length > 0 else 400,
-                        f"Request body must be 0..{max_body_bytes} bytes",
+                        413 if length > 0 else 400,
+                        f"Request body must be 0..{max_body_bytes} bytes (--max_message_bytes)",
                     )
                 )
-                return
-            body = self.rfile.read(length)
-            self._answer(*app.handle("POST", self.path.split("?")[0], body))
+                return None
+            return self.rfile.read(length)
 
-        def _answer(self, status: int, content_type: str, text: str):
+        def _answer(self, status: int, content_type: str, text: str, head: bool = False):
             payload = text.encode("utf-8")
             self.send_response(int(status))
-            self.send_header("Content-Type", content_type)
+            if content_type:
+                self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(payload)
+            if not head:
+                self.wfile.write(payload)
 
         def log_message(self, format, *args):  # noqa: A002 (http.server signature)
             log.debug("REST %s", format % args)

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from typing import NamedTuple
 
+import grpc
 import numpy as np
 
 from serving.batching import Batcher
-from serving.errors import from_tf_error, invalid_argument, signature_not_found
+from serving.errors import ServingError, from_tf_error, invalid_argument, signature_not_found
+from serving.images import check_pixel_budget
+from serving.limits import RequestLimits
 from serving.protos import BatchingSettings
+from serving.tensors import checked_shape, data_type_string, decoded_nbytes, from_tensor_proto
 
 DEFAULT_SIGNATURE = "serving_default"
+PREDICT_METHOD_NAMES = (
+    "tensorflow/serving/predict",
+    "tensorflow/serving/classify",
+    "tensorflow/serving/regress",
+)
 SAVED_MODEL_FILE = "saved_model.pb"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
@@ -32,7 +42,15 @@ def read_signature_defs(path: str):
 class Servable:
     """A SavedModel version loaded with tf.saved_model.load, callable by signature key."""
 
-    def __init__(self, name: str, version: int, path: str, batching: BatchingSettings | None):
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        path: str,
+        batching: BatchingSettings | None,
+        limits: RequestLimits | None = None,
+        method_name_check: bool = False,
+    ):
         import tensorflow as tf
 
         self.name, self.version, self.path = name, version, path
@@ -45,6 +63,10 @@ class Servable:
         self.warmup_records = 0
         self._unloaded = False
         self._specs: dict[str, list[_InputSpec]] = {}
+        self._running: set = set()  # CancellationManagers of the model calls in progress
+        self.priority = None  # the manager's LoadPriority once live (None while loading)
+        self.limits = limits or RequestLimits()
+        self.method_name_check = method_name_check
 
     def signature_def(self, key: str):
         """The SignatureDef for `key` ('' means serving_default) or FAILED_PRECONDITION."""
@@ -56,36 +78,68 @@ class Servable:
     def run(
         self,
         key: str,
-        inputs: dict[str, np.ndarray],
+        inputs: dict,
         output_filter=(),
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Validate `inputs` against signature `key`, run it (batched if enabled), filter outputs."""
+        """Validate `inputs` (arrays or TensorProtos) against signature `key`, run it (batched if
+        enabled), filter outputs."""
         key, feed, wanted = self._prepare(key, inputs, output_filter)
         if self._batching is None or self._unloaded:  # in-flight calls finish after an unload
-            outputs = self._call(key, feed)
+            outputs = self._call_with_deadline(key, feed, timeout)
         else:
             outputs = self._batcher(key).submit(feed, timeout)
         return _filtered(outputs, wanted)
 
+    def _call_with_deadline(self, key: str, feed: dict, timeout: float | None) -> dict:
+        # A caller that stops waiting stops the model too: the graph is cancelled at the
+        # deadline instead of running on for nobody.
+        if timeout is None:
+            return self._call(key, feed)
+        cancel = _cancellation_manager()
+        timer = threading.Timer(timeout, cancel.start_cancel)
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._call(key, feed, cancel)
+        except ServingError as exc:
+            if exc.code == grpc.StatusCode.CANCELLED and not timer.is_alive():
+                raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded") from None
+            raise
+        finally:
+            timer.cancel()
+
     async def run_async(
-        self, key: str, inputs: dict[str, np.ndarray], output_filter=(), executor=None
+        self, key: str, inputs: dict, output_filter=(), executor=None
     ) -> dict[str, np.ndarray]:
         """`run` for an event loop: batched calls join the batch queue, others go to `executor`.
 
         No timeout: cancelling the awaiting task (grpc.aio does at the deadline) abandons the call.
         """
         key, feed, wanted = self._prepare(key, inputs, output_filter)
-        if self._batching is None or self._unloaded:
-            pending = asyncio.get_running_loop().run_in_executor(executor, self._call, key, feed)
-        else:
-            pending = self._batcher(key).submit_async(feed)
-        return _filtered(await pending, wanted)
+        if self._batching is not None and not self._unloaded:
+            return _filtered(await self._batcher(key).submit_async(feed), wanted)
+        cancel = _cancellation_manager()
+        loop = asyncio.get_running_loop()
+        pending = loop.run_in_executor(executor, self._call, key, feed, cancel)
+        try:
+            return _filtered(await pending, wanted)
+        except asyncio.CancelledError:  # deadline passed or client gone: stop the graph too
+            cancel.start_cancel()
+            raise
 
     def _prepare(self, key: str, inputs, output_filter) -> tuple[str, dict, set[str]]:
+        # TF Serving's order (predict_util.cc RunPredict, PreProcessPrediction): signature,
+        # method name (when checked), input count, each input, then the output filter.
         key = key or DEFAULT_SIGNATURE
         signature = self.signature_def(key)
-        feed = _validated_inputs(self._input_specs(key), inputs)
+        if self.method_name_check and signature.method_name not in PREDICT_METHOD_NAMES:
+            raise ServingError(
+                grpc.StatusCode.INTERNAL,
+                "Expected prediction signature method_name to be one of {"
+                f"{', '.join(PREDICT_METHOD_NAMES)}}}. Was: {signature.method_name}",
+            )
+        feed = _validated_inputs(signature, self._input_specs(key), inputs, self.limits)
         return key, feed, _validated_filter(signature, output_filter)
 
     def _input_specs(self, key: str) -> list[_InputSpec]:
@@ -116,21 +170,48 @@ class Servable:
                 )
             return self._batchers[key]
 
-    def _call(self, key: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def cancel_running(self) -> int:
+        """Cancel every model call in progress (server shutdown); returns how many."""
+        with self._lock:
+            running = list(self._running)
+        for cancel in running:
+            cancel.start_cancel()
+        return len(running)
+
+    def _call(self, key: str, feed: dict[str, np.ndarray], cancel=None) -> dict[str, np.ndarray]:
         import tensorflow as tf
 
+        cancel = cancel or _cancellation_manager()
+        with self._lock:
+            self._running.add(cancel)
         try:
-            outputs = self._functions[key](**{k: tf.constant(v) for k, v in feed.items()})
-        except tf.errors.OpError as exc:
+            function = cancel.get_cancelable_function(self._functions[key])
+            with self.priority.model_call() if self.priority else contextlib.nullcontext():
+                outputs = function(**{k: tf.constant(v) for k, v in feed.items()})
+                return {name: tensor.numpy() for name, tensor in outputs.items()}
+        except tf.errors.CancelledError:
+            raise ServingError(grpc.StatusCode.CANCELLED, "The model call was cancelled") from None
+        except (tf.errors.OpError, UnicodeDecodeError) as exc:
             raise from_tf_error(exc) from exc
         except (ValueError, TypeError) as exc:  # inputs the concrete function cannot accept
             raise invalid_argument(str(exc)) from exc
-        return {name: tensor.numpy() for name, tensor in outputs.items()}
+        finally:
+            with self._lock:
+                self._running.discard(cancel)
+
+
+def _cancellation_manager():
+    # TF's own mechanism for stopping a running function (tf.distribute uses it): ops check it
+    # between kernels, so a long graph ends within one kernel of start_cancel().
+    from tensorflow.python.eager import cancellation
+
+    return cancellation.CancellationManager()
 
 
 class _InputSpec(NamedTuple):
     position: int
     alias: str
+    feed_name: str
     dtype: object  # tf.DType
     dims: list[int] | None  # None: unknown rank
 
@@ -142,6 +223,7 @@ def _input_specs(signature) -> list[_InputSpec]:
         _InputSpec(
             position,
             alias,
+            info.name,
             tf.dtypes.as_dtype(info.dtype),
             None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim],
         )
@@ -149,25 +231,54 @@ def _input_specs(signature) -> list[_InputSpec]:
     ]
 
 
-def _validated_inputs(specs: list[_InputSpec], inputs: dict[str, np.ndarray]) -> dict:
-    expected = {spec.alias for spec in specs}
-    if inputs.keys() != expected:
-        unknown = sorted(set(inputs) - expected)
-        if unknown:
-            raise invalid_argument(
-                f"input tensor alias not found in signature: {unknown[0]}. Inputs expected to be "
-                f"in the set {{{','.join(sorted(expected))}}}."
-            )
+def _validated_inputs(signature, specs: list[_InputSpec], inputs: dict, limits) -> dict:
+    """The feed, checked as TF Serving checks it; TensorProtos are decoded within `limits`."""
+    expected, sent = {spec.alias for spec in specs}, set(inputs)
+    if len(sent) != len(expected):  # VerifyRequestInputsSize (predict_util.cc)
         raise invalid_argument(
-            f"input size does not match signature: {len(inputs)}!={len(expected)} len({{"
-            f"{','.join(sorted(inputs))}}}) != len({{{','.join(sorted(expected))}}})."
+            f"input size does not match signature: {len(sent)}!={len(expected)} "
+            f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+            f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+            f"Missing but required: {{{','.join(sorted(expected - sent))}}}."
         )
+    _check_decoded_size(specs, inputs, limits.max_tensor_bytes)
     feed = {}
-    for spec in specs:
-        value = _as_dtype(inputs[spec.alias], spec.dtype, spec.position, spec.alias)
+    for spec in specs:  # GetInputValues (tensorflow/cc/saved_model/util.cc)
+        if spec.alias not in inputs:
+            raise invalid_argument(
+                f"Signature input alias: {spec.alias}(feed name: {spec.feed_name}) not found in "
+                f"request and no default value provided. Inputs expected to be in the request "
+                f"{{{','.join(sorted(sent))}}}, or default input alias set: "
+            )
+        value = inputs[spec.alias]
+        if not isinstance(value, np.ndarray):  # a TensorProto, within the size checked above
+            value = from_tensor_proto(value, spec.alias)
+        value = _as_dtype(value, spec.dtype, spec.position, spec.alias)
         _check_shape(spec.dims, value.shape, spec.alias)
+        check_pixel_budget(spec.alias, value, limits.max_image_pixels)
         feed[spec.alias] = value
     return feed
+
+
+def _check_decoded_size(specs: list[_InputSpec], inputs: dict, limit: int) -> None:
+    """Refuse a request whose TensorProtos would decode to more than `limit` bytes in all.
+
+    Tensor::FromProto fills a declared shape by repeating the last value (or with zeros), so a
+    12-byte proto may declare gigabytes; the sizes are computed from the shapes, before decoding.
+    """
+    sizes = {
+        spec.alias: decoded_nbytes(proto, checked_shape(proto, spec.alias), spec.alias)
+        for spec in specs
+        if not isinstance(proto := inputs.get(spec.alias, np.empty(0)), np.ndarray)
+    }
+    if sum(sizes.values()) > limit:
+        alias = max(sizes, key=sizes.get)
+        shape = checked_shape(inputs[alias], alias)
+        raise invalid_argument(
+            f"Input {alias} declares shape {shape}: {sizes[alias]} bytes once decoded"
+            f"{' (all inputs: ' + str(sum(sizes.values())) + ')' if len(sizes) > 1 else ''}, "
+            f"more than the {limit} bytes this server decodes per request (--max_message_bytes)"
+        )
 
 
 def _as_dtype(value: np.ndarray, want, position: int, alias: str) -> np.ndarray:
@@ -182,8 +293,8 @@ def _as_dtype(value: np.ndarray, want, position: int, alias: str) -> np.ndarray:
     if want == tf.string and value.size == 0:
         return value.astype(object)
     raise invalid_argument(
-        f"Expects arg[{position}] ({alias}) to be {want.name} but "
-        f"{have.name if have else value.dtype} is provided"
+        f"Expects arg[{position}] to be {data_type_string(want.name)} but "
+        f"{data_type_string(have.name) if have else value.dtype} is provided"
     )
 
 
@@ -204,11 +315,14 @@ def _filtered(outputs: dict[str, np.ndarray], wanted: set[str]) -> dict[str, np.
 
 
 def _validated_filter(signature, output_filter) -> set[str]:
-    wanted = set(output_filter)
-    for alias in wanted:
+    wanted: set[str] = set()
+    for alias in output_filter:
         if alias not in signature.outputs:
             raise invalid_argument(
                 f"output tensor alias not found in signature: {alias} Outputs expected to be in "
                 f"the set {{{','.join(sorted(signature.outputs))}}}."
             )
+        if alias in wanted:
+            raise invalid_argument(f"duplicate output tensor alias: {alias}")
+        wanted.add(alias)
     return wanted

@@ -17,6 +17,7 @@ import tempfile
 import threading
 from concurrent import futures
 
+from serving.limits import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_MESSAGE_BYTES, RequestLimits
 from serving.manager import ModelManager
 from serving.metrics import Metrics
 from serving.protos import (
@@ -30,12 +31,12 @@ from serving.protos import (
 
 log = logging.getLogger(__name__)
 ANY_PORT = -1  # rest_api_port value that picks a free port (0 disables REST, as in TF Serving)
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 @dataclasses.dataclass
 class ServerOptions:
-    """tensorflow_model_server's flags (those van-tfx supports), with its defaults."""
+    """tensorflow_model_server's flags (those van-tfx supports), with its defaults, plus ours:
+    grpc_host, rest_api_host, max_message_bytes, max_image_pixels, startup_timeout_seconds."""
 
     port: int = 8500  # gRPC; 0 picks a free port
     grpc_host: str = "127.0.0.1"
@@ -51,7 +52,11 @@ class ServerOptions:
     monitoring_config_file: str = ""
     rest_api_timeout_in_ms: int = 30000
     enable_model_warmup: bool = True
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC receive/send and REST body limit
+    # Ours: gRPC receive/send, REST body, and what a request's tensors may decode to. TF Serving
+    # accepts gRPC messages up to 2 GiB - 1 (server.cc SetMaxMessageSize(kint32max)).
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # ours: per image, checked before decoding
+    enable_signature_method_name_check: bool = False
     grpc_max_threads: int = 64  # threads running unbatched model calls (off the event loop)
     startup_timeout_seconds: float | None = None  # None waits for models forever, like TF Serving
 
@@ -135,6 +140,8 @@ class ModelServer:
             batching=batching,
             enable_warmup=options.enable_model_warmup,
             poll_wait_seconds=options.file_system_poll_wait_seconds,
+            limits=RequestLimits(options.max_message_bytes, options.max_image_pixels),
+            method_name_check=options.enable_signature_method_name_check,
         )
         try:
             self.manager.wait_until_available(options.startup_timeout_seconds)
@@ -167,6 +174,11 @@ class ModelServer:
         if self._private_base:
             shutil.rmtree(self._private_base, ignore_errors=True)
             self._private_base = None
+
+    def is_serving(self) -> bool:
+        """True while the gRPC server runs."""
+        thread = self._grpc_thread
+        return thread is not None and thread.is_alive()
 
     def wait(self) -> None:
         """Block until the gRPC server terminates (Ctrl-C to stop)."""

@@ -1,9 +1,7 @@
-"""Tensors between wire formats: TensorProto <-> numpy, and TF Serving's REST JSON <-> numpy."""
+"""Tensors between wire formats: TensorProto <-> numpy (REST JSON: serving/rest_json.py)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import math
 
@@ -18,20 +16,127 @@ from serving.errors import invalid_argument
 # hand everything else to TensorFlow.
 
 
-def from_tensor_proto(proto) -> np.ndarray:
-    """A numpy array from a TensorProto (strings become an object array of bytes)."""
+# TensorShape's limits (tensorflow/core/framework/tensor_shape.cc): what Tensor::FromProto accepts.
+MAX_RANK = 254
+MAX_ELEMENTS = 2**63 - 1
+# A decoded string element costs its bytes plus a tstring (24 B) and a NumPy object slot (8 B).
+STRING_ELEMENT_OVERHEAD = 32
+
+# The repeated field holding each dtype's values, and how many field entries make one element.
+_VALUE_FIELDS = {
+    types_pb2.DT_FLOAT: ("float_val", 1),
+    types_pb2.DT_DOUBLE: ("double_val", 1),
+    types_pb2.DT_INT32: ("int_val", 1),
+    types_pb2.DT_UINT8: ("int_val", 1),
+    types_pb2.DT_UINT16: ("int_val", 1),
+    types_pb2.DT_INT16: ("int_val", 1),
+    types_pb2.DT_INT8: ("int_val", 1),
+    types_pb2.DT_INT64: ("int64_val", 1),
+    types_pb2.DT_UINT32: ("uint32_val", 1),
+    types_pb2.DT_UINT64: ("uint64_val", 1),
+    types_pb2.DT_BOOL: ("bool_val", 1),
+    types_pb2.DT_HALF: ("half_val", 1),
+    types_pb2.DT_BFLOAT16: ("half_val", 1),
+    types_pb2.DT_COMPLEX64: ("scomplex_val", 2),
+    types_pb2.DT_COMPLEX128: ("dcomplex_val", 2),
+    types_pb2.DT_STRING: ("string_val", 1),
+}
+
+
+_TYPE_NAMES = {  # tf.DType.name -> DataTypeString, as TF Serving's messages write dtypes
+    "float32": "float",
+    "float64": "double",
+    "int32": "int32",
+    "int16": "int16",
+    "int8": "int8",
+    "uint8": "uint8",
+    "int64": "int64",
+    "uint32": "uint32",
+    "uint64": "uint64",
+    "bool": "bool",
+    "string": "string",
+    "float16": "half",
+    "bfloat16": "bfloat16",
+}
+
+
+def data_type_string(name: str) -> str:
+    """TensorFlow's DataTypeString for a tf.DType name ("float32" -> "float")."""
+    return _TYPE_NAMES.get(name, name)
+
+
+def tensor_parsing_error(alias: str):
+    """TF Serving's answer when Tensor::FromProto rejects an input (GetInputValues)."""
+    return invalid_argument(f"tensor parsing error: {alias}")
+
+
+def from_tensor_proto(proto, alias: str = "") -> np.ndarray:
+    """A numpy array from a TensorProto (strings become an object array of bytes).
+
+    TF's rules, with TF Serving's answer for what they reject: fewer values than the shape holds
+    repeat the last one, none means zeros, extra values are dropped. Callers bound the size
+    first (decoded_nbytes): the shape alone decides how much memory this takes.
+    """
+    shape = checked_shape(proto, alias)
+    count = math.prod(shape)
+    if proto.dtype == types_pb2.DT_STRING and not proto.tensor_content:
+        values = proto.string_val
+        if count and values:
+            array = np.empty(count, dtype=object)
+            kept = min(len(values), count)
+            array[:kept] = list(values[:kept])
+            array[kept:] = values[kept - 1]  # one shared bytes object, not copies
+            return array.reshape(shape)
+    field = _VALUE_FIELDS.get(proto.dtype)
+    if not proto.tensor_content and field and len(getattr(proto, field[0])) > count * field[1]:
+        trimmed = type(proto)()  # Tensor::FromProto reads the first `count` values only
+        trimmed.CopyFrom(proto)
+        del getattr(trimmed, field[0])[count * field[1] :]
+        proto = trimmed
     import tensorflow as tf
 
-    if proto.dtype == types_pb2.DT_STRING and not proto.tensor_content:
-        shape = [d.size for d in proto.tensor_shape.dim]
-        if len(proto.string_val) == math.prod(shape):  # else: TF's rules (e.g. broadcasting)
-            array = np.empty(len(proto.string_val), dtype=object)
-            array[:] = list(proto.string_val)
-            return array.reshape(shape)
     try:
         return tf.make_ndarray(proto)
-    except (TypeError, ValueError) as exc:
-        raise invalid_argument(f"Invalid tensor proto: {exc}") from exc
+    except (TypeError, ValueError):
+        raise tensor_parsing_error(alias) from None
+
+
+def checked_shape(proto, alias: str = "") -> list[int]:
+    """The proto's shape, if TensorShape would accept it (known rank, sizes >= 0, in range)."""
+    shape = proto.tensor_shape
+    dims = [d.size for d in shape.dim]
+    if shape.unknown_rank or len(dims) > MAX_RANK or any(d < 0 for d in dims):
+        raise tensor_parsing_error(alias)
+    if math.prod(dims) > MAX_ELEMENTS:
+        raise tensor_parsing_error(alias)
+    return dims
+
+
+def decoded_nbytes(proto, shape: list[int], alias: str = "") -> int:
+    """Bytes the decoded tensor takes: its elements, or for strings their bytes plus overhead."""
+    count = math.prod(shape)
+    if proto.dtype != types_pb2.DT_STRING:
+        dtype = _numpy_dtype(proto.dtype)
+        if dtype is None:
+            raise tensor_parsing_error(alias)
+        return count * dtype.itemsize
+    if proto.tensor_content:
+        return count * STRING_ELEMENT_OVERHEAD + len(proto.tensor_content)
+    values = proto.string_val
+    kept = values[:count]
+    repeated = (count - len(kept)) * len(values[-1]) if values else 0
+    return count * STRING_ELEMENT_OVERHEAD + sum(len(v) for v in kept) + repeated
+
+
+@functools.cache
+def _numpy_dtype(enum: int) -> np.dtype | None:
+    import tensorflow as tf
+
+    try:
+        dtype = tf.dtypes.as_dtype(enum)
+        return None if dtype._is_ref_dtype else np.dtype(dtype.as_numpy_dtype)
+    except (TypeError, ValueError):
+        return None
 
 
 def to_tensor_proto(value: np.ndarray, into=None):
@@ -66,75 +171,3 @@ def _datatype_enum(dtype: np.dtype) -> int | None:
         return tf.dtypes.as_dtype(dtype).as_datatype_enum
     except TypeError:
         return None
-
-
-def json_to_array(value, dtype, name: str) -> np.ndarray:
-    """A numpy array of `dtype` (a tf.DType) from a JSON value with {"b64": ...} binaries."""
-    import tensorflow as tf
-
-    decoded = _decode_binaries(value, name)
-    if dtype == tf.string:
-        array = np.array(decoded, dtype=object)
-        if array.size and not all(isinstance(v, bytes) for v in array.flat):
-            raise invalid_argument(f'Input {name} expects strings or {{"b64": ...}} values')
-        return array
-    try:
-        return np.array(decoded, dtype=dtype.as_numpy_dtype)
-    except (TypeError, ValueError) as exc:
-        raise invalid_argument(f"Input {name} cannot be read as {dtype.name}: {exc}") from exc
-
-
-def _decode_binaries(value, name: str):
-    if isinstance(value, dict):
-        if set(value) != {"b64"}:
-            raise invalid_argument(f'Input {name}: objects must be {{"b64": ...}}')
-        try:
-            return base64.b64decode(value["b64"], validate=True)
-        except (binascii.Error, TypeError) as exc:
-            raise invalid_argument(f"Input {name}: invalid base64 ({exc})") from exc
-    if isinstance(value, list):
-        return [_decode_binaries(v, name) for v in value]
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    return value
-
-
-def array_to_json(value: np.ndarray, name: str):
-    """JSON for an output tensor as TF Serving writes it (`*_bytes` outputs as {"b64": ...})."""
-    if value.dtype == object or value.dtype.kind == "S":
-        as_b64 = name.endswith("_bytes")
-        return _strings_to_json(value.tolist(), as_b64)
-    return value.tolist()
-
-
-def _strings_to_json(value, as_b64: bool):
-    if isinstance(value, list):
-        return [_strings_to_json(v, as_b64) for v in value]
-    if not as_b64:
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            pass  # not text: fall back to base64 rather than corrupting it
-    return {"b64": base64.b64encode(value).decode("ascii")}
-
-
-def json_to_example(features: dict, name: str = "examples"):
-    """A tf.train.Example from REST classify JSON ({"feature": value | [values] | {"b64": ...}})."""
-    import tensorflow as tf
-
-    if not isinstance(features, dict):
-        raise invalid_argument(f"{name}: each example must be a JSON object")
-    example = tf.train.Example()
-    for key, raw in features.items():
-        values = raw if isinstance(raw, list) else [raw]
-        values = [_decode_binaries(v, f"{name}.{key}") for v in values]
-        feature = example.features.feature[key]
-        if all(isinstance(v, bytes) for v in values):
-            feature.bytes_list.value.extend(values)
-        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            feature.int64_list.value.extend(values)
-        elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-            feature.float_list.value.extend(values)
-        else:
-            raise invalid_argument(f"{name}.{key}: values must be all numbers or all strings")
-    return example

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 
 import numpy as np
 
@@ -74,6 +76,75 @@ def build_tiny_model(top_k: int = 2, bias: float = 0.0):
             return {"classes": outputs["classes"], "scores": outputs["probabilities"]}
 
     return TinyVan()
+
+
+def build_numbers_model():
+    """A model with numeric inputs and a slow signature, for request-handling tests.
+
+    `serving_default`: `x` float32 [N, 2] and `k` int64 [N] -> `total` float32 [N] (row sum + k)
+    and `labels_bytes` string [N]; `regress`: serialized tf.Examples `inputs` -> `outputs` float32
+    [N] (sum of feature "x"); `spin`: `n` int64 [] -> `acc` float32 [], a loop of n steps.
+    """
+    import tensorflow as tf
+
+    class Numbers(tf.Module):
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, 2], tf.float32, name="x"),
+                tf.TensorSpec([None], tf.int64, name="k"),
+            ]
+        )
+        def serving_default(self, x, k):
+            total = tf.reduce_sum(x, axis=1) + tf.cast(k, tf.float32)
+            return {"total": total, "labels_bytes": tf.strings.as_string(k)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+        def regress(self, inputs):
+            x = tf.io.parse_example(inputs, {"x": tf.io.VarLenFeature(tf.float32)})["x"]
+            return {"outputs": tf.sparse.reduce_sum(x, axis=1)}
+
+        @tf.function(input_signature=[tf.TensorSpec([], tf.int64, name="n")])
+        def spin(self, n):
+            def step(i, acc):
+                return i + 1, acc + tf.sin(tf.cast(i, tf.float32))
+
+            _, acc = tf.while_loop(lambda i, acc: i < n, step, [tf.constant(0, tf.int64), 0.0])
+            return {"acc": acc}
+
+    return Numbers()
+
+
+def build_heavy_model(steps: int = 500, signatures: int = 3):
+    """A model that takes seconds to load and warm up, like the pipeline's export, and exports
+    in seconds: `signatures` image signatures (`predict_images`, `predict_1`, ...), each a chain
+    of `steps` elementwise ops, to restore as Python graphs and optimise on first call."""
+    import tensorflow as tf
+
+    class Heavy(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.weights_ = tf.Variable(_WEIGHTS, trainable=False)
+            self.synsets = tf.constant(SYNSETS)
+
+    module = Heavy()
+
+    def signature(seed: int):
+        @tf.function(
+            input_signature=[tf.TensorSpec([None], tf.string, name="images")], autograph=False
+        )
+        def predict(images):
+            rgb = tf.reduce_mean(decode_images(images, 8), axis=[1, 2])
+            for i in range(steps):  # distinct constants: nothing for grappler to merge away
+                rgb = tf.tanh(rgb * (1.0 + 1e-4 * ((i + seed) % 7)) + 1e-3)
+            probabilities = tf.nn.softmax(rgb @ module.weights_)
+            return prediction_outputs(probabilities, module.synsets, k=2)
+
+        return predict
+
+    module.signature_functions = {
+        "predict_images" if i == 0 else f"predict_{i}": signature(i) for i in range(signatures)
+    }
+    return module
 
 
 def _mean_rgb(encoded):
@@ -145,36 +216,96 @@ def prediction_outputs(probabilities, synsets, k: int = 5) -> dict:
     }
 
 
+# ---- hostile images: small files declaring huge pixel counts -------------------------------
+
+
+def png_bomb(side: int) -> bytes:
+    """A real, valid side x side RGB PNG of zeros (~3 KB per 1000 px of side, decodes fully)."""
+    row = b"\x00" * (1 + 3 * side)  # filter byte + pixels
+    block = row * 100
+    compressor = zlib.compressobj(9)
+    # After a full flush deflate restarts: the same block compresses to the same bytes.
+    head = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    body = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    tail = compressor.flush()[:-4]
+    adler = 1
+    for _ in range(side // 100):
+        adler = zlib.adler32(block, adler)
+    data = head + body * (side // 100 - 1) + tail + struct.pack(">I", adler)
+
+    def chunk(kind: bytes, content: bytes) -> bytes:
+        crc = zlib.crc32(kind + content) & 0xFFFFFFFF
+        return struct.pack(">I", len(content)) + kind + content + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A real JPEG whose frame header is rewritten to declare width x height."""
+    data = bytearray(encode_image((90, 90, 90), size=16, fmt="JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def gif_of_frames(width: int, height: int, frames: int) -> bytes:
+    """A GIF with a width x height screen and `frames` 1x1 frames (decode_gif: all at full size)."""
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    screen = struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    return b"GIF89a" + screen + frame * frames + b"\x3b"
+
+
 def export(module, base_path: str, version: int) -> str:
     """Save `module` as <base_path>/<version> with its signatures; returns the version dir."""
     import tensorflow as tf
 
     path = os.path.join(base_path, str(version))
-    signatures = {
-        name: getattr(module, name)
-        for name in ("serving_default", "predict_images", "predict_probabilities", "classify")
-        if hasattr(module, name)
-    }
+    names = ("serving_default", "predict_images", "predict_probabilities", "classify")
+    names += ("regress", "spin")
+    signatures = {name: getattr(module, name) for name in names if hasattr(module, name)}
+    signatures.update(getattr(module, "signature_functions", {}))
     if "serving_default" not in signatures:
-        signatures["serving_default"] = module.predict_images
+        signatures["serving_default"] = signatures["predict_images"]
     tf.saved_model.save(module, path, signatures=signatures)
     if "classify" in signatures:
         mark_classification_signature(path, "classify")
     return path
 
 
-def write_warmup(version_dir: str, images: list[bytes], model_name: str = "van") -> str:
-    """Write assets.extra/tf_serving_warmup_requests with one predict_images request per image."""
+def export_test_models(root: str, numbers_version: int = 1) -> str:
+    """The tiny image model (`van`, version 1) and the numbers model (`numbers`) under `root`,
+    and a models.config serving both; returns the config file's path."""
+    from serving.protos import render_model_config
+
+    export(build_tiny_model(), os.path.join(root, "van"), 1)
+    export(build_numbers_model(), os.path.join(root, "numbers"), numbers_version)
+    models = [(name, os.path.join(root, name)) for name in ("van", "numbers")]
+    path = os.path.join(root, "models.config")
+    with open(path, "w") as config:
+        config.write(render_model_config(models))
+    return path
+
+
+def write_warmup(
+    version_dir: str,
+    images: list[bytes],
+    model_name: str = "van",
+    signatures: tuple[str, ...] = ("predict_images",),
+) -> str:
+    """Write assets.extra/tf_serving_warmup_requests: one request per image and signature."""
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
     path = os.path.join(version_dir, "assets.extra", "tf_serving_warmup_requests")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tf.io.TFRecordWriter(path) as writer:
-        for image in images:
+        for image, signature in ((i, s) for s in signatures for i in images):
             request = predict_pb2.PredictRequest()
             request.model_spec.name = model_name
-            request.model_spec.signature_name = "predict_images"
+            request.model_spec.signature_name = signature
             request.inputs["images"].CopyFrom(tf.make_tensor_proto([image]))
             log = prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=request)

@@ -75,3 +75,29 @@ def test_importing_van_tfx_turns_onednn_on_unless_the_user_chose():
         for e in (env, chosen)
     ]
     assert outputs == ["1", "0"]
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.epochs=yes", "train.epochs: .*expected an integer, got True"),
+        ("train.epochs=3.0", "train.epochs: .*expected an integer, got 3.0"),
+        ("train.epochs='3'", "train.epochs: .*expected an integer, got '3'"),
+        ("train.base_learning_rate=.inf", "train.base_learning_rate: .*finite"),
+        ("train.base_learning_rate=inf", "train.base_learning_rate: .*expected a number"),
+        ("train.warmup_epochs=.nan", "train.warmup_epochs: .*finite"),
+        ("serving.grpc_port=true", "serving.grpc_port"),
+        ("augment.crop_scale=[0.5, true]", "augment.crop_scale: .*expected a number"),
+    ],
+)
+def test_numbers_are_strict(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(overrides=[override])
+
+
+def test_ints_still_fill_float_fields_and_booleans_stay_booleans():
+    config = load_config(
+        overrides=["train.base_learning_rate=1", "augment.crop_scale=[1, 1]", "train.seed=7"]
+    )
+    assert config.train.base_learning_rate == 1.0 and config.augment.crop_scale == (1.0, 1.0)
+    assert load_config(overrides=["train.deterministic=yes"]).train.deterministic is True

@@ -219,9 +219,7 @@ def test_placeholder_args_are_inert_data(tmp_path, tiny_state):
     path = tmp_path / "c.pth.tar"
     save_torch_zip({"state_dict": tiny_state, "args": argparse.Namespace(lr=0.5)}, path)
     with convert.zipfile.ZipFile(path) as archive:
-        obj = convert._RestrictedUnpickler(
-            archive.read("archive/data.pkl"), archive, "archive/", "<"
-        ).load()
+        obj = convert._RestrictedUnpickler(archive.read("archive/data.pkl")).load()
     assert isinstance(obj["args"], convert.Placeholder)
     assert obj["args"].lr == 0.5
     assert type(obj["args"]).__module__ == "argparse"

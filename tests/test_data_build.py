@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
 
+from van_tfx import features
 from van_tfx.cli import main
 from van_tfx.data.build import InvalidImagesError, build_dataset
 from van_tfx.data.records import (
@@ -18,7 +19,6 @@ from van_tfx.data.records import (
     read_examples,
     read_synset_mapping,
 )
-from van_trainer import features
 
 DIGITS_PER_CLASS = 20  # 3 classes x 20 = 60 digits; with the photos > 64 files: the parallel path
 
@@ -189,9 +189,45 @@ def test_skip_invalid_converts_the_rest_and_reports(dir_with_bad_files, tmp_path
     assert code == 0
     err = capsys.readouterr().err
     assert "truncated.jpg" in err and "notes.jpg" in err
-    report = (out / "train-rejected.tsv").read_text().splitlines()
+    report = (out / "rejected-train.tsv").read_text().splitlines()
     assert report[0] == "path\treason" and len(report) == 3
     assert len(list(read_examples(sorted(out.glob("train-*-of-*"))))) == 4
+
+
+def test_every_file_a_build_leaves_in_a_span_is_an_input_or_outside_the_patterns(
+    dir_with_bad_files, tmp_path
+):
+    import fnmatch
+
+    import tensorflow as tf
+
+    from van_tfx.config import DataConfig
+
+    root = tmp_path / "data"
+    span = root / "span-1"
+    span.mkdir(parents=True)
+    (span / "train-rejected.tsv").write_text("path\treason\n")  # left by an older build
+    for split in ("train", "validation"):
+        build_dataset(
+            dir_with_bad_files, span, split=split, skip_invalid=True, workers=1, progress=False
+        )
+    config = DataConfig()
+    patterns = [p.replace("{SPAN}", "1") for p in (config.train_pattern, config.eval_pattern)]
+    left = sorted(str(p.relative_to(root)) for p in span.rglob("*") if p.is_file())
+    inputs = [f for f in left if any(fnmatch.fnmatch(f, p) for p in patterns)]
+    assert "span-1/rejected-train.tsv" in left and "span-1/rejected-train.tsv" not in inputs
+    assert set(left) - set(inputs) == {
+        "span-1/rejected-train.tsv",
+        "span-1/rejected-validation.tsv",
+        "span-1/synsets.txt",
+    }
+    # What ExampleGen would read: every matched file parses as TFRecords of tf.Examples.
+    for split_pattern in patterns:
+        files = sorted(tf.io.gfile.glob(str(root / split_pattern)))
+        assert files
+        records = [r.numpy() for r in tf.data.TFRecordDataset(files)]
+        assert len(records) == 4
+        assert all(tf.train.Example.FromString(r).features.feature for r in records)
 
 
 def test_cli_without_skip_invalid_fails_naming_files(dir_with_bad_files, tmp_path, capsys):

@@ -146,6 +146,7 @@ def test_stock_tfx_entrypoint_fails_on_the_untyped_inputs_the_driver_hands_it(tm
     record = run_record(tmp_path)
     assert [t["state"] for t in record["tasks"]] == ["succeeded", "failed"]
     assert "task ServedModel failed" in err
+    assert "AttributeError" in Path(record["tasks"][1]["log"]).read_text()
     assert "AttributeError: 'NoneType' object has no attribute 'get'" in err  # yaml of ""
 
 

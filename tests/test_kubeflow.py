@@ -472,6 +472,31 @@ def test_dockerfile_cuda_pins_match_tensorflow_and_cuda_extra():
     assert pins and all(pin in text for pin in pins)
 
 
+def test_dockerfile_ships_the_tensorflow_model_server_production_serves():
+    from importlib.metadata import version
+
+    from serving.manifests import CPU_IMAGE, TF_SERVING_VERSION
+
+    instructions = dockerfile_instructions()
+    args = dict(a.split("=", 1) for i, a in instructions if i == "ARG" and "=" in a)
+    stages = [a.split() for i, a in instructions if i == "FROM"]
+    # The first stage is the tensorflow/serving image of the serving version (TF 2.16 -> 2.16.1).
+    assert stages[0][0] == "${TF_SERVING_IMAGE}" and stages[0][1:] == ["AS", "tf_serving"]
+    assert args["TF_SERVING_IMAGE"] == CPU_IMAGE == f"tensorflow/serving:{TF_SERVING_VERSION}"
+    assert TF_SERVING_VERSION == version("tensorflow-serving-api")
+    copies = [shlex.split(a) for i, a in instructions if i == "COPY" and "--from=tf_serving" in a]
+    assert copies == [
+        ["--from=tf_serving", "/usr/bin/tensorflow_model_server", "/usr/local/bin/"
+         "tensorflow_model_server"]
+    ]  # fmt: skip
+    copied_at = instructions.index(("COPY", " ".join(copies[0])))
+    assert ("RUN", "tensorflow_model_server --version") in instructions[copied_at:]
+    # Copied into the final stage (after its FROM), before the image drops root.
+    final_from = max(n for n, (i, _) in enumerate(instructions) if i == "FROM")
+    user_at = max(n for n, (i, _) in enumerate(instructions) if i == "USER")
+    assert final_from < copied_at < user_at
+
+
 def test_dockerignore_keeps_local_state_out():
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", "van_tfx_home", ".git"} <= set(ignored)

@@ -7,6 +7,8 @@ included). Code that works here goes through the same tf.io.gfile calls as with 
 
 import json
 import os
+import stat
+import sys
 import uuid
 from pathlib import Path
 
@@ -16,11 +18,11 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 from tfx.types.standard_artifacts import Examples, InfraBlessing, Model
 
-from components.serving_smoke_test import ServingSmokeTest
+from components.serving_smoke_test import MODEL_SERVER_KEY, ServingSmokeTest
 from serving import testing
-from van_tfx import storage
+from serving.process import model_server_binary
+from van_tfx import features, storage
 from van_tfx.saved_model import mark_classification_signature
-from van_trainer import features
 
 NUM_EXAMPLES = 3
 
@@ -84,6 +86,42 @@ def test_local_copy_and_local_output_round_trip_a_remote_file(tmp_path):
 
 
 # --------------------------------------------------------------------------- ServingSmokeTest
+# Which server validates: the real tensorflow_model_server when one is on PATH. A fake stands in
+# for it here: an executable on PATH that answers `--version` like it and serves through
+# `van-tfx serve`.
+
+FAKE_VERSION = "2.16.1+dev.sha.fake"
+
+
+def fake_tf_serving(directory, version_output: str = FAKE_VERSION):
+    """A `tensorflow_model_server` executable in `directory` that logs its arguments."""
+    log = directory / "calls.log"
+    script = directory / "tensorflow_model_server"
+    version_reply = (
+        f'echo "TensorFlow ModelServer: {version_output}"; echo "TensorFlow Library: 2.16.2"; '
+        "exit 0"
+        if version_output
+        else "echo 'error while loading shared libraries: libfoo.so' >&2; exit 127"
+    )
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> "{log}"\n'
+        f'if [ "$1" = "--version" ]; then {version_reply}; fi\n'
+        f'exec "{sys.executable}" -m van_tfx.cli serve "$@"\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return log
+
+
+@pytest.fixture()
+def path_without_tf_serving(monkeypatch):
+    """PATH with every directory holding a tensorflow_model_server removed."""
+    kept = [
+        d for d in os.environ["PATH"].split(os.pathsep)
+        if not os.path.exists(os.path.join(d, "tensorflow_model_server"))
+    ]  # fmt: skip
+    monkeypatch.setenv("PATH", os.pathsep.join(kept))
+    return monkeypatch
 
 
 def export_candidate(model_uri: str, with_classify: bool = True) -> str:
@@ -131,13 +169,29 @@ def artifacts(root: str, with_classify: bool = True) -> tuple[Model, Examples, I
     return model, examples, blessing
 
 
-def test_smoke_test_serves_a_model_on_object_storage_and_writes_the_stamped_copy_there():
+def test_smoke_test_serves_a_model_on_object_storage_and_writes_the_stamped_copy_there(
+    path_without_tf_serving, tmp_path
+):
+    # With a tensorflow_model_server on PATH (the van-tfx image), that binary validates.
+    log = fake_tf_serving(tmp_path)
+    path_without_tf_serving.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     root = ram_root()
     model, examples, blessing = artifacts(root)
     ServingSmokeTest.test_call(
         model=model, examples=examples, blessing=blessing, num_examples=NUM_EXAMPLES
     )
 
+    described = f"tensorflow_model_server {FAKE_VERSION}"
+    assert blessing.get_string_custom_property(MODEL_SERVER_KEY) == described
+    with tf.io.gfile.GFile(f"{blessing.uri}/INFRA_BLESSED") as handle:
+        assert handle.read() == f"{MODEL_SERVER_KEY}: {described}\n"
+    calls = log.read_text().splitlines()
+    assert calls[0] == "--version"
+    served = calls[1].split()  # tensorflow_model_server's own flags, as in production
+    assert served[0].startswith("--port=") and "--rest_api_port=0" in served
+    assert "--model_name=smoke" in served and any(
+        f.startswith("--model_base_path=/") for f in served
+    )
     assert blessing.get_int_custom_property("blessed") == 1
     assert blessing.get_int_custom_property("has_model") == 1
     assert tf.io.gfile.exists(f"{blessing.uri}/INFRA_BLESSED")
@@ -181,14 +235,18 @@ def test_smoke_test_serves_a_model_on_object_storage_and_writes_the_stamped_copy
     assert set(served.signatures) >= {"serving_default", "predict_images", "classify"}
 
 
-def test_smoke_test_failure_on_object_storage_writes_not_blessed_there():
+def test_smoke_test_failure_on_object_storage_writes_not_blessed_there(path_without_tf_serving):
+    # Without tensorflow_model_server on PATH (laptops, CI), the van-tfx serve stand-in validates.
     model, examples, blessing = artifacts(ram_root(), with_classify=False)
     ServingSmokeTest.test_call(
         model=model, examples=examples, blessing=blessing, num_examples=NUM_EXAMPLES
     )
     assert blessing.get_int_custom_property("blessed") == 0
+    described = blessing.get_string_custom_property(MODEL_SERVER_KEY)
+    assert described.startswith("van-tfx serve ")
     with tf.io.gfile.GFile(f"{blessing.uri}/INFRA_NOT_BLESSED") as handle:
-        assert "classify" in handle.read()
+        text = handle.read()
+    assert "classify" in text and text.endswith(f"{MODEL_SERVER_KEY}: {described}\n")
     assert not tf.io.gfile.exists(f"{blessing.uri}/stamped_model")
 
 
@@ -200,3 +258,25 @@ def test_smoke_test_names_the_split_when_object_storage_has_no_examples():
     assert len(read_raw_examples(f"{root}/examples", "eval", 10)) == 5
     with pytest.raises(SmokeTestFailure, match="no files for split 'test'"):
         read_raw_examples(f"{root}/examples", "test", 10)
+
+
+def test_the_stand_in_serves_when_no_tensorflow_model_server_is_on_path(path_without_tf_serving):
+    server = model_server_binary()
+    assert server.description.startswith("van-tfx serve ") and not server.is_tf_serving
+    assert server.command[1:] == ["-m", "van_tfx.cli", "serve"]
+
+
+def test_a_broken_binary_on_path_fails_the_smoke_test_instead_of_falling_back(
+    path_without_tf_serving, tmp_path
+):
+    fake_tf_serving(tmp_path, version_output="")
+    path_without_tf_serving.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    model, examples, blessing = artifacts(ram_root())
+    ServingSmokeTest.test_call(
+        model=model, examples=examples, blessing=blessing, num_examples=NUM_EXAMPLES
+    )
+    assert blessing.get_int_custom_property("blessed") == 0
+    with tf.io.gfile.GFile(f"{blessing.uri}/INFRA_NOT_BLESSED") as handle:
+        text = handle.read()
+    assert "--version exited with 127" in text and "libfoo.so" in text
+    assert text.endswith(f"{MODEL_SERVER_KEY}: tensorflow_model_server (broken)\n")

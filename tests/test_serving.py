@@ -122,9 +122,20 @@ def test_grpc_classify_on_a_predict_signature_fails_as_tf_serving_does(stub):
     with pytest.raises(grpc.RpcError) as error:
         stub.Classify(request, timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "Expected classification signature method_name to be tensorflow/serving/classify" in (
-        error.value.details()
+    # TF Serving checks method names only with --enable_signature_method_name_check (default
+    # off); PreProcessClassification then finds no input named "inputs".
+    assert error.value.details().startswith(
+        'No classification inputs found in SignatureDef: inputs {\n  key: "examples"'
     )
+
+
+def test_classify_method_name_is_checked_first_when_enabled(server):
+    from serving.handlers import check_classification_signature
+
+    signature = server.manager.resolve("van").signature_defs["serving_default"]
+    with pytest.raises(Exception, match="Expected classification signature method_name to be "
+                       "tensorflow/serving/classify. Was: tensorflow/serving/predict"):  # fmt: skip
+        check_classification_signature(signature, method_name_check=True)
 
 
 def test_grpc_metadata_reports_signature_defs(stub):
@@ -299,7 +310,7 @@ def test_rest_status_and_metadata(server):
             "/v1/models/van:predict",
             {"signature_name": "nope", "instances": ["x"]},
             400,
-            'Serving signature key "nope" not found.',
+            'Serving signature name: "nope" not found in signature def',  # GetInfoMap
         ),
         (
             "/v1/models/van/labels/stable:predict",
@@ -345,3 +356,26 @@ def test_string_tensor_with_fewer_values_than_its_shape_follows_tensorflow():
     proto = tf.make_tensor_proto([b"x"], dtype=tf.string)
     proto.tensor_shape.dim[0].size = 3  # TF repeats the last value to fill the shape
     assert from_tensor_proto(proto).tolist() == tf.make_ndarray(proto).tolist() == [b"x"] * 3
+
+
+def test_metrics_keep_tf_serving_names_and_escape_label_values():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.record("van", "Predict", "GRPC", "OK", 0.002)
+    metrics.record('a"b\\c\nd', "predict", "REST", "NOT_FOUND", 0.1)  # before: written unescaped
+    text = metrics.render()
+    assert "# TYPE :tensorflow:serving:request_count counter" in text
+    assert ':tensorflow:serving:request_count{model_name="van",status="OK"} 1.0' in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    counts = {
+        s.labels["model_name"]: s.value
+        for s in families[":tensorflow:serving:request_count"].samples
+    }
+    assert counts == {"van": 1.0, 'a"b\\c\nd': 1.0}  # parsed back exactly
+    latency = families[":tensorflow:serving:request_latency"].samples
+    assert {s.labels["model_name"] for s in latency} == {"van"}  # only successful requests
+    total = next(s for s in latency if s.name.endswith("_sum"))
+    assert total.value == pytest.approx(2000.0) and total.labels["API"] == "Predict"

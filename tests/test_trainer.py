@@ -278,7 +278,8 @@ def exported(resumed_run):
 
 
 def test_export_has_the_serving_signatures_and_keras_weights(exported):
-    from van_trainer import export, features
+    from van_tfx import features
+    from van_trainer import export
 
     model, export_dir = exported
     assert set(model.signatures) == {
@@ -340,7 +341,8 @@ def test_predict_images_matches_the_model_on_transform_materialised_eval_example
     """No train/serve skew: raw JPEG -> predict_images == Keras model on Transform's eval data."""
     import tensorflow as tf
 
-    from van_trainer import dataset, export, features, train
+    from van_tfx import features
+    from van_trainer import dataset, export, train
 
     model, export_dir = exported
     config = resumed_run["config"]
@@ -497,3 +499,22 @@ def test_steps_per_epoch_come_from_the_counts_transform_recorded(transform_paths
     assert train.plan_steps(config, str(tmp_path), 10) == (2, 5)
     with pytest.raises(ValueError, match="records no example count for split 'train'"):
         train.plan_steps(config, str(tmp_path), None)
+
+
+def test_image_signatures_refuse_images_over_the_pixel_budget_before_decoding(
+    exported, transform_paths
+):
+    import tensorflow as tf
+
+    from serving import testing
+    from van_tfx import features
+
+    model, _ = exported
+    serialized, jpegs = _raw_validation(transform_paths, 1)
+    bomb = testing.jpeg_declaring(60000, 60000)  # a complete 16x16 JPEG declaring 3.6 G pixels
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more than 25000000 pixels"):
+        model.signatures["predict_images"](images=tf.constant([jpegs[0], bomb]))
+    example = tf.train.Example.FromString(serialized[0])
+    example.features.feature[features.IMAGE_ENCODED].bytes_list.value[0] = bomb
+    with pytest.raises(tf.errors.InvalidArgumentError, match="input image/encoded holds an image"):
+        model.signatures["serving_default"](examples=tf.constant([example.SerializeToString()]))

@@ -100,3 +100,39 @@ def save_raw_pickle_zip(payload: bytes, path, archive_name: str = "archive") -> 
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr(f"{archive_name}/data.pkl", payload)
         archive.writestr(f"{archive_name}/byteorder", "little")
+
+
+class StorageRecord:
+    """A storage's persistent id as a hostile file may write it (any type name, any numel)."""
+
+    def __init__(self, key: str, type_name: str, numel):
+        self.key, self.type_name, self.numel = key, type_name, numel
+
+
+class TensorRecord:
+    """`_rebuild_tensor_v2(storage, offset, size, stride, ...)` with arbitrary metadata."""
+
+    def __init__(self, storage: StorageRecord, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def __reduce_ex__(self, protocol):
+        args = (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict())
+        return (Global("torch._utils", "_rebuild_tensor_v2"), args)
+
+
+class _RecordPickler(_Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, StorageRecord):
+            return ("storage", Global("torch", obj.type_name), obj.key, "cpu", obj.numel)
+        return super().persistent_id(obj)
+
+
+def save_records_zip(state: dict, storages: dict[str, bytes], path) -> None:
+    """Write a torch-layout zip of TensorRecords (a state dict) and raw storage bytes by key."""
+    buffer = io.BytesIO()
+    _RecordPickler(buffer, protocol=2).dump({"state_dict": state})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/byteorder", "little")
+        for key, raw in storages.items():
+            archive.writestr(f"archive/data/{key}", raw)

@@ -8,18 +8,49 @@ the section it needs (TFX components receive `section.model_dump()` through `cus
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from van_tfx.env import van_tfx_home
 
 
 class _Section(BaseModel):
-    # Unknown keys are typos in user YAML; reject them instead of ignoring them.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are typos in user YAML; reject them instead of ignoring them. Numbers must be
+    # finite: an `inf` learning rate or step count is a typo too.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Pydantic's lax mode reads `yes`/`true` as 1 and "3" or 3.0 as 3; for a number field
+        # that is a mistake to report, not a value to guess. Ints still fill float fields.
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = typing.get_args(annotation) if typing.get_origin(annotation) is tuple else ()
+        if annotation in (int, float):
+            _check_number(value, annotation)
+        elif kinds and isinstance(value, list | tuple):
+            for kind, item in zip(kinds, value, strict=False):
+                if kind in (int, float):
+                    _check_number(item, kind)
+        return value
+
+
+def _check_number(value: Any, kind: type) -> None:
+    allowed = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
 
 
 class DataConfig(_Section):
@@ -131,6 +162,12 @@ class ServingConfig(_Section):
     grpc_port: int = Field(8500, ge=0, le=65535)
     rest_port: int = Field(8501, ge=0, le=65535)
     top_k: int = Field(5, ge=1)
+    max_image_pixels: int = Field(
+        25_000_000,
+        ge=1,
+        description="Largest image (width x height x frames) the exported graph and van-tfx serve "
+        "decode; larger ones are refused before decoding.",
+    )
 
 
 class BeamConfig(_Section):

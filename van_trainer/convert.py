@@ -1,10 +1,17 @@
 """Convert official VAN-Classification checkpoints (PyTorch) into tf_keras weights, without torch.
 
 A `.pth`/`.pth.tar` file is a zip holding `<name>/data.pkl` (a pickle) and `<name>/data/<key>`
-raw storages. The pickle is read by `_RestrictedUnpickler`: only the globals torch uses to rebuild
-tensors are resolved (to NumPy implementations here, never to torch); any other global becomes an
-inert placeholder class that is never imported, and *calling* one (pickle REDUCE, the only way a
-pickle executes code) raises `UnsafeCheckpointError`.
+raw storages. Checkpoints come from the internet, so nothing in one is trusted:
+
+- The pickle is read by `_RestrictedUnpickler`, on Python's pure-Python unpickler (the C one
+  grows its memo table to whatever index a 6-byte opcode names). Only the globals torch uses to
+  rebuild tensors are resolved (to NumPy implementations here, never to torch); any other global
+  becomes an inert placeholder class that is never imported, and *calling* one (pickle REDUCE,
+  the only way a pickle executes code) raises `UnsafeCheckpointError`.
+- Unpickling touches no tensor memory: storages and tensors are records (`_Storage`,
+  `_TensorRef`) that pickle cannot modify. Only the state dict's tensors are materialised, each
+  after its storage reference (offset, sizes, strides, element count, storage bytes) is checked
+  against the storage; anything malformed is refused with the tensor's name.
 """
 
 from __future__ import annotations
@@ -15,10 +22,15 @@ import math
 import pickle
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 IGNORED_SUFFIXES = (".num_batches_tracked",)
+MAX_RANK = 32  # NumPy's limit; VAN's tensors have at most 4 dimensions
+# A compressed storage may inflate this much at most (torch.save stores storages uncompressed;
+# float weights deflate by ~1.1x), so a small file cannot make the converter allocate gigabytes.
+MAX_STORAGE_INFLATION = 64
 
 # torch storage class -> NumPy dtype of its raw little/big-endian bytes.
 _STORAGE_DTYPES = {
@@ -39,16 +51,59 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """The checkpoint's pickle tried to call something other than a tensor-rebuild function."""
 
 
+class CheckpointFormatError(pickle.UnpicklingError, ValueError):
+    """The checkpoint is malformed: not a torch zip, a broken pickle, storage or tensor record."""
+
+
 class CheckpointMismatchError(ValueError):
     """The state dict does not fit the requested VAN variant (missing/unexpected key, shape)."""
 
 
-class _StorageType:
+class _Frozen:
+    """Records pickle may hand around but never modify (BUILD would call __setstate__)."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name, value):
+        raise UnsafeCheckpointError(f"the checkpoint tried to modify a {type(self).__name__}")
+
+    def __setstate__(self, state):
+        raise UnsafeCheckpointError(f"the checkpoint tried to modify a {type(self).__name__}")
+
+
+class _StorageType(_Frozen):
     """Stand-in for `torch.FloatStorage` & co: only carries the NumPy dtype."""
 
+    __slots__ = ("name", "dtype")
+
     def __init__(self, name: str):
-        self.name = name
-        self.dtype = _STORAGE_DTYPES[name]
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", _STORAGE_DTYPES[name])
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element."""
+        return 2 if self.dtype == "bfloat16" else np.dtype(self.dtype).itemsize
+
+
+class _Storage(_Frozen):
+    """A storage of the archive, by reference: read only if a state-dict tensor uses it."""
+
+    __slots__ = ("key", "storage_type", "numel")
+
+    def __init__(self, key: str, storage_type: _StorageType, numel: int):
+        for name, value in (("key", key), ("storage_type", storage_type), ("numel", numel)):
+            object.__setattr__(self, name, value)
+
+
+class _TensorRef(_Frozen):
+    """What torch._utils._rebuild_tensor_v2 was asked to build; checked before it is built."""
+
+    __slots__ = ("storage", "offset", "size", "stride")
+
+    def __init__(self, storage, offset, size, stride):
+        for name, value in zip(self.__slots__, (storage, offset, size, stride), strict=True):
+            object.__setattr__(self, name, value)
 
 
 class _PlaceholderMeta(type):
@@ -72,7 +127,7 @@ class Placeholder(metaclass=_PlaceholderMeta):
     def __setstate__(self, state):
         self.__dict__["_state"] = state
         if isinstance(state, dict):
-            self.__dict__.update(state)
+            self.__dict__.update((k, v) for k, v in state.items() if isinstance(k, str))
 
 
 def _placeholder_class(module: str, name: str) -> type:
@@ -88,16 +143,8 @@ def _to_numpy(raw: bytes, dtype, byteorder: str) -> np.ndarray:
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None, *_):
-    """NumPy version of torch._utils._rebuild_tensor_v2 (a strided view, copied)."""
-    if not isinstance(storage, np.ndarray):
-        raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    needed = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=False)) + 1
-    if math.prod(size) and needed > storage.size:
-        raise pickle.UnpicklingError(f"tensor of size {size} overruns its storage")
-    base = storage[storage_offset:]
-    strides = tuple(s * storage.itemsize for s in stride)
-    return np.lib.stride_tricks.as_strided(base, shape=size, strides=strides).copy()
+    """torch._utils._rebuild_tensor_v2, recorded: `_materialise` checks and builds it later."""
+    return _TensorRef(storage, storage_offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None, *_):
@@ -107,12 +154,20 @@ def _rebuild_parameter(data, requires_grad=False, hooks=None, *_):
 
 def _numpy_scalar(dtype, raw: bytes = b""):
     """Safe numpy.core.multiarray.scalar (timm stores metrics as NumPy scalars)."""
+    if not isinstance(dtype, np.dtype) or not isinstance(raw, bytes) or len(raw) != dtype.itemsize:
+        raise CheckpointFormatError(f"malformed NumPy scalar record ({dtype!r}, {raw!r:.40})")
     return np.frombuffer(raw, dtype=dtype)[0]
 
 
 def _numpy_dtype(name, align=False, copy=False):
-    """Safe numpy.dtype for _numpy_scalar's argument."""
-    return np.dtype(name)
+    """Safe numpy.dtype for _numpy_scalar's argument: plain numeric and boolean types only."""
+    try:
+        dtype = np.dtype(name) if isinstance(name, str) else None
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in "biufc" or dtype.fields or dtype.subdtype:
+        raise CheckpointFormatError(f"unsupported NumPy dtype in checkpoint: {name!r:.40}")
+    return dtype
 
 
 _SAFE_CALLABLES = {
@@ -124,49 +179,160 @@ _SAFE_CALLABLES = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler resolving only tensor-rebuild globals; storages come from the zip archive."""
+class _RestrictedUnpickler(pickle._Unpickler):  # pure Python: its memo is a dict
+    """Unpickler resolving only tensor-rebuild globals; storages are references into the zip."""
 
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+    def __init__(self, data: bytes):
         super().__init__(io.BytesIO(data))
-        self._archive, self._prefix, self._byteorder = archive, prefix, byteorder
-        self._storages: dict[str, np.ndarray] = {}
 
     def find_class(self, module, name):
         if (module, name) in _SAFE_CALLABLES:
             return _SAFE_CALLABLES[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
-        return _placeholder_class(module, name)
+        return _placeholder_class(str(module), str(name))
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id in checkpoint: {pid!r}")
-        _, storage_type, key, _location, _numel = pid
+            raise CheckpointFormatError(f"unsupported persistent id in checkpoint: {pid!r:.80}")
+        _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise pickle.UnpicklingError(
-                f"unsupported storage type in checkpoint: {storage_type!r}"
+            raise CheckpointFormatError(
+                f"unsupported storage type in checkpoint: {storage_type!r:.80}"
             )
-        if key not in self._storages:
-            raw = self._archive.read(f"{self._prefix}data/{key}")
-            self._storages[key] = _to_numpy(raw, storage_type.dtype, self._byteorder)
-        return self._storages[key]
+        if not isinstance(key, str) or not _is_count(numel):
+            raise CheckpointFormatError(f"malformed storage record in checkpoint: {pid!r:.80}")
+        return _Storage(key, storage_type, numel)
 
 
-def _load_torch_zip(path: Path):
-    with zipfile.ZipFile(path) as archive:
+def _is_count(value) -> bool:
+    return type(value) is int and value >= 0  # not bool, not a float, not a placeholder
+
+
+class _TorchZip:
+    """An open torch zip checkpoint: its pickle, and storages read (once) on demand."""
+
+    def __init__(self, archive: zipfile.ZipFile, path: Path):
+        self.archive, self.path = archive, path
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("data.pkl")]
         if len(pickles) != 1:
-            raise ValueError(f"{path}: not a torch zip checkpoint (expected one data.pkl)")
-        prefix = pickles[0][: -len("data.pkl")]
+            raise CheckpointFormatError(
+                f"{path}: not a torch zip checkpoint (expected one data.pkl)"
+            )
+        self.prefix = pickles[0][: -len("data.pkl")]
         byteorder = "little"
-        if f"{prefix}byteorder" in names:
-            byteorder = archive.read(f"{prefix}byteorder").decode().strip()
-        byteorder = {"little": "<", "big": ">"}.get(byteorder)
-        if byteorder is None:
-            raise ValueError(f"{path}: unknown byteorder record in checkpoint")
-        return _RestrictedUnpickler(archive.read(pickles[0]), archive, prefix, byteorder).load()
+        if f"{self.prefix}byteorder" in names:
+            byteorder = archive.read(f"{self.prefix}byteorder").decode(errors="replace").strip()
+        self.byteorder = {"little": "<", "big": ">"}.get(byteorder)
+        if self.byteorder is None:
+            raise CheckpointFormatError(f"{path}: unknown byteorder record in checkpoint")
+        self._arrays: dict[str, np.ndarray] = {}
+        self._records: dict[str, tuple[str, int]] = {}
+
+    def load_pickle(self):
+        """The checkpoint object, with storages and tensors as unresolved references."""
+        try:
+            return _RestrictedUnpickler(self.archive.read(f"{self.prefix}data.pkl")).load()
+        except (UnsafeCheckpointError, CheckpointFormatError):
+            raise
+        except Exception as exc:  # any malformed opcode stream: a bad file, not a bug here
+            raise CheckpointFormatError(
+                f"{self.path}: malformed checkpoint pickle ({type(exc).__name__}: {exc})"
+            ) from None
+
+    def storage_array(self, storage: _Storage, tensor: str) -> np.ndarray:
+        """The storage's elements as a 1-D array, after checking its bytes match its record."""
+        name = f"{self.prefix}data/{storage.key}"
+        seen = self._records.setdefault(storage.key, (storage.storage_type.name, storage.numel))
+        if seen != (storage.storage_type.name, storage.numel):
+            raise _tensor_error(
+                tensor, f"uses storage {storage.key!r} with another type or size than before"
+            )
+        if storage.key not in self._arrays:
+            try:
+                info = self.archive.getinfo(name)
+            except KeyError:
+                raise _tensor_error(
+                    tensor, f"uses storage {storage.key!r}, which is not in the archive"
+                ) from None
+            expected = storage.numel * storage.storage_type.itemsize
+            if info.file_size != expected:
+                raise _tensor_error(
+                    tensor,
+                    f"storage {storage.key!r} holds {info.file_size} bytes, its record says "
+                    f"{storage.numel} x {storage.storage_type.name} = {expected} bytes",
+                )
+            if info.file_size > MAX_STORAGE_INFLATION * max(info.compress_size, 1):
+                raise _tensor_error(
+                    tensor,
+                    f"storage {storage.key!r} inflates {info.compress_size} -> {info.file_size} "
+                    "bytes, more than any real weights do (a zip bomb?)",
+                )
+            try:
+                raw = self.archive.read(name)
+            except (zipfile.BadZipFile, OSError, RuntimeError, ValueError) as exc:
+                raise _tensor_error(
+                    tensor, f"storage {storage.key!r} is unreadable: {exc}"
+                ) from None
+            array = _to_numpy(raw, storage.storage_type.dtype, self.byteorder)
+            array.flags.writeable = False
+            self._arrays[storage.key] = array
+        return self._arrays[storage.key]
+
+    def materialise(self, name: str, ref) -> np.ndarray:
+        """The state-dict entry `name` as an array, refused unless it is a well-formed tensor."""
+        if not isinstance(ref, _TensorRef):
+            raise _tensor_error(name, f"is {type(ref).__name__}, not a tensor")
+        if not isinstance(ref.storage, _Storage):
+            raise _tensor_error(name, "is rebuilt from something that is not a storage")
+        storage = self.storage_array(ref.storage, name)
+        layout = _checked_layout(name, ref, storage.size)  # against the bytes actually read
+        if math.prod(layout.size) == 0:
+            return np.empty(layout.size, dtype=storage.dtype)
+        base = storage[layout.offset :]
+        strides = tuple(s * storage.itemsize for s in layout.stride)
+        return np.lib.stride_tricks.as_strided(base, shape=layout.size, strides=strides).copy()
+
+
+class _Layout(NamedTuple):
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _checked_layout(name: str, ref: _TensorRef, storage_numel: int) -> _Layout:
+    """The tensor's offset/size/stride once proven to address only elements of its storage."""
+    offset, size, stride = ref.offset, ref.size, ref.stride
+    if not _is_count(offset):
+        raise _tensor_error(name, f"has storage offset {offset!r:.40} (must be an integer >= 0)")
+    for what, dims in (("size", size), ("stride", stride)):
+        if not isinstance(dims, tuple | list) or not all(_is_count(d) for d in dims):
+            raise _tensor_error(name, f"has {what} {dims!r:.60} (must be integers >= 0)")
+    if len(size) != len(stride) or len(size) > MAX_RANK:
+        raise _tensor_error(name, f"has size {tuple(size)} but stride {tuple(stride)}")
+    numel = math.prod(size)
+    if numel:
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+        if last >= storage_numel:
+            raise _tensor_error(
+                name,
+                f"size {tuple(size)}, stride {tuple(stride)} at offset {offset} reaches element "
+                f"{last} of a storage of {storage_numel}",
+            )
+        # Stride 0 repeats elements: fine for a view, but a state dict never needs more elements
+        # than it stores, and repetition would let a tiny file fill memory.
+        if numel > storage_numel:
+            raise _tensor_error(
+                name, f"has {numel} elements, more than its storage's {storage_numel}"
+            )
+    elif offset > storage_numel or any(d > storage_numel for d in size):
+        raise _tensor_error(name, f"is empty but has size {tuple(size)} at offset {offset}")
+    return _Layout(offset, tuple(size), tuple(stride))
+
+
+def _tensor_error(name: str, problem: str) -> CheckpointFormatError:
+    return CheckpointFormatError(f"tensor {name!r} {problem}")
 
 
 def _extract_state_dict(obj, path: Path) -> dict:
@@ -175,9 +341,29 @@ def _extract_state_dict(obj, path: Path) -> dict:
         for entry in ("state_dict", "model", "state_dict_ema"):
             if isinstance(obj.get(entry), dict):
                 return obj[entry]
-        if all(isinstance(v, np.ndarray) for v in obj.values()):
+        if obj and all(isinstance(v, _TensorRef) for v in obj.values()):
             return obj
-    raise ValueError(f"{path}: no state dict found (expected a `state_dict` entry or a bare one)")
+    raise CheckpointFormatError(
+        f"{path}: no state dict found (expected a `state_dict` entry or a bare one)"
+    )
+
+
+def _load_torch_zip(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            checkpoint = _TorchZip(archive, path)
+            state = _extract_state_dict(checkpoint.load_pickle(), path)
+            names = [k if isinstance(k, str) else None for k in state]
+            if None in names:
+                raise CheckpointFormatError(f"{path}: state dict keys must be strings")
+            if names and all(k.startswith("module.") for k in names):  # saved from DDP
+                names = [k[len("module.") :] for k in names]
+            return {
+                name: checkpoint.materialise(name, ref)
+                for name, ref in zip(names, state.values(), strict=True)
+            }
+    except zipfile.BadZipFile as exc:
+        raise CheckpointFormatError(f"{path}: corrupt zip archive: {exc}") from None
 
 
 def load_state_dict(path) -> dict[str, np.ndarray]:
@@ -189,14 +375,11 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     if not zipfile.is_zipfile(path):
-        raise ValueError(
+        raise CheckpointFormatError(
             f"{path}: not a zip-format torch checkpoint; legacy (torch<1.6) files are not "
             "supported, re-save with torch.save(obj, f) from torch>=1.6"
         )
-    state = _extract_state_dict(_load_torch_zip(path), path)
-    if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return {str(k): np.asarray(v) for k, v in state.items()}
+    return _load_torch_zip(path)
 
 
 # ---- state-dict <-> Keras mapping -------------------------------------------------------------

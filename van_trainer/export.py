@@ -1,6 +1,6 @@
 """Serving export: the trained model + Transform graph + THE eval preprocessing as signatures.
 
-Signatures (names in van_trainer.features):
+Signatures (names in van_tfx.features):
 - `serving_default`: serialized tf.Example `examples` [N] -> `probabilities` [N,C] float32 and
   `classes` [N,C] string (synset of each column).
 - `predict_images`: encoded JPEG/PNG `images` [N] -> `probabilities`, `top_k_indices` int32,
@@ -60,6 +60,7 @@ class ServingModule(tf.Module):
         self._top_k = min(config.serving.top_k, len(self._synsets))
         self._image_size = config.model.image_size
         self._crop_pct = config.eval.crop_pct
+        self._max_pixels = config.serving.max_image_pixels
 
     def _probabilities(self, transformed: dict) -> tf.Tensor:
         images = augment.eval_images_from_jpeg(
@@ -75,6 +76,9 @@ class ServingModule(tf.Module):
     def serve_examples(self, examples):
         """serving_default: serialized raw tf.Examples -> class probabilities."""
         raw = tf.io.parse_example(examples, self._spec)
+        raw[features.IMAGE_ENCODED] = within_pixel_budget(
+            raw[features.IMAGE_ENCODED], self._max_pixels, features.IMAGE_ENCODED
+        )
         probabilities = self._probabilities(self.tft_layer(raw))
         return {"probabilities": probabilities, "classes": self._classes(tf.shape(examples)[0])}
 
@@ -96,6 +100,7 @@ class ServingModule(tf.Module):
     def predict_images(self, images):
         """Encoded JPEG/PNG bytes -> probabilities and the top-k classes."""
         images = checked_images(images)
+        images = within_pixel_budget(images, self._max_pixels, features.PREDICT_IMAGES_INPUT)
         # The raw spec comes from the schema (shape [1] for image/encoded): match its rank.
         image_shape = self._raw_spec[features.IMAGE_ENCODED].shape
         transformed = self.tft_layer(
@@ -141,6 +146,57 @@ def checked_images(images: tf.Tensor) -> tf.Tensor:
     )
     with tf.control_dependencies([check]):  # runs before any decode sees the bytes
         return tf.identity(images)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def declared_pixels(encoded: tf.Tensor) -> tf.Tensor:
+    """Width x height each JPEG/PNG header declares (int64, 0 for anything else), undecoded."""
+
+    def png(image):  # IHDR, always the first chunk: big-endian width and height at bytes 16-24
+        digits = tf.cast(tf.io.decode_raw(tf.strings.substr(image, 16, 8), tf.uint8), tf.int64)
+        width = tf.reduce_sum(digits[:4] * [1 << 24, 1 << 16, 1 << 8, 1])
+        return width * tf.reduce_sum(digits[4:] * [1 << 24, 1 << 16, 1 << 8, 1])
+
+    def jpeg(image):  # libjpeg reads the markers up to the frame header only
+        shape = tf.cast(tf.image.extract_jpeg_shape(image), tf.int64)
+        return shape[0] * shape[1]
+
+    def one(image):
+        is_png = tf.logical_and(
+            tf.strings.substr(image, 0, len(_PNG_SIGNATURE)) == _PNG_SIGNATURE,
+            tf.strings.length(image) >= 24,
+        )
+        is_jpeg = tf.strings.substr(image, 0, len(_JPEG_SIGNATURE)) == _JPEG_SIGNATURE
+        return tf.case(
+            [(is_png, lambda: png(image)), (is_jpeg, lambda: jpeg(image))],
+            default=lambda: tf.constant(0, tf.int64),
+        )
+
+    flat = tf.reshape(encoded, [-1])
+    return tf.map_fn(one, flat, fn_output_signature=tf.TensorSpec([], tf.int64))
+
+
+def within_pixel_budget(encoded, max_pixels: int, name: str):
+    """`encoded` (dense or sparse), after failing with InvalidArgumentError if any image declares
+    more than `max_pixels` pixels: a 1 MB file can declare 400 M pixels, and decoding happens
+    before any model code could object (TF Serving itself has no such limit)."""
+    values = encoded.values if isinstance(encoded, tf.SparseTensor) else encoded
+    check = tf.debugging.assert_less_equal(
+        declared_pixels(values),
+        tf.constant(max_pixels, tf.int64),
+        message=(
+            f"input {name} holds an image of more than {max_pixels} pixels (width x height, "
+            "serving.max_image_pixels); it was refused before decoding"
+        ),
+        summarize=4,
+    )
+    with tf.control_dependencies([check]):
+        if isinstance(encoded, tf.SparseTensor):
+            return tf.SparseTensor(encoded.indices, tf.identity(values), encoded.dense_shape)
+        return tf.identity(encoded)
 
 
 def export_serving_model(

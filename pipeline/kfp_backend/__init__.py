@@ -25,3 +25,7 @@ class NotReplayed(KubeflowError):
 
 class TaskFailed(KubeflowError):
     """A task's driver or executor failed; the run stops, as Argo's DAG does (failFast)."""
+
+    def __init__(self, message: str, log_path: str | None = None):
+        super().__init__(message)
+        self.log_path = log_path  # the executor's log, when it got that far

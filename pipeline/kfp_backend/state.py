@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,11 +43,13 @@ class RunState:
         self.publish_logs = publish_logs
         self.results: dict[str, TaskResult] = {}
         self._next_id = 1
+        self._ids = threading.Lock()  # tasks record their outputs from worker threads
 
     def new_artifact_id(self) -> int:
         """The next ML Metadata artifact id."""
-        self._next_id += 1
-        return self._next_id
+        with self._ids:
+            self._next_id += 1
+            return self._next_id
 
 
 def root_parameter_values(spec, params: dict[str, Any]) -> dict[str, Any]:

@@ -187,11 +187,21 @@ def build_dataset(
     return BuildResult(paths, len(items) - len(rejected), synsets_path, rejected, report)
 
 
+def rejected_report_path(output_dir: Path, split: str) -> Path:
+    """Where a build lists the files it skipped: `rejected-<split>.tsv`.
+
+    Not `<split>-…`: ExampleGen's patterns (`span-{SPAN}/<split>-*`) would read it as a shard.
+    """
+    return output_dir / f"rejected-{split}.tsv"
+
+
 def write_rejected_report(
     output_dir: Path, split: str, rejected: list[tuple[str, str]]
 ) -> Path | None:
-    """Write `<split>-rejected.tsv` (path, reason) or remove a stale one when nothing was rejected."""
-    report = output_dir / f"{split}-rejected.tsv"
+    """Write `rejected-<split>.tsv` (path, reason) or remove a stale one when nothing was rejected."""
+    report = rejected_report_path(output_dir, split)
+    # Older builds wrote `<split>-rejected.tsv`, which the split's input pattern matches.
+    (output_dir / f"{split}-rejected.tsv").unlink(missing_ok=True)
     if not rejected:
         report.unlink(missing_ok=True)
         return None

@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
         "--skip-invalid",
         action="store_true",
         help="Convert the rest when files are not decodable images; list them in "
-        "OUTPUT_DIR/<split>-rejected.tsv instead of failing.",
+        "OUTPUT_DIR/rejected-<split>.tsv instead of failing.",
     )
     build.add_argument(
         "--synsets-file",

@@ -1,0 +1,23 @@
+"""What one request may make the server do: bytes it may expand to, pixels it may decode.
+
+TF Serving bounds request bytes (gRPC max message size) and leaves the rest to the graph. A Python
+server that shares two cores with its neighbours cannot: a few-byte TensorProto may declare a
+gigabyte shape, a 1 MB image may decode to 400 M pixels. Both are refused before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from van_tfx.config import ServingConfig
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = ServingConfig.model_fields["max_image_pixels"].default
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """The per-request budget: decoded tensor bytes and decoded pixels per image."""
+
+    max_tensor_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
