@@ -102,7 +102,7 @@ import van_tfx
 import numpy as np
 import tensorflow as tf
 from van_tfx.config import Config
-from van_trainer import dataset
+from van_trainer import dataset, train
 args = json.loads(sys.argv[1])
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
 config = Config.model_validate(args["config"])
@@ -114,11 +114,32 @@ seen = {"train": [], "eval": []}
 batches = iter(dataset.distributed(strategy, dataset.train_dataset, args["train"], config, classes))
 for _ in range(args["steps"]):
     seen["train"] += ids(next(batches)[1])
-for _, targets in dataset.distributed(strategy, dataset.eval_dataset, args["eval"], config, classes):
-    seen["eval"] += ids(targets)
+# The Trainer's validation pass: the same full steps on both workers, padding weighing 0.
+plan = train.eval_plan(strategy, config, args["transform"], args["eval"])
+batches = iter(train.eval_data(strategy, config, args["eval"], classes, plan))
+seen["eval_weights"] = []
+for _ in range(plan.steps):
+    _, targets, weights = next(batches)
+    weights = [w.numpy() for w in strategy.experimental_local_results(weights)]
+    real = [i for i, w in zip(ids(targets), np.concatenate(weights)) if w > 0]
+    seen["eval"] += real
+    seen["eval_weights"] += [float(w) for w in np.concatenate(weights)]
+seen["plan"] = [plan.steps, plan.weight]
+seen["eval_after_steps"] = bool(batches.get_next_as_optional().has_value())
 with open(args["out"], "w") as f:
     json.dump(seen, f)
 """
+
+
+def _record_shard_examples(transform_dir: Path, split: str, files: list[str], sizes: list[int]):
+    """The per-file counts Transform's ShardingTransformExecutor records for a split."""
+    from van_tfx.data import shards
+
+    path = Path(shards.example_count_path(str(transform_dir), split))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    per_file = {Path(f).name: n for f, n in zip(files, sizes, strict=True)}
+    counts = {"examples": sum(sizes), "files": len(files), "shard_examples": per_file}
+    path.write_text(json.dumps(counts))
 
 
 def _write_id_shards(directory: Path, sizes: list[int], first_id: int) -> list[str]:
@@ -152,6 +173,7 @@ def _write_id_shards(directory: Path, sizes: list[int], first_id: int) -> list[s
 def test_two_workers_read_disjoint_files_covering_each_split_once_per_epoch(tmp_path):
     train_files = _write_id_shards(tmp_path / "train", [12, 12, 12, 12], 0)
     eval_files = _write_id_shards(tmp_path / "eval", [12, 12, 5], 48)  # uneven on purpose
+    _record_shard_examples(tmp_path / "transform", "eval", eval_files, [12, 12, 5])
     config = tiny_config(batch_size=8)
     config.augment.mixup_prob = 0.0  # one-hot targets: argmax is the example's id
     workers = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
@@ -163,6 +185,7 @@ def test_two_workers_read_disjoint_files_covering_each_split_once_per_epoch(tmp_
             "classes": 48 + 29,
             "train": train_files,
             "eval": eval_files,
+            "transform": str(tmp_path / "transform"),
             "steps": 48 // 8,  # one epoch at global batch 8
             "out": str(tmp_path / f"seen_{index}.json"),
         }
@@ -177,3 +200,10 @@ def test_two_workers_read_disjoint_files_covering_each_split_once_per_epoch(tmp_
         first, second = seen[0][split], seen[1][split]
         assert not set(first) & set(second), f"{split}: both workers read the same examples"
         assert sorted(first + second) == list(ids), f"{split}: not each example exactly once"
+    # Worker 0 reads 12 + 5 eval examples at 4 per step, worker 1 reads 12 and pads 8: 5 full
+    # steps each; 29 real examples weigh 40 / 29, so the weights sum to the 40 slots.
+    for worker in seen:
+        assert worker["plan"] == [5, pytest.approx(40 / 29)]
+        assert not worker["eval_after_steps"], "the validation pass ended before its data"
+    weights = seen[0]["eval_weights"] + seen[1]["eval_weights"]
+    assert len(weights) == 40 and sum(weights) == pytest.approx(40)

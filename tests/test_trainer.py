@@ -499,6 +499,17 @@ def test_steps_per_epoch_come_from_the_counts_transform_recorded(transform_paths
     assert train.plan_steps(config, str(tmp_path), 10) == (2, 5)
     with pytest.raises(ValueError, match="records no example count for split 'train'"):
         train.plan_steps(config, str(tmp_path), None)
+    # One validation pass, from the per-file counts, without reading the eval files either.
+    strategy = tf.distribute.get_strategy()
+    eval_files = dataset.resolve_files(transform_paths["eval_files"])
+    assert train.eval_plan(strategy, config, graph, eval_files) == train.EvalPlan(N_EVAL // 8, 1)
+    # Shortened to 5 steps: 40 slots, all real; 7 steps (more than a pass) stop at the pass.
+    assert train.eval_plan(strategy, config, graph, eval_files, 5) == train.EvalPlan(5, 1)
+    assert train.eval_plan(strategy, config, graph, eval_files, 7).steps == N_EVAL // 8
+    config.train.batch_size = 10  # 48 examples in 5 steps of 10: 50 slots, real weigh 50 / 48
+    assert train.eval_plan(strategy, config, graph, eval_files) == train.EvalPlan(5, 50 / 48)
+    with pytest.raises(ValueError, match="no example count for eval file .*set train.eval_steps"):
+        train.eval_plan(strategy, config, str(tmp_path), eval_files)
 
 
 def test_image_signatures_refuse_images_over_the_pixel_budget_before_decoding(
@@ -518,3 +529,32 @@ def test_image_signatures_refuse_images_over_the_pixel_budget_before_decoding(
     example.features.feature[features.IMAGE_ENCODED].bytes_list.value[0] = bomb
     with pytest.raises(tf.errors.InvalidArgumentError, match="input image/encoded holds an image"):
         model.signatures["serving_default"](examples=tf.constant([example.SerializeToString()]))
+
+
+def test_a_padded_validation_pass_reports_exactly_the_real_examples_metrics(transform_paths):
+    import tensorflow as tf
+
+    from van_trainer import dataset, optim, train
+
+    config = tiny_config(batch_size=10)  # 48 eval examples: 5 steps of 10, 2 padding slots
+    graph = transform_paths["transform_output"]
+    files = dataset.resolve_files(transform_paths["eval_files"])
+    classes = 10
+    model = train.build_model(config, classes)
+    schedule = optim.build_schedule(config.train, steps_per_epoch=1, epochs=1)
+    train.compile_model(model, config, schedule, classes)
+    strategy = tf.distribute.get_strategy()
+    plan = train.eval_plan(strategy, config, graph, files)
+    assert plan == train.EvalPlan(5, 50 / 48)
+    padded = model.evaluate(
+        train.eval_data(strategy, config, files, classes, plan),
+        steps=plan.steps,
+        return_dict=True,
+        verbose=0,
+    )
+    whole = model.evaluate(
+        dataset.eval_dataset(files, config, classes, batch_size=N_EVAL), return_dict=True, verbose=0
+    )
+    assert padded.keys() == whole.keys() == {"loss", "accuracy", "top5"}
+    for name, value in whole.items():
+        assert padded[name] == pytest.approx(value, rel=1e-5), name

@@ -121,6 +121,8 @@ def test_transform_writes_full_shards_and_records_each_splits_count(transformed)
             f"transformed_examples-{i:05d}-of-{len(files):05d}.gz" for i in range(len(files))
         ]
         assert shards.read_example_count(transform_graph(root), split) == expected
+        per_file = {os.path.basename(f): n for f, n in zip(files, sizes, strict=True)}
+        assert shards.read_shard_examples(transform_graph(root), split) == per_file
 
 
 def rewrite_shard(shard: Path, edit) -> list[tf.train.Example]:

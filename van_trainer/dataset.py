@@ -131,21 +131,43 @@ def eval_dataset(
     num_classes: int,
     batch_size: int | None = None,
     input_context: tf.distribute.InputContext | None = None,
+    steps: int | None = None,
+    weight: float = 1.0,
 ) -> tf.data.Dataset:
-    """One pass of (eval view, one-hot targets) over this pipeline's files (augment.eval_view)."""
+    """One pass of (eval view, one-hot targets) over this pipeline's files (augment.eval_view).
+
+    With `steps`, the pass is exactly `steps` full batches per replica, padded with zero-weight
+    examples and yielding (images, targets, weights), real examples weighing `weight`: every
+    worker of a strategy then runs the same steps over its own files, none sees an empty batch
+    (TensorFlow's CPU convolution returns its input unchanged for one), and weighted metrics and
+    the loss (sum over slots / slots, see train.eval_plan) are exactly those of the real examples.
+    """
     batch_size = _per_replica_batch(batch_size or config.train.batch_size, input_context)
     spec = transformed_feature_spec()
+    size = config.model.image_size
 
     @graph_function
     def parse_and_preprocess(record):
         example = tf.io.parse_single_example(record, spec)
         image = augment.eval_view_from_jpeg(
-            example[features.TRANSFORMED_IMAGE], config.model.image_size, config.eval.crop_pct
+            example[features.TRANSFORMED_IMAGE], size, config.eval.crop_pct
         )
         return image, tf.one_hot(example[features.TRANSFORMED_LABEL], num_classes)
 
     ds = _records(worker_files(files, input_context), shuffle_files=False, seed=config.train.seed)
-    ds = ds.map(parse_and_preprocess, num_parallel_calls=AUTOTUNE).batch(batch_size)
+    ds = ds.map(parse_and_preprocess, num_parallel_calls=AUTOTUNE)
+    if steps:
+        replicas_here = 1
+        if input_context is not None:
+            replicas_here = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+        real = ds.map(lambda image, target: (image, target, tf.constant(weight, tf.float32)))
+        padding = tf.data.Dataset.from_tensors(
+            (tf.zeros([size, size, 3]), tf.zeros([num_classes]), tf.constant(0.0))
+        ).repeat()
+        ds = real.concatenate(padding).take(steps * batch_size * max(1, replicas_here))
+        ds = ds.batch(batch_size, drop_remainder=True)
+    else:
+        ds = ds.batch(batch_size)
     options = _options(config)
     options.deterministic = True
     return ds.prefetch(AUTOTUNE).with_options(options)

@@ -60,15 +60,24 @@ def _finalize(written: list[tuple[str, int]], prefix: str, temp_dir: str, count_
 
     written = sorted(written)
     tf.io.gfile.makedirs(os.path.dirname(prefix))
-    for index, (path, _) in enumerate(written):
+    shard_examples = {}
+    for index, (path, count) in enumerate(written):
         target = f"{prefix}-{index:05d}-of-{len(written):05d}{SHARD_SUFFIX}"
         tf.io.gfile.rename(path, target, overwrite=True)
+        shard_examples[os.path.basename(target)] = count
     if tf.io.gfile.exists(temp_dir):
         tf.io.gfile.rmtree(temp_dir)  # files of failed (retried) bundles
     if count_path:
         tf.io.gfile.makedirs(os.path.dirname(count_path))
         with tf.io.gfile.GFile(count_path, "w") as f:
-            json.dump({"examples": sum(n for _, n in written), "files": len(written)}, f)
+            json.dump(
+                {
+                    "examples": sum(n for _, n in written),
+                    "files": len(written),
+                    "shard_examples": shard_examples,
+                },
+                f,
+            )
 
 
 class WriteShards(beam.PTransform):

@@ -27,12 +27,25 @@ def example_count_path(transform_dir: str, split: str) -> str:
     return os.path.join(transform_dir, EXAMPLE_COUNTS_DIR, f"{split}.json")
 
 
-def read_example_count(transform_dir: str, split: str) -> int | None:
-    """The number of examples Transform wrote for `split`, or None if it recorded none."""
+def _read_counts(transform_dir: str, split: str) -> dict | None:
     import tensorflow as tf
 
     path = example_count_path(transform_dir, split)
     if not tf.io.gfile.exists(path):
         return None
     with tf.io.gfile.GFile(path) as f:
-        return int(json.load(f)["examples"])
+        return json.load(f)
+
+
+def read_example_count(transform_dir: str, split: str) -> int | None:
+    """The number of examples Transform wrote for `split`, or None if it recorded none."""
+    counts = _read_counts(transform_dir, split)
+    return None if counts is None else int(counts["examples"])
+
+
+def read_shard_examples(transform_dir: str, split: str) -> dict[str, int] | None:
+    """Examples per shard file (by file name) of `split`, or None if Transform recorded none."""
+    counts = _read_counts(transform_dir, split)
+    if counts is None or "shard_examples" not in counts:
+        return None
+    return {name: int(n) for name, n in counts["shard_examples"].items()}
