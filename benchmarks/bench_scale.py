@@ -190,7 +190,9 @@ def run_transform(examples: Path, out: Path, mode: str) -> dict:
     config = metadata_store_pb2.ConnectionConfig()
     config.sqlite.filename_uri = metadata
     store = metadata_store.MetadataStore(config)
-    [execution] = store.get_executions_by_type("Transform")
+    # LocalDagRunner names execution types by class path (tfx.components.transform...Transform).
+    [transform_type] = [t for t in store.get_execution_types() if t.name.endswith(".Transform")]
+    [execution] = store.get_executions_by_type(transform_type.name)
     return {
         "start": execution.create_time_since_epoch / 1000,
         "end": execution.last_update_time_since_epoch / 1000,

@@ -1,5 +1,7 @@
 """The typed config: defaults, YAML round trip, overrides and readable errors."""
 
+from pathlib import Path
+
 import pytest
 
 from van_tfx.config import Config, ConfigError, load_config, save_config
@@ -101,3 +103,12 @@ def test_ints_still_fill_float_fields_and_booleans_stay_booleans():
     )
     assert config.train.base_learning_rate == 1.0 and config.augment.crop_scale == (1.0, 1.0)
     assert load_config(overrides=["train.deterministic=yes"]).train.deterministic is True
+
+
+def test_the_demo_settings_in_the_trainer_docs_are_the_ones_the_demo_applies():
+    from van_tfx.config import DEMO_OVERRIDES
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "trainer.md").read_text()
+    section = text.split("## Demo settings", 1)[1]
+    block = section.split("```\n", 2)[1]
+    assert block.splitlines() == DEMO_OVERRIDES
