@@ -11,7 +11,7 @@ export PYTHONWARNINGS ?= ignore::FutureWarning
 # 20 s of CPU per pipeline step (27 s -> 10 s to import TFX's KFP entrypoint once cached).
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: demo test lint format venv bench clean-home lock image
+.PHONY: demo test lint format venv bench bench-scale clean-home lock image
 
 venv: $(VENV)/.synced
 
@@ -48,6 +48,12 @@ bench: venv
 	$(VENV)/bin/python benchmarks/bench_transform.py
 	$(VENV)/bin/python benchmarks/bench_input.py --variant b0 --image-size 32 --batch-size 64
 	$(VENV)/bin/python benchmarks/bench_serving.py
+	$(MAKE) bench-scale
+
+# ImageNet-scale data path (docs/data.md#scale): stored bytes per image, Transform at 1k/5k/20k
+# images on one core vs all, the 224 px input pipeline vs the VAN-b0 step, a corrupt JPEG named.
+bench-scale: venv
+	$(VENV)/bin/python benchmarks/bench_scale.py --sizes 1000,5000,20000
 
 image:
 	docker build -t van-tfx:latest -f Dockerfile .

@@ -20,8 +20,10 @@ from pathlib import Path
 import van_tfx  # noqa: F401  (legacy Keras before TensorFlow)
 
 
-def write_records(path: Path, count: int, stored_size: int) -> list[str]:
-    """Transform-layout records (raw uint8 image bytes + int64 label) of real digit images."""
+def write_records(path: Path, count: int, side: int) -> list[str]:
+    """Transform-layout records (JPEG bytes + int64 label) of real digit images, side x side."""
+    import io
+
     import numpy as np
     import tensorflow as tf
     from PIL import Image
@@ -34,13 +36,14 @@ def write_records(path: Path, count: int, stored_size: int) -> list[str]:
     with tf.io.TFRecordWriter(file, options="GZIP") as writer:
         for i in range(count):
             pixels = (digits.images[i % len(digits.images)] * 255 / 16).astype(np.uint8)
-            image = Image.fromarray(pixels).resize((stored_size, stored_size), Image.BICUBIC)
-            rgb = np.repeat(np.asarray(image)[..., None], 3, axis=-1)
+            image = Image.fromarray(pixels).resize((side, side), Image.BICUBIC).convert("RGB")
+            jpeg = io.BytesIO()
+            image.save(jpeg, "JPEG", quality=90)
             example = tf.train.Example(
                 features=tf.train.Features(
                     feature={
                         features.TRANSFORMED_IMAGE: tf.train.Feature(
-                            bytes_list=tf.train.BytesList(value=[rgb.tobytes()])
+                            bytes_list=tf.train.BytesList(value=[jpeg.getvalue()])
                         ),
                         features.TRANSFORMED_LABEL: tf.train.Feature(
                             int64_list=tf.train.Int64List(value=[int(digits.target[i % 1797])])
@@ -105,7 +108,6 @@ def main(argv=None) -> int:
 
     config = Config.model_validate(
         {
-            "data": {"stored_image_size": args.stored_size},
             "model": {"variant": args.variant, "image_size": args.image_size},
             "train": {"batch_size": args.batch_size},
         }

@@ -1,4 +1,4 @@
-"""Ingestion and validation components: gate, ExampleGen, StatisticsGen, schema, validator.
+"""Ingestion, validation and Transform: gate, ExampleGen, StatisticsGen, schema, validator, Transform.
 
 Split names are 'train' and 'eval' everywhere downstream. The curated schema ships with
 components/curated_schema.py, which fills in the label's class count from the ingested span's
@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from tfx import v1 as tfx
 from tfx.dsl.components.base import executor_spec
-from tfx.proto import example_gen_pb2
+from tfx.proto import example_gen_pb2, transform_pb2
 from tfx.utils import proto_utils
 
 from components.curated_schema import CuratedSchema
 from components.example_gen import SpanResolvingImportExecutor
 from components.new_data_gate import NewDataGate
+from components.transform_executor import ShardingTransformExecutor
 from van_tfx.config import DataConfig
 
 TRAIN_SPLIT = "train"
 EVAL_SPLIT = "eval"
+PREPROCESSING_FN = "van_trainer.preprocessing.preprocessing_fn"
 _SPAN_DIR = "span-{SPAN}/"
 
 
@@ -103,3 +105,23 @@ def anomalies_gate(example_validator_component):
     from components.anomalies_gate import AnomaliesGate
 
     return AnomaliesGate(anomalies=example_validator_component.outputs["anomalies"])
+
+
+def transform(config: DataConfig, examples, schema) -> tfx.components.Transform:
+    """Transform with our preprocessing_fn: analyze 'train', transform both splits, sharded."""
+    component = tfx.components.Transform(
+        examples=examples,
+        schema=schema,
+        preprocessing_fn=PREPROCESSING_FN,
+        # Vocabulary and other analyzers see only training data; both splits are transformed.
+        splits_config=transform_pb2.SplitsConfig(
+            analyze=[TRAIN_SPLIT], transform=[TRAIN_SPLIT, EVAL_SPLIT]
+        ),
+        # The data section only: a change to the training recipe must not redo Transform (hours
+        # on ImageNet), and the data section is all preprocessing_fn and the executor read.
+        custom_config={"data": config.model_dump(mode="json")},
+    )
+    # TFX's executor, writing each split in files of data.examples_per_shard records (each
+    # training worker reads its own) and recording their counts for the Trainer's step plan.
+    component.executor_spec = executor_spec.BeamExecutorSpec(ShardingTransformExecutor)
+    return component

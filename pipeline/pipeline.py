@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 from tfx import v1 as tfx
 from tfx.dsl.components.base import executor_spec
-from tfx.proto import transform_pb2
 
 from components.new_data_gate import has_new_data
 from components.served_model import ServedBaselineEvaluator, ServedModel
@@ -16,7 +15,6 @@ from pipeline.evaluation import build_eval_config
 from van_tfx.config import Config
 from van_trainer.train import custom_config_for
 
-PREPROCESSING_FN = "van_trainer.preprocessing.preprocessing_fn"
 RUN_FN = "van_trainer.train.run_fn"
 
 
@@ -64,13 +62,8 @@ def ingest_train_evaluate_push(config: Config, location: PipelineLocation, gate)
     example_validator = ingest.example_validator(statistics_gen, schema)
     anomalies_gate = ingest.anomalies_gate(example_validator)
 
-    transform = tfx.components.Transform(
-        examples=example_gen.outputs["examples"],
-        schema=schema.outputs["schema"],
-        preprocessing_fn=PREPROCESSING_FN,
-        # Vocabulary and other analyzers see only training data; both splits are transformed.
-        splits_config=transform_pb2.SplitsConfig(analyze=["train"], transform=["train", "eval"]),
-        custom_config=custom_config_for(config),
+    transform = ingest.transform(
+        config.data, example_gen.outputs["examples"], schema.outputs["schema"]
     )
     # Anomalies stop the run before Transform spends time on bad data.
     transform.add_upstream_node(anomalies_gate)

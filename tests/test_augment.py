@@ -68,7 +68,7 @@ def test_train_augment_is_deterministic_per_seed_and_varies_across_seeds():
     assert not np.allclose(a.numpy(), c.numpy())
 
 
-def test_train_augment_with_everything_off_is_resize_and_normalise():
+def test_train_augment_with_everything_off_is_the_uncropped_eval_view():
     cfg = AugmentConfig(
         random_resized_crop=False,
         horizontal_flip=False,
@@ -79,9 +79,9 @@ def test_train_augment_with_everything_off_is_resize_and_normalise():
     image = _image()
     out = augment.train_augment(image, SEED, 32, cfg).numpy()
     expected = augment.normalize(
-        tf.image.resize(tf.cast(image, tf.float32), [32, 32], antialias=True)
+        tf.image.resize(tf.cast(image, tf.float32), [32, 32], "bicubic", antialias=True)
     )
-    np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out, np.clip(expected.numpy(), -1, 1), atol=1e-5)
 
 
 def test_random_erasing_fills_one_box_with_normal_noise():
@@ -126,3 +126,74 @@ def test_mixup_disabled_returns_inputs_unchanged():
     out_images, out_targets = augment.mixup_cutmix(images, targets, SEED, cfg)
     np.testing.assert_array_equal(out_images.numpy(), images.numpy())
     np.testing.assert_array_equal(out_targets.numpy(), targets.numpy())
+
+
+def _jpeg(pixels: np.ndarray) -> bytes:
+    return tf.io.encode_jpeg(tf.constant(pixels), quality=95).numpy()
+
+
+def test_random_resized_crop_samples_the_whole_non_square_image_in_the_recipe_ranges():
+    # A wide 360x120 image: a crop confined to the centre square (the old stored format) could
+    # never reach columns < 120 or >= 240.
+    height, width = 120, 360
+    windows = np.array(
+        [
+            augment.random_resized_crop_window(
+                height, width, (0.08, 1.0), (3 / 4, 4 / 3), tf.constant([i, 5], tf.int64)
+            ).numpy()
+            for i in range(400)
+        ]
+    )
+    top, left, h, w = windows.T
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= height).all() and (left + w <= width).all()
+    # Both side borders are reached (to a pixel: positions are uniform, 400 draws).
+    assert left.min() <= 1 and (left + w).max() >= width - 1
+    assert top.min() == 0 and (top + h).max() == height
+    area = h * w / (height * width)
+    ratio = w / h
+    assert area.min() < 0.12 and area.max() <= 1.0 and area.max() > 0.3
+    assert ratio.min() >= 0.75 - 0.02 and ratio.max() <= 4 / 3 + 0.02
+
+
+def test_random_resized_crop_of_a_jpeg_reaches_its_border_colours():
+    # Left third red, right third blue: a whole-image crop shows both, centre crops neither.
+    pixels = np.full([96, 288, 3], 128, np.uint8)
+    pixels[:, :96] = [255, 0, 0]
+    pixels[:, -96:] = [0, 0, 255]
+    encoded = tf.constant(_jpeg(pixels))
+    seen_red = seen_blue = False
+    for i in range(40):
+        view = augment.random_resized_crop_jpeg(
+            encoded, 32, (0.08, 1.0), (3 / 4, 4 / 3), tf.constant([i, 1], tf.int64)
+        ).numpy()
+        assert view.shape == (32, 32, 3)
+        seen_red |= bool(((view[..., 0] > 200) & (view[..., 2] < 60)).mean() > 0.5)
+        seen_blue |= bool(((view[..., 2] > 200) & (view[..., 0] < 60)).mean() > 0.5)
+    assert seen_red and seen_blue
+
+
+def test_random_resized_crop_of_a_jpeg_equals_the_crop_of_its_decoded_pixels():
+    pixels = _image(64).numpy()
+    encoded = tf.constant(_jpeg(np.concatenate([pixels, pixels[:, :32]], axis=1)))
+    decoded = tf.io.decode_jpeg(encoded, channels=3)
+    for i in range(5):
+        seed = tf.constant([i, 9], tf.int64)
+        from_jpeg = augment.random_resized_crop_jpeg(encoded, 32, (0.08, 1.0), (0.75, 4 / 3), seed)
+        from_pixels = augment.random_resized_crop(
+            tf.cast(decoded, tf.float32), 32, (0.08, 1.0), (0.75, 4 / 3), seed
+        )
+        # libjpeg upsamples chroma differently at a crop window's edge: a level or two there.
+        difference = np.abs(from_jpeg.numpy() - from_pixels.numpy())
+        assert difference.max() < 3 and difference.mean() < 0.1
+
+
+def test_eval_view_of_a_non_square_image_resizes_the_shorter_side_and_crops_the_centre():
+    image = np.zeros([60, 120, 3], np.uint8)
+    image[:, 40:80] = 255  # a bright central band, 1/3 of the width
+    out = augment.eval_view(tf.constant(image), 32, 0.9).numpy()[..., 0]
+    # Shorter side 60 -> 35, longer 120 -> 70; the 32-wide centre crop spans columns 19..51 of
+    # 70, and the band (23..47 after resizing) sits in the middle of it.
+    assert out.shape == (32, 32)
+    band = (out > 0.5).mean(axis=0)
+    assert band[:2].max() == 0 and band[-2:].max() == 0 and band[12:20].min() == 1.0

@@ -1,5 +1,7 @@
 """The typed config: defaults, YAML round trip, overrides and readable errors."""
 
+from pathlib import Path
+
 import pytest
 
 from van_tfx.config import Config, ConfigError, load_config, save_config
@@ -39,8 +41,8 @@ def test_bad_values_name_the_key(override, needle):
 
 
 def test_stored_size_must_cover_model_input():
-    with pytest.raises(ConfigError, match="stored_image_size"):
-        load_config(overrides=["data.stored_image_size=32", "model.image_size=64"])
+    with pytest.raises(ConfigError, match="max_image_side"):
+        load_config(overrides=["data.max_image_side=32", "model.image_size=64"])
 
 
 def test_missing_and_malformed_files_are_named(tmp_path):
@@ -101,3 +103,12 @@ def test_ints_still_fill_float_fields_and_booleans_stay_booleans():
     )
     assert config.train.base_learning_rate == 1.0 and config.augment.crop_scale == (1.0, 1.0)
     assert load_config(overrides=["train.deterministic=yes"]).train.deterministic is True
+
+
+def test_the_demo_settings_in_the_trainer_docs_are_the_ones_the_demo_applies():
+    from van_tfx.config import DEMO_OVERRIDES
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "trainer.md").read_text()
+    section = text.split("## Demo settings", 1)[1]
+    block = section.split("```\n", 2)[1]
+    assert block.splitlines() == DEMO_OVERRIDES

@@ -27,7 +27,6 @@ TINY = [
     "model.variant=tiny",
     "model.image_size=32",
     "model.drop_path_rate=0.0",
-    "data.stored_image_size=32",
     "train.epochs=3",
     "train.batch_size=64",
     "train.base_learning_rate=0.03",

@@ -17,16 +17,17 @@ from van_tfx.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_EVAL = 96, 48
+PER_SHARD = 16  # Transform's files: 6 train, 3 eval (enough for two workers to share)
 
 
 # --------------------------------------------------------------------------- shared fixture code
 
 
 def tiny_config(**train) -> Config:
-    """Tiny VAN at 32 px on 40 px stored images: seconds per step on a busy CPU."""
+    """Tiny VAN at 32 px on the 64 px sample JPEGs: seconds per step on a busy CPU."""
     config = Config.model_validate(
         {
-            "data": {"stored_image_size": 40},
+            "data": {"examples_per_shard": PER_SHARD},
             "model": {"variant": "tiny", "image_size": 32, "drop_path_rate": 0.0},
             "train": {
                 "epochs": 2,
@@ -72,6 +73,8 @@ def build_transform_output(root: Path, config: Config, preprocessing_fn=None) ->
 
     from van_tfx import features
     from van_tfx.data.sample import build_sample
+    from van_tfx.data.shard_writer import WriteShards
+    from van_tfx.data.shards import example_count_path
 
     span = build_sample(root / "data")
     raw_spec = {
@@ -106,14 +109,16 @@ def build_transform_output(root: Path, config: Config, preprocessing_fn=None) ->
             tft_beam.TransformDataset(output_record_batches=True)
         )
         transform_fn | tft_beam.WriteTransformFn(str(transform_dir))
+        # Written and counted as the pipeline's Transform does (components/transform_executor.py).
         for name, data in (("train", transformed_train), ("eval", transformed_eval)):
             _ = (
                 data
                 | f"Encode{name}" >> beam.FlatMapTuple(lambda batch, _: _encode_batch(batch))
                 | f"Write{name}"
-                >> beam.io.WriteToTFRecord(
+                >> WriteShards(
                     str(root / "transformed" / f"Split-{name}" / "transformed_examples"),
-                    file_name_suffix=".gz",
+                    config.data.examples_per_shard,
+                    example_count_path(str(transform_dir), name),
                 )
             )
     # TFX's Transform also stores the raw schema there; the serving signature parses with it.
@@ -478,6 +483,35 @@ def test_mixed_precision_with_ema_and_clipping_trains_and_exports_float32(
     np.testing.assert_allclose(probabilities.numpy().sum(axis=1), 1.0, atol=1e-4)
 
 
+def test_steps_per_epoch_come_from_the_counts_transform_recorded(transform_paths, tmp_path):
+    import tensorflow as tf
+
+    from van_trainer import dataset, train
+
+    config = tiny_config(steps_per_epoch=0, batch_size=8)
+    graph = transform_paths["transform_output"]
+    files = dataset.resolve_files(transform_paths["train_files"])
+    assert sum(1 for _ in tf.data.TFRecordDataset(files, compression_type="GZIP")) == N_TRAIN
+    # plan_steps is not even given the files: the count comes from the transform graph.
+    assert train.plan_steps(config, graph, None) == (2, N_TRAIN // 8)
+    assert train.split_size(graph, "eval") == N_EVAL
+    # TFX's num_steps, when set, still wins; no count and no steps: an error, not a pass.
+    assert train.plan_steps(config, str(tmp_path), 10) == (2, 5)
+    with pytest.raises(ValueError, match="records no example count for split 'train'"):
+        train.plan_steps(config, str(tmp_path), None)
+    # One validation pass, from the per-file counts, without reading the eval files either.
+    strategy = tf.distribute.get_strategy()
+    eval_files = dataset.resolve_files(transform_paths["eval_files"])
+    assert train.eval_plan(strategy, config, graph, eval_files) == train.EvalPlan(N_EVAL // 8, 1)
+    # Shortened to 5 steps: 40 slots, all real; 7 steps (more than a pass) stop at the pass.
+    assert train.eval_plan(strategy, config, graph, eval_files, 5) == train.EvalPlan(5, 1)
+    assert train.eval_plan(strategy, config, graph, eval_files, 7).steps == N_EVAL // 8
+    config.train.batch_size = 10  # 48 examples in 5 steps of 10: 50 slots, real weigh 50 / 48
+    assert train.eval_plan(strategy, config, graph, eval_files) == train.EvalPlan(5, 50 / 48)
+    with pytest.raises(ValueError, match="no example count for eval file .*set train.eval_steps"):
+        train.eval_plan(strategy, config, str(tmp_path), eval_files)
+
+
 def test_image_signatures_refuse_images_over_the_pixel_budget_before_decoding(
     exported, transform_paths
 ):
@@ -495,3 +529,32 @@ def test_image_signatures_refuse_images_over_the_pixel_budget_before_decoding(
     example.features.feature[features.IMAGE_ENCODED].bytes_list.value[0] = bomb
     with pytest.raises(tf.errors.InvalidArgumentError, match="input image/encoded holds an image"):
         model.signatures["serving_default"](examples=tf.constant([example.SerializeToString()]))
+
+
+def test_a_padded_validation_pass_reports_exactly_the_real_examples_metrics(transform_paths):
+    import tensorflow as tf
+
+    from van_trainer import dataset, optim, train
+
+    config = tiny_config(batch_size=10)  # 48 eval examples: 5 steps of 10, 2 padding slots
+    graph = transform_paths["transform_output"]
+    files = dataset.resolve_files(transform_paths["eval_files"])
+    classes = 10
+    model = train.build_model(config, classes)
+    schedule = optim.build_schedule(config.train, steps_per_epoch=1, epochs=1)
+    train.compile_model(model, config, schedule, classes)
+    strategy = tf.distribute.get_strategy()
+    plan = train.eval_plan(strategy, config, graph, files)
+    assert plan == train.EvalPlan(5, 50 / 48)
+    padded = model.evaluate(
+        train.eval_data(strategy, config, files, classes, plan),
+        steps=plan.steps,
+        return_dict=True,
+        verbose=0,
+    )
+    whole = model.evaluate(
+        dataset.eval_dataset(files, config, classes, batch_size=N_EVAL), return_dict=True, verbose=0
+    )
+    assert padded.keys() == whole.keys() == {"loss", "accuracy", "top5"}
+    for name, value in whole.items():
+        assert padded[name] == pytest.approx(value, rel=1e-5), name

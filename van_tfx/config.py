@@ -60,7 +60,16 @@ class DataConfig(_Section):
     layout: Literal["spans", "plain"] = "spans"
     train_pattern: str = "span-{SPAN}/train-*"
     eval_pattern: str = "span-{SPAN}/validation-*"
-    stored_image_size: int = Field(256, ge=32, description="Square side Transform stores (uint8).")
+    max_image_side: int = Field(
+        512,
+        ge=32,
+        description="Longer side of the JPEG Transform stores: smaller JPEGs are kept byte for "
+        "byte, larger images (and PNGs) are resized to it and re-encoded.",
+    )
+    jpeg_quality: int = Field(90, ge=1, le=100, description="Quality of re-encoded images.")
+    examples_per_shard: int = Field(
+        1024, ge=1, description="Records per transformed file (ImageNet-1k: 1,252 train files)."
+    )
     schema_path: str = Field("", description="Curated schema; empty means the one in the repo.")
     num_classes: int = Field(
         0, ge=0, description="Label domain max for validation; 0 = count the data's synsets.txt."
@@ -225,9 +234,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _stored_size_covers_model_input(self) -> Config:
-        if self.data.stored_image_size < self.model.image_size:
+        if self.data.max_image_side < self.model.image_size:
             raise ValueError(
-                f"data.stored_image_size ({self.data.stored_image_size}) must be >= "
+                f"data.max_image_side ({self.data.max_image_side}) must be >= "
                 f"model.image_size ({self.model.image_size})"
             )
         return self
@@ -320,7 +329,6 @@ DEMO_OVERRIDES = [
     "model.variant=tiny",
     "model.image_size=32",
     "model.drop_path_rate=0.0",
-    "data.stored_image_size=32",
     "train.epochs=12",
     "train.batch_size=64",
     "train.base_learning_rate=0.03",

@@ -1,6 +1,7 @@
 """Per-step augmentation of official VAN (timm 0.4.12 recipe) and THE eval preprocessing, in TF ops.
 
-Training, per image: random resized crop -> horizontal flip -> RandAugment `rand-m9-mstd0.5-inc1`
+Training, per image: random resized crop of the whole stored image (decoding only the crop window
+of the JPEG) -> horizontal flip -> RandAugment `rand-m9-mstd0.5-inc1`
 (or color jitter when RandAugment is off, as timm does) -> normalise -> random erasing (per-pixel
 normal noise). Per batch: mixup / cutmix with soft targets. Every random draw is stateless and
 derived from a per-example seed, so a fixed seed gives the same batches on every run.
@@ -71,41 +72,105 @@ def normalize(images: tf.Tensor) -> tf.Tensor:
 
 
 def eval_resize_size(image_size: int, crop_pct: float) -> int:
-    """Side the image is resized to before the center crop (timm: floor(image_size / crop_pct))."""
+    """Side the shorter side is resized to before the center crop (timm: floor(size / crop_pct))."""
     return int(math.floor(image_size / crop_pct))
 
 
-def eval_preprocess(images: tf.Tensor, image_size: int, crop_pct: float) -> tf.Tensor:
-    """THE deterministic eval/serving preprocessing: uint8 [N,S,S,3] -> float32 [N,s,s,3] in [-1,1].
+def center_view(image: tf.Tensor, image_size: int, crop_pct: float) -> tf.Tensor:
+    """Resize-shorter-side + centre crop of one image: [H,W,3] -> float32 [s,s,3] in [0, 255].
 
-    Bicubic resize (antialiased, like PIL) to image_size / crop_pct, center crop, normalise. The
-    eval dataset and both serving signatures call this one function, so they cannot drift apart.
+    timm/torchvision: bicubic (antialiased, like PIL) resize of the shorter side to
+    floor(image_size / crop_pct) (the longer side scaled alike, truncated), then centre crop.
     """
     resize = eval_resize_size(image_size, crop_pct)
-    images = tf.image.resize(
-        tf.cast(images, tf.float32), [resize, resize], method="bicubic", antialias=True
+    shape = tf.shape(image)[:2]
+    new_shape = tf.maximum(shape * resize // tf.reduce_min(shape), resize)
+    resized = tf.image.resize(tf.cast(image, tf.float32), new_shape, "bicubic", antialias=True)
+    # torchvision CenterCrop: offsets int(round((side - size) / 2)).
+    top, left = tf.unstack(tf.cast(tf.round((new_shape - image_size) / 2), tf.int32))
+    cropped = resized[top : top + image_size, left : left + image_size, :]
+    return tf.ensure_shape(tf.clip_by_value(cropped, 0.0, 255.0), [image_size, image_size, 3])
+
+
+def eval_view(image: tf.Tensor, image_size: int, crop_pct: float) -> tf.Tensor:
+    """THE deterministic eval/serving view of one image: [H,W,3] -> float32 [s,s,3] in [-1, 1]."""
+    return normalize(center_view(image, image_size, crop_pct))
+
+
+def eval_preprocess(images: tf.Tensor, image_size: int, crop_pct: float) -> tf.Tensor:
+    """eval_view over a batch of same-size decoded images: uint8 [N,H,W,3] -> float32 [N,s,s,3]."""
+    return tf.map_fn(
+        lambda image: eval_view(image, image_size, crop_pct),
+        images,
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
     )
-    offset = (resize - image_size) // 2
-    images = images[:, offset : offset + image_size, offset : offset + image_size, :]
-    return normalize(tf.clip_by_value(images, 0.0, 255.0))
+
+
+def eval_view_from_jpeg(encoded: tf.Tensor, image_size: int, crop_pct: float) -> tf.Tensor:
+    """THE eval/serving input from a stored JPEG (Transform's `image`): decode, then eval_view."""
+    return eval_view(tf.io.decode_jpeg(encoded, channels=3), image_size, crop_pct)
+
+
+def eval_images_from_jpeg(encoded: tf.Tensor, image_size: int, crop_pct: float) -> tf.Tensor:
+    """eval_view_from_jpeg over a [N] batch of stored JPEGs -> float32 [N,s,s,3]."""
+    return tf.map_fn(
+        lambda image: eval_view_from_jpeg(image, image_size, crop_pct),
+        encoded,
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+    )
 
 
 # --------------------------------------------------------------------------- geometry
 
 
-def random_resized_crop(image, size, scale, ratio, seed):
-    """timm RandomResizedCrop: a box of random area fraction and aspect ratio, resized to size."""
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image),
-        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=fold_seed(seed, 1),
-        min_object_covered=0.0,
-        aspect_ratio_range=ratio,
-        area_range=scale,
-        max_attempts=10,
-        use_image_if_no_bounding_boxes=True,
+def random_resized_crop_window(height, width, scale, ratio, seed, attempts: int = 10):
+    """timm RandomResizedCrop.get_params: [top, left, h, w] of a box in a height x width image.
+
+    Up to `attempts` draws of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio); the
+    first box that fits wins, at a uniform position. Otherwise the whole image, cropped to the
+    nearest allowed ratio, centred. Sampled over the whole image, whatever its aspect ratio.
+    """
+    h_img = tf.cast(height, tf.float32)
+    w_img = tf.cast(width, tf.float32)
+    area = _uniform(seed, 51, scale[0], scale[1], [attempts]) * h_img * w_img
+    log_ratio = _uniform(seed, 52, math.log(ratio[0]), math.log(ratio[1]), [attempts])
+    aspect = tf.exp(log_ratio)
+    w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
+    h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    h_fit, w_fit = h[first], w[first]
+    top = tf.cast(_uniform(seed, 53) * tf.cast(height - h_fit + 1, tf.float32), tf.int32)
+    left = tf.cast(_uniform(seed, 54) * tf.cast(width - w_fit + 1, tf.float32), tf.int32)
+    # Fallback (timm): whole image, clamped to the ratio range, centred.
+    in_ratio = w_img / h_img
+    w_fb = tf.where(
+        in_ratio > ratio[1], tf.cast(tf.round(h_img * ratio[1]), tf.int32), tf.cast(width, tf.int32)
     )
-    crop = tf.slice(image, begin, crop_size)
+    h_fb = tf.where(
+        in_ratio < ratio[0],
+        tf.cast(tf.round(w_img / ratio[0]), tf.int32),
+        tf.cast(height, tf.int32),
+    )
+    h_fb, w_fb = tf.maximum(h_fb, 1), tf.maximum(w_fb, 1)
+    fallback = tf.stack([(height - h_fb) // 2, (width - w_fb) // 2, h_fb, w_fb])
+    window = tf.stack([top, left, h_fit, w_fit])
+    return tf.where(tf.reduce_any(fits), window, tf.cast(fallback, tf.int32))
+
+
+def random_resized_crop(image, size, scale, ratio, seed):
+    """timm RandomResizedCrop of a decoded [H,W,3] image, resized (bilinear) to size x size."""
+    shape = tf.shape(image)
+    top, left, h, w = tf.unstack(random_resized_crop_window(shape[0], shape[1], scale, ratio, seed))
+    crop = tf.slice(image, [top, left, 0], [h, w, 3])
+    return tf.image.resize(crop, [size, size], method="bilinear", antialias=True)
+
+
+def random_resized_crop_jpeg(encoded, size, scale, ratio, seed):
+    """random_resized_crop of a JPEG, decoding only the crop window (TF's ImageNet pipelines)."""
+    shape = tf.image.extract_jpeg_shape(encoded)
+    window = random_resized_crop_window(shape[0], shape[1], scale, ratio, seed)
+    crop = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
     return tf.image.resize(crop, [size, size], method="bilinear", antialias=True)
 
 
@@ -283,12 +348,25 @@ def random_erasing(image, prob, seed, attempts=10):
 
 
 def train_augment(image, seed, image_size: int, cfg: AugmentConfig):
-    """Per-image training augmentation: uint8/float [S,S,3] -> normalised float32 [s,s,3]."""
+    """Per-image training augmentation: decoded [H,W,3] (any size) -> normalised float32 [s,s,3]."""
     image = tf.cast(image, tf.float32)
     if cfg.random_resized_crop:
-        image = random_resized_crop(image, image_size, cfg.crop_scale, cfg.crop_ratio, seed)
+        view = random_resized_crop(image, image_size, cfg.crop_scale, cfg.crop_ratio, seed)
     else:
-        image = tf.image.resize(image, [image_size, image_size], antialias=True)
+        view = center_view(image, image_size, 1.0)  # the eval view, without its margin
+    return augment_view(view, seed, image_size, cfg)
+
+
+def train_augment_jpeg(encoded, seed, image_size: int, cfg: AugmentConfig):
+    """train_augment of a stored JPEG; the random crop decodes only its window."""
+    if cfg.random_resized_crop:
+        view = random_resized_crop_jpeg(encoded, image_size, cfg.crop_scale, cfg.crop_ratio, seed)
+        return augment_view(view, seed, image_size, cfg)
+    return train_augment(tf.io.decode_jpeg(encoded, channels=3), seed, image_size, cfg)
+
+
+def augment_view(image, seed, image_size: int, cfg: AugmentConfig):
+    """Everything after the crop: flip, RandAugment or color jitter, normalise, random erasing."""
     if cfg.horizontal_flip:
         image = random_flip(image, seed)
     image = tf.clip_by_value(image, 0.0, 255.0)

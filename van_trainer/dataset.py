@@ -1,4 +1,10 @@
-"""tf.data input from Transform output: parallel reads, per-step augmentation, prefetch."""
+"""tf.data input from Transform output: each worker's own files, per-step augmentation, prefetch.
+
+Transform stores JPEGs (van_trainer/preprocessing.py) in files of `data.examples_per_shard`
+records. Under a distribution strategy the datasets are built per input pipeline
+(`distributed`, i.e. `strategy.distribute_datasets_from_function`): pipeline i of n reads files
+i, i+n, i+2n, ... and nothing else, so each worker reads, decodes and augments only its share.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,19 @@ def resolve_files(patterns: list[str] | str) -> list[str]:
     if not files:
         raise FileNotFoundError(f"no input files match {patterns}")
     return files
+
+
+def worker_files(files: list[str], input_context: tf.distribute.InputContext | None) -> list[str]:
+    """This input pipeline's disjoint share of the files: every n-th, from its id on."""
+    if input_context is None or input_context.num_input_pipelines == 1:
+        return files
+    count, index = input_context.num_input_pipelines, input_context.input_pipeline_id
+    if len(files) < count:
+        raise ValueError(
+            f"{len(files)} input files for {count} workers: each worker reads its own files, so "
+            "every worker needs at least one (lower data.examples_per_shard and rerun Transform)"
+        )
+    return files[index::count]
 
 
 def _compression(files: list[str]) -> str:
@@ -50,42 +69,44 @@ def transformed_feature_spec() -> dict:
     }
 
 
-def decode_stored_images(raw: tf.Tensor, size: int) -> tf.Tensor:
-    """Raw uint8 bytes of [size,size,3] images (any leading shape) -> uint8 [..., size, size, 3]."""
-    pixels = tf.io.decode_raw(raw, tf.uint8)
-    expected = size * size * 3
-    tf.debugging.assert_equal(
-        tf.shape(pixels)[-1],
-        expected,
-        message=f"Transform '{features.TRANSFORMED_IMAGE}' does not hold {size}x{size}x3 uint8 "
-        "bytes; is data.stored_image_size the value Transform ran with?",
-    )
-    return tf.reshape(pixels, tf.concat([tf.shape(raw), [size, size, 3]], 0))
-
-
 def _options(config: Config) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = config.train.deterministic
-    # Element-wise sharding works for any file count (Transform often writes one file).
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    # Sharded by file in worker_files already: tf.distribute must not shard again.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return options
 
 
+def _per_replica_batch(batch_size: int, input_context) -> int:
+    return input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
+
+
 def train_dataset(
-    files: list[str], config: Config, num_classes: int, batch_size: int | None = None
+    files: list[str],
+    config: Config,
+    num_classes: int,
+    batch_size: int | None = None,
+    input_context: tf.distribute.InputContext | None = None,
 ) -> tf.data.Dataset:
-    """Endless, shuffled, augmented batches of (normalised images, soft one-hot targets)."""
-    batch_size = batch_size or config.train.batch_size
+    """Endless, shuffled, augmented batches of (normalised images, soft one-hot targets).
+
+    The shuffle comes before the repeat, so epoch k + 1 starts only once epoch k has emitted every
+    record of this pipeline's files. With `input_context`, batches are per replica.
+    """
+    batch_size = _per_replica_batch(batch_size or config.train.batch_size, input_context)
+    files = worker_files(files, input_context)
     seed = config.train.seed
-    size = config.data.stored_image_size
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        seed = seed * 1009 + input_context.input_pipeline_id  # each pipeline its own draws
     spec = transformed_feature_spec()
 
     @graph_function
     def parse_and_augment(index, record):
         example = tf.io.parse_single_example(record, spec)
-        image = decode_stored_images(example[features.TRANSFORMED_IMAGE], size)
         item_seed = augment.example_seed(seed, index)
-        image = augment.train_augment(image, item_seed, config.model.image_size, config.augment)
+        image = augment.train_augment_jpeg(
+            example[features.TRANSFORMED_IMAGE], item_seed, config.model.image_size, config.augment
+        )
         target = tf.one_hot(example[features.TRANSFORMED_LABEL], num_classes)
         return image, target
 
@@ -105,28 +126,55 @@ def train_dataset(
 
 
 def eval_dataset(
-    files: list[str], config: Config, num_classes: int, batch_size: int | None = None
+    files: list[str],
+    config: Config,
+    num_classes: int,
+    batch_size: int | None = None,
+    input_context: tf.distribute.InputContext | None = None,
+    steps: int | None = None,
+    weight: float = 1.0,
 ) -> tf.data.Dataset:
-    """One pass of (eval-preprocessed images, one-hot targets), via augment.eval_preprocess."""
-    batch_size = batch_size or config.train.batch_size
-    size = config.data.stored_image_size
+    """One pass of (eval view, one-hot targets) over this pipeline's files (augment.eval_view).
+
+    With `steps`, the pass is exactly `steps` full batches per replica, padded with zero-weight
+    examples and yielding (images, targets, weights), real examples weighing `weight`: every
+    worker of a strategy then runs the same steps over its own files, none sees an empty batch
+    (TensorFlow's CPU convolution returns its input unchanged for one), and weighted metrics and
+    the loss (sum over slots / slots, see train.eval_plan) are exactly those of the real examples.
+    """
+    batch_size = _per_replica_batch(batch_size or config.train.batch_size, input_context)
     spec = transformed_feature_spec()
+    size = config.model.image_size
 
     @graph_function
-    def parse_and_preprocess(records):
-        batch = tf.io.parse_example(records, spec)
-        images = decode_stored_images(batch[features.TRANSFORMED_IMAGE], size)
-        images = augment.eval_preprocess(images, config.model.image_size, config.eval.crop_pct)
-        return images, tf.one_hot(batch[features.TRANSFORMED_LABEL], num_classes)
+    def parse_and_preprocess(record):
+        example = tf.io.parse_single_example(record, spec)
+        image = augment.eval_view_from_jpeg(
+            example[features.TRANSFORMED_IMAGE], size, config.eval.crop_pct
+        )
+        return image, tf.one_hot(example[features.TRANSFORMED_LABEL], num_classes)
 
-    ds = _records(files, shuffle_files=False, seed=config.train.seed).batch(batch_size)
+    ds = _records(worker_files(files, input_context), shuffle_files=False, seed=config.train.seed)
     ds = ds.map(parse_and_preprocess, num_parallel_calls=AUTOTUNE)
+    if steps:
+        replicas_here = 1
+        if input_context is not None:
+            replicas_here = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+        real = ds.map(lambda image, target: (image, target, tf.constant(weight, tf.float32)))
+        padding = tf.data.Dataset.from_tensors(
+            (tf.zeros([size, size, 3]), tf.zeros([num_classes]), tf.constant(0.0))
+        ).repeat()
+        ds = real.concatenate(padding).take(steps * batch_size * max(1, replicas_here))
+        ds = ds.batch(batch_size, drop_remainder=True)
+    else:
+        ds = ds.batch(batch_size)
     options = _options(config)
     options.deterministic = True
     return ds.prefetch(AUTOTUNE).with_options(options)
 
 
-def count_records(files: list[str]) -> int:
-    """Number of records in the files (one cheap pass; used when no step count is configured)."""
-    ds = tf.data.TFRecordDataset(files, compression_type=_compression(files))
-    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1).numpy())
+def distributed(strategy: tf.distribute.Strategy, make_dataset, *args, **kwargs):
+    """`make_dataset(*args, input_context=..., **kwargs)`, built once per input pipeline."""
+    return strategy.distribute_datasets_from_function(
+        lambda input_context: make_dataset(*args, input_context=input_context, **kwargs)
+    )

@@ -68,6 +68,13 @@ def choose_strategy(train: TrainConfig) -> tf.distribute.Strategy:
     return strategy
 
 
+def input_pipelines(strategy: tf.distribute.Strategy) -> int:
+    """How many input pipelines distribute_datasets_from_function builds: one per worker."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return cluster_size()
+    return 1
+
+
 def _mirrored_devices(cpu_devices: int) -> list[str] | None:
     if tf.config.list_logical_devices("GPU"):
         return None  # MirroredStrategy's default: every local GPU

@@ -21,7 +21,7 @@ import tf_keras as keras
 from van_tfx import features, storage
 from van_tfx.config import Config
 from van_tfx.saved_model import mark_classification_signature
-from van_trainer import augment, dataset, preprocessing
+from van_trainer import augment, preprocessing
 from van_trainer.model import fold_for_inference
 
 KERAS_WEIGHTS_PATH = os.path.join("assets.extra", "van.weights.h5")
@@ -59,15 +59,13 @@ class ServingModule(tf.Module):
         self._synsets = synsets(tft_output)
         self._top_k = min(config.serving.top_k, len(self._synsets))
         self._image_size = config.model.image_size
-        self._stored_size = config.data.stored_image_size
         self._crop_pct = config.eval.crop_pct
         self._max_pixels = config.serving.max_image_pixels
 
     def _probabilities(self, transformed: dict) -> tf.Tensor:
-        images = dataset.decode_stored_images(
-            transformed[features.TRANSFORMED_IMAGE], self._stored_size
+        images = augment.eval_images_from_jpeg(
+            transformed[features.TRANSFORMED_IMAGE], self._image_size, self._crop_pct
         )
-        images = augment.eval_preprocess(images, self._image_size, self._crop_pct)
         logits = self._forward.model(images, training=False)
         return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
 

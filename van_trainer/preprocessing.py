@@ -1,4 +1,11 @@
-"""TFX Transform: raw ImageNet-style records -> fixed-size uint8 RGB bytes + 0-based class ids.
+"""TFX Transform: raw ImageNet-style records -> JPEG bytes (longer side capped) + 0-based class ids.
+
+What Transform stores is a JPEG, so a stored image costs no more than its source: a JPEG whose
+longer side is within `data.max_image_side` is kept byte for byte (no decode, no re-encode); a
+larger one, or a PNG, is decoded, resized (bicubic, antialiased) so its longer side is the cap
+and encoded as JPEG at `data.jpeg_quality`. The aspect ratio is kept, so the Trainer's
+RandomResizedCrop samples from the whole image (van_trainer/augment.py) and the eval/serving view
+is resize-shorter-side + centre crop of the same bytes.
 
 Deterministic only: this graph also runs at serving time, and anything random it materialised
 would be frozen into the transformed data for every epoch. The paper's augmentation runs per step
@@ -14,36 +21,54 @@ import tensorflow_transform as tft
 
 from van_tfx import features
 
-DEFAULT_STORED_IMAGE_SIZE = 64  # = van_tfx.config.DataConfig.stored_image_size's default
+# Fallbacks when custom_config has no data section: van_tfx.config.DataConfig's defaults.
+DEFAULT_MAX_IMAGE_SIDE = 512
+DEFAULT_JPEG_QUALITY = 90
 _JPEG_START = b"\xff\xd8\xff"
 _JPEG_END = b"\xff\xd9"
 _PNG_START = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"
 # Some cameras append padding after the JPEG end-of-image marker; look for it near the end.
 _JPEG_END_SEARCH = 32
+# Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic): C0-CF but DHT
+# (C4), JPG (C8) and DAC (CC). The frame header after them holds height, width and channels.
+_SOF_MARKERS = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+# Segments read before giving up on finding the frame header (APPn/EXIF/ICC/DQT/DHT come first).
+_MAX_JPEG_SEGMENTS = 64
 
 
-def stored_image_size(custom_config: dict[str, Any] | None) -> int:
-    """The stored side S from the Transform custom_config ({'data': DataConfig dump} or flat)."""
+def image_settings(custom_config: dict[str, Any] | None) -> tuple[int, int]:
+    """(max_image_side, jpeg_quality) from the Transform custom_config ({'data': ...} or flat)."""
     config = custom_config or {}
     data = config.get("data", config)
-    return int(data.get("stored_image_size", DEFAULT_STORED_IMAGE_SIZE))
+    return (
+        int(data.get("max_image_side", DEFAULT_MAX_IMAGE_SIDE)),
+        int(data.get("jpeg_quality", DEFAULT_JPEG_QUALITY)),
+    )
 
 
 def preprocessing_fn(
     inputs: dict[str, Any], custom_config: dict[str, Any] | None = None
 ) -> dict[str, tf.Tensor]:
-    """Transform raw examples into {'image': raw uint8 [S,S,3] bytes, 'label': int64 class id}."""
-    size = stored_image_size(custom_config)
+    """Transform raw examples into {'image': JPEG bytes, 'label': int64 class id}."""
+    max_side, quality = image_settings(custom_config)
     encoded = _column(inputs[features.IMAGE_ENCODED], b"")
-    outputs = {features.TRANSFORMED_IMAGE: encode_stored_images(encoded, size)}
+    outputs = {features.TRANSFORMED_IMAGE: stored_images(encoded, max_side, quality)}
     if features.SYNSET in inputs and features.LABEL in inputs:
         filenames = _column(inputs.get(features.IMAGE_FILENAME), b"<no image/filename>", encoded)
-        outputs[features.TRANSFORMED_LABEL] = class_ids(
-            _column(inputs[features.SYNSET], b""),
-            _column(inputs[features.LABEL], -1),
-            check_images_complete(encoded, filenames),
-        )
+        synsets = _column(inputs[features.SYNSET], b"")
+        labels = tf.cast(_column(inputs[features.LABEL], -1), tf.int64)
+        ids = class_ids(synsets, labels)
+        # Assert ops also run while TFT analyzes, when the vocabulary is still a placeholder
+        # whose size reads 0: the checks that need the vocabulary, or that cost a decode, wait
+        # for the real one, so they run once per record (when it is transformed).
+        analyzed = tft.experimental.get_vocabulary_size_by_name(features.SYNSET_VOCABULARY) > 0
+        checks = [
+            check_images(encoded, filenames, analyzed),
+            check_labels(ids, labels, synsets, analyzed),
+        ]
+        with tf.control_dependencies(checks):
+            outputs[features.TRANSFORMED_LABEL] = tf.identity(ids)
     return outputs
 
 
@@ -60,11 +85,87 @@ def _column(x, default, like: tf.Tensor | None = None) -> tf.Tensor:
     return tf.reshape(x[:, 0] if x.shape.rank == 2 else x, [-1])
 
 
+# ---- image headers (string ops only: they never raise, whatever the bytes) ---------------------
+
+
+def _bytes_at(encoded: tf.Tensor, pos: tf.Tensor, count: int) -> tf.Tensor:
+    """`count` bytes of each string from its `pos` on, as int32 [batch, count] (0 past the end)."""
+    padded = tf.strings.join([encoded, tf.constant(b"\0" * count)])
+    pos = tf.clip_by_value(pos, 0, tf.strings.length(padded) - count)
+    chunk = tf.strings.substr(padded, pos, tf.fill(tf.shape(pos), count))
+    return tf.cast(tf.io.decode_raw(chunk, tf.uint8), tf.int32)
+
+
+def _jpeg_frame(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """(height, width, channels, found) of each JPEG from its start-of-frame segment."""
+    length = tf.strings.length(encoded)
+    zeros = tf.zeros_like(length)
+    sof = tf.constant(_SOF_MARKERS, tf.int32)
+
+    def step(i, pos, height, width, channels, found, alive):
+        segment = _bytes_at(encoded, pos, 10)
+        is_marker = tf.equal(segment[:, 0], 0xFF)
+        is_frame = is_marker & tf.reduce_any(tf.equal(segment[:, 1:2], sof[tf.newaxis]), axis=1)
+        hit = alive & is_frame & (pos + 10 <= length)
+        height = tf.where(hit, segment[:, 5] * 256 + segment[:, 6], height)
+        width = tf.where(hit, segment[:, 7] * 256 + segment[:, 8], width)
+        channels = tf.where(hit, segment[:, 9], channels)
+        size = segment[:, 2] * 256 + segment[:, 3]
+        alive = alive & is_marker & ~is_frame & (size >= 2) & (pos + 2 + size < length)
+        return (
+            i + 1,
+            tf.where(alive, pos + 2 + size, pos),
+            height,
+            width,
+            channels,
+            found | hit,
+            alive,
+        )
+
+    def more(i, *state):
+        return (i < _MAX_JPEG_SEGMENTS) & tf.reduce_any(state[-1])
+
+    starts = tf.equal(tf.strings.substr(encoded, 0, 2), _JPEG_START[:2])
+    state = (0, zeros + 2, zeros, zeros, zeros, tf.zeros_like(starts), starts)
+    _, _, height, width, channels, found, _ = tf.while_loop(more, step, state)
+    return height, width, channels, found & (height > 0) & (width > 0)
+
+
+def _png_header(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """(height, width, found) of each PNG from its IHDR chunk (always the first)."""
+    ihdr = _bytes_at(encoded, tf.fill(tf.shape(encoded), 12), 12)
+    found = tf.reduce_all(tf.equal(ihdr[:, :4], tf.constant(list(b"IHDR"))), axis=1)
+
+    def be32(column):
+        # PNG allows 2^31 - 1; anything above 2^24 is far beyond any pixel budget anyway.
+        top = tf.minimum(ihdr[:, column], 127) * (1 << 24)
+        return top + ihdr[:, column + 1] * 65536 + ihdr[:, column + 2] * 256 + ihdr[:, column + 3]
+
+    width, height = be32(4), be32(8)
+    return height, width, found & (height > 0) & (width > 0)
+
+
+def image_headers(encoded: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Per image: is_jpeg, is_png, height, width, channels (JPEG), readable (header parsed)."""
+    is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_START)), _PNG_START)
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_START)), _JPEG_START)
+    j_height, j_width, channels, j_found = _jpeg_frame(encoded)
+    p_height, p_width, p_found = _png_header(encoded)
+    return {
+        "is_jpeg": is_jpeg,
+        "is_png": is_png,
+        "height": tf.where(is_png, p_height, j_height),
+        "width": tf.where(is_png, p_width, j_width),
+        "channels": channels,
+        "readable": (is_png & p_found) | (is_jpeg & j_found),
+    }
+
+
 # ---- images -----------------------------------------------------------------------------------
 
 
 def image_is_complete(encoded: tf.Tensor) -> tf.Tensor:
-    """Per example: starts like a JPEG/PNG and ends with its end marker (catches truncation)."""
+    """Per example: a JPEG/PNG whose header gives its size and which ends with its end marker."""
     length = tf.strings.length(encoded)
 
     def ends_with(marker: bytes, offset: int) -> tf.Tensor:
@@ -72,106 +173,131 @@ def image_is_complete(encoded: tf.Tensor) -> tf.Tensor:
         width = tf.fill(tf.shape(start), len(marker))  # Substr wants pos and len alike
         return tf.equal(tf.strings.substr(encoded, start, width), marker)
 
-    is_png = tf.strings.substr(encoded, 0, len(_PNG_START)) == _PNG_START
-    png_complete = is_png & ends_with(_PNG_END, len(_PNG_END))
-    is_jpeg = tf.strings.substr(encoded, 0, len(_JPEG_START)) == _JPEG_START
+    headers = image_headers(encoded)
+    png_complete = headers["is_png"] & ends_with(_PNG_END, len(_PNG_END))
     jpeg_end = tf.reduce_any(
         tf.stack([ends_with(_JPEG_END, k) for k in range(2, _JPEG_END_SEARCH + 1)], axis=1), axis=1
     )
-    return png_complete | (is_jpeg & jpeg_end)
+    return headers["readable"] & (png_complete | (headers["is_jpeg"] & jpeg_end))
 
 
-def check_images_complete(encoded: tf.Tensor, filenames: tf.Tensor) -> tf.Operation:
-    """An assertion that fails naming the first record whose image/encoded is not a whole image."""
+def image_decodes(encoded: tf.Tensor) -> tf.Tensor:
+    """Per example: whether TensorFlow's decoder accepts the image (a decode error is a False).
+
+    tf.data's ignore_errors is the one graph-mode way to catch a kernel error per element. JPEGs
+    are decoded at 1/8 scale: the same header, table and scan parsing, a fraction of the IDCT.
+    """
+
+    def decode(index, image):
+        is_jpeg = tf.equal(tf.strings.substr(image, 0, len(_JPEG_START)), _JPEG_START)
+        pixels = tf.cond(
+            is_jpeg,
+            lambda: tf.io.decode_jpeg(image, channels=3, ratio=8),
+            lambda: tf.io.decode_png(image, channels=3),
+        )
+        return index, tf.size(pixels)
+
+    count = tf.size(encoded, out_type=tf.int64)
+    decoded = (
+        tf.data.Dataset.from_tensor_slices((tf.range(count), encoded))
+        .map(decode)
+        .ignore_errors(log_warning=False)
+    )
+    hits = decoded.reduce(
+        tf.zeros([count], tf.int32),
+        lambda seen, item: seen + tf.one_hot(item[0], tf.cast(count, tf.int32), dtype=tf.int32),
+    )
+    return hits > 0
+
+
+def check_images(encoded: tf.Tensor, filenames: tf.Tensor, analyzed: tf.Tensor) -> tf.Operation:
+    """An assertion that fails naming the first record whose image/encoded is not a whole,
+    decodable JPEG or PNG. The decode check runs only once analyzers are done (`analyzed`)."""
     complete = image_is_complete(encoded)
-    first_bad = tf.argmin(tf.cast(complete, tf.int32), output_type=tf.int32)
+    decodes = tf.cond(analyzed, lambda: image_decodes(encoded), lambda: tf.ones_like(complete))
+    good = complete & decodes
+    first_bad = tf.argmin(tf.cast(good, tf.int32), output_type=tf.int32)
     return tf.debugging.Assert(
-        tf.reduce_all(complete),
+        tf.reduce_all(good),
         [
             "image/encoded of record image/filename =",
             tf.gather(filenames, first_bad),
-            "is not a complete JPEG or PNG image (unknown format or truncated).",
+            "is not a complete, decodable JPEG or PNG image (unknown format, truncated or "
+            "corrupt).",
         ],
         name="image_is_complete",
     )
 
 
-def encode_stored_images(encoded: tf.Tensor, size: int) -> tf.Tensor:
-    """Decode each JPEG/PNG (any channel count) to RGB, resize+center-crop to S, raw uint8 bytes."""
+def stored_images(encoded: tf.Tensor, max_side: int, quality: int) -> tf.Tensor:
+    """What Transform stores per image: the JPEG itself if it is RGB/gray within the cap, else the
+    image resized to the cap (aspect kept) and encoded as JPEG; b'' for unreadable bytes."""
+    headers = image_headers(encoded)
+    # No Assert in here: a stateful op would make TFT run this work in every analysis phase too.
+    # Unreadable bytes must not reach a decoder here either (its error names no record): they
+    # become b'', which the named check (always among Transform's outputs) rejects.
+    readable = image_is_complete(encoded)
+    keep = (
+        readable
+        & headers["is_jpeg"]
+        & ((headers["channels"] == 1) | (headers["channels"] == 3))
+        & (tf.maximum(headers["height"], headers["width"]) <= max_side)
+    )
+
+    def store(args):
+        image, kept, ok = args
+        return tf.cond(
+            kept,
+            lambda: image,
+            lambda: tf.cond(
+                ok, lambda: reencoded(image, max_side, quality), lambda: tf.constant(b"")
+            ),
+        )
+
     return tf.map_fn(
-        lambda image: _stored_image_bytes(image, size),
-        encoded,
-        fn_output_signature=tf.TensorSpec([], tf.string),
+        store, (encoded, keep, readable), fn_output_signature=tf.TensorSpec([], tf.string)
     )
 
 
-def _stored_image_bytes(encoded: tf.Tensor, size: int) -> tf.Tensor:
-    # No Assert in here: a stateful op would make TFT run this decode in every analysis phase
-    # too (measured 4x slower). The named completeness check sits on the label path instead, so
-    # an incomplete image must not reach libjpeg here: its "Invalid JPEG data" names no record
-    # and could win the race against the named check. It becomes a placeholder that the named
-    # check (always among Transform's outputs) rejects; serving checks completeness up front.
-    def decode() -> tf.Tensor:
-        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        return raw_bytes(resize_and_center_crop(image, size))
-
-    placeholder = lambda: tf.constant(b"\0" * (size * size * 3))  # noqa: E731
-    return tf.cond(image_is_complete(encoded[tf.newaxis])[0], decode, placeholder)
-
-
-def resize_and_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Resize the shorter side to `size` (bicubic, antialiased), center-crop size x size, uint8."""
+def reencoded(encoded: tf.Tensor, max_side: int, quality: int) -> tf.Tensor:
+    """Decode any JPEG/PNG to RGB, shrink it so its longer side is <= max_side, encode as JPEG."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = size / tf.reduce_min(shape)
-    new_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
+    scale = tf.minimum(1.0, max_side / tf.reduce_max(shape))
+    new_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), 1)
     resized = tf.image.resize(image, new_shape, method="bicubic", antialias=True)
-    top = (new_shape[0] - size) // 2
-    left = (new_shape[1] - size) // 2
-    cropped = resized[top : top + size, left : left + size, :]
     # Bicubic overshoots at edges: clip before the cast instead of letting uint8 wrap around.
-    pixels = tf.cast(tf.round(tf.clip_by_value(cropped, 0.0, 255.0)), tf.uint8)
-    return tf.ensure_shape(pixels, [size, size, 3])
-
-
-def raw_bytes(pixels: tf.Tensor) -> tf.Tensor:
-    """The raw bytes of a uint8 tensor (what tf.io.decode_raw reads back)."""
-    # TF has no encode_raw; a serialized TensorProto ends with the tensor's raw content.
-    serialized = tf.io.serialize_tensor(pixels)
-    num_bytes = tf.size(pixels)
-    return tf.strings.substr(serialized, tf.strings.length(serialized) - num_bytes, num_bytes)
-
-
-def decode_transformed_image(raw: tf.Tensor, stored_size: int) -> tf.Tensor:
-    """Transform's `image` bytes -> uint8 [..., S, S, 3] (works on a scalar or a batch)."""
-    pixels = tf.io.decode_raw(raw, tf.uint8)
-    return tf.reshape(pixels, tf.concat([tf.shape(raw), [stored_size, stored_size, 3]], axis=0))
+    pixels = tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
+    return tf.io.encode_jpeg(pixels, quality=quality)
 
 
 # ---- labels -----------------------------------------------------------------------------------
 
 
-def class_ids(synsets: tf.Tensor, labels: tf.Tensor, image_check: tf.Operation) -> tf.Tensor:
+def class_ids(synsets: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """0-based class ids from the `synsets` vocabulary, ordered like the sorted synset list.
 
     TFT orders a vocabulary by decreasing (weighted) frequency. Weighting each example by
     (max_label + 1 - label) / count(label) makes synset number `label` total exactly
     max_label + 1 - label, so the vocabulary comes out in label order (= sorted synset order)
-    whatever the class frequencies, and class id == image/class/label - 1, asserted per example.
+    whatever the class frequencies, and class id == image/class/label - 1 (check_labels).
     """
-    labels = tf.cast(labels, tf.int64)
     keys, counts = tft.count_per_key(labels)
     matches = tf.equal(labels[:, tf.newaxis], keys[tf.newaxis, :])
     count = tf.reduce_sum(tf.where(matches, counts[tf.newaxis, :], 0), axis=1)
     rank = tf.cast(tft.max(labels) + 1 - labels, tf.float32)
     weights = rank / tf.cast(tf.maximum(count, 1), tf.float32)
-    ids = tft.compute_and_apply_vocabulary(
+    return tft.compute_and_apply_vocabulary(
         synsets, vocab_filename=features.SYNSET_VOCABULARY, weights=weights, default_value=-1
     )
-    # Assert ops also run while TFT analyzes, when the vocabulary is still a placeholder whose
-    # size reads 0; only check once the real vocabulary is in place.
-    analyzed = tft.experimental.get_vocabulary_size_by_name(features.SYNSET_VOCABULARY) > 0
-    consistent = tf.debugging.Assert(
+
+
+def check_labels(
+    ids: tf.Tensor, labels: tf.Tensor, synsets: tf.Tensor, analyzed: tf.Tensor
+) -> tf.Operation:
+    """An assertion that every class id is image/class/label - 1 (once the vocabulary exists)."""
+    return tf.debugging.Assert(
         tf.logical_not(analyzed) | tf.reduce_all(tf.equal(ids, labels - 1)),
         [
             "image/class/label is inconsistent with image/class/synset (expected label - 1 == "
@@ -184,5 +310,3 @@ def class_ids(synsets: tf.Tensor, labels: tf.Tensor, image_check: tf.Operation) 
         name="label_matches_synset",
         summarize=8,
     )
-    with tf.control_dependencies([image_check, consistent]):
-        return tf.identity(ids)

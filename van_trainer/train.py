@@ -8,6 +8,7 @@ history.csv, metrics.json and training_curves.png.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -18,10 +19,13 @@ import tf_keras as keras
 
 from van_tfx import features, storage
 from van_tfx.config import Config
+from van_tfx.data import shards
 from van_trainer import dataset, distribute, export, optim, tracing
 
 log = logging.getLogger(__name__)
 
+# TFX Trainer's split names (train_args / eval_args defaults).
+TRAIN_SPLIT, EVAL_SPLIT = "train", "eval"
 # The Config sections the pipeline hands the Trainer through custom_config.
 TRAINER_SECTIONS = ("data", "model", "augment", "train", "eval", "serving")
 BACKUP_DIR = "backup"
@@ -44,16 +48,91 @@ def config_from_custom_config(custom_config: dict | None) -> Config:
     return Config.model_validate(sections)
 
 
-def plan_steps(config: Config, train_files: list[str], train_steps: int | None) -> tuple[int, int]:
+def plan_steps(config: Config, transform_output: str, train_steps: int | None) -> tuple[int, int]:
     """(epochs, steps_per_epoch): TFX train_args.num_steps, if set, is the total step budget
-    spread over train.epochs; otherwise train.steps_per_epoch (or one pass over the data)."""
+    spread over train.epochs; otherwise train.steps_per_epoch, or one pass over the training split
+    as counted by Transform (never by reading the data)."""
     epochs = config.train.epochs
     if train_steps:
         epochs = min(epochs, train_steps)
         return epochs, math.ceil(train_steps / epochs)
     if config.train.steps_per_epoch:
         return epochs, config.train.steps_per_epoch
-    return epochs, max(1, dataset.count_records(train_files) // config.train.batch_size)
+    return epochs, max(1, split_size(transform_output, TRAIN_SPLIT) // config.train.batch_size)
+
+
+def split_size(transform_output: str, split: str) -> int:
+    """Examples in a transformed split, from the count Transform recorded in its graph."""
+    count = shards.read_example_count(transform_output, split)
+    if count is None:
+        raise ValueError(
+            f"the transform graph {transform_output} records no example count for split "
+            f"{split!r} ({shards.example_count_path(transform_output, split)}): Transform "
+            "writes it when run with components.transform_executor.ShardingTransformExecutor, "
+            "as the pipeline does; otherwise set train.steps_per_epoch"
+        )
+    return count
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPlan:
+    """A validation pass: `steps` full batches per replica; real examples weigh `weight`."""
+
+    steps: int
+    weight: float
+
+
+def eval_plan(
+    strategy: tf.distribute.Strategy,
+    config: Config,
+    transform_output: str,
+    eval_files: list[str],
+    steps: int | None = None,
+) -> EvalPlan:
+    """Steps and weight of a validation pass in which every worker reads its own eval files.
+
+    Keras needs a step count for distributed datasets, and every worker must run the same steps:
+    the full pass is as long as the longest worker's share (from the per-file counts Transform
+    recorded, never by reading), the other workers pad theirs with zero-weight examples
+    (dataset.eval_dataset). Keras divides the summed loss by the slots of every batch, padding
+    included, so real examples weigh slots / real examples: loss and weighted metrics are then
+    exactly those of the real examples. `steps` (train.eval_steps, TFX eval num_steps) shortens
+    the pass.
+    """
+    per_file = shards.read_shard_examples(transform_output, EVAL_SPLIT) or {}
+    missing = [f for f in eval_files if os.path.basename(f) not in per_file]
+    if missing:
+        raise ValueError(
+            f"the transform graph {transform_output} records no example count for eval file "
+            f"{missing[0]} ({shards.example_count_path(transform_output, EVAL_SPLIT)}): Transform "
+            "writes them when run with components.transform_executor.ShardingTransformExecutor, "
+            "as the pipeline does; otherwise set train.eval_steps"
+        )
+    pipelines = distribute.input_pipelines(strategy)
+    per_step = config.train.batch_size // pipelines  # examples each worker feeds per step
+    shares = [
+        sum(per_file[os.path.basename(f)] for f in eval_files[i::pipelines])
+        for i in range(pipelines)
+    ]
+    full = max(1, *(math.ceil(n / per_step) for n in shares))
+    steps = min(steps or full, full)
+    real = sum(min(n, steps * per_step) for n in shares)
+    if real == 0:
+        raise ValueError(f"the eval split of {transform_output} holds no examples")
+    return EvalPlan(steps=steps, weight=steps * per_step * pipelines / real)
+
+
+def eval_data(strategy, config: Config, eval_files: list[str], num_classes: int, plan: EvalPlan):
+    """The distributed validation dataset of `plan`."""
+    return dataset.distributed(
+        strategy,
+        dataset.eval_dataset,
+        eval_files,
+        config,
+        num_classes,
+        steps=plan.steps,
+        weight=plan.weight,
+    )
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -174,7 +253,8 @@ def compile_model(model, config: Config, schedule, num_classes: int) -> None:
         loss=keras.losses.CategoricalCrossentropy(
             from_logits=True, label_smoothing=config.train.label_smoothing
         ),
-        metrics=[
+        # Weighted: validation pads each worker's share with zero-weight examples (eval_plan).
+        weighted_metrics=[
             keras.metrics.CategoricalAccuracy(name="accuracy"),
             keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
         ],
@@ -228,7 +308,7 @@ def train_and_export(
     _check_batch(config, strategy)
     tft_output = tft.TFTransformOutput(transform_output)
     num_classes = tft_output.vocabulary_size_by_name(features.SYNSET_VOCABULARY)
-    epochs, steps_per_epoch = plan_steps(config, train_files, train_steps)
+    epochs, steps_per_epoch = plan_steps(config, transform_output, train_steps)
     schedule = optim.build_schedule(config.train, steps_per_epoch, epochs)
     previous_policy = keras.mixed_precision.global_policy()
     if config.train.mixed_precision != "none":
@@ -239,16 +319,21 @@ def train_and_export(
             warm_from = load_initial_weights(model, config, num_classes, base_model)
             compile_model(model, config, schedule, num_classes)
         callbacks = build_callbacks(config, model_run_dir, schedule, chief)
+        plan = eval_plan(
+            strategy, config, transform_output, eval_files, config.train.eval_steps or eval_steps
+        )
+        # Each worker reads only its own files; validation runs over the whole eval split once
+        # (each worker its files, to their end).
         history = model.fit(
-            dataset.train_dataset(train_files, config, num_classes),
+            dataset.distributed(strategy, dataset.train_dataset, train_files, config, num_classes),
             epochs=epochs,
             steps_per_epoch=steps_per_epoch,
-            validation_data=dataset.eval_dataset(eval_files, config, num_classes),
-            validation_steps=config.train.eval_steps or eval_steps or None,
+            validation_data=eval_data(strategy, config, eval_files, num_classes, plan),
+            validation_steps=plan.steps,
             callbacks=callbacks,
             verbose=2,
         )
-        final = _final_metrics(model, config, history, eval_files, num_classes, eval_steps)
+        final = _final_metrics(model, config, history, strategy, eval_files, num_classes, plan)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     # After the policy reset: the model keeps its dtypes, the Transform layer must not autocast.
@@ -259,6 +344,8 @@ def train_and_export(
         "final": final,
         "epochs": epochs,
         "steps_per_epoch": steps_per_epoch,
+        "train_examples": shards.read_example_count(transform_output, TRAIN_SPLIT),
+        "eval_examples": shards.read_example_count(transform_output, EVAL_SPLIT),
         "initial_step": callbacks[1].initial_step,
         "final_step": int(model.optimizer.iterations.numpy()),
         "num_classes": num_classes,
@@ -280,12 +367,12 @@ def _check_batch(config: Config, strategy) -> None:
         )
 
 
-def _final_metrics(model, config, history, eval_files, num_classes, eval_steps) -> dict:
+def _final_metrics(model, config, history, strategy, eval_files, num_classes, plan) -> dict:
     # fit() swaps the EMA weights in at its end, so only then do they need a fresh evaluation.
     if config.train.ema_decay > 0:
         return model.evaluate(
-            dataset.eval_dataset(eval_files, config, num_classes),
-            steps=config.train.eval_steps or eval_steps or None,
+            eval_data(strategy, config, eval_files, num_classes, plan),
+            steps=plan.steps,
             return_dict=True,
             verbose=0,
         )
