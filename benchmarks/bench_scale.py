@@ -170,8 +170,12 @@ def run_transform(examples: Path, out: Path, mode: str) -> dict:
     schema_node = tfx.dsl.Importer(
         source_uri=str(examples / "schema"), artifact_type=tfx.types.standard_artifacts.Schema
     ).with_id("schema")
+    mode, _, extra = mode.partition("+")
     transform = ingest.transform(
-        DataConfig(), examples_node.outputs["result"], schema_node.outputs["result"]
+        DataConfig(),
+        examples_node.outputs["result"],
+        schema_node.outputs["result"],
+        statistics=extra == "stats",
     )
     metadata = str(out / "metadata.sqlite")
     pipeline = tfx.dsl.Pipeline(
@@ -388,7 +392,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,5000,20000")
     parser.add_argument("--synsets", type=int, default=300)
-    parser.add_argument("--modes", default="in_memory,multi_processing")
+    parser.add_argument(
+        "--modes",
+        default="in_memory,multi_processing",
+        help="Beam modes to alternate; a '+stats' suffix also runs TFX Transform's statistics",
+    )
     parser.add_argument("--format-images", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=8)

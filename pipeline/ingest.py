@@ -107,12 +107,18 @@ def anomalies_gate(example_validator_component):
     return AnomaliesGate(anomalies=example_validator_component.outputs["anomalies"])
 
 
-def transform(config: DataConfig, examples, schema) -> tfx.components.Transform:
+def transform(
+    config: DataConfig, examples, schema, statistics: bool = False
+) -> tfx.components.Transform:
     """Transform with our preprocessing_fn: analyze 'train', transform both splits, sharded."""
     component = tfx.components.Transform(
         examples=examples,
         schema=schema,
         preprocessing_fn=PREPROCESSING_FN,
+        # TFX's default also runs TFDV over the raw and the transformed data: the raw half is
+        # StatisticsGen's work again, the transformed half describes JPEG bytes and a label, and
+        # nothing reads either. Off unless asked (benchmarks/bench_scale.py measures both).
+        disable_statistics=not statistics,
         # Vocabulary and other analyzers see only training data; both splits are transformed.
         splits_config=transform_pb2.SplitsConfig(
             analyze=[TRAIN_SPLIT], transform=[TRAIN_SPLIT, EVAL_SPLIT]
