@@ -55,10 +55,10 @@ def write_records(path: Path, count: int, side: int) -> list[str]:
     return [file]
 
 
-def images_per_second(ds, batches: int, batch_size: int) -> float:
-    """Throughput of iterating `batches` batches after two warm-up batches."""
+def images_per_second(ds, batches: int, batch_size: int, warmup: int = 2) -> float:
+    """Throughput of iterating `batches` batches after `warmup` warm-up batches."""
     iterator = iter(ds)
-    for _ in range(2):
+    for _ in range(warmup):
         next(iterator)
     start = time.perf_counter()
     for _ in range(batches):

@@ -331,13 +331,9 @@ def train_input(files: list[str], config, classes: int, decode: str, threads: in
 
 def images_per_second(ds, batches: int, batch_size: int) -> float:
     """Throughput of `batches` batches after three warm-up batches."""
-    iterator = iter(ds)
-    for _ in range(3):
-        next(iterator)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    return batches * batch_size / (time.perf_counter() - start)
+    from bench_input import images_per_second as measured
+
+    return measured(ds, batches, batch_size, warmup=3)
 
 
 def recipe_config(batch_size: int = 32):
