@@ -508,7 +508,7 @@ def test_steps_per_epoch_come_from_the_counts_transform_recorded(transform_paths
     assert train.eval_plan(strategy, config, graph, eval_files, 7).steps == N_EVAL // 8
     config.train.batch_size = 10  # 48 examples in 5 steps of 10: 50 slots, real weigh 50 / 48
     assert train.eval_plan(strategy, config, graph, eval_files) == train.EvalPlan(5, 50 / 48)
-    with pytest.raises(ValueError, match="no example count for eval file .*set train.eval_steps"):
+    with pytest.raises(ValueError, match="no example count for eval file .*rerun Transform"):
         train.eval_plan(strategy, config, str(tmp_path), eval_files)
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from van_tfx import features
 from van_tfx.config import DataConfig
@@ -162,7 +164,22 @@ def _break_frame_header(jpeg: bytes) -> bytes:
     return jpeg[: at + 5] + b"\0\0\0\0" + jpeg[at + 9 :]
 
 
-@pytest.mark.parametrize("damage", [_truncate, _break_frame_header])
+def _png_with_corrupt_data(jpeg: bytes) -> bytes:
+    # A PNG (always re-encoded, so always decoded) whose header and IEND are intact but whose
+    # image data is damaged: only a decode can tell, and the re-encode must not be that decode.
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(out, "PNG")
+    png = bytearray(out.getvalue())
+    at = png.find(b"IDAT") + 8
+    png[at : at + 16] = bytes(16)
+    return bytes(png)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _break_frame_header, _png_with_corrupt_data])
 def test_damaged_image_in_eval_split_fails_transform_naming_the_record(tmp_path, damage):
     write_small_sample(tmp_path / "data", train=60, validation=30)
 
@@ -203,6 +220,19 @@ def test_stored_images_keep_small_jpegs_and_cap_the_rest_keeping_the_aspect():
     assert stored[3] == b""  # unreadable: the named check stops the run
 
 
+def test_stored_images_never_decode_what_failed_the_decode_check():
+    broken = _png_with_corrupt_data(_photo(150, 100))
+    images = tf.constant([_photo(900, 600), broken])
+    decodes = preprocessing.image_decodes(images)
+    assert decodes.numpy().tolist() == [True, False]
+    assert preprocessing.image_is_complete(images).numpy().tolist() == [True, True]
+    with pytest.raises(tf.errors.InvalidArgumentError):  # what a decode of it would do
+        tf.io.decode_png(broken)
+    stored = preprocessing.stored_images(images, 512, 90, decodes).numpy()
+    assert tf.image.extract_jpeg_shape(stored[0]).numpy().tolist() == [341, 512, 3]
+    assert stored[1] == b""
+
+
 def test_image_headers_read_sizes_without_decoding_and_never_raise():
     jpeg, png = _photo(500, 375), _photo(150, 100, "PNG")
     headers = preprocessing.image_headers(
@@ -211,3 +241,83 @@ def test_image_headers_read_sizes_without_decoding_and_never_raise():
     headers = {key: value.numpy().tolist() for key, value in headers.items()}
     assert headers["height"][:2] == [375, 100] and headers["width"][:2] == [500, 150]
     assert headers["readable"] == [True, True, False, False, False]
+
+
+def test_jpeg_fill_bytes_before_a_marker_are_read_like_libjpeg_reads_them():
+    jpeg = _photo(500, 375)
+    filled = jpeg[:2] + b"\xff\xff" + jpeg[2:]  # fill bytes before the first segment's marker
+    assert tf.io.decode_jpeg(filled).shape == (375, 500, 3)
+    headers = preprocessing.image_headers(tf.constant([filled]))
+    assert headers["readable"].numpy().tolist() == [True]
+    assert [headers["height"].numpy()[0], headers["width"].numpy()[0]] == [375, 500]
+
+
+def test_a_retried_shard_finalize_renames_nothing_twice_and_records_the_same_counts(tmp_path):
+    from van_tfx.data import shard_writer
+
+    temp = tmp_path / "Split-train.tmp"
+    temp.mkdir()
+    written = []
+    for name, count in (("b", 3), ("a", 5)):
+        (temp / f"{name}.gz").write_bytes(name.encode() * count)
+        written.append((str(temp / f"{name}.gz"), count))
+    prefix = str(tmp_path / "Split-train" / "transformed_examples")
+    counts = tmp_path / "graph" / "example_counts" / "train.json"
+    shard_writer._finalize(written, prefix, str(temp), str(counts))
+    first = counts.read_text()
+    shard_writer._finalize(written, prefix, str(temp), str(counts))  # a retry of the step
+    assert counts.read_text() == first
+    files = sorted(p.name for p in (tmp_path / "Split-train").iterdir())
+    assert files == [f"transformed_examples-0000{i}-of-00002.gz" for i in range(2)]
+    assert (tmp_path / "Split-train" / files[0]).read_bytes() == b"aaaaa"  # sorted temp order
+    assert not temp.exists()
+
+
+_SEED_IMAGES = {}
+
+
+def _seed_image(kind: str) -> bytes:
+    if kind not in _SEED_IMAGES:
+        size = (90, 60) if kind == "JPEG" else (40, 30)
+        _SEED_IMAGES[kind] = _photo(*size, kind)
+    return _SEED_IMAGES[kind]
+
+
+@st.composite
+def damaged_images(draw):
+    """A real JPEG or PNG, cut, overwritten and/or extended at random places; or plain bytes."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=64))
+    data = bytearray(_seed_image(draw(st.sampled_from(["JPEG", "PNG"]))))
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(data)))
+        edit = draw(st.sampled_from(["cut", "overwrite", "insert"]))
+        chunk = draw(st.binary(min_size=1, max_size=16))
+        if edit == "cut":
+            data = data[:at]
+        elif edit == "overwrite":
+            data[at : at + len(chunk)] = chunk
+        else:
+            data[at:at] = chunk
+    return bytes(data)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(damaged_images(), min_size=1, max_size=4))
+def test_whatever_the_bytes_storing_them_never_reaches_a_failing_decoder(images):
+    batch = tf.constant(images)
+    headers = preprocessing.image_headers(batch)  # string ops only: never raises
+    decodes = preprocessing.image_decodes(batch)
+    # Transform's image path with the decode check it gets: never raises, so the named check
+    # is the error a user sees; whatever it keeps or re-encodes decodes as a JPEG.
+    stored = preprocessing.stored_images(batch, 64, 90, decodes).numpy()
+    heights, widths = headers["height"].numpy(), headers["width"].numpy()
+    for i, (image, out) in enumerate(zip(images, stored, strict=True)):
+        readable, ok = headers["readable"].numpy()[i], decodes.numpy()[i]
+        if out:
+            assert readable and ok
+            assert tf.io.decode_jpeg(out, channels=3).shape[2] == 3
+        if readable and ok and image.startswith(b"\xff\xd8\xff"):
+            # The header parse agrees with libjpeg on every JPEG libjpeg decodes.
+            height, width, _ = tf.image.extract_jpeg_shape(image).numpy().tolist()
+            assert [heights[i], widths[i]] == [height, width]

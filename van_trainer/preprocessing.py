@@ -33,8 +33,9 @@ _JPEG_END_SEARCH = 32
 # Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic): C0-CF but DHT
 # (C4), JPG (C8) and DAC (CC). The frame header after them holds height, width and channels.
 _SOF_MARKERS = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
-# Segments read before giving up on finding the frame header (APPn/EXIF/ICC/DQT/DHT come first).
-_MAX_JPEG_SEGMENTS = 64
+# Segments (and fill bytes) read before giving up on the frame header (APPn/EXIF/ICC/DQT/DHT come
+# first; the loop ends as soon as every image's frame is found, so the bound costs nothing).
+_MAX_JPEG_SEGMENTS = 256
 
 
 def image_settings(custom_config: dict[str, Any] | None) -> tuple[int, int]:
@@ -53,23 +54,31 @@ def preprocessing_fn(
     """Transform raw examples into {'image': JPEG bytes, 'label': int64 class id}."""
     max_side, quality = image_settings(custom_config)
     encoded = _column(inputs[features.IMAGE_ENCODED], b"")
-    outputs = {features.TRANSFORMED_IMAGE: stored_images(encoded, max_side, quality)}
-    if features.SYNSET in inputs and features.LABEL in inputs:
-        filenames = _column(inputs.get(features.IMAGE_FILENAME), b"<no image/filename>", encoded)
-        synsets = _column(inputs[features.SYNSET], b"")
-        labels = tf.cast(_column(inputs[features.LABEL], -1), tf.int64)
-        ids = class_ids(synsets, labels)
-        # Assert ops also run while TFT analyzes, when the vocabulary is still a placeholder
-        # whose size reads 0: the checks that need the vocabulary, or that cost a decode, wait
-        # for the real one, so they run once per record (when it is transformed).
-        analyzed = tft.experimental.get_vocabulary_size_by_name(features.SYNSET_VOCABULARY) > 0
-        checks = [
-            check_images(encoded, filenames, analyzed),
-            check_labels(ids, labels, synsets, analyzed),
-        ]
-        with tf.control_dependencies(checks):
-            outputs[features.TRANSFORMED_LABEL] = tf.identity(ids)
-    return outputs
+    if not (features.SYNSET in inputs and features.LABEL in inputs):
+        # Serving (no label): the model server's own checks come first (van_trainer/export.py).
+        return {features.TRANSFORMED_IMAGE: stored_images(encoded, max_side, quality)}
+    filenames = _column(inputs.get(features.IMAGE_FILENAME), b"<no image/filename>", encoded)
+    synsets = _column(inputs[features.SYNSET], b"")
+    labels = tf.cast(_column(inputs[features.LABEL], -1), tf.int64)
+    ids = class_ids(synsets, labels)
+    # Assert ops (and the tf.data ops of image_decodes, stateful too) also run while TFT
+    # analyzes, when the vocabulary is still a placeholder whose size reads 0: the checks that
+    # need the vocabulary, or that cost a decode, wait for the real one, so they run once per
+    # record (when it is transformed).
+    analyzed = tft.experimental.get_vocabulary_size_by_name(features.SYNSET_VOCABULARY) > 0
+    decodes = tf.cond(
+        analyzed, lambda: image_decodes(encoded), lambda: tf.ones_like(encoded, tf.bool)
+    )
+    checks = [
+        check_images(encoded, filenames, decodes),
+        check_labels(ids, labels, synsets, analyzed),
+    ]
+    with tf.control_dependencies(checks):
+        label = tf.identity(ids)
+    return {
+        features.TRANSFORMED_IMAGE: stored_images(encoded, max_side, quality, decodes),
+        features.TRANSFORMED_LABEL: label,
+    }
 
 
 def _column(x, default, like: tf.Tensor | None = None) -> tf.Tensor:
@@ -110,11 +119,14 @@ def _jpeg_frame(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
         height = tf.where(hit, segment[:, 5] * 256 + segment[:, 6], height)
         width = tf.where(hit, segment[:, 7] * 256 + segment[:, 8], width)
         channels = tf.where(hit, segment[:, 9], channels)
+        # A marker may be preceded by any number of 0xFF fill bytes (JPEG B.1.1.2): skip one.
+        is_fill = is_marker & tf.equal(segment[:, 1], 0xFF)
         size = segment[:, 2] * 256 + segment[:, 3]
-        alive = alive & is_marker & ~is_frame & (size >= 2) & (pos + 2 + size < length)
+        has_segment = (size >= 2) & (pos + 2 + size < length)
+        alive = alive & is_marker & ~is_frame & (is_fill | has_segment)
         return (
             i + 1,
-            tf.where(alive, pos + 2 + size, pos),
+            tf.where(alive, tf.where(is_fill, pos + 1, pos + 2 + size), pos),
             height,
             width,
             channels,
@@ -210,12 +222,10 @@ def image_decodes(encoded: tf.Tensor) -> tf.Tensor:
     return hits > 0
 
 
-def check_images(encoded: tf.Tensor, filenames: tf.Tensor, analyzed: tf.Tensor) -> tf.Operation:
-    """An assertion that fails naming the first record whose image/encoded is not a whole,
-    decodable JPEG or PNG. The decode check runs only once analyzers are done (`analyzed`)."""
-    complete = image_is_complete(encoded)
-    decodes = tf.cond(analyzed, lambda: image_decodes(encoded), lambda: tf.ones_like(complete))
-    good = complete & decodes
+def check_images(encoded: tf.Tensor, filenames: tf.Tensor, decodes: tf.Tensor) -> tf.Operation:
+    """An assertion that fails naming the first record whose image/encoded is not a whole JPEG
+    or PNG, or does not decode (`decodes`, from image_decodes)."""
+    good = image_is_complete(encoded) & decodes
     first_bad = tf.argmin(tf.cast(good, tf.int32), output_type=tf.int32)
     return tf.debugging.Assert(
         tf.reduce_all(good),
@@ -229,14 +239,19 @@ def check_images(encoded: tf.Tensor, filenames: tf.Tensor, analyzed: tf.Tensor) 
     )
 
 
-def stored_images(encoded: tf.Tensor, max_side: int, quality: int) -> tf.Tensor:
+def stored_images(
+    encoded: tf.Tensor, max_side: int, quality: int, decodes: tf.Tensor | None = None
+) -> tf.Tensor:
     """What Transform stores per image: the JPEG itself if it is RGB/gray within the cap, else the
-    image resized to the cap (aspect kept) and encoded as JPEG; b'' for unreadable bytes."""
+    image resized to the cap (aspect kept) and encoded as JPEG; b'' for unreadable bytes (and for
+    those `decodes` marks False)."""
     headers = image_headers(encoded)
     # No Assert in here: a stateful op would make TFT run this work in every analysis phase too.
-    # Unreadable bytes must not reach a decoder here either (its error names no record): they
-    # become b'', which the named check (always among Transform's outputs) rejects.
+    # Unreadable or undecodable bytes must not reach a decoder here either (its error names no
+    # record): they become b'', which the named check (always among Transform's outputs) rejects.
     readable = image_is_complete(encoded)
+    if decodes is not None:
+        readable = readable & decodes
     keep = (
         readable
         & headers["is_jpeg"]

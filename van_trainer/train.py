@@ -106,7 +106,7 @@ def eval_plan(
             f"the transform graph {transform_output} records no example count for eval file "
             f"{missing[0]} ({shards.example_count_path(transform_output, EVAL_SPLIT)}): Transform "
             "writes them when run with components.transform_executor.ShardingTransformExecutor, "
-            "as the pipeline does; otherwise set train.eval_steps"
+            "as the pipeline does: rerun Transform with it"
         )
     pipelines = distribute.input_pipelines(strategy)
     per_step = config.train.batch_size // pipelines  # examples each worker feeds per step

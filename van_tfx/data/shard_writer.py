@@ -63,7 +63,9 @@ def _finalize(written: list[tuple[str, int]], prefix: str, temp_dir: str, count_
     shard_examples = {}
     for index, (path, count) in enumerate(written):
         target = f"{prefix}-{index:05d}-of-{len(written):05d}{SHARD_SUFFIX}"
-        tf.io.gfile.rename(path, target, overwrite=True)
+        # A retried finalize finds the files it already renamed in place: skip those.
+        if tf.io.gfile.exists(path) or not tf.io.gfile.exists(target):
+            tf.io.gfile.rename(path, target, overwrite=True)
         shard_examples[os.path.basename(target)] = count
     if tf.io.gfile.exists(temp_dir):
         tf.io.gfile.rmtree(temp_dir)  # files of failed (retried) bundles
