@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 from google.protobuf import text_format
+from spans import write_span
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx.components.example_gen import utils as example_gen_utils
 from tfx.types.experimental.simple_artifacts import File
@@ -21,19 +22,6 @@ from components.served_model import ServedModel, ServedModelError
 from pipeline import ingest
 from van_tfx import features
 from van_tfx.config import DataConfig
-
-
-def write_span(data_root: Path, span: int, synsets: list[str] | None = None) -> None:
-    """A span directory with one train and one validation shard, and its synsets.txt."""
-    directory = data_root / f"span-{span}"
-    directory.mkdir(parents=True, exist_ok=True)
-    example = tf.train.Example()
-    example.features.feature["x"].int64_list.value.append(span)
-    for name in ("train-00000-of-00001", "validation-00000-of-00001"):
-        with tf.io.TFRecordWriter(str(directory / name)) as writer:
-            writer.write(example.SerializeToString())
-    if synsets is not None:
-        (directory / "synsets.txt").write_text("".join(f"{s}\n" for s in synsets))
 
 
 def examples_of_span(tmp_path: Path, span: int) -> Examples:

@@ -14,10 +14,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-import tensorflow as tf
 import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
+from spans import write_span
 
 from pipeline import kfp_entrypoint
 from pipeline.kfp_backend import TaskFailed, driver, expression, metadata
@@ -26,17 +26,6 @@ from van_tfx.cli import main
 
 IMAGE = "registry.example.com/van-tfx:test"
 TFX_COMMAND = ["python", "-m", "tfx.orchestration.kubeflow.v2.container.kubeflow_v2_run_executor"]
-
-
-def write_span(data_root: Path, span: int) -> None:
-    """A span directory with one train and one validation TFRecord shard."""
-    directory = data_root / f"span-{span}"
-    directory.mkdir(parents=True, exist_ok=True)
-    example = tf.train.Example()
-    example.features.feature["x"].int64_list.value.append(span)
-    for name in ("train-00000-of-00001", "validation-00000-of-00001"):
-        with tf.io.TFRecordWriter(str(directory / name)) as writer:
-            writer.write(example.SerializeToString())
 
 
 def small_pipeline(tmp_path: Path, *, with_resolver: bool = False):

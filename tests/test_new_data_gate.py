@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
+from spans import write_span
 from tfx.types.experimental.simple_artifacts import File
 from tfx.types.standard_artifacts import Examples
 from tfx.utils import proto_utils
@@ -23,17 +24,6 @@ from components.new_data_gate import (
 )
 from pipeline import ingest
 from van_tfx.config import DataConfig, load_config
-
-
-def write_span(data_root: Path, span: int) -> None:
-    """A span directory with one train and one validation TFRecord shard."""
-    directory = data_root / f"span-{span}"
-    directory.mkdir(parents=True, exist_ok=True)
-    example = tf.train.Example()
-    example.features.feature["x"].int64_list.value.append(span)
-    for name in ("train-00000-of-00001", "validation-00000-of-00001"):
-        with tf.io.TFRecordWriter(str(directory / name)) as writer:
-            writer.write(example.SerializeToString())
 
 
 def examples_of(data_root: Path, tmp_path: Path) -> Examples:
