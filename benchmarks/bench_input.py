@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import van_tfx  # noqa: F401  (legacy Keras before TensorFlow)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import van_tfx  # noqa: E402,F401  (legacy Keras before TensorFlow)
+from benchmarks.machine import describe_machine  # noqa: E402
 
 
 def write_records(path: Path, count: int, side: int) -> list[str]:
@@ -102,6 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--precisions", default="none,mixed_bfloat16")
     args = parser.parse_args(argv)
+    print(describe_machine())
 
     from van_tfx.config import Config
     from van_trainer import dataset

@@ -31,7 +31,10 @@ import tempfile
 import threading
 import time
 
-import van_tfx  # noqa: F401  (Keras 2 before TensorFlow)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import van_tfx  # noqa: E402,F401  (Keras 2 before TensorFlow)
+from benchmarks.machine import describe_machine  # noqa: E402
 
 ENV = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
@@ -186,7 +189,7 @@ def latency_ratio(base: str, image: bytes, calls: int) -> tuple[float, float]:
 
 
 def main() -> int:
-    """Measure every model, print the ratios against their targets; exit 1 if any misses."""
+    """Measure every model and print the ratios against their targets (a report, not a gate)."""
     from serving import testing
 
     parser = argparse.ArgumentParser()
@@ -196,6 +199,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4, help="alternating off/on windows")
     parser.add_argument("--models", default="van-b0,van-demo,conv")
     args = parser.parse_args()
+    print(describe_machine())
 
     work = tempfile.mkdtemp(prefix="bench-serving-")
     rows = {}
@@ -214,15 +218,15 @@ def main() -> int:
 
     print(f"{'model':9s} {'in-process':>10s} {'gRPC p50':>9s} {'ratio':>6s}    "
           f"{args.clients} clients: {'off':>7s} {'on':>7s} QPS {'ratio':>6s}")  # fmt: skip
-    met = True
     for name, (local, remote, off, on) in rows.items():
         latency_ok, batching_ok = remote / local <= 1.2, on / off >= 2
-        met = met and latency_ok and batching_ok
         print(f"{name:9s} {local:8.2f}ms {remote:7.2f}ms {remote / local:5.2f}x "
               f"{'ok  ' if latency_ok else 'MISS'}            {off:7.1f} {on:7.1f}     "
               f"{on / off:5.2f}x {'ok' if batching_ok else 'MISS'}")  # fmt: skip
-    print("targets: latency ratio <= 1.2x, batching ratio >= 2x")
-    return 0 if met else 1
+    # Exit 0 either way, as the other benchmarks do: `make bench` reports every figure in one
+    # run instead of stopping at the first missed target.
+    print("targets: latency ratio <= 1.2x, batching ratio >= 2x (MISS: not met)")
+    return 0
 
 
 if __name__ == "__main__":

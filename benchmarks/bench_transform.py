@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import van_tfx  # noqa: E402,F401
+from benchmarks.machine import describe_machine  # noqa: E402
 
 COPIES = 8  # the sample replicated 8x: enough images that per-image cost outweighs start-up noise
 
@@ -112,6 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-side", dest="size", type=int, default=512)
     args = parser.parse_args()
+    print(describe_machine())
     from van_tfx.data.sample import build_sample
 
     with tempfile.TemporaryDirectory() as tmp:

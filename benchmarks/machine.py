@@ -69,3 +69,7 @@ def describe_machine() -> str:
         f"machine: {cpu_model()}, {isa_summary()}, {os.cpu_count()} cores; {isa_caps()}; "
         f"load average {load_average()}"
     )
+
+
+if __name__ == "__main__":
+    print(describe_machine())
