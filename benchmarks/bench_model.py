@@ -30,7 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.machine import cpu_model, describe_machine, load_average  # noqa: E402
+from benchmarks.machine import cpu_flags, cpu_model, describe_machine, load_average  # noqa: E402
 from benchmarks.workers import tf_worker, torch_worker  # noqa: E402
 
 ISA_CAPS = {
@@ -130,6 +130,18 @@ def report(variant: str, args, facts: dict, samples: dict, loads: tuple[str, str
     print(f"ours vs best PyTorch layout: {verdict}")
 
 
+def runs_here(idea: str, isa: str) -> bool:
+    """False for the bf16 row where oneDNN has no bf16 kernels (AVX2 cap, CPUs without bf16):
+    TF aborts the step there rather than falling back."""
+    if "bfloat16" not in idea:
+        return True
+    has_bf16 = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    if isa != "native" or not has_bf16:
+        print(f"skipping {idea!r}: no bf16 kernels under {isa} on {cpu_model()}")
+        return False
+    return True
+
+
 def run_isa(args, isa: str, tf_envs: dict) -> None:
     """All variants with every worker started under one ISA cap."""
     caps = dict(ISA_CAPS[isa])
@@ -153,7 +165,8 @@ def run_isa(args, isa: str, tf_envs: dict) -> None:
     print(describe_machine() + (f"; workers start with {caps}" if caps else ""))
     with contextlib.ExitStack() as stack:
         torch = stack.enter_context(torch_worker(caps))
-        tfs = {OURS: (stack.enter_context(tf_worker(caps)), [OURS, *(IDEAS if args.ideas else ())])}
+        ideas = [idea for idea in IDEAS if args.ideas and runs_here(idea, isa)]
+        tfs = {OURS: (stack.enter_context(tf_worker(caps)), [OURS, *ideas])}
         for name, env in tf_envs.items():
             tfs[name] = (stack.enter_context(tf_worker({**caps, **env})), [OURS])
         for variant in args.variants.split(","):

@@ -22,6 +22,32 @@ class RunLockedError(RuntimeError):
     """Another van-tfx run holds this home's lock."""
 
 
+# Beam options after which TFX's BaseBeamExecutor takes it that Beam workers already have TFX
+# (tfx/utils/dependency_utils.py). Without one, every Beam component copies TFX's install tree and
+# builds a `tfx_ephemeral` sdist for the workers to install, which the DirectRunner never stages.
+_DEPENDENCY_OPTIONS = (
+    "extra_packages",
+    "setup_file",
+    "requirements_file",
+    "sdk_container_image",
+    "worker_harness_container_image",
+)
+# The DirectRunner's workers run in this process's environment (in_memory: this process;
+# multi_processing: subprocesses of this Python), which has TFX and our code; no container is used.
+LOCAL_WORKER_ENVIRONMENT = "--sdk_container_image=this-python-environment"
+
+
+def beam_args_for_local_run(args: list[str]) -> list[str]:
+    """The configured Beam args, plus the flag that spares the DirectRunner TFX's sdist."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(flags=list(args)).get_all_options()
+    direct = options.get("runner") in (None, "DirectRunner", "direct")
+    if not direct or any(options.get(name) for name in _DEPENDENCY_OPTIONS):
+        return list(args)
+    return [*args, LOCAL_WORKER_ENVIRONMENT]
+
+
 def local_location(config: Config):
     """Where a local run keeps data, artifacts, metadata and pushed models (all under the home)."""
     from pipeline.pipeline import PipelineLocation
@@ -30,7 +56,7 @@ def local_location(config: Config):
         data_root=str(config.data_dir),
         pipeline_root=str(config.pipeline_root),
         serving_base_path=str(config.serving_base_path),
-        beam_args=list(config.beam.args),
+        beam_args=beam_args_for_local_run(config.beam.args),
         metadata_path=str(config.metadata_path),
     )
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from pipeline.local import home_lock
+from pipeline.local import LOCAL_WORKER_ENVIRONMENT, beam_args_for_local_run, home_lock
 from van_tfx import features
 from van_tfx.data import records as records_lib
 from van_tfx.data.sample import build_sample
@@ -42,8 +42,11 @@ TINY = [
 
 
 def van_tfx(home: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run the van-tfx CLI with VAN_TFX_HOME=home in a real subprocess."""
-    env = dict(os.environ, VAN_TFX_HOME=str(home), TF_USE_LEGACY_KERAS="1")
+    """Run the van-tfx CLI with VAN_TFX_HOME=home (temporary files in home/tmp) in a subprocess."""
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    env = dict(
+        os.environ, VAN_TFX_HOME=str(home), TF_USE_LEGACY_KERAS="1", TMPDIR=str(home / "tmp")
+    )
     return subprocess.run(
         [sys.executable, "-m", "van_tfx.cli", *args],
         env=env,
@@ -122,6 +125,34 @@ def test_first_run_blesses_and_pushes_in_tf_serving_layout(home, first_run):
     files = [p for p in model_dir.rglob("*") if p.is_file()]
     newest = max(files, key=lambda p: p.stat().st_mtime_ns)
     assert newest.stat().st_mtime_ns == (model_dir / "saved_model.pb").stat().st_mtime_ns
+
+
+def test_beam_components_of_a_local_run_build_no_tfx_sdist(home, first_run):
+    # TFX's Beam executors package TFX as a `tfx_ephemeral` sdist in a fresh temporary directory
+    # unless the Beam args say the workers have it; the DirectRunner would never stage it.
+    assert not list((home / "tmp").rglob("tfx_ephemeral*"))
+
+
+def test_local_beam_args_say_the_direct_runner_workers_have_tfx():
+    from tfx.utils import dependency_utils
+
+    args = beam_args_for_local_run(["--direct_running_mode=in_memory"])
+    assert args == ["--direct_running_mode=in_memory", LOCAL_WORKER_ENVIRONMENT]
+    # TFX's own check, as its Beam executors call it: nothing to build, the args come back as-is.
+    assert dependency_utils.make_beam_dependency_flags(args) == args
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--runner=DataflowRunner", "--project=p"],
+        ["--runner", "FlinkRunner"],
+        ["--extra_package=/dist/ours.tar.gz"],
+        ["--sdk_container_image=gcr.io/p/van-tfx:1"],
+    ],
+)
+def test_local_beam_args_are_kept_for_other_runners_and_given_dependencies(args):
+    assert beam_args_for_local_run(args) == args
 
 
 def test_pushed_model_carries_tf_serving_warmup_requests(home, first_run):
