@@ -24,7 +24,7 @@ from tensorflow_serving.apis import (
     model_pb2,
 )
 
-from serving import handlers, rest_json
+from serving import handlers, http_body, rest_json
 from serving.errors import ServingError, invalid_argument
 
 log = logging.getLogger(__name__)
@@ -218,30 +218,53 @@ def make_http_server(
         do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _serve
 
         def do_HEAD(self):  # noqa: N802 (http.server naming)
-            status, content_type, _ = app.handle("HEAD", self.path, self._read_body() or b"")
-            self._answer(status, content_type, "", head=True)
+            body = self._read_body()
+            if body is not None:
+                status, content_type, _ = app.handle("HEAD", self.path, body)
+                self._answer(status, content_type, "", head=True)
 
         def _read_body(self) -> bytes | None:
             try:
-                length = int(self.headers.get("Content-Length", "0"))
-            except ValueError:
-                length = -1
-            if length < 0 or length > max_body_bytes:
-                self.close_connection = True
-                self._answer(
-                    *_error(
-                        413 if length > 0 else 400,
-                        f"Request body must be 0..{max_body_bytes} bytes (--max_message_bytes)",
-                    )
-                )
+                length = http_body.declared_length(self.headers, max_body_bytes)
+                if length is None:
+                    return http_body.read_chunked(self.rfile, max_body_bytes)
+                return self.rfile.read(length)
+            except http_body.BodyRefused as refused:
+                self._refuse(refused)
                 return None
-            return self.rfile.read(length)
 
-        def _answer(self, status: int, content_type: str, text: str, head: bool = False):
+        def handle_expect_100(self) -> bool:
+            # curl asks before sending a body over 1 KB: refuse it then, before it is sent.
+            try:
+                http_body.declared_length(self.headers, max_body_bytes)
+            except http_body.BodyRefused as refused:
+                self._refuse(refused)
+                return False
+            return super().handle_expect_100()
+
+        def _refuse(self, refused: http_body.BodyRefused):
+            # The rest of the request is not read, so the connection can't carry another one.
+            self.close_connection = self._body_left_unread = True
+            self._answer(
+                *_error(refused.status, refused.message),
+                head=self.command == "HEAD",
+                headers={"Connection": "close"},
+            )
+
+        def finish(self):
+            super().finish()
+            if getattr(self, "_body_left_unread", False):
+                http_body.drop_unread_request_bytes(self.connection, http_body.LINGER_BYTES)
+
+        def _answer(
+            self, status: int, content_type: str, text: str, head: bool = False, headers=None
+        ):
             payload = text.encode("utf-8")
             self.send_response(int(status))
             if content_type:
                 self.send_header("Content-Type", content_type)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             if not head:
