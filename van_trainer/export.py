@@ -148,35 +148,13 @@ def checked_images(images: tf.Tensor) -> tf.Tensor:
         return tf.identity(images)
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_JPEG_SIGNATURE = b"\xff\xd8\xff"
-
-
 def declared_pixels(encoded: tf.Tensor) -> tf.Tensor:
     """Width x height each JPEG/PNG header declares (int64, 0 for anything else), undecoded."""
-
-    def png(image):  # IHDR, always the first chunk: big-endian width and height at bytes 16-24
-        digits = tf.cast(tf.io.decode_raw(tf.strings.substr(image, 16, 8), tf.uint8), tf.int64)
-        width = tf.reduce_sum(digits[:4] * [1 << 24, 1 << 16, 1 << 8, 1])
-        return width * tf.reduce_sum(digits[4:] * [1 << 24, 1 << 16, 1 << 8, 1])
-
-    def jpeg(image):  # libjpeg reads the markers up to the frame header only
-        shape = tf.cast(tf.image.extract_jpeg_shape(image), tf.int64)
-        return shape[0] * shape[1]
-
-    def one(image):
-        is_png = tf.logical_and(
-            tf.strings.substr(image, 0, len(_PNG_SIGNATURE)) == _PNG_SIGNATURE,
-            tf.strings.length(image) >= 24,
-        )
-        is_jpeg = tf.strings.substr(image, 0, len(_JPEG_SIGNATURE)) == _JPEG_SIGNATURE
-        return tf.case(
-            [(is_png, lambda: png(image)), (is_jpeg, lambda: jpeg(image))],
-            default=lambda: tf.constant(0, tf.int64),
-        )
-
-    flat = tf.reshape(encoded, [-1])
-    return tf.map_fn(one, flat, fn_output_signature=tf.TensorSpec([], tf.int64))
+    # The header reader Transform uses: string ops that never raise, whatever the bytes (libjpeg's
+    # extract_jpeg_shape fails on a damaged header with an error that names no input).
+    headers = preprocessing.image_headers(tf.reshape(encoded, [-1]))
+    pixels = tf.cast(headers["height"], tf.int64) * tf.cast(headers["width"], tf.int64)
+    return tf.where(headers["readable"], pixels, tf.zeros_like(pixels))
 
 
 def within_pixel_budget(encoded, max_pixels: int, name: str):

@@ -69,14 +69,15 @@ def preprocessing_fn(
     decodes = tf.cond(
         analyzed, lambda: image_decodes(encoded), lambda: tf.ones_like(encoded, tf.bool)
     )
+    headers = image_headers(encoded)  # one header parse per batch for the check and the store
     checks = [
-        check_images(encoded, filenames, decodes),
+        check_images(encoded, filenames, decodes, headers),
         check_labels(ids, labels, synsets, analyzed),
     ]
     with tf.control_dependencies(checks):
         label = tf.identity(ids)
     return {
-        features.TRANSFORMED_IMAGE: stored_images(encoded, max_side, quality, decodes),
+        features.TRANSFORMED_IMAGE: stored_images(encoded, max_side, quality, decodes, headers),
         features.TRANSFORMED_LABEL: label,
     }
 
@@ -176,7 +177,7 @@ def image_headers(encoded: tf.Tensor) -> dict[str, tf.Tensor]:
 # ---- images -----------------------------------------------------------------------------------
 
 
-def image_is_complete(encoded: tf.Tensor) -> tf.Tensor:
+def image_is_complete(encoded: tf.Tensor, headers: dict | None = None) -> tf.Tensor:
     """Per example: a JPEG/PNG whose header gives its size and which ends with its end marker."""
     length = tf.strings.length(encoded)
 
@@ -185,7 +186,7 @@ def image_is_complete(encoded: tf.Tensor) -> tf.Tensor:
         width = tf.fill(tf.shape(start), len(marker))  # Substr wants pos and len alike
         return tf.equal(tf.strings.substr(encoded, start, width), marker)
 
-    headers = image_headers(encoded)
+    headers = headers or image_headers(encoded)
     png_complete = headers["is_png"] & ends_with(_PNG_END, len(_PNG_END))
     jpeg_end = tf.reduce_any(
         tf.stack([ends_with(_JPEG_END, k) for k in range(2, _JPEG_END_SEARCH + 1)], axis=1), axis=1
@@ -222,10 +223,12 @@ def image_decodes(encoded: tf.Tensor) -> tf.Tensor:
     return hits > 0
 
 
-def check_images(encoded: tf.Tensor, filenames: tf.Tensor, decodes: tf.Tensor) -> tf.Operation:
+def check_images(
+    encoded: tf.Tensor, filenames: tf.Tensor, decodes: tf.Tensor, headers: dict | None = None
+) -> tf.Operation:
     """An assertion that fails naming the first record whose image/encoded is not a whole JPEG
     or PNG, or does not decode (`decodes`, from image_decodes)."""
-    good = image_is_complete(encoded) & decodes
+    good = image_is_complete(encoded, headers) & decodes
     first_bad = tf.argmin(tf.cast(good, tf.int32), output_type=tf.int32)
     return tf.debugging.Assert(
         tf.reduce_all(good),
@@ -240,16 +243,20 @@ def check_images(encoded: tf.Tensor, filenames: tf.Tensor, decodes: tf.Tensor) -
 
 
 def stored_images(
-    encoded: tf.Tensor, max_side: int, quality: int, decodes: tf.Tensor | None = None
+    encoded: tf.Tensor,
+    max_side: int,
+    quality: int,
+    decodes: tf.Tensor | None = None,
+    headers: dict | None = None,
 ) -> tf.Tensor:
     """What Transform stores per image: the JPEG itself if it is RGB/gray within the cap, else the
     image resized to the cap (aspect kept) and encoded as JPEG; b'' for unreadable bytes (and for
-    those `decodes` marks False)."""
-    headers = image_headers(encoded)
+    those `decodes` marks False). `headers`: image_headers(encoded), if already read."""
+    headers = headers or image_headers(encoded)
     # No Assert in here: a stateful op would make TFT run this work in every analysis phase too.
     # Unreadable or undecodable bytes must not reach a decoder here either (its error names no
     # record): they become b'', which the named check (always among Transform's outputs) rejects.
-    readable = image_is_complete(encoded)
+    readable = image_is_complete(encoded, headers)
     if decodes is not None:
         readable = readable & decodes
     keep = (
