@@ -10,7 +10,13 @@ ARG PYTHON_IMAGE=python:3.10-slim-bookworm
 # (serving/manifests.py TF_SERVING_VERSION; TF 2.16 -> 2.16.1): the pipeline's ServingSmokeTest
 # validates candidates with it whenever it is on PATH, and records which server did.
 ARG TF_SERVING_IMAGE=tensorflow/serving:2.16.1
+# Beam's worker boot program, from the SDK image of the locked apache-beam and this Python: Dataflow
+# (and the portable runner with --environment_type=DOCKER) start their workers from this image
+# through /opt/apache/beam/boot, so Transform and Evaluator workers have TFX and our code
+# (pipeline/beam_workers.py names this image as the Dataflow workers' environment).
+ARG BEAM_SDK_IMAGE=apache/beam_python3.10_sdk:2.59.0
 FROM ${TF_SERVING_IMAGE} AS tf_serving
+FROM ${BEAM_SDK_IMAGE} AS beam_sdk
 
 FROM ${PYTHON_IMAGE}
 
@@ -49,6 +55,10 @@ RUN if [ "$WITH_CUDA" = "1" ]; then \
 # One binary (glibc and libstdc++ from this Debian image); fail the build here if it cannot run.
 COPY --from=tf_serving /usr/bin/tensorflow_model_server /usr/local/bin/tensorflow_model_server
 RUN tensorflow_model_server --version
+COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam
+# Beam's boot otherwise makes a fresh venv per worker on the base interpreter, which can't see
+# /opt/venv: the workers would lack TFX and our code (ModuleNotFoundError).
+ENV RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT=1
 
 COPY van_tfx ./van_tfx
 COPY van_trainer ./van_trainer
@@ -58,10 +68,11 @@ COPY serving ./serving
 # Non-editable: the steps import van_tfx, van_trainer, components... from site-packages.
 RUN uv sync --frozen --no-dev --no-editable
 
-# Steps never need root; KFP and Vertex set the command (python -m pipeline.kfp_entrypoint), so no
-# ENTRYPOINT.
+# Steps never need root. KFP, Vertex AI and the TFJob example set the command (python -m
+# pipeline.kfp_entrypoint, TFX's run_executor), which replaces this entrypoint; Beam's workers run
+# the image as it is, so the entrypoint is Beam's boot program, as in Beam's own SDK images.
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin van
 USER 1000
 ENV HOME=/home/van VAN_TFX_HOME=/home/van/van_tfx_home
 WORKDIR /home/van
-CMD ["van-tfx", "--help"]
+ENTRYPOINT ["/opt/apache/beam/boot"]

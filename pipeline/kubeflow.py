@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.beam_workers import DATAFLOW_RUNNERS, DIRECT_RUNNERS, with_worker_image
 from pipeline.kfp_spec import KubeflowError, parse_pipeline_spec, write_pipeline_spec
 from van_tfx import storage
 from van_tfx.config import Config
@@ -30,7 +31,12 @@ VERTEX_TRAINER_EXECUTOR = "tfx.extensions.google_cloud_ai_platform.trainer.execu
 ENTRYPOINT_COMMAND = ["python", "-m", "pipeline.kfp_entrypoint"]
 
 
-def kubeflow_location(config: Config):
+def beam_args_for_cluster(args: list[str], image: str) -> list[str]:
+    """The configured Beam args, naming our image as the workers' environment on Direct and Dataflow."""
+    return with_worker_image(args, image, DIRECT_RUNNERS | DATAFLOW_RUNNERS)
+
+
+def kubeflow_location(config: Config, image: str):
     """Where the pipeline keeps data, artifacts and pushed models on the cluster (object storage)."""
     from pipeline.pipeline import PipelineLocation
 
@@ -39,7 +45,7 @@ def kubeflow_location(config: Config):
         data_root=kf.data_root,
         pipeline_root=kf.pipeline_root,
         serving_base_path=kf.serving_base_path,
-        beam_args=list(kf.beam_args),
+        beam_args=beam_args_for_cluster(list(kf.beam_args), image),
         metadata_path=None,  # KFP runs use the cluster's ML Metadata service
     )
 
@@ -149,7 +155,7 @@ def compile_pipeline(
     vertex = config.kubeflow.vertex_training if vertex_training is None else vertex_training
     check_schema_path(config)
 
-    tfx_pipeline = create_pipeline(config, kubeflow_location(config))
+    tfx_pipeline = create_pipeline(config, kubeflow_location(config, image))
     configure_trainer(tfx_pipeline, config, image, gpus, vertex)
     runner_config = v2.KubeflowV2DagRunnerConfig(
         default_image=image, default_commands=ENTRYPOINT_COMMAND, use_pipeline_spec_2_1=True

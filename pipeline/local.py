@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from pipeline.beam_workers import DIRECT_RUNNERS, with_worker_image
 from pipeline.outcome import RunArtifact, RunOutcome, summarize
 from van_tfx.config import Config
 
@@ -22,30 +23,15 @@ class RunLockedError(RuntimeError):
     """Another van-tfx run holds this home's lock."""
 
 
-# Beam options after which TFX's BaseBeamExecutor takes it that Beam workers already have TFX
-# (tfx/utils/dependency_utils.py). Without one, every Beam component copies TFX's install tree and
-# builds a `tfx_ephemeral` sdist for the workers to install, which the DirectRunner never stages.
-_DEPENDENCY_OPTIONS = (
-    "extra_packages",
-    "setup_file",
-    "requirements_file",
-    "sdk_container_image",
-    "worker_harness_container_image",
-)
 # The DirectRunner's workers run in this process's environment (in_memory: this process;
 # multi_processing: subprocesses of this Python), which has TFX and our code; no container is used.
-LOCAL_WORKER_ENVIRONMENT = "--sdk_container_image=this-python-environment"
+LOCAL_WORKER_IMAGE = "this-python-environment"
+LOCAL_WORKER_ENVIRONMENT = f"--sdk_container_image={LOCAL_WORKER_IMAGE}"
 
 
 def beam_args_for_local_run(args: list[str]) -> list[str]:
     """The configured Beam args, plus the flag that spares the DirectRunner TFX's sdist."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    options = PipelineOptions(flags=list(args)).get_all_options()
-    direct = options.get("runner") in (None, "DirectRunner", "direct")
-    if not direct or any(options.get(name) for name in _DEPENDENCY_OPTIONS):
-        return list(args)
-    return [*args, LOCAL_WORKER_ENVIRONMENT]
+    return with_worker_image(args, LOCAL_WORKER_IMAGE, DIRECT_RUNNERS)
 
 
 def local_location(config: Config):

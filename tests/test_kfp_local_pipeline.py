@@ -42,8 +42,11 @@ GATED_ALWAYS_SKIPPED = ("ImportExampleGen", "ServedModel")  # the gate's direct 
 
 
 def van_tfx(home: Path, *args: str) -> subprocess.CompletedProcess:
-    """The van-tfx CLI with VAN_TFX_HOME=home in a real subprocess."""
-    env = dict(os.environ, VAN_TFX_HOME=str(home), TF_USE_LEGACY_KERAS="1")
+    """The van-tfx CLI with VAN_TFX_HOME=home (temporary files in home/tmp) in a real subprocess."""
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    env = dict(
+        os.environ, VAN_TFX_HOME=str(home), TF_USE_LEGACY_KERAS="1", TMPDIR=str(home / "tmp")
+    )
     return subprocess.run(
         [sys.executable, "-m", "van_tfx.cli", *args],
         env=env,
@@ -160,6 +163,13 @@ def test_run1_pushes_a_version(home, run1):
     assert record["span"] == 1 and record["input_fingerprint"]
     assert "resolved span 1" in task_log(run1, "ImportExampleGen")
     assert Path(outcome["report_path"]).exists()
+
+
+def test_replayed_beam_steps_build_no_tfx_sdist(home, spec, run1):
+    # The compiled DirectRunner args name the image as the workers' environment, so TFX's Beam
+    # executors in each task skip packaging TFX as a `tfx_ephemeral` sdist (~7 s per step).
+    assert "--sdk_container_image=" in spec.read_text()
+    assert not list((home / "tmp").rglob("tfx_ephemeral*"))
 
 
 def test_run2_on_the_same_data_skips_by_condition_and_pushes_nothing(home, run2):

@@ -202,6 +202,10 @@ def test_beam_steps_carry_the_beam_args(compiled, task):
     for expected in ("--runner=DataflowRunner", "--project=test-project", "--region=europe-west4"):
         assert expected in args
     assert "--direct_running_mode=multi_processing" not in args  # the local args stay local
+    # Dataflow's workers run our image (TFX and our code, Beam's boot), not a staged TFX sdist.
+    assert [a for a in args if a.startswith("--sdk_container_image")] == [
+        f"--sdk_container_image={IMAGE}"
+    ]
 
 
 def test_pipeline_root_is_the_spec_default(compiled):
@@ -495,6 +499,28 @@ def test_dockerfile_ships_the_tensorflow_model_server_production_serves():
     final_from = max(n for n, (i, _) in enumerate(instructions) if i == "FROM")
     user_at = max(n for n, (i, _) in enumerate(instructions) if i == "USER")
     assert final_from < copied_at < user_at
+
+
+def test_dockerfile_is_a_beam_worker_image_for_the_locked_beam_and_python():
+    from importlib.metadata import version
+
+    instructions = dockerfile_instructions()
+    args = dict(a.split("=", 1) for i, a in instructions if i == "ARG" and "=" in a)
+    beam = version("apache-beam")
+    assert args["BEAM_SDK_IMAGE"] == f"apache/beam_python3.10_sdk:{beam}"
+    assert ["${BEAM_SDK_IMAGE}", "AS", "beam_sdk"] in [
+        a.split() for i, a in instructions if i == "FROM"
+    ]
+    final_from = max(n for n, (i, _) in enumerate(instructions) if i == "FROM")
+    copied_at = instructions.index(("COPY", "--from=beam_sdk /opt/apache/beam /opt/apache/beam"))
+    assert copied_at > final_from
+    # Dataflow starts workers through the image's entrypoint; KFP, Vertex and TFJobs set a command.
+    assert [a for i, a in instructions if i == "ENTRYPOINT"] == ['["/opt/apache/beam/boot"]']
+    assert not [a for i, a in instructions if i == "CMD"]
+    env = " ".join(a for i, a in instructions if i == "ENV")
+    assert "RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT=1" in env  # else boot's venv hides /opt/venv
+    tfjob = (REPO / "configs" / "tfjob-trainer.example.yaml").read_text()
+    assert "command:" in tfjob
 
 
 def test_dockerignore_keeps_local_state_out():
