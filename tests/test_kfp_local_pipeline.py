@@ -167,7 +167,7 @@ def test_run1_pushes_a_version(home, run1):
 
 def test_replayed_beam_steps_build_no_tfx_sdist(home, spec, run1):
     # The compiled DirectRunner args name the image as the workers' environment, so TFX's Beam
-    # executors in each task skip packaging TFX as a `tfx_ephemeral` sdist (~7 s per step).
+    # executors in each task skip packaging TFX as a `tfx_ephemeral` sdist.
     assert "--sdk_container_image=" in spec.read_text()
     assert not list((home / "tmp").rglob("tfx_ephemeral*"))
 
