@@ -3,7 +3,7 @@
 TFX's BaseBeamExecutor takes Beam args that name no worker dependency (`--extra_packages`,
 `--setup_file`, `--requirements_file`, `--sdk_container_image`, `--worker_harness_container_image`;
 tfx/utils/dependency_utils.py) to mean the workers lack TFX: every Beam component then copies TFX's
-install tree into a `tfx_ephemeral` sdist (~7 s) and stages it, and nothing of our own code goes
+install tree into a `tfx_ephemeral` sdist (7.2 s measured cold, under 1 s each on a warm page cache) and stages it, and nothing of our own code goes
 with it. Where we know what the workers run, we say so instead:
 
 - DirectRunner: the workers are the step's own Python (in-process, or its subprocesses), which has
