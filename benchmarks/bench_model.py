@@ -43,6 +43,7 @@ IDEAS = (
     "naive port (grouped conv, conv 1x1, unfused BN, autodiff GELU)",
     "ours, not folded for inference",
     "ours, conv 1x1 for training",
+    "ours, GELU as TF ops (not XLA-fused)",
     "ours, autodiff GELU gradient",
     "ours, mixed_bfloat16",
 )

@@ -15,6 +15,7 @@ from van_trainer.model import (
     count_trainable_parameters,
     drop_path_rates,
     fold_for_inference,
+    fused_gelu,
     gelu,
 )
 
@@ -193,11 +194,12 @@ def test_fold_for_inference_matches_the_model_in_eval_mode():
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
 
 
-def test_gelu_is_the_exact_erf_form_with_a_correct_gradient():
+@pytest.mark.parametrize("activation", [gelu, fused_gelu], ids=["tf-ops", "xla-fused"])
+def test_gelu_is_the_exact_erf_form_with_a_correct_gradient(activation):
     x = tf.linspace(-6.0, 6.0, 1001)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
-        ours, reference = gelu(x), tf.nn.gelu(x, approximate=False)
+        ours, reference = activation(x), tf.nn.gelu(x, approximate=False)
     np.testing.assert_allclose(ours.numpy(), reference.numpy(), atol=2e-6)
     np.testing.assert_allclose(
         tape.gradient(ours, x).numpy(), tape.gradient(reference, x).numpy(), atol=2e-6

@@ -146,18 +146,37 @@ def test_the_trainers_train_step_is_traced_once_without_autograph_in_tf_keras():
     assert not model.jit_compile and not model.optimizer.jit_compile  # CPU default
 
 
+def _xla_compiled_calls(graph) -> list[str]:
+    """Functions the graph calls with _XlaMustCompile, except the model's fused GELU kernels."""
+    return [
+        op.get_attr("f").name
+        for op in graph.get_operations()
+        if "_XlaMustCompile" in op.node_def.attr
+        and op.get_attr("_XlaMustCompile")
+        and "_gelu_" not in op.get_attr("f").name
+    ]
+
+
 def test_jit_compile_reaches_the_compiled_train_step():
     model, data = _tiny_compiled(steps=1, jit_compile=True)
     model.make_train_function()  # what fit() runs; traced here, XLA compiles at its first call
-    must_compile = [
-        op.name
-        for op in _train_step_graph(model, data).get_operations()
-        if "_XlaMustCompile" in op.node_def.attr and op.get_attr("_XlaMustCompile")
-    ]
-    assert must_compile, "no XLA-compiled call in the train function"
+    assert _xla_compiled_calls(_train_step_graph(model, data)), "train step not XLA-compiled"
     # tf_keras XLA-compiles the optimizer's own update only where there is a GPU; on CPU the
     # update runs inside the XLA-compiled train step.
     assert model.optimizer.jit_compile == bool(tf.config.list_physical_devices("GPU"))
+
+
+def test_only_the_gelu_kernels_are_xla_compiled_by_default():
+    model, data = _tiny_compiled(steps=1)
+    model.make_train_function()
+    graph = _train_step_graph(model, data)
+    assert _xla_compiled_calls(graph) == []
+    fused = {
+        op.get_attr("f").name.split("_gelu_")[-1].split("_")[0]
+        for op in graph.get_operations()
+        if "_XlaMustCompile" in op.node_def.attr and op.get_attr("_XlaMustCompile")
+    }
+    assert fused == {"forward", "backward"}  # GELU and its gradient, each one XLA kernel
 
 
 def test_steps_per_execution_runs_several_steps_per_compiled_call():

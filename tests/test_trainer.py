@@ -291,6 +291,18 @@ def test_export_has_the_serving_signatures_and_keras_weights(exported):
     assert Path(export.keras_weights_path(str(export_dir))).is_file()
 
 
+def test_export_has_no_xla_compiled_call_that_stock_tf_serving_would_refuse(exported):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    _, export_dir = exported
+    saved = saved_model_pb2.SavedModel.FromString((export_dir / "saved_model.pb").read_bytes())
+    graph = saved.meta_graphs[0].graph_def
+    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+    assert len(nodes) > 100  # the whole model is in there
+    must_compile = [n.name for n in nodes if n.attr["_XlaMustCompile"].b]
+    assert must_compile == []  # tensorflow_model_server runs XLA:CPU only behind a flag
+
+
 def test_classify_signature_has_tf_serving_classify_method(exported):
     from tensorflow.core.protobuf import saved_model_pb2
 
