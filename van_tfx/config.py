@@ -130,8 +130,9 @@ class TrainConfig(_Section):
     cpu_devices: int = Field(
         0, ge=0, description="Split the CPU into N logical devices (before TF starts) for mirrored."
     )
-    # Accelerator switches, off by default: on this project's CPUs XLA makes VAN's step many times
-    # slower and one step per call costs nothing measurable (docs/trainer.md#gpu-and-tpu-switches).
+    # Accelerator switches, off by default: on this project's CPUs XLA makes VAN's whole step many
+    # times slower (GELU alone is XLA-fused, in the model) and one step per call costs nothing
+    # measurable (docs/trainer.md#gpu-and-tpu-switches).
     jit_compile: bool = Field(
         False, description="XLA-compile the train step and the optimizer update (GPU/TPU)."
     )
