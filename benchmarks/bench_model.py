@@ -42,6 +42,7 @@ OURS = "ours"
 IDEAS = (
     "naive port (grouped conv, conv 1x1, unfused BN, autodiff GELU)",
     "ours, not folded for inference",
+    "ours, GELU constants not folded (inference)",
     "ours, conv 1x1 for training",
     "ours, GELU as TF ops (not XLA-fused)",
     "ours, autodiff GELU gradient",

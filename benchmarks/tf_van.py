@@ -23,20 +23,29 @@ from benchmarks.protocol import serve  # noqa: E402
 
 
 def rows() -> dict:
-    """name -> (Implementation, fold for inference, precision policy): every row we can time."""
+    """name -> (Implementation, inference fold's Implementation or None, precision policy)."""
+    import dataclasses
+
+    from van_trainer.model import INFERENCE_IMPLEMENTATION as FOLD
     from van_trainer.model import Implementation
 
     naive = Implementation(
         pointwise="conv", depthwise="grouped", fused_batch_norm=False, gelu="autodiff"
     )
+    plain_gelu_fold = dataclasses.replace(FOLD, fold_gelu_constants=False)
     return {
-        "ours": (Implementation(), True, "float32"),
-        "naive port (grouped conv, conv 1x1, unfused BN, autodiff GELU)": (naive, False, "float32"),
-        "ours, not folded for inference": (Implementation(), False, "float32"),
-        "ours, conv 1x1 for training": (Implementation(pointwise="conv"), True, "float32"),
-        "ours, GELU as TF ops (not XLA-fused)": (Implementation(gelu="analytic"), True, "float32"),
-        "ours, autodiff GELU gradient": (Implementation(gelu="autodiff"), True, "float32"),
-        "ours, mixed_bfloat16": (Implementation(), True, "mixed_bfloat16"),
+        "ours": (Implementation(), FOLD, "float32"),
+        "naive port (grouped conv, conv 1x1, unfused BN, autodiff GELU)": (naive, None, "float32"),
+        "ours, not folded for inference": (Implementation(), None, "float32"),
+        "ours, GELU constants not folded (inference)": (
+            Implementation(),
+            plain_gelu_fold,
+            "float32",
+        ),
+        "ours, conv 1x1 for training": (Implementation(pointwise="conv"), FOLD, "float32"),
+        "ours, GELU as TF ops (not XLA-fused)": (Implementation(gelu="analytic"), FOLD, "float32"),
+        "ours, autodiff GELU gradient": (Implementation(gelu="autodiff"), FOLD, "float32"),
+        "ours, mixed_bfloat16": (Implementation(), FOLD, "mixed_bfloat16"),
     }
 
 
@@ -87,7 +96,7 @@ def build(cmd: dict) -> dict:
     labels = tf.random.uniform([batch], 0, 1000, dtype=tf.int64)
     runners = {}
     for name in cmd["rows"]:
-        impl, fold, policy = catalogue[name]
+        impl, fold_impl, policy = catalogue[name]
         keras.mixed_precision.set_global_policy(policy)
         try:
             model = build_van(
@@ -99,7 +108,8 @@ def build(cmd: dict) -> dict:
             train = make_train_step(model)
         finally:
             keras.mixed_precision.set_global_policy("float32")
-        infer = make_infer_step(fold_for_inference(model) if fold else model)
+        folded = model if fold_impl is None else fold_for_inference(model, implementation=fold_impl)
+        infer = make_infer_step(folded)
         for _ in range(2):
             train(images, labels), infer(images)
         runners[name] = (train, infer, images, labels)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
 
 from van_trainer.model import (
+    INFERENCE_IMPLEMENTATION,
     VARIANTS,
     DropPath,
     LayerScale,
@@ -177,7 +180,10 @@ def test_saved_model_round_trip(tmp_path):
     )
 
 
-def test_fold_for_inference_matches_the_model_in_eval_mode():
+@pytest.mark.parametrize(
+    "fold_gelu_constants", [True, False], ids=["gelu-constants-folded", "plain"]
+)
+def test_fold_for_inference_matches_the_model_in_eval_mode(fold_gelu_constants):
     model = build_van("tiny", num_classes=6, input_shape=(None, None, 3))
     x = tf.random.normal([4, 64, 32, 3], seed=3) * 2
     for _ in range(3):  # move BatchNorm statistics away from their 0/1 init
@@ -186,12 +192,29 @@ def test_fold_for_inference_matches_the_model_in_eval_mode():
     for layer in model.layers:
         if isinstance(layer, LayerScale):
             layer.scale.assign(rng.uniform(0.5, 1.5, layer.scale.shape))
-    folded = fold_for_inference(model)
+        if getattr(layer, "bias", None) is not None:  # zero at init would hide a mis-folded bias
+            layer.bias.assign(rng.normal(0.0, 0.5, layer.bias.shape))
+    impl = dataclasses.replace(INFERENCE_IMPLEMENTATION, fold_gelu_constants=fold_gelu_constants)
+    folded = fold_for_inference(model, implementation=impl)
     expected = model(x, training=False).numpy()
     np.testing.assert_allclose(
         folded(x).numpy(), expected, rtol=1e-4, atol=1e-4 * abs(expected).max()
     )
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+
+
+def _element_wise_ops(model) -> int:
+    graph = tf.function(model).get_concrete_function(tf.TensorSpec([1, 32, 32, 3])).graph
+    element_wise = {"Mul", "AddV2", "Add", "Erf", "RealDiv", "Sub"}
+    return sum(op.type in element_wise for op in graph.get_operations())
+
+
+def test_folding_gelu_constants_leaves_three_element_wise_ops_per_gelu():
+    model = build_van("tiny", num_classes=3, input_shape=(None, None, 3))
+    plain = dataclasses.replace(INFERENCE_IMPLEMENTATION, fold_gelu_constants=False)
+    plain_ops = _element_wise_ops(fold_for_inference(model, implementation=plain))
+    folded_ops = _element_wise_ops(fold_for_inference(model))
+    assert plain_ops - folded_ops == 2 * 2 * sum(VARIANTS["tiny"].depths)  # 2 GELUs/block, 5 -> 3
 
 
 @pytest.mark.parametrize("activation", [gelu, fused_gelu], ids=["tf-ops", "xla-fused"])

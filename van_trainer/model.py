@@ -58,12 +58,15 @@ class Implementation:
     Conv2D (kernel [1, 1, in, out]). ``depthwise="grouped"`` is the naive Conv2D(groups=C) port.
     ``gelu="fused"`` runs GELU and its gradient as one XLA-compiled kernel each, ``"analytic"``
     as TF ops with the analytic gradient, ``"autodiff"`` as TF ops differentiated op by op.
+    ``fold_gelu_constants`` (inference fold only) moves GELU's 1/sqrt(2) and 1/2 into the
+    neighbouring convolutions, leaving 3 element-wise ops per GELU instead of 5.
     """
 
     pointwise: str = "dense"
     depthwise: str = "depthwise"
     fused_batch_norm: bool = True
     gelu: str = "fused"
+    fold_gelu_constants: bool = True
 
     def __post_init__(self):
         if self.gelu not in GELU_FORMS:
@@ -157,7 +160,8 @@ def _batch_norm(name: str, impl: Implementation) -> keras.layers.Layer:
     )
 
 
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_SQRT2 = math.sqrt(2.0)
+_INV_SQRT2 = 1.0 / _SQRT2
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
@@ -199,6 +203,12 @@ def gelu(x):
 def fused_gelu(x):
     """Exact (erf) GELU with forward and analytic gradient each one XLA-compiled kernel."""
     return _xla_gelu(x)
+
+
+@keras.saving.register_keras_serializable(package="van")
+def prescaled_gelu(y):
+    """sqrt(2) * gelu(sqrt(2) * y): exact GELU once the fold has moved its constants into convs."""
+    return y * (1.0 + tf.math.erf(y))
 
 
 def _gelu(name: str, impl: Implementation) -> keras.layers.Layer:
@@ -322,17 +332,15 @@ def count_trainable_parameters(model: keras.Model) -> int:
 
 
 @keras.saving.register_keras_serializable(package="van")
-class ChannelAffine(keras.layers.Layer):
-    """x * scale + offset per channel: what BatchNorm + layer scale + shortcut fold into."""
+class ChannelScale(keras.layers.Layer):
+    """x * scale per channel: what the attention's BatchNorm'd shortcut + residual fold into."""
 
     def build(self, input_shape):
-        dim = input_shape[-1]
-        self.scale = self.add_weight(name="scale", shape=(dim,), initializer="ones")
-        self.offset = self.add_weight(name="offset", shape=(dim,), initializer="zeros")
+        self.scale = self.add_weight(name="scale", shape=(input_shape[-1],), initializer="ones")
         super().build(input_shape)
 
     def call(self, inputs):
-        return inputs * self.scale + self.offset
+        return inputs * self.scale
 
 
 def _bn_affine(bn: keras.layers.BatchNormalization):
@@ -346,9 +354,10 @@ def _dense_kernel(layer) -> np.ndarray:
     return kernel.reshape(kernel.shape[-2], kernel.shape[-1])  # Conv2D 1x1 or Dense -> [in, out]
 
 
-def _folded_weights(model: keras.Model, prefix: str) -> dict:
-    """Weights of one block with norm1/norm2 folded into proj_1/fc1 and layer scales into
-    proj_2/fc2; the attention shortcut + residual become one per-channel affine of x."""
+def _folded_weights(model: keras.Model, prefix: str, fold_gelu_constants: bool) -> dict:
+    """Weights of one block with norm1/norm2 folded into proj_1/fc1, layer scales into
+    proj_2/fc2, the attention shortcut's offset into proj_2's bias (its scale stays a
+    `ChannelScale` of x) and, if asked, GELU's constants into the convs around each GELU."""
     get = model.get_layer
     s1, t1 = _bn_affine(get(f"{prefix}.norm1"))
     s2, t2 = _bn_affine(get(f"{prefix}.norm2"))
@@ -356,15 +365,26 @@ def _folded_weights(model: keras.Model, prefix: str) -> dict:
         get(f"{prefix}.layer_scale_1").scale.numpy(),
         get(f"{prefix}.layer_scale_2").scale.numpy(),
     )
+    sgu = f"{prefix}.attn.spatial_gating_unit"
     p1, p2 = get(f"{prefix}.attn.proj_1"), get(f"{prefix}.attn.proj_2")
     fc1, fc2 = get(f"{prefix}.mlp.fc1"), get(f"{prefix}.mlp.fc2")
-    w1, w2, wf1, wf2 = (_dense_kernel(layer) for layer in (p1, p2, fc1, fc2))
+    conv0, spatial, conv1 = (get(f"{sgu}.{name}") for name in ("conv0", "conv_spatial", "conv1"))
+    dw = get(f"{prefix}.mlp.dwconv.dwconv")
+    w1, w2, wf1, wf2, wc1 = (_dense_kernel(layer) for layer in (p1, p2, fc1, fc2, conv1))
+    # prescaled_gelu(x / sqrt2) == sqrt2 * gelu(x): divide what feeds a GELU by sqrt2 and the
+    # convs after it by sqrt2. The LKA chain is affine, so it carries the sqrt2 through on
+    # scaled biases until conv1 removes it; the gate's u still has it, which proj_2 removes.
+    c = _SQRT2 if fold_gelu_constants else 1.0
     return {
-        f"{prefix}.attn.proj_1": [s1[:, None] * w1, t1 @ w1 + p1.bias.numpy()],
-        f"{prefix}.attn.proj_2": [w2 * g1, p2.bias.numpy() * g1],
-        f"{prefix}.residual_1": [1.0 + g1 * s1, g1 * t1],
+        f"{prefix}.attn.proj_1": [s1[:, None] * w1 / c, (t1 @ w1 + p1.bias.numpy()) / c],
+        f"{sgu}.conv0": [conv0.weights[0].numpy(), conv0.bias.numpy() * c],
+        f"{sgu}.conv_spatial": [spatial.weights[0].numpy(), spatial.bias.numpy() * c],
+        f"{sgu}.conv1": [wc1 / c, conv1.bias.numpy()],
+        f"{prefix}.attn.proj_2": [w2 * g1 / c, (p2.bias.numpy() + t1) * g1],
+        f"{prefix}.residual_1": [1.0 + g1 * s1],
         f"{prefix}.mlp.fc1": [s2[:, None] * wf1, t2 @ wf1 + fc1.bias.numpy()],
-        f"{prefix}.mlp.fc2": [wf2 * g2, fc2.bias.numpy() * g2],
+        f"{prefix}.mlp.dwconv.dwconv": [dw.weights[0].numpy() / c, dw.bias.numpy() / c],
+        f"{prefix}.mlp.fc2": [wf2 * g2 / c, fc2.bias.numpy() * g2],
     }
 
 
@@ -374,18 +394,24 @@ def _folded_weights(model: keras.Model, prefix: str) -> dict:
 INFERENCE_IMPLEMENTATION = Implementation(pointwise="conv", gelu="analytic")
 
 
+def _folded_gelu(name: str, impl: Implementation) -> keras.layers.Layer:
+    if impl.fold_gelu_constants:
+        return keras.layers.Activation(prescaled_gelu, name=name)
+    return _gelu(name, impl)
+
+
 def _folded_block(x, dim: int, mlp_ratio: int, prefix: str, impl: Implementation):
     sgu = f"{prefix}.attn.spatial_gating_unit"
-    u = _gelu(f"{prefix}.attn.activation", impl)(_pointwise(dim, f"{prefix}.attn.proj_1", impl)(x))
+    u = _pointwise(dim, f"{prefix}.attn.proj_1", impl)(x)
+    u = _folded_gelu(f"{prefix}.attn.activation", impl)(u)
     attn = _depthwise(dim, 5, f"{sgu}.conv0", impl)(u)
     attn = _depthwise(dim, 7, f"{sgu}.conv_spatial", impl, dilation=3)(attn)
     attn = _pointwise(dim, f"{sgu}.conv1", impl)(attn)
     attn = _pointwise(dim, f"{prefix}.attn.proj_2", impl)(keras.layers.Multiply()([u, attn]))
-    x = keras.layers.Add()([ChannelAffine(name=f"{prefix}.residual_1")(x), attn])
+    x = keras.layers.Add()([ChannelScale(name=f"{prefix}.residual_1")(x), attn])
     h = _pointwise(dim * mlp_ratio, f"{prefix}.mlp.fc1", impl)(x)
-    h = _gelu(f"{prefix}.mlp.act", impl)(
-        _depthwise(dim * mlp_ratio, 3, f"{prefix}.mlp.dwconv.dwconv", impl)(h)
-    )
+    h = _depthwise(dim * mlp_ratio, 3, f"{prefix}.mlp.dwconv.dwconv", impl)(h)
+    h = _folded_gelu(f"{prefix}.mlp.act", impl)(h)
     return keras.layers.Add()([x, _pointwise(dim, f"{prefix}.mlp.fc2", impl)(h)])
 
 
@@ -422,7 +448,9 @@ def _fold(model: keras.Model, input_shape, implementation: Implementation) -> ke
         weights[name] = [proj.kernel.numpy() * scale, proj.bias.numpy() * scale + shift]
         for j in range(depth):
             x = _folded_block(x, dim, ratio, f"block{stage}.{j}", implementation)
-            weights.update(_folded_weights(model, f"block{stage}.{j}"))
+            weights.update(
+                _folded_weights(model, f"block{stage}.{j}", implementation.fold_gelu_constants)
+            )
         x = keras.layers.LayerNormalization(epsilon=LN_EPSILON, name=f"norm{stage}")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     head = model.get_layer("head")
