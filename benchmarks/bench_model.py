@@ -99,7 +99,7 @@ def fast_layouts(samples: dict, kind: str) -> list[str]:
 
 
 def report(variant: str, args, facts: dict, samples: dict, loads: tuple[str, str]) -> None:
-    """Median img/s per row, the best PyTorch layout, and each row / best PyTorch."""
+    """Median img/s per row, its spread over rounds, the best PyTorch layout, each row / best."""
     medians = {
         n: {k: statistics.median(v) for k, v in kinds.items()} for n, kinds in samples.items()
     }
@@ -116,20 +116,29 @@ def report(variant: str, args, facts: dict, samples: dict, loads: tuple[str, str
         f"use ({t['parameters']:,} defined); TF {ours['tf']} (oneDNN "
         f"{'on' if ours['onednn'] else 'off'}, {ours['intra_op_threads']} intra-op threads)"
     )
-    print(f"{'implementation':<72}{'train':>8}{'infer':>8}   vs best PyTorch (train / infer)")
+    print(
+        f"{'implementation':<72}{'train':>8}{'infer':>8}   round spread   "
+        "vs best PyTorch (train / infer)"
+    )
     for name, m in medians.items():
         ratio = (
             ""
             if name in torch_rows
-            else f"   x{m['train'] / best['train']:.2f} / x{m['infer'] / best['infer']:.2f}"
+            else f"x{m['train'] / best['train']:.2f} / x{m['infer'] / best['infer']:.2f}"
         )
-        print(f"{name:<72}{m['train']:>8.1f}{m['infer']:>8.1f}{ratio}")
+        spread = " / ".join(f"{round_spread(samples[name][k]):>3.0%}" for k in ("train", "infer"))
+        print(f"{name:<72}{m['train']:>8.1f}{m['infer']:>8.1f}   {spread:<12}   {ratio}")
     verdict = ", ".join(
         f"{kind} x{medians[OURS][kind] / best[kind]:.2f} (goal x{goal}: "
         f"{'met' if medians[OURS][kind] / best[kind] >= goal else 'NOT met'})"
         for kind, goal in GOALS.items()
     )
     print(f"ours vs best PyTorch layout: {verdict}")
+
+
+def round_spread(values: list[float]) -> float:
+    """(max - min) / median of one row's rounds: how far apart the same measurement landed."""
+    return (max(values) - min(values)) / statistics.median(values)
 
 
 def runs_here(idea: str, isa: str) -> bool:
