@@ -67,6 +67,11 @@ COPY components ./components
 COPY serving ./serving
 # Non-editable: the steps import van_tfx, van_trainer, components... from site-packages.
 RUN uv sync --frozen --no-dev --no-editable
+# The Trainer's C++ depthwise kernels (van_trainer/kernels), compiled against this TensorFlow into
+# the installed package; the compiler leaves the image in the same layer.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && python -m van_trainer.kernels.build \
+    && apt-get purge -y --auto-remove g++ && rm -rf /var/lib/apt/lists/*
 
 # Steps never need root. KFP, Vertex AI and the TFJob example set the command (python -m
 # pipeline.kfp_entrypoint, TFX's run_executor), which replaces this entrypoint; Beam's workers run

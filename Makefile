@@ -16,11 +16,14 @@ export PYTHONDONTWRITEBYTECODE :=
 venv: $(VENV)/.synced
 
 # uv resolves this stack in seconds where pip backtracks for many minutes; it is bootstrapped from
-# PyPI into the Python 3.10 user site when missing.
-$(VENV)/.synced: pyproject.toml uv.lock
+# PyPI into the Python 3.10 user site when missing. The C++ training kernels (van_trainer/kernels)
+# are compiled here too, ~10 s, so the first training step doesn't pay for it.
+$(VENV)/.synced: pyproject.toml uv.lock $(wildcard van_trainer/kernels/*.cc van_trainer/kernels/*.h)
 	@py="$(PY310)"; [ -n "$$py" ] || exit 1; \
 	$$py -m uv --version >/dev/null 2>&1 || $$py -m pip install --quiet --user uv || $$py -m pip install --quiet uv; \
 	UV_PYTHON=$$py $$py -m uv sync --frozen --extra dev --python $$py
+	@$(VENV)/bin/python -m van_trainer.kernels.build >/dev/null \
+	  || echo "van-tfx: the C++ training kernels did not build; training uses stock TF ops"
 	@touch $@
 
 lock:

@@ -8,17 +8,18 @@
 The reference is Hugging Face's `VanForImageClassification` (transformers 4.57.6, torch 2.13.0
 CPU) in the side environment `.bench-venv/`, created on first use (benchmarks/workers.py), timed
 in NCHW and channels-last; the faster layout counts. Ours is `build_van` trained with the
-Trainer's optimizer (optim.build_optimizer: fused AdamW, decay exemptions) and served as the
-folded copy (`fold_for_inference`). Same batch, size, drop-path rate and loss on both sides.
+Trainer's layout and optimizer (C++ depthwise kernels where they load, fused AdamW, decay
+exemptions) and served as the folded copy (`fold_for_inference`, stock TF ops). Same batch,
+size, drop-path rate and loss on both sides.
 
 PyTorch and each TF environment run in a worker process of their own (benchmarks/torch_van.py,
 benchmarks/tf_van.py; the TF rows of one environment share its worker); rounds alternate between
 all rows (one sample of each, repeated; the TF rows' order rotates each round) so load from other
 processes on a shared machine hits them alike, and the median round is reported with its spread
 and the load average. `--isa avx2` starts the workers with oneDNN capped (ONEDNN_MAX_CPU_ISA=AVX2,
-TF and torch) and ATen capped (ATEN_CPU_CAPABILITY=avx2): TF's own Eigen kernels are compiled into
-the pip wheel for AVX and ignore the cap, so a capped figure approximates, and is not, an AVX2
-machine. `--tf-env` adds TF workers that differ only in environment variables.
+TF and torch), ATen capped (ATEN_CPU_CAPABILITY=avx2) and our C++ kernels on their AVX2 path
+(VAN_TFX_KERNELS_ISA=avx2): TF's own Eigen kernels are compiled into the pip wheel for AVX and
+ignore the cap, so a capped figure approximates, and is not, an AVX2 machine. `--tf-env` adds TF workers that differ only in environment variables.
 """
 
 from __future__ import annotations
@@ -36,12 +37,17 @@ from benchmarks.workers import tf_worker, torch_worker  # noqa: E402
 
 ISA_CAPS = {
     "native": {},
-    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+    "avx2": {
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "VAN_TFX_KERNELS_ISA": "avx2",
+    },
 }
 TORCH_LAYOUTS = ("nchw", "channels_last")
 OURS = "ours"
 IDEAS = (
     "naive port (grouped conv, conv 1x1, unfused BN, autodiff GELU)",
+    "ours, stock TF depthwise convs (no C++ kernels)",
     "ours, not folded for inference",
     "ours, GELU constants not folded (inference)",
     "ours, conv 1x1 for training",
@@ -123,7 +129,8 @@ def report(variant: str, args, facts: dict, samples: dict, loads: tuple[str, str
         f"PyTorch {t['torch']} (ATen {t['cpu_capability']}, {t['threads']} threads), transformers "
         f"{t['transformers']} VanForImageClassification, {t['parameters_used']:,} parameters in "
         f"use ({t['parameters']:,} defined); TF {ours['tf']} (oneDNN "
-        f"{'on' if ours['onednn'] else 'off'}, {ours['intra_op_threads']} intra-op threads)"
+        f"{'on' if ours['onednn'] else 'off'}, {ours['intra_op_threads']} intra-op threads; "
+        f"C++ depthwise kernels: {ours['kernels_isa'] or 'unavailable'})"
     )
     print(
         f"{'implementation':<72}{'train':>8}{'infer':>8}   round spread   "
@@ -174,8 +181,8 @@ def run_isa(args, isa: str, tf_envs: dict) -> None:
             "TF_NUM_INTEROP_THREADS": str(args.threads),
         }
     label = (
-        f"AVX2-capped on {cpu_model()} (oneDNN and ATen kernels capped; TF's Eigen kernels are "
-        "not; not a real AVX2 machine)"
+        f"AVX2-capped on {cpu_model()} (oneDNN, ATen and our C++ kernels capped; TF's Eigen "
+        "kernels are not; not a real AVX2 machine)"
         if isa == "avx2"
         else f"native ISA of {cpu_model()}"
     )

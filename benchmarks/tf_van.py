@@ -27,25 +27,36 @@ def rows() -> dict:
     import dataclasses
 
     from van_trainer.model import INFERENCE_IMPLEMENTATION as FOLD
-    from van_trainer.model import Implementation
+    from van_trainer.model import Implementation, training_implementation
 
+    ours = training_implementation()  # what the Trainer runs here: C++ kernels where they load
     naive = Implementation(
         pointwise="conv", depthwise="grouped", fused_batch_norm=False, gelu="autodiff"
     )
     plain_gelu_fold = dataclasses.replace(FOLD, fold_gelu_constants=False)
+    stock = dataclasses.replace(ours, depthwise="depthwise")
     return {
-        "ours": (Implementation(), FOLD, "float32"),
+        "ours": (ours, FOLD, "float32"),
         "naive port (grouped conv, conv 1x1, unfused BN, autodiff GELU)": (naive, None, "float32"),
-        "ours, not folded for inference": (Implementation(), None, "float32"),
-        "ours, GELU constants not folded (inference)": (
-            Implementation(),
-            plain_gelu_fold,
+        "ours, stock TF depthwise convs (no C++ kernels)": (stock, FOLD, "float32"),
+        "ours, not folded for inference": (ours, None, "float32"),
+        "ours, GELU constants not folded (inference)": (ours, plain_gelu_fold, "float32"),
+        "ours, conv 1x1 for training": (
+            dataclasses.replace(ours, pointwise="conv"),
+            FOLD,
             "float32",
         ),
-        "ours, conv 1x1 for training": (Implementation(pointwise="conv"), FOLD, "float32"),
-        "ours, GELU as TF ops (not XLA-fused)": (Implementation(gelu="analytic"), FOLD, "float32"),
-        "ours, autodiff GELU gradient": (Implementation(gelu="autodiff"), FOLD, "float32"),
-        "ours, mixed_bfloat16": (Implementation(), FOLD, "mixed_bfloat16"),
+        "ours, GELU as TF ops (not XLA-fused)": (
+            dataclasses.replace(ours, gelu="analytic"),
+            FOLD,
+            "float32",
+        ),
+        "ours, autodiff GELU gradient": (
+            dataclasses.replace(ours, gelu="autodiff"),
+            FOLD,
+            "float32",
+        ),
+        "ours, mixed_bfloat16": (ours, FOLD, "mixed_bfloat16"),
     }
 
 
@@ -132,6 +143,7 @@ def facts(variant: str) -> dict:
     import tensorflow as tf
     from tensorflow.python.util import _pywrap_util_port
 
+    from van_trainer import kernels
     from van_trainer.model import VARIANTS
 
     cfg = VARIANTS[variant]
@@ -144,6 +156,7 @@ def facts(variant: str) -> dict:
         },
         "tf": tf.__version__,
         "onednn": bool(_pywrap_util_port.IsMklEnabled()),
+        "kernels_isa": kernels.isa(),
         "intra_op_threads": threads.get_intra_op_parallelism_threads() or os.cpu_count(),
         "inter_op_threads": threads.get_inter_op_parallelism_threads() or os.cpu_count(),
     }

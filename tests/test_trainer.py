@@ -265,6 +265,8 @@ def test_run_writes_tensorboard_logs_curves_and_metrics(resumed_run):
     assert set(report["final"]) >= {"loss", "accuracy", "top5"}
     assert np.isfinite(report["final"]["loss"])
     assert report["num_classes"] == 10
+    # A CPU-only host trains with the C++ depthwise kernels (train.cpu_kernels defaults on).
+    assert report["cpu_kernels"] in {"avx512", "avx2", "avx"}
     # Checkpoints are cleaned up after a finished run (a restart must not "resume" a done run).
     assert not list((run_dir / "backup").rglob("*.index"))
 
@@ -291,7 +293,7 @@ def test_export_has_the_serving_signatures_and_keras_weights(exported):
     assert Path(export.keras_weights_path(str(export_dir))).is_file()
 
 
-def test_export_has_no_xla_compiled_call_that_stock_tf_serving_would_refuse(exported):
+def test_export_has_no_xla_call_or_custom_op_that_stock_tf_serving_would_refuse(exported):
     from tensorflow.core.protobuf import saved_model_pb2
 
     _, export_dir = exported
@@ -301,6 +303,8 @@ def test_export_has_no_xla_compiled_call_that_stock_tf_serving_would_refuse(expo
     assert len(nodes) > 100  # the whole model is in there
     must_compile = [n.name for n in nodes if n.attr["_XlaMustCompile"].b]
     assert must_compile == []  # tensorflow_model_server runs XLA:CPU only behind a flag
+    # The model trained with van_trainer.kernels' ops; the export must hold stock ops only.
+    assert [n.op for n in nodes if n.op.startswith("Van")] == []
 
 
 def test_classify_signature_has_tf_serving_classify_method(exported):

@@ -139,6 +139,11 @@ class TrainConfig(_Section):
     steps_per_execution: int = Field(
         1, ge=1, description="Train steps per compiled call; callbacks see every Nth step."
     )
+    cpu_kernels: bool = Field(
+        True,
+        description="Train depthwise convs (and the MLP's GELU) with van_trainer.kernels' C++ "
+        "ops on CPU-only hosts; stock TF ops on GPUs, under jit_compile, or where they can't load.",
+    )
     shuffle_buffer: int = Field(2048, ge=1)
     log_every_steps: int = Field(10, ge=1, description="TensorBoard scalar cadence.")
 

@@ -55,7 +55,9 @@ class Implementation:
     """How the same maths is laid out in TF ops; only the benchmark changes the defaults.
 
     ``pointwise="dense"`` runs 1x1 convs as a MatMul on NHWC (kernel [in, out]); ``"conv"`` as
-    Conv2D (kernel [1, 1, in, out]). ``depthwise="grouped"`` is the naive Conv2D(groups=C) port.
+    Conv2D (kernel [1, 1, in, out]). ``depthwise="grouped"`` is the naive Conv2D(groups=C) port;
+    ``"kernels"`` runs depthwise convs as van_trainer.kernels' C++ ops (CPU, float32), with the
+    MLP's GELU fused into its 3x3 conv (`training_implementation` picks it where it can run).
     ``gelu="fused"`` runs GELU and its gradient as one XLA-compiled kernel each, ``"analytic"``
     as TF ops with the analytic gradient, ``"autodiff"`` as TF ops differentiated op by op.
     ``fold_gelu_constants`` (inference fold only) moves GELU's 1/sqrt(2) and 1/2 into the
@@ -71,10 +73,26 @@ class Implementation:
     def __post_init__(self):
         if self.gelu not in GELU_FORMS:
             raise ValueError(f"gelu must be one of {sorted(GELU_FORMS)}, got {self.gelu!r}")
+        if self.depthwise not in DEPTHWISE_FORMS:
+            raise ValueError(
+                f"depthwise must be one of {sorted(DEPTHWISE_FORMS)}, got {self.depthwise!r}"
+            )
 
 
 GELU_FORMS = ("fused", "analytic", "autodiff")
+DEPTHWISE_FORMS = ("depthwise", "grouped", "kernels")
 DEFAULT_IMPLEMENTATION = Implementation()
+KERNELS_IMPLEMENTATION = Implementation(depthwise="kernels")
+
+
+def training_implementation(use_kernels: bool = True) -> Implementation:
+    """The fastest layout that can run here: C++ depthwise kernels on a CPU-only host where they
+    load (`use_kernels` and no GPU), else stock TF ops (GPUs, XLA, no compiler)."""
+    if not use_kernels or tf.config.list_logical_devices("GPU"):
+        return DEFAULT_IMPLEMENTATION
+    from van_trainer import kernels  # builds the library on first use if `make venv` did not
+
+    return KERNELS_IMPLEMENTATION if kernels.load() is not None else DEFAULT_IMPLEMENTATION
 
 
 @keras.saving.register_keras_serializable(package="van")
@@ -136,9 +154,70 @@ def _pointwise(filters: int, name: str, impl: Implementation) -> keras.layers.La
     return keras.layers.Conv2D(filters, 1, kernel_initializer=init, name=name)
 
 
-def _depthwise(channels: int, kernel: int, name: str, impl: Implementation, dilation: int = 1):
-    """Depthwise 'same' conv with bias (odd kernel, stride 1: symmetric padding as in PyTorch)."""
+@keras.saving.register_keras_serializable(package="van")
+class KernelDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """DepthwiseConv2D (same weights, same names) run by van_trainer.kernels, optionally with
+    exact GELU fused on its output; stock ops where the layer computes in another dtype."""
+
+    def __init__(self, *args, fused_gelu: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused_gelu = fused_gelu
+        unsupported = {
+            "strides": self.strides != (1, 1),
+            "padding": self.padding != "same",
+            "depth_multiplier": self.depth_multiplier != 1,
+            "data_format": self.data_format != "channels_last",
+            "activation (use fused_gelu)": self.activation is not keras.activations.linear,
+            "unequal dilation_rate": self.dilation_rate[0] != self.dilation_rate[1],
+            "even kernel_size": any(k % 2 == 0 for k in self.kernel_size),
+        }
+        if refused := [name for name, bad in unsupported.items() if bad]:
+            raise ValueError(f"{self.name}: KernelDepthwiseConv2D does not support {refused}")
+
+    def call(self, inputs):
+        if inputs.dtype != tf.float32:  # the kernels are float32 only (mixed precision)
+            outputs = super().call(inputs)
+            return fused_gelu(outputs) if self.fused_gelu else outputs
+        from van_trainer import kernels
+
+        bias = self.bias if self.use_bias else tf.zeros_like(self.depthwise_kernel[0, 0, :, 0])
+        return kernels.depthwise_conv2d(
+            inputs,
+            self.depthwise_kernel,
+            bias,
+            dilation=self.dilation_rate[0],
+            activation="gelu" if self.fused_gelu else "none",
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "fused_gelu": self.fused_gelu}
+
+
+def uses_kernels(model: keras.Model) -> bool:
+    """Whether `model` runs its depthwise convs with van_trainer.kernels."""
+    return any(isinstance(layer, KernelDepthwiseConv2D) for layer in model.layers)
+
+
+def _depthwise(
+    channels: int,
+    kernel: int,
+    name: str,
+    impl: Implementation,
+    dilation: int = 1,
+    gelu: bool = False,
+):
+    """Depthwise 'same' conv with bias (odd kernel, stride 1: symmetric padding as in PyTorch);
+    `gelu` fuses GELU on the output (kernels layout only)."""
     init = _conv_init(kernel, channels, groups=channels)
+    if impl.depthwise == "kernels":
+        return KernelDepthwiseConv2D(
+            kernel,
+            padding="same",
+            dilation_rate=dilation,
+            depthwise_initializer=init,
+            fused_gelu=gelu,
+            name=name,
+        )
     if impl.depthwise == "grouped":
         return keras.layers.Conv2D(
             channels,
@@ -234,8 +313,11 @@ def _attention(x, dim: int, prefix: str, impl: Implementation):
 def _mlp(x, dim: int, hidden: int, prefix: str, impl: Implementation):
     """Official Mlp: fc1 -> 3x3 depthwise -> GELU -> fc2 (dropout 0 in every released model)."""
     x = _pointwise(hidden, f"{prefix}.fc1", impl)(x)
-    x = _depthwise(hidden, 3, f"{prefix}.dwconv.dwconv", impl)(x)
-    x = _gelu(f"{prefix}.act", impl)(x)
+    if impl.depthwise == "kernels":  # one pass over the widest tensor instead of two
+        x = _depthwise(hidden, 3, f"{prefix}.dwconv.dwconv", impl, gelu=True)(x)
+    else:
+        x = _depthwise(hidden, 3, f"{prefix}.dwconv.dwconv", impl)(x)
+        x = _gelu(f"{prefix}.act", impl)(x)
     return _pointwise(dim, f"{prefix}.fc2", impl)(x)
 
 

@@ -191,16 +191,33 @@ def build_callbacks(config: Config, model_run_dir: str, schedule, chief: bool) -
 
 
 def build_model(config: Config, num_classes: int) -> keras.Model:
-    """VAN at config.model, taking config.model.image_size inputs."""
-    from van_trainer.model import build_van  # the model module is heavy; import it late
+    """VAN at config.model, taking config.model.image_size inputs, in the fastest layout that
+    runs here (C++ depthwise kernels on CPU unless train.cpu_kernels is off or XLA compiles)."""
+    from van_trainer.model import build_van, training_implementation  # heavy: import late
 
     size = config.model.image_size
+    # XLA can't compile a custom op, so jit_compile gets the stock layout.
+    use_kernels = config.train.cpu_kernels and not config.train.jit_compile
     return build_van(
         config.model.variant,
         num_classes=num_classes,
         input_shape=(size, size, 3),
         drop_path_rate=config.model.drop_path_rate,
+        implementation=training_implementation(use_kernels),
     )
+
+
+def describe_depthwise_kernels(model: keras.Model) -> str | None:
+    """Log and return which depthwise convs train: the C++ kernels' ISA, or None (stock ops)."""
+    from van_trainer import kernels
+    from van_trainer.model import uses_kernels
+
+    if uses_kernels(model):
+        isa = kernels.isa()
+        logging.info("depthwise convs train with the van-tfx C++ kernels (%s)", isa)
+        return isa
+    logging.info("depthwise convs train with stock TF ops")
+    return None
 
 
 def load_initial_weights(
@@ -316,6 +333,7 @@ def train_and_export(
     try:
         with strategy.scope():
             model = build_model(config, num_classes)
+            cpu_kernels = describe_depthwise_kernels(model)
             warm_from = load_initial_weights(model, config, num_classes, base_model)
             compile_model(model, config, schedule, num_classes)
         callbacks = build_callbacks(config, model_run_dir, schedule, chief)
@@ -350,6 +368,7 @@ def train_and_export(
         "final_step": int(model.optimizer.iterations.numpy()),
         "num_classes": num_classes,
         "replicas": strategy.num_replicas_in_sync,
+        "cpu_kernels": cpu_kernels,
         "warm_start_from": warm_from,
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
     }
