@@ -48,6 +48,8 @@ OURS = "ours"
 IDEAS = (
     "naive port (grouped conv, conv 1x1, unfused BN, autodiff GELU)",
     "ours, stock TF depthwise convs (no C++ kernels)",
+    "ours, inference as one batch (no slices)",
+    "ours, inference in 4 slices",
     "ours, not folded for inference",
     "ours, GELU constants not folded (inference)",
     "ours, conv 1x1 for training",

@@ -12,6 +12,7 @@ PyTorch's:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -20,12 +21,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import van_tfx  # noqa: E402,F401  (legacy Keras and the oneDNN default before TensorFlow)
 from benchmarks.protocol import serve  # noqa: E402
+from van_tfx.config import ServingConfig  # noqa: E402
 
 
-def rows() -> dict:
-    """name -> (Implementation, inference fold's Implementation or None, precision policy)."""
-    import dataclasses
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One way of laying out VAN: training layout, inference fold, precision, inference slices."""
 
+    implementation: object
+    fold: object | None  # None: infer with the training model itself
+    policy: str = "float32"
+    slices: int = ServingConfig().inference_slices  # what the exported graph does by default
+
+
+def rows() -> dict[str, Row]:
+    """Row name -> Row: ours as the Trainer and the export run it, and each idea undone."""
     from van_trainer.model import INFERENCE_IMPLEMENTATION as FOLD
     from van_trainer.model import Implementation, training_implementation
 
@@ -33,30 +43,25 @@ def rows() -> dict:
     naive = Implementation(
         pointwise="conv", depthwise="grouped", fused_batch_norm=False, gelu="autodiff"
     )
-    plain_gelu_fold = dataclasses.replace(FOLD, fold_gelu_constants=False)
-    stock = dataclasses.replace(ours, depthwise="depthwise")
+    replace = dataclasses.replace
     return {
-        "ours": (ours, FOLD, "float32"),
-        "naive port (grouped conv, conv 1x1, unfused BN, autodiff GELU)": (naive, None, "float32"),
-        "ours, stock TF depthwise convs (no C++ kernels)": (stock, FOLD, "float32"),
-        "ours, not folded for inference": (ours, None, "float32"),
-        "ours, GELU constants not folded (inference)": (ours, plain_gelu_fold, "float32"),
-        "ours, conv 1x1 for training": (
-            dataclasses.replace(ours, pointwise="conv"),
-            FOLD,
-            "float32",
+        "ours": Row(ours, FOLD),
+        "naive port (grouped conv, conv 1x1, unfused BN, autodiff GELU)": Row(
+            naive, None, slices=1
         ),
-        "ours, GELU as TF ops (not XLA-fused)": (
-            dataclasses.replace(ours, gelu="analytic"),
-            FOLD,
-            "float32",
+        "ours, stock TF depthwise convs (no C++ kernels)": Row(
+            replace(ours, depthwise="depthwise"), FOLD
         ),
-        "ours, autodiff GELU gradient": (
-            dataclasses.replace(ours, gelu="autodiff"),
-            FOLD,
-            "float32",
+        "ours, inference as one batch (no slices)": Row(ours, FOLD, slices=1),
+        "ours, inference in 4 slices": Row(ours, FOLD, slices=4),
+        "ours, not folded for inference": Row(ours, None),
+        "ours, GELU constants not folded (inference)": Row(
+            ours, replace(FOLD, fold_gelu_constants=False)
         ),
-        "ours, mixed_bfloat16": (ours, FOLD, "mixed_bfloat16"),
+        "ours, conv 1x1 for training": Row(replace(ours, pointwise="conv"), FOLD),
+        "ours, GELU as TF ops (not XLA-fused)": Row(replace(ours, gelu="analytic"), FOLD),
+        "ours, autodiff GELU gradient": Row(replace(ours, gelu="autodiff"), FOLD),
+        "ours, mixed_bfloat16": Row(ours, FOLD, policy="mixed_bfloat16"),
     }
 
 
@@ -83,13 +88,15 @@ def make_train_step(model):
     return step
 
 
-def make_infer_step(model):
-    """Inference as serving runs it: one traced function, training=False."""
+def make_infer_step(model, slices: int):
+    """Inference as the exported graph runs it: one traced function, the batch in slices."""
     import tensorflow as tf
+
+    from van_trainer.export import forward_in_slices
 
     @tf.function
     def infer(images):
-        return model(images, training=False)
+        return forward_in_slices(model, images, slices)
 
     return infer
 
@@ -107,20 +114,20 @@ def build(cmd: dict) -> dict:
     labels = tf.random.uniform([batch], 0, 1000, dtype=tf.int64)
     runners = {}
     for name in cmd["rows"]:
-        impl, fold_impl, policy = catalogue[name]
-        keras.mixed_precision.set_global_policy(policy)
+        row = catalogue[name]
+        keras.mixed_precision.set_global_policy(row.policy)
         try:
             model = build_van(
                 cmd["variant"],
                 input_shape=(size, size, 3),
                 drop_path_rate=cmd["drop_path_rate"],
-                implementation=impl,
+                implementation=row.implementation,
             )
             train = make_train_step(model)
         finally:
             keras.mixed_precision.set_global_policy("float32")
-        folded = model if fold_impl is None else fold_for_inference(model, implementation=fold_impl)
-        infer = make_infer_step(folded)
+        folded = model if row.fold is None else fold_for_inference(model, implementation=row.fold)
+        infer = make_infer_step(folded, row.slices)
         for _ in range(2):
             train(images, labels), infer(images)
         runners[name] = (train, infer, images, labels)

@@ -307,6 +307,22 @@ def test_export_has_no_xla_call_or_custom_op_that_stock_tf_serving_would_refuse(
     assert [n.op for n in nodes if n.op.startswith("Van")] == []
 
 
+def test_an_empty_request_gets_empty_answers_from_every_model_signature(exported):
+    import tensorflow as tf
+
+    from van_tfx import features
+
+    model, _ = exported
+    examples = model.signatures[features.SERVING_EXAMPLES_SIGNATURE](
+        examples=tf.constant([], tf.string)
+    )
+    assert examples["probabilities"].shape[0] == 0 and examples["classes"].shape[0] == 0
+    images = model.signatures[features.PREDICT_IMAGES_SIGNATURE](
+        **{features.PREDICT_IMAGES_INPUT: tf.constant([], tf.string)}
+    )
+    assert images["probabilities"].shape[0] == 0 and images["top_k_synsets"].shape[0] == 0
+
+
 def test_classify_signature_has_tf_serving_classify_method(exported):
     from tensorflow.core.protobuf import saved_model_pb2
 

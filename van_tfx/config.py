@@ -174,6 +174,13 @@ class ServingConfig(_Section):
         description="Largest image (width x height x frames) the exported graph and van-tfx serve "
         "decode; larger ones are refused before decoding.",
     )
+    inference_slices: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="The exported graph cuts each batch into N parts that run concurrently (1: "
+        "the whole batch at once); batches smaller than N run whole.",
+    )
 
 
 class BeamConfig(_Section):

@@ -103,7 +103,8 @@ def _bytes_at(encoded: tf.Tensor, pos: tf.Tensor, count: int) -> tf.Tensor:
     padded = tf.strings.join([encoded, tf.constant(b"\0" * count)])
     pos = tf.clip_by_value(pos, 0, tf.strings.length(padded) - count)
     chunk = tf.strings.substr(padded, pos, tf.fill(tf.shape(pos), count))
-    return tf.cast(tf.io.decode_raw(chunk, tf.uint8), tf.int32)
+    # fixed_length: [batch, count] even for an empty batch (else [0, 0], and slicing it fails).
+    return tf.cast(tf.io.decode_raw(chunk, tf.uint8, fixed_length=count), tf.int32)
 
 
 def _jpeg_frame(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
@@ -229,12 +230,13 @@ def check_images(
     """An assertion that fails naming the first record whose image/encoded is not a whole JPEG
     or PNG, or does not decode (`decodes`, from image_decodes)."""
     good = image_is_complete(encoded, headers) & decodes
-    first_bad = tf.argmin(tf.cast(good, tf.int32), output_type=tf.int32)
+    # A sentinel at the end: argmin of an empty batch fails, and Assert computes its data anyway.
+    first_bad = tf.argmin(tf.concat([tf.cast(good, tf.int32), [0]], 0), output_type=tf.int32)
     return tf.debugging.Assert(
         tf.reduce_all(good),
         [
             "image/encoded of record image/filename =",
-            tf.gather(filenames, first_bad),
+            tf.gather(tf.concat([tf.reshape(filenames, [-1]), [""]], 0), first_bad),
             "is not a complete, decodable JPEG or PNG image (unknown format, truncated or "
             "corrupt).",
         ],
