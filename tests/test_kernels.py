@@ -105,7 +105,8 @@ ISA_CHECK = textwrap.dedent(
     import test_kernels as t
     cases = [((2, 9, 11, 19), 3, 3, 1, "gelu"), ((1, 13, 6, 40), 7, 7, 3, "none"),
              ((2, 5, 17, 33), 5, 3, 2, "gelu"), ((1, 1, 1, 3), 7, 7, 3, "none"),
-             ((3, 8, 8, 16), 5, 5, 1, "none"), ((1, 14, 14, 64), 7, 7, 3, "gelu")]
+             ((3, 8, 8, 16), 5, 5, 1, "none"), ((1, 14, 14, 64), 7, 7, 3, "gelu"),
+             ((2, 5, 7, 131), 3, 3, 1, "gelu"), ((1, 9, 4, 256), 5, 5, 2, "none")]
     for case in cases:
         t.assert_matches_stock(*case)
     print(json.dumps(t.kernels.isa()))
