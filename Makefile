@@ -51,7 +51,8 @@ bench: venv
 	@echo "== make bench, $$(date -u +%FT%TZ), commit $$(git rev-parse --short HEAD 2>/dev/null || echo none)"
 	@$(VENV)/bin/python benchmarks/machine.py
 	nice -n 10 $(VENV)/bin/python benchmarks/bench_first_step.py --models demo,b0 --undo all --rounds 1
-	nice -n 10 $(VENV)/bin/python benchmarks/bench_model.py --variants b0 --isa native,avx2 --ideas --steps 2 --rounds 3
+	nice -n 10 $(VENV)/bin/python benchmarks/bench_model.py --variants b0 --isa native,avx2 --ideas --steps 2 --rounds 3 \
+	  --tf-env "oneDNN off, the kernels of the stock tensorflow/serving image:TF_ENABLE_ONEDNN_OPTS=0"
 	$(VENV)/bin/python benchmarks/bench_transform.py
 	$(VENV)/bin/python benchmarks/bench_input.py --variant b0 --image-size 32 --batch-size 64
 	$(VENV)/bin/python benchmarks/bench_serving.py

@@ -123,7 +123,7 @@ def _deployment(config, app: str, config_map: str, gpu: bool, pvc: str | None) -
         )
     container = {
         "name": "tensorflow-serving",
-        "image": GPU_IMAGE if gpu else CPU_IMAGE,
+        "image": GPU_IMAGE if gpu else (config.serving.cpu_image or CPU_IMAGE),
         # The image's entrypoint hard-codes --model_name/--model_base_path; run the server directly.
         "command": ["tensorflow_model_server"],
         "args": server_args(config),

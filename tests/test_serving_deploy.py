@@ -72,6 +72,22 @@ def test_deployments_are_valid_and_hardened(file, image, gpus):
     )
 
 
+def test_cpu_deployments_take_the_configured_serving_image():
+    # A oneDNN build of TF Serving (docs/serving.md) replaces the stock image on CPU nodes only.
+    config = Config.model_validate({"serving": {"cpu_image": "registry.example/tf-serving:onednn"}})
+    rendered = {f: yaml.safe_load(text) for f, text in manifests.render_manifests(config).items()}
+    images = {
+        f: obj["spec"]["template"]["spec"]["containers"][0]["image"]
+        for f, obj in rendered.items()
+        if obj["kind"] == "Deployment"
+    }
+    assert images == {
+        "deployment.yaml": "registry.example/tf-serving:onednn",
+        "deployment-pvc.yaml": "registry.example/tf-serving:onednn",
+        "deployment-gpu.yaml": manifests.GPU_IMAGE,
+    }
+
+
 def test_config_maps_hold_text_protos_the_server_parses(tmp_path):
     config_map = load("configmap.yaml")
     models = text_format.Parse(config_map.data["models.config"], protos.ModelServerConfig())

@@ -407,6 +407,39 @@ def test_predict_images_matches_the_model_on_transform_materialised_eval_example
     assert served["top_k_synsets"].numpy()[0, 0].decode() == f"digit_{top[0, 0]}"
 
 
+EIGEN_PREDICT = """
+import json, sys
+import tensorflow as tf
+images = [bytes.fromhex(h) for h in json.loads(sys.stdin.read())]
+model = tf.saved_model.load(sys.argv[1])
+out = model.signatures["predict_images"](images=tf.constant(images))
+print(json.dumps(out["probabilities"].numpy().tolist()))
+"""
+
+
+def test_the_export_answers_the_same_on_the_stock_serving_images_kernels(exported, transform_paths):
+    # The stock tensorflow/serving image is built without oneDNN (TF Serving's --config=release):
+    # it runs Eigen's kernels, as TensorFlow does with TF_ENABLE_ONEDNN_OPTS=0. The folded graph
+    # (dilated convs as space-to-batch, fused convs, the batch in slices) must run there too.
+    import tensorflow as tf
+
+    model, export_dir = exported
+    _, jpegs = _raw_validation(transform_paths, 5)
+    here = model.signatures["predict_images"](images=tf.constant(jpegs))["probabilities"].numpy()
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_USE_LEGACY_KERAS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", EIGEN_PREDICT, str(export_dir)],
+        input=json.dumps([j.hex() for j in jpegs]),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    eigen = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
+    np.testing.assert_allclose(eigen, here, atol=1e-5)
+
+
 def test_predict_images_rejects_bytes_that_are_not_an_image(exported, transform_paths):
     import tensorflow as tf
 

@@ -174,6 +174,11 @@ class ServingConfig(_Section):
         description="Largest image (width x height x frames) the exported graph and van-tfx serve "
         "decode; larger ones are refused before decoding.",
     )
+    cpu_image: str = Field(
+        "",
+        description="Image of the CPU Deployments `van-tfx serving-manifests` writes; empty: the "
+        "stock tensorflow/serving image, whose kernels are Eigen's, not oneDNN's (docs/serving.md).",
+    )
     inference_slices: int = Field(
         2,
         ge=1,
