@@ -205,9 +205,10 @@ def _depthwise(
     impl: Implementation,
     dilation: int = 1,
     gelu: bool = False,
+    bias: bool = True,
 ):
-    """Depthwise 'same' conv with bias (odd kernel, stride 1: symmetric padding as in PyTorch);
-    `gelu` fuses GELU on the output (kernels layout only)."""
+    """Depthwise 'same' conv (odd kernel, stride 1: symmetric padding as in PyTorch), with a
+    bias unless `bias` is off; `gelu` fuses GELU on the output (kernels layout only)."""
     init = _conv_init(kernel, channels, groups=channels)
     if impl.depthwise == "kernels":
         return KernelDepthwiseConv2D(
@@ -216,6 +217,7 @@ def _depthwise(
             dilation_rate=dilation,
             depthwise_initializer=init,
             fused_gelu=gelu,
+            use_bias=bias,
             name=name,
         )
     if impl.depthwise == "grouped":
@@ -226,10 +228,16 @@ def _depthwise(
             dilation_rate=dilation,
             groups=channels,
             kernel_initializer=init,
+            use_bias=bias,
             name=name,
         )
     return keras.layers.DepthwiseConv2D(
-        kernel, padding="same", dilation_rate=dilation, depthwise_initializer=init, name=name
+        kernel,
+        padding="same",
+        dilation_rate=dilation,
+        depthwise_initializer=init,
+        use_bias=bias,
+        name=name,
     )
 
 
@@ -457,11 +465,14 @@ def _folded_weights(model: keras.Model, prefix: str, fold_gelu_constants: bool) 
     # convs after it by sqrt2. The LKA chain is affine, so it carries the sqrt2 through on
     # scaled biases until conv1 removes it; the gate's u still has it, which proj_2 removes.
     c = _SQRT2 if fold_gelu_constants else 1.0
+    # conv_spatial's bias moves into conv1's (a 1x1 conv is linear: conv1(a + b) = conv1(a) +
+    # b @ W), so the dilated conv needs no BiasAdd after its BatchToSpace. conv0's can't: zero
+    # padding at the borders would not see it.
     return {
         f"{prefix}.attn.proj_1": [s1[:, None] * w1 / c, (t1 @ w1 + p1.bias.numpy()) / c],
         f"{sgu}.conv0": [conv0.weights[0].numpy(), conv0.bias.numpy() * c],
-        f"{sgu}.conv_spatial": [spatial.weights[0].numpy(), spatial.bias.numpy() * c],
-        f"{sgu}.conv1": [wc1 / c, conv1.bias.numpy()],
+        f"{sgu}.conv_spatial": [spatial.weights[0].numpy()],
+        f"{sgu}.conv1": [wc1 / c, conv1.bias.numpy() + spatial.bias.numpy() @ wc1],
         f"{prefix}.attn.proj_2": [w2 * g1 / c, (p2.bias.numpy() + t1) * g1],
         f"{prefix}.residual_1": [1.0 + g1 * s1],
         f"{prefix}.mlp.fc1": [s2[:, None] * wf1, t2 @ wf1 + fc1.bias.numpy()],
@@ -487,7 +498,7 @@ def _folded_block(x, dim: int, mlp_ratio: int, prefix: str, impl: Implementation
     u = _pointwise(dim, f"{prefix}.attn.proj_1", impl)(x)
     u = _folded_gelu(f"{prefix}.attn.activation", impl)(u)
     attn = _depthwise(dim, 5, f"{sgu}.conv0", impl)(u)
-    attn = _depthwise(dim, 7, f"{sgu}.conv_spatial", impl, dilation=3)(attn)
+    attn = _depthwise(dim, 7, f"{sgu}.conv_spatial", impl, dilation=3, bias=False)(attn)
     attn = _pointwise(dim, f"{sgu}.conv1", impl)(attn)
     attn = _pointwise(dim, f"{prefix}.attn.proj_2", impl)(keras.layers.Multiply()([u, attn]))
     x = keras.layers.Add()([ChannelScale(name=f"{prefix}.residual_1")(x), attn])
