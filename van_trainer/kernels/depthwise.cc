@@ -4,12 +4,11 @@
 //
 // Layout is NHWC, so a pixel's channels are contiguous: every inner loop runs over a vector of
 // channels at a time, and the channel count's remainder (C % kLanes) takes a scalar path.
+#include <immintrin.h>
+
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstring>
-#include <utility>
-#include <immintrin.h>
 #include <vector>
 
 #include "depthwise.h"
@@ -80,10 +79,11 @@ inline vec erf(vec x) {
   return saturated ? sign_one : erf_ratio(x);
 }
 
-// Cephes' expf: exp(x) = 2^n * exp(r), |r| <= ln2/2, degree-6 polynomial; ~1 ulp.
+// Cephes' expf: exp(x) = 2^n * exp(r), |r| <= ln2/2, degree-6 polynomial; ~1 ulp for x <= 88
+// (callers pass -z^2/2); below -87.3 it returns 2^-126 times ~1, not a denormal.
 inline vec exp(vec x) {
   x = x < -87.33654f ? splat(-87.33654f) : x;
-  x = x > 88.3762626647949f ? splat(88.3762626647949f) : x;
+  x = x > 88.0f ? splat(88.0f) : x;  // 2^n stays finite: n <= 127
   const vec fx = x * 1.44269504088896341f + 0.5f;
   veci n = __builtin_convertvector(fx, veci);  // truncates toward zero: make it floor
   n += __builtin_convertvector(n, vec) > fx;   // true is -1
@@ -173,7 +173,9 @@ void conv_tile(const RowTaps& r, const float* bias, int w0, int cb, bool apply_g
   for (int i = 0; i < r.rows; ++i) {
     const float* irow = r.irows[i] + cb;
     const float* krow = r.krows[i] + cb;
-    for (int j = 0; j < r.kw; ++j) tile.tap(irow, krow + int64_t(j) * r.kstep, w0 + (j - r.rw) * r.d, r.W, r.C);
+    for (int j = 0; j < r.kw; ++j) {
+      tile.tap(irow, krow + int64_t(j) * r.kstep, w0 + (j - r.rw) * r.d, r.W, r.C);
+    }
   }
   tile.store_to(out, r.C, apply_gelu);
 }
@@ -188,7 +190,9 @@ void conv_row_blocks(const RowTaps& r, const float* bias, int cfull, bool apply_
       if (w0 + T <= r.W) {
         conv_tile<T, B>(r, bias, w0, cb, apply_gelu, out);
       } else {
-        for (int w = w0; w < r.W; ++w) conv_tile<1, B>(r, bias, w, cb, apply_gelu, out + int64_t(w - w0) * r.C);
+        for (int w = w0; w < r.W; ++w) {  // the row's last pixels, one at a time
+          conv_tile<1, B>(r, bias, w, cb, apply_gelu, out + int64_t(w - w0) * r.C);
+        }
       }
     }
   }
@@ -294,7 +298,9 @@ void filter_grad_rows(const float* x, const float* dz, float* dk, float* db, con
         }
         for (int c = cfull; c < C; ++c) {
           float a = 0.f;
-          for (int w = lo; w < hi; ++w) a += xrow[int64_t(w + offset) * C + c] * dzrow[int64_t(w) * C + c];
+          for (int w = lo; w < hi; ++w) {
+            a += xrow[int64_t(w + offset) * C + c] * dzrow[int64_t(w) * C + c];
+          }
           dk_tap[c] += a;
         }
       }

@@ -127,8 +127,9 @@ Status CheckShapes(OpKernelContext* ctx, int dilation, Geometry* g) {
   constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
   if (input.dim_size(1) * input.dim_size(2) * input.dim_size(3) > kMaxInt ||
       filter.dim_size(0) * filter.dim_size(1) * int64_t(dilation) > kMaxInt) {
-    return errors::InvalidArgument("input shape ", input.shape().DebugString(), " and filter shape ",
-                                   filter.shape().DebugString(), " are too large");
+    return errors::InvalidArgument("input shape ", input.shape().DebugString(),
+                                   " and filter shape ", filter.shape().DebugString(),
+                                   " are too large");
   }
   g->height = int(input.dim_size(1));
   g->width = int(input.dim_size(2));
