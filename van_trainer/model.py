@@ -210,35 +210,14 @@ def _depthwise(
     """Depthwise 'same' conv (odd kernel, stride 1: symmetric padding as in PyTorch), with a
     bias unless `bias` is off; `gelu` fuses GELU on the output (kernels layout only)."""
     init = _conv_init(kernel, channels, groups=channels)
+    same = {"padding": "same", "dilation_rate": dilation, "use_bias": bias, "name": name}
     if impl.depthwise == "kernels":
-        return KernelDepthwiseConv2D(
-            kernel,
-            padding="same",
-            dilation_rate=dilation,
-            depthwise_initializer=init,
-            fused_gelu=gelu,
-            use_bias=bias,
-            name=name,
-        )
+        return KernelDepthwiseConv2D(kernel, depthwise_initializer=init, fused_gelu=gelu, **same)
     if impl.depthwise == "grouped":
         return keras.layers.Conv2D(
-            channels,
-            kernel,
-            padding="same",
-            dilation_rate=dilation,
-            groups=channels,
-            kernel_initializer=init,
-            use_bias=bias,
-            name=name,
+            channels, kernel, groups=channels, kernel_initializer=init, **same
         )
-    return keras.layers.DepthwiseConv2D(
-        kernel,
-        padding="same",
-        dilation_rate=dilation,
-        depthwise_initializer=init,
-        use_bias=bias,
-        name=name,
-    )
+    return keras.layers.DepthwiseConv2D(kernel, depthwise_initializer=init, **same)
 
 
 def _batch_norm(name: str, impl: Implementation) -> keras.layers.Layer:
