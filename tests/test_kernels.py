@@ -183,6 +183,23 @@ def test_kernel_layer_refuses_what_the_kernels_do_not_compute(kwargs, refused):
         KernelDepthwiseConv2D(**arguments)
 
 
+def test_gradients_are_bitwise_repeatable():
+    # Each thread's share is a fixed range of work summed in a fixed order: the same inputs give
+    # the same bits whatever the scheduling (train.deterministic relies on it).
+    module = kernels.load()
+    rng = np.random.default_rng(3)
+    x, dy = (tf.constant(rng.normal(size=(6, 20, 17, 48)), tf.float32) for _ in range(2))
+    kernel = tf.constant(rng.normal(size=(5, 5, 48, 1)), tf.float32)
+    bias = tf.constant(rng.normal(size=48), tf.float32)
+    runs = [
+        [t.numpy() for t in module.van_depthwise_conv2d_grad(x, kernel, bias, dy, activation=a)]
+        for a in ("gelu", "gelu", "none", "none")
+    ]
+    for first, again in ((runs[0], runs[1]), (runs[2], runs[3])):
+        for a, b in zip(first, again, strict=True):
+            assert np.array_equal(a, b)
+
+
 def test_gradient_of_a_different_shape_is_refused():
     module = kernels.load()
     with pytest.raises(tf.errors.InvalidArgumentError, match="out_backprop shape"):

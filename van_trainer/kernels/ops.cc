@@ -241,11 +241,10 @@ class VanDepthwiseConv2dGradOp : public ConvBase {
     const int64_t batch = input.dim_size(0);
     if (input.NumElements() == 0) return;
 
-    // Work units are blocks of rows of one image; each unit sums its own filter gradient and
-    // the units' sums are added at the end (no shared accumulators between threads). A unit's
-    // rows (plus the halo its GELU recompute needs) stay within L2, so the recomputed values
-    // are still cached when the input gradient and the filter gradient read them back, and so
-    // are the input rows the filter gradient reads again; at least 4 units per thread.
+    // Work units are blocks of rows of one image. A unit's rows (plus the halo its GELU
+    // recompute needs) aim to stay in cache, so the recomputed values are still there when the
+    // input gradient and the filter gradient read them back, and so are the input rows the
+    // filter gradient reads again; at least 4 units per thread.
     auto* pool = ctx->device()->tensorflow_cpu_worker_threads();
     const int64_t row_size = int64_t(g.width) * g.channels;
     const int halo = (g.kh / 2) * g.dilation;  // rows of dz one dx row reaches above and below
@@ -256,7 +255,11 @@ class VanDepthwiseConv2dGradOp : public ConvBase {
         g.height));
     const int rows_per_unit = (g.height + blocks - 1) / blocks;
     const int64_t units = batch * blocks;
-    std::vector<float> partial(size_t(units) * size_t(taps + g.channels), 0.f);
+    // Shards are fixed, contiguous ranges of units, each summing into a filter gradient of its
+    // own: a few buffers per thread whatever the batch (one per unit was ~84 MB at batch 1024),
+    // and the same sums in the same order however the threads are scheduled.
+    const int64_t shards = std::min<int64_t>(units, 4 * int64_t(pool->num_threads));
+    std::vector<float> partial(size_t(shards) * size_t(taps + g.channels), 0.f);
 
     const int64_t image = g.height * row_size;
     const float* x = input.flat<float>().data();
@@ -267,12 +270,11 @@ class VanDepthwiseConv2dGradOp : public ConvBase {
     const van_kernels::Kernels& kernels = *kernels_;
     const bool gelu = gelu_;
 
-    auto run_unit = [&](int64_t unit) {
+    auto run_unit = [&](int64_t unit, float* unit_dk) {
       const int64_t n = unit / blocks;
       const int h0 = int(unit % blocks) * rows_per_unit;
       const int h1 = std::min(g.height, h0 + rows_per_unit);
       if (h0 >= h1) return;
-      float* unit_dk = partial.data() + unit * (taps + g.channels);
       const float* x_image = x + n * image;
       const float* dz = dy + n * image;  // dz = dL/d(pre-activation); dy itself without GELU
       int dz_row0 = 0;
@@ -290,14 +292,21 @@ class VanDepthwiseConv2dGradOp : public ConvBase {
       kernels.filter_grad_rows(x_image, dz + (h0 - dz_row0) * row_size, unit_dk, unit_dk + taps,
                                g, h0, h1);
     };
-    const int64_t cost = int64_t(rows_per_unit) * row_size * (4 * g.kh * g.kw + (gelu ? 60 : 0));
-    pool->workers->ParallelFor(units, cost, [&](int64_t begin, int64_t end) {
-      for (int64_t unit = begin; unit < end; ++unit) run_unit(unit);
+    const int64_t unit_cost =
+        int64_t(rows_per_unit) * row_size * (4 * g.kh * g.kw + (gelu ? 60 : 0));
+    const int64_t shard_cost = unit_cost * ((units + shards - 1) / shards);
+    pool->workers->ParallelFor(shards, shard_cost, [&](int64_t begin, int64_t end) {
+      for (int64_t shard = begin; shard < end; ++shard) {
+        float* shard_dk = partial.data() + shard * (taps + g.channels);
+        for (int64_t unit = units * shard / shards; unit < units * (shard + 1) / shards; ++unit) {
+          run_unit(unit, shard_dk);
+        }
+      }
     });
-    for (int64_t unit = 0; unit < units; ++unit) {
-      const float* unit_dk = partial.data() + unit * (taps + g.channels);
-      for (int64_t i = 0; i < taps; ++i) dk[i] += unit_dk[i];
-      for (int c = 0; c < g.channels; ++c) db[c] += unit_dk[taps + c];
+    for (int64_t shard = 0; shard < shards; ++shard) {
+      const float* shard_dk = partial.data() + shard * (taps + g.channels);
+      for (int64_t i = 0; i < taps; ++i) dk[i] += shard_dk[i];
+      for (int c = 0; c < g.channels; ++c) db[c] += shard_dk[taps + c];
     }
   }
 };
