@@ -19,7 +19,8 @@ processes on a shared machine hits them alike, and the median round is reported 
 and the load average. `--isa avx2` starts the workers with oneDNN capped (ONEDNN_MAX_CPU_ISA=AVX2,
 TF and torch), ATen capped (ATEN_CPU_CAPABILITY=avx2) and our C++ kernels on their AVX2 path
 (VAN_TFX_KERNELS_ISA=avx2): TF's own Eigen kernels are compiled into the pip wheel for AVX and
-ignore the cap, so a capped figure approximates, and is not, an AVX2 machine. `--tf-env` adds TF workers that differ only in environment variables.
+ignore the cap, so a capped figure approximates, and is not, an AVX2 machine. `--tf-env` adds TF
+workers that differ only in environment variables.
 """
 
 from __future__ import annotations

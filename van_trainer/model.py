@@ -300,10 +300,9 @@ def _attention(x, dim: int, prefix: str, impl: Implementation):
 def _mlp(x, dim: int, hidden: int, prefix: str, impl: Implementation):
     """Official Mlp: fc1 -> 3x3 depthwise -> GELU -> fc2 (dropout 0 in every released model)."""
     x = _pointwise(hidden, f"{prefix}.fc1", impl)(x)
-    if impl.depthwise == "kernels":  # one pass over the widest tensor instead of two
-        x = _depthwise(hidden, 3, f"{prefix}.dwconv.dwconv", impl, gelu=True)(x)
-    else:
-        x = _depthwise(hidden, 3, f"{prefix}.dwconv.dwconv", impl)(x)
+    fuse_gelu = impl.depthwise == "kernels"  # one pass over the widest tensor instead of two
+    x = _depthwise(hidden, 3, f"{prefix}.dwconv.dwconv", impl, gelu=fuse_gelu)(x)
+    if not fuse_gelu:
         x = _gelu(f"{prefix}.act", impl)(x)
     return _pointwise(dim, f"{prefix}.fc2", impl)(x)
 
