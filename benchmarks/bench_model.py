@@ -17,9 +17,11 @@ benchmarks/tf_van.py; the TF rows of one environment share its worker); rounds a
 all rows (one sample of each, repeated; the TF rows' order rotates each round) so load from other
 processes on a shared machine hits them alike, and the median round is reported with its spread
 and the load average. `--isa avx2` starts the workers with oneDNN capped (ONEDNN_MAX_CPU_ISA=AVX2,
-TF and torch), ATen capped (ATEN_CPU_CAPABILITY=avx2) and our C++ kernels on their AVX2 path
-(VAN_TFX_KERNELS_ISA=avx2): TF's own Eigen kernels are compiled into the pip wheel for AVX and
-ignore the cap, so a capped figure approximates, and is not, an AVX2 machine. `--tf-env` adds TF
+TF and torch), ATen and torch's MKL capped (ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2)
+and our C++ kernels on their AVX2 path (VAN_TFX_KERNELS_ISA=avx2). TF's own Eigen kernels are
+compiled into the pip wheel for AVX and XLA:CPU in TF 2.16 emits 256-bit code on any host, so
+those two run the same code on both; cache sizes and memory bandwidth are this machine's, so a
+capped figure approximates, and is not, an AVX2 machine. `--tf-env` adds TF
 workers that differ only in environment variables.
 """
 
@@ -41,6 +43,8 @@ ISA_CAPS = {
     "avx2": {
         "ONEDNN_MAX_CPU_ISA": "AVX2",
         "ATEN_CPU_CAPABILITY": "avx2",
+        # torch's MKL runs only the classifier's GEMMs here, but an AVX2 CPU would run them at AVX2.
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
         "VAN_TFX_KERNELS_ISA": "avx2",
     },
 }
