@@ -20,7 +20,7 @@ import tf_keras as keras
 from van_tfx import features, storage
 from van_tfx.config import Config
 from van_tfx.data import shards
-from van_trainer import dataset, distribute, export, optim, tracing
+from van_trainer import dataset, distribute, export, optim, tracing, weights
 
 log = logging.getLogger(__name__)
 
@@ -232,24 +232,24 @@ def load_initial_weights(
             log.info("warm start from %s", path)
             return path
     if config.model.pretrained_weights:
-        # New head: layers whose shapes differ (the classifier) keep their initialisation.
+        # Fine-tuning to another class count: only the classifier may differ and stay fresh.
         with storage.local_copy(config.model.pretrained_weights) as local:
-            model.load_weights(local, by_name=True, skip_mismatch=True)
+            fresh = weights.load_weights_by_name(model, local, keep_fresh=("head",))
         log.info(
-            "initialised from %s (mismatched layers kept fresh)", config.model.pretrained_weights
+            "initialised from %s%s",
+            config.model.pretrained_weights,
+            f" (kept fresh: {', '.join(fresh)})" if fresh else "",
         )
         return config.model.pretrained_weights
     return ""
 
 
 def _load_if_compatible(model, config, num_classes, path) -> bool:
-    # Load into a scratch copy first: a failed load must not leave the real model half-overwritten.
-    scratch = build_model(config, num_classes)
     try:
         # h5py reads local files only: a base model on object storage is copied here first.
         with storage.local_copy(path) as local:
-            scratch.load_weights(local)
-    except (ValueError, KeyError) as exc:
+            weights.load_weights_by_name(model, local)  # all or nothing
+    except weights.WeightsMismatchError as exc:
         log.warning(
             "warm start skipped: %s does not fit %s with %d classes (%s)",
             path,
@@ -258,7 +258,6 @@ def _load_if_compatible(model, config, num_classes, path) -> bool:
             exc,
         )
         return False
-    model.set_weights(scratch.get_weights())
     return True
 
 
