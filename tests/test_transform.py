@@ -321,3 +321,73 @@ def test_whatever_the_bytes_storing_them_never_reaches_a_failing_decoder(images)
             # The header parse agrees with libjpeg on every JPEG libjpeg decodes.
             height, width, _ = tf.image.extract_jpeg_shape(image).numpy().tolist()
             assert [heights[i], widths[i]] == [height, width]
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A real, decodable grey PNG of width x height zeros: a few hundred KB for 100 M pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    packer, row = zlib.compressobj(9), b"\x00" * (width + 1)  # filter byte + pixels
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def test_an_image_over_the_pixel_budget_is_refused_by_name_and_never_decoded():
+    bomb = _png_declaring(10_000, 10_000)  # 100 M pixels, over the 64 M default
+    assert len(bomb) < 1_000_000
+    images = tf.constant([_photo(150, 100, "PNG"), bomb])
+    headers = preprocessing.image_headers(images)
+    assert preprocessing.declared_pixels(headers).numpy().tolist() == [15_000, 100_000_000]
+    budget = preprocessing.image_settings({"data": {}})[2]
+    affordable = preprocessing.declared_pixels(headers) <= budget
+    assert preprocessing.image_decodes(images, affordable).numpy().tolist() == [True, False]
+    stored = preprocessing.stored_images(images, 512, 90, affordable, headers).numpy()
+    assert stored[1] == b""  # never handed to a decoder
+    names = tf.constant([b"small.png", b"bomb.png"])
+    with pytest.raises(tf.errors.InvalidArgumentError) as refused:
+        preprocessing.check_pixel_budget(headers, names, budget)
+    said = " ".join(str(refused.value.message).replace("b'", "").replace("'", "").split())
+    assert "bomb.png declares 10000 x 10000 pixels, more than data.max_image_pixels" in said
+    preprocessing.check_pixel_budget(headers, names, 100_000_000)  # within a larger budget
+    assert preprocessing.image_settings({"data": {"max_image_pixels": 5}})[2] == 5
+
+
+def test_png_transparency_is_composited_on_white_like_data_build():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.zeros([64, 64, 4], np.uint8)  # transparent black on the left half
+    rgba[:, 32:] = (200, 30, 30, 255)  # opaque red on the right
+    rgba[:8, :8] = (0, 0, 255, 128)  # half-transparent blue corner
+    out = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(out, "PNG")
+    stored = preprocessing.stored_images(tf.constant([out.getvalue()]), 512, 95).numpy()[0]
+    pixels = tf.io.decode_jpeg(stored).numpy().astype(int)
+    assert pixels[16:, 8:24].min() >= 250  # white, not black
+    np.testing.assert_allclose(pixels[16:, 40:56].mean(axis=(0, 1)), (200, 30, 30), atol=6)
+    np.testing.assert_allclose(pixels[2:6, 2:6].mean(axis=(0, 1)), (127, 127, 255), atol=8)
+
+
+def test_a_label_that_disagrees_with_its_synset_is_named_with_its_record():
+    synsets = tf.constant([b"n01", b"n02", b"n03", b"n04"] * 8)
+    labels = tf.constant([1, 2, 3, 4] * 8, tf.int64)
+    labels = tf.tensor_scatter_nd_update(labels, [[21]], tf.constant([3], tf.int64))
+    names = tf.constant([f"img{i}.jpg".encode() for i in range(32)])
+    ids = tf.constant([0, 1, 2, 3] * 8, tf.int64)  # the vocabulary's ids, by synset
+    with pytest.raises(tf.errors.InvalidArgumentError) as refused:
+        preprocessing.check_labels(ids, labels, synsets, names, tf.constant(True))
+    said = " ".join(str(refused.value.message).replace("b'", "").replace("'", "").split())
+    assert "img21.jpg has image/class/label 3 and image/class/synset n02 which disagree" in said
+    preprocessing.check_labels(ids, labels, synsets, names, tf.constant(False))  # not analyzed
+    good = tf.constant([1, 2, 3, 4] * 8, tf.int64)
+    preprocessing.check_labels(ids, good, synsets, names, tf.constant(True))

@@ -24,6 +24,9 @@ from van_tfx import features
 # Fallbacks when custom_config has no data section: van_tfx.config.DataConfig's defaults.
 DEFAULT_MAX_IMAGE_SIDE = 512
 DEFAULT_JPEG_QUALITY = 90
+# Largest image (width x height) Transform decodes: a 400 KB PNG can declare 400 M pixels, and a
+# decode plus the float resize of one costs ~12 bytes a pixel. 64 M covers 8k x 8k photos.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 _JPEG_START = b"\xff\xd8\xff"
 _JPEG_END = b"\xff\xd9"
 _PNG_START = b"\x89PNG\r\n\x1a\n"
@@ -38,13 +41,14 @@ _SOF_MARKERS = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD
 _MAX_JPEG_SEGMENTS = 256
 
 
-def image_settings(custom_config: dict[str, Any] | None) -> tuple[int, int]:
-    """(max_image_side, jpeg_quality) from the Transform custom_config ({'data': ...} or flat)."""
+def image_settings(custom_config: dict[str, Any] | None) -> tuple[int, int, int]:
+    """(max_image_side, jpeg_quality, max_image_pixels) from the Transform custom_config."""
     config = custom_config or {}
-    data = config.get("data", config)
+    data = config.get("data", config)  # {'data': ...} or flat
     return (
         int(data.get("max_image_side", DEFAULT_MAX_IMAGE_SIDE)),
         int(data.get("jpeg_quality", DEFAULT_JPEG_QUALITY)),
+        int(data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
     )
 
 
@@ -52,7 +56,7 @@ def preprocessing_fn(
     inputs: dict[str, Any], custom_config: dict[str, Any] | None = None
 ) -> dict[str, tf.Tensor]:
     """Transform raw examples into {'image': JPEG bytes, 'label': int64 class id}."""
-    max_side, quality = image_settings(custom_config)
+    max_side, quality, max_pixels = image_settings(custom_config)
     encoded = _column(inputs[features.IMAGE_ENCODED], b"")
     if not (features.SYNSET in inputs and features.LABEL in inputs):
         # Serving (no label): the model server's own checks come first (van_trainer/export.py).
@@ -66,18 +70,26 @@ def preprocessing_fn(
     # need the vocabulary, or that cost a decode, wait for the real one, so they run once per
     # record (when it is transformed).
     analyzed = tft.experimental.get_vocabulary_size_by_name(features.SYNSET_VOCABULARY) > 0
+    headers = image_headers(encoded)  # one header parse per batch for the checks and the store
+    affordable = declared_pixels(headers) <= max_pixels
+    # Only images whose header gives an affordable size reach a decoder: an unreadable header
+    # fails check_images anyway, and hides its size (libjpeg may still find a huge frame).
     decodes = tf.cond(
-        analyzed, lambda: image_decodes(encoded), lambda: tf.ones_like(encoded, tf.bool)
+        analyzed,
+        lambda: image_decodes(encoded, headers["readable"] & affordable),
+        lambda: tf.ones_like(encoded, tf.bool),
     )
-    headers = image_headers(encoded)  # one header parse per batch for the check and the store
     checks = [
-        check_images(encoded, filenames, decodes, headers),
-        check_labels(ids, labels, synsets, analyzed),
+        check_pixel_budget(headers, filenames, max_pixels),
+        check_images(encoded, filenames, decodes | ~affordable, headers),
+        check_labels(ids, labels, synsets, filenames, analyzed),
     ]
     with tf.control_dependencies(checks):
         label = tf.identity(ids)
     return {
-        features.TRANSFORMED_IMAGE: stored_images(encoded, max_side, quality, decodes, headers),
+        features.TRANSFORMED_IMAGE: stored_images(
+            encoded, max_side, quality, decodes & affordable, headers
+        ),
         features.TRANSFORMED_LABEL: label,
     }
 
@@ -175,6 +187,12 @@ def image_headers(encoded: tf.Tensor) -> dict[str, tf.Tensor]:
     }
 
 
+def declared_pixels(headers: dict[str, tf.Tensor]) -> tf.Tensor:
+    """Per image: width x height from its header (int64), 0 where the header is unreadable."""
+    pixels = tf.cast(headers["height"], tf.int64) * tf.cast(headers["width"], tf.int64)
+    return tf.where(headers["readable"], pixels, tf.zeros_like(pixels))
+
+
 # ---- images -----------------------------------------------------------------------------------
 
 
@@ -195,12 +213,15 @@ def image_is_complete(encoded: tf.Tensor, headers: dict | None = None) -> tf.Ten
     return headers["readable"] & (png_complete | (headers["is_jpeg"] & jpeg_end))
 
 
-def image_decodes(encoded: tf.Tensor) -> tf.Tensor:
-    """Per example: whether TensorFlow's decoder accepts the image (a decode error is a False).
+def image_decodes(encoded: tf.Tensor, allowed: tf.Tensor | None = None) -> tf.Tensor:
+    """Per example: whether TensorFlow's decoder accepts the image (a decode error is a False);
+    only images `allowed` marks are decoded (the rest are False).
 
     tf.data's ignore_errors is the one graph-mode way to catch a kernel error per element. JPEGs
     are decoded at 1/8 scale: the same header, table and scan parsing, a fraction of the IDCT.
     """
+    if allowed is None:
+        allowed = tf.ones_like(encoded, tf.bool)
 
     def decode(index, image):
         is_jpeg = tf.equal(tf.strings.substr(image, 0, len(_JPEG_START)), _JPEG_START)
@@ -213,8 +234,9 @@ def image_decodes(encoded: tf.Tensor) -> tf.Tensor:
 
     count = tf.size(encoded, out_type=tf.int64)
     decoded = (
-        tf.data.Dataset.from_tensor_slices((tf.range(count), encoded))
-        .map(decode)
+        tf.data.Dataset.from_tensor_slices((tf.range(count), encoded, allowed))
+        .filter(lambda index, image, ok: ok)
+        .map(lambda index, image, ok: decode(index, image))
         .ignore_errors(log_warning=False)
     )
     hits = decoded.reduce(
@@ -222,6 +244,28 @@ def image_decodes(encoded: tf.Tensor) -> tf.Tensor:
         lambda seen, item: seen + tf.one_hot(item[0], tf.cast(count, tf.int32), dtype=tf.int32),
     )
     return hits > 0
+
+
+def check_pixel_budget(
+    headers: dict[str, tf.Tensor], filenames: tf.Tensor, max_pixels: int
+) -> tf.Operation:
+    """An assertion that fails naming the first record whose image declares more than
+    `max_pixels` pixels (data.max_image_pixels), before anything decodes it."""
+    pixels = declared_pixels(headers)
+    first = tf.argmax(tf.concat([pixels, [0]], 0), output_type=tf.int32)  # sentinel: empty batch
+    return tf.debugging.Assert(
+        tf.reduce_all(pixels <= max_pixels),
+        [
+            "image/encoded of record image/filename =",
+            tf.gather(tf.concat([tf.reshape(filenames, [-1]), [""]], 0), first),
+            "declares",
+            tf.gather(tf.concat([headers["width"], [0]], 0), first),
+            "x",
+            tf.gather(tf.concat([headers["height"], [0]], 0), first),
+            f"pixels, more than data.max_image_pixels = {max_pixels}; refused before decoding.",
+        ],
+        name="image_within_pixel_budget",
+    )
 
 
 def check_images(
@@ -285,8 +329,7 @@ def stored_images(
 
 def reencoded(encoded: tf.Tensor, max_side: int, quality: int) -> tf.Tensor:
     """Decode any JPEG/PNG to RGB, shrink it so its longer side is <= max_side, encode as JPEG."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
+    image = rgb_on_white(encoded)
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = tf.minimum(1.0, max_side / tf.reduce_max(shape))
     new_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), 1)
@@ -294,6 +337,25 @@ def reencoded(encoded: tf.Tensor, max_side: int, quality: int) -> tf.Tensor:
     # Bicubic overshoots at edges: clip before the cast instead of letting uint8 wrap around.
     pixels = tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
     return tf.io.encode_jpeg(pixels, quality=quality)
+
+
+def rgb_on_white(encoded: tf.Tensor) -> tf.Tensor:
+    """A JPEG or PNG as float32 RGB [h, w, 3], PNG transparency composited on white."""
+
+    def png():
+        # As `van-tfx data build` does (van_tfx/data/records.py): dropping alpha would show what
+        # the transparent pixels happen to hold, often black.
+        rgba = tf.cast(tf.io.decode_png(encoded, channels=4), tf.float32)
+        alpha = rgba[..., 3:] / 255.0
+        return rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+
+    def jpeg():
+        return tf.cast(tf.io.decode_jpeg(encoded, channels=3), tf.float32)
+
+    is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_START)), _PNG_START)
+    image = tf.cond(is_png, png, jpeg)
+    image.set_shape([None, None, 3])
+    return image
 
 
 # ---- labels -----------------------------------------------------------------------------------
@@ -318,19 +380,32 @@ def class_ids(synsets: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
 
 
 def check_labels(
-    ids: tf.Tensor, labels: tf.Tensor, synsets: tf.Tensor, analyzed: tf.Tensor
+    ids: tf.Tensor,
+    labels: tf.Tensor,
+    synsets: tf.Tensor,
+    filenames: tf.Tensor,
+    analyzed: tf.Tensor,
 ) -> tf.Operation:
-    """An assertion that every class id is image/class/label - 1 (once the vocabulary exists)."""
+    """An assertion, once the vocabulary exists, that every class id is image/class/label - 1;
+    it names the first record where it is not, with its label and synset."""
+    good = tf.equal(ids, labels - 1)
+    first = tf.argmin(tf.concat([tf.cast(good, tf.int32), [0]], 0), output_type=tf.int32)
+
+    def at_first(values, empty):
+        return tf.gather(tf.concat([tf.reshape(values, [-1]), [empty]], 0), first)
+
     return tf.debugging.Assert(
-        tf.logical_not(analyzed) | tf.reduce_all(tf.equal(ids, labels - 1)),
+        tf.logical_not(analyzed) | tf.reduce_all(good),
         [
-            "image/class/label is inconsistent with image/class/synset (expected label - 1 == "
-            "position in the sorted synset list; a class absent from the analyzed split also "
-            "causes this); first labels:",
-            labels[:8],
-            "synsets:",
-            synsets[:8],
+            "record image/filename =",
+            at_first(filenames, ""),
+            "has image/class/label",
+            at_first(labels, tf.constant(0, tf.int64)),
+            "and image/class/synset",
+            at_first(synsets, ""),
+            "which disagree: label - 1 must be the position of the synset in the sorted list "
+            "(labels 1..N in synset order; a class absent from the analyzed split also causes "
+            "this).",
         ],
         name="label_matches_synset",
-        summarize=8,
     )
