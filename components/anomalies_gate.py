@@ -3,6 +3,9 @@
 ExampleValidator only records anomalies; without a gate, Transform and the Trainer would go on to
 train on bad data. The gate reads each split's Anomalies proto and raises with one readable line
 per anomaly, e.g. "split eval: feature 'image/class/label': Missing feature / out of range".
+It also reads each split's statistics: TFDV validates nothing for a split with no examples (it
+reports no anomalies, even against `dataset_constraints { min_examples_count }`), so an empty
+split is caught here.
 """
 
 import os
@@ -10,9 +13,10 @@ import os
 from tfx.dsl.component.experimental.annotations import InputArtifact
 from tfx.dsl.component.experimental.decorators import component
 from tfx.types import artifact_utils
-from tfx.types.standard_artifacts import ExampleAnomalies
+from tfx.types.standard_artifacts import ExampleAnomalies, ExampleStatistics
 
 ANOMALIES_FILE = "SchemaDiff.pb"
+STATISTICS_FILE = "FeatureStats.pb"
 
 
 class DataAnomaliesError(RuntimeError):
@@ -35,6 +39,23 @@ def read_anomalies(anomalies_artifact) -> dict:
     return result
 
 
+def empty_splits(statistics_artifact) -> list[str]:
+    """The splits of an ExampleStatistics artifact that count no examples."""
+    from tensorflow_metadata.proto.v0 import statistics_pb2
+    from tfx.utils import io_utils
+
+    empty = []
+    for split in artifact_utils.decode_split_names(statistics_artifact.split_names):
+        path = os.path.join(
+            artifact_utils.get_split_uri([statistics_artifact], split), STATISTICS_FILE
+        )
+        stats = statistics_pb2.DatasetFeatureStatisticsList()
+        stats.ParseFromString(io_utils.read_bytes_file(path))
+        if sum(dataset.num_examples for dataset in stats.datasets) == 0:
+            empty.append(split)
+    return sorted(empty)
+
+
 def describe_anomalies(split: str, anomalies) -> list[str]:
     """One line per anomalous feature (and for dataset-level anomalies) of one split."""
     lines = []
@@ -54,9 +75,14 @@ def _summary(info) -> str:
 
 
 @component
-def AnomaliesGate(anomalies: InputArtifact[ExampleAnomalies]) -> None:  # noqa: N802 (TFX names)
-    """Fail the pipeline run when ExampleValidator found any anomaly in any split."""
-    lines = []
+def AnomaliesGate(  # noqa: N802 (TFX names)
+    anomalies: InputArtifact[ExampleAnomalies], statistics: InputArtifact[ExampleStatistics]
+) -> None:
+    """Fail the pipeline run when any split is empty or ExampleValidator found any anomaly."""
+    lines = [
+        f"split {split}: no examples (its input files hold no records)"
+        for split in empty_splits(statistics)
+    ]
     for split, proto in sorted(read_anomalies(anomalies).items()):
         lines.extend(describe_anomalies(split, proto))
     if lines:

@@ -100,11 +100,15 @@ def example_validator(
     )
 
 
-def anomalies_gate(example_validator_component):
-    """The gate that fails the run, with a readable summary, when any split has anomalies."""
+def anomalies_gate(example_validator_component, statistics_gen_component):
+    """The gate that fails the run, with a readable summary, when any split is empty or has
+    anomalies."""
     from components.anomalies_gate import AnomaliesGate
 
-    return AnomaliesGate(anomalies=example_validator_component.outputs["anomalies"])
+    return AnomaliesGate(
+        anomalies=example_validator_component.outputs["anomalies"],
+        statistics=statistics_gen_component.outputs["statistics"],
+    )
 
 
 def transform(

@@ -60,7 +60,7 @@ def ingest_train_evaluate_push(config: Config, location: PipelineLocation, gate)
     statistics_gen = ingest.statistics_gen(example_gen)
     schema = ingest.curated_schema(config.data, location.data_root, example_gen)
     example_validator = ingest.example_validator(statistics_gen, schema)
-    anomalies_gate = ingest.anomalies_gate(example_validator)
+    anomalies_gate = ingest.anomalies_gate(example_validator, statistics_gen)
 
     transform = ingest.transform(
         config.data, example_gen.outputs["examples"], schema.outputs["schema"]

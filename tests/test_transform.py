@@ -43,7 +43,7 @@ def run_ingest_and_transform(tmp: Path, data_root: Path, *, with_transform: bool
     statistics = ingest.statistics_gen(example_gen)
     schema = ingest.curated_schema(config, str(data_root), example_gen)
     validator = ingest.example_validator(statistics, schema)
-    gate = ingest.anomalies_gate(validator)
+    gate = ingest.anomalies_gate(validator, statistics)
     components = [example_gen, statistics, schema, validator, gate]
     if with_transform:
         transform = ingest.transform(
@@ -152,6 +152,15 @@ def test_bad_record_stops_the_run_with_a_readable_summary(tmp_path):
     assert "split eval: feature 'image/class/label'" in message
     assert "split eval: feature 'image/format'" in message
     assert "split train" not in message
+
+
+def test_an_empty_split_stops_the_run_naming_it(tmp_path):
+    # TFDV reports no anomalies at all for a split without examples; the gate counts them.
+    write_small_sample(tmp_path / "data", train=60, validation=30)
+    (tmp_path / "data" / "span-1" / "validation-00000-of-00001").write_bytes(b"")
+    with pytest.raises(Exception, match=r"split eval: no examples") as failure:
+        run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=False)
+    assert "split train" not in str(failure.value)
 
 
 def _truncate(jpeg: bytes) -> bytes:
