@@ -22,6 +22,7 @@ from components.served_model import ServedModel, ServedModelError
 from pipeline import ingest
 from van_tfx import features
 from van_tfx.config import DataConfig
+from van_tfx.data.records import CorruptShardError
 
 
 def examples_of_span(tmp_path: Path, span: int) -> Examples:
@@ -183,3 +184,73 @@ def test_executor_resolves_the_newest_span_and_records_what_the_driver_would(tmp
     assert tf.train.Example.FromString(ingested[0].numpy()).features.feature[
         "x"
     ].int64_list.value == [2]
+
+
+def ingest_span(tmp_path: Path, data: Path) -> None:
+    examples = Examples()
+    examples.uri = str(tmp_path / "ImportExampleGen" / "examples")
+    exec_properties = {
+        "input_base": str(data),
+        "input_config": input_config_json(),
+        "output_config": "{}",
+        "output_data_format": 6,  # FORMAT_TF_EXAMPLE
+        "output_file_format": 5,  # FORMAT_TFRECORDS_GZIP
+    }
+    SpanResolvingImportExecutor().Do({}, {"examples": [examples]}, exec_properties)
+
+
+def write_records(path: Path, count: int, options=None) -> None:
+    example = tf.train.Example()
+    example.features.feature["x"].bytes_list.value.append(b"x" * 300)
+    with tf.io.TFRecordWriter(str(path), options) as writer:
+        for _ in range(count):
+            writer.write(example.SerializeToString())
+
+
+def flip_byte(path: Path, position: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[position] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (lambda p: flip_byte(p, 100), "is not a readable TFRecord file"),  # first record's data
+        (lambda p: flip_byte(p, 3), "is not a readable TFRecord file"),  # its length
+        (lambda p: p.write_bytes(p.read_bytes()[:50]), "is not a readable TFRecord file"),
+        (lambda p: p.write_bytes(b"label,image\n1,a.jpg\n"), "is not a readable TFRecord file"),
+        (lambda p: write_records(p, 3, "GZIP"), "is GZIP-compressed but its name does not end"),
+    ],
+    ids=["data", "length", "truncated", "csv", "gzip-unnamed"],
+)
+def test_a_shard_that_is_bad_from_its_start_is_named_before_beam_runs(tmp_path, damage, says):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    shard = data / "span-1" / "validation-00000-of-00001"
+    write_records(shard, 3)
+    damage(shard)
+    with pytest.raises(CorruptShardError, match=says) as failure:
+        ingest_span(tmp_path, data)
+    assert str(shard) in str(failure.value)
+
+
+def test_damage_past_the_first_record_is_one_line_naming_the_pattern(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    shard = data / "span-1" / "train-00000-of-00001"
+    write_records(shard, 3)
+    flip_byte(shard, shard.stat().st_size - 100)  # inside the third record
+    with pytest.raises(CorruptShardError, match="damaged after its first record") as failure:
+        ingest_span(tmp_path, data)
+    message = str(failure.value)
+    assert "span-1/train-*" in message and "\n" not in message and len(message) < 600
+
+
+def test_gzip_shards_named_gz_are_ingested(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    for split in ("train", "validation"):
+        (data / "span-1" / f"{split}-00000-of-00001").unlink()
+        write_records(data / "span-1" / f"{split}-00000-of-00001.gz", 2, "GZIP")
+    ingest_span(tmp_path, data)
