@@ -41,7 +41,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one setting, e.g. --set train.epochs=3 (repeatable)",
+        help="override one setting, e.g. --set train.epochs=30 (repeatable)",
     )
 
 

@@ -8,6 +8,8 @@ the section it needs (TFX components receive `section.model_dump()` through `cus
 from __future__ import annotations
 
 import os
+import re
+import reprlib
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -47,10 +49,29 @@ class _Section(BaseModel):
         return value
 
 
+# Values quoted in errors are abbreviated: a YAML alias bomb (lists of lists of the same list) in
+# a number field is tiny as nodes but gigabytes as text. reprlib's own default still makes 6**6.
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 2, 60, 60
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 4
+
+
 def _check_number(value: Any, kind: type) -> None:
     allowed = (int,) if kind is int else (int, float)
     if isinstance(value, bool) or not isinstance(value, allowed):
-        raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+        got = _BRIEF.repr(value)
+        raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got {got}")
+
+
+def _check_range(value: tuple[float, float], high: float | None, what: str) -> None:
+    """Refuse a [lower, upper] pair unless 0 < lower <= upper (<= high)."""
+    lower, upper = value
+    if 0 < lower <= upper and (high is None or upper <= high):
+        return
+    cap = f" <= {high:g}" if high is not None else ""
+    raise ValueError(
+        f"must be [lower, upper] {what} with 0 < lower <= upper{cap}, got [{lower:g}, {upper:g}]"
+    )
 
 
 class DataConfig(_Section):
@@ -67,6 +88,12 @@ class DataConfig(_Section):
         "byte, larger images (and PNGs) are resized to it and re-encoded.",
     )
     jpeg_quality: int = Field(90, ge=1, le=100, description="Quality of re-encoded images.")
+    max_image_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description="Largest image (width x height, from its header) Transform decodes; a "
+        "larger one stops the run naming its record (decompression bombs).",
+    )
     examples_per_shard: int = Field(
         1024, ge=1, description="Records per transformed file (ImageNet-1k: 1,252 train files)."
     )
@@ -89,8 +116,12 @@ class AugmentConfig(_Section):
     """The paper's per-step training augmentation (timm 0.4.12 recipe); each part switchable."""
 
     random_resized_crop: bool = True
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="Area fraction range of the random crop (timm: 0.08-1)."
+    )
+    crop_ratio: tuple[float, float] = Field(
+        (3 / 4, 4 / 3), description="Aspect ratio (w/h) range of the random crop (timm: 3/4-4/3)."
+    )
     horizontal_flip: bool = True
     randaugment: bool = True
     randaugment_num_ops: int = Field(2, ge=0)
@@ -102,6 +133,22 @@ class AugmentConfig(_Section):
     mixup_switch_prob: float = Field(0.5, ge=0, le=1)
     random_erasing_prob: float = Field(0.25, ge=0, le=1)
     color_jitter: float = Field(0.4, ge=0)
+
+    # Validated even with random_resized_crop off, so switching it on later cannot fail late.
+    # An area fraction above 1 or below 0 never fits the image, so every draw falls back to the
+    # whole image and the crop is silently off; a ratio <= 0 is a math domain error in the
+    # Trainer's log(ratio), after Transform has already run.
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale_is_an_area_fraction(cls, value: tuple[float, float]) -> tuple[float, float]:
+        _check_range(value, 1.0, "of image area fractions")
+        return value
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _crop_ratio_is_positive(cls, value: tuple[float, float]) -> tuple[float, float]:
+        _check_range(value, None, "of aspect ratios (width / height)")
+        return value
 
 
 class TrainConfig(_Section):
@@ -147,6 +194,25 @@ class TrainConfig(_Section):
     shuffle_buffer: int = Field(2048, ge=1)
     log_every_steps: int = Field(10, ge=1, description="TensorBoard scalar cadence.")
 
+    @model_validator(mode="after")
+    def _schedule_is_ordered(self) -> TrainConfig:
+        # A warmup as long as the run never reaches the cosine phase (the schedule clamps it to
+        # the run and peaks at the last step); epochs are known here even when steps are not.
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"train.warmup_epochs ({self.warmup_epochs:g}) must be shorter than train.epochs "
+                f"({self.epochs}); lower train.warmup_epochs"
+            )
+        # Against the base rate, not the batch-scaled peak: tiny debug batches scale the peak
+        # below the 1e-6 floor defaults, which is harmless, while min_lr=1 with lr=1e-3 is a typo.
+        for key in ("min_lr", "warmup_lr"):
+            if getattr(self, key) > self.base_learning_rate:
+                raise ValueError(
+                    f"train.{key} ({getattr(self, key):g}) must not exceed "
+                    f"train.base_learning_rate ({self.base_learning_rate:g})"
+                )
+        return self
+
 
 class EvalConfig(_Section):
     """The Evaluator's blessing gate and the eval-time preprocessing."""
@@ -186,6 +252,16 @@ class ServingConfig(_Section):
         description="The exported graph cuts each batch into N parts that run concurrently (1: "
         "the whole batch at once); batches smaller than N run whole.",
     )
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> ServingConfig:
+        # 0 lets the server pick a free port, so two zeros are no clash.
+        if self.grpc_port and self.grpc_port == self.rest_port:
+            raise ValueError(
+                f"serving.grpc_port and serving.rest_port are both {self.grpc_port}; "
+                "the two APIs need different ports"
+            )
+        return self
 
 
 class BeamConfig(_Section):
@@ -257,6 +333,15 @@ class Config(_Section):
                 f"data.max_image_side ({self.data.max_image_side}) must be >= "
                 f"model.image_size ({self.model.image_size})"
             )
+        # num_classes 0 means "count synsets.txt at ingest", i.e. unknown here.
+        classes = self.data.num_classes
+        too_many = [
+            f"{key} ({k})"
+            for key, k in (("eval.top_k", self.eval.top_k), ("serving.top_k", self.serving.top_k))
+            if classes and k > classes
+        ]
+        if too_many:
+            raise ValueError(f"{' and '.join(too_many)} must be <= data.num_classes ({classes})")
         return self
 
     # Derived paths: computed, never stored, so a moved home keeps working.
@@ -298,39 +383,206 @@ def load_config(
     """Load a Config from YAML (or defaults) and apply `key.sub=value` overrides."""
     data: dict[str, Any] = {}
     if path:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file not found: {path}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+        data = _read_config_file(path)
+    applied: list[tuple[tuple[str, ...], str]] = []
     for item in overrides or []:
-        _apply_override(data, item)
+        applied.append((_apply_override(data, item), item))
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         source = f" in {path}" if path else ""
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            + _override_note(tuple(str(p) for p in err["loc"]), applied)
             for err in exc.errors()
         )
         raise ConfigError(f"invalid config{source}: {problems}") from exc
 
 
-def _apply_override(data: dict[str, Any], item: str) -> None:
+def _override_note(loc: tuple[str, ...], applied: list[tuple[tuple[str, ...], str]]) -> str:
+    """' (from --set ...)' naming the overrides that set `loc`, its parents or its keys."""
+    # Without this a bad --set value would be blamed on the config file named in the message.
+    items = [item for keys, item in applied if keys[: len(loc)] == loc or loc[: len(keys)] == keys]
+    return f" (from --set {', '.join(_short(i) for i in items)})" if items and loc else ""
+
+
+def _short(text: str, limit: int = 100) -> str:
+    """`text`, cut in the middle past `limit` characters, so one long value can't flood a message."""
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]}"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader plus the YAML 1.2 exponent floats (`1e-3`); see _parse_yaml."""
+
+
+# PyYAML resolves YAML 1.1, whose floats need a dot and a signed exponent (`1.0e-3`), so `1e-3`,
+# `5E4` and `1.5e3` stayed strings that the strict number check refused. Only these forms are
+# added, on a subclass (SafeLoader itself is shared with other code), so no other scalar changes
+# type and quoted '1e-3' is still a string.
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _parse_yaml(text: str, source: str, prefix: str = "") -> Any:
+    """Parse one YAML document, refusing duplicate keys; ConfigError names source and line."""
+    try:
+        loader = _ConfigLoader(text)  # already reads the text: control characters fail here
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _refuse_duplicate_keys(loader, node, source, prefix)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {_describe_yaml_error(exc, text)}") from exc
+
+
+def _where(mark: yaml.Mark) -> str:
+    """'line L, column C' of a PyYAML mark (which counts from 0)."""
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _describe_yaml_error(exc: yaml.YAMLError, text: str) -> str:
+    """'line L, column C: problem' for a PyYAML error (whose own text says '<unicode string>')."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        context = f" ({exc.context})" if exc.context else ""
+        if exc.context and exc.context_mark is not None:
+            # The problem is often at the end of the text; the context says where it began.
+            context = f" ({exc.context} at {_where(exc.context_mark)})"
+        return f"{_where(exc.problem_mark)}: {exc.problem}{context}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        char = exc.character
+        shown = f"U+{char:04X}" if isinstance(char, int) else repr(char)
+        return f"line {line}, column {column}: character {shown}: {exc.reason}"
+    return str(exc)
+
+
+def _refuse_duplicate_keys(
+    loader: yaml.SafeLoader, root: yaml.Node, source: str, prefix: str
+) -> None:
+    """Raise ConfigError naming the dotted path of the first key repeated in any mapping."""
+    # On the composed nodes, before construction: PyYAML's constructor keeps the last value of a
+    # repeated key (`train: {epochs: 3}` then `train: {batch_size: 8}` lost epochs). Each node is
+    # visited once, so aliases (shared nodes, even cyclic ones) cost nothing extra.
+    stack: list[tuple[yaml.Node, str]] = [(root, prefix)]
+    seen: set[int] = set()
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    key = None  # a list or mapping as a key: the constructor refuses it later
+                elif key_node.tag == _MERGE_TAG:
+                    key = "<<"
+                else:
+                    key = loader.construct_object(key_node)
+                child = f"{path}.{key}" if path else str(key)
+                if key is not None and key in first:
+                    raise ConfigError(
+                        f"{source}: duplicate key {child} (at {_where(first[key].start_mark)} "
+                        f"and again at {_where(key_node.start_mark)})"
+                    )
+                first[key] = key_node
+                stack.append((value_node, child))
+
+
+def _read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in a YAML config file; ConfigError naming the file for anything else."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"config file {path} is a directory, not a YAML file") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: tolerate the BOM some Windows editors write
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line})"
+        ) from exc
+    data = _parse_yaml(text, f"config file {path}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def _field_annotation(keys: list[str]) -> Any:
+    """The type of the Config field at dotted `keys`, or None if there is no such field."""
+    model: type[BaseModel] = Config
+    for depth, key in enumerate(keys):
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        annotation = field.annotation
+        if depth == len(keys) - 1:
+            return annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return None
+
+
+def _is_text(annotation: Any) -> bool:
+    """Whether a field holds one string: `str` or a Literal of strings."""
+    if annotation is str:
+        return True
+    choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+    return bool(choices) and all(isinstance(choice, str) for choice in choices)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> tuple[str, ...]:
+    """Set one `section.key=value` override in `data`; returns the key path it set."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
+        raise ConfigError(f"override {_short(item)!r} must look like section.key=value")
     dotted, raw = item.split("=", 1)
-    keys = dotted.strip().split(".")
+    keys = [key.strip() for key in dotted.split(".")]
+    if not all(keys):
+        raise ConfigError(
+            f"override {_short(item)!r}: {_short(dotted)!r} is not a section.key name"
+        )
     node = data
-    for key in keys[:-1]:
+    for depth, key in enumerate(keys[:-1]):
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {key} is not a section")
-    # YAML parsing gives `3` -> int, `true` -> bool, `[a, b]` -> list, like the config file would.
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            section = ".".join(keys[: depth + 1])
+            raise ConfigError(f"override {_short(item)!r}: {section} is not a section")
+    node[keys[-1]] = _override_value(keys, raw, item)
+    return tuple(keys)
+
+
+def _override_value(keys: list[str], raw: str, item: str) -> Any:
+    """The value of one override: the text itself for string fields, else parsed as YAML."""
+    text = raw.strip()
+    if _is_text(_field_annotation(keys)):
+        # Verbatim: a string field's value is never meant as YAML, and users type patterns and
+        # names YAML would misread ({SPAN}/train-* is a mapping, *van an alias, @svc an error,
+        # 2024.1 a float, no a boolean). Quotes are still honoured, to keep spaces or escapes.
+        if len(text) < 2 or text[0] != text[-1] or text[0] not in "'\"":
+            return text
+    elif not text:
+        return ""
+    # YAML like the config file: `3` -> int, `1e-3` -> float, `true` -> bool, `[a, b]` -> list.
+    return _parse_yaml(text, f"override {_short(item)!r}", ".".join(keys))
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:

@@ -20,13 +20,15 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from van_tfx import features
+from van_tfx.config import DataConfig
 
-# Fallbacks when custom_config has no data section: van_tfx.config.DataConfig's defaults.
-DEFAULT_MAX_IMAGE_SIDE = 512
-DEFAULT_JPEG_QUALITY = 90
-# Largest image (width x height) Transform decodes: a 400 KB PNG can declare 400 M pixels, and a
-# decode plus the float resize of one costs ~12 bytes a pixel. 64 M covers 8k x 8k photos.
-DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+# Fallbacks when custom_config has no data section: the config's defaults (one place). A pixel
+# budget matters because a 400 KB PNG can declare 400 M pixels, and a decode plus the float
+# resize of one costs ~12 bytes a pixel.
+_DATA_DEFAULTS = DataConfig()
+DEFAULT_MAX_IMAGE_SIDE = _DATA_DEFAULTS.max_image_side
+DEFAULT_JPEG_QUALITY = _DATA_DEFAULTS.jpeg_quality
+DEFAULT_MAX_IMAGE_PIXELS = _DATA_DEFAULTS.max_image_pixels
 _JPEG_START = b"\xff\xd8\xff"
 _JPEG_END = b"\xff\xd9"
 _PNG_START = b"\x89PNG\r\n\x1a\n"
