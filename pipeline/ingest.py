@@ -74,9 +74,14 @@ def example_gen(config: DataConfig, data_root: str) -> tfx.components.ImportExam
     return component
 
 
-def statistics_gen(example_gen_component) -> tfx.components.StatisticsGen:
-    """Per-split statistics of the raw examples."""
-    return tfx.components.StatisticsGen(examples=example_gen_component.outputs["examples"])
+def statistics_gen(example_gen_component, schema_component) -> tfx.components.StatisticsGen:
+    """Per-split statistics of the raw examples, computed with the curated schema."""
+    # The schema marks image/encoded as an image, so TFDV counts no top-k / unique values of
+    # the image bytes (without it every image would be shuffled as a grouping key).
+    return tfx.components.StatisticsGen(
+        examples=example_gen_component.outputs["examples"],
+        schema=schema_component.outputs["schema"],
+    )
 
 
 def curated_schema(config: DataConfig, data_root: str, example_gen_component) -> CuratedSchema:

@@ -57,8 +57,8 @@ def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipel
 def ingest_train_evaluate_push(config: Config, location: PipelineLocation, gate) -> list:
     """Every step after the gate, in order."""
     example_gen = ingest.example_gen(config.data, location.data_root)
-    statistics_gen = ingest.statistics_gen(example_gen)
     schema = ingest.curated_schema(config.data, location.data_root, example_gen)
+    statistics_gen = ingest.statistics_gen(example_gen, schema)
     example_validator = ingest.example_validator(statistics_gen, schema)
     anomalies_gate = ingest.anomalies_gate(example_validator, statistics_gen)
 
@@ -105,8 +105,8 @@ def ingest_train_evaluate_push(config: Config, location: PipelineLocation, gate)
     )
     return [
         example_gen,
-        statistics_gen,
         schema,
+        statistics_gen,
         example_validator,
         anomalies_gate,
         transform,

@@ -40,8 +40,8 @@ def run_ingest_and_transform(tmp: Path, data_root: Path, *, with_transform: bool
 
     config = DataConfig(examples_per_shard=PER_SHARD)
     example_gen = ingest.example_gen(config, str(data_root))
-    statistics = ingest.statistics_gen(example_gen)
     schema = ingest.curated_schema(config, str(data_root), example_gen)
+    statistics = ingest.statistics_gen(example_gen, schema)
     validator = ingest.example_validator(statistics, schema)
     gate = ingest.anomalies_gate(validator, statistics)
     components = [example_gen, statistics, schema, validator, gate]
@@ -95,6 +95,20 @@ def read_transformed(root: Path, split: str) -> list[tf.train.Example]:
 def transform_graph(root: Path) -> str:
     """The newest transform graph directory of the run."""
     return newest(str(root / "Transform" / "transform_graph" / "*"))
+
+
+def test_statistics_count_images_but_never_use_their_bytes_as_values(transformed):
+    import tensorflow_data_validation as tfdv
+
+    root, _ = transformed
+    stats_file = newest(str(root / "StatisticsGen" / "statistics" / "*" / "Split-train"))
+    dataset = tfdv.load_stats_binary(os.path.join(stats_file, "FeatureStats.pb")).datasets[0]
+    by_name = {f.path.step[0]: f for f in dataset.features}
+    image = by_name[features.IMAGE_ENCODED]
+    # Top-k / unique counts would key a shuffle on every image's bytes (ImageNet: ~140 GB).
+    assert image.WhichOneof("stats") == "bytes_stats"  # sizes only: no top-k, no uniques
+    assert image.bytes_stats.common_stats.num_non_missing == dataset.num_examples == 200
+    assert by_name[features.SYNSET].string_stats.top_values  # other strings still counted
 
 
 def test_transform_keeps_small_jpegs_byte_for_byte_with_sorted_class_ids(transformed):
