@@ -64,6 +64,10 @@ def _add_serve(subparsers) -> None:
         "--enable_signature_method_name_check", type=_flag_bool, nargs="?", const=True,
         default=False,
     )  # fmt: skip
+    p.add_argument(
+        "--enable_serialization_as_tensor_content", type=_flag_bool, nargs="?", const=True,
+        default=False, help="Predict outputs in tensor_content instead of float_val, int_val, ...",
+    )  # fmt: skip
     p.add_argument("--grpc_max_threads", type=int, default=64)
     p.add_argument(
         "--max_message_bytes",
@@ -119,6 +123,7 @@ def _serve(args) -> int:
         max_image_pixels=args.max_image_pixels,
         enable_signature_method_name_check=args.enable_signature_method_name_check,
         grpc_max_threads=args.grpc_max_threads,
+        enable_serialization_as_tensor_content=args.enable_serialization_as_tensor_content,
     )
     server = ModelServer(options)
     stop_requested = threading.Event()

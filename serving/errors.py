@@ -30,18 +30,39 @@ HTTP_STATUS = {
 
 
 # Error messages travel in the grpc-message trailer, and gRPC clients refuse metadata beyond
-# 8 KiB by default; TF's messages can quote a whole request value (a parse_example failure quotes
-# the example), so longer ones are cut here.
-MAX_MESSAGE_CHARS = 4000
+# 8 KiB by default (RESOURCE_EXHAUSTED instead of the real status); TF's messages can quote a
+# whole request value (a parse_example failure quotes the example), so longer ones are cut here.
+# gRPC percent-encodes the trailer: every byte outside printable ASCII, and "%", takes 3, so a
+# 3000-character "€" name is 27000 bytes on the wire. The cap counts encoded bytes.
+MAX_MESSAGE_BYTES = 4000
+
+
+def _encoded_size(char: str) -> int:
+    if " " <= char <= "~" and char != "%":
+        return 1
+    return 3 * len(char.encode("utf-8", "surrogatepass"))
+
+
+def capped_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`message`, cut so that its percent-encoded grpc-message trailer stays within `limit`."""
+    if len(message) * 12 <= limit:  # 12: the most a character can take (4 UTF-8 bytes x 3)
+        return message
+    used, end = 0, 0
+    budget = limit - 40  # room for the note saying what was cut
+    for end, char in enumerate(message):  # noqa: B007 - `end` is used after the loop
+        used += _encoded_size(char)
+        if used > budget:
+            break
+    else:
+        return message
+    return f"{message[:end]}... ({len(message) - end} more characters)"
 
 
 class ServingError(Exception):
     """A request failure carrying the canonical status code TF Serving would return."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
-        if len(message) > MAX_MESSAGE_CHARS:
-            cut = len(message) - MAX_MESSAGE_CHARS
-            message = f"{message[:MAX_MESSAGE_CHARS]}... ({cut} more characters)"
+        message = capped_message(message)
         super().__init__(message)
         self.code = code
         self.message = message

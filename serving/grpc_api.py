@@ -22,7 +22,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving import handlers
-from serving.errors import ServingError
+from serving.errors import ServingError, capped_message
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def _rpc(api: str | None):
             except Exception as exc:  # a bug must surface as INTERNAL, not kill the server
                 log.exception("%s failed", api)
                 status = "INTERNAL"
-                await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+                message = capped_message(f"{type(exc).__name__}: {exc}")
+                await context.abort(grpc.StatusCode.INTERNAL, message)
             finally:
                 if api is not None:
                     name = getattr(getattr(request, "model_spec", None), "name", "")
@@ -103,16 +104,20 @@ class ModelService(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
     @_rpc(None)
     async def HandleReloadConfigRequest(self, request, context):
         config = request.config
-        if config.WhichOneof("config") != "model_config_list":
+        if config.WhichOneof("config") != "model_config_list":  # model_service_impl.cc
             raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT, "ModelServerConfig must hold a model_config_list"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "ServerModelConfig type not supported by HandleReloadConfigRequest. "
+                "Only ModelConfigList is currently supported",
             )
         # Loading models takes seconds: off the loop, so serving goes on meanwhile.
         configs = list(config.model_config_list.config)
         await asyncio.get_running_loop().run_in_executor(
             self.executor, self.manager.reload, configs
         )
-        return model_management_pb2.ReloadConfigResponse()
+        response = model_management_pb2.ReloadConfigResponse()
+        response.status.SetInParent()  # TF Serving always sets it: error_code OK
+        return response
 
 
 def add_services(server, manager, metrics, executor) -> None:

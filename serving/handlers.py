@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 from google.protobuf import text_format
 from tensorflow_serving.apis import (
@@ -13,8 +15,8 @@ from tensorflow_serving.apis import (
 )
 
 from serving.errors import invalid_argument, missing_model_spec
-from serving.servable import DEFAULT_SIGNATURE, Servable
-from serving.tensors import to_tensor_proto
+from serving.servable import DEFAULT_SIGNATURE, LIGHT_BYTES, Servable
+from serving.tensors import STRING_ELEMENT_OVERHEAD, to_tensor_proto
 
 CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
 REGRESS_METHOD_NAME = "tensorflow/serving/regress"
@@ -66,7 +68,7 @@ def _predict_response(servable: Servable, key: str, outputs: dict[str, np.ndarra
     response = predict_pb2.PredictResponse()
     _fill_spec(response.model_spec, servable, key)
     for alias, value in outputs.items():
-        to_tensor_proto(value, into=response.outputs[alias])
+        to_tensor_proto(value, response.outputs[alias], servable.tensor_content)
     return response
 
 
@@ -80,7 +82,7 @@ async def classify_async(manager, request, executor=None):
     servable = resolve(manager, model_spec_of(request))
     key = request.model_spec.signature_name or DEFAULT_SIGNATURE
     signature = classification_signature(servable, key)
-    examples = examples_of(request.input)
+    examples = await _examples_async(servable, request.input, executor)
     outputs = await servable.run_async(key, _classify_feed(examples), (), executor)
     rows = classification_rows(signature, outputs, len(examples))
     return _classify_response(servable, key, rows)
@@ -89,7 +91,8 @@ async def classify_async(manager, request, executor=None):
 def classify_on(servable: Servable, request, timeout: float | None = None):
     """Classify serialized tf.Examples with a signature taking one string tensor."""
     key = request.model_spec.signature_name or DEFAULT_SIGNATURE
-    classifications = classify_examples(servable, key, examples_of(request.input), timeout)
+    examples = examples_of(request.input, servable.limits.max_tensor_bytes)
+    classifications = classify_examples(servable, key, examples, timeout)
     return _classify_response(servable, key, classifications)
 
 
@@ -216,7 +219,7 @@ async def regress_async(manager, request, executor=None):
     servable = resolve(manager, model_spec_of(request))
     key = request.model_spec.signature_name or DEFAULT_SIGNATURE
     regression_signature(servable, key)
-    examples = examples_of(request.input)
+    examples = await _examples_async(servable, request.input, executor)
     outputs = await servable.run_async(key, _classify_feed(examples), (), executor)
     return _regress_response(servable, key, regression_values(outputs, len(examples)))
 
@@ -224,7 +227,8 @@ async def regress_async(manager, request, executor=None):
 def regress_on(servable: Servable, request, timeout: float | None = None):
     """Run a RegressionRequest on one servable."""
     key = request.model_spec.signature_name or DEFAULT_SIGNATURE
-    values = regress_examples(servable, key, examples_of(request.input), timeout)
+    examples = examples_of(request.input, servable.limits.max_tensor_bytes)
+    values = regress_examples(servable, key, examples, timeout)
     return _regress_response(servable, key, values)
 
 
@@ -283,13 +287,27 @@ def _regress_response(servable: Servable, key: str, values: list[float]):
     return response
 
 
-def examples_of(input_proto) -> list[bytes]:
-    """Serialized tf.Examples of a tensorflow.serving.Input (context merged into each)."""
+async def _examples_async(servable: Servable, input_proto, executor) -> list[bytes]:
+    limit = servable.limits.max_tensor_bytes
+    if input_proto.ByteSize() <= LIGHT_BYTES:
+        return examples_of(input_proto, limit)
+    # Serializing thousands of examples would hold the event loop (and every other RPC) up.
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, examples_of, input_proto, limit)
+
+
+def examples_of(input_proto, limit: int | None = None) -> list[bytes]:
+    """Serialized tf.Examples of a tensorflow.serving.Input (context merged into each), refused
+    when they would decode to more than `limit` bytes (the context is copied into every one)."""
     kind = input_proto.WhichOneof("kind")
     if kind == "example_list":
-        return [e.SerializeToString() for e in input_proto.example_list.examples]
+        examples = input_proto.example_list.examples
+        _check_examples_size(kind, len(examples), 0, input_proto.ByteSize(), limit)
+        return [e.SerializeToString() for e in examples]
     if kind == "example_list_with_context":
         with_context = input_proto.example_list_with_context
+        count, context = len(with_context.examples), with_context.context.ByteSize()
+        _check_examples_size(kind, count, context, input_proto.ByteSize(), limit)
         merged = []
         for example in with_context.examples:
             copy = type(example)()
@@ -298,6 +316,18 @@ def examples_of(input_proto) -> list[bytes]:
             merged.append(copy.SerializeToString())
         return merged
     raise invalid_argument("Input is empty.")
+
+
+def _check_examples_size(kind: str, count: int, context: int, size: int, limit) -> None:
+    # Computed from the counts before anything is built: 600 empty examples with a 1 MiB
+    # context are 600 MiB of tensor, and each empty example costs 2 bytes of message.
+    decoded = count * (STRING_ELEMENT_OVERHEAD + context) + size
+    if limit is not None and decoded > limit:
+        with_context = f" each merged with a {context}-byte context" if context else ""
+        raise invalid_argument(
+            f"Input {kind}: {count} examples{with_context} are {decoded} bytes once decoded, "
+            f"more than the {limit} bytes this server decodes per request (--max_message_bytes)"
+        )
 
 
 def metadata(manager, request):

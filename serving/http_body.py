@@ -1,4 +1,5 @@
-"""Reading an HTTP/1.1 request body within --max_message_bytes, by Content-Length or chunked.
+"""Reading an HTTP/1.1 request body within --max_message_bytes, by Content-Length or chunked,
+and gunzipped (Content-Encoding: gzip) within the same limit.
 
 http.server reads neither for us. Everything a client declares is checked before a byte of the
 body is read: one Content-Length of digits, or exactly `Transfer-Encoding: chunked` (RFC 9112
@@ -10,6 +11,7 @@ from __future__ import annotations
 import re
 import socket
 import time
+import zlib
 from email.message import Message
 from typing import BinaryIO
 
@@ -107,3 +109,25 @@ def drop_unread_request_bytes(connection: socket.socket, limit: int) -> None:
             limit -= len(chunk)
     except OSError:  # the client reset or went quiet: nothing left to protect
         pass
+
+
+def is_gzip(headers: Message) -> bool:
+    """Whether the body is to be gunzipped: EvHTTPRequest::NeedUncompressGzipContent (TF Serving
+    decompresses by default when Content-Encoding contains "gzip")."""
+    return any("gzip" in value for value in headers.get_all("Content-Encoding") or [])
+
+
+def gunzip(body: bytes, limit: int) -> bytes:
+    """`body` decompressed; BodyRefused (413) past `limit` bytes, checked as it inflates (a
+    small zip bomb must not allocate gigabytes). Not gzip: b"", as TF Serving reads an
+    undecompressable body as empty (then "The document is empty")."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        return b""
+    if len(data) > limit:
+        raise BodyRefused(413, too_long_message(limit) + " once decompressed")
+    if not inflater.eof:
+        return b""  # truncated
+    return data

@@ -124,10 +124,12 @@ class ModelManager:
         poll_wait_seconds: float = 1.0,
         limits: RequestLimits | None = None,
         method_name_check: bool = False,
+        tensor_content: bool = False,
     ):
         self._batching = batching
         self._limits = limits or RequestLimits()
         self._method_name_check = method_name_check
+        self._tensor_content = tensor_content
         self._enable_warmup = enable_warmup
         self._poll_wait = poll_wait_seconds
         self._lock = threading.Lock()
@@ -300,8 +302,9 @@ class ModelManager:
         try:
             with self.priority.loading():
                 servable = Servable(
-                    name, version, path, self._batching, self._limits, self._method_name_check
-                )
+                    name, version, path, self._batching, self._limits, self._method_name_check,
+                    self._tensor_content,
+                )  # fmt: skip
                 restored = time.monotonic()
                 if self._enable_warmup:
                     servable.warmup_records = run_warmup(servable)
@@ -331,9 +334,21 @@ class ModelManager:
 
 
 def _check_configs(configs: list) -> None:
-    names = [c.name for c in configs]
-    if len(set(names)) != len(names):
-        raise invalid_argument(f"duplicate model names in config: {names}")
+    # server_core.cc ValidateModelConfigList first, with its messages: unique names, then
+    # absolute base paths (or URIs); then what van-tfx needs on top.
+    names: set[str] = set()
+    for config in configs:
+        if config.name in names:
+            raise invalid_argument(
+                f"Illegal to list model {config.name} multiple times in config list"
+            )
+        names.add(config.name)
+    for config in configs:
+        if "://" not in config.base_path and not os.path.isabs(config.base_path):
+            raise invalid_argument(
+                f"Expected model {config.name} to have an absolute path or URI; "
+                f"got base_path()={config.base_path}"
+            )
     for config in configs:
         if not config.name or not config.base_path:
             raise invalid_argument("every model config needs a name and a base_path")

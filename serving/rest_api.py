@@ -11,7 +11,9 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import os
 import re
+import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,6 +57,9 @@ class RestApp:
         self.timeout = timeout
         self.metrics_path = metrics_path
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=64)
+        # Turning a body into tensors is CPU and memory bound (up to MAX_JSON_UNITS of Python
+        # objects each): one at a time per core, so N concurrent bodies cannot exhaust memory.
+        self._parse_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
 
     def handle(
         self, method: str, target: str, body: bytes | None, headers=None
@@ -108,13 +113,23 @@ class RestApp:
         return self._metadata(spec) if verb == "metadata" else self._status(spec)
 
     def _with_deadline(self, function, *args):
-        # --rest_api_timeout_in_ms: answer DEADLINE_EXCEEDED (504) instead of holding the client;
-        # the computation itself cannot be interrupted and finishes in the background.
-        future = self._executor.submit(function, *args)
+        # --rest_api_timeout_in_ms: answer DEADLINE_EXCEEDED (504) instead of holding the client,
+        # and stop the work too: a queued job is cancelled, a running one checks the deadline
+        # between its steps (and the model call gets only the time left).
+        deadline = time.monotonic() + self.timeout
+        future = self._executor.submit(function, *args, deadline)
         try:
             return future.result(timeout=self.timeout)
         except concurrent.futures.TimeoutError:
+            future.cancel()
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded") from None
+
+    def _parsing(self, deadline: float):
+        """The body-parsing slot, waited for until `deadline` at most."""
+        rest_json.check_deadline(deadline)
+        if not self._parse_slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded")
+        return _Release(self._parse_slots)
 
     def _status(self, spec) -> str:
         request = get_model_status_pb2.GetModelStatusRequest()
@@ -146,35 +161,70 @@ class RestApp:
         }
         return json.dumps(answer, indent=1)
 
-    def _predict(self, spec, body: bytes) -> str:
+    def _predict(self, spec, body: bytes, deadline: float) -> str:
         # ProcessPredictRequest: parse, then the signature's inputs (GetInfoMap resolves the
         # servable), then the tensors, then Predict.
-        doc = rest_json.parse_json(body)
-        key = rest_json.signature_name(doc)
-        servable = handlers.resolve(self.manager, spec)
-        name = key or handlers.DEFAULT_SIGNATURE
-        if name not in servable.signature_defs:
-            raise invalid_argument(f'Serving signature name: "{name}" not found in signature def')
-        dtypes = _input_dtypes(servable.signature_defs[name])
-        inputs, form = rest_json.predict_inputs(doc, dtypes, key)
-        outputs = servable.run(name, inputs, (), self.timeout)
+        with self._parsing(deadline):
+            doc = rest_json.parse_json(body)
+            key = rest_json.signature_name(doc)
+            servable = handlers.resolve(self.manager, spec)
+            name = key or handlers.DEFAULT_SIGNATURE
+            # Text that is not valid Unicode can name no signature (and must not reach protobuf).
+            if not rest_json.is_text(name) or name not in servable.signature_defs:
+                raise invalid_argument(
+                    f'Serving signature name: "{rest_json.display(name)}" not found in '
+                    "signature def"
+                )
+            dtypes = _input_dtypes(servable.signature_defs[name])
+            inputs, form = rest_json.predict_inputs(doc, dtypes, key, deadline)
+            del doc  # the parsed body can be several times its size: free it before the model
+        outputs = servable.run(name, inputs, (), _time_left(deadline))
         return rest_json.predict_json(outputs, form)
 
-    def _classify(self, spec, body: bytes) -> str:
-        rows = self._on_examples(spec, body, handlers.classify_examples)
+    def _classify(self, spec, body: bytes, deadline: float) -> str:
+        rows = self._on_examples(spec, body, handlers.classify_examples, deadline)
         return rest_json.classify_json(rows)
 
-    def _regress(self, spec, body: bytes) -> str:
-        values = self._on_examples(spec, body, handlers.regress_examples)
+    def _regress(self, spec, body: bytes, deadline: float) -> str:
+        values = self._on_examples(spec, body, handlers.regress_examples, deadline)
         return rest_json.regress_json(values)
 
-    def _on_examples(self, spec, body: bytes, run):
+    def _on_examples(self, spec, body: bytes, run, deadline: float):
         # ProcessClassifyRequest / ProcessRegressRequest: the whole body is read into
         # tf.Examples before the servable is looked up.
-        doc = rest_json.parse_json(body)
-        key = rest_json.signature_name(doc) or handlers.DEFAULT_SIGNATURE
-        examples = rest_json.classify_examples(doc)
-        return run(handlers.resolve(self.manager, spec), key, examples, self.timeout)
+        with self._parsing(deadline):
+            doc = rest_json.parse_json(body)
+            key = rest_json.signature_name(doc) or handlers.DEFAULT_SIGNATURE
+            examples = rest_json.classify_examples(doc, deadline)
+            del doc
+        servable = handlers.resolve(self.manager, spec)
+        if not rest_json.is_text(
+            key
+        ):  # no signature has such a name (GetClassificationSignatureDef's message)
+            raise invalid_argument(
+                f"No signature was found with the name: {rest_json.display(key)}"
+            )
+        return run(servable, key, examples, _time_left(deadline))
+
+
+class _Release:
+    """Releases a semaphore when its `with` block ends."""
+
+    def __init__(self, semaphore):
+        self.semaphore = semaphore
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.semaphore.release()
+
+
+def _time_left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded")
+    return left
 
 
 def _model_spec(name: str, version: str | None, label: str | None):
@@ -196,6 +246,8 @@ def _input_dtypes(signature) -> dict[str, str]:
 
 
 def _error(status: int, message: str) -> tuple[int, str, str]:
+    # A message may quote request text that is not valid Unicode: it is shown as U+FFFD.
+    message = rest_json.display(message)
     return status, "application/json", json.dumps({"error": message}, indent=4)
 
 
@@ -207,6 +259,8 @@ def make_http_server(
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "van-tfx-serving"
+        # A keep-alive client's next request must not wait for a delayed ACK (Nagle): ~40 ms.
+        disable_nagle_algorithm = True
 
         def _serve(self):
             body = self._read_body()
@@ -227,8 +281,12 @@ def make_http_server(
             try:
                 length = http_body.declared_length(self.headers, max_body_bytes)
                 if length is None:
-                    return http_body.read_chunked(self.rfile, max_body_bytes)
-                return self.rfile.read(length)
+                    body = http_body.read_chunked(self.rfile, max_body_bytes)
+                else:
+                    body = self.rfile.read(length)
+                if http_body.is_gzip(self.headers):
+                    return http_body.gunzip(body, max_body_bytes)
+                return body
             except http_body.BodyRefused as refused:
                 self._refuse(refused)
                 return None
@@ -266,9 +324,12 @@ def make_http_server(
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
+            # Headers and body in one write (end_headers() would send the headers alone): one
+            # segment for a small answer, not two with the client's delayed ACK between them.
+            self._headers_buffer.append(b"\r\n")
             if not head:
-                self.wfile.write(payload)
+                self._headers_buffer.append(payload)
+            self.flush_headers()
 
         def log_message(self, format, *args):  # noqa: A002 (http.server signature)
             log.debug("REST %s", format % args)

@@ -57,6 +57,8 @@ class ServerOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # ours: per image, checked before decoding
     enable_signature_method_name_check: bool = False
+    # Predict outputs in tensor_content; TF Serving's default fills float_val, int_val, ...
+    enable_serialization_as_tensor_content: bool = False
     grpc_max_threads: int = 64  # threads running unbatched model calls (off the event loop)
     startup_timeout_seconds: float | None = None  # None waits for models forever, like TF Serving
 
@@ -142,6 +144,7 @@ class ModelServer:
             poll_wait_seconds=options.file_system_poll_wait_seconds,
             limits=RequestLimits(options.max_message_bytes, options.max_image_pixels),
             method_name_check=options.enable_signature_method_name_check,
+            tensor_content=options.enable_serialization_as_tensor_content,
         )
         try:
             self.manager.wait_until_available(options.startup_timeout_seconds)

@@ -19,8 +19,10 @@ from serving.errors import invalid_argument
 # TensorShape's limits (tensorflow/core/framework/tensor_shape.cc): what Tensor::FromProto accepts.
 MAX_RANK = 254
 MAX_ELEMENTS = 2**63 - 1
-# A decoded string element costs its bytes plus a tstring (24 B) and a NumPy object slot (8 B).
-STRING_ELEMENT_OVERHEAD = 32
+# A decoded string element costs its bytes plus a tstring (24 B) and a NumPy object slot (8 B),
+# and graphs that map over a string batch (tf.map_fn unstacks it) spend ~220 B more per element:
+# a 48-byte request repeating one byte to [2000000] cost 5 s and 440 MB when this counted 32.
+STRING_ELEMENT_OVERHEAD = 256
 
 # The repeated field holding each dtype's values, and how many field entries make one element.
 _VALUE_FIELDS = {
@@ -79,14 +81,26 @@ def from_tensor_proto(proto, alias: str = "") -> np.ndarray:
     """
     shape = checked_shape(proto, alias)
     count = math.prod(shape)
-    if proto.dtype == types_pb2.DT_STRING and not proto.tensor_content:
+    if proto.dtype == types_pb2.DT_STRING and proto.tensor_content:
+        return _decode_string_list(proto.tensor_content, count, alias).reshape(shape)
+    if proto.dtype == types_pb2.DT_STRING:
         values = proto.string_val
+        array = np.empty(count, dtype=object)
         if count and values:
-            array = np.empty(count, dtype=object)
             kept = min(len(values), count)
             array[:kept] = list(values[:kept])
             array[kept:] = values[kept - 1]  # one shared bytes object, not copies
+        else:
+            array[:] = b""  # no values: empty strings, as FromProto fills them
+        try:
             return array.reshape(shape)
+        except ValueError:  # NumPy's own limit on dims ([0, 2**62])
+            raise tensor_parsing_error(alias) from None
+    if not count and _numpy_dtype(proto.dtype) is not None:  # FromProto reads no values then
+        try:
+            return np.zeros(shape, _numpy_dtype(proto.dtype))
+        except ValueError:  # NumPy's own limit on dims ([0, 2**62]): TF's numpy bridge fails too
+            raise tensor_parsing_error(alias) from None
     field = _VALUE_FIELDS.get(proto.dtype)
     if not proto.tensor_content and field and len(getattr(proto, field[0])) > count * field[1]:
         trimmed = type(proto)()  # Tensor::FromProto reads the first `count` values only
@@ -101,20 +115,56 @@ def from_tensor_proto(proto, alias: str = "") -> np.ndarray:
         raise tensor_parsing_error(alias) from None
 
 
+def _decode_string_list(content: bytes, count: int, alias: str) -> np.ndarray:
+    """DT_STRING tensor_content as Tensor::AsProtoTensorContent writes it (DecodeStringList):
+    `count` varint32 lengths, then exactly that many bytes."""
+    array = np.empty(count, dtype=object)
+    lengths, position = [], 0
+    for _ in range(count):
+        length, shift = 0, 0
+        while True:
+            if position >= len(content) or shift > 28:
+                raise tensor_parsing_error(alias)
+            byte = content[position]
+            position += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        if length >= 1 << 32:
+            raise tensor_parsing_error(alias)
+        lengths.append(length)
+    if sum(lengths) != len(content) - position:
+        raise tensor_parsing_error(alias)
+    for index, length in enumerate(lengths):
+        array[index] = content[position : position + length]
+        position += length
+    return array
+
+
 def checked_shape(proto, alias: str = "") -> list[int]:
-    """The proto's shape, if TensorShape would accept it (known rank, sizes >= 0, in range)."""
+    """The proto's shape, if TensorShape would accept it (sizes >= 0, rank and size in range).
+
+    unknown_rank is ignored, as TensorShape::IsValid (not PartialTensorShape's) ignores it: the
+    dims, if any, are the shape.
+    """
     shape = proto.tensor_shape
     dims = [d.size for d in shape.dim]
-    if shape.unknown_rank or len(dims) > MAX_RANK or any(d < 0 for d in dims):
+    if len(dims) > MAX_RANK or any(d < 0 for d in dims):
         raise tensor_parsing_error(alias)
-    if math.prod(dims) > MAX_ELEMENTS:
-        raise tensor_parsing_error(alias)
+    elements = 1
+    for size in dims:  # IsValid multiplies in order: an overflow fails even before a 0
+        elements *= size
+        if elements > MAX_ELEMENTS:
+            raise tensor_parsing_error(alias)
     return dims
 
 
 def decoded_nbytes(proto, shape: list[int], alias: str = "") -> int:
     """Bytes the decoded tensor takes: its elements, or for strings their bytes plus overhead."""
     count = math.prod(shape)
+    if proto.dtype in (types_pb2.DT_VARIANT, types_pb2.DT_RESOURCE):
+        return count * STRING_ELEMENT_OVERHEAD  # default values, never decoded here
     if proto.dtype != types_pb2.DT_STRING:
         dtype = _numpy_dtype(proto.dtype)
         if dtype is None:
@@ -135,27 +185,58 @@ def _numpy_dtype(enum: int) -> np.dtype | None:
     try:
         dtype = tf.dtypes.as_dtype(enum)
         return None if dtype._is_ref_dtype else np.dtype(dtype.as_numpy_dtype)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, KeyError):  # KeyError: no NumPy dtype (variant, resource)
         return None
 
 
-def to_tensor_proto(value: np.ndarray, into=None):
-    """A TensorProto from a numpy array (filled in place when `into` is given)."""
+def to_tensor_proto(value: np.ndarray, into=None, as_tensor_content: bool = False):
+    """A TensorProto from a numpy array (filled in place when `into` is given).
+
+    Values go in the dtype's repeated field (float_val, int_val, ...) as TF Serving's
+    Tensor::AsProtoField writes them by default; `as_tensor_content` packs numbers into
+    tensor_content instead (--enable_serialization_as_tensor_content).
+    """
     proto = tensor_pb2.TensorProto() if into is None else into
     enum = _datatype_enum(value.dtype)
     if enum is None:
         import tensorflow as tf
 
         proto.CopyFrom(tf.make_tensor_proto(value))
+        if not as_tensor_content:
+            _content_to_field(proto)
         return proto
     proto.dtype = enum
     for size in value.shape:
         proto.tensor_shape.dim.add(size=size)
     if enum == types_pb2.DT_STRING:
         proto.string_val.extend(value.ravel().tolist())
-    else:
+    elif as_tensor_content:
         proto.tensor_content = np.ascontiguousarray(value).tobytes()
+    else:
+        _fill_field(proto, value)
     return proto
+
+
+def _fill_field(proto, value: np.ndarray) -> None:
+    field = _VALUE_FIELDS.get(proto.dtype)
+    if field is None:  # no repeated field for this dtype (float8, int4, ...): TF writes bytes
+        proto.tensor_content = np.ascontiguousarray(value).tobytes()
+        return
+    flat = np.ascontiguousarray(value).ravel()
+    if proto.dtype in (types_pb2.DT_HALF, types_pb2.DT_BFLOAT16):
+        flat = flat.view(np.uint16)  # half_val holds the 16-bit patterns
+    elif proto.dtype in (types_pb2.DT_COMPLEX64, types_pb2.DT_COMPLEX128):
+        flat = flat.view(flat.real.dtype)  # real, imaginary, real, ...
+    getattr(proto, field[0]).extend(flat.tolist())
+
+
+def _content_to_field(proto) -> None:
+    if proto.tensor_content and proto.dtype in _VALUE_FIELDS:
+        import tensorflow as tf
+
+        value = tf.make_ndarray(proto)
+        proto.ClearField("tensor_content")
+        _fill_field(proto, value)
 
 
 @functools.cache

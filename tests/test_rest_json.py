@@ -4,9 +4,11 @@ agrees with the element-by-element one that words TF Serving's errors."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
+import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -73,3 +75,102 @@ def test_any_body_parses_or_gets_a_json_parse_error(body):
         assert refusal.message.startswith(("JSON Parse error", "JSON Value")), refusal.message
         return
     assert isinstance(doc, dict) and "instances" in doc
+
+
+def absl_base64_unescape(text: str) -> bytes | None:
+    """absl::Base64Unescape, character by character as escaping.cc describes it."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    bits, count, out, pads, padding = 0, 0, bytearray(), 0, False
+    for char in text:
+        if char in " \t\n\v\f\r":
+            continue  # skipped anywhere
+        if char in "=.":
+            padding, pads = True, pads + 1
+            continue
+        if padding or char not in alphabet:
+            return None  # data after padding, or outside the alphabet
+        bits, count = bits << 6 | alphabet.index(char), count + 1
+        if count % 4 == 0:
+            out += bits.to_bytes(3, "big")
+            bits = 0
+    left = count % 4
+    if left == 1:
+        return None
+    expected = {0: 0, 2: 2, 3: 1}[left]
+    if pads and pads != expected:
+        return None  # padding is optional, but if present it must be exact
+    if left == 2:
+        out.append(bits >> 4)
+    elif left == 3:
+        out += (bits >> 2).to_bytes(2, "big")
+    return bytes(out)
+
+
+b64_text = st.one_of(
+    st.binary(max_size=12).map(lambda b: base64.b64encode(b).decode()),
+    st.text(alphabet="QUJDaGk+/=. \n\t\r\v\f-_!é", max_size=16),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(b64_text, st.binary(max_size=9))
+def test_base64_follows_absl_rules(text, data):
+    assert rest_json.base64_unescape(text) == absl_base64_unescape(text)
+    wrapped = base64.encodebytes(data).decode()  # MIME line breaks
+    assert rest_json.base64_unescape(wrapped) == data
+    assert rest_json.base64_unescape(base64.b64encode(data).decode().rstrip("=")) == data
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [("QQ==", True), ("QQ", True), ("QQ=", False), ("QQ..", True), ("QUI=", True), ("QUI", True),
+     ("QUJD", True), ("QUJD=", False), ("Q", False), ("Q Q\n==", True), ("QQ==QQ==", False),
+     ("QQ=\n=", True), ("-_", False)],
+)  # fmt: skip
+def test_base64_examples(text, ok):
+    assert (rest_json.base64_unescape(text) is not None) == ok
+
+
+# Answers of RapidJSON v1.1.0 (json_tensor.cc's ParseJson: kParseNanAndInfFlag, UTF-8 BOM skip).
+RAPIDJSON_ERRORS = {
+    b'{"a":1': "Missing a comma or '}' after an object member. at offset: 6",
+    b"[1,2": "Missing a comma or ']' after an array element. at offset: 4",
+    b"1.": "Miss fraction part in number. at offset: 2",
+    b"1e": "Miss exponent in number. at offset: 2",
+    b"   ": "The document is empty. at offset: 3",
+    b"\xef\xbb": "The document is empty. at offset: 2",
+    b"tru": "Invalid value. at offset: 3",
+    b'"abc': "Missing a closing quotation mark in string. at offset: 4",
+    b'"\\u12"': "Incorrect hex digit after \\u escape in string. at offset: 1",
+    b'{"a":"\\ud800"}': "The surrogate pair in string is invalid. at offset: 6",
+    b'{"a":"\\ud800\\u0041"}': "The surrogate pair in string is invalid. at offset: 6",
+    b'{"a":Infin}': "Invalid value. at offset: 10",
+    b'{"a" 1}': "Missing a colon after a name of object member. at offset: 5",
+    b"{1:2}": "Missing a name for object member. at offset: 1",
+    b'{"a":1,}': "Missing a name for object member. at offset: 7",
+    b"[1,]": "Invalid value. at offset: 3",
+    b'"\\x"': "Invalid escape character in string. at offset: 1",
+    b"[1,1e400]": "Number too big to be stored in double. at offset: 3",
+    b'{"a":"1e400","b":1e400}': "Number too big to be stored in double. at offset: 17",
+    b"[-]": "Invalid value. at offset: 2",
+    b"01": "The document root must not be followed by other values. at offset: 1",
+    b'"a\tb"': "Invalid escape character in string. at offset: 2",
+    b'"a\x00b"': "Missing a closing quotation mark in string. at offset: 2",
+    b'\xef\xbb\xbf{"a":1': "Missing a comma or '}' after an object member. at offset: 9",
+    b'{"a":[{"b":1} 2]}': "Missing a comma or ']' after an array element. at offset: 14",
+    b'{"x":"[,{\\"", "y":[1,2,}': "Invalid value. at offset: 23",
+}
+RAPIDJSON_ACCEPTS = [b'{"a":"\\udc80"}', b'{"a":[Infinity,-Infinity,Inf,-Inf,NaN,-NaN]}',
+                     b'{"a":1}\x00xx', b'\xef\xbb\xbf{"a":1}', b"\xbf{}"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "error"), RAPIDJSON_ERRORS.items())
+def test_parse_errors_are_rapidjsons(body, error):
+    with pytest.raises(ServingError) as refusal:
+        rest_json.parse_json(body)
+    assert refusal.value.message == f"JSON Parse error: {error}"
+
+
+@pytest.mark.parametrize("body", RAPIDJSON_ACCEPTS)
+def test_what_rapidjson_accepts_parses(body):
+    rest_json.parse_json(body)

@@ -1,0 +1,173 @@
+"""Hostile REST requests against a real server on loopback: bodies that would expand into
+gigabytes, deadlines that must stop the work, text that is not valid UTF-8, tensors deeper than
+NumPy allows, gzip bodies and bombs, keep-alive connections. Never a 500, always bounded work."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gzip
+import http.client
+import json
+import os
+import time
+
+import pytest
+
+from serving import rest_json, testing
+from serving.server import ANY_PORT, ModelServer, ServerOptions
+
+LIMIT = 16 << 20  # --max_message_bytes of the test server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    config = testing.export_test_models(str(tmp_path_factory.mktemp("hostile")))
+    options = ServerOptions(model_config_file=config, port=0, rest_api_port=ANY_PORT,
+                            max_message_bytes=LIMIT, rest_api_timeout_in_ms=1500)  # fmt: skip
+    with ModelServer(options) as running:
+        yield running
+
+
+def post(server, path: str, body: bytes, headers=None) -> tuple[int, dict]:
+    """(status, JSON answer) of one POST over a fresh connection."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=60)
+    try:
+        connection.request("POST", path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        connection.close()
+
+
+PREDICT = "/v1/models/numbers:predict"
+REGRESS = "/v1/models/numbers:regress"
+
+
+def test_a_body_that_would_expand_past_the_budget_is_refused_before_parsing(server):
+    body = b'{"instances": [' + b"[]," * 5_500_000 + b"[]]}"  # 16 MB of empty lists
+    started = time.monotonic()
+    status, answer = post(server, PREDICT, body)
+    assert status == 400 and f"limit of {rest_json.MAX_JSON_UNITS}" in answer["error"]
+    assert time.monotonic() - started < 5
+
+
+def test_the_deadline_stops_the_work_and_frees_the_parsing_slots(server):
+    # Each body is within the budget but takes seconds to convert: the answer is a 504 at the
+    # deadline, and the conversion stops between blocks instead of finishing in the background.
+    rows = b"[0.5, 0.25]," * 650_000
+    body = (
+        b'{"instances": [' + b'{"x": [0.5, 0.25], "k": 1},' * 400_000 + b'{"x": [1, 2], "k": 1}]}'
+    )
+    assert len(rows) and len(body) < LIMIT
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: post(server, PREDICT, body), range(4)))
+    assert {status for status, _ in answers} <= {200, 504}, answers
+    assert any(status == 504 for status, _ in answers)
+    slots = server._rest_app._parse_slots
+    deadline = time.monotonic() + 3
+    while slots._value != (os.cpu_count() or 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slots._value == (os.cpu_count() or 1), "parsing went on after the deadline"
+    status, answer = post(server, PREDICT, b'{"instances": [{"x": [1, 2], "k": 3}]}')
+    assert status == 200 and answer == {
+        "predictions": [{"total": 6.0, "labels_bytes": {"b64": "Mw=="}}]
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        (b'{"signature_name": "\\ud800", "instances": [1]}', 400,
+         "JSON Parse error: The surrogate pair in string is invalid. at offset: 20"),
+        (b'{"signature_name": "\xff", "instances": [1]}', 400,
+         'Serving signature name: "\ufffd" not found in signature def'),
+        (b'{"signature_name": "\\udc80", "instances": [1]}', 400,
+         'Serving signature name: "\ufffd" not found in signature def'),
+    ],
+)  # fmt: skip
+def test_text_that_is_not_unicode_never_reaches_a_lookup(server, body, status, error):
+    assert post(server, PREDICT, body) == (status, {"error": error})
+
+
+@pytest.mark.parametrize("name", [b"\\udc80", b"\xff", b"\\ud83d\\ude00", b"\xc3\xa9"])
+def test_any_feature_name_is_kept_as_bytes_in_the_example(server, name):
+    body = b'{"signature_name": "regress", "examples": [{"x": [1.5, 2.0], "%s": 7}]}' % name
+    assert post(server, REGRESS, body) == (200, {"results": [3.5]})
+
+
+def test_the_last_of_duplicate_feature_names_wins_inside_examples(server):
+    body = (b'{"signature_name": "regress", "signature_name": "nope", "context": {"x": [100.0]},'
+            b' "examples": [{"x": [1.0], "x": [2.0, 3.5]}, {"y": 1}]}')  # fmt: skip
+    assert post(server, REGRESS, body) == (200, {"results": [5.5, 100.0]})
+
+
+def nested(depth: int, leaf="1.0") -> bytes:
+    return b"[" * depth + leaf.encode() + b"]" * depth
+
+
+@pytest.mark.parametrize(
+    ("body", "rank"),
+    [(b'{"inputs": {"x": %s, "k": [1]}}' % nested(33), 33),
+     (b'{"instances": [{"x": %s, "k": 1}]}' % nested(32), 33),
+     (b'{"inputs": {"x": %s, "k": [1]}}' % nested(254), 254),
+     (b'{"inputs": {"x": %s, "k": [1]}}' % nested(300), 300)],
+)  # fmt: skip
+def test_tensors_deeper_than_numpy_allows_get_a_400_naming_the_limit(server, body, rank):
+    status, answer = post(server, PREDICT, body)
+    assert status == 400 and "at most 32 dimensions" in answer["error"], answer
+
+
+def test_a_byte_order_mark_is_skipped(server):
+    body = b'\xef\xbb\xbf{"instances": [{"x": [1, 2], "k": 3}]}'
+    assert post(server, PREDICT, body)[0] == 200
+
+
+def test_gzip_bodies_are_decompressed_within_the_body_limit(server):
+    body = b'{"instances": [{"x": [1, 2], "k": 3}]}'
+    gzipped = {"Content-Encoding": "gzip"}
+    assert post(server, PREDICT, gzip.compress(body), gzipped)[0] == 200
+    bomb = gzip.compress(b" " * (LIMIT + 1) + body, compresslevel=9)  # ~8 KB
+    status, answer = post(server, PREDICT, bomb, gzipped)
+    assert status == 413 and "once decompressed" in answer["error"]
+    # TF Serving reads a body it cannot gunzip as empty.
+    assert post(server, PREDICT, body, gzipped) == (
+        400, {"error": "JSON Parse error: The document is empty"})  # fmt: skip
+
+
+def test_keep_alive_requests_are_answered_in_one_write_each(server):
+    writes: list[int] = []
+
+    http_server = server._http_server
+    base = http_server.RequestHandlerClass
+
+    class Counting(base):
+        def setup(self):
+            super().setup()
+            raw = self.wfile
+
+            class Writer:
+                def write(self, data):
+                    writes.append(len(data))
+                    return raw.write(data)
+
+                def flush(self):
+                    raw.flush()
+
+            self.wfile = Writer()
+
+    assert base.disable_nagle_algorithm
+    http_server.RequestHandlerClass = Counting
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30)
+        body = b'{"instances": [{"x": [1, 2], "k": 3}]}'
+        for _ in range(5):
+            connection.request("POST", PREDICT, body=body)
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read())["predictions"]
+        connection.request("POST", PREDICT, body=b"{")
+        response = connection.getresponse()
+        assert response.status == 400 and response.read()
+        connection.close()
+    finally:
+        http_server.RequestHandlerClass = base
+    assert len(writes) == 6, writes  # headers and body together, once per answer
