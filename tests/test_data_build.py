@@ -244,3 +244,26 @@ def test_truncated_shard_is_reported_by_name(built, tmp_path):
     shard.write_bytes(data[: len(data) - 1000])
     with pytest.raises(CorruptShardError, match="train-00000-of-00001"):
         list(read_examples([shard]))
+
+
+def test_a_build_keeps_one_shard_file_open_at_a_time(image_dir, tmp_path):
+    # ImageNet-1k's 1,252 train shards exceed the usual limit of 1,024 open files; here 65
+    # shards are built with room for ~30 more open files than the process already holds.
+    import subprocess
+    import sys
+
+    script = f"""
+import os, resource
+import tensorflow as tf
+from van_tfx.data.build import build_dataset
+from van_tfx.data.records import read_examples
+used = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (used + 30, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+result = build_dataset({str(image_dir)!r}, {str(tmp_path / "out")!r}, shards=65, workers=1, progress=False)
+print(len(result.shards), len(list(read_examples(result.shards))))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["65", "65"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import multiprocessing
 import os
@@ -20,7 +21,7 @@ from van_tfx.data.records import (
     label_of,
     load_image_file,
     read_synset_mapping,
-    write_split,
+    write_shards,
     write_synset_list,
 )
 
@@ -128,7 +129,8 @@ def _records(
     rejected: list[tuple[str, str]],
     progress: bool,
     skip_invalid: bool,
-) -> Iterator[ImageRecord]:
+) -> Iterator[ImageRecord | None]:
+    # One answer per item, in order: its record, or None for a rejected file.
     from tqdm import tqdm
 
     labels = label_of(list(texts))
@@ -144,6 +146,7 @@ def _records(
     for (path, synset), result in bar:
         if isinstance(result, InvalidImageError):
             rejected.append((str(path), result.reason))
+            yield None
             continue
         jpeg, height, width = result
         written += 1
@@ -152,6 +155,15 @@ def _records(
         )
     if rejected and (not skip_invalid or written == 0):
         raise InvalidImagesError(rejected)  # inside the writer: the temp shards are discarded
+
+
+def _in_shards(answers: Iterator, sizes: list[int]) -> Iterator[Iterator[ImageRecord]]:
+    # The records of each shard (`sizes` items each, rejected ones left out), then the rest of
+    # `answers`, so _records' final check runs (and may raise) inside write_shards.
+    for size in sizes:
+        yield (record for record in itertools.islice(answers, size) if record is not None)
+    for _ in answers:
+        pass
 
 
 def build_dataset(
@@ -176,10 +188,20 @@ def build_dataset(
     num_shards = shards or math.ceil(len(items) / IMAGES_PER_SHARD)
     num_shards = max(1, min(num_shards, len(items)))
     rejected: list[tuple[str, str]] = []
-    records = _records(
-        items, texts, workers or os.cpu_count() or 1, rejected, progress, skip_invalid
+    # Dealt round-robin (shard k holds items k, k + n, ...), converted shard by shard so one
+    # shard file is open at a time: ImageNet-1k's 1,252 shards exceed the usual 1,024 open files.
+    dealt = [items[k::num_shards] for k in range(num_shards)]
+    answers = _records(
+        [item for shard in dealt for item in shard],
+        texts,
+        workers or os.cpu_count() or 1,
+        rejected,
+        progress,
+        skip_invalid,
     )
-    paths = write_split(records, output_dir, split, num_shards)
+    paths = write_shards(
+        _in_shards(answers, [len(shard) for shard in dealt]), output_dir, split, num_shards
+    )
     synsets_path = output_dir / "synsets.txt"
     if not list_exists:
         write_synset_list(synsets_path, texts)

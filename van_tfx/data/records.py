@@ -6,6 +6,7 @@ never import TensorFlow; only shard writing and reading import TensorFlow, lazil
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -194,17 +195,14 @@ def write_split(
 ) -> list[Path]:
     """Write records round-robin into `num_shards` shards, atomically per split; return the paths.
 
-    Shards go to a temporary directory inside `output_dir` and are renamed into place (replacing
-    any older shards of the split) only after the iterator is exhausted, so a failed or interrupted
-    run never leaves a complete-looking split behind. The iterator may raise to abort.
+    All shards are open at once: for a few dozen shards (the sample, benchmarks). Builds with
+    many shards (ImageNet-1k: 1,252 > the usual 1,024 open files) use write_shards.
+    The iterator may raise to abort.
     """
     import tensorflow as tf
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     names = [shard_name(split, k, num_shards) for k in range(num_shards)]
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{split}-", dir=output_dir))
-    try:
+    with _split_in_place(Path(output_dir), split, names) as tmp_dir:
         writers = [tf.io.TFRecordWriter(str(tmp_dir / name)) for name in names]
         try:
             for index, record in enumerate(records):
@@ -212,12 +210,48 @@ def write_split(
         finally:
             for writer in writers:
                 writer.close()
+    return [Path(output_dir) / name for name in names]
+
+
+def write_shards(
+    shards: Iterable[Iterable[ImageRecord]],
+    output_dir: str | os.PathLike,
+    split: str,
+    num_shards: int,
+) -> list[Path]:
+    """Write shard k from the k-th iterable, one open file at a time, atomically per split.
+
+    `shards` is asked for one more item after the last shard (none may come): a generator can
+    run its final checks there, and raise to abort, while the split is still temporary.
+    """
+    import tensorflow as tf
+
+    names = [shard_name(split, k, num_shards) for k in range(num_shards)]
+    shards = iter(shards)
+    with _split_in_place(Path(output_dir), split, names) as tmp_dir:
+        for name in names:
+            with tf.io.TFRecordWriter(str(tmp_dir / name)) as writer:
+                for record in next(shards, ()):
+                    writer.write(example_bytes(record))
+        if next(shards, None) is not None:
+            raise ValueError(f"more than num_shards={num_shards} shards given for split {split}")
+    return [Path(output_dir) / name for name in names]
+
+
+@contextlib.contextmanager
+def _split_in_place(output_dir: Path, split: str, names: list[str]) -> Iterator[Path]:
+    # Shards are written to a temporary directory inside output_dir and renamed into place
+    # (replacing any older shards of the split) only when writing succeeded, so a failed or
+    # interrupted run never leaves a complete-looking split behind.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{split}-", dir=output_dir))
+    try:
+        yield tmp_dir
         remove_split(output_dir, split)
         for name in names:
             os.replace(tmp_dir / name, output_dir / name)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    return [output_dir / name for name in names]
 
 
 def remove_split(output_dir: Path, split: str) -> None:
