@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.special import erf
 
 from tests.torch_format import save_raw_pickle_zip, save_torch_zip
@@ -315,12 +318,12 @@ def test_official_key_set_and_shapes_match_the_model(variant, config):
         assert convert._keras_to_torch_shape(variable.shape, layer, short) == expected[key], key
 
 
-def convert_with_cli(checkpoint, output) -> int:
+def convert_with_cli(checkpoint, output, *options) -> int:
     """`van-tfx convert-weights --variant tiny` in this process; returns its exit code."""
     from van_tfx.cli import main
 
     argv = ["convert-weights", "--variant", "tiny", "--checkpoint", str(checkpoint)]
-    return main([*argv, "--output", str(output)])
+    return main([*argv, "--output", str(output), *options])
 
 
 def test_cli_convert_weights(tmp_path, tiny_state):
@@ -348,3 +351,144 @@ def test_cli_reports_bad_checkpoint_without_traceback(tmp_path, capsys, tiny_sta
     code = convert_with_cli(tmp_path / "w.npz", tmp_path / "w.weights.h5")
     assert code == 2
     assert "norm3.bias" in capsys.readouterr().err
+
+
+# ---- weight values, the head and the class count ------------------------------------------------
+
+WEIGHT_KEYS = sorted(
+    k for k in official_shapes(**TINY, num_classes=NUM_CLASSES) if "batches" not in k
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    key=st.sampled_from(WEIGHT_KEYS),
+    spots=st.lists(
+        st.tuples(st.integers(0, 10**6), st.sampled_from([np.nan, np.inf, -np.inf])), min_size=1
+    ),
+)
+def test_non_finite_weights_are_refused_with_key_and_count(tiny_state, key, spots):
+    array = tiny_state[key].copy()
+    for position, value in spots:
+        array.reshape(-1)[position % array.size] = value
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    with pytest.raises(
+        convert.CheckpointMismatchError, match=rf"^'{re.escape(key)}' has {bad} non-finite"
+    ):
+        convert.convert_state_dict({**tiny_state, key: array}, "tiny")
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.int64, np.int32, np.uint8, np.bool_, np.complex64, "<U3", object]
+)
+def test_non_floating_weights_are_refused_with_key_and_dtype(tiny_state, dtype):
+    # Before, int64 weights were silently cast; strings failed without naming the key.
+    key = "block2.0.mlp.fc1.weight"
+    state = {**tiny_state, key: tiny_state[key].astype(dtype)}
+    expected = re.escape(f"'{key}' has dtype {np.dtype(dtype)}")
+    with pytest.raises(convert.CheckpointMismatchError, match=expected):
+        convert.convert_state_dict(state, "tiny")
+
+
+def test_float16_and_float64_weights_convert(tiny_state):
+    state = {
+        k: v.astype(np.float16 if "block" in k else np.float64) if v.dtype.kind == "f" else v
+        for k, v in tiny_state.items()
+    }
+    model = convert.convert_state_dict(state, "tiny")
+    np.testing.assert_array_equal(
+        model.get_layer("block1.0.mlp.fc1").kernel.numpy(),
+        state["block1.0.mlp.fc1.weight"][:, :, 0, 0].T.astype(np.float32),
+    )
+    np.testing.assert_array_equal(
+        model.get_layer("head").kernel.numpy(), state["head.weight"].T.astype(np.float32)
+    )
+
+
+BAD_HEADS = {
+    "0-d (was an IndexError)": np.float32(1.0),
+    "1-d": np.zeros(10, np.float32),
+    "3-d": np.zeros((10, 128, 1), np.float32),
+    "width of another variant": np.zeros((10, 256), np.float32),
+    "no classes": np.zeros((0, 128), np.float32),
+    # 2 M classes backed by no data: building the model would allocate a 1 GB head.
+    "empty with 2 M rows": np.empty((2_000_000, 0), np.float32),
+    # A zero-copy view: a real array this size would be 51 MB.
+    "too many classes": np.broadcast_to(np.float32(0), (convert.MAX_NUM_CLASSES + 1, 128)),
+}
+
+
+@pytest.mark.parametrize("head", BAD_HEADS.values(), ids=BAD_HEADS.keys())
+@pytest.mark.parametrize("only_the_head", [False, True])
+def test_bad_head_is_refused_before_a_model_is_built(tiny_state, head, only_the_head):
+    # Before, the model was built from head.weight.shape[0] before anything was checked.
+    state = {"head.weight": head} if only_the_head else {**tiny_state, "head.weight": head}
+    shape = re.escape(str(np.shape(head)))
+    with pytest.raises(
+        convert.CheckpointMismatchError, match=rf"^shape mismatch for 'head\.weight'.* {shape}"
+    ):
+        convert.convert_state_dict(state, "tiny")
+
+
+def test_head_must_match_an_explicit_class_count(tiny_state):
+    with pytest.raises(
+        convert.CheckpointMismatchError, match=r"'head\.weight'.*\(10, 128\).*num_classes 3"
+    ):
+        convert.convert_state_dict(tiny_state, "tiny", num_classes=3)
+
+
+@pytest.mark.parametrize("num_classes", [0, -3, convert.MAX_NUM_CLASSES + 1, True, 2.5, "10"])
+def test_class_count_out_of_range_is_refused(tmp_path, tiny_state, num_classes):
+    with pytest.raises(ValueError, match="num_classes must be an integer from 1 to 100000"):
+        convert.convert_state_dict(tiny_state, "tiny", num_classes)
+    with pytest.raises(ValueError, match="num_classes must be an integer"):  # before reading
+        convert.convert_checkpoint("tiny", tmp_path / "absent.npz", tmp_path / "w.h5", num_classes)
+
+
+def _with(state, key, value):
+    return {**state, key: value}
+
+
+CLI_REFUSALS = {  # checkpoint contents, CLI options, what the one-line error must name
+    "0-d head": (
+        lambda s: _with(s, "head.weight", np.array(1.0, np.float32)),
+        (),
+        "'head.weight': checkpoint has ()",
+    ),
+    "NaN weight": (
+        lambda s: _with(s, "norm2.bias", np.full(32, np.nan, np.float32)),
+        (),
+        "'norm2.bias' has 32 non-finite",
+    ),
+    "int64 head": (
+        lambda s: _with(s, "head.weight", s["head.weight"].astype(np.int64)),
+        (),
+        "'head.weight' has dtype int64",
+    ),
+    "strings": (lambda s: _with(s, "head.bias", np.array(["a"] * 10)), (), "'head.bias'"),
+    "--num-classes 0": (lambda s: s, ("--num-classes", "0"), "num_classes must be"),
+}
+
+
+CLI_CASES = [
+    pytest.param(make, options, named, suffix, id=f"{name} {suffix}")
+    for name, (make, options, named) in CLI_REFUSALS.items()
+    for suffix in ((".npz",) if name == "strings" else (".pth", ".npz"))  # no string tensors
+]
+
+
+@pytest.mark.parametrize(("make", "options", "named", "suffix"), CLI_CASES)
+def test_cli_refuses_bad_weights_in_one_line_with_exit_2(
+    tmp_path, capsys, tiny_state, make, options, named, suffix
+):
+    state = make(tiny_state)
+    if suffix == ".npz":
+        np.savez(tmp_path / "w.npz", **state)
+    else:
+        save_torch_zip({"state_dict": state}, tmp_path / "w.pth")
+    out = tmp_path / "w.weights.h5"
+    assert convert_with_cli(tmp_path / f"w{suffix}", out, *options) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert named in error and str(tmp_path / f"w{suffix}") in error
+    assert not out.exists()

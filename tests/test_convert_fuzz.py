@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing
+import os
 import pickle
+import re
+import resource
+import struct
 import tempfile
+import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -155,13 +162,14 @@ def test_malformed_tensor_metadata_never_reads_outside_storage(
         assert "'w'" in str(exc) or "storage type" in str(exc) or "storage record" in str(exc)
         return
     array = state["w"]
-    # Accepted only if it is exactly what the metadata addresses, inside the storage.
-    assert type_name == "FloatStorage" and record == numel
-    assert array.shape == tuple(size) and array.size <= numel
-    event("accepted")
-    np.testing.assert_array_equal(
-        array, expected_elements(numel, offset, tuple(size), tuple(stride))
-    )
+    # Accepted only if the record's type and count match the storage's bytes (4 float32 bytes
+    # are half an int64), and the tensor is exactly what the metadata addresses inside it.
+    dtype = {"FloatStorage": "<f4", "LongStorage": "<i8"}[type_name]
+    assert record * np.dtype(dtype).itemsize == numel * 4
+    assert array.shape == tuple(size) and array.size <= record
+    event(f"accepted {type_name}")
+    positions = expected_elements(record, offset, tuple(size), tuple(stride)).astype(np.int64)
+    np.testing.assert_array_equal(array, np.frombuffer(storage_bytes(numel), dtype)[positions])
 
 
 def valid_pickle() -> tuple[bytes, dict[str, bytes]]:
@@ -177,13 +185,18 @@ def valid_pickle() -> tuple[bytes, dict[str, bytes]]:
 VALID_PICKLE, VALID_STORAGES = valid_pickle()
 
 
-def load_pickle_bytes(payload: bytes, path) -> dict:
-    """load_state_dict on a checkpoint whose data.pkl is `payload` (storages of VALID_PICKLE)."""
+def write_pickle_zip(payload: bytes, path) -> None:
+    """A checkpoint whose data.pkl is `payload`, with the storages of VALID_PICKLE."""
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", payload)
         archive.writestr("archive/byteorder", "little")
         for key, raw in VALID_STORAGES.items():
             archive.writestr(f"archive/data/{key}", raw)
+
+
+def load_pickle_bytes(payload: bytes, path) -> dict:
+    """load_state_dict on a checkpoint whose data.pkl is `payload` (storages of VALID_PICKLE)."""
+    write_pickle_zip(payload, path)
     return convert.load_state_dict(path)
 
 
@@ -326,3 +339,400 @@ def test_real_checkpoint_tensors_are_exact_copies_of_their_storage(tmp_path):
         expected = expected_elements(24, record.offset, record.size, record.stride)
         np.testing.assert_array_equal(loaded[name], expected, err_msg=name)
     assert math.prod(loaded["empty"].shape) == 0
+
+
+# ---- work bounds: memo-shared structures, zip bombs, pickle work --------------------------------
+
+
+def memo_bomb(depth: int, width: int, container: bytes) -> bytes:
+    """Opcodes pushing `depth` levels of `width` references each to the level below, shared
+    through the memo (from index 1000): ~5 * depth * width bytes, width**depth leaves."""
+    ops = pickle.NONE + pickle.LONG_BINPUT + _u4(1000) + pickle.POP
+    for level in range(1001, 1001 + depth):
+        below = pickle.LONG_BINGET + _u4(level - 1)
+        ops += pickle.MARK + below * width + container + pickle.LONG_BINPUT + _u4(level)
+        ops += pickle.POP
+    return ops + pickle.LONG_BINGET + _u4(1000 + depth)
+
+
+def _global(module: str, name: str) -> bytes:
+    return pickle.GLOBAL + f"{module}\n{name}\n".encode()
+
+
+def _tuple(*items: bytes) -> bytes:
+    return pickle.MARK + b"".join(items) + pickle.TUPLE
+
+
+def _storage(kind=_global("torch", "FloatStorage"), key=_text("0"), numel=None) -> bytes:
+    numel = pickle.BININT + _u4(6) if numel is None else numel
+    return _tuple(_text("storage"), kind, key, _text("cpu"), numel) + pickle.BINPERSID
+
+
+def _tensor(offset: bytes, size: bytes, stride: bytes) -> bytes:
+    rebuild = _global("torch._utils", "_rebuild_tensor_v2")
+    return rebuild + _tuple(_storage(), offset, size, stride) + pickle.REDUCE
+
+
+def _state_dict(key: bytes, value: bytes) -> bytes:
+    inner = pickle.EMPTY_DICT + key + value + pickle.SETITEM
+    return pickle.EMPTY_DICT + _text("state_dict") + inner + pickle.SETITEM
+
+
+ONE, ZERO = pickle.BININT + _u4(1), pickle.BININT + _u4(0)
+NAMESPACE = _global("argparse", "Namespace")
+# Every place a checkpoint's pickle can put a value that the converter describes or hashes.
+BOMB_SLOTS = {
+    "persistent id": lambda b: b + pickle.BINPERSID,
+    "storage type": lambda b: _storage(kind=b),
+    "storage key": lambda b: _storage(key=b),
+    "storage numel": lambda b: _storage(numel=b),
+    "dict key": lambda b: pickle.EMPTY_DICT + b + pickle.NONE + pickle.SETITEM,
+    "dict keys": lambda b: pickle.EMPTY_DICT + pickle.MARK + b + ONE + pickle.SETITEMS,
+    "set element": lambda b: pickle.EMPTY_SET + pickle.MARK + b + pickle.ADDITEMS,
+    "frozenset element": lambda b: pickle.MARK + b + pickle.FROZENSET,
+    "numpy dtype name": lambda b: _global("numpy", "dtype") + _tuple(b) + pickle.REDUCE,
+    "numpy scalar": lambda b: _global("numpy.core.multiarray", "scalar")
+    + _tuple(b, b)
+    + pickle.REDUCE,
+    "OrderedDict argument": lambda b: _global("collections", "OrderedDict")
+    + _tuple(b)
+    + pickle.REDUCE,
+    "placeholder call": lambda b: NAMESPACE + _tuple(b) + pickle.REDUCE,
+    "placeholder state": lambda b: NAMESPACE
+    + pickle.EMPTY_TUPLE
+    + pickle.NEWOBJ
+    + b
+    + pickle.BUILD,
+    "tensor offset": lambda b: _state_dict(_text("w"), _tensor(b, _tuple(ONE), _tuple(ONE))),
+    "tensor size": lambda b: _state_dict(_text("w"), _tensor(ZERO, b, _tuple(ONE))),
+    "tensor stride": lambda b: _state_dict(_text("w"), _tensor(ZERO, _tuple(ONE), b)),
+    "state-dict key": lambda b: _state_dict(b, _tensor(ZERO, _tuple(ONE), _tuple(ONE))),
+    "state-dict value": lambda b: _state_dict(_text("w"), b),
+}
+
+
+def load_in_child(path: Path, seconds: float = 10) -> tuple[str, str, float]:
+    """(error type or "loaded", message, seconds taken) of load_state_dict(path), run in a
+    forked child held to `seconds` and 1 GiB more memory than it starts with.
+
+    Describing or hashing a 2**40-element structure runs in C holding the GIL, where no
+    in-process timeout can stop it: a regression must fail the test, not hang it or fill memory.
+    """
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+    child = context.Process(target=_load_and_report, args=(path, writer))
+    child.start()
+    writer.close()
+    child.join(seconds)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail(f"loading {path.name} took more than {seconds} s")
+    assert reader.poll(), f"the loading process died (exit code {child.exitcode})"
+    return reader.recv()
+
+
+def _load_and_report(path: Path, writer) -> None:
+    pages = int(Path("/proc/self/statm").read_text().split()[0])
+    limit = pages * os.sysconf("SC_PAGE_SIZE") + (1 << 30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    started = time.monotonic()
+    try:
+        convert.load_state_dict(path)
+        outcome = ("loaded", "")
+    except Exception as exc:  # reported to the parent, which judges it
+        outcome = (type(exc).__name__, str(exc))
+    writer.send((*outcome, time.monotonic() - started))
+
+
+@settings(FUZZ, max_examples=60)
+@given(
+    slot=st.sampled_from(sorted(BOMB_SLOTS)),
+    depth=st.integers(30, 64),
+    width=st.integers(2, 3),
+    container=st.sampled_from([pickle.LIST, pickle.TUPLE]),
+)
+def test_memo_shared_structures_are_refused_cheaply_anywhere(
+    tmp_path, slot, depth, width, container
+):
+    # width**depth elements from a few hundred bytes: repr-ing, hashing or copying one never ends.
+    payload = pickle.PROTO + b"\x02" + BOMB_SLOTS[slot](memo_bomb(depth, width, container))
+    write_pickle_zip(payload + pickle.STOP, tmp_path / "bomb.pth")
+    error, message, seconds = load_in_child(tmp_path / "bomb.pth")
+    assert error in {refusal.__name__ for refusal in REFUSALS}, (error, message)
+    assert seconds < 2 and len(message) < 500, (seconds, message)
+
+
+def test_936_byte_nested_list_checkpoint_is_refused_at_once(tmp_path):
+    # The reviewer's file: a persistent id of lists nested 40 deep through the memo. Error
+    # messages formatted it with f"{pid!r:.80}", which builds the whole repr before cutting it.
+    ops = pickle.PROTO + b"\x02" + pickle.EMPTY_LIST + pickle.LONG_BINPUT + _u4(0)
+    for level in range(1, 41):
+        below = pickle.LONG_BINGET + _u4(level - 1)
+        ops += pickle.MARK + below + below + pickle.LIST + pickle.LONG_BINPUT + _u4(level)
+    save_raw_pickle_zip(ops + pickle.BINPERSID + pickle.STOP, tmp_path / "laughs.pth")
+    assert (tmp_path / "laughs.pth").stat().st_size == 936
+    error, message, seconds = load_in_child(tmp_path / "laughs.pth")
+    assert error == "CheckpointFormatError", message
+    assert message.startswith("unsupported persistent id in checkpoint: [[")
+    assert seconds < 0.5
+
+
+def write_deflate_zip(path, members: dict[str, tuple[bytes, int]], chunk: int = 1 << 20) -> None:
+    """A zip of deflated members `name: (head, n)` holding `head` + n zero bytes, in O(file).
+
+    Deflate restarts from scratch after a full flush, so every chunk of zeros compresses to the
+    same bytes: one chunk is compressed and repeated. The CRC of a member with zeros is left 0
+    (computing it takes a second per GiB): only a reader that has already inflated the member
+    can notice, and inflating it is what must be refused.
+    """
+    blob, central = bytearray(), bytearray()
+    for name, (head, zeros) in members.items():
+        assert zeros % chunk == 0 and len(head) + zeros < 2**32  # no zip64 records needed
+        deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+        data = deflate.compress(head) + deflate.flush(zlib.Z_FULL_FLUSH)
+        block = deflate.compress(bytes(chunk)) + deflate.flush(zlib.Z_FULL_FLUSH)
+        data += block * (zeros // chunk) + deflate.flush()
+        crc = 0 if zeros else zlib.crc32(head)
+        sizes = (crc, len(data), len(head) + zeros, len(name), 0)  # + packed, unpacked, name
+        offset = len(blob)
+        blob += struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 8, 0, 33, *sizes)
+        blob += name.encode() + data
+        central += struct.pack(
+            "<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 8, 0, 33, *sizes, 0, 0, 0, 0, offset
+        )
+        central += name.encode()
+    end = struct.pack(
+        "<4s4H2LH", b"PK\x05\x06", 0, 0, len(members), len(members), len(central), len(blob), 0
+    )
+    Path(path).write_bytes(bytes(blob + central + end))
+
+
+GIB = 1 << 30
+TINY_PICKLE = pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + pickle.STOP
+
+
+def _storage_pickle(numel: int) -> bytes:
+    """data.pkl of a state dict {'w': float32 tensor of `numel` elements in storage '0'}."""
+    buffer = io.BytesIO()
+    storage = StorageRecord("0", "FloatStorage", numel)
+    save_records_zip({"w": TensorRecord(storage, 0, (numel,), (1,))}, {}, buffer)
+    with zipfile.ZipFile(buffer) as archive:
+        return archive.read("archive/data.pkl")
+
+
+def _npy_header(shape: tuple, descr: str = "<f4") -> bytes:
+    buffer = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+ZIP_BOMBS = {  # each file is ~2 MB and inflates to 2 GiB
+    "data.pkl": (
+        "bomb.pth",
+        {"archive/data.pkl": (TINY_PICKLE, 2 * GIB)},
+        r"'archive/data\.pkl' inflates to 2147483\d+ bytes, over the 67108864-byte limit",
+    ),
+    "byteorder": (
+        "bomb.pth",
+        {"archive/data.pkl": (TINY_PICKLE, 0), "archive/byteorder": (b"little", 2 * GIB)},
+        r"'archive/byteorder' inflates to 2147483\d+ bytes, over the 16-byte limit",
+    ),
+    "storage": (
+        "bomb.pth",
+        {"archive/data.pkl": (_storage_pickle(GIB // 2), 0), "archive/data/0": (b"", 2 * GIB)},
+        r"tensor 'w' storage '0' inflates \d+ -> 2147483648 bytes",
+    ),
+    "npz array": (
+        "bomb.npz",
+        {"head.weight.npy": (_npy_header((GIB // 2,)), 2 * GIB)},
+        r"bomb\.npz: its arrays inflate to 2147483\d+ bytes, more than 64x the file's \d+ bytes",
+    ),
+}
+
+
+@pytest.mark.parametrize(("name", "members", "error"), ZIP_BOMBS.values(), ids=ZIP_BOMBS)
+def test_zip_members_inflating_to_gigabytes_are_refused_unread(tmp_path, name, members, error):
+    write_deflate_zip(tmp_path / name, members)
+    assert (tmp_path / name).stat().st_size < 3 << 20
+    with pytest.raises(convert.CheckpointFormatError, match=error):
+        convert.load_state_dict(tmp_path / name)
+
+
+def test_empty_head_of_two_million_rows_is_refused_by_the_cli(tmp_path, capsys):
+    # The reviewer's 2 MB file: head.weight of shape (2_000_000, 0) made a 2 GB model.
+    from van_tfx.cli import main
+
+    storage = StorageRecord("0", "ByteStorage", 2_000_000)
+    head = TensorRecord(storage, 0, (2_000_000, 0), (0, 1))
+    save_records_zip({"head.weight": head}, {"0": bytes(2_000_000)}, tmp_path / "head.pth")
+    out = tmp_path / "w.weights.h5"
+    args = ["--variant", "b0", "--checkpoint", str(tmp_path / "head.pth"), "--output", str(out)]
+    assert main(["convert-weights", *args]) == 2
+    assert "'head.weight': checkpoint has (2000000, 0)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_one_storage_copied_into_many_tensors_is_refused(tmp_path):
+    storage = StorageRecord("0", "FloatStorage", 1 << 18)  # 1 MiB, named by 100 keys: 100 MiB
+    tensor = TensorRecord(storage, 0, (1 << 18,), (1,))
+    state = {f"w{i}": tensor for i in range(100)}
+    save_records_zip(state, {"0": storage_bytes(1 << 18)}, tmp_path / "c.pth")
+    with pytest.raises(convert.CheckpointFormatError, match=r"'w4' .*\(more than 4x reuse\)"):
+        convert.load_state_dict(tmp_path / "c.pth")
+    save_records_zip({"a": tensor, "tied": tensor}, {"0": storage_bytes(1 << 18)}, tmp_path / "t")
+    np.testing.assert_array_equal(
+        convert.load_state_dict(tmp_path / "t")["tied"], np.arange(1 << 18)
+    )
+
+
+def _build_reuse(keys: int, builds: int) -> bytes:
+    """One Namespace state of `keys` entries, BUILT into `builds` fresh Namespaces."""
+    state = pickle.EMPTY_DICT + pickle.MARK
+    state += b"".join(_text(f"k{i}") + pickle.NONE for i in range(keys)) + pickle.SETITEMS
+    ops = state + pickle.LONG_BINPUT + _u4(0) + pickle.POP
+    build = NAMESPACE + pickle.EMPTY_TUPLE + pickle.NEWOBJ + pickle.LONG_BINGET + _u4(0)
+    return ops + (build + pickle.BUILD + pickle.POP) * builds + pickle.NONE
+
+
+PICKLE_WORK = {
+    "opcodes": (pickle.NONE + pickle.POP) * (convert.MAX_PICKLE_WORK // 2) + pickle.NONE,
+    "attributes set by BUILD": _build_reuse(2000, convert.MAX_PICKLE_WORK // 2000),
+}
+
+
+@pytest.mark.parametrize("ops", PICKLE_WORK.values(), ids=PICKLE_WORK)
+def test_pickle_work_is_bounded(tmp_path, ops):
+    payload = pickle.PROTO + b"\x02" + ops + pickle.STOP
+    with pytest.raises(convert.CheckpointFormatError, match="more than 2000000 steps"):
+        load_pickle_bytes(payload, tmp_path / "c.pth")
+
+
+NEVER_IN_TORCH_PICKLES = {  # pickle features that only cost work: payload, refusal
+    "extension code": (pickle.EXT1 + b"\x01", "extension codes"),
+    "OrderedDict arguments": (
+        _global("collections", "OrderedDict") + _tuple(pickle.EMPTY_LIST) + pickle.REDUCE,
+        "OrderedDict from arguments",
+    ),
+    "many NEWOBJ arguments": (
+        NAMESPACE + _tuple(*[pickle.NONE] * 9) + pickle.NEWOBJ,
+        "argparse.Namespace with 9 arguments",
+    ),
+    "long global name": (_global("m", "n" * 300), "longer than 256 characters"),
+    "many globals": (
+        b"".join(_global("m", f"g{i}") + pickle.POP for i in range(300)) + pickle.NONE,
+        "more than 256 distinct globals",
+    ),
+    "long storage key": (_storage(key=_text("0" * 200)), "malformed storage record"),
+    "huge storage numel": (
+        _storage(numel=pickle.LONG1 + b"\x09" + b"\xff" * 8 + b"\x00"),
+        "malformed storage record",
+    ),
+    "tuple dict key": (
+        pickle.EMPTY_DICT + _tuple(ONE) + ONE + pickle.SETITEM,
+        r"dict key or set element in checkpoint: \(1,\)",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("ops", "error"), NEVER_IN_TORCH_PICKLES.values(), ids=NEVER_IN_TORCH_PICKLES
+)
+def test_costly_pickle_features_torch_never_writes_are_refused(tmp_path, ops, error):
+    with pytest.raises(convert.CheckpointFormatError, match=error):
+        load_pickle_bytes(pickle.PROTO + b"\x02" + ops + pickle.STOP, tmp_path / "c.pth")
+
+
+# ---- .npz files -------------------------------------------------------------------------------
+
+NPY_DTYPES = ["<f4", ">f4", "<f8", "<f2", "<i8", ">i4", "|u1", "|i1", "|b1", "<u2"]
+
+
+@st.composite
+def npz_contents(draw):
+    """A few arrays of any numeric dtype, shape (rank 0-3, empty dims too) and memory order."""
+    arrays = {}
+    for index in range(draw(st.integers(1, 3))):
+        dtype = np.dtype(draw(st.sampled_from(NPY_DTYPES)))
+        shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+        raw = draw(st.binary(min_size=math.prod(shape) * dtype.itemsize, max_size=64 * 8))
+        array = np.frombuffer(raw[: math.prod(shape) * dtype.itemsize], dtype).reshape(shape)
+        arrays[f"block{index}.w"] = np.asfortranarray(array) if draw(st.booleans()) else array
+    return arrays
+
+
+@FUZZ
+@given(arrays=npz_contents(), compressed=st.booleans())
+def test_npz_arrays_load_exactly_as_numpy_saved_them(tmp_path, arrays, compressed):
+    path = tmp_path / "w.npz"
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    loaded = convert.load_state_dict(path)
+    assert set(loaded) == set(arrays)
+    for key, array in arrays.items():
+        assert loaded[key].dtype == array.dtype and loaded[key].shape == array.shape
+        assert loaded[key].tobytes() == array.tobytes()  # bit-exact, NaN payloads included
+
+
+def _npz_with(path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+BAD_NPZ = {  # members, what the error must say (the file's name is checked separately)
+    "strings": (
+        {"head.bias.npy": _npy_header((2,), "<U1") + b"a\0\0\0b\0\0\0"},
+        r"'head\.bias' has shape \(2,\) and dtype <U1",
+    ),
+    "objects": ({"w.npy": _npy_header((1,), "|O") + bytes(8)}, "'w' has .* dtype object"),
+    "structured": (
+        {"w.npy": _npy_header((1,), [("a", "<f4")]) + bytes(4)},
+        r"'w' has .* dtype \[\('a', '<f4'\)\]",
+    ),
+    "complex": ({"w.npy": _npy_header((1,), "<c8") + bytes(8)}, "'w' has .* dtype complex64"),
+    "negative dims": ({"w.npy": _npy_header((-2, -2)) + bytes(16)}, r"'w' has shape \(-2, -2\)"),
+    "data shorter than its header says": (
+        {"w.npy": _npy_header((1000,)) + bytes(4)},
+        r"'w' declares \(1000,\) x float32 = 4000 bytes of data, its zip member holds 4",
+    ),
+    "not an array": ({"w.npy": b"hello"}, "'w' is unreadable"),
+    "a member that is not .npy": ({"notes.txt": b"hi"}, "'notes.txt' is not a .npy array"),
+}
+
+
+@pytest.mark.parametrize(("members", "error"), BAD_NPZ.values(), ids=BAD_NPZ)
+def test_bad_npz_members_are_refused_naming_file_and_key(tmp_path, members, error):
+    path = _npz_with(tmp_path / "w.npz", members)
+    with pytest.raises(convert.CheckpointFormatError, match=rf"^{re.escape(str(path))}: .*{error}"):
+        convert.load_state_dict(path)
+
+
+NPZ_SEED = io.BytesIO()
+np.savez(NPZ_SEED, a=np.arange(6, dtype="<f4").reshape(2, 3), b=np.zeros((0, 5), ">i8"))
+
+
+@FUZZ
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, len(NPZ_SEED.getvalue())), st.binary(min_size=1, max_size=4)),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_corrupted_npz_files_load_or_are_refused(tmp_path, edits):
+    data = bytearray(NPZ_SEED.getvalue())
+    for position, blob in edits:
+        data[position : position + len(blob)] = blob
+    path = tmp_path / "w.npz"
+    path.write_bytes(bytes(data))
+    try:
+        loaded = convert.load_state_dict(path)
+    except convert.CheckpointFormatError as exc:
+        event("refused")
+        assert str(path) in str(exc)
+        return
+    event("loaded")
+    for array in loaded.values():
+        assert array.dtype.kind in "biuf" and array.nbytes <= 64 * len(data)
