@@ -128,10 +128,10 @@ def test_rest_label_on_status_reports_every_version(server):
 # ------------------------------------------------------------------ REST JSON (json_tensor.cc)
 
 
-
 def pretty(value) -> str:
     """A JSON value as RapidJSON's PrettyWriter writes it (4-space indent, "key": value)."""
     return json.dumps(value, indent=4)
+
 
 @pytest.mark.parametrize(
     ("body", "message"),
