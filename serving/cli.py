@@ -60,6 +60,12 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--monitoring_config_file", default="")
     p.add_argument("--rest_api_timeout_in_ms", type=int, default=30000)
     p.add_argument("--enable_model_warmup", type=_flag_bool, nargs="?", const=True, default=True)
+    p.add_argument("--max_num_load_retries", type=int, default=5)
+    p.add_argument("--load_retry_interval_micros", type=int, default=60_000_000)
+    p.add_argument(
+        "--allow_version_labels_for_unavailable_models", type=_flag_bool, nargs="?", const=True,
+        default=False,
+    )  # fmt: skip
     p.add_argument(
         "--enable_signature_method_name_check", type=_flag_bool, nargs="?", const=True,
         default=False,
@@ -92,6 +98,7 @@ def _serve(args) -> int:
     import signal
     import threading
 
+    from serving.errors import ServingError
     from serving.manager import LoadError
     from serving.protos import ConfigFileError
     from serving.server import ModelServer, ServerOptions
@@ -119,6 +126,9 @@ def _serve(args) -> int:
         monitoring_config_file=args.monitoring_config_file,
         rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
         enable_model_warmup=args.enable_model_warmup,
+        max_num_load_retries=args.max_num_load_retries,
+        load_retry_interval_micros=args.load_retry_interval_micros,
+        allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
         max_message_bytes=args.max_message_bytes,
         max_image_pixels=args.max_image_pixels,
         enable_signature_method_name_check=args.enable_signature_method_name_check,
@@ -130,7 +140,7 @@ def _serve(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
     try:
         server.start()
-    except (ConfigFileError, LoadError, OSError) as exc:
+    except (ConfigFileError, LoadError, OSError, ServingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"Running gRPC ModelServer at {server.grpc_target} ...", flush=True)

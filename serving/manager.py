@@ -11,9 +11,16 @@ import os
 import threading
 import time
 
+import grpc
 from tensorflow_serving.apis import get_model_status_pb2
 
-from serving.errors import ServingError, invalid_argument, not_found, servable_not_found
+from serving.errors import (
+    ServingError,
+    from_tf_error,
+    invalid_argument,
+    not_found,
+    servable_not_found,
+)
 from serving.limits import RequestLimits
 from serving.protos import BatchingSettings
 from serving.servable import SAVED_MODEL_FILE, WARMUP_FILE, Servable
@@ -22,7 +29,6 @@ log = logging.getLogger(__name__)
 State = get_model_status_pb2.ModelVersionStatus.State
 MAX_WARMUP_RECORDS = 1000
 WARMUP_THREADS = 4
-UNKNOWN_ERROR_CODE = 2  # tensorflow.error.Code.UNKNOWN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +42,11 @@ class VersionStatus:
 
 
 class LoadError(RuntimeError):
-    """A version that could not be loaded or warmed up."""
+    """A version that could not be loaded or warmed up, with the status code it reports."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN):
+        super().__init__(message)
+        self.code = code
 
 
 class LoadPriority:
@@ -75,22 +85,57 @@ class LoadPriority:
             yield
 
 
-def list_versions(base_path: str) -> list[int]:
-    """Integer-named version dirs under `base_path` that hold a saved_model.pb, ascending."""
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_C_SPACES = " \t\n\v\f\r"  # what C's isspace() skips
+_ASCII_DIGITS = frozenset("0123456789")
+
+
+def parse_version(name: str) -> int | None:
+    """The version a directory name stands for, read as TF Serving's safe_strto64, or None."""
+    # ParseVersionNumber (file_system_storage_path_source.cc) is safe_strto64: surrounding
+    # whitespace, an optional '-', ASCII digits only, int64 range. str.isdigit()/int() would
+    # take Unicode digits ("²", "٣") and unbounded values that no request can name.
+    text = name.strip(_C_SPACES)
+    digits = text[1:] if text.startswith("-") else text
+    if not digits or not set(digits) <= _ASCII_DIGITS:
+        return None
+    value = int(text)
+    return value if INT64_MIN <= value <= INT64_MAX else None
+
+
+def version_dirs(base_path: str) -> dict[int, str] | None:
+    """{version: child dir name} of the live versions under `base_path`; None if it is missing."""
     import tensorflow as tf
 
     try:
         names = tf.io.gfile.listdir(base_path)
     except tf.errors.NotFoundError:
-        return []
-    versions = []
-    for name in names:
-        name = name.rstrip("/")
-        # TF Serving only counts non-negative integer dir names; a version is live once the
-        # exporter has written saved_model.pb (the Pusher copies it last).
-        if name.isdigit() and tf.io.gfile.exists(os.path.join(base_path, name, SAVED_MODEL_FILE)):
-            versions.append(int(name))
-    return sorted(versions)
+        return None
+    found: dict[int, str] = {}
+    for name in sorted(name.rstrip("/") for name in names):
+        version = parse_version(name)
+        if version is None:
+            continue
+        # A version is live once the exporter has written saved_model.pb (the Pusher copies it
+        # last). One unreadable entry must not hide the others.
+        try:
+            live = tf.io.gfile.exists(os.path.join(base_path, name, SAVED_MODEL_FILE))
+        except Exception as exc:
+            log.warning("skipping %s: %s", os.path.join(base_path, name), exc)
+            continue
+        if live:
+            if version in found:  # IndexChildrenByVersion: the later child wins, with a warning
+                log.warning(
+                    "Duplicate version directories detected. Version %d will be loaded from %s, "
+                    "%s will be ignored.", version, name, found[version],
+                )  # fmt: skip
+            found[version] = name
+    return dict(sorted(found.items()))
+
+
+def list_versions(base_path: str) -> list[int]:
+    """Versions under `base_path` that hold a saved_model.pb, ascending (as TF Serving reads them)."""
+    return list(version_dirs(base_path) or {})
 
 
 def aspired_versions(config, available: list[int]) -> list[int]:
@@ -105,12 +150,23 @@ def aspired_versions(config, available: list[int]) -> list[int]:
     return list(available[-max(count, 1) :])
 
 
+@dataclasses.dataclass
+class _Failure:
+    """Failed load attempts of one version directory (LoaderHarness's retry bookkeeping)."""
+
+    dirname: str
+    attempts: int = 0
+    retry_at: float = 0.0
+    gave_up: bool = False
+
+
 class _Model:
     def __init__(self, config):
         self.config = config
         self.servables: dict[int, Servable] = {}
         self.states: dict[int, VersionStatus] = {}
-        self.failed: set[int] = set()
+        self.failures: dict[int, _Failure] = {}
+        self.listing: dict[int, str] | None = None  # the last version_dirs() of the base path
 
 
 class ModelManager:
@@ -125,8 +181,14 @@ class ModelManager:
         limits: RequestLimits | None = None,
         method_name_check: bool = False,
         tensor_content: bool = False,
+        max_num_load_retries: int = 5,
+        load_retry_interval_seconds: float = 60.0,
+        allow_version_labels_for_unavailable_models: bool = False,
     ):
+        self._allow_unavailable_labels = allow_version_labels_for_unavailable_models
         self._batching = batching
+        self._max_retries = max(max_num_load_retries, 0)
+        self._retry_interval = max(load_retry_interval_seconds, 0.0)  # negative: no wait
         self._limits = limits or RequestLimits()
         self._method_name_check = method_name_check
         self._tensor_content = tensor_content
@@ -194,6 +256,8 @@ class ModelManager:
         """Replace the served model list (HandleReloadConfigRequest); drops models not listed."""
         _check_configs(configs)
         with self._lock:
+            self._check_labels(configs)
+            added = [c.name for c in configs if c.name not in self._models]
             removed = [m for n, m in self._models.items() if n not in {c.name for c in configs}]
             for config in configs:
                 if config.name in self._models:
@@ -206,14 +270,79 @@ class ModelManager:
             self._unload(model, list(model.servables.values()))
         if poll:
             self.poll_once()
+            self._wait_for_new_models(added)
 
-    def poll_once(self) -> None:
-        """Bring every model in line with its base path and policy."""
+    def _check_labels(self, configs: list) -> None:
+        # ServerCore::UpdateModelVersionLabelMap: a label may only name an AVAILABLE version,
+        # unless the flag allows it for a label that is new or keeps its version.
+        for config in configs:
+            model = self._models.get(config.name)
+            old_labels = model.config.version_labels if model is not None else {}
+            for label, version in config.version_labels.items():
+                allowed = (
+                    self._allow_unavailable_labels and old_labels.get(label, version) == version
+                )
+                if not allowed and (model is None or version not in model.servables):
+                    raise ServingError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"Request to assign label to version {version} of model {config.name}, "
+                        "which is not currently available for inference",
+                    )
+
+    def _wait_for_new_models(self, names: list[str]) -> None:
+        """ServerCore::WaitUntilModelsAvailable for a reload: new models load (retries too)."""
+        while True:
+            with self._lock:
+                models = [self._models[n] for n in names if n in self._models]
+                waiting = [m for m in models if not m.servables and self._loading(m)]
+                failed = [m for m in models if not m.servables and not self._loading(m)]
+            if not waiting:
+                break
+            if self._stop.wait(min(max(self._poll_wait, 0.05), 1.0)):
+                return
+            self.poll_once()
+        # A model with no version at all is not waited for (TF Serving would block the RPC
+        # until one appears); one whose versions all failed is an UNKNOWN error, as there.
+        failures = []
+        for model in failed:
+            with self._lock:
+                ended = [s for v, s in model.states.items() if s.error and v in model.failures]
+            if ended:
+                last = max(ended, key=lambda s: s.version)
+                code = _code_name(last.error_code)
+                failures.append(
+                    f"{{{{name: {model.config.name} version: {last.version}}} due to error: "
+                    f"{code}: {last.error}}}, "
+                )
+        if failures:
+            raise ServingError(
+                grpc.StatusCode.UNKNOWN,
+                f"{len(failures)} model(s) did not become available: {{{''.join(failures)}}}",
+            )
+
+    @staticmethod
+    def _loading(model: _Model) -> bool:
+        """True while an aspired version of `model` may still become AVAILABLE."""
+        listing = model.listing or {}
+        aspired = aspired_versions(model.config, list(listing))
+        return any(
+            v not in model.failures
+            or model.failures[v].dirname != listing[v]
+            or not model.failures[v].gave_up
+            for v in aspired
+            if v not in model.servables
+        )
+
+    def poll_once(self, relist: bool = True) -> None:
+        """Sync every model with its base path (relist=False: the last listing) and policy."""
         with self._poll_lock:
             with self._lock:
                 models = list(self._models.values())
             for model in models:
-                self._sync(model)
+                try:
+                    self._sync(model, relist)
+                except Exception:  # one model's file system trouble must not stall the others
+                    log.exception("polling model %s failed", model.config.name)
 
     def wait_until_available(self, timeout: float | None = None) -> None:
         """Poll until every model has its aspired versions AVAILABLE (startup, like TF Serving)."""
@@ -233,11 +362,13 @@ class ModelManager:
             time.sleep(min(max(self._poll_wait, 0.05), 1.0))
 
     def _raise_on_failed_loads(self, names: list[str]) -> None:
-        # Like tensorflow_model_server, refuse to start when a model's only versions are broken.
+        # Like tensorflow_model_server, refuse to start when a model's only versions are broken
+        # (once their load retries are exhausted).
         with self._lock:
             failures = [
                 f"{name} version {s.version}: {s.error}"
                 for name in names
+                if not self._loading(self._models[name])
                 for s in self._models[name].states.values()
                 if s.error
             ]
@@ -246,7 +377,8 @@ class ModelManager:
 
     def start_polling(self) -> None:
         """Poll the file system every file_system_poll_wait_seconds in a background thread."""
-        if self._poll_wait <= 0 or self._thread is not None:
+        # Without file system polling the thread still retries failed loads (LoaderHarness).
+        if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._poll_loop, name="fs-poll", daemon=True)
         self._thread.start()
@@ -265,21 +397,39 @@ class ModelManager:
             self._unload(model, list(model.servables.values()))
 
     def _poll_loop(self) -> None:
-        while not self._stop.wait(self._poll_wait):
+        relist = self._poll_wait > 0
+        interval = self._poll_wait if relist else min(max(self._retry_interval, 0.05), 1.0)
+        while not self._stop.wait(interval):
             try:
-                self.poll_once()
+                self.poll_once(relist)
             except Exception:  # a flaky file system must not kill polling
                 log.exception("file system poll failed")
 
-    def _sync(self, model: _Model) -> None:
+    def _sync(self, model: _Model, relist: bool = True) -> None:
         name = model.config.name
-        aspired = aspired_versions(model.config, list_versions(model.config.base_path))
+        if relist or model.listing is None:
+            listing = version_dirs(model.config.base_path)
+            if listing is None:  # a missing base path changes nothing (the source reports an error)
+                log.warning("base path %s of model %s not found", model.config.base_path, name)
+                return
+            model.listing = listing
+        listing = model.listing
+        # A failed version whose directory went away (or was replaced by another dir naming the
+        # same version) is forgotten: a re-push loads fresh, with its own retries.
+        for version in [v for v, f in model.failures.items() if listing.get(v) != f.dirname]:
+            del model.failures[version]
+        aspired = aspired_versions(model.config, list(listing))
         loaded = {}
+        now = time.monotonic()
         for version in aspired:
-            if version not in model.servables and version not in model.failed:
-                servable = self._load(model, version)
-                if servable is not None:
-                    loaded[version] = servable
+            failure = model.failures.get(version)
+            if version in model.servables or (
+                failure and (failure.gave_up or now < failure.retry_at)
+            ):
+                continue
+            servable = self._load(model, version, listing[version])
+            if servable is not None:
+                loaded[version] = servable
         # Availability-preserving: new versions join before the old ones leave.
         with self._lock:
             if self._models.get(name) is not model:
@@ -288,15 +438,17 @@ class ModelManager:
                 model.servables.update(loaded)
                 stale = []
                 # Keep the old versions until an aspired one is AVAILABLE: a broken push (failed
-                # load or warmup) must not leave the model with nothing to serve.
-                if any(v in model.servables for v in aspired):
+                # load or warmup) must not leave the model with nothing to serve. With nothing
+                # aspired (every version dir deleted), everything unloads, as in TF Serving.
+                if not aspired or any(v in model.servables for v in aspired):
                     stale = [s for v, s in model.servables.items() if v not in aspired]
                     model.servables = {v: s for v, s in model.servables.items() if v in aspired}
         self._unload(model, stale)
 
-    def _load(self, model: _Model, version: int) -> Servable | None:
+    def _load(self, model: _Model, version: int, dirname: str) -> Servable | None:
         name = model.config.name
-        path = os.path.join(model.config.base_path, str(version))
+        # TF Serving loads from the child dir as listed (AspireVersion), so "007" is read there.
+        path = os.path.join(model.config.base_path, dirname)
         self._set_state(model, VersionStatus(version, State.LOADING))
         start = time.monotonic()
         try:
@@ -310,10 +462,9 @@ class ModelManager:
                     servable.warmup_records = run_warmup(servable)
             servable.priority = self.priority  # live from here on: it yields to later loads
         except Exception as exc:  # a broken version is reported, never served
-            log.error("failed to load %s version %d: %s", name, version, exc)
-            model.failed.add(version)
-            self._set_state(model, VersionStatus(version, State.END, str(exc), UNKNOWN_ERROR_CODE))
+            self._failed(model, version, dirname, exc)
             return None
+        model.failures.pop(version, None)
         self._set_state(model, VersionStatus(version, State.AVAILABLE))
         log.info(
             "serving %s version %d from %s (restored in %.1f s, %d warmup records in %.1f s)",
@@ -321,6 +472,26 @@ class ModelManager:
             time.monotonic() - restored,
         )  # fmt: skip
         return servable
+
+    def _failed(self, model: _Model, version: int, dirname: str, exc: Exception) -> None:
+        # LoaderHarness: retry up to max_num_load_retries times, load_retry_interval apart (a
+        # poll can catch a push mid-copy); meanwhile the version stays LOADING, as there.
+        failure = model.failures.setdefault(version, _Failure(dirname))
+        failure.attempts += 1
+        name = model.config.name
+        if failure.attempts <= self._max_retries:
+            failure.retry_at = time.monotonic() + self._retry_interval
+            log.error(
+                "failed to load %s version %d (retry %d of %d in %g s): %s",
+                name, version, failure.attempts, self._max_retries, self._retry_interval, exc,
+            )  # fmt: skip
+            return
+        failure.gave_up = True
+        log.error("failed to load %s version %d: %s", name, version, exc)
+        error = load_error(exc)
+        self._set_state(
+            model, VersionStatus(version, State.END, error.message, error.code.value[0])
+        )
 
     def _unload(self, model: _Model, servables: list[Servable]) -> None:
         for servable in servables:
@@ -331,6 +502,31 @@ class ModelManager:
     def _set_state(self, model: _Model, status: VersionStatus) -> None:
         with self._lock:
             model.states[status.version] = status
+
+
+def load_error(exc: Exception) -> ServingError:
+    """The status a failed load reports (TF Serving reports the loader's own status)."""
+    if isinstance(exc, ServingError):
+        return exc
+    if isinstance(exc, LoadError):
+        return ServingError(exc.code, str(exc))
+    if isinstance(exc, OSError):
+        # tf.saved_model.load raises OSError where TF Serving's C++ reader returns DATA_LOSS
+        # ("Can't parse ... as binary proto") or NOT_FOUND (no saved_model.pb).
+        text = str(exc)
+        if text.startswith("Cannot parse file"):
+            return ServingError(grpc.StatusCode.DATA_LOSS, text)
+        if "does not exist" in text:
+            return ServingError(grpc.StatusCode.NOT_FOUND, text)
+    error = from_tf_error(exc)
+    if error.code == grpc.StatusCode.INTERNAL:  # not a TensorFlow status: no code to report
+        return ServingError(grpc.StatusCode.UNKNOWN, str(exc))
+    return error
+
+
+def _code_name(code: int) -> str:
+    """absl::StatusCodeToString of a canonical code number."""
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
 
 
 def _check_configs(configs: list) -> None:
@@ -352,7 +548,12 @@ def _check_configs(configs: list) -> None:
     for config in configs:
         if not config.name or not config.base_path:
             raise invalid_argument("every model config needs a name and a base_path")
-        if config.model_platform not in ("", "tensorflow"):
+        if not config.model_platform:  # server_core.cc GetPlatform
+            raise invalid_argument(
+                "Illegal setting neither ModelServerConfig::model_type (deprecated) nor "
+                f"ModelServerConfig::model_platform, model name is {config.name}"
+            )
+        if config.model_platform != "tensorflow":
             raise invalid_argument(
                 f"model {config.name}: unsupported platform {config.model_platform}"
             )
@@ -373,18 +574,23 @@ def run_warmup(servable: Servable) -> int:
     records = []
     for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
         if len(records) == MAX_WARMUP_RECORDS:
-            raise LoadError(f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS})")
+            raise LoadError(
+                f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS})",
+                grpc.StatusCode.INVALID_ARGUMENT,
+            )
         records.append(prediction_log_pb2.PredictionLog.FromString(record))
     with concurrent.futures.ThreadPoolExecutor(WARMUP_THREADS, "warmup") as pool:
         outcomes = list(pool.map(lambda entry: _replay(servable, entry), records))
     for number, problem in enumerate(outcomes, start=1):
-        if problem:
-            raise LoadError(f"warmup record {number} of {path} failed: {problem}")
+        if problem:  # the failing request's own code, as saved_model_warmup.cc returns it
+            raise LoadError(
+                f"warmup record {number} of {path} failed: {problem.message}", problem.code
+            )
     return len(records)
 
 
-def _replay(servable: Servable, entry) -> str | None:
-    """Run one warmup PredictionLog; the failure message, or None."""
+def _replay(servable: Servable, entry) -> ServingError | None:
+    """Run one warmup PredictionLog; the failure, or None."""
     from serving import handlers
 
     kind = entry.WhichOneof("log_type")
@@ -396,7 +602,9 @@ def _replay(servable: Servable, entry) -> str | None:
         elif kind == "regress_log":
             handlers.regress_on(servable, entry.regress_log.request)
         else:
-            return f"Unsupported log_type for warmup: {kind}"
+            return ServingError(
+                grpc.StatusCode.UNIMPLEMENTED, f"Unsupported log_type for warmup: {kind}"
+            )
     except ServingError as exc:
-        return exc.message
+        return exc
     return None

@@ -52,6 +52,9 @@ class ServerOptions:
     monitoring_config_file: str = ""
     rest_api_timeout_in_ms: int = 30000
     enable_model_warmup: bool = True
+    max_num_load_retries: int = 5  # retries after a failed load (LoaderHarness)
+    load_retry_interval_micros: int = 60_000_000  # between them; negative: no wait
+    allow_version_labels_for_unavailable_models: bool = False
     # Ours: gRPC receive/send, REST body, and what a request's tensors may decode to. TF Serving
     # accepts gRPC messages up to 2 GiB - 1 (server.cc SetMaxMessageSize(kint32max)).
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -145,6 +148,11 @@ class ModelServer:
             limits=RequestLimits(options.max_message_bytes, options.max_image_pixels),
             method_name_check=options.enable_signature_method_name_check,
             tensor_content=options.enable_serialization_as_tensor_content,
+            max_num_load_retries=options.max_num_load_retries,
+            load_retry_interval_seconds=options.load_retry_interval_micros / 1e6,
+            allow_version_labels_for_unavailable_models=(
+                options.allow_version_labels_for_unavailable_models
+            ),
         )
         try:
             self.manager.wait_until_available(options.startup_timeout_seconds)
@@ -200,8 +208,9 @@ class ModelServer:
             raise FileNotFoundError(f"{saved_model_dir} holds no saved_model.pb")
         base = tempfile.mkdtemp(prefix=f"van-tfx-serve-{model_name}-")
         os.symlink(os.path.abspath(saved_model_dir), os.path.join(base, "1"))
+        # A finished export, not a push in progress: retrying a failed load cannot help.
         defaults = dict(model_name=model_name, model_base_path=base, port=0, rest_api_port=ANY_PORT,
-                        file_system_poll_wait_seconds=0)  # fmt: skip
+                        file_system_poll_wait_seconds=0, max_num_load_retries=0)  # fmt: skip
         server = cls(ServerOptions(**{**defaults, **options}))
         server._private_base = base
         return server

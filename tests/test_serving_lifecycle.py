@@ -100,7 +100,10 @@ def test_config_file_policies_labels_and_reload(tmp_path, exported):
             [("van", str(tmp_path / "van"))], num_versions=2, labels={"stable": 2, "canary": 3}
         )
     )
-    with serve("", model_config_file=str(config), file_system_poll_wait_seconds=0) as server:
+    options = dict(model_config_file=str(config), file_system_poll_wait_seconds=0)
+    # Labels at startup name versions not loaded yet: TF Serving needs this flag for that.
+    options["allow_version_labels_for_unavailable_models"] = True
+    with serve("", **options) as server:
         channel = grpc.insecure_channel(server.grpc_target)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         assert predict(stub, label="stable").model_spec.version.value == 2
@@ -128,12 +131,13 @@ def test_config_file_policies_labels_and_reload(tmp_path, exported):
 
 def test_warmup_requests_are_replayed_and_a_bad_warmup_fails_the_version(tmp_path, exported):
     add_version(tmp_path, exported, 1, warmup=[IMAGE, IMAGE, IMAGE])
-    with serve(tmp_path, file_system_poll_wait_seconds=0.1) as server:
+    with serve(tmp_path, file_system_poll_wait_seconds=0.1, max_num_load_retries=0) as server:
         assert server.manager.resolve("van").warmup_records == 3
         add_version(tmp_path, exported, 2, warmup=[b"not an image"])
         wait_for(lambda: server.manager.status("van", 2)[0].state == 50)  # END
         failure = server.manager.status("van", 2)[0]
         assert "warmup record 1" in failure.error
+        assert failure.error_code == 3  # the failing request's INVALID_ARGUMENT, not UNKNOWN
         assert server.manager.resolve("van").version == 1  # the old version keeps serving
 
 
@@ -184,6 +188,7 @@ def test_edited_config_file_is_applied_when_polled(tmp_path, exported):
     config = tmp_path / "models.config"
     config.write_text(render_model_config([("van", str(tmp_path / "van"))], 2, {"stable": 1}))
     options = dict(model_config_file=str(config), model_config_file_poll_wait_seconds=0.1)
+    options["allow_version_labels_for_unavailable_models"] = True  # labels at startup
     with serve("", **options) as server:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(
             grpc.insecure_channel(server.grpc_target)
@@ -207,4 +212,4 @@ def test_for_saved_model_serves_a_bare_saved_model_dir_on_free_ports(exported):
 def test_startup_fails_clearly_when_the_only_version_is_broken(tmp_path, exported):
     add_version(tmp_path, exported, 1, warmup=[b"not an image"])
     with pytest.raises(LoadError, match="van version 1: warmup record 1"):
-        serve(tmp_path).start()
+        serve(tmp_path, max_num_load_retries=0).start()
