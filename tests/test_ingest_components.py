@@ -153,10 +153,8 @@ def test_unresolved_patterns_are_recognised():
     assert not has_unresolved_specs(plain)
 
 
-def test_executor_resolves_the_newest_span_and_records_what_the_driver_would(tmp_path):
-    data = tmp_path / "data"
-    write_span(data, 1)
-    write_span(data, 2)
+def ingest_span(tmp_path: Path, data: Path) -> Examples:
+    """Run the executor as the pipeline configures it, with no driver before it."""
     examples = Examples()
     examples.uri = str(tmp_path / "ImportExampleGen" / "examples")
     exec_properties = {
@@ -167,6 +165,14 @@ def test_executor_resolves_the_newest_span_and_records_what_the_driver_would(tmp
         "output_file_format": 5,  # FORMAT_TFRECORDS_GZIP
     }
     SpanResolvingImportExecutor().Do({}, {"examples": [examples]}, exec_properties)
+    return examples
+
+
+def test_executor_resolves_the_newest_span_and_records_what_the_driver_would(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    write_span(data, 2)
+    examples = ingest_span(tmp_path, data)
     # The same calculation TFX's driver makes before the executor on LocalDagRunner / Vertex.
     fingerprint, span, version = example_gen_utils.calculate_splits_fingerprint_span_and_version(
         str(data), ingest.input_config(DataConfig()).splits
@@ -184,19 +190,6 @@ def test_executor_resolves_the_newest_span_and_records_what_the_driver_would(tmp
     assert tf.train.Example.FromString(ingested[0].numpy()).features.feature[
         "x"
     ].int64_list.value == [2]
-
-
-def ingest_span(tmp_path: Path, data: Path) -> None:
-    examples = Examples()
-    examples.uri = str(tmp_path / "ImportExampleGen" / "examples")
-    exec_properties = {
-        "input_base": str(data),
-        "input_config": input_config_json(),
-        "output_config": "{}",
-        "output_data_format": 6,  # FORMAT_TF_EXAMPLE
-        "output_file_format": 5,  # FORMAT_TFRECORDS_GZIP
-    }
-    SpanResolvingImportExecutor().Do({}, {"examples": [examples]}, exec_properties)
 
 
 def write_records(path: Path, count: int, options=None) -> None:

@@ -3,11 +3,11 @@
 import os
 import shutil
 import threading
-import time
 
 import grpc
 import pytest
 import tensorflow as tf
+from model_dirs import push, wait_for
 from tensorflow_serving.apis import (
     model_management_pb2,
     model_service_pb2_grpc,
@@ -16,7 +16,6 @@ from tensorflow_serving.apis import (
 )
 
 from serving import testing
-from serving.errors import ServingError
 from serving.manager import LoadError
 from serving.protos import render_model_config
 from serving.server import ModelServer, ServerOptions
@@ -31,16 +30,6 @@ def exported(tmp_path_factory):
     return testing.export(testing.build_tiny_model(), str(root), 1)
 
 
-def add_version(base, exported, version, warmup=None):
-    staging = os.path.join(base, f"staging-{version}")  # complete before it becomes visible
-    shutil.copytree(exported, staging)
-    if warmup is not None:
-        testing.write_warmup(staging, warmup)
-    target = os.path.join(base, str(version))
-    os.rename(staging, target)
-    return target
-
-
 def predict(stub, name="van", version=None, label=None):
     request = predict_pb2.PredictRequest()
     request.model_spec.name = name
@@ -53,18 +42,6 @@ def predict(stub, name="van", version=None, label=None):
     return stub.Predict(request, timeout=30)
 
 
-def wait_for(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except ServingError:
-            pass  # not there yet
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def serve(base, **kwargs):
     options = dict(model_name="van", model_base_path=str(base), port=0, rest_api_port=0)
     options.update(kwargs)
@@ -72,8 +49,8 @@ def serve(base, **kwargs):
 
 
 def test_only_integer_dirs_with_saved_model_count_and_latest_wins(tmp_path, exported):
-    add_version(tmp_path, exported, 1)
-    add_version(tmp_path, exported, 3)
+    push(tmp_path, exported, 1)
+    push(tmp_path, exported, 3)
     shutil.copytree(exported, tmp_path / "temp-4")  # not an integer name: ignored
     os.makedirs(tmp_path / "5")  # no saved_model.pb yet: not live
     with serve(tmp_path, file_system_poll_wait_seconds=0.1) as server:
@@ -92,8 +69,8 @@ def test_only_integer_dirs_with_saved_model_count_and_latest_wins(tmp_path, expo
 
 def test_config_file_policies_labels_and_reload(tmp_path, exported):
     for version in (1, 2, 3):
-        add_version(tmp_path / "van", exported, version)
-    add_version(tmp_path / "other", exported, 7)
+        push(tmp_path / "van", exported, version)
+    push(tmp_path / "other", exported, 7)
     config = tmp_path / "models.config"
     config.write_text(
         render_model_config(
@@ -130,10 +107,10 @@ def test_config_file_policies_labels_and_reload(tmp_path, exported):
 
 
 def test_warmup_requests_are_replayed_and_a_bad_warmup_fails_the_version(tmp_path, exported):
-    add_version(tmp_path, exported, 1, warmup=[IMAGE, IMAGE, IMAGE])
+    push(tmp_path, exported, 1, warmup=[IMAGE, IMAGE, IMAGE])
     with serve(tmp_path, file_system_poll_wait_seconds=0.1, max_num_load_retries=0) as server:
         assert server.manager.resolve("van").warmup_records == 3
-        add_version(tmp_path, exported, 2, warmup=[b"not an image"])
+        push(tmp_path, exported, 2, warmup=[b"not an image"])
         wait_for(lambda: server.manager.status("van", 2)[0].state == 50)  # END
         failure = server.manager.status("van", 2)[0]
         assert "warmup record 1" in failure.error
@@ -149,7 +126,7 @@ def test_ports_stay_closed_until_a_version_is_available(tmp_path):
 
 
 def test_hot_swap_under_load_has_zero_failed_requests(tmp_path, exported):
-    add_version(tmp_path, exported, 1)
+    push(tmp_path, exported, 1)
     with serve(tmp_path, file_system_poll_wait_seconds=0.05) as server:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(
             grpc.insecure_channel(server.grpc_target)
@@ -169,7 +146,7 @@ def test_hot_swap_under_load_has_zero_failed_requests(tmp_path, exported):
             thread.start()
         try:
             wait_for(lambda: len(versions) > 20)
-            add_version(tmp_path, exported, 2)
+            push(tmp_path, exported, 2)
             wait_for(lambda: versions[-1] == 2 and server.manager.status("van", 1)[0].state == 50)
             n = len(versions)
             wait_for(lambda: len(versions) > n + 20)
@@ -184,7 +161,7 @@ def test_hot_swap_under_load_has_zero_failed_requests(tmp_path, exported):
 
 def test_edited_config_file_is_applied_when_polled(tmp_path, exported):
     for version in (1, 2):
-        add_version(tmp_path / "van", exported, version)
+        push(tmp_path / "van", exported, version)
     config = tmp_path / "models.config"
     config.write_text(render_model_config([("van", str(tmp_path / "van"))], 2, {"stable": 1}))
     options = dict(model_config_file=str(config), model_config_file_poll_wait_seconds=0.1)
@@ -210,6 +187,6 @@ def test_for_saved_model_serves_a_bare_saved_model_dir_on_free_ports(exported):
 
 
 def test_startup_fails_clearly_when_the_only_version_is_broken(tmp_path, exported):
-    add_version(tmp_path, exported, 1, warmup=[b"not an image"])
+    push(tmp_path, exported, 1, warmup=[b"not an image"])
     with pytest.raises(LoadError, match="van version 1: warmup record 1"):
         serve(tmp_path, max_num_load_retries=0).start()

@@ -3,10 +3,10 @@ LoaderHarness retries, unloading when no version is left, and reload/status erro
 
 import os
 import shutil
-import time
 
 import grpc
 import pytest
+from model_dirs import push, wait_for
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_management_pb2,
@@ -30,15 +30,6 @@ def exported(tmp_path_factory):
     return testing.export(testing.build_tiny_model(), str(root), 1)
 
 
-def push(base, exported, name, warmup=None):
-    """Copy a version in under the child name `name`, complete before it becomes visible."""
-    staging = os.path.join(base, f"staging-{name}")
-    shutil.copytree(exported, staging)
-    if warmup is not None:
-        testing.write_warmup(staging, warmup)
-    os.rename(staging, os.path.join(base, name))
-
-
 def push_half(base, exported, name):
     """A push caught mid-copy: every file there, but saved_model.pb only half written."""
     target = os.path.join(base, name)
@@ -59,18 +50,6 @@ def manager(*configs, **kwargs):
     options = dict(poll_wait_seconds=0.05, enable_warmup=True)
     options.update(kwargs)
     return ModelManager(list(configs), **options)
-
-
-def wait_for(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except ServingError:
-            pass  # not there yet
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.mark.parametrize(
