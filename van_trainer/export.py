@@ -176,9 +176,7 @@ def declared_pixels(encoded: tf.Tensor) -> tf.Tensor:
     """Width x height each JPEG/PNG header declares (int64, 0 for anything else), undecoded."""
     # The header reader Transform uses: string ops that never raise, whatever the bytes (libjpeg's
     # extract_jpeg_shape fails on a damaged header with an error that names no input).
-    headers = preprocessing.image_headers(tf.reshape(encoded, [-1]))
-    pixels = tf.cast(headers["height"], tf.int64) * tf.cast(headers["width"], tf.int64)
-    return tf.where(headers["readable"], pixels, tf.zeros_like(pixels))
+    return preprocessing.declared_pixels(preprocessing.image_headers(tf.reshape(encoded, [-1])))
 
 
 def within_pixel_budget(encoded, max_pixels: int, name: str):

@@ -248,22 +248,34 @@ def image_decodes(encoded: tf.Tensor, allowed: tf.Tensor | None = None) -> tf.Te
     return hits > 0
 
 
+# Assert computes its data even when the check passes, and an empty batch has no element 0: each
+# lookup below reads from the batch with one sentinel appended.
+def _first_false(good: tf.Tensor) -> tf.Tensor:
+    """Index of the first False in `good` (its length if none)."""
+    return tf.argmin(tf.concat([tf.cast(good, tf.int32), [0]], 0), output_type=tf.int32)
+
+
+def _value_at(values: tf.Tensor, index: tf.Tensor, sentinel) -> tf.Tensor:
+    """values[index] of a batch column, `sentinel` for the index one past its end."""
+    return tf.gather(tf.concat([tf.reshape(values, [-1]), [sentinel]], 0), index)
+
+
 def check_pixel_budget(
     headers: dict[str, tf.Tensor], filenames: tf.Tensor, max_pixels: int
 ) -> tf.Operation:
     """An assertion that fails naming the first record whose image declares more than
     `max_pixels` pixels (data.max_image_pixels), before anything decodes it."""
-    pixels = declared_pixels(headers)
-    first = tf.argmax(tf.concat([pixels, [0]], 0), output_type=tf.int32)  # sentinel: empty batch
+    within = declared_pixels(headers) <= max_pixels
+    first = _first_false(within)
     return tf.debugging.Assert(
-        tf.reduce_all(pixels <= max_pixels),
+        tf.reduce_all(within),
         [
             "image/encoded of record image/filename =",
-            tf.gather(tf.concat([tf.reshape(filenames, [-1]), [""]], 0), first),
+            _value_at(filenames, first, ""),
             "declares",
-            tf.gather(tf.concat([headers["width"], [0]], 0), first),
+            _value_at(headers["width"], first, 0),
             "x",
-            tf.gather(tf.concat([headers["height"], [0]], 0), first),
+            _value_at(headers["height"], first, 0),
             f"pixels, more than data.max_image_pixels = {max_pixels}; refused before decoding.",
         ],
         name="image_within_pixel_budget",
@@ -276,13 +288,12 @@ def check_images(
     """An assertion that fails naming the first record whose image/encoded is not a whole JPEG
     or PNG, or does not decode (`decodes`, from image_decodes)."""
     good = image_is_complete(encoded, headers) & decodes
-    # A sentinel at the end: argmin of an empty batch fails, and Assert computes its data anyway.
-    first_bad = tf.argmin(tf.concat([tf.cast(good, tf.int32), [0]], 0), output_type=tf.int32)
+    first_bad = _first_false(good)
     return tf.debugging.Assert(
         tf.reduce_all(good),
         [
             "image/encoded of record image/filename =",
-            tf.gather(tf.concat([tf.reshape(filenames, [-1]), [""]], 0), first_bad),
+            _value_at(filenames, first_bad, ""),
             "is not a complete, decodable JPEG or PNG image (unknown format, truncated or "
             "corrupt).",
         ],
@@ -391,20 +402,16 @@ def check_labels(
     """An assertion, once the vocabulary exists, that every class id is image/class/label - 1;
     it names the first record where it is not, with its label and synset."""
     good = tf.equal(ids, labels - 1)
-    first = tf.argmin(tf.concat([tf.cast(good, tf.int32), [0]], 0), output_type=tf.int32)
-
-    def at_first(values, empty):
-        return tf.gather(tf.concat([tf.reshape(values, [-1]), [empty]], 0), first)
-
+    first = _first_false(good)
     return tf.debugging.Assert(
         tf.logical_not(analyzed) | tf.reduce_all(good),
         [
             "record image/filename =",
-            at_first(filenames, ""),
+            _value_at(filenames, first, ""),
             "has image/class/label",
-            at_first(labels, tf.constant(0, tf.int64)),
+            _value_at(labels, first, tf.constant(0, tf.int64)),
             "and image/class/synset",
-            at_first(synsets, ""),
+            _value_at(synsets, first, ""),
             "which disagree: label - 1 must be the position of the synset in the sorted list "
             "(labels 1..N in synset order; a class absent from the analyzed split also causes "
             "this).",
