@@ -9,6 +9,7 @@ rules are serving/rest_json.py's.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -124,12 +125,16 @@ class RestApp:
             future.cancel()
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded") from None
 
+    @contextlib.contextmanager
     def _parsing(self, deadline: float):
-        """The body-parsing slot, waited for until `deadline` at most."""
+        """Hold a body-parsing slot, waited for until `deadline` at most."""
         rest_json.check_deadline(deadline)
         if not self._parse_slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline exceeded")
-        return _Release(self._parse_slots)
+        try:
+            yield
+        finally:
+            self._parse_slots.release()
 
     def _status(self, spec) -> str:
         request = get_model_status_pb2.GetModelStatusRequest()
@@ -205,19 +210,6 @@ class RestApp:
                 f"No signature was found with the name: {rest_json.display(key)}"
             )
         return run(servable, key, examples, _time_left(deadline))
-
-
-class _Release:
-    """Releases a semaphore when its `with` block ends."""
-
-    def __init__(self, semaphore):
-        self.semaphore = semaphore
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.semaphore.release()
 
 
 def _time_left(deadline: float) -> float:
