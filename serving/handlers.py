@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 from google.protobuf import text_format
 from tensorflow_serving.apis import (
@@ -15,7 +13,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving.errors import invalid_argument, missing_model_spec
-from serving.servable import DEFAULT_SIGNATURE, LIGHT_BYTES, Servable
+from serving.servable import DEFAULT_SIGNATURE, LIGHT_BYTES, Servable, off_the_loop_unless
 from serving.tensors import STRING_ELEMENT_OVERHEAD, to_tensor_proto
 
 CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
@@ -288,12 +286,9 @@ def _regress_response(servable: Servable, key: str, values: list[float]):
 
 
 async def _examples_async(servable: Servable, input_proto, executor) -> list[bytes]:
+    light = input_proto.ByteSize() <= LIGHT_BYTES
     limit = servable.limits.max_tensor_bytes
-    if input_proto.ByteSize() <= LIGHT_BYTES:
-        return examples_of(input_proto, limit)
-    # Serializing thousands of examples would hold the event loop (and every other RPC) up.
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor, examples_of, input_proto, limit)
+    return await off_the_loop_unless(light, executor, examples_of, input_proto, limit)
 
 
 def examples_of(input_proto, limit: int | None = None) -> list[bytes]:

@@ -126,11 +126,9 @@ class Servable:
         No timeout: cancelling the awaiting task (grpc.aio does at the deadline) abandons the call.
         """
         loop = asyncio.get_running_loop()
-        if is_light(inputs):
-            key, feed, wanted = self._prepare(key, inputs, output_filter)
-        else:  # decoding and checking a large request would hold the loop (and every RPC) up
-            prepared = loop.run_in_executor(executor, self._prepare, key, inputs, output_filter)
-            key, feed, wanted = await prepared
+        key, feed, wanted = await off_the_loop_unless(
+            is_light(inputs), executor, self._prepare, key, inputs, output_filter
+        )
         if self._batching is not None and not self._unloaded:
             return _filtered(await self._batcher(key).submit_async(feed), wanted)
         cancel = _cancellation_manager()
@@ -217,6 +215,14 @@ class Servable:
 # checking a few images; anything larger may take milliseconds to seconds and goes to a thread.
 LIGHT_BYTES = 64 * 1024
 LIGHT_ELEMENTS = 1024
+
+
+async def off_the_loop_unless(light: bool, executor, fn, *args):
+    """fn(*args) on the event loop when `light`, else in `executor`."""
+    if light:
+        return fn(*args)
+    # Decoding and checking a large request would hold the loop (and every other RPC) up.
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 def is_light(inputs: dict) -> bool:
