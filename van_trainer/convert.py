@@ -27,6 +27,7 @@ import io
 import lzma
 import math
 import pickle
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -628,13 +629,23 @@ def _read_npy(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> np
         raise CheckpointFormatError(f"{where} is unreadable ({_exc_text(exc)})") from None
 
 
+# NumPy parses the header dict with ast.literal_eval, and a 1.0/2.0 header that fails that
+# again after its tokenize-based filter: every one of these comes from a damaged header.
+_NPY_HEADER_ERRORS = (ValueError, TypeError, SyntaxError, tokenize.TokenError, RecursionError)
+
+
 def _read_npy_member(member, size: int, where: str) -> np.ndarray:
     """One .npy array, read only once its header proves the data is `size` bytes in all."""
     version = np.lib.format.read_magic(member)
     if version not in ((1, 0), (2, 0)):  # 3.0 only adds UTF-8 field names: no weights have any
         raise CheckpointFormatError(f"{where} has unsupported .npy format version {version}")
     read_header = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
-    shape, fortran_order, dtype = read_header(member)  # NumPy caps a header at 10,000 bytes
+    try:
+        shape, fortran_order, dtype = read_header(member)  # NumPy caps a header at 10,000 bytes
+    except _NPY_HEADER_ERRORS as exc:
+        raise CheckpointFormatError(
+            f"{where} has a malformed .npy header ({_exc_text(exc)})"
+        ) from None
     if not _is_dims(shape) or dtype.kind not in "biuf" or dtype.fields or dtype.subdtype:
         raise CheckpointFormatError(
             f"{where} has shape {_brief(shape)} and dtype {_clip(str(dtype))}: only numeric "
