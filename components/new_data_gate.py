@@ -13,18 +13,29 @@ so an idle night would retrain and usually push again, night after night. The de
 `new_data` (1/0), a readable `reason`, the span and fingerprint it saw, and `served_version`, the
 version the ServedModel baseline then copies (so the comparison and the baseline refer to one model).
 
+A candidate the Evaluator rejects is never pushed, so the served record alone would send every later
+run back to the same span: at ImageNet-1k, days of training each night for the same verdict.
+RecordRejection (after the Evaluator) therefore writes `<serving_base_path>/.van_tfx_rejected/
+span-<N>-<key>.json`, keyed by span, input fingerprint and the training recipe's fingerprint (the
+Trainer's custom_config, thresholds included), and the gate skips what was already rejected. New
+data, a changed recipe or `retrain_on_same_data` trains again. TF Serving (and `serving/`) skip the
+directory: its name is not a version number.
+
 The gate reads state outside its inputs (the data root and the serving directory), so it must never
 be served from a cache: the local runner and the Kubeflow compiler both switch caching off for it.
 """
 
+import datetime
+import hashlib
 import json
 import os
 import sys
 
 import tensorflow as tf
-from tfx.dsl.component.experimental.annotations import OutputArtifact, Parameter
+from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component
 from tfx.types.experimental.simple_artifacts import File
+from tfx.types.standard_artifacts import ModelBlessing
 
 from serving.manager import list_versions
 from van_tfx import storage
@@ -39,9 +50,13 @@ REASON_KEY = "reason"
 SPAN_KEY = "span"
 FINGERPRINT_KEY = "input_fingerprint"  # the name ImportExampleGen's driver uses
 SERVED_VERSION_KEY = "served_version"  # "" when nothing is served
+RECIPE_KEY = "recipe_fingerprint"  # sha256 of the Trainer's custom_config
 DECISION_FILE = "decision.json"
 TRAINING_DATA_FILE = "van_training_data.json"  # next to TF Serving's warmup file
 _ASSETS_EXTRA = "assets.extra"
+# Inside the serving base path, so the gate's whole state lives in one place; not a version name.
+REJECTIONS_DIR = ".van_tfx_rejected"
+_BLESSED_KEY = "blessed"  # the Evaluator's verdict on its ModelBlessing, as Pusher reads it
 
 
 class TrainingDataRecordError(ValueError):
@@ -117,36 +132,100 @@ def read_training_data(model_dir: str) -> dict | None:
     return record
 
 
-def decide(current: dict, serving_base_path: str, force: bool = False) -> tuple[bool, str, str]:
-    """(train?, why, served version or "") for data `current` against the newest served model."""
+def recipe_fingerprint(custom_config: dict) -> str:
+    """sha256 of the Trainer's custom_config: what, besides the data, decides a candidate."""
+    text = json.dumps(custom_config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def rejection_path(serving_base_path: str, current: dict) -> str:
+    """Where the rejection of a candidate trained on `current` (span, fingerprints) is recorded."""
+    identity = [current["span"], current["input_fingerprint"], current.get(RECIPE_KEY, "")]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
+    return os.path.join(serving_base_path, REJECTIONS_DIR, f"span-{current['span']}-{key}.json")
+
+
+def write_rejection(serving_base_path: str, current: dict, blessing_uri: str) -> str:
+    """Record that a candidate trained on `current` was not blessed; returns the record's path."""
+    path = rejection_path(serving_base_path, current)
+    record = {
+        "span": current["span"],
+        "input_fingerprint": current["input_fingerprint"],
+        RECIPE_KEY: current.get(RECIPE_KEY, ""),
+        "model_blessing": blessing_uri,
+        "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    storage.write_text(path, json.dumps(record, indent=2))
+    return path
+
+
+def read_rejection(serving_base_path: str, current: dict) -> dict | None:
+    """The rejection record of a candidate trained on `current`, or None when there is none."""
+    path = rejection_path(serving_base_path, current)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as handle:
+        text = handle.read()
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TrainingDataRecordError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise TrainingDataRecordError(f"{path} must hold a JSON object, got {text[:200]!r}")
+    return {**record, "path": path}
+
+
+def compare_with_served(current: dict, serving_base_path: str, version: str | None):
+    """(train?, why): the data `current` against the record of served version `version`."""
     span = current["span"]
-    version = newest_served_version(serving_base_path)
-    if force:
-        return True, f"retraining forced (retrain_on_same_data) on span {span}", version or ""
     if version is None:
-        return True, f"no model is served from {serving_base_path} yet: train on span {span}", ""
+        return True, f"no model is served from {serving_base_path} yet: train on span {span}"
     record = read_training_data(os.path.join(serving_base_path, version))
     if record is None:
         why = (
             f"served version {version} has no {_ASSETS_EXTRA}/{TRAINING_DATA_FILE}, so what it "
             f"was trained on is unknown: train on span {span}"
         )
-        return True, why, version
+        return True, why
     if record["span"] != span:
         newer = "new data" if span > record["span"] else "other data"
-        why = f"{newer}: span {span}; served version {version} was trained on span {record['span']}"
-        return True, why, version
+        return (
+            True,
+            f"{newer}: span {span}; served version {version} was trained on span {record['span']}",
+        )
     if record["input_fingerprint"] != current["input_fingerprint"]:
         why = (
             f"span {span} changed (different files, sizes or mtimes) since served version "
             f"{version} was trained on it"
         )
-        return True, why, version
+        return True, why
     why = (
         f"span {span} with the same input fingerprint is what served version {version} was "
         "trained on"
     )
-    return False, why, version
+    return False, why
+
+
+def decide(current: dict, serving_base_path: str, force: bool = False) -> tuple[bool, str, str]:
+    """(train?, why, served version or "") for data `current` against the newest served model
+    and the candidates already rejected on the same data and recipe."""
+    span = current["span"]
+    version = newest_served_version(serving_base_path)
+    if force:
+        return True, f"retraining forced (retrain_on_same_data) on span {span}", version or ""
+    train, why = compare_with_served(current, serving_base_path, version)
+    if not train:
+        return False, why, version or ""
+    rejected = read_rejection(serving_base_path, current)
+    if rejected is not None:
+        served = f"served version {version} stays" if version else "nothing is served"
+        why = (
+            f"a candidate trained on span {span} (same input fingerprint, same training recipe) "
+            f"was not blessed on {rejected.get('recorded_at', '?')} ({rejected['path']}); "
+            f"{served}. New data, a changed recipe or retrain_on_same_data trains again"
+        )
+        return False, why, version or ""
+    return True, why, version or ""
 
 
 def has_new_data(gate):
@@ -161,17 +240,45 @@ def NewDataGate(  # noqa: N802  (TFX component names are class-like)
     input_config: Parameter[str],
     serving_base_path: Parameter[str],
     force: Parameter[int] = 0,  # an int, not a bool: the local and KFP compilers encode it alike
+    recipe: Parameter[str] = "",  # recipe_fingerprint of the Trainer's custom_config
 ) -> None:
     """Set decision.new_data to 1 when the newest span differs from the served model's, else 0."""
-    current = data_to_ingest(input_base, input_config)
+    current = {**data_to_ingest(input_base, input_config), RECIPE_KEY: recipe}
     new_data, reason, served_version = decide(current, serving_base_path, bool(force))
     decision.set_int_custom_property(NEW_DATA_KEY, int(new_data))
     decision.set_string_custom_property(REASON_KEY, reason)
     decision.set_int_custom_property(SPAN_KEY, current["span"])
     decision.set_string_custom_property(FINGERPRINT_KEY, current["input_fingerprint"])
     decision.set_string_custom_property(SERVED_VERSION_KEY, served_version)
+    decision.set_string_custom_property(RECIPE_KEY, recipe)
     summary = {NEW_DATA_KEY: int(new_data), REASON_KEY: reason, **current}
     summary[SERVED_VERSION_KEY] = served_version
     storage.write_text(os.path.join(decision.uri, DECISION_FILE), json.dumps(summary, indent=2))
     skipped = "" if new_data else "; every later step is skipped"
     print(f"NewDataGate: {reason}{skipped}", file=sys.stderr)
+
+
+@component
+def RecordRejection(  # noqa: N802  (TFX component names are class-like)
+    decision: InputArtifact[File],
+    model_blessing: InputArtifact[ModelBlessing],
+    serving_base_path: Parameter[str],
+) -> None:
+    """Record the gate's span, fingerprint and recipe as rejected when the Evaluator did not bless."""
+    if model_blessing.get_int_custom_property(_BLESSED_KEY) == 1:
+        print(
+            "RecordRejection: the Evaluator blessed the candidate; nothing to record",
+            file=sys.stderr,
+        )
+        return
+    current = {
+        "span": decision.get_int_custom_property(SPAN_KEY),
+        "input_fingerprint": decision.get_string_custom_property(FINGERPRINT_KEY),
+        RECIPE_KEY: decision.get_string_custom_property(RECIPE_KEY),
+    }
+    path = write_rejection(serving_base_path, current, model_blessing.uri)
+    print(
+        f"RecordRejection: the Evaluator did not bless the candidate trained on span "
+        f"{current['span']}; recorded in {path}, so later runs skip this span and recipe",
+        file=sys.stderr,
+    )

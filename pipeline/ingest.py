@@ -52,14 +52,16 @@ def input_config(config: DataConfig) -> example_gen_pb2.Input:
 
 
 def new_data_gate(
-    config: DataConfig, data_root: str, serving_base_path: str, force: bool
+    config: DataConfig, data_root: str, serving_base_path: str, force: bool, recipe: str = ""
 ) -> NewDataGate:
-    """The gate comparing the span ExampleGen would ingest with the served model's record."""
+    """The gate comparing the span ExampleGen would ingest with the served model's record (and
+    with the candidates rejected on it under the same `recipe` fingerprint)."""
     return NewDataGate(
         input_base=str(data_root),
         input_config=proto_utils.proto_to_json(input_config(config)),
         serving_base_path=str(serving_base_path),
         force=int(force),
+        recipe=recipe,
     )
 
 

@@ -128,9 +128,9 @@ def summarize(outputs: dict[str, list[RunArtifact]], span: int | None, run_id: s
         # Everything downstream of the gate was skipped by its run condition.
         outcome.trained = False
         outcome.reasons.append(
-            "no new data since the served model: trained nothing "
-            f"({string_property(decision, REASON_KEY)}). Add data, or set "
-            "retrain_on_same_data (van-tfx run --force) to retrain anyway."
+            "nothing new to train on: trained nothing "
+            f"({string_property(decision, REASON_KEY)}). Add data, change the training recipe, "
+            "or set retrain_on_same_data (van-tfx run --force) to retrain anyway."
         )
         return outcome
     evaluations = outputs.get("ModelEvaluation", [])

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from tfx import v1 as tfx
 from tfx.dsl.components.base import executor_spec
 
-from components.new_data_gate import has_new_data
+from components.new_data_gate import RecordRejection, has_new_data, recipe_fingerprint
 from components.served_model import ServedBaselineEvaluator, ServedModel
 from components.serving_smoke_test import ServingSmokeTest
 from pipeline import ingest
@@ -32,7 +32,11 @@ class PipelineLocation:
 def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipeline:
     """Assemble the gate, then ExampleGen → validation → Transform → Trainer → Evaluator → push."""
     gate = ingest.new_data_gate(
-        config.data, location.data_root, location.serving_base_path, config.retrain_on_same_data
+        config.data,
+        location.data_root,
+        location.serving_base_path,
+        config.retrain_on_same_data,
+        recipe=recipe_fingerprint(custom_config_for(config)),
     )
     # Data the served model was already trained on: ingest, train and push nothing. The gate
     # comes first so that an idle scheduled run does not copy the dataset (ImportExampleGen),
@@ -103,6 +107,13 @@ def ingest_train_evaluate_push(config: Config, location: PipelineLocation, gate)
             )
         ),
     )
+    # A rejected candidate is never pushed; without this record every later run would retrain
+    # on the same span for the same verdict (the gate only sees what is served).
+    rejection = RecordRejection(
+        decision=gate.outputs["decision"],
+        model_blessing=evaluator.outputs["blessing"],
+        serving_base_path=str(location.serving_base_path),
+    )
     return [
         example_gen,
         schema,
@@ -115,4 +126,5 @@ def ingest_train_evaluate_push(config: Config, location: PipelineLocation, gate)
         evaluator,
         smoke_test,
         pusher,
+        rejection,
     ]

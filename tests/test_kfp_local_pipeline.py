@@ -4,8 +4,8 @@ One session-scoped home and one compiled spec (`van-tfx compile` with local path
 training settings): run 1 pushes a version; run 2 on the same data trains and pushes nothing (the
 gated tasks are skipped by their condition, not by failure); after `van-tfx data sample
 --new-span`, run 3 warm-starts from the served model, is evaluated against it and pushes; run 4,
-compiled with an unreachable gate and forced to retrain, is blocked from pushing and says which
-threshold. Every run is `van-tfx kfp-local` in a real subprocess; every task in it is a real
+compiled with an unreachable gate, trains on a third span, is blocked from pushing and says which
+threshold; run 5, the same spec again, does not retrain the rejected span and recipe. Every run is `van-tfx kfp-local` in a real subprocess; every task in it is a real
 subprocess of the compiled container command.
 """
 
@@ -127,10 +127,19 @@ def run3(home, spec, run2) -> tuple[dict, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def run4(home, run3) -> tuple[dict, list[str]]:
-    unreachable = compile_spec(
-        home, "unreachable.yaml", "eval.min_top1=1.0", "retrain_on_same_data=true"
-    )
+def unreachable(home, run3) -> Path:
+    return compile_spec(home, "unreachable.yaml", "eval.min_top1=1.0")
+
+
+@pytest.fixture(scope="module")
+def run4(home, unreachable) -> tuple[dict, list[str]]:
+    build_sample(home / "data", new_span=True)
+    before = versions(home)
+    return replay(home, unreachable), before
+
+
+@pytest.fixture(scope="module")
+def run5(home, unreachable, run4) -> tuple[dict, list[str]]:
     before = versions(home)
     return replay(home, unreachable), before
 
@@ -176,7 +185,7 @@ def test_run2_on_the_same_data_skips_by_condition_and_pushes_nothing(home, run2)
     run, before = run2
     assert run["code"] == 0, run["err"][-3000:]
     assert not run["outcome"]["trained"] and not run["outcome"]["pushed"]
-    assert run["outcome"]["reasons"][0].startswith("no new data since the served model")
+    assert run["outcome"]["reasons"][0].startswith("nothing new to train on")
     task_states = states(run)
     assert task_states.pop("NewDataGate") == "succeeded"
     for name in GATED_ALWAYS_SKIPPED:
@@ -210,3 +219,20 @@ def test_run4_with_an_unreachable_gate_is_blocked_and_says_which_threshold(home,
         for r in outcome["reasons"]
     ), outcome["reasons"]
     assert states(run)["Pusher"] == "succeeded"  # it ran, and declined to push
+
+
+def test_run5_does_not_retrain_the_span_and_recipe_the_evaluator_rejected(home, run4, run5):
+    run, before = run5
+    assert run["code"] == 0, run["err"][-3000:]
+    outcome = run["outcome"]
+    assert not outcome["trained"] and not outcome["pushed"]
+    assert outcome["reasons"][0].startswith("nothing new to train on")
+    assert "span 3" in outcome["reasons"][0] and "not blessed" in outcome["reasons"][0]
+    [record] = (home / "serving" / "van" / ".van_tfx_rejected").glob("span-3-*.json")
+    assert json.loads(record.read_text())["span"] == 3
+    assert str(record) in outcome["reasons"][0]
+    assert "recorded in" in task_log(run4[0], "RecordRejection")
+    task_states = states(run)
+    assert task_states.pop("NewDataGate") == "succeeded"
+    assert set(task_states.values()) <= {"skipped", "omitted"}
+    assert versions(home) == before

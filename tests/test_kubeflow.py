@@ -44,6 +44,7 @@ EXPECTED_TASKS = {
     "Evaluator",
     "ServingSmokeTest",
     "Pusher",
+    "RecordRejection",
 }
 
 

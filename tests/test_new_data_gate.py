@@ -9,20 +9,23 @@ import pytest
 import tensorflow as tf
 from spans import write_span
 from tfx.types.experimental.simple_artifacts import File
-from tfx.types.standard_artifacts import Examples
+from tfx.types.standard_artifacts import Examples, ModelBlessing
 from tfx.utils import proto_utils
 
 from components.new_data_gate import (
     GATE_ID,
     NEW_DATA_KEY,
     REASON_KEY,
+    REJECTIONS_DIR,
     SERVED_VERSION_KEY,
     NewDataGate,
+    RecordRejection,
     TrainingDataRecordError,
     training_data_path,
     write_training_data,
 )
 from pipeline import ingest
+from serving.manager import list_versions
 from van_tfx.config import DataConfig, load_config
 
 
@@ -51,7 +54,9 @@ def push(serving: Path, version: int, examples: Examples | None) -> Path:
     return model_dir
 
 
-def gate(data_root: Path, serving: Path, tmp_path: Path, force: bool = False) -> File:
+def gate(
+    data_root: Path, serving: Path, tmp_path: Path, force: bool = False, recipe: str = "r1"
+) -> File:
     """Run the component's function on the real data root; return its decision artifact."""
     decision = File()
     decision.uri = str(tmp_path / GATE_ID / "decision" / uuid.uuid4().hex)
@@ -61,8 +66,24 @@ def gate(data_root: Path, serving: Path, tmp_path: Path, force: bool = False) ->
         input_config=proto_utils.proto_to_json(ingest.input_config(DataConfig())),
         serving_base_path=str(serving),
         force=int(force),
+        recipe=recipe,
     )
     return decision
+
+
+def evaluate(decision: File, serving: Path, tmp_path: Path, blessed: bool) -> ModelBlessing:
+    """The Evaluator's verdict on the candidate trained after `decision`, then RecordRejection."""
+    blessing = ModelBlessing()
+    blessing.uri = str(tmp_path / "Evaluator" / "blessing" / uuid.uuid4().hex)
+    blessing.set_int_custom_property("blessed", int(blessed))
+    RecordRejection.test_call(
+        decision=decision, model_blessing=blessing, serving_base_path=str(serving)
+    )
+    return blessing
+
+
+def rejections(serving: Path) -> list[Path]:
+    return sorted((serving / REJECTIONS_DIR).glob("*.json"))
 
 
 def new_data(decision: File) -> int:
@@ -166,6 +187,87 @@ def test_unreadable_record_is_an_error_naming_the_file(data, tmp_path):
     Path(training_data_path(str(model_dir))).write_text("{not json")
     with pytest.raises(TrainingDataRecordError, match="van_training_data.json is not valid JSON"):
         gate(data, tmp_path / "serving", tmp_path)
+
+
+def test_a_rejected_candidate_is_not_retrained_on_the_same_data_and_recipe(data, tmp_path):
+    serving = tmp_path / "serving"
+    push(serving, 1700000000, examples_of(data, tmp_path))
+    write_span(data, 2)
+    first = gate(data, serving, tmp_path)
+    assert new_data(first) == 1
+    blessing = evaluate(first, serving, tmp_path, blessed=False)
+    [record] = rejections(serving)
+    written = json.loads(record.read_text())
+    assert written["span"] == 2 and written["model_blessing"] == blessing.uri
+    assert written["recipe_fingerprint"] == "r1"
+    again = gate(data, serving, tmp_path)
+    assert new_data(again) == 0
+    assert "span 2" in reason(again) and "not blessed" in reason(again)
+    assert str(record) in reason(again) and "served version 1700000000 stays" in reason(again)
+    # What can change the verdict trains again: the recipe, the files, or the user forcing it.
+    assert new_data(gate(data, serving, tmp_path, recipe="r2")) == 1
+    assert new_data(gate(data, serving, tmp_path, force=True)) == 1
+    shard = data / "span-2" / "train-00000-of-00001"
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert new_data(gate(data, serving, tmp_path)) == 1
+    # The rejection directory is invisible to the model server's version listing.
+    assert list_versions(str(serving)) == [1700000000]
+
+
+def test_a_rejected_first_candidate_is_not_retrained_either(data, tmp_path):
+    serving = tmp_path / "serving"
+    evaluate(gate(data, serving, tmp_path), serving, tmp_path, blessed=False)
+    decision = gate(data, serving, tmp_path)
+    assert new_data(decision) == 0
+    assert "nothing is served" in reason(decision)
+    assert decision.get_string_custom_property("recipe_fingerprint") == "r1"
+
+
+def test_a_blessed_candidate_records_nothing(data, tmp_path):
+    serving = tmp_path / "serving"
+    evaluate(gate(data, serving, tmp_path), serving, tmp_path, blessed=True)
+    assert rejections(serving) == []
+    assert new_data(gate(data, serving, tmp_path)) == 1  # not pushed yet: still train
+
+
+def test_unreadable_rejection_record_is_an_error_naming_the_file(data, tmp_path):
+    serving = tmp_path / "serving"
+    evaluate(gate(data, serving, tmp_path), serving, tmp_path, blessed=False)
+    [record] = rejections(serving)
+    record.write_text("[1, 2")
+    with pytest.raises(TrainingDataRecordError, match=f"{record.name} is not valid JSON"):
+        gate(data, serving, tmp_path)
+
+
+def test_the_recipe_fingerprint_follows_the_trainers_config_only(tmp_path):
+    from pipeline.local import local_location
+    from pipeline.pipeline import create_pipeline
+
+    def recipe(*overrides: str) -> str:
+        config = load_config(overrides=[f"home={tmp_path}", *overrides])
+        components = create_pipeline(config, local_location(config)).components
+        [gate_component] = [c for c in components if c.id == GATE_ID]
+        return gate_component.exec_properties["recipe"]
+
+    base = recipe()
+    assert len(base) == 64
+    assert recipe("train.epochs=7") != base
+    assert recipe("eval.min_top1=0.9") != base
+    assert recipe("retrain_on_same_data=true") == base
+    assert recipe("kubeflow.gpus=2") == base
+
+
+def test_record_rejection_follows_the_evaluator(tmp_path):
+    from pipeline.local import local_location
+    from pipeline.pipeline import create_pipeline
+
+    config = load_config(overrides=[f"home={tmp_path}"])
+    components = {c.id: c for c in create_pipeline(config, local_location(config)).components}
+    record = components["RecordRejection"]
+    assert record.inputs["model_blessing"] is components["Evaluator"].outputs["blessing"]
+    assert record.inputs["decision"] is components[GATE_ID].outputs["decision"]
+    assert record.exec_properties["serving_base_path"] == str(config.serving_base_path)
 
 
 @pytest.mark.parametrize("force", [False, True])

@@ -207,7 +207,7 @@ def test_pushed_model_records_the_data_it_was_trained_on(home, first_run):
 def test_gate_trains_nothing_on_the_data_of_the_served_model(home, same_data_run):
     outcome, versions_before, runs_before = same_data_run
     assert not outcome["trained"] and not outcome["pushed"]
-    assert outcome["reasons"][0].startswith("no new data since the served model: trained nothing")
+    assert outcome["reasons"][0].startswith("nothing new to train on: trained nothing")
     assert f"served version {versions_before[-1]}" in outcome["reasons"][0]
     assert versions(home) == versions_before
     assert pipeline_runs(home) == runs_before + 1  # the pipeline ran, up to the gate
