@@ -14,6 +14,9 @@ synsets. Sections:
             time, images/s, peak RSS of the whole process tree (Beam workers included).
   input     the Trainer's train_dataset on that Transform output at 224 px, full recipe, on one
             core and on all, vs VAN-b0 training steps fed from memory on the same cores.
+  ingest    ImportExampleGen alone on the largest size's shards: TFX's executor (read, Reshuffle,
+            GZIP write) vs ours (a copy per shard, CRCs checked), alternating, in one process:
+            wall time and bytes written.
   corrupt   one corrupt JPEG (frame header damaged, markers intact) among the largest size's
             images: Transform must fail naming its image/filename.
 
@@ -373,6 +376,59 @@ def formats_section(work: Path, jpegs: list[bytes], rounds: int, batches: int) -
     return {"source_bytes": source, "formats": results}
 
 
+def run_ingest(executor_class, data: Path, out: Path) -> dict:
+    """One ImportExampleGen executor over data/Split-{train,eval}/*: wall time, bytes written."""
+    from tfx.proto import example_gen_pb2
+    from tfx.types.standard_artifacts import Examples
+    from tfx.utils import proto_utils
+
+    examples = Examples()
+    examples.uri = str(out)
+    splits = [
+        example_gen_pb2.Input.Split(name=name, pattern=f"Split-{name}/*")
+        for name in ("train", "eval")
+    ]
+    exec_properties = {
+        "input_base": str(data),
+        "input_config": proto_utils.proto_to_json(example_gen_pb2.Input(splits=splits)),
+        "output_config": "{}",
+        "output_data_format": example_gen_pb2.FORMAT_TF_EXAMPLE,
+        "output_file_format": example_gen_pb2.FORMAT_TFRECORDS_GZIP,
+    }
+    executor = executor_class(
+        executor_class.Context(
+            beam_pipeline_args=["--direct_running_mode=in_memory"], tmp_dir=str(out) + "-tmp"
+        )
+    )
+    start = time.perf_counter()
+    executor.Do({}, {"examples": [examples]}, exec_properties)
+    seconds = time.perf_counter() - start
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    return {"seconds": seconds, "bytes_written": written}
+
+
+def ingest_section(work: Path, data: Path, rounds: int) -> dict:
+    """TFX's ImportExampleGen executor against ours on the same shards, alternating."""
+    from tfx.components.example_gen.import_example_gen.executor import Executor as TfxExecutor
+
+    from components.example_gen import SpanResolvingImportExecutor
+
+    source = sum(f.stat().st_size for f in data.glob("Split-*/*"))
+    runs: dict = {"tfx": [], "ours": []}
+    for round_index in range(rounds):
+        for name, executor in (("tfx", TfxExecutor), ("ours", SpanResolvingImportExecutor)):
+            result = run_ingest(executor, data, work / f"ingest-{name}-{round_index}")
+            runs[name].append(result)
+            print("ingest", name, json.dumps(result), flush=True)
+    seconds = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    return {
+        "source_bytes": source,
+        "seconds": seconds,
+        "bytes_written": {k: v[-1]["bytes_written"] for k, v in runs.items()},
+        "speedup": seconds["tfx"] / seconds["ours"],
+    }
+
+
 def train_step_rate(steps: int, batch_size: int) -> float:
     """VAN-b0 training steps at 224 px fed from memory (no input cost), images/s."""
     from bench_input import train_step_images_per_second
@@ -397,7 +453,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--sections", default="formats,transform,input,corrupt")
+    parser.add_argument("--sections", default="formats,transform,input,ingest,corrupt")
     parser.add_argument("--work", default="", help="keep data here (default: a temp dir)")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -459,6 +515,13 @@ def main(argv=None) -> int:
             medians["cores_per_h100_bf16_b0"] = 2400 / medians["input_1core"]
             report["input"] = medians
             print(json.dumps(medians), flush=True)
+        if "ingest" in sections:
+            size = sizes[-1]
+            data = work / f"data-{size}"
+            if not data.exists():
+                write_examples(data, size, args.synsets)
+            report["ingest"] = ingest_section(work, data, args.rounds)
+            print(json.dumps(report["ingest"]), flush=True)
         if "corrupt" in sections:
             size = sizes[-1]
             data = work / "data-corrupt"

@@ -10,17 +10,26 @@ resolve the newest span (and version), compute the input fingerprint, record spa
 fingerprint on the Examples artifact (`driver.update_output_artifact`), and ingest that span.
 Where a driver ran, the patterns arrive resolved and this is TFX's executor unchanged.
 
-Beam's TFRecord reader reports a damaged shard without naming it (`Not a valid TFRecord.
-Mismatch of data mask: b'...'`, the whole record in hex). So before Beam runs, the executor
-reads each shard's first record (CRCs checked; one record per shard, not a pass over the data)
-and fails naming the shard: a wrong format, a GZIP file not named `*.gz` (Beam picks the
-compression by file name), a truncated or damaged start. Damage further in still comes from
-Beam; that error is cut to one line and names the split's pattern.
+Ingesting is a copy, shard by shard. TFX's executor reads every record, reshuffles them all
+(`WriteSplit`'s Reshuffle: at ImageNet-1k ~146 GB through the runner's shuffle) and GZIPs them
+again (JPEG bytes barely compress; every later read pays the inflate). The shards are already
+TFRecords, so this executor copies each input shard to one output shard
+(`Split-<split>/data_tfrecord-NNNNN-of-MMMMM`, uncompressed; readers pick compression by name as
+Beam does), one Beam element per shard, so a distributed runner spreads the files over its
+workers. Each record is read with its CRCs checked on the way, so a damaged shard fails naming
+the shard and the record. An output `split_config` (hash partitioning), which needs every record
+routed, goes through TFX's path unchanged.
+
+Before Beam runs, the executor also reads each shard's first record and fails naming the shard on
+a wrong format, a GZIP file not named `*.gz` (Beam picks the compression by file name), a
+truncated or damaged start. On TFX's path, Beam's own error for later damage (the whole record in
+hex, no file named) is cut to one line naming the split's pattern.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 from absl import logging
 from tfx.components.example_gen import driver, input_processor, utils
@@ -30,12 +39,17 @@ from tfx.proto import example_gen_pb2, range_config_pb2
 from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import proto_utils
 
-from van_tfx.data.records import CorruptShardError
+from van_tfx.data.records import CorruptShardError, tfrecord_compression
 
 _INPUT_CONFIG = standard_component_specs.INPUT_CONFIG_KEY
 _RANGE_CONFIG = standard_component_specs.RANGE_CONFIG_KEY
 _GZIP_MAGIC = b"\x1f\x8b"
 _BEAM_CORRUPT_RECORD = "Not a valid TFRecord"
+_OUTPUT_SHARD = "data_tfrecord-{index:05d}-of-{count:05d}"
+# Read in batches: one tf.data element per record would cost more in Python than the I/O.
+_COPY_BATCH = 256
+# Compressions Beam reads by file name that tf.data cannot: such shards are refused by name.
+_UNCOPYABLE_SUFFIXES = (".bz2", ".deflate", ".zst", ".zstd", ".lzma")
 
 
 def has_unresolved_specs(input_config_json: str) -> bool:
@@ -79,15 +93,19 @@ def check_first_record(path: str) -> None:
                 f"TFRecord shard {path} is GZIP-compressed but its name does not end in .gz, "
                 "so it would be read as uncompressed TFRecords; rename it *.gz"
             )
-    if not compressed and os.path.splitext(path)[1] in (".bz2", ".deflate", ".zst", ".lzma"):
-        return  # Beam decompresses these by name; tf.data can't: Beam's own error will do
+    if path.endswith(_UNCOPYABLE_SUFFIXES):
+        raise CorruptShardError(
+            f"TFRecord shard {path} is compressed as its name says "
+            f"({os.path.splitext(path)[1]}), which ingestion cannot read; store shards "
+            "uncompressed or GZIP-compressed (*.gz)"
+        )
     try:
-        for _ in tf.data.TFRecordDataset(path, "GZIP" if compressed else "").take(1):
+        for _ in tf.data.TFRecordDataset(path, tfrecord_compression(path)).take(1):
             pass
     except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as exc:
         raise CorruptShardError(
             f"TFRecord shard {path} is not a readable TFRecord file (truncated, corrupted or "
-            f"another format): {exc.message.splitlines()[0][:200]}"
+            f"another format): {_tf_reason(exc)}"
         ) from None
 
 
@@ -105,17 +123,131 @@ def check_input_shards(exec_properties: dict) -> None:
             check_first_record(path)
 
 
+def copy_shard(source: str, target: str) -> int:
+    """Copy one TFRecord shard record by record (CRCs checked), uncompressed; returns the count."""
+    import tensorflow as tf
+
+    count = 0
+    records = tf.data.TFRecordDataset(source, tfrecord_compression(source)).batch(_COPY_BATCH)
+    try:
+        with tf.io.TFRecordWriter(target) as writer:
+            for batch in records.as_numpy_iterator():
+                for record in batch:
+                    writer.write(record)
+                count += len(batch)
+    except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as exc:
+        raise CorruptShardError(
+            f"TFRecord shard {source} is damaged after record {readable_records(source)} "
+            f"(truncated or corrupted): {_tf_reason(exc)}"
+        ) from None
+    return count
+
+
+def readable_records(path: str) -> int:
+    """How many records of a TFRecord file read cleanly before the first damaged one."""
+    import tensorflow as tf
+
+    count = 0
+    try:
+        for _ in tf.data.TFRecordDataset(path, tfrecord_compression(path)):
+            count += 1
+    except (tf.errors.DataLossError, tf.errors.OutOfRangeError):
+        pass
+    return count
+
+
+def _tf_reason(exc) -> str:
+    # TF's message wrapped in op and device names: keep the reader's own words.
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*", "", exc.message)
+    return text.splitlines()[0][:200] if text.strip() else "unreadable"
+
+
+def shard_copies(exec_properties: dict, examples_uri: str) -> list[tuple[str, str]]:
+    """(input shard, output shard) for every shard of every split, in name order."""
+    config = proto_utils.json_to_proto(exec_properties[_INPUT_CONFIG], example_gen_pb2.Input())
+    base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
+    copies = []
+    for split in config.splits:
+        pattern = os.path.join(base, split.pattern)
+        sources = sorted(fileio.glob(pattern))
+        if not sources:
+            raise FileNotFoundError(f"no files match {pattern} (split {split.name!r})")
+        target_dir = os.path.join(examples_uri, f"Split-{split.name}")
+        for index, source in enumerate(sources):
+            name = _OUTPUT_SHARD.format(index=index, count=len(sources))
+            copies.append((source, os.path.join(target_dir, name)))
+    return copies
+
+
+def is_copyable(exec_properties: dict) -> bool:
+    """Whether the splits come straight from the input patterns (no output hash partitioning)."""
+    output = proto_utils.json_to_proto(
+        exec_properties.get(standard_component_specs.OUTPUT_CONFIG_KEY) or "{}",
+        example_gen_pb2.Output(),
+    )
+    return not output.split_config.splits
+
+
+def corrupt_shard_message(error: Exception) -> str | None:
+    """The CorruptShardError message inside a runner's error (which wraps it), or None."""
+    found = re.search(
+        r"CorruptShardError: (TFRecord shard .*?)(?: \[while running|$)", str(error), re.M
+    )
+    return found.group(1) if found else None
+
+
 class SpanResolvingImportExecutor(import_executor.Executor):
-    """TFX's ImportExampleGen executor that resolves span specs left unresolved by the runner."""
+    """TFX's ImportExampleGen executor that resolves span specs left unresolved by the runner
+    and ingests by copying shards."""
 
     def Do(self, input_dict, output_dict, exec_properties):  # noqa: N802  (TFX's name)
-        """Resolve {SPAN} like TFX's driver when no driver did, then ingest as TFX does."""
+        """Resolve {SPAN} like TFX's driver when no driver did, then ingest the shards."""
+        examples = artifact_utils.get_single_instance(
+            output_dict[standard_component_specs.EXAMPLES_KEY]
+        )
         if has_unresolved_specs(exec_properties[_INPUT_CONFIG]):
-            examples = artifact_utils.get_single_instance(
-                output_dict[standard_component_specs.EXAMPLES_KEY]
-            )
             exec_properties = resolve_like_the_driver(exec_properties, examples)
         check_input_shards(exec_properties)
+        if is_copyable(exec_properties):
+            self._copy_shards(examples, exec_properties)
+        else:
+            self._tfx_ingest(input_dict, output_dict, exec_properties)
+
+    def _copy_shards(self, examples, exec_properties) -> None:
+        import apache_beam as beam
+        from tfx.components.example_gen import write_split
+        from tfx.components.util import examples_utils
+
+        self._log_startup({}, {"examples": [examples]}, exec_properties)
+        copies = shard_copies(exec_properties, examples.uri)
+        for directory in sorted({os.path.dirname(target) for _, target in copies}):
+            fileio.makedirs(directory)
+        config = proto_utils.json_to_proto(exec_properties[_INPUT_CONFIG], example_gen_pb2.Input())
+        examples.split_names = artifact_utils.encode_split_names([s.name for s in config.splits])
+        try:
+            with self._make_beam_pipeline() as pipeline:
+                _ = (
+                    pipeline
+                    | "Shards" >> beam.Create(copies)
+                    | "Spread" >> beam.Reshuffle()  # file names only: a few KB
+                    | "CopyShards" >> beam.MapTuple(copy_shard)
+                )
+        except Exception as exc:
+            message = corrupt_shard_message(exc)
+            if message is None:
+                raise
+            raise CorruptShardError(message) from None
+        payload = exec_properties.get(standard_component_specs.OUTPUT_DATA_FORMAT_KEY)
+        if payload:
+            examples_utils.set_payload_format(examples, payload)
+        file_format = exec_properties.get(standard_component_specs.OUTPUT_FILE_FORMAT_KEY)
+        if file_format:
+            # TFX knows one file format, 'tfrecords_gzip', and its readers pick the
+            # compression by file name, so uncompressed shards are read as such.
+            examples_utils.set_file_format(examples, write_split.to_file_format_str(file_format))
+        logging.info("Copied %d shards into %s", len(copies), examples.uri)
+
+    def _tfx_ingest(self, input_dict, output_dict, exec_properties) -> None:
         try:
             super().Do(input_dict, output_dict, exec_properties)
         except Exception as exc:

@@ -47,6 +47,7 @@ from serving.process import (
     running_model_server,
 )
 from van_tfx import features, storage
+from van_tfx.data.records import tfrecord_compression
 
 _BLESSED_KEY = "blessed"  # the custom properties Pusher reads, as InfraValidator writes them
 _HAS_MODEL_KEY = "has_model"
@@ -106,7 +107,8 @@ def read_raw_examples(examples_uri: str, split: str, limit: int) -> list[bytes]:
     files = sorted(tf.io.gfile.glob(os.path.join(examples_uri, f"Split-{split}", "*")))
     if not files:
         raise SmokeTestFailure(f"no files for split {split!r} under {examples_uri}")
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").take(limit)
+    # ImportExampleGen's copies keep no compression; TFX's own writer names its GZIP files *.gz.
+    dataset = tf.data.TFRecordDataset(files, tfrecord_compression(files[0])).take(limit)
     return [record.numpy() for record in dataset]
 
 

@@ -11,6 +11,7 @@ from google.protobuf import text_format
 from spans import write_span
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx.components.example_gen import utils as example_gen_utils
+from tfx.proto import example_gen_pb2
 from tfx.types.experimental.simple_artifacts import File
 from tfx.types.standard_artifacts import Examples, Model, Schema
 from tfx.utils import proto_utils
@@ -153,13 +154,13 @@ def test_unresolved_patterns_are_recognised():
     assert not has_unresolved_specs(plain)
 
 
-def ingest_span(tmp_path: Path, data: Path) -> Examples:
+def ingest_span(tmp_path: Path, data: Path, config: DataConfig | None = None) -> Examples:
     """Run the executor as the pipeline configures it, with no driver before it."""
     examples = Examples()
     examples.uri = str(tmp_path / "ImportExampleGen" / "examples")
     exec_properties = {
         "input_base": str(data),
-        "input_config": input_config_json(),
+        "input_config": proto_utils.proto_to_json(ingest.input_config(config or DataConfig())),
         "output_config": "{}",
         "output_data_format": 6,  # FORMAT_TF_EXAMPLE
         "output_file_format": 5,  # FORMAT_TFRECORDS_GZIP
@@ -182,9 +183,7 @@ def test_executor_resolves_the_newest_span_and_records_what_the_driver_would(tmp
     assert examples.get_string_custom_property("input_fingerprint") == fingerprint
     assert not examples.has_custom_property("version") and version is None
     ingested = list(
-        tf.data.TFRecordDataset(
-            tf.io.gfile.glob(str(Path(examples.uri, "Split-train", "*"))), compression_type="GZIP"
-        )
+        tf.data.TFRecordDataset(tf.io.gfile.glob(str(Path(examples.uri, "Split-train", "*"))))
     )
     assert len(ingested) == 1
     assert tf.train.Example.FromString(ingested[0].numpy()).features.feature[
@@ -228,16 +227,116 @@ def test_a_shard_that_is_bad_from_its_start_is_named_before_beam_runs(tmp_path, 
     assert str(shard) in str(failure.value)
 
 
-def test_damage_past_the_first_record_is_one_line_naming_the_pattern(tmp_path):
+def test_damage_past_the_first_record_names_the_shard_and_the_record(tmp_path):
     data = tmp_path / "data"
     write_span(data, 1)
     shard = data / "span-1" / "train-00000-of-00001"
     write_records(shard, 3)
     flip_byte(shard, shard.stat().st_size - 100)  # inside the third record
-    with pytest.raises(CorruptShardError, match="damaged after its first record") as failure:
+    with pytest.raises(CorruptShardError, match="damaged after record 2") as failure:
         ingest_span(tmp_path, data)
     message = str(failure.value)
-    assert "span-1/train-*" in message and "\n" not in message and len(message) < 600
+    assert str(shard) in message and "\n" not in message and len(message) < 600
+
+
+def read_split(examples: Examples, split: str) -> dict[str, list[bytes]]:
+    """{output shard name: its records} of one split of an Examples artifact."""
+    files = sorted(Path(examples.uri, f"Split-{split}").iterdir())
+    return {f.name: [r.numpy() for r in tf.data.TFRecordDataset(str(f))] for f in files}
+
+
+def records_of(path: Path, compression: str = "") -> list[bytes]:
+    return [r.numpy() for r in tf.data.TFRecordDataset(str(path), compression)]
+
+
+def test_each_shard_is_copied_record_for_record_uncompressed(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    span = data / "span-1"
+    (span / "train-00000-of-00001").unlink()
+    sources = []
+    for index in range(3):  # 700 records: more than one copy batch per shard
+        source = span / f"train-{index:05d}-of-00003{'.gz' if index == 1 else ''}"
+        example = tf.train.Example()
+        with tf.io.TFRecordWriter(str(source), "GZIP" if index == 1 else None) as writer:
+            for n in range(700 + index):
+                example.features.feature["x"].int64_list.value[:] = [index * 1000 + n]
+                writer.write(example.SerializeToString())
+        sources.append(source)
+    examples = ingest_span(tmp_path, data)
+    copied = read_split(examples, "train")
+    assert list(copied) == [f"data_tfrecord-{i:05d}-of-00003" for i in range(3)]
+    for source, records in zip(sources, copied.values(), strict=True):
+        assert records == records_of(source, "GZIP" if source.suffix == ".gz" else "")
+    assert examples.split_names == '["train", "eval"]'
+    assert examples.get_string_custom_property("payload_format") == "FORMAT_TF_EXAMPLE"
+
+
+def test_the_ingested_split_reads_through_tfx_own_reader(tmp_path):
+    from tfx.components.util import tfxio_utils
+
+    data = tmp_path / "data"
+    write_span(data, 1)
+    examples = ingest_span(tmp_path, data)
+    factory = tfxio_utils.get_tfxio_factory_from_artifact([examples], ["test"])
+    tfxio = factory(str(Path(examples.uri, "Split-eval", "*")))
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    with beam.Pipeline() as pipeline:
+        counts = (
+            pipeline
+            | tfxio.BeamSource()
+            | beam.Map(lambda batch: batch.num_rows)
+            | beam.CombineGlobally(sum)
+        )
+        assert_that(counts, equal_to([1]))
+
+
+def test_a_split_matching_no_files_is_named(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    (data / "span-1" / "validation-00000-of-00001").unlink()
+    # With {SPAN}, TFX's span resolution names the split; without, the copy plan does.
+    with pytest.raises(ValueError, match=r"split eval based on span-\{SPAN\}/validation-\*"):
+        ingest_span(tmp_path, data)
+    with pytest.raises(FileNotFoundError, match=r"span-1/validation-\* \(split 'eval'\)"):
+        ingest_span(tmp_path, data / "span-1", DataConfig(layout="plain"))
+
+
+def test_a_compression_ingestion_cannot_read_is_refused_naming_the_shard(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    shard = data / "span-1" / "train-00000-of-00001"
+    shard.rename(shard.with_name(shard.name + ".bz2"))
+    with pytest.raises(CorruptShardError, match=r"train-00000-of-00001\.bz2 is compressed"):
+        ingest_span(tmp_path, data)
+
+
+def test_output_hash_partitioning_still_goes_through_tfx(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    examples = Examples()
+    examples.uri = str(tmp_path / "ImportExampleGen" / "examples")
+    config = example_gen_pb2.Input(
+        splits=[example_gen_pb2.Input.Split(name="single", pattern="span-1/*-00000-of-00001")]
+    )
+    output = example_gen_pb2.Output(
+        split_config=example_gen_pb2.SplitConfig(
+            splits=[example_gen_pb2.SplitConfig.Split(name="all", hash_buckets=1)]
+        )
+    )
+    exec_properties = {
+        "input_base": str(data),
+        "input_config": proto_utils.proto_to_json(config),
+        "output_config": proto_utils.proto_to_json(output),
+        "output_data_format": 6,
+        "output_file_format": 5,
+    }
+    SpanResolvingImportExecutor().Do({}, {"examples": [examples]}, exec_properties)
+    [written] = Path(examples.uri, "Split-all").iterdir()
+    assert written.name.endswith(".gz")  # TFX's WriteSplit
+    assert len(records_of(written, "GZIP")) == 2
 
 
 def test_gzip_shards_named_gz_are_ingested(tmp_path):
@@ -246,4 +345,5 @@ def test_gzip_shards_named_gz_are_ingested(tmp_path):
     for split in ("train", "validation"):
         (data / "span-1" / f"{split}-00000-of-00001").unlink()
         write_records(data / "span-1" / f"{split}-00000-of-00001.gz", 2, "GZIP")
-    ingest_span(tmp_path, data)
+    examples = ingest_span(tmp_path, data)
+    assert [len(r) for r in read_split(examples, "eval").values()] == [2]

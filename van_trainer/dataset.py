@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from van_tfx import features
 from van_tfx.config import Config
+from van_tfx.data.records import tfrecord_compression
 from van_trainer import augment
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -45,7 +46,7 @@ def worker_files(files: list[str], input_context: tf.distribute.InputContext | N
 
 def _compression(files: list[str]) -> str:
     # Transform writes GZIP'ed TFRecords named *.gz; anything else is read uncompressed.
-    return "GZIP" if files[0].endswith(".gz") else ""
+    return tfrecord_compression(files[0])
 
 
 def _records(files: list[str], shuffle_files: bool, seed: int) -> tf.data.Dataset:

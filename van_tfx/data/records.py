@@ -41,6 +41,11 @@ class CorruptShardError(IOError):
     """A TFRecord shard that cannot be read to the end (truncated or corrupted)."""
 
 
+def tfrecord_compression(path: str) -> str:
+    """tf.data's compression_type for a TFRecord file, from its name as Beam decides it."""
+    return "GZIP" if path.endswith(".gz") else ""
+
+
 class SynsetListError(ValueError):
     """A synset list or mapping that does not match the images being converted."""
 
