@@ -4,9 +4,13 @@ TFX's ImportSchemaGen imports a file as it is, so the class count (the label's i
 ExampleValidator checks) would have to be written into a copy when the pipeline is built: from the
 data a compile machine happens to see, into the data root it must be able to write, and frozen into
 every scheduled run compiled from it. This component does it at run time instead, in the pod: it
-reads the `synsets.txt` next to the ingested span's training files (through tf.io.gfile, so a
-gs:// data root works) and writes the schema artifact. A new span with more classes gets a schema
-that says so; compiling has no side effects.
+reads the `synsets.txt` next to the training files of the span the NewDataGate opened the run for
+(through tf.io.gfile, so a gs:// data root works) and writes the schema artifact. A new span with
+more classes gets a schema that says so; compiling has no side effects.
+
+It takes the gate's decision (span and version), not the Examples artifact: open-source KFP's
+launcher downloads every input artifact into the pod before it starts, so an Examples input
+would cost a copy of the whole dataset (~146 GB at ImageNet-1k) to read one small file.
 """
 
 import os
@@ -16,9 +20,10 @@ from importlib import resources
 import tensorflow as tf
 from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component
-from tfx.types.standard_artifacts import Examples, Schema
+from tfx.types.experimental.simple_artifacts import File
+from tfx.types.standard_artifacts import Schema
 
-from components.new_data_gate import examples_span
+from components.new_data_gate import VERSION_KEY, decided_data, span_pattern
 from van_tfx import features
 
 SCHEMA_FILE = "schema.pbtxt"  # the name TFX components look for in a Schema artifact
@@ -41,15 +46,8 @@ def curated_schema_text(schema_file: str = "") -> str:
 
 def synsets_path(input_base: str, split_pattern: str, span: int, version: int | None) -> str:
     """The synsets.txt beside a span's files: the split pattern's directory, span filled in."""
-    from tfx.components.example_gen import utils
-    from tfx.proto import example_gen_pb2
-
-    split = example_gen_pb2.Input.Split(name="train", pattern=split_pattern)
-    is_span, is_date, is_version = utils.verify_split_pattern_specs(split)
-    pattern = utils.get_pattern_for_span_version(
-        split_pattern, is_span, is_date, is_version, span, version
-    )
-    return os.path.join(input_base, os.path.dirname(pattern), SYNSETS_FILE)
+    pattern = span_pattern(input_base, split_pattern, span, version)
+    return os.path.join(os.path.dirname(pattern), SYNSETS_FILE)
 
 
 def count_synsets(path: str) -> int:
@@ -74,16 +72,9 @@ def with_label_max(schema_text: str, num_classes: int) -> str:
     raise SchemaError(f"the curated schema has no {features.LABEL!r} feature")
 
 
-def examples_version(examples) -> int | None:
-    """The version of an Examples artifact, None when its patterns have no {VERSION}."""
-    if examples.has_custom_property("version"):
-        return examples.get_int_custom_property("version")
-    return None
-
-
 @component
 def CuratedSchema(  # noqa: N802  (TFX component names are class-like)
-    examples: InputArtifact[Examples],
+    decision: InputArtifact[File],
     schema: OutputArtifact[Schema],
     input_base: Parameter[str],
     split_pattern: Parameter[str],
@@ -93,9 +84,8 @@ def CuratedSchema(  # noqa: N802  (TFX component names are class-like)
     """Write the curated schema with the label max of this span (num_classes, else synsets.txt)."""
     text = curated_schema_text(schema_file)
     if not num_classes:
-        path = synsets_path(
-            input_base, split_pattern, examples_span(examples), examples_version(examples)
-        )
+        data = decided_data(decision)
+        path = synsets_path(input_base, split_pattern, data["span"], data[VERSION_KEY])
         num_classes = count_synsets(path)
         if not num_classes:
             print(

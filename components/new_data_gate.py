@@ -51,6 +51,7 @@ SPAN_KEY = "span"
 FINGERPRINT_KEY = "input_fingerprint"  # the name ImportExampleGen's driver uses
 SERVED_VERSION_KEY = "served_version"  # "" when nothing is served
 RECIPE_KEY = "recipe_fingerprint"  # sha256 of the Trainer's custom_config
+VERSION_KEY = "version"  # int custom property, absent when the patterns have no {VERSION}
 DECISION_FILE = "decision.json"
 TRAINING_DATA_FILE = "van_training_data.json"  # next to TF Serving's warmup file
 _ASSETS_EXTRA = "assets.extra"
@@ -64,7 +65,8 @@ class TrainingDataRecordError(ValueError):
 
 
 def data_to_ingest(input_base: str, input_config_json: str) -> dict:
-    """Span and input fingerprint of what ImportExampleGen would ingest now (TFX's own logic)."""
+    """Span, version and input fingerprint of what ImportExampleGen would ingest now (TFX's own
+    logic)."""
     from tfx.components.example_gen import input_processor
     from tfx.proto import example_gen_pb2
     from tfx.utils import proto_utils
@@ -74,26 +76,34 @@ def data_to_ingest(input_base: str, input_config_json: str) -> dict:
     span, version = processor.resolve_span_and_version()
     return {
         "span": span,
+        VERSION_KEY: version,
         "input_fingerprint": processor.get_input_fingerprint(span, version),
     }
 
 
-def training_data(examples) -> dict:
-    """What identifies the data in an Examples artifact: span, input fingerprint, URI."""
+def decided_data(decision) -> dict:
+    """Span, version (None without {VERSION}) and input fingerprint a gate decision names."""
+    version = None
+    if decision.has_custom_property(VERSION_KEY):
+        version = decision.get_int_custom_property(VERSION_KEY)
     return {
-        "span": examples_span(examples),
-        "input_fingerprint": examples.get_string_custom_property(FINGERPRINT_KEY),
-        "examples_uri": examples.uri,
+        "span": decision.get_int_custom_property(SPAN_KEY),
+        VERSION_KEY: version,
+        "input_fingerprint": decision.get_string_custom_property(FINGERPRINT_KEY),
     }
 
 
-def examples_span(examples) -> int:
-    """The span of an Examples artifact (a custom property locally, maybe a property on KFP)."""
-    if examples.has_custom_property(SPAN_KEY):
-        return examples.get_int_custom_property(SPAN_KEY)
-    # The KFP v2 entrypoint turns artifact metadata whose key is a declared property (Examples
-    # declares `span`) into that property rather than a custom one.
-    return int(examples.span or 0)
+def span_pattern(input_base: str, split_pattern: str, span: int, version: int | None) -> str:
+    """A split pattern with `{SPAN}` / `{VERSION}` filled in, under `input_base` (TFX's rules)."""
+    from tfx.components.example_gen import utils
+    from tfx.proto import example_gen_pb2
+
+    split = example_gen_pb2.Input.Split(name="split", pattern=split_pattern)
+    is_span, is_date, is_version = utils.verify_split_pattern_specs(split)
+    pattern = utils.get_pattern_for_span_version(
+        split_pattern, is_span, is_date, is_version, span, version
+    )
+    return os.path.join(input_base, pattern)
 
 
 def training_data_path(model_dir: str) -> str:
@@ -101,9 +111,15 @@ def training_data_path(model_dir: str) -> str:
     return os.path.join(model_dir, _ASSETS_EXTRA, TRAINING_DATA_FILE)
 
 
-def write_training_data(model_dir: str, examples) -> None:
-    """Record in `model_dir` which data (span, fingerprint, URI) the model was trained on."""
-    storage.write_text(training_data_path(model_dir), json.dumps(training_data(examples), indent=2))
+def write_training_data(model_dir: str, decision) -> None:
+    """Record in `model_dir` which data (span, fingerprint) the gate opened this run for."""
+    data = decided_data(decision)
+    record = {
+        "span": data["span"],
+        "input_fingerprint": data["input_fingerprint"],
+        "decision_uri": decision.uri,
+    }
+    storage.write_text(training_data_path(model_dir), json.dumps(record, indent=2))
 
 
 def newest_served_version(serving_base_path: str) -> str | None:
@@ -251,6 +267,8 @@ def NewDataGate(  # noqa: N802  (TFX component names are class-like)
     decision.set_string_custom_property(FINGERPRINT_KEY, current["input_fingerprint"])
     decision.set_string_custom_property(SERVED_VERSION_KEY, served_version)
     decision.set_string_custom_property(RECIPE_KEY, recipe)
+    if current[VERSION_KEY] is not None:
+        decision.set_int_custom_property(VERSION_KEY, current[VERSION_KEY])
     summary = {NEW_DATA_KEY: int(new_data), REASON_KEY: reason, **current}
     summary[SERVED_VERSION_KEY] = served_version
     storage.write_text(os.path.join(decision.uri, DECISION_FILE), json.dumps(summary, indent=2))
@@ -272,8 +290,7 @@ def RecordRejection(  # noqa: N802  (TFX component names are class-like)
         )
         return
     current = {
-        "span": decision.get_int_custom_property(SPAN_KEY),
-        "input_fingerprint": decision.get_string_custom_property(FINGERPRINT_KEY),
+        **decided_data(decision),
         RECIPE_KEY: decision.get_string_custom_property(RECIPE_KEY),
     }
     path = write_rejection(serving_base_path, current, model_blessing.uri)

@@ -5,17 +5,21 @@ component starts the server as a subprocess instead: the real `tensorflow_model_
 it is on PATH (the van-tfx image ships the one of tensorflow/serving:2.16.1, so every Kubeflow run
 validates with production's server), else our stand-in `van-tfx serve` (same flags, protos and
 status codes; laptops and CI). It loads the candidate, sends real gRPC requests built from
-validation examples to every signature clients use, and blesses only if they all succeed. Which
+validation examples to every signature clients use, and blesses only if they all succeed. The
+examples are the first few records of the validation files of the span the NewDataGate opened
+the run for, read from the data root: open-source KFP's launcher downloads every input artifact
+into the pod, so taking ExampleGen's Examples would copy the whole dataset to read four records.
+Which
 server validated is recorded: the blessing's `model_server` custom property and the first line of
 INFRA_BLESSED / the last of INFRA_NOT_BLESSED ("tensorflow_model_server 2.16.1+..." or
 "van-tfx serve 0.1.0").
 Like InfraValidator with `make_warmup=True`, the blessing carries a copy of the model with
 `assets.extra/tf_serving_warmup_requests`, so Pusher pushes a model TF Serving warms up on load.
-The copy also gets `assets.extra/van_training_data.json` (span, input fingerprint and URI of the
-examples), which the NewDataGate of later runs compares with their data.
+The copy also gets `assets.extra/van_training_data.json` (span and input fingerprint from the
+gate's decision, and its URI), which the NewDataGate of later runs compares with their data.
 
 Artifact URIs are bucket paths (gs://...) on Kubeflow/Vertex, so every read and write of the
-model, the examples and the blessing goes through tf.io.gfile. The server is a subprocess that
+model, the data and the blessing goes through tf.io.gfile. The server is a subprocess that
 wants `<base>/<integer version>/`: a local candidate is linked into a temp base dir as before, a
 remote one is copied there first (a symlink cannot point into a bucket).
 """
@@ -36,10 +40,11 @@ from tensorflow_serving.apis import (
 )
 from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component
-from tfx.types.standard_artifacts import Examples, InfraBlessing, Model
+from tfx.types.experimental.simple_artifacts import File
+from tfx.types.standard_artifacts import InfraBlessing, Model
 from tfx.utils import path_utils
 
-from components.new_data_gate import write_training_data
+from components.new_data_gate import VERSION_KEY, decided_data, span_pattern, write_training_data
 from serving.process import (
     ModelServerBinary,
     ServerStartError,
@@ -61,16 +66,19 @@ class SmokeTestFailure(RuntimeError):
 @component
 def ServingSmokeTest(  # noqa: N802  (TFX component names are class-like)
     model: InputArtifact[Model],
-    examples: InputArtifact[Examples],
+    decision: InputArtifact[File],
     blessing: OutputArtifact[InfraBlessing],
-    split: Parameter[str] = "eval",
+    input_base: Parameter[str],
+    split_pattern: Parameter[str],
     num_examples: Parameter[int] = 4,
     timeout_seconds: Parameter[int] = 300,
 ) -> None:
     """Serve the candidate in a real model server, query both signatures, bless and add warmup."""
     # Our Trainer (GenericExecutor) exports to <uri>/Format-Serving; no estimator export/ layout.
     model_dir = path_utils.serving_model_dir(model.uri, path_utils.is_old_model_artifact(model))
-    records = read_raw_examples(examples.uri, split, num_examples)
+    data = decided_data(decision)
+    pattern = span_pattern(input_base, split_pattern, data["span"], data[VERSION_KEY])
+    records = read_raw_examples(pattern, num_examples)
     try:
         server = model_server_binary()
     except ServerStartError as exc:  # a tensorflow_model_server on PATH that cannot run
@@ -86,7 +94,7 @@ def ServingSmokeTest(  # noqa: N802  (TFX component names are class-like)
     stamped = path_utils.stamped_model_path(blessing.uri)
     copy_model_with_warmup(model_dir, stamped, requests)
     # What this model was trained on travels with it to the serving dir, for the NewDataGate.
-    write_training_data(stamped, examples)
+    write_training_data(stamped, decision)
     storage.write_text(
         os.path.join(blessing.uri, "INFRA_BLESSED"), f"{MODEL_SERVER_KEY}: {server.description}\n"
     )
@@ -102,14 +110,18 @@ def _not_blessed(blessing, server: ModelServerBinary, reason: str) -> None:
     blessing.set_int_custom_property(_BLESSED_KEY, 0)
 
 
-def read_raw_examples(examples_uri: str, split: str, limit: int) -> list[bytes]:
-    """Read up to `limit` serialized tf.Examples from one split of an Examples artifact."""
-    files = sorted(tf.io.gfile.glob(os.path.join(examples_uri, f"Split-{split}", "*")))
+def read_raw_examples(pattern: str, limit: int) -> list[bytes]:
+    """Up to `limit` serialized tf.Examples from the first files matching `pattern`."""
+    files = sorted(tf.io.gfile.glob(pattern))
     if not files:
-        raise SmokeTestFailure(f"no files for split {split!r} under {examples_uri}")
-    # ImportExampleGen's copies keep no compression; TFX's own writer names its GZIP files *.gz.
-    dataset = tf.data.TFRecordDataset(files, tfrecord_compression(files[0])).take(limit)
-    return [record.numpy() for record in dataset]
+        raise SmokeTestFailure(f"no files match {pattern}")
+    records: list[bytes] = []
+    for path in files:  # each with its own compression, as Beam reads them
+        dataset = tf.data.TFRecordDataset(path, tfrecord_compression(path))
+        records += [record.numpy() for record in dataset.take(limit - len(records))]
+        if len(records) == limit:
+            break
+    return records
 
 
 def smoke_test_model(

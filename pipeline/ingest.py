@@ -86,10 +86,12 @@ def statistics_gen(example_gen_component, schema_component) -> tfx.components.St
     )
 
 
-def curated_schema(config: DataConfig, data_root: str, example_gen_component) -> CuratedSchema:
-    """The curated schema with the label max of the ingested span (or data.num_classes)."""
+def curated_schema(config: DataConfig, data_root: str, gate) -> CuratedSchema:
+    """The curated schema with the label max of the gate's span (or data.num_classes)."""
+    # The decision, not ExampleGen's examples: an Examples input would be downloaded whole into
+    # the pod on open-source KFP, to read one synsets.txt.
     return CuratedSchema(
-        examples=example_gen_component.outputs["examples"],
+        decision=gate.outputs["decision"],
         input_base=str(data_root),
         split_pattern=split_patterns(config)[TRAIN_SPLIT],
         schema_file=config.schema_path,

@@ -17,6 +17,7 @@ Compiling reads the config and writes the YAML, nothing else: no data root is re
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,7 @@ def compile_pipeline(
     job = v2.KubeflowV2DagRunner(config=runner_config).run(tfx_pipeline, write_out=False)
     spec = job["pipelineSpec"]
     never_cache(spec, GATE_ID)
+    name_conditions_by_their_inputs(spec)
     # The runner keeps the pipeline root only in the Vertex job wrapper; a bare YAML needs it in
     # the spec itself or KFP falls back to its cluster-wide default bucket.
     spec["defaultPipelineRoot"] = config.kubeflow.pipeline_root
@@ -181,3 +183,35 @@ def never_cache(spec: dict[str, Any], task: str) -> None:
     if task not in tasks:
         raise KubeflowError(f"the compiled pipeline has no task {task!r}")
     tasks[task]["cachingOptions"] = {"enableCache": False}
+
+
+_CONDITION_INPUT = re.compile(r"inputs\.artifacts\['([^']+)'\]")
+
+
+def name_conditions_by_their_inputs(spec: dict[str, Any]) -> None:
+    """Make each task's trigger condition name its inputs as the task does.
+
+    TFX 1.16's step builder encodes a Cond's predicate with the channel key a previous encoding
+    left on it: the first gated task it builds gets `inputs.artifacts['_NewDataGate.decision']`
+    even when it takes the decision as an input named `decision`, and the KFP driver then fails
+    evaluating the condition. Such a key (`_<producer>.<output>`) is renamed to the task's input
+    fed by that producer output; a condition naming no input of its task is an error here.
+    """
+    for name, task in spec["root"]["dag"]["tasks"].items():
+        condition = task.get("triggerPolicy", {}).get("condition")
+        if not condition:
+            continue
+        inputs = task.get("inputs", {}).get("artifacts", {})
+
+        def input_named(match: re.Match, name=name, inputs=inputs) -> str:
+            key = match.group(1)
+            if key in inputs:
+                return match.group(0)
+            producer, _, output = key.lstrip("_").partition(".")
+            for input_name, source in inputs.items():
+                fed_by = source.get("taskOutputArtifact", {})
+                if fed_by == {"producerTask": producer, "outputArtifactKey": output}:
+                    return f"inputs.artifacts['{input_name}']"
+            raise KubeflowError(f"task {name!r}: its condition reads input {key!r}, which it lacks")
+
+        task["triggerPolicy"]["condition"] = _CONDITION_INPUT.sub(input_named, condition)

@@ -61,7 +61,7 @@ def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipel
 def ingest_train_evaluate_push(config: Config, location: PipelineLocation, gate) -> list:
     """Every step after the gate, in order."""
     example_gen = ingest.example_gen(config.data, location.data_root)
-    schema = ingest.curated_schema(config.data, location.data_root, example_gen)
+    schema = ingest.curated_schema(config.data, location.data_root, gate)
     statistics_gen = ingest.statistics_gen(example_gen, schema)
     example_validator = ingest.example_validator(statistics_gen, schema)
     anomalies_gate = ingest.anomalies_gate(example_validator, statistics_gen)
@@ -93,8 +93,13 @@ def ingest_train_evaluate_push(config: Config, location: PipelineLocation, gate)
     # TFX's executor, except that an empty ServedModel (nothing served yet) means no baseline.
     evaluator.executor_spec = executor_spec.BeamExecutorSpec(ServedBaselineEvaluator)
 
+    # Its records come from the data root, not from ExampleGen's output: on open-source KFP an
+    # Examples input is downloaded whole into the pod, to read four records.
     smoke_test = ServingSmokeTest(
-        model=trainer.outputs["model"], examples=example_gen.outputs["examples"]
+        model=trainer.outputs["model"],
+        decision=gate.outputs["decision"],
+        input_base=str(location.data_root),
+        split_pattern=ingest.split_patterns(config.data)[ingest.EVAL_SPLIT],
     )
     # Pushes the smoke-tested copy (it carries TF Serving warmup requests and the record of its
     # training data) only when both the Evaluator and the smoke test blessed it.

@@ -26,11 +26,14 @@ from van_tfx.config import DataConfig
 from van_tfx.data.records import CorruptShardError
 
 
-def examples_of_span(tmp_path: Path, span: int) -> Examples:
-    examples = Examples()
-    examples.uri = str(tmp_path / "examples" / uuid.uuid4().hex)
-    examples.set_int_custom_property("span", span)
-    return examples
+def decision_for_span(tmp_path: Path, span: int, version: int | None = None) -> File:
+    """A NewDataGate decision naming `span` (and `version`), as the gate records them."""
+    decision = File()
+    decision.uri = str(tmp_path / "decision" / uuid.uuid4().hex)
+    decision.set_int_custom_property("span", span)
+    if version is not None:
+        decision.set_int_custom_property("version", version)
+    return decision
 
 
 def label_max(schema_artifact: Schema) -> int:
@@ -40,14 +43,14 @@ def label_max(schema_artifact: Schema) -> int:
     return label.int_domain.max
 
 
-def curate(tmp_path: Path, data: Path, span: int, **params) -> Schema:
+def curate(tmp_path: Path, data: Path, span: int, version: int | None = None, **params) -> Schema:
     schema = Schema()
     schema.uri = str(tmp_path / "schema" / uuid.uuid4().hex)
+    params.setdefault("split_pattern", ingest.split_patterns(DataConfig())["train"])
     CuratedSchema.test_call(
-        examples=examples_of_span(tmp_path, span),
+        decision=decision_for_span(tmp_path, span, version),
         schema=schema,
         input_base=str(data),
-        split_pattern=ingest.split_patterns(DataConfig())["train"],
         **params,
     )
     return schema
@@ -62,6 +65,16 @@ def test_label_max_follows_the_synsets_of_the_ingested_span(tmp_path):
     write_span(data, 2, ["a", "b", "c", "d", "e"])
     assert label_max(curate(tmp_path, data, 1)) == 3
     assert label_max(curate(tmp_path, data, 2)) == 5  # a new span with more classes says so
+
+
+def test_the_synsets_of_the_decided_version_are_read(tmp_path):
+    data = tmp_path / "data"
+    for version, synsets in ((1, "a\nb\n"), (2, "a\nb\nc\nd\n")):
+        (data / "span-3" / f"ver-{version}").mkdir(parents=True)
+        (data / "span-3" / f"ver-{version}" / "synsets.txt").write_text(synsets)
+    pattern = "span-{SPAN}/ver-{VERSION}/train-*"
+    assert label_max(curate(tmp_path, data, 3, 2, split_pattern=pattern)) == 4
+    assert label_max(curate(tmp_path, data, 3, 1, split_pattern=pattern)) == 2
 
 
 def test_num_classes_overrides_and_a_missing_synset_list_leaves_the_max_open(tmp_path, capfd):
@@ -108,9 +121,7 @@ def push(serving: Path, version: int) -> Path:
     tf.saved_model.save(tf.Module(), str(model_dir))
     (model_dir / "assets.extra").mkdir(exist_ok=True)
     (model_dir / "assets.extra" / "van.weights.h5").write_bytes(b"weights")
-    examples = Examples()
-    examples.set_int_custom_property("span", 1)
-    write_training_data(str(model_dir), examples)
+    write_training_data(str(model_dir), decision_for_span(model_dir, 1))
     return model_dir
 
 

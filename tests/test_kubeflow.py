@@ -104,6 +104,35 @@ def test_compiled_dag_has_every_stage_in_order(compiled):
     assert "Transform" in tasks["Trainer"]["dependentTasks"]
     assert "Trainer" in tasks["Evaluator"]["dependentTasks"]
     assert {"Evaluator", "ServingSmokeTest"} <= set(tasks["Pusher"]["dependentTasks"])
+    assert "Evaluator" in tasks["RecordRejection"]["dependentTasks"]
+
+
+def test_every_trigger_condition_reads_an_input_of_its_own_task(compiled):
+    # TFX's step builder named the decision '_NewDataGate.decision' in the first gated task's
+    # condition even where that task takes it as 'decision'; the driver then fails the task.
+    import re
+
+    _, spec = compiled
+    gated = 0
+    for name, task in spec["root"]["dag"]["tasks"].items():
+        condition = task.get("triggerPolicy", {}).get("condition", "")
+        for key in re.findall(r"inputs\.artifacts\['([^']+)'\]", condition):
+            assert key in task["inputs"]["artifacts"], (name, condition)
+            gated += 1
+    assert gated == len(EXPECTED_TASKS) - 1  # all but the gate
+
+
+def test_only_the_steps_that_read_the_data_take_the_examples_artifact(compiled):
+    # The open-source launcher downloads every input artifact into the pod: an Examples input is
+    # a copy of the whole dataset, so only the steps that read every record may take it.
+    _, spec = compiled
+    readers = {
+        name
+        for name, task in spec["root"]["dag"]["tasks"].items()
+        for source in task.get("inputs", {}).get("artifacts", {}).values()
+        if source.get("taskOutputArtifact", {}).get("producerTask") == "ImportExampleGen"
+    }
+    assert readers == {"StatisticsGen", "Transform", "Evaluator"}
 
 
 def test_spec_is_in_the_form_the_open_source_backend_reads(compiled):

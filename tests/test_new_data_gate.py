@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from spans import write_span
 from tfx.types.experimental.simple_artifacts import File
-from tfx.types.standard_artifacts import Examples, ModelBlessing
+from tfx.types.standard_artifacts import ModelBlessing
 from tfx.utils import proto_utils
 
 from components.new_data_gate import (
@@ -29,28 +29,28 @@ from serving.manager import list_versions
 from van_tfx.config import DataConfig, load_config
 
 
-def examples_of(data_root: Path, tmp_path: Path) -> Examples:
-    """The Examples artifact ImportExampleGen would output now: span + input fingerprint."""
+def decision_of(data_root: Path, tmp_path: Path) -> File:
+    """A gate decision naming the span and input fingerprint ImportExampleGen's driver computes
+    for this data now (TFX's calculation, not the gate's: the tests then compare the two)."""
     from tfx.components.example_gen import utils
 
     splits = ingest.input_config(DataConfig()).splits
     fingerprint, span, _ = utils.calculate_splits_fingerprint_span_and_version(
         str(data_root), splits
     )
-    examples = Examples()
-    examples.uri = str(tmp_path / "ImportExampleGen" / "examples" / str(span))
-    # As ImportExampleGen's driver records them (tfx/components/example_gen/driver.py).
-    examples.set_int_custom_property("span", span)
-    examples.set_string_custom_property("input_fingerprint", fingerprint)
-    return examples
+    decision = File()
+    decision.uri = str(tmp_path / GATE_ID / "decision" / uuid.uuid4().hex)
+    decision.set_int_custom_property("span", span)
+    decision.set_string_custom_property("input_fingerprint", fingerprint)
+    return decision
 
 
-def push(serving: Path, version: int, examples: Examples | None) -> Path:
+def push(serving: Path, version: int, decision: File | None) -> Path:
     """A real SavedModel as Pusher leaves it, with the smoke test's training-data record."""
     model_dir = serving / str(version)
     tf.saved_model.save(tf.Module(), str(model_dir))
-    if examples is not None:
-        write_training_data(str(model_dir), examples)
+    if decision is not None:
+        write_training_data(str(model_dir), decision)
     return model_dir
 
 
@@ -108,30 +108,30 @@ def test_nothing_served_yet_means_train(data, tmp_path):
 
 
 def test_same_span_and_fingerprint_as_the_served_model_means_skip(data, tmp_path):
-    examples = examples_of(data, tmp_path)
-    push(tmp_path / "serving", 1700000000, examples)
+    seen = decision_of(data, tmp_path)
+    push(tmp_path / "serving", 1700000000, seen)
     decision = gate(data, tmp_path / "serving", tmp_path)
     assert new_data(decision) == 0
     assert "span 1" in reason(decision) and "1700000000" in reason(decision)
     assert decision.get_string_custom_property(SERVED_VERSION_KEY) == "1700000000"
     written = json.loads(Path(decision.uri, "decision.json").read_text())
     assert written[NEW_DATA_KEY] == 0 and written[REASON_KEY] == reason(decision)
-    fingerprint = examples.get_string_custom_property("input_fingerprint")
+    fingerprint = seen.get_string_custom_property("input_fingerprint")
     assert written["span"] == 1 and written["input_fingerprint"] == fingerprint
 
 
 def test_record_travels_with_the_model(data, tmp_path):
-    examples = examples_of(data, tmp_path)
-    model_dir = push(tmp_path / "serving", 1700000000, examples)
+    decision = decision_of(data, tmp_path)
+    model_dir = push(tmp_path / "serving", 1700000000, decision)
     record = json.loads(Path(training_data_path(str(model_dir))).read_text())
     assert record["span"] == 1
-    assert record["input_fingerprint"] == examples.get_string_custom_property("input_fingerprint")
-    assert record["examples_uri"] == examples.uri
+    assert record["input_fingerprint"] == decision.get_string_custom_property("input_fingerprint")
+    assert record["decision_uri"] == decision.uri
     assert Path(model_dir, "assets.extra", "van_training_data.json").exists()
 
 
 def test_new_span_means_train(data, tmp_path):
-    push(tmp_path / "serving", 1700000000, examples_of(data, tmp_path))
+    push(tmp_path / "serving", 1700000000, decision_of(data, tmp_path))
     write_span(data, 2)
     decision = gate(data, tmp_path / "serving", tmp_path)
     assert new_data(decision) == 1
@@ -139,7 +139,7 @@ def test_new_span_means_train(data, tmp_path):
 
 
 def test_rewritten_files_of_the_same_span_mean_train(data, tmp_path):
-    push(tmp_path / "serving", 1700000000, examples_of(data, tmp_path))
+    push(tmp_path / "serving", 1700000000, decision_of(data, tmp_path))
     shard = data / "span-1" / "train-00000-of-00001"
     stat = shard.stat()
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # re-uploaded
@@ -149,7 +149,7 @@ def test_rewritten_files_of_the_same_span_mean_train(data, tmp_path):
 
 
 def test_force_trains_on_the_same_data(data, tmp_path):
-    push(tmp_path / "serving", 1700000000, examples_of(data, tmp_path))
+    push(tmp_path / "serving", 1700000000, decision_of(data, tmp_path))
     decision = gate(data, tmp_path / "serving", tmp_path, force=True)
     assert new_data(decision) == 1
     assert "forced" in reason(decision)
@@ -164,7 +164,7 @@ def test_model_pushed_without_a_record_means_train(data, tmp_path):
 
 def test_only_the_newest_complete_version_counts(data, tmp_path):
     serving = tmp_path / "serving"
-    push(serving, 1700000000, examples_of(data, tmp_path))
+    push(serving, 1700000000, decision_of(data, tmp_path))
     # A newer version still being pushed (saved_model.pb is copied last) and a non-version dir.
     (serving / "1800000000" / "variables").mkdir(parents=True)
     (serving / "tmp-push").mkdir()
@@ -173,7 +173,7 @@ def test_only_the_newest_complete_version_counts(data, tmp_path):
     assert "1700000000" in reason(decision)
     # A newer complete version trained on other data wins.
     write_span(data, 2)
-    push(serving, 1900000000, examples_of(data, tmp_path))
+    push(serving, 1900000000, decision_of(data, tmp_path))
     (data / "span-2" / "train-00000-of-00001").unlink()  # the data now resolves to span 1 again
     (data / "span-2" / "validation-00000-of-00001").unlink()
     (data / "span-2").rmdir()
@@ -183,7 +183,7 @@ def test_only_the_newest_complete_version_counts(data, tmp_path):
 
 
 def test_unreadable_record_is_an_error_naming_the_file(data, tmp_path):
-    model_dir = push(tmp_path / "serving", 1700000000, examples_of(data, tmp_path))
+    model_dir = push(tmp_path / "serving", 1700000000, decision_of(data, tmp_path))
     Path(training_data_path(str(model_dir))).write_text("{not json")
     with pytest.raises(TrainingDataRecordError, match="van_training_data.json is not valid JSON"):
         gate(data, tmp_path / "serving", tmp_path)
@@ -191,7 +191,7 @@ def test_unreadable_record_is_an_error_naming_the_file(data, tmp_path):
 
 def test_a_rejected_candidate_is_not_retrained_on_the_same_data_and_recipe(data, tmp_path):
     serving = tmp_path / "serving"
-    push(serving, 1700000000, examples_of(data, tmp_path))
+    push(serving, 1700000000, decision_of(data, tmp_path))
     write_span(data, 2)
     first = gate(data, serving, tmp_path)
     assert new_data(first) == 1

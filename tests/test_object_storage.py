@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
-from tfx.types.standard_artifacts import Examples, InfraBlessing, Model
+from tfx.types.experimental.simple_artifacts import File
+from tfx.types.standard_artifacts import InfraBlessing, Model
 
 from components.serving_smoke_test import MODEL_SERVER_KEY, ServingSmokeTest
 from serving import testing
@@ -140,12 +141,17 @@ def export_candidate(model_uri: str, with_classify: bool = True) -> str:
     return path
 
 
-def write_examples(examples_uri: str) -> None:
-    """ImportExampleGen's layout: GZIP'ed tf.Examples under Split-<name>/ (image + feature x)."""
-    for split, count in (("train", 2), ("eval", 5)):
-        path = os.path.join(examples_uri, f"Split-{split}", "data_tfrecord-00000-of-00001.gz")
+EVAL_PATTERN = "span-{SPAN}/validation-*"
+
+
+def write_examples(data_root: str, span: int = 3) -> None:
+    """A span's validation shards on object storage: tf.Examples (image + feature x), one GZIP'ed
+    *.gz shard and one plain shard, as a data root may hold them."""
+    for shard, (count, options) in enumerate(((2, "GZIP"), (3, None))):
+        suffix = ".gz" if options else ""
+        path = f"{data_root}/span-{span}/validation-{shard:05d}-of-00002{suffix}"
         tf.io.gfile.makedirs(os.path.dirname(path))
-        with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+        with tf.io.TFRecordWriter(path, options=options) as writer:
             for i in range(count):
                 example = tf.train.Example()
                 rgb = (40 * i, 200 - 30 * i, 90)
@@ -155,18 +161,30 @@ def write_examples(examples_uri: str) -> None:
                 writer.write(example.SerializeToString())
 
 
-def artifacts(root: str, with_classify: bool = True) -> tuple[Model, Examples, InfraBlessing]:
+def artifacts(root: str, with_classify: bool = True) -> tuple[Model, File, InfraBlessing]:
     model = Model()
     model.uri = f"{root}/Trainer/model/7"
     export_candidate(model.uri, with_classify)
-    examples = Examples()
-    examples.uri = f"{root}/ImportExampleGen/examples/3"
-    examples.set_int_custom_property("span", 3)
-    examples.set_string_custom_property("input_fingerprint", "split:eval,num_files:1,...")
-    write_examples(examples.uri)
+    decision = File()
+    decision.uri = f"{root}/NewDataGate/decision/3"
+    decision.set_int_custom_property("span", 3)
+    decision.set_string_custom_property("input_fingerprint", "split:eval,num_files:2,...")
+    write_examples(f"{root}/data")
     blessing = InfraBlessing()
     blessing.uri = f"{root}/ServingSmokeTest/blessing/9"
-    return model, examples, blessing
+    return model, decision, blessing
+
+
+def smoke_test(root: str, model: Model, decision: File, blessing: InfraBlessing) -> None:
+    """ServingSmokeTest as the pipeline wires it, on `root`'s data."""
+    ServingSmokeTest.test_call(
+        model=model,
+        decision=decision,
+        blessing=blessing,
+        input_base=f"{root}/data",
+        split_pattern=EVAL_PATTERN,
+        num_examples=NUM_EXAMPLES,
+    )
 
 
 def test_smoke_test_serves_a_model_on_object_storage_and_writes_the_stamped_copy_there(
@@ -176,10 +194,8 @@ def test_smoke_test_serves_a_model_on_object_storage_and_writes_the_stamped_copy
     log = fake_tf_serving(tmp_path)
     path_without_tf_serving.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     root = ram_root()
-    model, examples, blessing = artifacts(root)
-    ServingSmokeTest.test_call(
-        model=model, examples=examples, blessing=blessing, num_examples=NUM_EXAMPLES
-    )
+    model, decision, blessing = artifacts(root)
+    smoke_test(root, model, decision, blessing)
 
     described = f"tensorflow_model_server {FAKE_VERSION}"
     assert blessing.get_string_custom_property(MODEL_SERVER_KEY) == described
@@ -227,8 +243,8 @@ def test_smoke_test_serves_a_model_on_object_storage_and_writes_the_stamped_copy
         record = json.loads(handle.read())
     assert record == {
         "span": 3,
-        "input_fingerprint": "split:eval,num_files:1,...",
-        "examples_uri": examples.uri,
+        "input_fingerprint": "split:eval,num_files:2,...",
+        "decision_uri": decision.uri,
     }
     # What was served is readable as a SavedModel where Pusher picks it up.
     served = tf.saved_model.load(stamped)
@@ -237,10 +253,9 @@ def test_smoke_test_serves_a_model_on_object_storage_and_writes_the_stamped_copy
 
 def test_smoke_test_failure_on_object_storage_writes_not_blessed_there(path_without_tf_serving):
     # Without tensorflow_model_server on PATH (laptops, CI), the van-tfx serve stand-in validates.
-    model, examples, blessing = artifacts(ram_root(), with_classify=False)
-    ServingSmokeTest.test_call(
-        model=model, examples=examples, blessing=blessing, num_examples=NUM_EXAMPLES
-    )
+    root = ram_root()
+    model, decision, blessing = artifacts(root, with_classify=False)
+    smoke_test(root, model, decision, blessing)
     assert blessing.get_int_custom_property("blessed") == 0
     described = blessing.get_string_custom_property(MODEL_SERVER_KEY)
     assert described.startswith("van-tfx serve ")
@@ -250,14 +265,20 @@ def test_smoke_test_failure_on_object_storage_writes_not_blessed_there(path_with
     assert not tf.io.gfile.exists(f"{blessing.uri}/stamped_model")
 
 
-def test_smoke_test_names_the_split_when_object_storage_has_no_examples():
+def test_smoke_test_reads_shards_in_order_and_names_a_pattern_with_no_files():
     from components.serving_smoke_test import SmokeTestFailure, read_raw_examples
 
     root = ram_root()
-    write_examples(f"{root}/examples")
-    assert len(read_raw_examples(f"{root}/examples", "eval", 10)) == 5
-    with pytest.raises(SmokeTestFailure, match="no files for split 'test'"):
-        read_raw_examples(f"{root}/examples", "test", 10)
+    write_examples(f"{root}/data")
+    xs = [
+        tf.train.Example.FromString(r).features.feature["x"].float_list.value[0]
+        for r in read_raw_examples(f"{root}/data/span-3/validation-*", 10)
+    ]
+    # the .gz shard, then the plain one
+    assert xs == pytest.approx([0.0, 40 / 255, 0.0, 40 / 255, 80 / 255])
+    assert len(read_raw_examples(f"{root}/data/span-3/validation-*", 3)) == 3
+    with pytest.raises(SmokeTestFailure, match="no files match .*/span-4/validation-"):
+        read_raw_examples(f"{root}/data/span-4/validation-*", 10)
 
 
 def test_the_stand_in_serves_when_no_tensorflow_model_server_is_on_path(path_without_tf_serving):
@@ -271,10 +292,9 @@ def test_a_broken_binary_on_path_fails_the_smoke_test_instead_of_falling_back(
 ):
     fake_tf_serving(tmp_path, version_output="")
     path_without_tf_serving.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    model, examples, blessing = artifacts(ram_root())
-    ServingSmokeTest.test_call(
-        model=model, examples=examples, blessing=blessing, num_examples=NUM_EXAMPLES
-    )
+    root = ram_root()
+    model, decision, blessing = artifacts(root)
+    smoke_test(root, model, decision, blessing)
     assert blessing.get_int_custom_property("blessed") == 0
     with tf.io.gfile.GFile(f"{blessing.uri}/INFRA_NOT_BLESSED") as handle:
         text = handle.read()

@@ -201,7 +201,7 @@ def test_pushed_model_records_the_data_it_was_trained_on(home, first_run):
     model_dir = home / "serving" / "van" / first_run["pushed_version"]
     record = json.loads((model_dir / "assets.extra" / "van_training_data.json").read_text())
     assert record["span"] == 1 and record["input_fingerprint"]
-    assert "ImportExampleGen" in record["examples_uri"]
+    assert "NewDataGate" in record["decision_uri"]
 
 
 def test_gate_trains_nothing_on_the_data_of_the_served_model(home, same_data_run):
