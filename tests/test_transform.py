@@ -32,19 +32,23 @@ def write_small_sample(root: Path, train: int = 200, validation: int = 100) -> l
 
 
 def run_ingest_and_transform(tmp: Path, data_root: Path, *, with_transform: bool) -> dict:
-    """Run ImportExampleGen → StatisticsGen → CuratedSchema → ExampleValidator → gate (→ Transform)."""
+    """Run NewDataGate → ImportExampleGen → StatisticsGen → CuratedSchema → ExampleValidator →
+    AnomaliesGate (→ Transform)."""
     from tfx import v1 as tfx
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
 
     from pipeline import ingest
 
     config = DataConfig(examples_per_shard=PER_SHARD)
+    # The new-data gate names the span CuratedSchema reads synsets.txt from (it always trains
+    # here: nothing is served from the empty serving path).
+    new_data = ingest.new_data_gate(config, str(data_root), str(tmp / "serving"), force=False)
     example_gen = ingest.example_gen(config, str(data_root))
-    schema = ingest.curated_schema(config, str(data_root), example_gen)
+    schema = ingest.curated_schema(config, str(data_root), new_data)
     statistics = ingest.statistics_gen(example_gen, schema)
     validator = ingest.example_validator(statistics, schema)
     gate = ingest.anomalies_gate(validator, statistics)
-    components = [example_gen, statistics, schema, validator, gate]
+    components = [new_data, example_gen, statistics, schema, validator, gate]
     if with_transform:
         transform = ingest.transform(
             config, example_gen.outputs["examples"], schema.outputs["schema"]
@@ -218,6 +222,29 @@ def test_damaged_image_in_eval_split_fails_transform_naming_the_record(tmp_path,
     message = str(failure.value)
     assert name in message
     assert "not a complete, decodable JPEG or PNG" in message
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_a_label_that_disagrees_with_its_synset_stops_transform_naming_the_record(tmp_path, split):
+    # In the training split the class list refuses the pair while it is made (one analysis
+    # pass); in the eval split each record is checked against that list.
+    write_small_sample(tmp_path / "data", train=60, validation=30)
+    shard = next((tmp_path / "data" / "span-1").glob(f"{split}-00000-of-*"))
+
+    def relabel_one(records):
+        label = records[5].features.feature[features.LABEL].int64_list
+        label.value[0] = label.value[0] % 10 + 1  # another class's label, same synset
+
+    records = rewrite_shard(shard, relabel_one)
+    name = records[5].features.feature[features.IMAGE_FILENAME].bytes_list.value[0].decode()
+    with pytest.raises(Exception) as failure:
+        run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=True)
+    message = str(failure.value)
+    assert name in message
+    if split == "train":
+        assert "labels with more than one synset" in message
+    else:
+        assert "which disagree with the class list of the training split" in message
 
 
 def _photo(width: int, height: int, fmt: str = "JPEG") -> bytes:

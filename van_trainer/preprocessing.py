@@ -18,6 +18,7 @@ from typing import Any
 
 import tensorflow as tf
 import tensorflow_transform as tft
+from tensorflow_transform import annotators as tft_annotators
 
 from van_tfx import features
 from van_tfx.config import DataConfig
@@ -66,12 +67,13 @@ def preprocessing_fn(
     filenames = _column(inputs.get(features.IMAGE_FILENAME), b"<no image/filename>", encoded)
     synsets = _column(inputs[features.SYNSET], b"")
     labels = tf.cast(_column(inputs[features.LABEL], -1), tf.int64)
-    ids = class_ids(synsets, labels)
+    vocabulary, count = class_vocabulary(labels, synsets, filenames)
+    ids = tft.apply_vocabulary(synsets, vocabulary, default_value=-1)
     # Assert ops (and the tf.data ops of image_decodes, stateful too) also run while TFT
-    # analyzes, when the vocabulary is still a placeholder whose size reads 0: the checks that
-    # need the vocabulary, or that cost a decode, wait for the real one, so they run once per
+    # analyzes, when the class count is still a placeholder that reads 0: the checks that
+    # need the class list, or that cost a decode, wait for the real one, so they run once per
     # record (when it is transformed).
-    analyzed = tft.experimental.get_vocabulary_size_by_name(features.SYNSET_VOCABULARY) > 0
+    analyzed = count > 0
     headers = image_headers(encoded)  # one header parse per batch for the checks and the store
     affordable = declared_pixels(headers) <= max_pixels
     # Only images whose header gives an affordable size reach a decoder: an unreadable header
@@ -374,22 +376,32 @@ def rgb_on_white(encoded: tf.Tensor) -> tf.Tensor:
 # ---- labels -----------------------------------------------------------------------------------
 
 
-def class_ids(synsets: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-    """0-based class ids from the `synsets` vocabulary, ordered like the sorted synset list.
+def class_vocabulary(
+    labels: tf.Tensor, synsets: tf.Tensor, filenames: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """(the `synsets` vocabulary file, its length): label i's synset on line i - 1.
 
-    TFT orders a vocabulary by decreasing (weighted) frequency. Weighting each example by
-    (max_label + 1 - label) / count(label) makes synset number `label` total exactly
-    max_label + 1 - label, so the vocabulary comes out in label order (= sorted synset order)
-    whatever the class frequencies, and class id == image/class/label - 1 (check_labels).
+    One analyzer over the distinct (label, synset) pairs (van_trainer/class_list.py), in the same
+    analysis pass as everything else: TFT's frequency-ordered vocabulary needed label-count
+    weights, i.e. a second pass over the training split, to come out in label order.
     """
-    keys, counts = tft.count_per_key(labels)
-    matches = tf.equal(labels[:, tf.newaxis], keys[tf.newaxis, :])
-    count = tf.reduce_sum(tf.where(matches, counts[tf.newaxis, :], 0), axis=1)
-    rank = tf.cast(tft.max(labels) + 1 - labels, tf.float32)
-    weights = rank / tf.cast(tf.maximum(count, 1), tf.float32)
-    return tft.compute_and_apply_vocabulary(
-        synsets, vocab_filename=features.SYNSET_VOCABULARY, weights=weights, default_value=-1
+    from van_trainer.class_list import PLACEHOLDER, ClassList
+
+    columns = [labels, synsets, filenames]
+    (path,) = tft.experimental.ptransform_analyzer(
+        columns,
+        ClassList("path"),
+        [tf.string],
+        [[]],
+        output_asset_default_values=[PLACEHOLDER],
+        name="class_list",
     )
+    (count,) = tft.experimental.ptransform_analyzer(
+        columns, ClassList("count"), [tf.int64], [[]], name="class_count"
+    )
+    # What tft.vocabulary registers, so tft.experimental.get_vocabulary_size_by_name works too.
+    tft_annotators.annotate_vocab_size(features.SYNSET_VOCABULARY, count)
+    return path, count
 
 
 def check_labels(
@@ -399,8 +411,9 @@ def check_labels(
     filenames: tf.Tensor,
     analyzed: tf.Tensor,
 ) -> tf.Operation:
-    """An assertion, once the vocabulary exists, that every class id is image/class/label - 1;
-    it names the first record where it is not, with its label and synset."""
+    """An assertion, once the class list exists, that every class id is image/class/label - 1;
+    it names the first record where it is not, with its label and synset (the training split's
+    pairs are checked while the list is made; this catches the eval split's)."""
     good = tf.equal(ids, labels - 1)
     first = _first_false(good)
     return tf.debugging.Assert(
@@ -412,9 +425,10 @@ def check_labels(
             _value_at(labels, first, tf.constant(0, tf.int64)),
             "and image/class/synset",
             _value_at(synsets, first, ""),
-            "which disagree: label - 1 must be the position of the synset in the sorted list "
-            "(labels 1..N in synset order; a class absent from the analyzed split also causes "
-            "this).",
+            # No apostrophes: tf.debugging.Assert prints each string as a Python repr.
+            "which disagree with the class list of the training split: label - 1 must be the "
+            "position of the synset in it (labels 1..N, one synset each; a synset absent from "
+            "the training split also causes this).",
         ],
         name="label_matches_synset",
     )

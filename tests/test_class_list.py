@@ -1,0 +1,113 @@
+"""The training split's class list: one analysis pass, label order, records named when it breaks."""
+
+from __future__ import annotations
+
+import tempfile
+
+import apache_beam as beam
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_transform as tft
+import tensorflow_transform.beam as tft_beam
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from van_tfx import features
+from van_trainer import preprocessing
+from van_trainer.class_list import ClassListError, class_list, pairs_in_batch
+
+
+def pairs(*items: tuple[int, bytes, bytes]) -> list:
+    return [((label, synset), name) for label, synset, name in items]
+
+
+def test_the_list_is_in_label_order_whatever_the_synsets_sort_order():
+    listed = class_list(pairs((2, b"a", b"x.jpg"), (1, b"z", b"y.jpg"), (3, b"m", b"w.jpg")))
+    assert listed == [b"z", b"a", b"m"]
+
+
+def test_a_batch_gives_each_distinct_pair_once_with_its_smallest_filename():
+    batch = (
+        np.array([[1], [2], [1], [1]]),
+        np.array([[b"n1"], [b"n2"], [b"n1"], [b"n1"]]),
+        np.array([[b"c.jpg"], [b"b.jpg"], [b"a.jpg"], [b"d.jpg"]]),
+    )
+    assert sorted(pairs_in_batch(batch)) == [((1, b"n1"), b"a.jpg"), ((2, b"n2"), b"b.jpg")]
+
+
+@pytest.mark.parametrize(
+    "items, says",
+    [
+        (
+            [(1, b"n1", b"a.jpg"), (1, b"n2", b"b.jpg"), (2, b"n3", b"c.jpg")],
+            "labels with more than one synset: label 1 with synset n1 (record image/filename "
+            "= a.jpg); label 1 with synset n2 (record image/filename = b.jpg)",
+        ),
+        (
+            [(1, b"n1", b"a.jpg"), (2, b"n1", b"b.jpg")],
+            "synsets with more than one label: label 1 with synset n1",
+        ),
+        ([(1, b"n1", b"a.jpg"), (4, b"n4", b"b.jpg")], "no record in the training split: 2, 3"),
+        ([(0, b"n0", b"a.jpg"), (1, b"n1", b"b.jpg")], "labels below 1: label 0 with synset n0"),
+        ([(1, b"n\n1", b"a.jpg")], "synsets with line breaks: label 1 with synset n\n1"),
+        ([], "has no records"),
+    ],
+    ids=["two-synsets", "two-labels", "gap", "zero", "newline", "empty"],
+)
+def test_a_broken_class_list_is_refused_naming_records(items, says):
+    with pytest.raises(ClassListError, match=None) as failure:
+        class_list(pairs(*items))
+    assert says in str(failure.value)
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(-2, 12), st.sampled_from([b"a", b"b", b"c", b"d", b"e", b""])),
+        max_size=20,
+    )
+)
+@example([(1, b"a"), (2, b"b"), (1, b"a")])
+def test_the_list_exists_exactly_when_labels_are_1_to_n_one_to_one(raw):
+    items = pairs(*[(label, synset, f"{i}.jpg".encode()) for i, (label, synset) in enumerate(raw)])
+    distinct = {(label, synset) for label, synset in raw}
+    labels = {label for label, _ in distinct}
+    valid = (
+        bool(distinct)
+        and labels == set(range(1, len(labels) + 1))
+        and len(distinct) == len(labels) == len({synset for _, synset in distinct})
+        and all(synset for _, synset in distinct)
+    )
+    first = {}
+    for key, name in items:
+        first[key] = min(first.get(key, name), name)
+    if valid:
+        listed = class_list(list(first.items()))
+        assert all(listed[label - 1] == synset for label, synset in distinct)
+    else:
+        with pytest.raises(ClassListError):
+            class_list(list(first.items()))
+
+
+def analysis_phases(preprocessing_fn) -> list[str]:
+    """The analysis phases tf.Transform plans for `preprocessing_fn` over the raw schema."""
+    spec = {
+        features.IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string),
+        features.IMAGE_FILENAME: tf.io.FixedLenFeature([], tf.string),
+        features.LABEL: tf.io.FixedLenFeature([], tf.int64),
+        features.SYNSET: tf.io.FixedLenFeature([], tf.string),
+    }
+    pipeline = beam.Pipeline()
+    with tft_beam.Context(temp_dir=tempfile.mkdtemp()):
+        raw = pipeline | beam.Create([])
+        _ = (raw, tft.DatasetMetadata.from_feature_spec(spec)) | tft_beam.AnalyzeDataset(
+            preprocessing_fn
+        )
+    names = {t.unique_name for t in pipeline.to_runner_api().components.transforms.values()}
+    return sorted({n.split("/")[1] for n in names if "/ApplySavedModel[Phase" in n})
+
+
+def test_transform_reads_the_training_split_once_to_analyze_it():
+    # Besides the pass that transforms it: the class list is found in the same pass as anything
+    # else the preprocessing_fn analyzes (the weighted vocabulary needed a second one).
+    assert analysis_phases(preprocessing.preprocessing_fn) == ["ApplySavedModel[Phase0]"]

@@ -1,0 +1,134 @@
+"""The class list of a training split in one analysis pass: label i's synset on line i - 1.
+
+TFT's vocabulary orders its entries by frequency, so label order (= sorted synset order) needs
+weights that depend on each label's count, i.e. a second analysis phase that reads the whole
+training split again (~146 GB at ImageNet-1k) only to order ~1,000 strings. This Beam analyzer,
+run through `tft.experimental.ptransform_analyzer`, reduces the split to its distinct
+(label, synset) pairs in the same pass as any other analyzer, checks that they are the list
+1..N one-to-one, and writes that list as the `synsets` vocabulary file (TFTransformOutput's
+`vocabulary_by_name` finds it by that name). A record that breaks the list is named by its
+image/filename (the smallest one among those with the offending pair).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import apache_beam as beam
+import numpy as np
+from tensorflow_transform.beam.experimental.analyzer_impls import PTransformAnalyzer
+
+from van_tfx import features
+
+# What the vocabulary file holds before analysis (TFT's own placeholder for vocabularies).
+PLACEHOLDER = b"TEMPORARY_ASSET_VALUE"
+# Pairs named in one error message; the rest are counted.
+_NAMED = 5
+
+
+class ClassListError(ValueError):
+    """The training split's labels and synsets are not the list 1..N, one-to-one."""
+
+
+def pairs_in_batch(batch) -> list[tuple[tuple[int, bytes], bytes]]:
+    """((label, synset), smallest image/filename) for each distinct pair of one batch."""
+    labels, synsets, filenames = (np.asarray(column).reshape(-1) for column in batch)
+    first: dict[tuple[int, bytes], bytes] = {}
+    for label, synset, filename in zip(
+        labels.tolist(), synsets.tolist(), filenames.tolist(), strict=True
+    ):
+        key = (label, synset)
+        if key not in first or filename < first[key]:
+            first[key] = filename
+    return list(first.items())
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "backslashreplace")[:200]
+
+
+def _named(pairs: list[tuple[tuple[int, bytes], bytes]]) -> str:
+    shown = [
+        f"label {label} with synset {_text(synset)} (record image/filename = {_text(name)})"
+        for (label, synset), name in sorted(pairs)[:_NAMED]
+    ]
+    more = len(pairs) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+
+
+def class_list(pairs: list[tuple[tuple[int, bytes], bytes]]) -> list[bytes]:
+    """The synsets in label order, from every distinct (label, synset) pair of the split."""
+    if not pairs:
+        raise ClassListError("the training split has no records: there is no class list")
+    by_label: dict[int, list] = {}
+    by_synset: dict[bytes, list] = {}
+    for pair in pairs:
+        (label, synset), _ = pair
+        by_label.setdefault(label, []).append(pair)
+        by_synset.setdefault(synset, []).append(pair)
+    problems = []
+    shared = [p for group in by_label.values() if len(group) > 1 for p in group]
+    if shared:
+        problems.append(f"labels with more than one synset: {_named(shared)}")
+    reused = [p for group in by_synset.values() if len(group) > 1 for p in group]
+    if reused:
+        problems.append(f"synsets with more than one label: {_named(reused)}")
+    below = [p for p in pairs if p[0][0] < 1]
+    if below:
+        problems.append(f"labels below 1: {_named(below)}")
+    # One synset per line of the vocabulary file: an empty one or one with a line break can't be.
+    unwritable = [p for p in pairs if not p[0][1] or b"\n" in p[0][1] or b"\r" in p[0][1]]
+    if unwritable:
+        problems.append(f"empty synsets or synsets with line breaks: {_named(unwritable)}")
+    top = max(by_label)
+    missing = sorted(set(range(1, top + 1)) - set(by_label))
+    if missing:
+        listed = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+        problems.append(
+            f"labels with no record in the training split: {listed} (of 1..{top}; every "
+            "class needs training images)"
+        )
+    if problems:
+        raise ClassListError(
+            f"{features.LABEL} and {features.SYNSET} of the training split must number the "
+            f"classes 1..N, one synset per label: {' | '.join(problems)}"
+        )
+    return [by_label[label][0][0][1] for label in range(1, top + 1)]
+
+
+class ClassList(PTransformAnalyzer):
+    """Batches of (labels, synsets, filenames) -> the class list file's path, or its length."""
+
+    def __init__(self, output: str):
+        super().__init__()
+        if output not in ("path", "count"):
+            raise ValueError(f"output must be 'path' or 'count', got {output!r}")
+        self._output = output
+
+    def expand(self, batches):
+        """Distinct pairs of the whole split, checked, as one file path or one count."""
+        listed = (
+            batches
+            | "PairsPerBatch" >> beam.FlatMap(pairs_in_batch)
+            | "FirstRecordPerPair" >> beam.CombinePerKey(min)
+            | "AllPairs" >> beam.combiners.ToList()
+            | "ClassList" >> beam.Map(class_list)
+        )
+        if self._output == "count":
+            return listed | "Count" >> beam.Map(lambda names: np.int64(len(names)))
+        return listed | "Write" >> beam.Map(write_class_list, self.base_temp_dir)
+
+
+def write_class_list(names: list[bytes], base_temp_dir: str) -> bytes:
+    """Write the synsets one per line as <temp>/<unique>/synsets; returns the path."""
+    import tensorflow as tf
+
+    # A directory of its own: the file must be named like the vocabulary for TFT to find it,
+    # and a retried bundle must not overwrite a file another attempt returned.
+    directory = os.path.join(base_temp_dir, f"class_list_{uuid.uuid4().hex}")
+    tf.io.gfile.makedirs(directory)
+    path = os.path.join(directory, features.SYNSET_VOCABULARY)
+    with tf.io.gfile.GFile(path, "wb") as handle:
+        handle.write(b"".join(name + b"\n" for name in names))
+    return path.encode()
