@@ -37,7 +37,7 @@ from tfx.dsl.component.experimental.decorators import component
 from tfx.types.experimental.simple_artifacts import File
 from tfx.types.standard_artifacts import ModelBlessing
 
-from serving.manager import list_versions
+from serving.manager import version_dirs
 from van_tfx import storage
 
 GATE_ID = "NewDataGate"
@@ -123,11 +123,12 @@ def write_training_data(model_dir: str, decision) -> None:
 
 
 def newest_served_version(serving_base_path: str) -> str | None:
-    """The version TF Serving would serve: the highest integer dir holding saved_model.pb."""
+    """The directory of the version TF Serving would serve: the highest integer dir holding
+    saved_model.pb, named as it is on disk (`007` stays `007`)."""
     # The model server's own listing: a version still being pushed (no saved_model.pb yet, the
     # Pusher copies it last) is not served, so it is not what the data is compared with.
-    versions = list_versions(serving_base_path)
-    return str(versions[-1]) if versions else None
+    dirs = version_dirs(serving_base_path) or {}
+    return dirs[max(dirs)] if dirs else None
 
 
 def read_training_data(model_dir: str) -> dict | None:

@@ -27,7 +27,7 @@ from tfx.types.standard_artifacts import Model
 from tfx.utils import path_utils
 
 from components.new_data_gate import SERVED_VERSION_KEY
-from serving.manager import list_versions
+from serving.manager import version_dirs
 from van_tfx import storage
 
 SERVED_MODEL_ID = "ServedModel"
@@ -45,7 +45,7 @@ def served_version(model) -> str:
 
 def copy_served_version(serving_base_path: str, version: str, model_uri: str) -> str:
     """Copy `<serving_base_path>/<version>` to where TFX looks for the model of `model_uri`."""
-    if int(version) not in list_versions(serving_base_path):
+    if version not in (version_dirs(serving_base_path) or {}).values():
         raise ServedModelError(
             f"served version {version} is no longer complete under {serving_base_path} "
             "(removed or being replaced since the NewDataGate looked); rerun the pipeline"

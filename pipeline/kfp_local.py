@@ -26,7 +26,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pipeline.kfp_backend import LOGS_OUTPUT, LOGS_SCHEMA_TITLE, TaskFailed
 from pipeline.kfp_backend.compiler import check_compiles
@@ -139,7 +138,7 @@ def run_pipeline_spec(
     path: str | Path,
     *,
     pipeline_root: str | None = None,
-    params: dict[str, Any] | None = None,
+    params: dict[str, str] | None = None,
     publish_logs: bool = True,
     parallelism: int | None = None,
     echo=print,

@@ -36,7 +36,8 @@ def _add_kfp_local(subparsers) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a pipeline parameter (YAML value), repeatable",
+        help="a pipeline parameter, typed as the spec declares it (text as typed for a STRING, "
+        "JSON for a LIST or STRUCT), repeatable",
     )
     parser.add_argument(
         "--pipeline-root", help="local directory for artifacts (default: the spec's, if local)"
@@ -169,8 +170,6 @@ def kfp_local_command(args) -> int:
     """Replay a compiled spec locally; print the outcome like `van-tfx run`."""
     import contextlib
 
-    import yaml
-
     from pipeline import kfp_local
     from pipeline.outcome import outcome_as_dict, print_outcome
 
@@ -180,7 +179,7 @@ def kfp_local_command(args) -> int:
             name, sep, raw = item.partition("=")
             if not sep or not name:
                 raise KubeflowError(f"--param {item!r} must look like NAME=VALUE")
-            params[name] = yaml.safe_load(raw) if raw.strip() else ""
+            params[name] = raw  # typed as the spec declares the parameter (state.py)
         # Tasks write to their own log files; stdout stays for the outcome (e.g. --json).
         with contextlib.redirect_stdout(sys.stderr):
             summary = kfp_local.run_pipeline_spec(

@@ -138,6 +138,15 @@ def test_served_version_is_copied_where_trainer_and_evaluator_look(tmp_path):
     assert model.get_string_custom_property(SERVED_VERSION_KEY) == "1700000000"
 
 
+def test_a_version_directory_with_leading_zeros_is_copied_from_where_it_is(tmp_path):
+    serving = tmp_path / "serving"
+    push(serving, 1700000000).rename(serving / "007")
+    model = served_model(tmp_path, serving, "007")
+    assert (Path(model.uri, "Format-Serving") / "saved_model.pb").read_bytes() == (
+        serving / "007" / "saved_model.pb"
+    ).read_bytes()
+
+
 def test_nothing_served_gives_an_empty_model(tmp_path):
     model = served_model(tmp_path, tmp_path / "serving", "")
     assert model.get_string_custom_property(SERVED_VERSION_KEY) == ""

@@ -280,3 +280,45 @@ def test_compiled_spec_round_trips_as_yaml(tmp_path):
     spec = yaml.safe_load(path.read_text())
     assert spec["schemaVersion"] == "2.1.0"
     assert "constantValue" not in path.read_text()
+
+
+def spec_with_parameters(**types: int):
+    """A PipelineSpec whose root declares parameters of the given ParameterType numbers."""
+    spec = pipeline_spec_pb2.PipelineSpec()
+    for name, parameter_type in types.items():
+        spec.root.input_definitions.parameters[name].parameter_type = parameter_type
+    return spec
+
+
+def test_param_values_are_typed_as_the_spec_declares_them():
+    from pipeline.kfp_backend.state import root_parameter_values
+
+    spec = spec_with_parameters(s=3, f=1, i=2, b=4, l=5, d=6)
+    given = {"s": "007", "f": "1e-3", "i": "12", "b": "True", "l": "[1, \"a\"]", "d": '{"k": 2}'}
+    values = {
+        name: json_format.MessageToDict(value)
+        for name, value in root_parameter_values(spec, given).items()
+    }
+    assert values == {"s": "007", "f": 0.001, "i": 12.0, "b": True, "l": [1, "a"], "d": {"k": 2}}
+
+
+@pytest.mark.parametrize(
+    "name, text, says",
+    [
+        ("i", "1.5", "i is a NUMBER_INTEGER parameter; give a whole number"),
+        ("f", "nan", "give a finite number"),
+        ("f", "ten", "give a number"),
+        ("b", "yes", "give true or false"),
+        ("l", "{}", "give a JSON list"),
+        ("d", "{oops", "give JSON"),
+    ],
+)
+def test_a_param_that_is_not_of_its_declared_type_is_refused_naming_it(name, text, says):
+    from pipeline.kfp_backend import KubeflowError
+    from pipeline.kfp_backend.state import root_parameter_values
+
+    types = {"f": 1, "i": 2, "b": 4, "l": 5, "d": 6}
+    spec = spec_with_parameters(**{name: types[name]})
+    with pytest.raises(KubeflowError, match=f"--param {name}=") as refused:
+        root_parameter_values(spec, {name: text})
+    assert says in str(refused.value)

@@ -182,6 +182,17 @@ def test_only_the_newest_complete_version_counts(data, tmp_path):
     assert "1900000000" in reason(decision)
 
 
+def test_a_version_directory_with_leading_zeros_is_read_where_it_is(data, tmp_path):
+    # TF Serving reads `007` as version 7 and serves it from `007`; so do the gate and the copy.
+    serving = tmp_path / "serving"
+    model_dir = push(serving, 5, decision_of(data, tmp_path))
+    model_dir.rename(serving / "007")
+    decision = gate(data, serving, tmp_path)
+    assert new_data(decision) == 0, reason(decision)
+    assert decision.get_string_custom_property(SERVED_VERSION_KEY) == "007"
+    assert "served version 007" in reason(decision)
+
+
 def test_unreadable_record_is_an_error_naming_the_file(data, tmp_path):
     model_dir = push(tmp_path / "serving", 1700000000, decision_of(data, tmp_path))
     Path(training_data_path(str(model_dir))).write_text("{not json")

@@ -15,23 +15,17 @@ from pipeline.kfp_backend import (
     NotReplayed,
     TaskFailed,
 )
-from pipeline.kfp_backend.metadata import runtime_artifact_of, value_as_text
+from pipeline.kfp_backend.metadata import (
+    PARAMETER_TYPE_NAMES,
+    runtime_artifact_of,
+    value_as_text,
+)
 from pipeline.kfp_backend.state import RunState
 
 _RUNTIME_VALUE_TYPES = {  # Go's %T of each ValueOrRuntimeParameter oneof member
     "constant_value": "*pipelinespec.ValueOrRuntimeParameter_ConstantValue",
     "runtime_parameter": "*pipelinespec.ValueOrRuntimeParameter_RuntimeParameter",
     None: "<nil>",
-}
-PARAMETER_TYPE_NAMES = {
-    0: "PARAMETER_TYPE_ENUM_UNSPECIFIED",
-    1: "NUMBER_DOUBLE",
-    2: "NUMBER_INTEGER",
-    3: "STRING",
-    4: "BOOLEAN",
-    5: "LIST",
-    6: "STRUCT",
-    7: "TASK_FINAL_STATUS",
 }
 
 

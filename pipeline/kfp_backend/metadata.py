@@ -9,6 +9,18 @@ from typing import Any
 
 from pipeline.kfp_backend import KubeflowError
 
+# pipelinespec.ParameterType_ParameterTypeEnum
+PARAMETER_TYPE_NAMES = {
+    0: "PARAMETER_TYPE_ENUM_UNSPECIFIED",
+    1: "NUMBER_DOUBLE",
+    2: "NUMBER_INTEGER",
+    3: "STRING",
+    4: "BOOLEAN",
+    5: "LIST",
+    6: "STRUCT",
+    7: "TASK_FINAL_STATUS",
+}
+
 
 @dataclass
 class StoredArtifact:
@@ -111,3 +123,45 @@ def value_of(python_value):
     wrapper = struct_pb2.Struct()
     wrapper.update({"v": python_value})
     return wrapper.fields["v"]
+
+
+def parameter_from_text(name: str, text: str, parameter_type: int):
+    """A `--param NAME=TEXT` as the value of a root parameter of the declared type.
+
+    A STRING takes the text as typed (`007` stays `007`); numbers, booleans, lists and structs
+    must read as that type, or the error names the parameter.
+    """
+    from google.protobuf import struct_pb2
+
+    def refuse(why: str) -> KubeflowError:
+        kind = PARAMETER_TYPE_NAMES.get(parameter_type, parameter_type)
+        return KubeflowError(f"--param {name}={text[:100]!r}: {name} is a {kind} parameter; {why}")
+
+    if parameter_type == 3:
+        return struct_pb2.Value(string_value=text)
+    if parameter_type == 2:
+        try:
+            return struct_pb2.Value(number_value=float(int(text.strip())))
+        except ValueError:
+            raise refuse("give a whole number") from None
+    if parameter_type == 1:
+        try:
+            number = float(text.strip())
+        except ValueError:
+            raise refuse("give a number") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise refuse("give a finite number")
+        return struct_pb2.Value(number_value=number)
+    if parameter_type == 4:
+        if text.strip().lower() not in ("true", "false"):
+            raise refuse("give true or false")
+        return struct_pb2.Value(bool_value=text.strip().lower() == "true")
+    if parameter_type in (5, 6):
+        try:
+            parsed = json.loads(text)
+        except ValueError as exc:
+            raise refuse(f"give JSON ({exc})") from None
+        if not isinstance(parsed, list if parameter_type == 5 else dict):
+            raise refuse("give a JSON " + ("list" if parameter_type == 5 else "object"))
+        return value_of(parsed)
+    raise refuse("kfp-local cannot set parameters of this type")

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.kfp_backend import KubeflowError
 from pipeline.kfp_backend.compiler import deployment_config
-from pipeline.kfp_backend.metadata import StoredArtifact, value_of
+from pipeline.kfp_backend.metadata import StoredArtifact, parameter_from_text
 
 
 @dataclass
@@ -30,7 +30,7 @@ class TaskResult:
 class RunState:
     """One replay of a compiled spec: the backend's run-level state, kept in memory."""
 
-    def __init__(self, spec, pipeline_root: str, params: dict[str, Any], publish_logs: bool):
+    def __init__(self, spec, pipeline_root: str, params: dict[str, str], publish_logs: bool):
         self.spec = spec
         self.deploy = deployment_config(spec)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -52,8 +52,9 @@ class RunState:
             return self._next_id
 
 
-def root_parameter_values(spec, params: dict[str, Any]) -> dict[str, Any]:
-    """The run's root parameters: given values, else defaults (argocompiler.Compile fills them)."""
+def root_parameter_values(spec, params: dict[str, str]) -> dict[str, Any]:
+    """The run's root parameters: given values (text, typed as declared), else defaults
+    (argocompiler.Compile fills them)."""
     from google.protobuf import struct_pb2
 
     definitions = spec.root.input_definitions.parameters
@@ -63,7 +64,7 @@ def root_parameter_values(spec, params: dict[str, Any]) -> dict[str, Any]:
     values = {}
     for name, definition in definitions.items():
         if name in params:
-            values[name] = value_of(params[name])
+            values[name] = parameter_from_text(name, params[name], definition.parameter_type)
         elif definition.HasField("default_value"):
             values[name] = definition.default_value
         elif definition.is_optional:
