@@ -6,8 +6,10 @@ open-source Kubeflow Pipelines backend runs no lifecycle hooks (nothing in its `
 reads them), so there the executor would get the raw pattern and fail with "No files found based
 on the file pattern .../span-{SPAN}/train-*". This executor then does what the driver would have
 done, with the driver's own pieces (tfx/orchestration/kubeflow/v2/file_based_example_gen/driver.py):
-resolve the newest span (and version), compute the input fingerprint, record span, version and
-fingerprint on the Examples artifact (`driver.update_output_artifact`), and ingest that span.
+resolve the span (and version), compute the input fingerprint, record span, version and
+fingerprint on the Examples artifact (`driver.update_output_artifact`), and ingest that span. The
+span is the one the NewDataGate decided on when its decision is among the inputs (KFP gives each
+gated task the decision its condition reads), else the newest.
 Where a driver ran, the patterns arrive resolved and this is TFX's executor unchanged.
 
 Ingesting is a copy, shard by shard. TFX's executor reads every record, reshuffles them all
@@ -39,12 +41,15 @@ from tfx.proto import example_gen_pb2, range_config_pb2
 from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import proto_utils
 
+from components.new_data_gate import DECISION_OUTPUT, GATE_ID, VERSION_KEY, decided_data
 from van_tfx.data.records import CorruptShardError, tfrecord_compression
 
 _INPUT_CONFIG = standard_component_specs.INPUT_CONFIG_KEY
 _RANGE_CONFIG = standard_component_specs.RANGE_CONFIG_KEY
 _GZIP_MAGIC = b"\x1f\x8b"
 _BEAM_CORRUPT_RECORD = "Not a valid TFRecord"
+# The input TFX's KFP compiler adds to each task under the gate's Cond, for its condition.
+GATE_DECISION_INPUT = f"_{GATE_ID}.{DECISION_OUTPUT}"
 _OUTPUT_SHARD = "data_tfrecord-{index:05d}-of-{count:05d}"
 # Read in batches: one tf.data element per record would cost more in Python than the I/O.
 _COPY_BATCH = 256
@@ -58,8 +63,11 @@ def has_unresolved_specs(input_config_json: str) -> bool:
     return any(any(utils.verify_split_pattern_specs(split)) for split in config.splits)
 
 
-def resolve_like_the_driver(exec_properties: dict, examples_artifact) -> dict:
-    """Exec properties with span, version, fingerprint and resolved patterns, as TFX's driver sets."""
+def resolve_like_the_driver(
+    exec_properties: dict, examples_artifact, decided: dict | None = None
+) -> dict:
+    """Exec properties with span, version, fingerprint and resolved patterns, as TFX's driver
+    sets them: for the span and version the gate `decided` on, else the newest."""
     resolved = dict(exec_properties)
     config = proto_utils.json_to_proto(resolved[_INPUT_CONFIG], example_gen_pb2.Input())
     range_config = None
@@ -70,7 +78,9 @@ def resolve_like_the_driver(exec_properties: dict, examples_artifact) -> dict:
     processor = input_processor.FileBasedInputProcessor(
         resolved[standard_component_specs.INPUT_BASE_KEY], config.splits, range_config
     )
-    span, version = processor.resolve_span_and_version()
+    span, version = processor.resolve_span_and_version()  # the processor needs this call first
+    if decided is not None:
+        span, version = decided["span"], decided[VERSION_KEY]
     resolved[utils.SPAN_PROPERTY_NAME] = span
     resolved[utils.VERSION_PROPERTY_NAME] = version
     resolved[utils.FINGERPRINT_PROPERTY_NAME] = processor.get_input_fingerprint(span, version)
@@ -78,7 +88,8 @@ def resolve_like_the_driver(exec_properties: dict, examples_artifact) -> dict:
         split.pattern = processor.get_pattern_for_span_version(split.pattern, span, version)
     resolved[_INPUT_CONFIG] = proto_utils.proto_to_json(config)
     driver.update_output_artifact(resolved, examples_artifact.mlmd_artifact)
-    logging.info("No ExampleGen driver ran: resolved span %s, version %s itself", span, version)
+    how = "as the NewDataGate decided" if decided else "itself (the newest)"
+    logging.info("No ExampleGen driver ran: resolved span %s, version %s %s", span, version, how)
     return resolved
 
 
@@ -206,7 +217,12 @@ class SpanResolvingImportExecutor(import_executor.Executor):
             output_dict[standard_component_specs.EXAMPLES_KEY]
         )
         if has_unresolved_specs(exec_properties[_INPUT_CONFIG]):
-            exec_properties = resolve_like_the_driver(exec_properties, examples)
+            # On KFP the gated task also receives the gate's decision (the input its trigger
+            # condition reads): ingest the span the gate decided on, not whatever is newest a
+            # pod start later, so schema, smoke test and training record all name this data.
+            decisions = input_dict.get(GATE_DECISION_INPUT) or []
+            decided = decided_data(decisions[0]) if decisions else None
+            exec_properties = resolve_like_the_driver(exec_properties, examples, decided)
         check_input_shards(exec_properties)
         if is_copyable(exec_properties):
             self._copy_shards(examples, exec_properties)

@@ -174,7 +174,9 @@ def test_unresolved_patterns_are_recognised():
     assert not has_unresolved_specs(plain)
 
 
-def ingest_span(tmp_path: Path, data: Path, config: DataConfig | None = None) -> Examples:
+def ingest_span(
+    tmp_path: Path, data: Path, config: DataConfig | None = None, inputs: dict | None = None
+) -> Examples:
     """Run the executor as the pipeline configures it, with no driver before it."""
     examples = Examples()
     examples.uri = str(tmp_path / "ImportExampleGen" / "examples")
@@ -185,7 +187,7 @@ def ingest_span(tmp_path: Path, data: Path, config: DataConfig | None = None) ->
         "output_data_format": 6,  # FORMAT_TF_EXAMPLE
         "output_file_format": 5,  # FORMAT_TFRECORDS_GZIP
     }
-    SpanResolvingImportExecutor().Do({}, {"examples": [examples]}, exec_properties)
+    SpanResolvingImportExecutor().Do(inputs or {}, {"examples": [examples]}, exec_properties)
     return examples
 
 
@@ -209,6 +211,19 @@ def test_executor_resolves_the_newest_span_and_records_what_the_driver_would(tmp
     assert tf.train.Example.FromString(ingested[0].numpy()).features.feature[
         "x"
     ].int64_list.value == [2]
+
+
+def test_on_kfp_the_executor_ingests_the_span_the_gate_decided_on(tmp_path):
+    # KFP hands each task under the gate's Cond the decision its condition reads; a span that
+    # landed after the gate looked is left for the next run.
+    data = tmp_path / "data"
+    write_span(data, 1)
+    write_span(data, 2)
+    decision = decision_for_span(tmp_path, 1)
+    examples = ingest_span(tmp_path, data, inputs={"_NewDataGate.decision": [decision]})
+    assert examples.get_int_custom_property("span") == 1
+    [records] = read_split(examples, "train").values()
+    assert tf.train.Example.FromString(records[0]).features.feature["x"].int64_list.value == [1]
 
 
 def write_records(path: Path, count: int, options=None) -> None:

@@ -294,7 +294,7 @@ def test_param_values_are_typed_as_the_spec_declares_them():
     from pipeline.kfp_backend.state import root_parameter_values
 
     spec = spec_with_parameters(s=3, f=1, i=2, b=4, l=5, d=6)
-    given = {"s": "007", "f": "1e-3", "i": "12", "b": "True", "l": "[1, \"a\"]", "d": '{"k": 2}'}
+    given = {"s": "007", "f": "1e-3", "i": "12", "b": "True", "l": '[1, "a"]', "d": '{"k": 2}'}
     values = {
         name: json_format.MessageToDict(value)
         for name, value in root_parameter_values(spec, given).items()

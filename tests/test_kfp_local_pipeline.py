@@ -38,7 +38,11 @@ TINY = [
     "eval.max_top1_drop=0.5",
     "kubeflow.beam_args=[--direct_running_mode=in_memory]",
 ]
-GATED_ALWAYS_SKIPPED = ("ImportExampleGen", "CuratedSchema", "ServedModel")  # the gate's direct dependents
+GATED_ALWAYS_SKIPPED = (
+    "ImportExampleGen",
+    "CuratedSchema",
+    "ServedModel",
+)  # the gate's direct dependents
 
 
 def van_tfx(home: Path, *args: str) -> subprocess.CompletedProcess:
@@ -170,7 +174,9 @@ def test_run1_pushes_a_version(home, run1):
         ).read_text()
     )
     assert record["span"] == 1 and record["input_fingerprint"]
-    assert "resolved span 1" in task_log(run1, "ImportExampleGen")
+    assert "resolved span 1, version None as the NewDataGate decided" in task_log(
+        run1, "ImportExampleGen"
+    )
     assert Path(outcome["report_path"]).exists()
 
 
