@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import erf
+from torch_format import save_raw_pickle_zip, save_torch_zip
 
-from tests.torch_format import save_raw_pickle_zip, save_torch_zip
 from van_trainer import convert
 from van_trainer.model import build_van
 

@@ -25,14 +25,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-
-from tests.torch_format import (
+from torch_format import (
     StorageRecord,
     TensorRecord,
     save_raw_pickle_zip,
     save_records_zip,
     save_torch_zip,
 )
+
 from van_trainer import convert
 
 REFUSALS = (convert.CheckpointFormatError, convert.UnsafeCheckpointError)
