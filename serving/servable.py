@@ -150,8 +150,11 @@ class Servable:
                 "Expected prediction signature method_name to be one of {"
                 f"{', '.join(PREDICT_METHOD_NAMES)}}}. Was: {signature.method_name}",
             )
-        feed = _validated_inputs(signature, self._input_specs(key), inputs, self.limits)
-        return key, feed, _validated_filter(signature, output_filter)
+        specs = self._input_specs(key)
+        decoded = _decoded_inputs(specs, inputs, self.limits)
+        wanted = _validated_filter(signature, output_filter)
+        # The session checks dtypes and shapes when it runs, after the output filter passed.
+        return key, _checked_feed(specs, inputs, decoded, self.limits), wanted
 
     def _input_specs(self, key: str) -> list[_InputSpec]:
         # Built once per signature: dtype lookups cost more than the checks themselves.
@@ -273,8 +276,9 @@ def _input_specs(signature) -> list[_InputSpec]:
     ]
 
 
-def _validated_inputs(signature, specs: list[_InputSpec], inputs: dict, limits) -> dict:
-    """The feed, checked as TF Serving checks it; TensorProtos are decoded within `limits`."""
+def _decoded_inputs(specs: list[_InputSpec], inputs: dict, limits) -> dict:
+    """The inputs as GetInputValues reads them: count, aliases, TensorProtos decoded (within
+    `limits`) as Tensor::FromProto would; dtypes and shapes are the session's, checked later."""
     expected, sent = {spec.alias for spec in specs}, set(inputs)
     if len(sent) != len(expected):  # VerifyRequestInputsSize (predict_util.cc)
         raise invalid_argument(
@@ -284,7 +288,7 @@ def _validated_inputs(signature, specs: list[_InputSpec], inputs: dict, limits) 
             f"Missing but required: {{{','.join(sorted(expected - sent))}}}."
         )
     _check_decoded_size(specs, inputs, limits.max_tensor_bytes)
-    feed = {}
+    decoded = {}
     for spec in specs:  # GetInputValues (tensorflow/cc/saved_model/util.cc)
         if spec.alias not in inputs:
             raise invalid_argument(
@@ -293,10 +297,22 @@ def _validated_inputs(signature, specs: list[_InputSpec], inputs: dict, limits) 
                 f"{{{','.join(sorted(sent))}}}, or default input alias set: "
             )
         value = inputs[spec.alias]
-        if isinstance(value, np.ndarray):
+        decoded[spec.alias] = value if isinstance(value, np.ndarray) else _from_proto(value, spec)
+    return decoded
+
+
+def _checked_feed(specs: list[_InputSpec], inputs: dict, decoded: dict, limits) -> dict:
+    """The feed, each value's dtype and shape checked as the session checks a feed, then its
+    pixels counted against `limits`."""
+    feed = {}
+    for spec in specs:
+        value, sent = decoded[spec.alias], inputs[spec.alias]
+        if isinstance(sent, np.ndarray):
             value = _as_dtype(value, spec.dtype, spec.position, spec.alias)
-        else:  # a TensorProto, within the size checked above
-            value = _from_proto(value, spec)
+        else:  # the proto's own dtype counts, even for an empty tensor
+            _dtype_mismatch(spec.dtype, spec.position, sent.dtype)
+            if value is None:  # DT_VARIANT / DT_RESOURCE fed where such a dtype is declared
+                raise tensor_parsing_error(spec.alias)
         _check_shape(spec.dims, value.shape, spec.alias)
         check_pixel_budget(spec.alias, value, limits.max_image_pixels)
         feed[spec.alias] = value
@@ -324,20 +340,14 @@ def _check_decoded_size(specs: list[_InputSpec], inputs: dict, limit: int) -> No
         )
 
 
-def _from_proto(proto, spec: _InputSpec) -> np.ndarray:
-    """A TensorProto input decoded as Tensor::FromProto would, then its dtype checked as the
-    session checks a feed; the proto's own dtype counts, even for an empty tensor."""
+def _from_proto(proto, spec: _InputSpec) -> np.ndarray | None:
+    """A TensorProto input decoded as Tensor::FromProto would; None for DT_VARIANT and
+    DT_RESOURCE, which FromProto accepts (default-constructed values) and NumPy cannot hold."""
     from tensorflow.core.framework import types_pb2
 
     if proto.dtype in (types_pb2.DT_VARIANT, types_pb2.DT_RESOURCE):
-        # FromProto accepts these (default-constructed values) and the session refuses the feed;
-        # NumPy has no such dtypes, so the decode is skipped.
-        _dtype_mismatch(spec.dtype, spec.position, proto.dtype)
-        raise tensor_parsing_error(spec.alias)
-    value = from_tensor_proto(proto, spec.alias)
-    if proto.dtype != spec.dtype.as_datatype_enum:
-        _dtype_mismatch(spec.dtype, spec.position, proto.dtype)
-    return value
+        return None
+    return from_tensor_proto(proto, spec.alias)
 
 
 def _dtype_mismatch(want, position: int, have_enum: int) -> None:

@@ -260,6 +260,20 @@ def test_empty_tensor_of_the_wrong_dtype_is_refused(stub):
     )
 
 
+@pytest.mark.parametrize(
+    "dtype", [types_pb2.DT_FLOAT, types_pb2.DT_VARIANT], ids=["float", "variant"]
+)
+def test_the_output_filter_is_checked_before_the_sessions_dtype_check(stub, dtype):
+    # PreProcessPrediction checks the filter; the session checks the feed's dtype when it runs.
+    proto = tensor_pb2.TensorProto(dtype=dtype)
+    proto.tensor_shape.dim.add(size=0)
+    request = images_request(proto)
+    request.output_filter.append("no_such_output")
+    code, message = code_and_message(stub.Predict, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith("output tensor alias not found in signature: no_such_output ")
+
+
 def _string_list(values: list[bytes]) -> bytes:
     """Tensor::AsProtoTensorContent's DT_STRING encoding: varint lengths, then the bytes."""
     lengths = b""
