@@ -71,19 +71,39 @@ def resolve_like_the_driver(
     resolved = dict(exec_properties)
     config = proto_utils.json_to_proto(resolved[_INPUT_CONFIG], example_gen_pb2.Input())
     range_config = None
-    if resolved.get(_RANGE_CONFIG):
+    if decided is not None:
+        # The decided span only: the processor's fingerprint is of the span it resolved, and a
+        # newer span still being uploaded must not fail this run ("Latest span should be the
+        # same for each split").
+        range_config = range_config_pb2.RangeConfig(
+            static_range=range_config_pb2.StaticRange(
+                start_span_number=decided["span"], end_span_number=decided["span"]
+            )
+        )
+    elif resolved.get(_RANGE_CONFIG):
         range_config = proto_utils.json_to_proto(
             resolved[_RANGE_CONFIG], range_config_pb2.RangeConfig()
         )
     processor = input_processor.FileBasedInputProcessor(
         resolved[standard_component_specs.INPUT_BASE_KEY], config.splits, range_config
     )
-    span, version = processor.resolve_span_and_version()  # the processor needs this call first
-    if decided is not None:
-        span, version = decided["span"], decided[VERSION_KEY]
+    span, version = processor.resolve_span_and_version()
+    if decided is not None and version != decided[VERSION_KEY]:
+        raise ValueError(
+            f"span {span} now resolves to version {version}, but the NewDataGate decided on "
+            f"version {decided[VERSION_KEY]}: a new version landed in between; rerun the pipeline"
+        )
     resolved[utils.SPAN_PROPERTY_NAME] = span
     resolved[utils.VERSION_PROPERTY_NAME] = version
     resolved[utils.FINGERPRINT_PROPERTY_NAME] = processor.get_input_fingerprint(span, version)
+    if (
+        decided is not None
+        and resolved[utils.FINGERPRINT_PROPERTY_NAME] != decided["input_fingerprint"]
+    ):
+        # Safe: the training record keeps the gate's fingerprint, so the next run trains again.
+        logging.warning(
+            "span %s changed since the NewDataGate looked (files, sizes or mtimes)", span
+        )
     for split in config.splits:
         split.pattern = processor.get_pattern_for_span_version(split.pattern, span, version)
     resolved[_INPUT_CONFIG] = proto_utils.proto_to_json(config)

@@ -17,8 +17,9 @@ A candidate the Evaluator rejects is never pushed, so the served record alone wo
 run back to the same span: at ImageNet-1k, days of training each night for the same verdict.
 RecordRejection (after the Evaluator) therefore writes `<serving_base_path>/.van_tfx_rejected/
 span-<N>-<key>.json`, keyed by span, input fingerprint and the training recipe's fingerprint (the
-Trainer's custom_config, thresholds included), and the gate skips what was already rejected. New
-data, a changed recipe or `retrain_on_same_data` trains again. TF Serving (and `serving/`) skip the
+Trainer's custom_config, thresholds included), and the gate skips what was already rejected
+against the model served now. New data, a changed recipe, another served model (a push by hand, a
+rollback) or `retrain_on_same_data` trains again. TF Serving (and `serving/`) skip the
 directory: its name is not a version number.
 
 The gate reads state outside its inputs (the data root and the serving directory), so it must never
@@ -169,6 +170,7 @@ def write_rejection(serving_base_path: str, current: dict, blessing_uri: str) ->
         "span": current["span"],
         "input_fingerprint": current["input_fingerprint"],
         RECIPE_KEY: current.get(RECIPE_KEY, ""),
+        SERVED_VERSION_KEY: current.get(SERVED_VERSION_KEY, ""),  # the baseline it lost to
         "model_blessing": blessing_uri,
         "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -234,6 +236,11 @@ def decide(current: dict, serving_base_path: str, force: bool = False) -> tuple[
     if not train:
         return False, why, version or ""
     rejected = read_rejection(serving_base_path, current)
+    if rejected is not None and rejected.get(SERVED_VERSION_KEY, "") != (version or ""):
+        # Judged against another baseline (a push by hand, a rollback): worth another attempt.
+        judged = rejected.get(SERVED_VERSION_KEY) or "no served model"
+        why += f" (a candidate on it was rejected against {judged}, which is no longer served)"
+        return True, why, version or ""
     if rejected is not None:
         served = f"served version {version} stays" if version else "nothing is served"
         why = (
@@ -259,7 +266,8 @@ def NewDataGate(  # noqa: N802  (TFX component names are class-like)
     force: Parameter[int] = 0,  # an int, not a bool: the local and KFP compilers encode it alike
     recipe: Parameter[str] = "",  # recipe_fingerprint of the Trainer's custom_config
 ) -> None:
-    """Set decision.new_data to 1 when the newest span differs from the served model's, else 0."""
+    """Set decision.new_data to 1 when the newest span differs from the served model's and was
+    not rejected against it with the same recipe, else 0."""
     current = {**data_to_ingest(input_base, input_config), RECIPE_KEY: recipe}
     new_data, reason, served_version = decide(current, serving_base_path, bool(force))
     decision.set_int_custom_property(NEW_DATA_KEY, int(new_data))
@@ -293,6 +301,7 @@ def RecordRejection(  # noqa: N802  (TFX component names are class-like)
     current = {
         **decided_data(decision),
         RECIPE_KEY: decision.get_string_custom_property(RECIPE_KEY),
+        SERVED_VERSION_KEY: decision.get_string_custom_property(SERVED_VERSION_KEY),
     }
     path = write_rejection(serving_base_path, current, model_blessing.uri)
     print(

@@ -49,11 +49,16 @@ def test_a_batch_gives_each_distinct_pair_once_with_its_smallest_filename():
             "synsets with more than one label: label 1 with synset n1",
         ),
         ([(1, b"n1", b"a.jpg"), (4, b"n4", b"b.jpg")], "no record in the training split: 2, 3"),
+        (
+            [(1, b"n1", b"a.jpg"), (4_000_000_000, b"n4", b"b.jpg")],
+            "no record in the training split: 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, "
+            "16, 17, 18, 19, 20, 21 ... (3999999998 of 1..4000000000",
+        ),
         ([(0, b"n0", b"a.jpg"), (1, b"n1", b"b.jpg")], "labels below 1: label 0 with synset n0"),
         ([(1, b"n\n1", b"a.jpg")], "synsets with line breaks: label 1 with synset n\n1"),
         ([], "has no records"),
     ],
-    ids=["two-synsets", "two-labels", "gap", "zero", "newline", "empty"],
+    ids=["two-synsets", "two-labels", "gap", "huge-label", "zero", "newline", "empty"],
 )
 def test_a_broken_class_list_is_refused_naming_records(items, says):
     with pytest.raises(ClassListError, match=None) as failure:

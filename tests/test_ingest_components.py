@@ -215,13 +215,31 @@ def test_executor_resolves_the_newest_span_and_records_what_the_driver_would(tmp
 
 def test_on_kfp_the_executor_ingests_the_span_the_gate_decided_on(tmp_path):
     # KFP hands each task under the gate's Cond the decision its condition reads; a span that
-    # landed after the gate looked is left for the next run.
+    # landed after the gate looked (here span 2, and span 3 still being uploaded) waits.
+    import os
+
+    from tfx.proto import range_config_pb2
+
     data = tmp_path / "data"
     write_span(data, 1)
+    for shard in (data / "span-1").iterdir():
+        os.utime(shard, (2_000_000, 2_000_000))  # its own mtimes: its own fingerprint
     write_span(data, 2)
+    (data / "span-3").mkdir()  # only its train shard so far
+    (data / "span-3" / "train-00000-of-00001").write_bytes(
+        (data / "span-2" / "train-00000-of-00001").read_bytes()
+    )
+    only_span_1 = range_config_pb2.RangeConfig(
+        static_range=range_config_pb2.StaticRange(start_span_number=1, end_span_number=1)
+    )
+    fingerprint, _, _ = example_gen_utils.calculate_splits_fingerprint_span_and_version(
+        str(data), ingest.input_config(DataConfig()).splits, only_span_1
+    )
     decision = decision_for_span(tmp_path, 1)
+    decision.set_string_custom_property("input_fingerprint", fingerprint)
     examples = ingest_span(tmp_path, data, inputs={"_NewDataGate.decision": [decision]})
     assert examples.get_int_custom_property("span") == 1
+    assert examples.get_string_custom_property("input_fingerprint") == fingerprint
     [records] = read_split(examples, "train").values()
     assert tf.train.Example.FromString(records[0]).features.feature["x"].int64_list.value == [1]
 

@@ -306,6 +306,10 @@ def test_param_values_are_typed_as_the_spec_declares_them():
     "name, text, says",
     [
         ("i", "1.5", "i is a NUMBER_INTEGER parameter; give a whole number"),
+        ("i", "9" * 400, "give a whole number between"),
+        ("i", "9007199254740993", "give a whole number between"),
+        ("i", "1_000", "give a whole number between"),
+        ("f", "1_000.5", "give a number"),
         ("f", "nan", "give a finite number"),
         ("f", "ten", "give a number"),
         ("b", "yes", "give true or false"),

@@ -226,6 +226,21 @@ def test_a_rejected_candidate_is_not_retrained_on_the_same_data_and_recipe(data,
     assert list_versions(str(serving)) == [1700000000]
 
 
+def test_a_rejection_holds_only_against_the_baseline_it_lost_to(data, tmp_path):
+    serving = tmp_path / "serving"
+    push(serving, 1700000000, decision_of(data, tmp_path))
+    write_span(data, 2)
+    evaluate(gate(data, serving, tmp_path), serving, tmp_path, blessed=False)
+    [record] = rejections(serving)
+    assert json.loads(record.read_text())["served_version"] == "1700000000"
+    assert new_data(gate(data, serving, tmp_path)) == 0
+    # Another model is served now (a push by hand, a rollback): span 2 gets another attempt.
+    push(serving, 1800000000, None)
+    decision = gate(data, serving, tmp_path)
+    assert new_data(decision) == 1
+    assert "rejected against 1700000000, which is no longer served" in reason(decision)
+
+
 def test_a_rejected_first_candidate_is_not_retrained_either(data, tmp_path):
     serving = tmp_path / "serving"
     evaluate(gate(data, serving, tmp_path), serving, tmp_path, blessed=False)

@@ -68,6 +68,17 @@ def test_copy_tree_between_ram_and_local_keeps_files_and_empty_dirs(tmp_path):
         storage.copy_tree(f"{source}/missing", str(tmp_path / "nothing"))
 
 
+@pytest.mark.parametrize("where", ["local", "ram"])
+def test_write_text_replaces_a_file_whole_and_leaves_no_partial_file(tmp_path, where):
+    root = str(tmp_path) if where == "local" else ram_root()
+    path = f"{root}/records/record.json"
+    storage.write_text(path, "first")
+    storage.write_text(path, "second, longer")
+    with tf.io.gfile.GFile(path) as handle:
+        assert handle.read() == "second, longer"
+    assert tf.io.gfile.listdir(f"{root}/records") == ["record.json"]
+
+
 def test_local_copy_and_local_output_round_trip_a_remote_file(tmp_path):
     remote = f"{ram_root()}/assets.extra/van.weights.h5"
     with storage.local_output(remote) as local:

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 
 
 def is_remote(path: str) -> bool:
@@ -43,12 +44,16 @@ def copy_tree(source: str, destination: str) -> None:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a small text file (its directory created), local or on object storage."""
+    """Write a small text file (its directory created), local or on object storage, whole or not
+    at all: readers (the NewDataGate, next run) never see half a record."""
     import tensorflow as tf
 
-    tf.io.gfile.makedirs(os.path.dirname(str(path)))
-    with tf.io.gfile.GFile(path, "w") as handle:
+    path = str(path)
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    partial = f"{path}.partial-{uuid.uuid4().hex}"
+    with tf.io.gfile.GFile(partial, "w") as handle:
         handle.write(text)
+    tf.io.gfile.rename(partial, path, overwrite=True)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ image/filename (the smallest one among those with the offending pair).
 
 from __future__ import annotations
 
+import itertools
 import os
 import uuid
 
@@ -82,19 +83,21 @@ def class_list(pairs: list[tuple[tuple[int, bytes], bytes]]) -> list[bytes]:
     if unwritable:
         problems.append(f"empty synsets or synsets with line breaks: {_named(unwritable)}")
     top = max(by_label)
-    missing = sorted(set(range(1, top + 1)) - set(by_label))
-    if missing:
-        listed = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+    # Counted, never listed in full: one stray label of 4e9 must not build a 4e9-entry range.
+    missing_count = top - sum(1 for label in by_label if 1 <= label <= top)
+    if missing_count > 0:
+        first = list(itertools.islice((n for n in itertools.count(1) if n not in by_label), 20))
+        listed = ", ".join(map(str, first)) + (" ..." if missing_count > len(first) else "")
         problems.append(
-            f"labels with no record in the training split: {listed} (of 1..{top}; every "
-            "class needs training images)"
+            f"labels with no record in the training split: {listed} ({missing_count} of "
+            f"1..{top}; every class needs training images)"
         )
     if problems:
         raise ClassListError(
             f"{features.LABEL} and {features.SYNSET} of the training split must number the "
             f"classes 1..N, one synset per label: {' | '.join(problems)}"
         )
-    return [by_label[label][0][0][1] for label in range(1, top + 1)]
+    return [by_label[label][0][0][1] for label in range(1, top + 1)]  # top == len(by_label)
 
 
 class ClassList(PTransformAnalyzer):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -125,6 +126,9 @@ def value_of(python_value):
     return wrapper.fields["v"]
 
 
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]{1,20}")
+
+
 def parameter_from_text(name: str, text: str, parameter_type: int):
     """A `--param NAME=TEXT` as the value of a root parameter of the declared type.
 
@@ -140,12 +144,14 @@ def parameter_from_text(name: str, text: str, parameter_type: int):
     if parameter_type == 3:
         return struct_pb2.Value(string_value=text)
     if parameter_type == 2:
-        try:
-            return struct_pb2.Value(number_value=float(int(text.strip())))
-        except ValueError:
-            raise refuse("give a whole number") from None
+        # A protobuf Value holds a double: whole numbers beyond 2**53 would change silently.
+        if not _WHOLE_NUMBER.fullmatch(text.strip()) or abs(int(text.strip())) > 2**53:
+            raise refuse("give a whole number between -2**53 and 2**53")
+        return struct_pb2.Value(number_value=float(int(text.strip())))
     if parameter_type == 1:
         try:
+            if "_" in text:  # Python's float() takes 1_000; JSON and Go's ParseFloat don't
+                raise ValueError(text)
             number = float(text.strip())
         except ValueError:
             raise refuse("give a number") from None
