@@ -94,6 +94,7 @@ def _add_serve(subparsers) -> None:
 
 
 def _serve(args) -> int:
+    import faulthandler
     import logging
     import signal
     import threading
@@ -138,6 +139,9 @@ def _serve(args) -> int:
     server = ModelServer(options)
     stop_requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    # `kill -USR1 <pid>` prints every thread's stack to stderr, from C (no GIL needed): what a
+    # server that does not stop or answer is doing.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         server.start()
     except (ConfigFileError, LoadError, OSError, ServingError) as exc:

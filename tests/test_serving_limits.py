@@ -38,6 +38,7 @@ def served(tmp_path_factory):
                "--rest_api_port=0", f"--model_config_file={config}"]  # fmt: skip
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
     log = open(root / "server.log", "w+b")  # noqa: SIM115 (kept open for the module)
+    _SERVER_LOGS.append(root / "server.log")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     wait_until_available(channel, "numbers", process, log, 180)
@@ -47,6 +48,14 @@ def served(tmp_path_factory):
         process.kill()
         process.wait()
     log.close()
+
+
+_SERVER_LOGS: list = []
+
+
+def server_log_tail(size: int = 8000) -> str:
+    """The end of the module's server log (what it printed, stacks dumped on SIGUSR1)."""
+    return _SERVER_LOGS[-1].read_bytes()[-size:].decode(errors="replace") if _SERVER_LOGS else ""
 
 
 def rss(pid: int) -> int:
@@ -225,6 +234,19 @@ def test_model_work_stops_when_the_caller_deadline_passes(served):
     assert used < 1.0  # a loop still running would use ~2 s of CPU here
 
 
+def test_sigusr1_dumps_every_threads_stack_into_the_log(served):
+    process, _ = served
+    before = len(server_log_tail(10**9))
+    process.send_signal(signal.SIGUSR1)
+    for _ in range(50):
+        dumped = server_log_tail(10**9)[before:]
+        if "Current thread" in dumped or "Thread 0x" in dumped:
+            break
+        time.sleep(0.1)
+    assert "Thread 0x" in dumped and 'File "' in dumped
+    assert process.poll() is None  # and it keeps serving
+
+
 def test_sigterm_ends_a_server_busy_with_a_long_call(served):
     # Before: SIGTERM left the process running as long as the model call did.
     process, stub = served
@@ -241,7 +263,13 @@ def test_sigterm_ends_a_server_busy_with_a_long_call(served):
     time.sleep(1.0)
     start = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    code = process.wait(timeout=60)
+    try:
+        code = process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)  # every thread's stack into the server's log
+        time.sleep(2)
+        process.kill()
+        pytest.fail(f"still running 60 s after SIGTERM; server log:\n{server_log_tail()}")
     print(f"\nexited with {code} {time.monotonic() - start:.1f} s after SIGTERM")
     caller.join(30)
     assert code == 0 and outcome and outcome[0] != grpc.StatusCode.OK
