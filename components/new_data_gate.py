@@ -134,7 +134,12 @@ def newest_served_version(serving_base_path: str) -> str | None:
 
 def read_training_data(model_dir: str) -> dict | None:
     """The training-data record of a pushed model; None for a model pushed without one."""
-    path = training_data_path(model_dir)
+    return read_record(training_data_path(model_dir), ("span", "input_fingerprint"))
+
+
+def read_record(path: str, required: tuple[str, ...] = ()) -> dict | None:
+    """A JSON object file holding the `required` keys; None when there is no such file, and a
+    TrainingDataRecordError naming the file when it is not one."""
     if not tf.io.gfile.exists(path):
         return None
     with tf.io.gfile.GFile(path) as handle:
@@ -143,9 +148,10 @@ def read_training_data(model_dir: str) -> dict | None:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise TrainingDataRecordError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(record, dict) or not {"span", "input_fingerprint"} <= set(record):
+    if not isinstance(record, dict) or not set(required) <= set(record):
+        keys = " and ".join(f"'{key}'" for key in required)
         raise TrainingDataRecordError(
-            f"{path} must hold a JSON object with 'span' and 'input_fingerprint', got {text[:200]!r}"
+            f"{path} must hold a JSON object{' with ' + keys if keys else ''}, got {text[:200]!r}"
         )
     return record
 
@@ -181,17 +187,8 @@ def write_rejection(serving_base_path: str, current: dict, blessing_uri: str) ->
 def read_rejection(serving_base_path: str, current: dict) -> dict | None:
     """The rejection record of a candidate trained on `current`, or None when there is none."""
     path = rejection_path(serving_base_path, current)
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as handle:
-        text = handle.read()
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TrainingDataRecordError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise TrainingDataRecordError(f"{path} must hold a JSON object, got {text[:200]!r}")
-    return {**record, "path": path}
+    record = read_record(path)
+    return None if record is None else {**record, "path": path}
 
 
 def compare_with_served(current: dict, serving_base_path: str, version: str | None):
@@ -230,26 +227,27 @@ def decide(current: dict, serving_base_path: str, force: bool = False) -> tuple[
     and the candidates already rejected on the same data and recipe."""
     span = current["span"]
     version = newest_served_version(serving_base_path)
+    served = version or ""
     if force:
-        return True, f"retraining forced (retrain_on_same_data) on span {span}", version or ""
+        return True, f"retraining forced (retrain_on_same_data) on span {span}", served
     train, why = compare_with_served(current, serving_base_path, version)
     if not train:
-        return False, why, version or ""
+        return False, why, served
     rejected = read_rejection(serving_base_path, current)
-    if rejected is not None and rejected.get(SERVED_VERSION_KEY, "") != (version or ""):
+    if rejected is None:
+        return True, why, served
+    if rejected.get(SERVED_VERSION_KEY, "") != served:
         # Judged against another baseline (a push by hand, a rollback): worth another attempt.
         judged = rejected.get(SERVED_VERSION_KEY) or "no served model"
         why += f" (a candidate on it was rejected against {judged}, which is no longer served)"
-        return True, why, version or ""
-    if rejected is not None:
-        served = f"served version {version} stays" if version else "nothing is served"
-        why = (
-            f"a candidate trained on span {span} (same input fingerprint, same training recipe) "
-            f"was not blessed on {rejected.get('recorded_at', '?')} ({rejected['path']}); "
-            f"{served}. New data, a changed recipe or retrain_on_same_data trains again"
-        )
-        return False, why, version or ""
-    return True, why, version or ""
+        return True, why, served
+    stays = f"served version {version} stays" if version else "nothing is served"
+    why = (
+        f"a candidate trained on span {span} (same input fingerprint, same training recipe) "
+        f"was not blessed on {rejected.get('recorded_at', '?')} ({rejected['path']}); "
+        f"{stays}. New data, a changed recipe or retrain_on_same_data trains again"
+    )
+    return False, why, served
 
 
 def has_new_data(gate):
