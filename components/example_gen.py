@@ -147,10 +147,17 @@ def input_patterns(exec_properties: dict) -> list[str]:
     return [os.path.join(base, split.pattern) for split in config.splits]
 
 
-def check_input_shards(exec_properties: dict) -> None:
-    """check_first_record for every shard every split pattern matches."""
-    for pattern in input_patterns(exec_properties):
-        for path in sorted(fileio.glob(pattern)):
+def split_shards(exec_properties: dict) -> dict[str, tuple[str, list[str]]]:
+    """{split name: (its full pattern, the shards it matches, in name order)}: one listing each."""
+    config = proto_utils.json_to_proto(exec_properties[_INPUT_CONFIG], example_gen_pb2.Input())
+    patterns = zip(config.splits, input_patterns(exec_properties), strict=True)
+    return {split.name: (pattern, sorted(fileio.glob(pattern))) for split, pattern in patterns}
+
+
+def check_input_shards(shards: dict[str, tuple[str, list[str]]]) -> None:
+    """check_first_record for every shard of every split."""
+    for _, paths in shards.values():
+        for path in paths:
             check_first_record(path)
 
 
@@ -193,20 +200,18 @@ def _tf_reason(exc) -> str:
     return text.splitlines()[0][:200] if text.strip() else "unreadable"
 
 
-def shard_copies(exec_properties: dict, examples_uri: str) -> list[tuple[str, str]]:
+def shard_copies(
+    shards: dict[str, tuple[str, list[str]]], examples_uri: str
+) -> list[tuple[str, str]]:
     """(input shard, output shard) for every shard of every split, in name order."""
-    config = proto_utils.json_to_proto(exec_properties[_INPUT_CONFIG], example_gen_pb2.Input())
-    base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
     copies = []
-    for split in config.splits:
-        pattern = os.path.join(base, split.pattern)
-        sources = sorted(fileio.glob(pattern))
+    for name, (pattern, sources) in shards.items():
         if not sources:
-            raise FileNotFoundError(f"no files match {pattern} (split {split.name!r})")
-        target_dir = os.path.join(examples_uri, f"Split-{split.name}")
+            raise FileNotFoundError(f"no files match {pattern} (split {name!r})")
+        target_dir = os.path.join(examples_uri, f"Split-{name}")
         for index, source in enumerate(sources):
-            name = _OUTPUT_SHARD.format(index=index, count=len(sources))
-            copies.append((source, os.path.join(target_dir, name)))
+            shard = _OUTPUT_SHARD.format(index=index, count=len(sources))
+            copies.append((source, os.path.join(target_dir, shard)))
     return copies
 
 
@@ -243,23 +248,23 @@ class SpanResolvingImportExecutor(import_executor.Executor):
             decisions = input_dict.get(GATE_DECISION_INPUT) or []
             decided = decided_data(decisions[0]) if decisions else None
             exec_properties = resolve_like_the_driver(exec_properties, examples, decided)
-        check_input_shards(exec_properties)
+        shards = split_shards(exec_properties)
+        check_input_shards(shards)
         if is_copyable(exec_properties):
-            self._copy_shards(examples, exec_properties)
+            self._copy_shards(examples, exec_properties, shards)
         else:
             self._tfx_ingest(input_dict, output_dict, exec_properties)
 
-    def _copy_shards(self, examples, exec_properties) -> None:
+    def _copy_shards(self, examples, exec_properties, shards) -> None:
         import apache_beam as beam
         from tfx.components.example_gen import write_split
         from tfx.components.util import examples_utils
 
         self._log_startup({}, {"examples": [examples]}, exec_properties)
-        copies = shard_copies(exec_properties, examples.uri)
+        copies = shard_copies(shards, examples.uri)
         for directory in sorted({os.path.dirname(target) for _, target in copies}):
             fileio.makedirs(directory)
-        config = proto_utils.json_to_proto(exec_properties[_INPUT_CONFIG], example_gen_pb2.Input())
-        examples.split_names = artifact_utils.encode_split_names([s.name for s in config.splits])
+        examples.split_names = artifact_utils.encode_split_names(list(shards))
         try:
             with self._make_beam_pipeline() as pipeline:
                 _ = (
