@@ -206,20 +206,25 @@ def _png_with_corrupt_data(jpeg: bytes) -> bytes:
     return bytes(png)
 
 
+def transform_failure_after(tmp_path: Path, split: str, edit, index: int) -> tuple[str, str]:
+    """Write the small sample, `edit` the first `split` shard's records, run ingestion and
+    Transform, and return (image/filename of record `index`, the error the run failed with)."""
+    write_small_sample(tmp_path / "data", train=60, validation=30)
+    shard = next((tmp_path / "data" / "span-1").glob(f"{split}-00000-of-*"))
+    records = rewrite_shard(shard, edit)
+    name = records[index].features.feature[features.IMAGE_FILENAME].bytes_list.value[0].decode()
+    with pytest.raises(Exception) as failure:
+        run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=True)
+    return name, str(failure.value)
+
+
 @pytest.mark.parametrize("damage", [_truncate, _break_frame_header, _png_with_corrupt_data])
 def test_damaged_image_in_eval_split_fails_transform_naming_the_record(tmp_path, damage):
-    write_small_sample(tmp_path / "data", train=60, validation=30)
-
     def damage_one(records):
         victim = records[3].features.feature[features.IMAGE_ENCODED].bytes_list
         victim.value[0] = damage(victim.value[0])
 
-    shard = tmp_path / "data" / "span-1" / "validation-00000-of-00001"
-    records = rewrite_shard(shard, damage_one)
-    name = records[3].features.feature[features.IMAGE_FILENAME].bytes_list.value[0].decode()
-    with pytest.raises(Exception) as failure:
-        run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=True)
-    message = str(failure.value)
+    name, message = transform_failure_after(tmp_path, "validation", damage_one, 3)
     assert name in message
     assert "not a complete, decodable JPEG or PNG" in message
 
@@ -228,18 +233,11 @@ def test_damaged_image_in_eval_split_fails_transform_naming_the_record(tmp_path,
 def test_a_label_that_disagrees_with_its_synset_stops_transform_naming_the_record(tmp_path, split):
     # In the training split the class list refuses the pair while it is made (one analysis
     # pass); in the eval split each record is checked against that list.
-    write_small_sample(tmp_path / "data", train=60, validation=30)
-    shard = next((tmp_path / "data" / "span-1").glob(f"{split}-00000-of-*"))
-
     def relabel_one(records):
         label = records[5].features.feature[features.LABEL].int64_list
         label.value[0] = label.value[0] % 10 + 1  # another class's label, same synset
 
-    records = rewrite_shard(shard, relabel_one)
-    name = records[5].features.feature[features.IMAGE_FILENAME].bytes_list.value[0].decode()
-    with pytest.raises(Exception) as failure:
-        run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=True)
-    message = str(failure.value)
+    name, message = transform_failure_after(tmp_path, split, relabel_one, 5)
     assert name in message
     if split == "train":
         assert "labels with more than one synset" in message
