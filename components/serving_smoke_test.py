@@ -9,9 +9,8 @@ validation examples to every signature clients use, and blesses only if they all
 examples are the first few records of the validation files of the span the NewDataGate opened
 the run for, read from the data root: open-source KFP's launcher downloads every input artifact
 into the pod, so taking ExampleGen's Examples would copy the whole dataset to read four records.
-Which
-server validated is recorded: the blessing's `model_server` custom property and the first line of
-INFRA_BLESSED / the last of INFRA_NOT_BLESSED ("tensorflow_model_server 2.16.1+..." or
+Which server validated is recorded: the blessing's `model_server` custom property and the first
+line of INFRA_BLESSED / the last of INFRA_NOT_BLESSED ("tensorflow_model_server 2.16.1+..." or
 "van-tfx serve 0.1.0").
 Like InfraValidator with `make_warmup=True`, the blessing carries a copy of the model with
 `assets.extra/tf_serving_warmup_requests`, so Pusher pushes a model TF Serving warms up on load.
