@@ -56,6 +56,7 @@ bench: venv
 	$(VENV)/bin/python benchmarks/bench_transform.py
 	$(VENV)/bin/python benchmarks/bench_input.py --variant b0 --image-size 32 --batch-size 64
 	$(VENV)/bin/python benchmarks/bench_serving.py
+	$(VENV)/bin/python benchmarks/bench_connections.py --connections 2000
 	$(MAKE) bench-scale
 
 # ImageNet-scale data path (docs/data.md#scale): stored bytes per image, Transform at 1k/5k/20k

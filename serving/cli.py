@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serving.limits import DEFAULT_MAX_MESSAGE_BYTES
+from serving.limits import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_STALL_SECONDS
 
 
 def add_parser(subparsers) -> None:
@@ -29,6 +29,13 @@ def _flag_bool(text: str) -> bool:
     if lowered in ("false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _positive_seconds(text: str) -> float:
+    seconds = float(text)
+    if not seconds > 0:  # NaN too: a zero timeout would make the sockets non-blocking
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return seconds
 
 
 def _serving_defaults():
@@ -89,6 +96,13 @@ def _add_serve(subparsers) -> None:
         help="ours: largest image (width x height x frames) a request may send; larger ones are "
         "refused before decoding",
     )
+    p.add_argument(
+        "--rest_api_stall_seconds",
+        type=_positive_seconds,
+        default=DEFAULT_STALL_SECONDS,
+        help="ours: a REST request or answer that stops moving this long drops its connection "
+        "(idle keep-alive connections are kept, without a thread)",
+    )
     p.add_argument("--config", help="van-tfx config YAML (for the default base path)")
     p.set_defaults(func=_serve)
 
@@ -135,6 +149,7 @@ def _serve(args) -> int:
         enable_signature_method_name_check=args.enable_signature_method_name_check,
         grpc_max_threads=args.grpc_max_threads,
         enable_serialization_as_tensor_content=args.enable_serialization_as_tensor_content,
+        rest_api_stall_seconds=args.rest_api_stall_seconds,
     )
     server = ModelServer(options)
     stop_requested = threading.Event()

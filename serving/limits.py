@@ -13,6 +13,8 @@ from van_tfx.config import ServingConfig
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = ServingConfig.model_fields["max_image_pixels"].default
+# A REST request or answer that stops moving this long drops its connection (it holds a thread).
+DEFAULT_STALL_SECONDS = 30.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""TF Serving's REST API (/v1/models/...) on the standard library's ThreadingHTTPServer.
+"""TF Serving's REST API (/v1/models/...) on the standard library's http.server.
 
 Routing and answers follow TF Serving 2.16.1: model_servers/http_server.cc (dispatch, status
 codes), http_rest_api_util.cc (path regexes, URL decoding, version parsing) and
@@ -17,7 +17,6 @@ import re
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 from google.protobuf import json_format
@@ -29,6 +28,7 @@ from tensorflow_serving.apis import (
 
 from serving import handlers, http_body, rest_json
 from serving.errors import ServingError, invalid_argument
+from serving.http_connections import KeepAliveHandler, KeepAliveHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ _STATUS_PATH = re.compile(
 )
 _API_PATH = re.compile(r"/v1/.*", re.IGNORECASE)
 _INT64_MAX = 2**63 - 1
+_WRITE_BYTES = 256 << 10  # each write of an answer's body (see _answer)
 # libevent's evhttp_send_error page, which TF Serving sends for paths outside /v1/.
 _NOT_FOUND_PAGE = "<HTML><HEAD>\n<TITLE>404 Not Found</TITLE>\n</HEAD><BODY>\n<H1>Not Found</H1>\n</BODY></HTML>\n"
 
@@ -244,12 +245,13 @@ def _error(status: int, message: str) -> tuple[int, str, str]:
 
 
 def make_http_server(
-    app: RestApp, host: str, port: int, max_body_bytes: int
-) -> ThreadingHTTPServer:
-    """A ThreadingHTTPServer answering TF Serving's REST API with `app`."""
+    app: RestApp, host: str, port: int, max_body_bytes: int, stall_seconds: float
+) -> KeepAliveHTTPServer:
+    """An HTTP server answering TF Serving's REST API with `app`."""
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(KeepAliveHandler):
         protocol_version = "HTTP/1.1"
+        timeout = stall_seconds
         server_version = "van-tfx-serving"
         # A keep-alive client's next request must not wait for a delayed ACK (Nagle): ~40 ms.
         disable_nagle_algorithm = True
@@ -318,14 +320,16 @@ def make_http_server(
             self.send_header("Content-Length", str(len(payload)))
             # Headers and body in one write (end_headers() would send the headers alone): one
             # segment for a small answer, not two with the client's delayed ACK between them.
+            # A large body goes in pieces: the stall timeout then bounds each write, so a client
+            # that keeps reading a large answer slowly gets all of it.
+            body = memoryview(b"" if head else payload)
             self._headers_buffer.append(b"\r\n")
-            if not head:
-                self._headers_buffer.append(payload)
+            self._headers_buffer.append(body[:_WRITE_BYTES])
             self.flush_headers()
+            for start in range(_WRITE_BYTES, len(body), _WRITE_BYTES):
+                self.wfile.write(body[start : start + _WRITE_BYTES])
 
         def log_message(self, format, *args):  # noqa: A002 (http.server signature)
             log.debug("REST %s", format % args)
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    return KeepAliveHTTPServer((host, port), Handler)

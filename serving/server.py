@@ -17,7 +17,12 @@ import tempfile
 import threading
 from concurrent import futures
 
-from serving.limits import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_MESSAGE_BYTES, RequestLimits
+from serving.limits import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_STALL_SECONDS,
+    RequestLimits,
+)
 from serving.manager import ModelManager
 from serving.metrics import Metrics
 from serving.protos import (
@@ -36,7 +41,8 @@ ANY_PORT = -1  # rest_api_port value that picks a free port (0 disables REST, as
 @dataclasses.dataclass
 class ServerOptions:
     """tensorflow_model_server's flags (those van-tfx supports), with its defaults, plus ours:
-    grpc_host, rest_api_host, max_message_bytes, max_image_pixels, startup_timeout_seconds."""
+    grpc_host, rest_api_host, max_message_bytes, max_image_pixels, startup_timeout_seconds,
+    rest_api_stall_seconds."""
 
     port: int = 8500  # gRPC; 0 picks a free port
     grpc_host: str = "127.0.0.1"
@@ -63,7 +69,16 @@ class ServerOptions:
     # Predict outputs in tensor_content; TF Serving's default fills float_val, int_val, ...
     enable_serialization_as_tensor_content: bool = False
     grpc_max_threads: int = 64  # threads running unbatched model calls (off the event loop)
+    # Ours: a REST request or answer that stops moving this long drops its connection (TF
+    # Serving keeps it open; here it holds a thread). Idle keep-alive connections have no limit.
+    rest_api_stall_seconds: float = DEFAULT_STALL_SECONDS
     startup_timeout_seconds: float | None = None  # None waits for models forever, like TF Serving
+
+    def __post_init__(self):
+        if not self.rest_api_stall_seconds > 0:  # NaN too: 0 would make sockets non-blocking
+            raise ValueError(
+                f"rest_api_stall_seconds must be > 0, got {self.rest_api_stall_seconds}"
+            )
 
     def model_configs(self) -> list:
         """The ModelConfig list: from --model_config_file or --model_name/--model_base_path."""
@@ -309,7 +324,11 @@ class ModelServer:
         )
         port = 0 if self.options.rest_api_port == ANY_PORT else self.options.rest_api_port
         self._http_server = make_http_server(
-            app, self.options.rest_api_host, port, self.options.max_message_bytes
+            app,
+            self.options.rest_api_host,
+            port,
+            self.options.max_message_bytes,
+            self.options.rest_api_stall_seconds,
         )
         self.rest_port = self._http_server.server_address[1]
         self._http_thread = threading.Thread(

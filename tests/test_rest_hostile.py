@@ -153,6 +153,13 @@ def test_keep_alive_requests_are_answered_in_one_write_each(server):
                 def flush(self):
                     raw.flush()
 
+                @property
+                def closed(self):
+                    return raw.closed
+
+                def close(self):
+                    raw.close()
+
             self.wfile = Writer()
 
     assert base.disable_nagle_algorithm

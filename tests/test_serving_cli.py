@@ -59,6 +59,7 @@ def served(tmp_path_factory):
             f"--batching_parameters_file={root / 'batching.config'}",
             f"--monitoring_config_file={root / 'monitoring.config'}",
             "--file_system_poll_wait_seconds=0.2",
+            "--rest_api_stall_seconds=2",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -87,6 +88,7 @@ def served(tmp_path_factory):
         "rest": f"127.0.0.1:{rest_port}",
         "images": images,
         "export": version,
+        "pid": process.pid,
     }
     process.terminate()
     process.wait(timeout=30)
@@ -124,6 +126,36 @@ def test_predict_errors_are_clear(capsys, served, tmp_path):
     assert (
         bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "Traceback" not in bad.stderr
     )
+
+
+def threads_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("Threads:")).split()[1])
+
+
+def test_idle_rest_connections_cost_no_thread_and_stalled_ones_are_dropped(served):
+    host, port = served["rest"].split(":")
+    request = b"GET /v1/models/van HTTP/1.1\r\nHost: t\r\n\r\n"
+    threads_before = threads_of(served["pid"])
+    idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(50)]
+    for sock in idle:
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    time.sleep(0.5)
+    assert threads_of(served["pid"]) < threads_before + 10  # not one per connection
+    with socket.create_connection((host, int(port)), timeout=30) as stalled:
+        stalled.sendall(request[:20])
+        started = time.monotonic()
+        assert stalled.recv(1024) == b""  # --rest_api_stall_seconds=2
+        assert 1.5 < time.monotonic() - started < 20
+    for sock in idle:
+        sock.close()
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "soon"])
+def test_serve_refuses_a_stall_time_that_is_not_positive(capsys, seconds):
+    result = van_tfx(capsys, "serve", f"--rest_api_stall_seconds={seconds}")
+    assert result.returncode == 2 and "--rest_api_stall_seconds" in result.stderr
 
 
 def test_loadtest_swaps_versions_without_errors(capsys, served):

@@ -1,0 +1,203 @@
+"""REST connections on loopback: idle keep-alive connections wait without a thread, pipelined
+requests are all answered in order however their bytes arrive, and a request that stops
+arriving drops its connection after the stall time."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from serving import testing
+from serving.rest_api import make_http_server
+from serving.server import ANY_PORT, ModelServer, ServerOptions
+
+STALL_SECONDS = 1.0
+STATUS = b"GET /v1/models/numbers HTTP/1.1\r\nHost: t\r\n\r\n"
+PREDICT_BODY = b'{"instances": [{"x": [1, 2], "k": 3}]}'
+PREDICT = b"POST /v1/models/numbers:predict HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (
+    len(PREDICT_BODY),
+    PREDICT_BODY,
+)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return testing.export_test_models(str(tmp_path_factory.mktemp("connections")))
+
+
+def start_server(config) -> ModelServer:
+    options = ServerOptions(model_config_file=config, port=0, rest_api_port=ANY_PORT,
+                            rest_api_stall_seconds=STALL_SECONDS)  # fmt: skip
+    return ModelServer(options).start()
+
+
+@pytest.fixture(scope="module")
+def server(config):
+    running = start_server(config)
+    yield running
+    running.stop()
+
+
+def connect(server) -> socket.socket:
+    """A raw socket to the server's REST port."""
+    return socket.create_connection(("127.0.0.1", server.rest_port), timeout=10)
+
+
+def read_answers(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """`count` HTTP answers (status, body) read off `sock`, framed by Content-Length."""
+    data, answers = b"", []
+    while len(answers) < count:
+        head_end = data.find(b"\r\n\r\n")
+        if head_end >= 0:
+            head = data[:head_end].decode("latin-1")
+            length = int(head.lower().split("content-length:")[1].split("\r\n")[0])
+            if len(data) >= head_end + 4 + length:
+                answers.append((int(head.split()[1]), data[head_end + 4 : head_end + 4 + length]))
+                data = data[head_end + 4 + length :]
+                continue
+        chunk = sock.recv(1 << 16)
+        assert chunk, f"closed after {len(answers)} of {count} answers"
+        data += chunk
+    assert data == b"", "more bytes than the answers asked for"
+    return answers
+
+
+def wait_until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def connection_threads() -> int:
+    """Threads serving a REST connection now (socketserver's, and those resuming idle ones)."""
+    return sum(
+        "process_request_thread" in thread.name or thread.name == "rest-connection"
+        for thread in threading.enumerate()
+    )
+
+
+def test_idle_keep_alive_connections_wait_without_a_thread_and_are_served_again(server):
+    connections = [http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=10)
+                   for _ in range(100)]  # fmt: skip
+    for _ in range(2):
+        for connection in connections:
+            connection.request("GET", "/v1/models/numbers")
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read())["model_version_status"]
+        assert wait_until(lambda: server._http_server.idle_connections() == 100)
+        # ThreadingHTTPServer kept a thread in readline() per idle connection: 100 here.
+        assert wait_until(lambda: connection_threads() == 0)
+    for connection in connections:
+        connection.close()
+    assert wait_until(lambda: server._http_server.idle_connections() == 0)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kinds=st.lists(st.sampled_from(["status", "predict"]), min_size=1, max_size=4),
+    cuts=st.lists(st.floats(0, 1), max_size=6),
+)
+def test_pipelined_requests_are_answered_in_order_however_their_bytes_arrive(server, kinds, cuts):
+    stream = b"".join(STATUS if kind == "status" else PREDICT for kind in kinds)
+    points = sorted({int(cut * len(stream)) for cut in cuts} | {0, len(stream)})
+    with connect(server) as sock:
+        for start, end in zip(points, points[1:], strict=False):
+            sock.sendall(stream[start:end])
+            time.sleep(0.005)  # the server may see each piece alone
+        answers = read_answers(sock, len(kinds))
+    for kind, (status, body) in zip(kinds, answers, strict=True):
+        key = "model_version_status" if kind == "status" else "predictions"
+        assert status == 200 and key in json.loads(body), (kind, body)
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [b"GET /v1/models/numbers HTTP/1.1\r\nHo", PREDICT[: PREDICT.index(b"\r\n\r\n") + 10]],
+    ids=["head", "body"],
+)
+def test_a_request_that_stops_arriving_drops_its_connection_after_the_stall_time(server, partial):
+    assert wait_until(lambda: connection_threads() == 0)
+    with connect(server) as sock:
+        sock.sendall(partial)
+        assert wait_until(lambda: connection_threads() == 1)
+        started = time.monotonic()
+        assert sock.recv(1024) == b""  # closed, without an answer to half a request
+        assert STALL_SECONDS * 0.8 <= time.monotonic() - started <= STALL_SECONDS + 10
+    assert wait_until(lambda: connection_threads() == 0)
+    with connect(server) as sock:  # the server still answers
+        sock.sendall(STATUS)
+        assert read_answers(sock, 1)[0][0] == 200
+
+
+def test_a_slow_request_that_keeps_moving_is_answered(server):
+    with connect(server) as sock:
+        for start in range(0, len(PREDICT), 40):
+            sock.sendall(PREDICT[start : start + 40])
+            time.sleep(STALL_SECONDS / 4)  # each pause shorter than the stall time
+        assert read_answers(sock, 1)[0][0] == 200
+
+
+class LargeAnswers:
+    """A REST app that answers every request with `size` bytes of JSON text."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def handle(self, method, path, body, headers=None):
+        return 200, "application/json", '"' + "x" * (self.size - 2) + '"'
+
+
+def test_a_large_answer_read_slowly_but_steadily_arrives_whole():
+    # 16 MB is more than the kernel buffers on both ends hold, so the answer takes several stall
+    # times to read: written in one sendall(), it was cut off after the first stall time.
+    size, stall = 16 << 20, 0.5
+    http_server = make_http_server(LargeAnswers(size), "127.0.0.1", 0, 1 << 20, stall)
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    try:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            sock.settimeout(30)
+            sock.connect(http_server.server_address)
+            sock.sendall(STATUS)
+            started, received = time.monotonic(), b""
+            while not received.endswith(b'x"'):
+                chunk = sock.recv(1 << 16)
+                assert chunk, f"cut off after {len(received)} bytes"
+                received += chunk
+                time.sleep(0.005)
+        assert time.monotonic() - started > 3 * stall  # slow enough to have mattered
+        assert len(received.split(b"\r\n\r\n", 1)[1]) == size
+    finally:
+        http_server.shutdown()
+        http_server.server_close()
+
+
+def test_stopping_the_server_closes_its_idle_connections(config):
+    running = start_server(config)
+    try:
+        sock = connect(running)
+        sock.sendall(STATUS)
+        assert read_answers(sock, 1)[0][0] == 200
+        assert wait_until(lambda: running._http_server.idle_connections() == 1)
+    finally:
+        running.stop()
+    with sock:
+        assert sock.recv(1024) == b""
+
+
+@pytest.mark.parametrize("seconds", [0, -1, float("nan")])
+def test_the_stall_time_must_be_positive(seconds):
+    with pytest.raises(ValueError, match="rest_api_stall_seconds must be > 0"):
+        ServerOptions(rest_api_stall_seconds=seconds)
