@@ -71,13 +71,62 @@ class _NumberTooBig(ValueError):
     pass
 
 
-# Exponents of 100 or more, or 20+ digits: literals that might not fit a double or an int64.
+# Exponents of 100 or more, or 20+ digits: the only literals RapidJSON may call too big.
 _SUSPECT_NUMBER = re.compile(rb"[eE]\+?0*[1-9]\d{2,}|\d{20,}")
+_NUMBER_PARTS = re.compile(r"-?(\d+)(?:\.(\d+))?(?:[eE]([+-]?)(\d+))?")
+_DBL_MAX_OVER_10 = 1.7976931348623157e307
+
+
+def _too_big(literal: str) -> bool:
+    """Whether RapidJSON 1.1.0 (reader.h ParseNumber) refuses this number literal as "too big to
+    be stored in double": an integer part it accumulates past DBL_MAX / 10, or a positive
+    exponent past 308 plus the fraction digits it counted. Whatever the value: 0e400 is refused,
+    2e308 is read as inf."""
+    parts = _NUMBER_PARTS.fullmatch(literal)
+    if parts is None:
+        return False
+    integer, fraction, exponent_sign, exponent = parts.groups()
+    limit = 2**63 if literal.startswith("-") else 2**64 - 1
+    value, counted, double = 0, 0, None  # i64, significandDigit, d once it is a double
+    for index, digit in enumerate(map(int, integer)):
+        if double is not None:
+            if double >= _DBL_MAX_OVER_10:
+                return True
+            double = double * 10 + digit
+        elif value * 10 + digit > limit:
+            double = float(value) * 10 + digit
+        else:
+            value = value * 10 + digit
+            counted += index > 0  # the first digit is not counted
+    fraction_digits = 0  # -expFrac
+    if fraction:
+        if double is None and value == 0:  # leading zeros: counted as places, not digits
+            zeros = len(fraction) - len(fraction.lstrip("0"))
+            fraction_digits, fraction = zeros, fraction[zeros:]
+        for digit in map(int, fraction[:40]):  # past 17 significant digits, none count
+            if double is None and value <= 2**53 - 1:
+                value = value * 10 + digit
+                fraction_digits += 1
+                counted += value != 0
+                continue
+            if double is None:
+                double = float(value)
+            if counted < 17:
+                double = double * 10 + digit
+                fraction_digits += 1
+                counted += double > 0
+    if exponent and exponent_sign != "-":
+        exponent, limit = exponent.lstrip("0"), str(308 + fraction_digits)
+        # Checked from the second digit on, so a one-digit exponent never is; leading zeros
+        # never pass. Compared as digit strings: int() refuses more than 4,300 digits.
+        return len(exponent) > 1 and (len(exponent), exponent) > (len(limit), limit)
+    return False
 
 
 def _parse_float(text: str) -> float:
     value = float(text)
-    if math.isinf(value):  # RapidJSON: kParseErrorNumberTooBig; Python would say inf
+    # Refused literals read as 0 or inf here, or have a 309-digit integer part.
+    if (value == 0.0 or math.isinf(value) or len(text) > 300) and _too_big(text):
         raise _NumberTooBig(text)
     return value
 
@@ -266,7 +315,7 @@ def _too_big_offset(body: bytes, start: int) -> int:
     # number's start; an identical string earlier in the body must not be taken for it).
     starts, tokens = [], []
     for match in _NUMBER_TOKEN.finditer(body, start):
-        if _SUSPECT_NUMBER.search(match.group()) and math.isinf(float(match.group())):
+        if _SUSPECT_NUMBER.search(match.group()) and _too_big(match.group().decode()):
             starts.append(match.start())
             tokens.append(match.group())
     if starts:
@@ -462,7 +511,7 @@ class _Scanner:
                 return at, ("Miss exponent in number.", at)
             while 48 <= peek(at) <= 57:
                 at += 1
-        if _SUSPECT_NUMBER.search(self.body[begin:at]) and math.isinf(float(self.body[begin:at])):
+        if _SUSPECT_NUMBER.search(self.body[begin:at]) and _too_big(self.body[begin:at].decode()):
             return at, ("Number too big to be stored in double.", begin)
         return at, None
 
