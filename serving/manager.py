@@ -298,7 +298,7 @@ class ModelManager:
                 failed = [m for m in models if not m.servables and not self._loading(m)]
             if not waiting:
                 break
-            if self._stop.wait(min(max(self._poll_wait, 0.05), 1.0)):
+            if self._stop.wait(_wait_step(self._poll_wait)):
                 return
             self.poll_once()
         # A model with no version at all is not waited for (TF Serving would block the RPC
@@ -359,7 +359,7 @@ class ModelManager:
                 warned = True
             if deadline is not None and time.monotonic() > deadline:
                 raise LoadError(f"no servable version found for model(s) {', '.join(missing)}")
-            time.sleep(min(max(self._poll_wait, 0.05), 1.0))
+            time.sleep(_wait_step(self._poll_wait))
 
     def _raise_on_failed_loads(self, names: list[str]) -> None:
         # Like tensorflow_model_server, refuse to start when a model's only versions are broken
@@ -398,7 +398,7 @@ class ModelManager:
 
     def _poll_loop(self) -> None:
         relist = self._poll_wait > 0
-        interval = self._poll_wait if relist else min(max(self._retry_interval, 0.05), 1.0)
+        interval = self._poll_wait if relist else _wait_step(self._retry_interval)
         while not self._stop.wait(interval):
             try:
                 self.poll_once(relist)
@@ -608,3 +608,8 @@ def _replay(servable: Servable, entry) -> ServingError | None:
     except ServingError as exc:
         return exc
     return None
+
+
+def _wait_step(seconds: float) -> float:
+    """A wait between checks while something loads: the poll interval, within 0.05 to 1 s."""
+    return min(max(seconds, 0.05), 1.0)

@@ -99,11 +99,20 @@ def test_importing_van_tfx_turns_onednn_on_unless_the_user_chose():
         ("train.warmup_epochs=.nan", "train.warmup_epochs: .*finite"),
         ("serving.grpc_port=true", "serving.grpc_port"),
         ("augment.crop_scale=[0.5, true]", "augment.crop_scale: .*expected a number"),
+        ("train.seed=9223372036854775808", r"train.seed: .*within int64 \(\|n\| < 2\*\*63\)"),
+        ("train.epochs=" + "9" * 400, r"train.epochs: .*within int64.*got 9999"),
     ],
 )
 def test_numbers_are_strict(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(overrides=[override])
+
+
+def test_the_widest_int64_values_are_integers():
+    config = load_config(
+        overrides=["train.seed=-9223372036854775808", "train.epochs=9223372036854775807"]
+    )
+    assert (config.train.seed, config.train.epochs) == (-(2**63), 2**63 - 1)
 
 
 def test_ints_still_fill_float_fields_and_booleans_stay_booleans():

@@ -61,6 +61,12 @@ def _check_number(value: Any, kind: type) -> None:
     if isinstance(value, bool) or not isinstance(value, allowed):
         got = _BRIEF.repr(value)
         raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got {got}")
+    # Integers reach TensorFlow (seeds, steps, sizes) as int64 at most; past that the error
+    # would come from deep inside a run ("Python int too large to convert to C long").
+    if kind is int and not -(2**63) <= value < 2**63:
+        raise ValueError(
+            f"expected an integer within int64 (|n| < 2**63), got {_BRIEF.repr(value)}"
+        )
 
 
 def _check_range(value: tuple[float, float], high: float | None, what: str) -> None:
