@@ -45,6 +45,7 @@ def _serving_defaults():
 
 
 SHUTDOWN_SECONDS = 10.0  # after SIGTERM: in-flight calls get 2 s, unloading the rest
+WATCHDOG_SECONDS = 5.0  # past SHUTDOWN_SECONDS: the process is ended from C (stacks printed)
 
 
 def _add_serve(subparsers) -> None:
@@ -180,9 +181,14 @@ def _exit_after_stop(server) -> None:
     A TensorFlow call cannot be interrupted, and Python waits for busy worker threads at exit:
     without os._exit a SIGTERM would leave the process alive until that call ends.
     """
+    import faulthandler
     import os
     import threading
 
+    # os._exit below needs the GIL; a C call that holds it (and never lets this thread run)
+    # would keep the process alive. faulthandler's watchdog is a C thread that needs no GIL:
+    # WATCHDOG_SECONDS later it prints every thread's stack and exits with status 1.
+    faulthandler.dump_traceback_later(SHUTDOWN_SECONDS + WATCHDOG_SECONDS, exit=True)
     stopper = threading.Thread(target=server.stop, name="shutdown", daemon=True)
     stopper.start()
     stopper.join(SHUTDOWN_SECONDS)

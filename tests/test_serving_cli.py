@@ -158,6 +158,29 @@ def test_serve_refuses_a_stall_time_that_is_not_positive(capsys, seconds):
     assert result.returncode == 2 and "--rest_api_stall_seconds" in result.stderr
 
 
+STOP_HOLDING_THE_GIL = """
+import re
+import serving.cli as cli
+cli.SHUTDOWN_SECONDS, cli.WATCHDOG_SECONDS = 0.5, 1.0
+
+class StopHoldingTheGil:
+    def stop(self):
+        re.match(r"(a+)+$", "a" * 64 + "b")  # backtracking in C, which never releases the GIL
+
+cli._exit_after_stop(StopHoldingTheGil())
+"""
+
+
+def test_a_shutdown_stuck_in_c_holding_the_gil_still_ends_the_process():
+    # Before: os._exit needs the GIL, so this process ran for as long as the C call (years).
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", STOP_HOLDING_THE_GIL], capture_output=True,
+                            text=True, env=ENV, timeout=60)  # fmt: skip
+    assert result.returncode == 1 and time.monotonic() - started < 30
+    assert "Timeout (0:00:01.500000)!" in result.stderr  # faulthandler's watchdog
+    assert "line 8 in stop" in result.stderr  # with the stack that held the GIL
+
+
 def test_loadtest_swaps_versions_without_errors(capsys, served):
     result = van_tfx(
         capsys,
