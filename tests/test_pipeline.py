@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -263,3 +264,16 @@ def test_record_without_label_stops_the_run_naming_the_feature(tmp_path, home):
     assert result.returncode != 0
     assert features.LABEL in result.stderr
     assert not (tmp_path / "home" / "serving").exists()
+
+
+@pytest.mark.parametrize(("classes", "texts"), [(10, 10), (1000, 0)])
+def test_confusion_matrix_cells_are_labelled_only_for_few_classes(classes, texts):
+    from matplotlib import pyplot as plt
+
+    from pipeline.report import confusion_matrix_figure
+
+    figure = confusion_matrix_figure(np.eye(classes) * 7)
+    try:
+        assert len(figure.axes[0].texts) == texts
+    finally:
+        plt.close(figure)

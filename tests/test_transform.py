@@ -311,6 +311,8 @@ def test_a_retried_shard_finalize_renames_nothing_twice_and_records_the_same_cou
         written.append((str(temp / f"{name}.gz"), count))
     prefix = str(tmp_path / "Split-train" / "transformed_examples")
     counts = tmp_path / "graph" / "example_counts" / "train.json"
+    (tmp_path / "Split-train").mkdir()  # a finalize that died after its first rename
+    os.rename(temp / "a.gz", tmp_path / "Split-train" / "transformed_examples-00000-of-00002.gz")
     shard_writer._finalize(written, prefix, str(temp), str(counts))
     first = counts.read_text()
     shard_writer._finalize(written, prefix, str(temp), str(counts))  # a retry of the step
@@ -319,6 +321,15 @@ def test_a_retried_shard_finalize_renames_nothing_twice_and_records_the_same_cou
     assert files == [f"transformed_examples-0000{i}-of-00002.gz" for i in range(2)]
     assert (tmp_path / "Split-train" / files[0]).read_bytes() == b"aaaaa"  # sorted temp order
     assert not temp.exists()
+
+
+def test_a_finalize_missing_a_shard_it_never_renamed_fails_naming_it(tmp_path):
+    from van_tfx.data import shard_writer
+
+    prefix = str(tmp_path / "Split-train" / "transformed_examples")
+    missing = str(tmp_path / "tmp" / "gone.gz")
+    with pytest.raises(tf.errors.NotFoundError, match="gone.gz"):
+        shard_writer._finalize([(missing, 3)], prefix, str(tmp_path / "tmp"), "")
 
 
 _SEED_IMAGES = {}

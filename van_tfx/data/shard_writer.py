@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import uuid
@@ -20,6 +21,7 @@ class _WriteRollingShards(beam.DoFn):
     def __init__(self, temp_dir: str, per_shard: int):
         self._temp_dir = temp_dir
         self._per_shard = per_shard
+        self._temp_dir_made = False
 
     def start_bundle(self):
         self._writer = None
@@ -37,7 +39,9 @@ class _WriteRollingShards(beam.DoFn):
         import tensorflow as tf
 
         self._close()
-        tf.io.gfile.makedirs(self._temp_dir)
+        if not self._temp_dir_made:  # once per worker, not per file (a call to object storage)
+            tf.io.gfile.makedirs(self._temp_dir)
+            self._temp_dir_made = True
         self._path = os.path.join(self._temp_dir, uuid.uuid4().hex + SHARD_SUFFIX)
         self._writer = tf.io.TFRecordWriter(self._path, options="GZIP")
         self._in_file = 0
@@ -54,19 +58,37 @@ class _WriteRollingShards(beam.DoFn):
             yield WindowedValue(item, MIN_TIMESTAMP, [GlobalWindow()])
 
 
+# Renames in flight at once: on object storage a rename is a copy and a delete (~0.1-1 s for a
+# 110 MB shard), so ImageNet-1k's ~1,300 shards took minutes one after another.
+_RENAME_THREADS = 16
+
+
+def _rename_to_shard(path: str, target: str) -> None:
+    import tensorflow as tf
+
+    try:
+        tf.io.gfile.rename(path, target, overwrite=True)
+    except tf.errors.NotFoundError:
+        # A retried finalize finds the files it already renamed in place: skip those.
+        if not tf.io.gfile.exists(target):
+            raise
+
+
 def _finalize(written: list[tuple[str, int]], prefix: str, temp_dir: str, count_path: str):
     """Rename the temporary files to numbered shards, record the count, drop the temp dir."""
     import tensorflow as tf
 
     written = sorted(written)
     tf.io.gfile.makedirs(os.path.dirname(prefix))
-    shard_examples = {}
-    for index, (path, count) in enumerate(written):
-        target = f"{prefix}-{index:05d}-of-{len(written):05d}{SHARD_SUFFIX}"
-        # A retried finalize finds the files it already renamed in place: skip those.
-        if tf.io.gfile.exists(path) or not tf.io.gfile.exists(target):
-            tf.io.gfile.rename(path, target, overwrite=True)
-        shard_examples[os.path.basename(target)] = count
+    targets = [
+        f"{prefix}-{index:05d}-of-{len(written):05d}{SHARD_SUFFIX}" for index in range(len(written))
+    ]
+    with concurrent.futures.ThreadPoolExecutor(_RENAME_THREADS) as pool:
+        # list() re-raises the first failure
+        list(pool.map(_rename_to_shard, [path for path, _ in written], targets))
+    shard_examples = {
+        os.path.basename(target): count for target, (_, count) in zip(targets, written, strict=True)
+    }
     if tf.io.gfile.exists(temp_dir):
         tf.io.gfile.rmtree(temp_dir)  # files of failed (retried) bundles
     if count_path:
