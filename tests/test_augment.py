@@ -197,3 +197,21 @@ def test_eval_view_of_a_non_square_image_resizes_the_shorter_side_and_crops_the_
     assert out.shape == (32, 32)
     band = (out > 0.5).mean(axis=0)
     assert band[:2].max() == 0 and band[-2:].max() == 0 and band[12:20].min() == 1.0
+
+
+def test_transforms_that_run_only_when_applied_give_the_images_that_select_did(monkeypatch):
+    # apply_if runs a transform only for the images it applies to; the seeds are stateless, so
+    # each image must equal the old tf.where(condition, transform(), image) result.
+    config = AugmentConfig(random_erasing_prob=0.5)
+    image = _image(48)
+
+    def augmented_by_seed():
+        run = tf.function(lambda seed: augment.train_augment(image, seed, 32, config))
+        return [run(tf.constant([7, s], tf.int64)).numpy() for s in range(12)]
+
+    candidate = augmented_by_seed()
+    monkeypatch.setattr(augment, "apply_if", lambda cond, fn, img: tf.where(cond, fn(), img))
+    baseline = augmented_by_seed()
+    for seed, (new, old) in enumerate(zip(candidate, baseline, strict=True)):
+        np.testing.assert_array_equal(new, old, err_msg=f"seed {seed}")
+    assert len({a.tobytes() for a in candidate}) == 12  # the seeds did vary the images

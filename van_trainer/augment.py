@@ -11,6 +11,7 @@ Images travel as float32 in [0, 255] until `normalize`; the model sees (x / 255 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import tensorflow as tf
@@ -174,9 +175,15 @@ def random_resized_crop_jpeg(encoded, size, scale, ratio, seed):
     return tf.image.resize(crop, [size, size], method="bilinear", antialias=True)
 
 
+def apply_if(condition, transform, image):
+    """`transform()` where `condition` holds, else `image`: the transform runs only when applied
+    (tf.where would compute it for every image and keep it for some)."""
+    return tf.cond(condition, transform, lambda: image)
+
+
 def random_flip(image, seed):
     """Horizontal flip with probability 0.5."""
-    return tf.where(_uniform(seed, 2) < 0.5, tf.reverse(image, axis=[1]), image)
+    return apply_if(_uniform(seed, 2) < 0.5, lambda: tf.reverse(image, axis=[1]), image)
 
 
 def _affine(image, transform):
@@ -306,8 +313,11 @@ def randaugment(image, num_ops, magnitude, magnitude_std, seed, prob=0.5):
         )
         level = magnitude + magnitude_std * tf.random.stateless_normal([], fold_seed(op_seed, 1))
         level = tf.clip_by_value(level if magnitude_std > 0 else magnitude, 0.0, MAX_LEVEL)
-        augmented = randaugment_op(image, op_index, level, op_seed)
-        image = tf.where(_uniform(op_seed, 2) < prob, augmented, image)
+        image = apply_if(
+            _uniform(op_seed, 2) < prob,
+            functools.partial(randaugment_op, image, op_index, level, op_seed),
+            image,
+        )
     return image
 
 
@@ -336,12 +346,16 @@ def random_erasing(image, prob, seed, attempts=10):
     h, w = h[first], w[first]
     top = tf.cast(_uniform(seed, 33) * tf.cast(height - h + 1, tf.float32), tf.int32)
     left = tf.cast(_uniform(seed, 34) * tf.cast(width - w + 1, tf.float32), tf.int32)
-    rows = tf.range(height)[:, None, None]
-    cols = tf.range(width)[None, :, None]
-    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
     erase = (_uniform(seed, 35) < prob) & tf.reduce_any(fits)
-    noise = tf.random.stateless_normal(tf.shape(image), fold_seed(seed, 36))
-    return tf.where(inside & erase, noise, image)
+
+    def erased():
+        rows = tf.range(height)[:, None, None]
+        cols = tf.range(width)[None, :, None]
+        inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+        noise = tf.random.stateless_normal(tf.shape(image), fold_seed(seed, 36))
+        return tf.where(inside, noise, image)
+
+    return apply_if(erase, erased, image)
 
 
 # --------------------------------------------------------------------------- pipelines
