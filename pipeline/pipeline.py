@@ -83,8 +83,9 @@ def ingest_train_evaluate_push(config: Config, location: PipelineLocation, gate)
         base_model=served.outputs["model"],  # warm start from what production serves
         custom_config=custom_config_for(config),
     )
+    eval_examples = ingest.eval_example_gen(config.data, location.data_root)
     evaluator = tfx.components.Evaluator(
-        examples=example_gen.outputs["examples"],
+        examples=eval_examples.outputs["examples"],
         model=trainer.outputs["model"],
         baseline_model=served.outputs["model"],
         eval_config=build_eval_config(config.eval),
@@ -128,6 +129,7 @@ def ingest_train_evaluate_push(config: Config, location: PipelineLocation, gate)
         transform,
         served,
         trainer,
+        eval_examples,
         evaluator,
         smoke_test,
         pusher,

@@ -40,6 +40,7 @@ TINY = [
 ]
 GATED_ALWAYS_SKIPPED = (
     "ImportExampleGen",
+    "EvalExampleGen",
     "CuratedSchema",
     "ServedModel",
 )  # the gate's direct dependents

@@ -34,6 +34,7 @@ OVERRIDES = [
 EXPECTED_TASKS = {
     "NewDataGate",
     "ImportExampleGen",
+    "EvalExampleGen",
     "StatisticsGen",
     "CuratedSchema",
     "ExampleValidator",
@@ -126,13 +127,21 @@ def test_only_the_steps_that_read_the_data_take_the_examples_artifact(compiled):
     # The open-source launcher downloads every input artifact into the pod: an Examples input is
     # a copy of the whole dataset, so only the steps that read every record may take it.
     _, spec = compiled
-    readers = {
-        name
-        for name, task in spec["root"]["dag"]["tasks"].items()
-        for source in task.get("inputs", {}).get("artifacts", {}).values()
-        if source.get("taskOutputArtifact", {}).get("producerTask") == "ImportExampleGen"
-    }
-    assert readers == {"StatisticsGen", "Transform", "Evaluator"}
+
+    def readers_of(producer: str) -> set[str]:
+        return {
+            name
+            for name, task in spec["root"]["dag"]["tasks"].items()
+            for source in task.get("inputs", {}).get("artifacts", {}).values()
+            if source.get("taskOutputArtifact", {}).get("producerTask") == producer
+        }
+
+    assert readers_of("ImportExampleGen") == {"StatisticsGen", "Transform"}
+    # The Evaluator reads only the eval split: it takes an Examples artifact holding only that.
+    assert readers_of("EvalExampleGen") == {"Evaluator"}
+    splits = spec["root"]["dag"]["tasks"]["EvalExampleGen"]["inputs"]["parameters"]
+    assert '"name": "eval"' in splits["input_config"]["runtimeValue"]["constant"]
+    assert '"name": "train"' not in splits["input_config"]["runtimeValue"]["constant"]
 
 
 def test_spec_is_in_the_form_the_open_source_backend_reads(compiled):
