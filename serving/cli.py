@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serving.limits import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_STALL_SECONDS
+from serving.limits import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_REST_THREADS,
+    DEFAULT_STALL_SECONDS,
+    MAX_STALL_SECONDS,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -31,11 +36,20 @@ def _flag_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _positive_seconds(text: str) -> float:
+def _stall_seconds(text: str) -> float:
     seconds = float(text)
-    if not seconds > 0:  # NaN too: a zero timeout would make the sockets non-blocking
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    if not 0 < seconds <= MAX_STALL_SECONDS:  # NaN too; 0 would make sockets non-blocking
+        raise argparse.ArgumentTypeError(
+            f"expected seconds > 0 and <= {MAX_STALL_SECONDS:.0f}, got {text!r}"
+        )
     return seconds
+
+
+def _at_least_one(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return number
 
 
 def _serving_defaults():
@@ -99,10 +113,17 @@ def _add_serve(subparsers) -> None:
     )
     p.add_argument(
         "--rest_api_stall_seconds",
-        type=_positive_seconds,
+        type=_stall_seconds,
         default=DEFAULT_STALL_SECONDS,
         help="ours: a REST request or answer that stops moving this long drops its connection "
         "(idle keep-alive connections are kept, without a thread)",
+    )
+    p.add_argument(
+        "--rest_api_num_threads",
+        type=_at_least_one,
+        default=DEFAULT_REST_THREADS,
+        help="threads reading and answering REST requests; more connections wait their turn "
+        "(TF Serving: 4 x cores, running handlers only)",
     )
     p.add_argument("--config", help="van-tfx config YAML (for the default base path)")
     p.set_defaults(func=_serve)
@@ -151,6 +172,7 @@ def _serve(args) -> int:
         grpc_max_threads=args.grpc_max_threads,
         enable_serialization_as_tensor_content=args.enable_serialization_as_tensor_content,
         rest_api_stall_seconds=args.rest_api_stall_seconds,
+        rest_api_num_threads=args.rest_api_num_threads,
     )
     server = ModelServer(options)
     stop_requested = threading.Event()

@@ -1,22 +1,64 @@
-"""Keep-alive connections without a thread each, for the REST server.
+"""REST connections without a thread each, and a bounded number of threads for all of them.
 
-TF Serving's libevent loop holds an idle keep-alive connection as a socket and a few structs.
-ThreadingHTTPServer holds a thread blocked in readline() for it, so a client (or a connection
-pool, or an attacker) with 10,000 idle connections costs 10,000 threads. Here a connection has a
-thread only while a request arrives or is answered; between requests it waits in one selector.
-A request or answer that stops moving for `stall_seconds` drops its connection.
+TF Serving's libevent loop holds an idle keep-alive connection as a socket and a few structs, and
+reads requests without a thread; `--rest_api_num_threads` threads run the handlers.
+ThreadingHTTPServer held a thread blocked in readline() per connection, so 10,000 idle pooled
+connections (or an attacker's) were 10,000 threads. Here a connection waits for its next request
+in one selector thread; when bytes arrive, one of at most `max_threads` workers reads and answers
+that request (and any pipelined behind it), then hands the connection back. A request's line and
+headers must arrive within the stall time in all, and its body and answer may pause no longer
+than that between bytes; idle connections past half the process's file limit close, oldest first.
 """
 
 from __future__ import annotations
 
+import collections
+import io
+import logging
+import resource
+import select
 import selectors
 import socket
+import sys
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
 
-from serving.limits import DEFAULT_STALL_SECONDS
+from serving.limits import DEFAULT_REST_THREADS, DEFAULT_STALL_SECONDS
+
+log = logging.getLogger(__name__)
+
+# A keep-alive client's next request usually follows its answer within a round trip: waiting
+# this long for it keeps the connection on its thread instead of two epoll calls and a hand-off.
+NEXT_REQUEST_WAIT_MS = 2
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket as a raw stream whose reads end at `deadline` (if set), else after a pause of
+    `stall` seconds; a non-blocking socket (the pipelining peek) reads without waiting."""
+
+    def __init__(self, sock: socket.socket, stall: float):
+        self._sock = sock
+        self._stall = stall
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int | None:
+        if self._sock.gettimeout() != 0.0:
+            wait = self._stall
+            if self.deadline is not None:
+                wait = min(wait, self.deadline - time.monotonic())
+                if wait <= 0:
+                    raise TimeoutError("the request line and headers took too long")
+            self._sock.settimeout(wait)
+        try:
+            return self._sock.recv_into(buffer)
+        except BlockingIOError:
+            return None
 
 
 class KeepAliveHandler(BaseHTTPRequestHandler):
@@ -24,56 +66,118 @@ class KeepAliveHandler(BaseHTTPRequestHandler):
 
     timeout = DEFAULT_STALL_SECONDS  # StreamRequestHandler sets it on each connection's socket
 
+    def setup(self):
+        """StreamRequestHandler's files, reading through a _DeadlineReader."""
+        super().setup()
+        self.rfile.close()  # the makefile() reader, replaced
+        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
     def handle(self):
-        """Answer one request, and more only if the client already sent them (pipelining)."""
+        """Answer one request, and more while the next one is already here or follows at once."""
         self.close_connection = True
-        self.handle_one_request()
-        while not self.close_connection and self._next_request_is_buffered():
-            self.handle_one_request()
+        self._handle_within_deadline()
+        while not self.close_connection and self._next_request_is_here():
+            self._handle_within_deadline()
+        self._forget_request()
+
+    def parse_request(self):
+        """BaseHTTPRequestHandler's, then the body and answer get the stall time per pause."""
+        try:
+            return super().parse_request()
+        finally:
+            self._reader.deadline = None
+            self.connection.settimeout(self.timeout)
 
     def finish(self):
         """Close the files only when the connection closes: an idle one is kept for reuse."""
         if self.close_connection:
             super().finish()
 
-    def _next_request_is_buffered(self) -> bool:
+    def _handle_within_deadline(self):
+        self._reader.deadline = time.monotonic() + self.timeout
+        self.handle_one_request()
+
+    def _next_request_is_here(self) -> bool:
         # Bytes sent after the last request may already sit in rfile's buffer, where the
-        # selector can't see them. A non-blocking peek returns them, or b"" without waiting.
+        # selector can't see them: a non-blocking peek returns them, or b"" without waiting.
         self.connection.setblocking(False)
         try:
-            return bool(self.rfile.peek(1))
-        except OSError:  # reset: the selector reports it and the next read closes
+            if self.rfile.peek(1):
+                return True
+        except OSError:  # reset: the selector reports it, and the next read closes
             return False
         finally:
             self.connection.settimeout(self.timeout)
+        poller = select.poll()  # not select(): descriptors above 1023 are common here
+        poller.register(self.connection, select.POLLIN)
+        return bool(poller.poll(NEXT_REQUEST_WAIT_MS))
+
+    def _forget_request(self):
+        # An idle connection keeps only its socket and buffer, not the last request's headers
+        # (up to 100 lines of 64 KiB).
+        self.headers = None
+        self.raw_requestline, self.requestline = b"", ""
 
 
 class _Waiting(NamedTuple):
-    """A connection in the selector: what to run when bytes arrive, and how to close it."""
+    """A connection waiting for bytes: what to run when they come, and how to close it."""
 
     serve: Callable[[], None]
     close: Callable[[], None]
 
 
+def default_max_idle() -> int:
+    """Idle connections kept: half the process's file descriptor limit (the rest for work)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, soft // 2) if soft != resource.RLIM_INFINITY else 1 << 16
+
+
 class KeepAliveHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer whose connections wait for their next request in one selector thread."""
+    """ThreadingHTTPServer whose connections wait for their next request in one selector thread
+    and are served by at most `max_threads` threads."""
 
     daemon_threads = True
 
-    def __init__(self, address, handler_class: type[KeepAliveHandler]):
+    def __init__(
+        self,
+        address,
+        handler_class: type[KeepAliveHandler],
+        max_threads: int = DEFAULT_REST_THREADS,
+        max_idle: int | None = None,
+    ):
         super().__init__(address, handler_class)
+        self._max_threads = max_threads
+        self._max_idle = max_idle or default_max_idle()
         self._lock = threading.Lock()
         self._closed = False
+        self._workers = 0
+        self._ready: collections.deque[_Waiting] = collections.deque()  # waiting for a worker
+        self._idle: dict[socket.socket, _Waiting] = {}  # in the selector, oldest first
         self._selector = selectors.DefaultSelector()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
         self._watcher = threading.Thread(target=self._watch_idle, name="rest-idle", daemon=True)
         self._watcher.start()
 
+    def handle_error(self, request, client_address):
+        """Log a failed connection (socketserver prints a traceback to stderr); a client that
+        reset or went quiet is routine."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            log.debug("REST connection from %s ended: %r", client_address, error)
+        else:
+            log.exception("REST connection from %s", client_address)
+
     def idle_connections(self) -> int:
         """How many connections wait for their next (or first) request."""
         with self._lock:
-            return len(self._selector.get_map()) - 1
+            return len(self._idle)
+
+    def busy_workers(self) -> int:
+        """How many threads are reading or answering a request now."""
+        with self._lock:
+            return self._workers
 
     def process_request(self, request, client_address):
         """Wait for a new connection's first bytes in the selector, not in a thread."""
@@ -86,7 +190,7 @@ class KeepAliveHTTPServer(ThreadingHTTPServer):
         )
 
     def process_request_thread(self, request, client_address):
-        """Serve a connection until it is idle or closed (socketserver's thread target)."""
+        """Serve a connection until it is idle or closed."""
         try:
             handler = self.RequestHandlerClass(request, client_address, self)
         except Exception:
@@ -96,11 +200,15 @@ class KeepAliveHTTPServer(ThreadingHTTPServer):
             self._keep_or_close(handler)
 
     def server_close(self):
-        """Stop listening and close every idle connection."""
-        super().server_close()
+        """Stop listening and close every connection that waits."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
-            waiting = [key.data for key in self._selector.get_map().values() if key.data]
+            waiting = [*self._idle.values(), *self._ready]
+            self._idle.clear()
+            self._ready.clear()
+        super().server_close()
         self._wake_writer.send(b"!")
         self._watcher.join(timeout=5)
         for connection in waiting:
@@ -120,11 +228,19 @@ class KeepAliveHTTPServer(ThreadingHTTPServer):
             )
 
     def _wait_for_bytes(self, sock: socket.socket, waiting: _Waiting) -> None:
+        evicted = None
         with self._lock:
             if not self._closed:
+                if len(self._idle) >= self._max_idle:  # dicts keep insertion order
+                    oldest = next(iter(self._idle))
+                    evicted = self._idle.pop(oldest)
+                    self._selector.unregister(oldest)
                 self._selector.register(sock, selectors.EVENT_READ, waiting)
-                return
-        waiting.close()
+                self._idle[sock] = waiting
+                waiting = None
+        for connection in (evicted, waiting):
+            if connection is not None:
+                connection.close()
 
     def _watch_idle(self) -> None:
         while True:
@@ -133,19 +249,50 @@ class KeepAliveHTTPServer(ThreadingHTTPServer):
                     if self._closed:  # server_close() closes what still waits
                         return
                     self._selector.unregister(key.fileobj)
-                threading.Thread(target=key.data.serve, name="rest-connection", daemon=True).start()
+                    self._idle.pop(key.fileobj, None)
+                self._dispatch(key.data)
+
+    def _dispatch(self, waiting: _Waiting) -> None:
+        with self._lock:
+            if self._workers >= self._max_threads:
+                self._ready.append(waiting)  # the next worker to finish takes it
+                return
+            self._workers += 1
+        try:
+            threading.Thread(
+                target=self._work, args=(waiting,), name="rest-connection", daemon=True
+            ).start()
+        except Exception:  # "can't start new thread": drop this connection, keep serving
+            log.exception("no thread for a REST connection; closing it")
+            with self._lock:
+                self._workers -= 1
+            waiting.close()
+
+    def _work(self, waiting: _Waiting | None) -> None:
+        while waiting is not None:
+            try:
+                waiting.serve()
+            except Exception:  # serve() handles its own errors; this one only logs
+                log.exception("REST connection")
+            with self._lock:
+                waiting = self._ready.popleft() if self._ready and not self._closed else None
+                if waiting is None:
+                    self._workers -= 1
 
     def _resume(self, handler: KeepAliveHandler) -> None:
         try:
             handler.handle()
-            handler.finish()
         except Exception:
             self.handle_error(handler.request, handler.client_address)
-            self.shutdown_request(handler.request)
-        else:
+            handler.close_connection = True
+        try:
+            handler.finish()
+        finally:
             self._keep_or_close(handler)
 
     def _close(self, handler: KeepAliveHandler) -> None:
         handler.close_connection = True
-        handler.finish()
-        self.shutdown_request(handler.request)
+        try:
+            handler.finish()
+        finally:
+            self.shutdown_request(handler.request)

@@ -15,6 +15,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = ServingConfig.model_fields["max_image_pixels"].default
 # A REST request or answer that stops moving this long drops its connection (it holds a thread).
 DEFAULT_STALL_SECONDS = 30.0
+MAX_STALL_SECONDS = 86_400.0  # a socket timeout must be finite (settimeout(inf) overflows)
+# Threads reading and answering REST requests (TF Serving's --rest_api_num_threads, 4 x cores
+# there, only runs handlers: libevent reads). Connections beyond it wait their turn.
+DEFAULT_REST_THREADS = 64
 
 
 @dataclasses.dataclass(frozen=True)

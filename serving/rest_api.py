@@ -29,6 +29,7 @@ from tensorflow_serving.apis import (
 from serving import handlers, http_body, rest_json
 from serving.errors import ServingError, invalid_argument
 from serving.http_connections import KeepAliveHandler, KeepAliveHTTPServer
+from serving.limits import DEFAULT_REST_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,13 @@ def _error(status: int, message: str) -> tuple[int, str, str]:
 
 
 def make_http_server(
-    app: RestApp, host: str, port: int, max_body_bytes: int, stall_seconds: float
+    app: RestApp,
+    host: str,
+    port: int,
+    max_body_bytes: int,
+    stall_seconds: float,
+    num_threads: int = DEFAULT_REST_THREADS,
+    max_idle: int | None = None,
 ) -> KeepAliveHTTPServer:
     """An HTTP server answering TF Serving's REST API with `app`."""
 
@@ -332,4 +339,4 @@ def make_http_server(
         def log_message(self, format, *args):  # noqa: A002 (http.server signature)
             log.debug("REST %s", format % args)
 
-    return KeepAliveHTTPServer((host, port), Handler)
+    return KeepAliveHTTPServer((host, port), Handler, max_threads=num_threads, max_idle=max_idle)

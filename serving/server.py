@@ -20,7 +20,9 @@ from concurrent import futures
 from serving.limits import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_REST_THREADS,
     DEFAULT_STALL_SECONDS,
+    MAX_STALL_SECONDS,
     RequestLimits,
 )
 from serving.manager import ModelManager
@@ -42,7 +44,7 @@ ANY_PORT = -1  # rest_api_port value that picks a free port (0 disables REST, as
 class ServerOptions:
     """tensorflow_model_server's flags (those van-tfx supports), with its defaults, plus ours:
     grpc_host, rest_api_host, max_message_bytes, max_image_pixels, startup_timeout_seconds,
-    rest_api_stall_seconds."""
+    rest_api_stall_seconds, rest_api_num_threads (threads reading and answering REST)."""
 
     port: int = 8500  # gRPC; 0 picks a free port
     grpc_host: str = "127.0.0.1"
@@ -72,13 +74,17 @@ class ServerOptions:
     # Ours: a REST request or answer that stops moving this long drops its connection (TF
     # Serving keeps it open; here it holds a thread). Idle keep-alive connections have no limit.
     rest_api_stall_seconds: float = DEFAULT_STALL_SECONDS
+    rest_api_num_threads: int = DEFAULT_REST_THREADS  # TF Serving: 4 x cores (handlers only)
     startup_timeout_seconds: float | None = None  # None waits for models forever, like TF Serving
 
     def __post_init__(self):
-        if not self.rest_api_stall_seconds > 0:  # NaN too: 0 would make sockets non-blocking
+        stall = self.rest_api_stall_seconds
+        if not 0 < stall <= MAX_STALL_SECONDS:  # NaN too: 0 would make sockets non-blocking
             raise ValueError(
-                f"rest_api_stall_seconds must be > 0, got {self.rest_api_stall_seconds}"
+                f"rest_api_stall_seconds must be > 0 and <= {MAX_STALL_SECONDS:.0f}, got {stall}"
             )
+        if self.rest_api_num_threads < 1:
+            raise ValueError(f"rest_api_num_threads must be >= 1, got {self.rest_api_num_threads}")
 
     def model_configs(self) -> list:
         """The ModelConfig list: from --model_config_file or --model_name/--model_base_path."""
@@ -329,6 +335,7 @@ class ModelServer:
             port,
             self.options.max_message_bytes,
             self.options.rest_api_stall_seconds,
+            self.options.rest_api_num_threads,
         )
         self.rest_port = self._http_server.server_address[1]
         self._http_thread = threading.Thread(

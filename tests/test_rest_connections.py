@@ -4,6 +4,8 @@ arriving drops its connection after the stall time."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import http.client
 import json
 import socket
@@ -14,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving import testing
+from serving import http_connections, testing
+from serving.http_connections import KeepAliveHandler
 from serving.rest_api import make_http_server
 from serving.server import ANY_PORT, ModelServer, ServerOptions
 
@@ -159,29 +162,122 @@ class LargeAnswers:
         return 200, "application/json", '"' + "x" * (self.size - 2) + '"'
 
 
+@contextlib.contextmanager
+def serving(app, stall: float = STALL_SECONDS, **options):
+    """make_http_server(app, ...) serving on a free loopback port until the block ends."""
+    http_server = make_http_server(app, "127.0.0.1", 0, 1 << 20, stall, **options)
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    try:
+        yield http_server
+    finally:
+        http_server.shutdown()
+        http_server.server_close()
+
+
 def test_a_large_answer_read_slowly_but_steadily_arrives_whole():
     # 16 MB is more than the kernel buffers on both ends hold, so the answer takes several stall
     # times to read: written in one sendall(), it was cut off after the first stall time.
     size, stall = 16 << 20, 0.5
-    http_server = make_http_server(LargeAnswers(size), "127.0.0.1", 0, 1 << 20, stall)
-    threading.Thread(target=http_server.serve_forever, daemon=True).start()
-    try:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
-            sock.settimeout(30)
-            sock.connect(http_server.server_address)
+    with serving(LargeAnswers(size), stall) as http_server, socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        sock.settimeout(30)
+        sock.connect(http_server.server_address)
+        sock.sendall(STATUS)
+        started, received = time.monotonic(), b""
+        while not received.endswith(b'x"'):
+            chunk = sock.recv(1 << 16)
+            assert chunk, f"cut off after {len(received)} bytes"
+            received += chunk
+            time.sleep(0.005)
+    assert time.monotonic() - started > 3 * stall  # slow enough to have mattered
+    assert len(received.split(b"\r\n\r\n", 1)[1]) == size
+
+
+def test_headers_trickled_in_get_the_stall_time_in_all_not_per_pause():
+    # One byte every 0.3 s never pauses for the 1 s stall time; the head must still be complete
+    # within it, or every such client would hold a thread for as long as it likes.
+    with serving(LargeAnswers(16)) as http_server:
+        with socket.create_connection(http_server.server_address, timeout=10) as sock:
+            started = time.monotonic()
+            for byte in STATUS[:-2]:
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:  # the server closed it
+                    break
+                time.sleep(0.3)
+                if time.monotonic() - started > 6:
+                    break
+            assert sock.recv(1024) == b""
+            assert time.monotonic() - started < 4
+
+
+def test_connections_beyond_the_thread_limit_wait_their_turn_and_are_answered():
+    with serving(LargeAnswers(16), num_threads=2) as http_server:
+        stalled = [socket.create_connection(http_server.server_address, timeout=10)
+                   for _ in range(4)]  # fmt: skip
+        for sock in stalled:
+            sock.sendall(STATUS[:10])  # half a request line: a worker waits for the rest
+        assert wait_until(lambda: http_server.busy_workers() == 2)
+        with socket.create_connection(http_server.server_address, timeout=30) as sock:
             sock.sendall(STATUS)
-            started, received = time.monotonic(), b""
-            while not received.endswith(b'x"'):
-                chunk = sock.recv(1 << 16)
-                assert chunk, f"cut off after {len(received)} bytes"
-                received += chunk
-                time.sleep(0.005)
-        assert time.monotonic() - started > 3 * stall  # slow enough to have mattered
-        assert len(received.split(b"\r\n\r\n", 1)[1]) == size
-    finally:
-        http_server.shutdown()
-        http_server.server_close()
+            time.sleep(0.3)
+            assert connection_threads() == 2 and http_server.busy_workers() == 2
+            started = time.monotonic()
+            assert read_answers(sock, 1)[0][0] == 200  # once stalled ones time out
+            assert time.monotonic() - started < 10
+        for sock in stalled:
+            assert sock.recv(1024) == b""
+            sock.close()
+        assert wait_until(lambda: http_server.busy_workers() == 0)
+
+
+def test_idle_connections_past_the_limit_close_oldest_first():
+    with serving(LargeAnswers(16), max_idle=3) as http_server:
+        clients = []
+        for _ in range(5):
+            sock = socket.create_connection(http_server.server_address, timeout=10)
+            sock.sendall(STATUS)
+            assert read_answers(sock, 1)[0][0] == 200
+            clients.append(sock)
+            assert wait_until(lambda n=len(clients): http_server.idle_connections() == min(n, 3))
+        assert [sock.recv(1024) for sock in clients[:2]] == [b"", b""]  # the two oldest
+        for sock in clients[2:]:
+            sock.sendall(STATUS)
+            assert read_answers(sock, 1)[0][0] == 200
+            sock.close()
+
+
+def test_an_idle_connection_keeps_no_headers_of_its_last_request():
+    with serving(LargeAnswers(16)) as http_server:
+        big = b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"x" * 60_000 + b"\r\n\r\n"
+        with socket.create_connection(http_server.server_address, timeout=10) as sock:
+            sock.sendall(big)
+            assert read_answers(sock, 1)[0][0] == 200
+            assert wait_until(lambda: http_server.idle_connections() == 1)
+            parked = [o for o in gc.get_objects() if isinstance(o, KeepAliveHandler)
+                      and o.server is http_server]  # fmt: skip
+            assert len(parked) == 1 and parked[0].headers is None
+
+
+def test_a_thread_that_cannot_start_costs_one_connection_not_the_server(monkeypatch):
+    starts = []
+
+    class FailingOnce(threading.Thread):
+        def start(self):
+            starts.append(self.name)
+            if len(starts) == 1:
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    with serving(LargeAnswers(16)) as http_server:
+        monkeypatch.setattr(http_connections.threading, "Thread", FailingOnce)
+        with socket.create_connection(http_server.server_address, timeout=10) as first:
+            first.sendall(STATUS)
+            assert first.recv(1024) == b""  # dropped, not left hanging
+        with socket.create_connection(http_server.server_address, timeout=10) as second:
+            second.sendall(STATUS)
+            assert read_answers(second, 1)[0][0] == 200
+    assert starts[0] == "rest-connection"
 
 
 def test_stopping_the_server_closes_its_idle_connections(config):
@@ -197,7 +293,12 @@ def test_stopping_the_server_closes_its_idle_connections(config):
         assert sock.recv(1024) == b""
 
 
-@pytest.mark.parametrize("seconds", [0, -1, float("nan")])
-def test_the_stall_time_must_be_positive(seconds):
-    with pytest.raises(ValueError, match="rest_api_stall_seconds must be > 0"):
+@pytest.mark.parametrize("seconds", [0, -1, float("nan"), float("inf"), 1e300])
+def test_the_stall_time_must_be_positive_and_finite(seconds):
+    with pytest.raises(ValueError, match="rest_api_stall_seconds must be > 0 and <= 86400"):
         ServerOptions(rest_api_stall_seconds=seconds)
+
+
+def test_the_thread_limit_must_be_positive():
+    with pytest.raises(ValueError, match="rest_api_num_threads must be >= 1, got 0"):
+        ServerOptions(rest_api_num_threads=0)

@@ -152,7 +152,7 @@ def test_idle_rest_connections_cost_no_thread_and_stalled_ones_are_dropped(serve
         sock.close()
 
 
-@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "soon"])
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf", "soon"])
 def test_serve_refuses_a_stall_time_that_is_not_positive(capsys, seconds):
     result = van_tfx(capsys, "serve", f"--rest_api_stall_seconds={seconds}")
     assert result.returncode == 2 and "--rest_api_stall_seconds" in result.stderr
@@ -179,6 +179,11 @@ def test_a_shutdown_stuck_in_c_holding_the_gil_still_ends_the_process():
     assert result.returncode == 1 and time.monotonic() - started < 30
     assert "Timeout (0:00:01.500000)!" in result.stderr  # faulthandler's watchdog
     assert "line 8 in stop" in result.stderr  # with the stack that held the GIL
+
+
+def test_serve_refuses_a_rest_thread_limit_below_one(capsys):
+    result = van_tfx(capsys, "serve", "--rest_api_num_threads=0")
+    assert result.returncode == 2 and "--rest_api_num_threads" in result.stderr
 
 
 def test_loadtest_swaps_versions_without_errors(capsys, served):
