@@ -137,12 +137,14 @@ def storage_section(root: Path, args) -> None:
     from van_trainer import dataset
 
     jpegs = photo_jpegs(args.images, seed=1)
-    shards = {
-        "GZIP (baseline)": write_shard(str(root / "eval-00000-of-00001.gz"), jpegs, "GZIP"),
-        "uncompressed": write_shard(str(root / "eval-00000-of-00001"), jpegs, ""),
-    }
+    paths = {"GZIP (baseline)": str(root / "eval.gz"), "uncompressed": str(root / "eval")}
+    writes = alternate(paths, args.rounds, lambda path: write_seconds(path, jpegs))
+    shards = {name: write_shard(path, jpegs, compression_of(path)) for name, path in paths.items()}
     for name, path in shards.items():
-        print(f"  {name:>16}: {os.path.getsize(path) / 1e6:7.2f} MB on disk")
+        print(
+            f"  {name:>16}: {os.path.getsize(path) / 1e6:7.2f} MB on disk, "
+            f"written in {writes[name]:.3f} s"
+        )
     reads = alternate(
         shards, args.rounds, lambda path: read_megabytes_per_second(path, compression_of(path))
     )
@@ -157,10 +159,18 @@ def storage_section(root: Path, args) -> None:
         print(f"  {name:>16}: read {reads[name]:7.1f} MB/s, eval pipeline {evals[name]:7.1f} img/s")
     base, ours = "GZIP (baseline)", "uncompressed"
     print(
-        f"  uncompressed vs GZIP: read x{reads[ours] / reads[base]:.2f}, "
+        f"  uncompressed vs GZIP: write x{writes[base] / writes[ours]:.2f}, "
+        f"read x{reads[ours] / reads[base]:.2f}, "
         f"eval pipeline x{evals[ours] / evals[base]:.2f}, "
         f"size x{os.path.getsize(shards[ours]) / os.path.getsize(shards[base]):.3f}"
     )
+
+
+def write_seconds(path: str, jpegs: list[bytes]) -> float:
+    """Seconds to write `jpegs` as one shard at `path` (compressed if it ends in .gz)."""
+    start = time.perf_counter()
+    write_shard(path, jpegs, compression_of(path))
+    return time.perf_counter() - start
 
 
 def compression_of(path: str) -> str:

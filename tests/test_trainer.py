@@ -384,9 +384,7 @@ def test_predict_images_matches_the_model_on_transform_materialised_eval_example
     stored = model.signatures["transform_features"](examples=tf.constant(serialized))
     stored = [b.numpy() for b in stored[features.TRANSFORMED_IMAGE]]
     materialised = {}
-    for record in tf.data.TFRecordDataset(
-        dataset.resolve_files(transform_paths["eval_files"]), compression_type="GZIP"
-    ):
+    for record in tf.data.TFRecordDataset(dataset.resolve_files(transform_paths["eval_files"])):
         parsed = tf.io.parse_single_example(record, dataset.transformed_feature_spec())
         materialised[parsed[features.TRANSFORMED_IMAGE].numpy()] = record
     assert all(s in materialised for s in stored), "serving Transform differs from materialised"
@@ -556,7 +554,7 @@ def test_steps_per_epoch_come_from_the_counts_transform_recorded(transform_paths
     config = tiny_config(steps_per_epoch=0, batch_size=8)
     graph = transform_paths["transform_output"]
     files = dataset.resolve_files(transform_paths["train_files"])
-    assert sum(1 for _ in tf.data.TFRecordDataset(files, compression_type="GZIP")) == N_TRAIN
+    assert sum(1 for _ in tf.data.TFRecordDataset(files)) == N_TRAIN
     # plan_steps is not even given the files: the count comes from the transform graph.
     assert train.plan_steps(config, graph, None) == (2, N_TRAIN // 8)
     assert train.split_size(graph, "eval") == N_EVAL

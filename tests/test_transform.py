@@ -92,7 +92,7 @@ def split_files(root: Path, split: str) -> list[str]:
 
 def read_transformed(root: Path, split: str) -> list[tf.train.Example]:
     """The transformed examples of one split."""
-    dataset = tf.data.TFRecordDataset(split_files(root, split), compression_type="GZIP")
+    dataset = tf.data.TFRecordDataset(split_files(root, split))
     return [tf.train.Example.FromString(raw.numpy()) for raw in dataset]
 
 
@@ -133,12 +133,12 @@ def test_transform_writes_full_shards_and_records_each_splits_count(transformed)
     root, validation = transformed
     for split, expected in (("train", 200), ("eval", len(validation))):
         files = split_files(root, split)
-        sizes = [sum(1 for _ in tf.data.TFRecordDataset(f, compression_type="GZIP")) for f in files]
+        sizes = [sum(1 for _ in tf.data.TFRecordDataset(f)) for f in files]  # uncompressed
         assert sum(sizes) == expected
         assert len(files) >= expected // PER_SHARD  # not one file per split
         assert max(sizes) == PER_SHARD and sizes.count(PER_SHARD) >= len(files) - 2
         assert [os.path.basename(f) for f in files] == [
-            f"transformed_examples-{i:05d}-of-{len(files):05d}.gz" for i in range(len(files))
+            f"transformed_examples-{i:05d}-of-{len(files):05d}" for i in range(len(files))
         ]
         assert shards.read_example_count(transform_graph(root), split) == expected
         per_file = {os.path.basename(f): n for f, n in zip(files, sizes, strict=True)}
@@ -312,13 +312,13 @@ def test_a_retried_shard_finalize_renames_nothing_twice_and_records_the_same_cou
     prefix = str(tmp_path / "Split-train" / "transformed_examples")
     counts = tmp_path / "graph" / "example_counts" / "train.json"
     (tmp_path / "Split-train").mkdir()  # a finalize that died after its first rename
-    os.rename(temp / "a.gz", tmp_path / "Split-train" / "transformed_examples-00000-of-00002.gz")
+    os.rename(temp / "a.gz", tmp_path / "Split-train" / "transformed_examples-00000-of-00002")
     shard_writer._finalize(written, prefix, str(temp), str(counts))
     first = counts.read_text()
     shard_writer._finalize(written, prefix, str(temp), str(counts))  # a retry of the step
     assert counts.read_text() == first
     files = sorted(p.name for p in (tmp_path / "Split-train").iterdir())
-    assert files == [f"transformed_examples-0000{i}-of-00002.gz" for i in range(2)]
+    assert files == [f"transformed_examples-0000{i}-of-00002" for i in range(2)]
     assert (tmp_path / "Split-train" / files[0]).read_bytes() == b"aaaaa"  # sorted temp order
     assert not temp.exists()
 

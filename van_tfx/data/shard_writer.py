@@ -43,7 +43,7 @@ class _WriteRollingShards(beam.DoFn):
             tf.io.gfile.makedirs(self._temp_dir)
             self._temp_dir_made = True
         self._path = os.path.join(self._temp_dir, uuid.uuid4().hex + SHARD_SUFFIX)
-        self._writer = tf.io.TFRecordWriter(self._path, options="GZIP")
+        self._writer = tf.io.TFRecordWriter(self._path)
         self._in_file = 0
 
     def _close(self):
@@ -105,7 +105,7 @@ def _finalize(written: list[tuple[str, int]], prefix: str, temp_dir: str, count_
 
 
 class WriteShards(beam.PTransform):
-    """Serialized records -> `<prefix>-NNNNN-of-MMMMM.gz` shards of `examples_per_shard` records
+    """Serialized records -> `<prefix>-NNNNN-of-MMMMM` shards of `examples_per_shard` records
     (the last of each bundle shorter), and their total in `count_path` (if given)."""
 
     def __init__(self, prefix: str, examples_per_shard: int, count_path: str = ""):

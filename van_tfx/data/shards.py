@@ -1,4 +1,4 @@
-"""Transformed splits on disk: fixed-size GZIP TFRecord shards and the example count beside them.
+"""Transformed splits on disk: fixed-size TFRecord shards and the example count beside them.
 
 Multi-worker training gives each worker its own files (van_trainer/dataset.py), so a split needs
 many files of equal size whatever the Beam runner does. Beam's `WriteToTFRecord(num_shards=N)`
@@ -6,7 +6,9 @@ gets N files through a GroupByKey of every record, which the DirectRunner holds 
 whole split) and Dataflow pays as a shuffle. `WriteShards` instead rolls each bundle's output to
 a new file every `examples_per_shard` records: no shuffle, memory flat, every file but each
 bundle's last exactly full. Like Beam's file sinks, bundles write temporary files that one
-finalize step renames (`<prefix>-00000-of-00042.gz`), so a retried bundle leaves no duplicates.
+finalize step renames (`<prefix>-00000-of-00042`), so a retried bundle leaves no duplicates.
+The shards are not compressed: their JPEGs do not shrink (GZIP saved 0.3 %), and GZIP cost
+15x the write time and 3x the read time (benchmarks/bench_augment.py --sections storage).
 
 The same finalize step records how many examples the split holds (`example_counts/<split>.json`
 in the transform graph), so the Trainer plans its steps without reading the data. The writer is
@@ -19,7 +21,7 @@ import json
 import os
 
 EXAMPLE_COUNTS_DIR = "example_counts"
-SHARD_SUFFIX = ".gz"
+SHARD_SUFFIX = ""  # uncompressed; readers take *.gz (older runs) as GZIP
 
 
 def example_count_path(transform_dir: str, split: str) -> str:
