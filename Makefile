@@ -55,6 +55,7 @@ bench: venv
 	  --tf-env "oneDNN off, the kernels of the stock tensorflow/serving image:TF_ENABLE_ONEDNN_OPTS=0"
 	$(VENV)/bin/python benchmarks/bench_transform.py
 	$(VENV)/bin/python benchmarks/bench_input.py --variant b0 --image-size 32 --batch-size 64
+	$(VENV)/bin/python benchmarks/bench_augment.py --rounds 3 --batches 16
 	$(VENV)/bin/python benchmarks/bench_serving.py
 	$(VENV)/bin/python benchmarks/bench_connections.py --connections 2000
 	$(MAKE) bench-scale
