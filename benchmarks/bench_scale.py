@@ -4,7 +4,7 @@ Images are realistic stand-ins for ImageNet photos: random crops, scales, flips 
 scikit-learn's two bundled photos, saved as ~500x375 JPEGs (quality 80-92) over a few hundred
 synsets. Sections:
 
-  formats   bytes stored per image (GZIP TFRecords, as Transform writes them) against the source
+  formats   bytes stored per image (GZIP TFRecords, as Transform wrote them) against the source
             JPEG, and the Trainer's input pipeline at 224 px with the full recipe, per stored
             format: raw 256x256 centre crop (the old format), JPEG kept (ours), JPEG re-encoded
             with a smaller cap, and ours with a full decode instead of decode_and_crop_jpeg.

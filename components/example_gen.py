@@ -63,6 +63,13 @@ def has_unresolved_specs(input_config_json: str) -> bool:
     return any(any(utils.verify_split_pattern_specs(split)) for split in config.splits)
 
 
+def split_fingerprints(fingerprint: str, names: list[str]) -> str:
+    """The lines of a TFX input fingerprint (one `split:<name>,...` line per split) for `names`:
+    the gate fingerprints every split, an ExampleGen of fewer splits only its own."""
+    wanted = {f"split:{name}" for name in names}
+    return "\n".join(line for line in fingerprint.split("\n") if line.split(",")[0] in wanted)
+
+
 def resolve_like_the_driver(
     exec_properties: dict, examples_artifact, decided: dict | None = None
 ) -> dict:
@@ -96,9 +103,8 @@ def resolve_like_the_driver(
     resolved[utils.SPAN_PROPERTY_NAME] = span
     resolved[utils.VERSION_PROPERTY_NAME] = version
     resolved[utils.FINGERPRINT_PROPERTY_NAME] = processor.get_input_fingerprint(span, version)
-    if (
-        decided is not None
-        and resolved[utils.FINGERPRINT_PROPERTY_NAME] != decided["input_fingerprint"]
+    if decided is not None and resolved[utils.FINGERPRINT_PROPERTY_NAME] != split_fingerprints(
+        decided["input_fingerprint"], [split.name for split in config.splits]
     ):
         # Safe: the training record keeps the gate's fingerprint, so the next run trains again.
         logging.warning(

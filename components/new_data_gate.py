@@ -65,15 +65,20 @@ class TrainingDataRecordError(ValueError):
     """A served model's training-data record is unreadable; the message names the file."""
 
 
-def data_to_ingest(input_base: str, input_config_json: str) -> dict:
+def data_to_ingest(input_base: str, input_config_json: str, span: int | None = None) -> dict:
     """Span, version and input fingerprint of what ImportExampleGen would ingest now (TFX's own
-    logic)."""
+    logic): of `span` when the run pinned one, else of the newest."""
     from tfx.components.example_gen import input_processor
-    from tfx.proto import example_gen_pb2
+    from tfx.proto import example_gen_pb2, range_config_pb2
     from tfx.utils import proto_utils
 
     config = proto_utils.json_to_proto(input_config_json, example_gen_pb2.Input())
-    processor = input_processor.FileBasedInputProcessor(input_base, config.splits, None)
+    only = None
+    if span is not None:
+        only = range_config_pb2.RangeConfig(
+            static_range=range_config_pb2.StaticRange(start_span_number=span, end_span_number=span)
+        )
+    processor = input_processor.FileBasedInputProcessor(input_base, config.splits, only)
     span, version = processor.resolve_span_and_version()
     return {
         "span": span,
@@ -263,10 +268,12 @@ def NewDataGate(  # noqa: N802  (TFX component names are class-like)
     serving_base_path: Parameter[str],
     force: Parameter[int] = 0,  # an int, not a bool: the local and KFP compilers encode it alike
     recipe: Parameter[str] = "",  # recipe_fingerprint of the Trainer's custom_config
+    span: Parameter[int] = -1,  # the span the run pinned every ExampleGen to; -1: the newest
 ) -> None:
-    """Set decision.new_data to 1 when the newest span differs from the served model's and was
+    """Set decision.new_data to 1 when the span to ingest differs from the served model's and was
     not rejected against it with the same recipe, else 0."""
-    current = {**data_to_ingest(input_base, input_config), RECIPE_KEY: recipe}
+    pinned = None if span < 0 else span
+    current = {**data_to_ingest(input_base, input_config, pinned), RECIPE_KEY: recipe}
     new_data, reason, served_version = decide(current, serving_base_path, bool(force))
     decision.set_int_custom_property(NEW_DATA_KEY, int(new_data))
     decision.set_string_custom_property(REASON_KEY, reason)

@@ -8,8 +8,9 @@ synsets.txt at run time, so no class count is hard-coded and building the pipeli
 from __future__ import annotations
 
 from tfx import v1 as tfx
+from tfx.components.example_gen import utils
 from tfx.dsl.components.base import executor_spec
-from tfx.proto import example_gen_pb2, transform_pb2
+from tfx.proto import example_gen_pb2, range_config_pb2, transform_pb2
 from tfx.utils import proto_utils
 
 from components.curated_schema import CuratedSchema
@@ -52,26 +53,56 @@ def input_config(config: DataConfig, splits=(TRAIN_SPLIT, EVAL_SPLIT)) -> exampl
     )
 
 
+def pinned_span(config: DataConfig, span: int | None) -> int | None:
+    """`span`, when given and the split patterns name spans ({SPAN} or a date); else None."""
+    if span is None:
+        return None
+    specs = [utils.verify_split_pattern_specs(split) for split in input_config(config).splits]
+    return span if any(is_span or is_date for is_span, is_date, _ in specs) else None
+
+
+def span_range(span: int) -> range_config_pb2.RangeConfig:
+    """The RangeConfig of one span, which ExampleGen's driver then resolves."""
+    return range_config_pb2.RangeConfig(
+        static_range=range_config_pb2.StaticRange(start_span_number=span, end_span_number=span)
+    )
+
+
 def new_data_gate(
-    config: DataConfig, data_root: str, serving_base_path: str, force: bool, recipe: str = ""
+    config: DataConfig,
+    data_root: str,
+    serving_base_path: str,
+    force: bool,
+    recipe: str = "",
+    span: int | None = None,
 ) -> NewDataGate:
-    """The gate comparing the span ExampleGen would ingest with the served model's record (and
-    with the candidates rejected on it under the same `recipe` fingerprint)."""
+    """The gate comparing the span ExampleGen would ingest (`span` if pinned, else the newest)
+    with the served model's record (and with the candidates rejected on it under the same
+    `recipe` fingerprint)."""
+    pinned = pinned_span(config, span)
     return NewDataGate(
         input_base=str(data_root),
         input_config=proto_utils.proto_to_json(input_config(config)),
         serving_base_path=str(serving_base_path),
         force=int(force),
         recipe=recipe,
+        span=-1 if pinned is None else pinned,
     )
 
 
 def example_gen(
-    config: DataConfig, data_root: str, splits=(TRAIN_SPLIT, EVAL_SPLIT)
+    config: DataConfig,
+    data_root: str,
+    splits=(TRAIN_SPLIT, EVAL_SPLIT),
+    span: int | None = None,
 ) -> tfx.components.ImportExampleGen:
-    """ImportExampleGen over the data root's TFRecords, splits 'train' and 'eval' by default."""
+    """ImportExampleGen over the data root's TFRecords, splits 'train' and 'eval' by default, of
+    `span` if pinned (else the newest)."""
+    pinned = pinned_span(config, span)
     component = tfx.components.ImportExampleGen(
-        input_base=str(data_root), input_config=input_config(config, splits)
+        input_base=str(data_root),
+        input_config=input_config(config, splits),
+        range_config=None if pinned is None else span_range(pinned),
     )
     # Same executor, plus the span resolution a driver does where no driver runs (open-source
     # KFP); the component stays a FileBasedExampleGen, so Vertex still gets its driver hook.
@@ -79,12 +110,14 @@ def example_gen(
     return component
 
 
-def eval_example_gen(config: DataConfig, data_root: str) -> tfx.components.ImportExampleGen:
-    """ImportExampleGen of the 'eval' split alone, for the Evaluator."""
+def eval_example_gen(
+    config: DataConfig, data_root: str, span: int | None = None
+) -> tfx.components.ImportExampleGen:
+    """ImportExampleGen of the 'eval' split alone (of `span` if pinned), for the Evaluator."""
     # Open-source KFP downloads each input artifact whole into the pod: given ExampleGen's
     # examples, the Evaluator's pod would copy the training split too (~140 GB at ImageNet-1k)
     # to read the 6.4 GB it evaluates. A second copy of the eval split costs 1/20 of that.
-    return example_gen(config, data_root, splits=(EVAL_SPLIT,)).with_id("EvalExampleGen")
+    return example_gen(config, data_root, (EVAL_SPLIT,), span).with_id("EvalExampleGen")
 
 
 def statistics_gen(example_gen_component, schema_component) -> tfx.components.StatisticsGen:

@@ -117,7 +117,10 @@ def run_locally(config: Config, *, force: bool = False, echo=print) -> RunOutcom
         log_path = home / "logs" / f"run-{run_id}.log"
         echo(f"van-tfx run {run_id}: span {span} from {location.data_root}")
         with stage_progress(log_path, echo):
-            run_pipeline(config, location)
+            # The span found above, for the gate and both ExampleGens: each resolving the newest
+            # itself, a span landing mid-run would have the Evaluator score a model trained on
+            # it against the older span's eval split.
+            run_pipeline(config, location, span)
         outcome = summarize_run(config, location, span, run_id)
         outcome.log_path = str(log_path)
         record = {"run_id": run_id, "fingerprint": fingerprint, "span": span}
@@ -133,8 +136,9 @@ def with_force(config: Config, force: bool) -> Config:
     return config.model_copy(update={"retrain_on_same_data": True})
 
 
-def run_pipeline(config: Config, location) -> None:
-    """Build the pipeline for this machine and run it with LocalDagRunner."""
+def run_pipeline(config: Config, location, span: int | None = None) -> None:
+    """Build the pipeline for this machine (every ExampleGen pinned to `span`, if given) and run
+    it with LocalDagRunner."""
     from tfx.dsl.compiler import compiler
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
 
@@ -144,7 +148,7 @@ def run_pipeline(config: Config, location) -> None:
     # LocalDagRunner.run(pipeline) is compile + run_with_ir; compiling here lets us switch the
     # cache off for the NewDataGate, which reads the serving dir (not one of its inputs).
     # (run() also resolves pip-dependency futures of module_file components; we have none.)
-    ir = compiler.Compiler().compile(create_pipeline(config, location))
+    ir = compiler.Compiler().compile(create_pipeline(config, location, span))
     never_cache(ir, GATE_ID)
     LocalDagRunner().run_with_ir(ir)
 

@@ -29,20 +29,28 @@ class PipelineLocation:
     metadata_path: str | None = None  # SQLite file locally; None on Kubeflow (cluster MLMD)
 
 
-def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipeline:
-    """Assemble the gate, then ExampleGen → validation → Transform → Trainer → Evaluator → push."""
+def create_pipeline(
+    config: Config, location: PipelineLocation, span: int | None = None
+) -> tfx.dsl.Pipeline:
+    """Assemble the gate, then ExampleGen → validation → Transform → Trainer → Evaluator → push.
+
+    `span` pins the gate and both ExampleGens to one span (LocalDagRunner: run_locally resolved
+    it); without it each resolves the newest itself, and on open-source KFP the ExampleGens
+    take the gate's from its decision.
+    """
     gate = ingest.new_data_gate(
         config.data,
         location.data_root,
         location.serving_base_path,
         config.retrain_on_same_data,
         recipe=recipe_fingerprint(custom_config_for(config)),
+        span=span,
     )
     # Data the served model was already trained on: ingest, train and push nothing. The gate
     # comes first so that an idle scheduled run does not copy the dataset (ImportExampleGen),
     # compute its statistics or transform it just to find that out.
     with tfx.dsl.Cond(has_new_data(gate)):
-        steps = ingest_train_evaluate_push(config, location, gate)
+        steps = ingest_train_evaluate_push(config, location, gate, span)
     metadata = (
         tfx.orchestration.metadata.sqlite_metadata_connection_config(location.metadata_path)
         if location.metadata_path
@@ -58,9 +66,11 @@ def create_pipeline(config: Config, location: PipelineLocation) -> tfx.dsl.Pipel
     )
 
 
-def ingest_train_evaluate_push(config: Config, location: PipelineLocation, gate) -> list:
+def ingest_train_evaluate_push(
+    config: Config, location: PipelineLocation, gate, span: int | None = None
+) -> list:
     """Every step after the gate, in order."""
-    example_gen = ingest.example_gen(config.data, location.data_root)
+    example_gen = ingest.example_gen(config.data, location.data_root, span=span)
     schema = ingest.curated_schema(config.data, location.data_root, gate)
     statistics_gen = ingest.statistics_gen(example_gen, schema)
     example_validator = ingest.example_validator(statistics_gen, schema)
@@ -83,7 +93,7 @@ def ingest_train_evaluate_push(config: Config, location: PipelineLocation, gate)
         base_model=served.outputs["model"],  # warm start from what production serves
         custom_config=custom_config_for(config),
     )
-    eval_examples = ingest.eval_example_gen(config.data, location.data_root)
+    eval_examples = ingest.eval_example_gen(config.data, location.data_root, span)
     evaluator = tfx.components.Evaluator(
         examples=eval_examples.outputs["examples"],
         model=trainer.outputs["model"],

@@ -175,14 +175,19 @@ def test_unresolved_patterns_are_recognised():
 
 
 def ingest_span(
-    tmp_path: Path, data: Path, config: DataConfig | None = None, inputs: dict | None = None
+    tmp_path: Path,
+    data: Path,
+    config: DataConfig | None = None,
+    inputs: dict | None = None,
+    splits=(ingest.TRAIN_SPLIT, ingest.EVAL_SPLIT),
 ) -> Examples:
     """Run the executor as the pipeline configures it, with no driver before it."""
     examples = Examples()
     examples.uri = str(tmp_path / "ImportExampleGen" / "examples")
+    config_json = proto_utils.proto_to_json(ingest.input_config(config or DataConfig(), splits))
     exec_properties = {
         "input_base": str(data),
-        "input_config": proto_utils.proto_to_json(ingest.input_config(config or DataConfig())),
+        "input_config": config_json,
         "output_config": "{}",
         "output_data_format": 6,  # FORMAT_TF_EXAMPLE
         "output_file_format": 5,  # FORMAT_TFRECORDS_GZIP
@@ -242,6 +247,28 @@ def test_on_kfp_the_executor_ingests_the_span_the_gate_decided_on(tmp_path):
     assert examples.get_string_custom_property("input_fingerprint") == fingerprint
     [records] = read_split(examples, "train").values()
     assert tf.train.Example.FromString(records[0]).features.feature["x"].int64_list.value == [1]
+
+
+def test_an_eval_only_ingest_compares_its_own_split_with_the_gates_fingerprint(tmp_path, caplog):
+    # EvalExampleGen ingests one split; the gate fingerprinted both. Only a change to its own
+    # split's files is worth the warning.
+    data = tmp_path / "data"
+    write_span(data, 1)
+    fingerprint, _, _ = example_gen_utils.calculate_splits_fingerprint_span_and_version(
+        str(data), ingest.input_config(DataConfig()).splits
+    )
+    decision = decision_for_span(tmp_path, 1)
+    decision.set_string_custom_property("input_fingerprint", fingerprint)
+    inputs = {"_NewDataGate.decision": [decision]}
+    with caplog.at_level("WARNING"):
+        examples = ingest_span(tmp_path, data, inputs=inputs, splits=(ingest.EVAL_SPLIT,))
+    assert examples.split_names == '["eval"]'
+    assert "changed since the NewDataGate looked" not in caplog.text
+    eval_shard = next((data / "span-1").glob("validation-*"))
+    eval_shard.write_bytes(eval_shard.read_bytes() + eval_shard.read_bytes())
+    with caplog.at_level("WARNING"):
+        ingest_span(tmp_path / "again", data, inputs=inputs, splits=(ingest.EVAL_SPLIT,))
+    assert "span 1 changed since the NewDataGate looked" in caplog.text
 
 
 def write_records(path: Path, count: int, options=None) -> None:

@@ -55,7 +55,12 @@ def push(serving: Path, version: int, decision: File | None) -> Path:
 
 
 def gate(
-    data_root: Path, serving: Path, tmp_path: Path, force: bool = False, recipe: str = "r1"
+    data_root: Path,
+    serving: Path,
+    tmp_path: Path,
+    force: bool = False,
+    recipe: str = "r1",
+    span: int = -1,
 ) -> File:
     """Run the component's function on the real data root; return its decision artifact."""
     decision = File()
@@ -67,6 +72,7 @@ def gate(
         serving_base_path=str(serving),
         force=int(force),
         recipe=recipe,
+        span=span,
     )
     return decision
 
@@ -294,6 +300,39 @@ def test_record_rejection_follows_the_evaluator(tmp_path):
     assert record.inputs["model_blessing"] is components["Evaluator"].outputs["blessing"]
     assert record.inputs["decision"] is components[GATE_ID].outputs["decision"]
     assert record.exec_properties["serving_base_path"] == str(config.serving_base_path)
+
+
+def test_a_pinned_span_is_what_the_gate_decides_on_though_a_newer_one_landed(tmp_path):
+    data, serving = tmp_path / "data", tmp_path / "serving"
+    write_span(data, 1)
+    write_span(data, 2)  # landed after the run resolved span 1
+    decision = gate(data, serving, tmp_path, span=1)
+    assert decision.get_int_custom_property("span") == 1
+    assert gate(data, serving, tmp_path).get_int_custom_property("span") == 2
+
+
+def test_a_local_run_pins_the_gate_and_both_example_gens_to_its_span(tmp_path):
+    from pipeline.local import local_location
+    from pipeline.pipeline import create_pipeline
+
+    def spans_of(config, span):
+        components = {
+            c.id: c for c in create_pipeline(config, local_location(config), span).components
+        }
+        ranges = [
+            components[name].exec_properties["range_config"]
+            for name in ("ImportExampleGen", "EvalExampleGen")
+        ]
+        return components[GATE_ID].exec_properties["span"], ranges
+
+    config = load_config(overrides=[f"home={tmp_path}"])
+    gate_span, ranges = spans_of(config, 3)
+    assert gate_span == 3
+    for text in ranges:
+        assert '"start_span_number": 3' in text and '"end_span_number": 3' in text
+    assert spans_of(config, None) == (-1, [None, None])  # KFP: the executors take the decision's
+    plain = load_config(overrides=[f"home={tmp_path}", "data.layout=plain"])
+    assert spans_of(plain, 0) == (-1, [None, None])  # no {SPAN} in the patterns: nothing to pin
 
 
 @pytest.mark.parametrize("force", [False, True])

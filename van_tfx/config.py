@@ -65,7 +65,7 @@ def _check_number(value: Any, kind: type) -> None:
     # would come from deep inside a run ("Python int too large to convert to C long").
     if kind is int and not -(2**63) <= value < 2**63:
         raise ValueError(
-            f"expected an integer within int64 (|n| < 2**63), got {_BRIEF.repr(value)}"
+            f"expected an integer within int64 (-2**63 <= n < 2**63), got {_BRIEF.repr(value)}"
         )
 
 

@@ -45,7 +45,7 @@ def worker_files(files: list[str], input_context: tf.distribute.InputContext | N
 
 
 def _compression(files: list[str]) -> str:
-    # Transform writes GZIP'ed TFRecords named *.gz; anything else is read uncompressed.
+    # Transform writes uncompressed TFRecords; *.gz files (older runs) are read as GZIP.
     return tfrecord_compression(files[0])
 
 
