@@ -307,6 +307,22 @@ def test_a_shard_that_is_bad_from_its_start_is_named_before_beam_runs(tmp_path, 
     assert str(shard) in str(failure.value)
 
 
+def test_among_many_bad_shards_the_first_in_listing_order_is_named(tmp_path):
+    # The first-record checks run 16 at a time; the one named must not depend on which
+    # thread finished first.
+    data = tmp_path / "data"
+    write_span(data, 1)
+    span = data / "span-1"
+    (span / "train-00000-of-00001").unlink()
+    for index in range(40):
+        write_records(span / f"train-{index:05d}-of-00040", 2)
+    for index in (7, 23, 31):
+        flip_byte(span / f"train-{index:05d}-of-00040", 100)
+    for _ in range(3):
+        with pytest.raises(CorruptShardError, match="train-00007-of-00040 is not a readable"):
+            ingest_span(tmp_path, data)
+
+
 def test_damage_past_the_first_record_names_the_shard_and_the_record(tmp_path):
     data = tmp_path / "data"
     write_span(data, 1)
