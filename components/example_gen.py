@@ -42,7 +42,13 @@ from tfx.proto import example_gen_pb2, range_config_pb2
 from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import proto_utils
 
-from components.new_data_gate import DECISION_OUTPUT, GATE_ID, VERSION_KEY, decided_data
+from components.new_data_gate import (
+    DECISION_OUTPUT,
+    GATE_ID,
+    VERSION_KEY,
+    decided_data,
+    span_range,
+)
 from van_tfx.data.records import CorruptShardError, tfrecord_compression
 
 _INPUT_CONFIG = standard_component_specs.INPUT_CONFIG_KEY
@@ -83,11 +89,7 @@ def resolve_like_the_driver(
         # The decided span only: the processor's fingerprint is of the span it resolved, and a
         # newer span still being uploaded must not fail this run ("Latest span should be the
         # same for each split").
-        range_config = range_config_pb2.RangeConfig(
-            static_range=range_config_pb2.StaticRange(
-                start_span_number=decided["span"], end_span_number=decided["span"]
-            )
-        )
+        range_config = span_range(decided["span"])
     elif resolved.get(_RANGE_CONFIG):
         range_config = proto_utils.json_to_proto(
             resolved[_RANGE_CONFIG], range_config_pb2.RangeConfig()

@@ -65,19 +65,24 @@ class TrainingDataRecordError(ValueError):
     """A served model's training-data record is unreadable; the message names the file."""
 
 
+def span_range(span: int):
+    """The RangeConfig of one span alone, as ExampleGen's driver and input processor read it."""
+    from tfx.proto import range_config_pb2
+
+    return range_config_pb2.RangeConfig(
+        static_range=range_config_pb2.StaticRange(start_span_number=span, end_span_number=span)
+    )
+
+
 def data_to_ingest(input_base: str, input_config_json: str, span: int | None = None) -> dict:
     """Span, version and input fingerprint of what ImportExampleGen would ingest now (TFX's own
     logic): of `span` when the run pinned one, else of the newest."""
     from tfx.components.example_gen import input_processor
-    from tfx.proto import example_gen_pb2, range_config_pb2
+    from tfx.proto import example_gen_pb2
     from tfx.utils import proto_utils
 
     config = proto_utils.json_to_proto(input_config_json, example_gen_pb2.Input())
-    only = None
-    if span is not None:
-        only = range_config_pb2.RangeConfig(
-            static_range=range_config_pb2.StaticRange(start_span_number=span, end_span_number=span)
-        )
+    only = None if span is None else span_range(span)
     processor = input_processor.FileBasedInputProcessor(input_base, config.splits, only)
     span, version = processor.resolve_span_and_version()
     return {

@@ -10,12 +10,12 @@ from __future__ import annotations
 from tfx import v1 as tfx
 from tfx.components.example_gen import utils
 from tfx.dsl.components.base import executor_spec
-from tfx.proto import example_gen_pb2, range_config_pb2, transform_pb2
+from tfx.proto import example_gen_pb2, transform_pb2
 from tfx.utils import proto_utils
 
 from components.curated_schema import CuratedSchema
 from components.example_gen import SpanResolvingImportExecutor
-from components.new_data_gate import NewDataGate
+from components.new_data_gate import NewDataGate, span_range
 from components.transform_executor import ShardingTransformExecutor
 from van_tfx.config import DataConfig
 
@@ -61,13 +61,6 @@ def pinned_span(config: DataConfig, span: int | None) -> int | None:
     return span if any(is_span or is_date for is_span, is_date, _ in specs) else None
 
 
-def span_range(span: int) -> range_config_pb2.RangeConfig:
-    """The RangeConfig of one span, which ExampleGen's driver then resolves."""
-    return range_config_pb2.RangeConfig(
-        static_range=range_config_pb2.StaticRange(start_span_number=span, end_span_number=span)
-    )
-
-
 def new_data_gate(
     config: DataConfig,
     data_root: str,
@@ -76,17 +69,16 @@ def new_data_gate(
     recipe: str = "",
     span: int | None = None,
 ) -> NewDataGate:
-    """The gate comparing the span ExampleGen would ingest (`span` if pinned, else the newest)
-    with the served model's record (and with the candidates rejected on it under the same
-    `recipe` fingerprint)."""
-    pinned = pinned_span(config, span)
+    """The gate comparing the span ExampleGen would ingest (`span`, a pinned_span, else the
+    newest) with the served model's record (and with the candidates rejected on it under the
+    same `recipe` fingerprint)."""
     return NewDataGate(
         input_base=str(data_root),
         input_config=proto_utils.proto_to_json(input_config(config)),
         serving_base_path=str(serving_base_path),
         force=int(force),
         recipe=recipe,
-        span=-1 if pinned is None else pinned,
+        span=-1 if span is None else span,
     )
 
 
@@ -97,12 +89,11 @@ def example_gen(
     span: int | None = None,
 ) -> tfx.components.ImportExampleGen:
     """ImportExampleGen over the data root's TFRecords, splits 'train' and 'eval' by default, of
-    `span` if pinned (else the newest)."""
-    pinned = pinned_span(config, span)
+    `span` (a pinned_span) if given, else the newest."""
     component = tfx.components.ImportExampleGen(
         input_base=str(data_root),
         input_config=input_config(config, splits),
-        range_config=None if pinned is None else span_range(pinned),
+        range_config=None if span is None else span_range(span),
     )
     # Same executor, plus the span resolution a driver does where no driver runs (open-source
     # KFP); the component stays a FileBasedExampleGen, so Vertex still gets its driver hook.

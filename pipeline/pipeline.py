@@ -38,6 +38,7 @@ def create_pipeline(
     it); without it each resolves the newest itself, and on open-source KFP the ExampleGens
     take the gate's from its decision.
     """
+    span = ingest.pinned_span(config.data, span)  # None where the patterns name no span
     gate = ingest.new_data_gate(
         config.data,
         location.data_root,
