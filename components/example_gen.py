@@ -30,7 +30,6 @@ hex, no file named) is cut to one line naming the split's pattern.
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import re
 
@@ -49,6 +48,7 @@ from components.new_data_gate import (
     decided_data,
     span_range,
 )
+from van_tfx import storage
 from van_tfx.data.records import CorruptShardError, tfrecord_compression
 
 _INPUT_CONFIG = standard_component_specs.INPUT_CONFIG_KEY
@@ -163,17 +163,11 @@ def split_shards(exec_properties: dict) -> dict[str, tuple[str, list[str]]]:
     return {split.name: (pattern, sorted(fileio.glob(pattern))) for split, pattern in patterns}
 
 
-# Shards checked at once: on object storage each check is an open and a read (~0.1 s), so the
-# ~1,150 shards of ImageNet-1k took minutes one after another before the copy started.
-_CHECK_THREADS = 16
-
-
 def check_input_shards(shards: dict[str, tuple[str, list[str]]]) -> None:
-    """check_first_record for every shard of every split; the first damaged one in listing
-    order is the one named."""
+    """check_first_record for every shard of every split, several at a time (object storage
+    round trips); the first damaged one in listing order is the one named."""
     paths = [path for _, split_paths in shards.values() for path in split_paths]
-    with concurrent.futures.ThreadPoolExecutor(_CHECK_THREADS) as pool:
-        list(pool.map(check_first_record, paths))  # re-raises the first failure, in order
+    storage.for_each_file(check_first_record, paths)
 
 
 def copy_shard(source: str, target: str) -> int:

@@ -7,11 +7,24 @@ hand a local copy to code that can only work on local files (h5py, a server subp
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import shutil
 import tempfile
 import uuid
+
+# Calls in flight at once for per-file work over many files: on object storage each open,
+# read or rename is a round trip (~0.1 s; a rename is a copy and a delete), so ImageNet-1k's
+# ~1,300 shards took minutes one after another.
+CONCURRENT_CALLS = 16
+
+
+def for_each_file(function, *iterables) -> list:
+    """`function` over the zipped `iterables`, CONCURRENT_CALLS at a time; the results in
+    order, and the first failure in that order re-raised."""
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENT_CALLS) as pool:
+        return list(pool.map(function, *iterables))
 
 
 def is_remote(path: str) -> bool:

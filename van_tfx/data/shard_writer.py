@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import uuid
@@ -12,6 +11,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
+from van_tfx import storage
 from van_tfx.data.shards import SHARD_SUFFIX
 
 
@@ -21,7 +21,11 @@ class _WriteRollingShards(beam.DoFn):
     def __init__(self, temp_dir: str, per_shard: int):
         self._temp_dir = temp_dir
         self._per_shard = per_shard
-        self._temp_dir_made = False
+
+    def setup(self):
+        import tensorflow as tf
+
+        tf.io.gfile.makedirs(self._temp_dir)  # once per worker, not per file (object storage)
 
     def start_bundle(self):
         self._writer = None
@@ -39,9 +43,6 @@ class _WriteRollingShards(beam.DoFn):
         import tensorflow as tf
 
         self._close()
-        if not self._temp_dir_made:  # once per worker, not per file (a call to object storage)
-            tf.io.gfile.makedirs(self._temp_dir)
-            self._temp_dir_made = True
         self._path = os.path.join(self._temp_dir, uuid.uuid4().hex + SHARD_SUFFIX)
         self._writer = tf.io.TFRecordWriter(self._path)
         self._in_file = 0
@@ -56,11 +57,6 @@ class _WriteRollingShards(beam.DoFn):
         self._close()
         for item in self._done:
             yield WindowedValue(item, MIN_TIMESTAMP, [GlobalWindow()])
-
-
-# Renames in flight at once: on object storage a rename is a copy and a delete (~0.1-1 s for a
-# 110 MB shard), so ImageNet-1k's ~1,300 shards took minutes one after another.
-_RENAME_THREADS = 16
 
 
 def _rename_to_shard(path: str, target: str) -> None:
@@ -83,9 +79,7 @@ def _finalize(written: list[tuple[str, int]], prefix: str, temp_dir: str, count_
     targets = [
         f"{prefix}-{index:05d}-of-{len(written):05d}{SHARD_SUFFIX}" for index in range(len(written))
     ]
-    with concurrent.futures.ThreadPoolExecutor(_RENAME_THREADS) as pool:
-        # list() re-raises the first failure
-        list(pool.map(_rename_to_shard, [path for path, _ in written], targets))
+    storage.for_each_file(_rename_to_shard, [path for path, _ in written], targets)
     shard_examples = {
         os.path.basename(target): count for target, (_, count) in zip(targets, written, strict=True)
     }
