@@ -9,7 +9,8 @@ from serving.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_REST_THREADS,
     DEFAULT_STALL_SECONDS,
-    MAX_STALL_SECONDS,
+    checked_rest_threads,
+    checked_stall_seconds,
 )
 
 
@@ -36,20 +37,17 @@ def _flag_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _stall_seconds(text: str) -> float:
-    seconds = float(text)
-    if not 0 < seconds <= MAX_STALL_SECONDS:  # NaN too; 0 would make sockets non-blocking
-        raise argparse.ArgumentTypeError(
-            f"expected seconds > 0 and <= {MAX_STALL_SECONDS:.0f}, got {text!r}"
-        )
-    return seconds
+def _checked(parse, check):
+    """An argparse type: `parse` the text, then `check` the value (serving.limits), its
+    ValueError shown as argparse's error for the flag."""
 
+    def flag_type(text: str):
+        try:
+            return check(parse(text))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-def _at_least_one(text: str) -> int:
-    number = int(text)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return number
+    return flag_type
 
 
 def _serving_defaults():
@@ -113,14 +111,14 @@ def _add_serve(subparsers) -> None:
     )
     p.add_argument(
         "--rest_api_stall_seconds",
-        type=_stall_seconds,
+        type=_checked(float, checked_stall_seconds),
         default=DEFAULT_STALL_SECONDS,
         help="ours: a REST request or answer that stops moving this long drops its connection "
         "(idle keep-alive connections are kept, without a thread)",
     )
     p.add_argument(
         "--rest_api_num_threads",
-        type=_at_least_one,
+        type=_checked(int, checked_rest_threads),
         default=DEFAULT_REST_THREADS,
         help="threads reading and answering REST requests; more connections wait their turn "
         "(TF Serving: 4 x cores, running handlers only)",

@@ -21,6 +21,22 @@ MAX_STALL_SECONDS = 86_400.0  # a socket timeout must be finite (settimeout(inf)
 DEFAULT_REST_THREADS = 64
 
 
+def checked_stall_seconds(seconds: float) -> float:
+    """`seconds` if usable as --rest_api_stall_seconds, else a ValueError saying why."""
+    if not 0 < seconds <= MAX_STALL_SECONDS:  # NaN too: 0 would make sockets non-blocking
+        raise ValueError(
+            f"rest_api_stall_seconds must be > 0 and <= {MAX_STALL_SECONDS:.0f}, got {seconds}"
+        )
+    return seconds
+
+
+def checked_rest_threads(threads: int) -> int:
+    """`threads` if usable as --rest_api_num_threads, else a ValueError saying why."""
+    if threads < 1:
+        raise ValueError(f"rest_api_num_threads must be >= 1, got {threads}")
+    return threads
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestLimits:
     """The per-request budget: decoded tensor bytes and decoded pixels per image."""

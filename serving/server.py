@@ -22,8 +22,9 @@ from serving.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_REST_THREADS,
     DEFAULT_STALL_SECONDS,
-    MAX_STALL_SECONDS,
     RequestLimits,
+    checked_rest_threads,
+    checked_stall_seconds,
 )
 from serving.manager import ModelManager
 from serving.metrics import Metrics
@@ -78,13 +79,8 @@ class ServerOptions:
     startup_timeout_seconds: float | None = None  # None waits for models forever, like TF Serving
 
     def __post_init__(self):
-        stall = self.rest_api_stall_seconds
-        if not 0 < stall <= MAX_STALL_SECONDS:  # NaN too: 0 would make sockets non-blocking
-            raise ValueError(
-                f"rest_api_stall_seconds must be > 0 and <= {MAX_STALL_SECONDS:.0f}, got {stall}"
-            )
-        if self.rest_api_num_threads < 1:
-            raise ValueError(f"rest_api_num_threads must be >= 1, got {self.rest_api_num_threads}")
+        checked_stall_seconds(self.rest_api_stall_seconds)
+        checked_rest_threads(self.rest_api_num_threads)
 
     def model_configs(self) -> list:
         """The ModelConfig list: from --model_config_file or --model_name/--model_base_path."""
