@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import van_tfx  # noqa: E402,F401  (legacy Keras before TensorFlow)
-from benchmarks.bench_input import images_per_second  # noqa: E402
+from benchmarks.bench_input import images_per_second, write_transformed  # noqa: E402
 from benchmarks.machine import describe_machine  # noqa: E402
 
 
@@ -50,28 +50,12 @@ def photo_jpegs(count: int, seed: int = 0) -> list[bytes]:
     return jpegs
 
 
-def write_shard(path: str, jpegs: list[bytes], compression: str) -> str:
-    """One Transform-layout shard (image bytes + label) of `jpegs`."""
-    import tensorflow as tf
+def write_shard(path: str, jpegs: list[bytes]) -> str:
+    """One Transform-layout shard of `jpegs` (labels 0-9 in turn), GZIP when `path` is *.gz."""
+    from van_tfx.data.records import tfrecord_compression
 
-    from van_tfx import features
-
-    with tf.io.TFRecordWriter(path, options=compression) as writer:
-        for i, jpeg in enumerate(jpegs):
-            example = tf.train.Example(
-                features=tf.train.Features(
-                    feature={
-                        features.TRANSFORMED_IMAGE: tf.train.Feature(
-                            bytes_list=tf.train.BytesList(value=[jpeg])
-                        ),
-                        features.TRANSFORMED_LABEL: tf.train.Feature(
-                            int64_list=tf.train.Int64List(value=[i % 10])
-                        ),
-                    }
-                )
-            )
-            writer.write(example.SerializeToString())
-    return path
+    labels = [i % 10 for i in range(len(jpegs))]
+    return write_transformed(path, jpegs, labels, tfrecord_compression(path))
 
 
 def recipe_config(batch_size: int):
@@ -101,7 +85,7 @@ def augment_section(root: Path, args) -> None:
     """Training pipeline images/s with apply_if (candidate) and with tf.where (baseline)."""
     from van_trainer import augment, dataset
 
-    files = [write_shard(str(root / "train-00000-of-00001"), photo_jpegs(args.images), "")]
+    files = [write_shard(str(root / "train-00000-of-00001"), photo_jpegs(args.images))]
     config = recipe_config(args.batch_size)
     candidate = dataset.train_dataset(files, config, 10)
     original = augment.apply_if
@@ -121,13 +105,15 @@ def augment_section(root: Path, args) -> None:
     print(f"  apply_if vs tf.where: x{ratio:.2f}")
 
 
-def read_megabytes_per_second(path: str, compression: str) -> float:
-    """Raw TFRecord read throughput of one shard (records only, no parsing)."""
+def read_megabytes_per_second(path: str) -> float:
+    """Raw TFRecord read throughput of one shard (records only, no parsing; GZIP if *.gz)."""
     import tensorflow as tf
+
+    from van_tfx.data.records import tfrecord_compression
 
     start = time.perf_counter()
     total = 0
-    for record in tf.data.TFRecordDataset(path, compression).batch(256):
+    for record in tf.data.TFRecordDataset(path, tfrecord_compression(path)).batch(256):
         total += int(tf.reduce_sum(tf.strings.length(record)))
     return total / 1e6 / (time.perf_counter() - start)
 
@@ -139,15 +125,13 @@ def storage_section(root: Path, args) -> None:
     jpegs = photo_jpegs(args.images, seed=1)
     paths = {"GZIP (baseline)": str(root / "eval.gz"), "uncompressed": str(root / "eval")}
     writes = alternate(paths, args.rounds, lambda path: write_seconds(path, jpegs))
-    shards = {name: write_shard(path, jpegs, compression_of(path)) for name, path in paths.items()}
+    shards = {name: write_shard(path, jpegs) for name, path in paths.items()}
     for name, path in shards.items():
         print(
             f"  {name:>16}: {os.path.getsize(path) / 1e6:7.2f} MB on disk, "
             f"written in {writes[name]:.3f} s"
         )
-    reads = alternate(
-        shards, args.rounds, lambda path: read_megabytes_per_second(path, compression_of(path))
-    )
+    reads = alternate(shards, args.rounds, lambda path: read_megabytes_per_second(path))
     config = recipe_config(args.batch_size)
     pipelines = {
         name: dataset.eval_dataset([path], config, 10).repeat() for name, path in shards.items()
@@ -169,15 +153,8 @@ def storage_section(root: Path, args) -> None:
 def write_seconds(path: str, jpegs: list[bytes]) -> float:
     """Seconds to write `jpegs` as one shard at `path` (compressed if it ends in .gz)."""
     start = time.perf_counter()
-    write_shard(path, jpegs, compression_of(path))
+    write_shard(path, jpegs)
     return time.perf_counter() - start
-
-
-def compression_of(path: str) -> str:
-    """GZIP for *.gz, as the readers decide."""
-    from van_tfx.data.records import tfrecord_compression
-
-    return tfrecord_compression(path)
 
 
 def main() -> int:

@@ -30,34 +30,44 @@ def write_records(path: Path, count: int, side: int) -> list[str]:
     import io
 
     import numpy as np
-    import tensorflow as tf
     from PIL import Image
     from sklearn.datasets import load_digits
 
+    digits = load_digits()
+    jpegs, labels = [], []
+    for i in range(count):
+        pixels = (digits.images[i % len(digits.images)] * 255 / 16).astype(np.uint8)
+        image = Image.fromarray(pixels).resize((side, side), Image.BICUBIC).convert("RGB")
+        jpeg = io.BytesIO()
+        image.save(jpeg, "JPEG", quality=90)
+        jpegs.append(jpeg.getvalue())
+        labels.append(int(digits.target[i % len(digits.target)]))
+    file = str(path / "transformed_examples-00000-of-00001.gz")
+    return [write_transformed(file, jpegs, labels, "GZIP")]
+
+
+def write_transformed(path: str, jpegs: list[bytes], labels: list[int], compression: str) -> str:
+    """One shard in Transform's layout (JPEG bytes + int64 label per record); returns `path`."""
+    import tensorflow as tf
+
     from van_tfx import features
 
-    digits = load_digits()
-    file = str(path / "transformed_examples-00000-of-00001.gz")
-    with tf.io.TFRecordWriter(file, options="GZIP") as writer:
-        for i in range(count):
-            pixels = (digits.images[i % len(digits.images)] * 255 / 16).astype(np.uint8)
-            image = Image.fromarray(pixels).resize((side, side), Image.BICUBIC).convert("RGB")
-            jpeg = io.BytesIO()
-            image.save(jpeg, "JPEG", quality=90)
+    with tf.io.TFRecordWriter(path, options=compression) as writer:
+        for jpeg, label in zip(jpegs, labels, strict=True):
             example = tf.train.Example(
                 features=tf.train.Features(
                     feature={
                         features.TRANSFORMED_IMAGE: tf.train.Feature(
-                            bytes_list=tf.train.BytesList(value=[jpeg.getvalue()])
+                            bytes_list=tf.train.BytesList(value=[jpeg])
                         ),
                         features.TRANSFORMED_LABEL: tf.train.Feature(
-                            int64_list=tf.train.Int64List(value=[int(digits.target[i % 1797])])
+                            int64_list=tf.train.Int64List(value=[label])
                         ),
                     }
                 )
             )
             writer.write(example.SerializeToString())
-    return [file]
+    return path
 
 
 def images_per_second(ds, batches: int, batch_size: int, warmup: int = 2) -> float:

@@ -15,6 +15,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from model_dirs import wait_for
 
 from serving import http_connections, testing
 from serving.http_connections import KeepAliveHandler
@@ -72,15 +73,6 @@ def read_answers(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
     return answers
 
 
-def wait_until(condition, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def connection_threads() -> int:
     """Threads serving a REST connection now (socketserver's, and those resuming idle ones)."""
     return sum(
@@ -97,12 +89,12 @@ def test_idle_keep_alive_connections_wait_without_a_thread_and_are_served_again(
             connection.request("GET", "/v1/models/numbers")
             response = connection.getresponse()
             assert response.status == 200 and json.loads(response.read())["model_version_status"]
-        assert wait_until(lambda: server._http_server.idle_connections() == 100)
+        wait_for(lambda: server._http_server.idle_connections() == 100, 10)
         # ThreadingHTTPServer kept a thread in readline() per idle connection: 100 here.
-        assert wait_until(lambda: connection_threads() == 0)
+        wait_for(lambda: connection_threads() == 0, 10)
     for connection in connections:
         connection.close()
-    assert wait_until(lambda: server._http_server.idle_connections() == 0)
+    wait_for(lambda: server._http_server.idle_connections() == 0, 10)
 
 
 @settings(
@@ -131,14 +123,14 @@ def test_pipelined_requests_are_answered_in_order_however_their_bytes_arrive(ser
     ids=["head", "body"],
 )
 def test_a_request_that_stops_arriving_drops_its_connection_after_the_stall_time(server, partial):
-    assert wait_until(lambda: connection_threads() == 0)
+    wait_for(lambda: connection_threads() == 0, 10)
     with connect(server) as sock:
         sock.sendall(partial)
-        assert wait_until(lambda: connection_threads() == 1)
+        wait_for(lambda: connection_threads() == 1, 10)
         started = time.monotonic()
         assert sock.recv(1024) == b""  # closed, without an answer to half a request
         assert STALL_SECONDS * 0.8 <= time.monotonic() - started <= STALL_SECONDS + 10
-    assert wait_until(lambda: connection_threads() == 0)
+    wait_for(lambda: connection_threads() == 0, 10)
     with connect(server) as sock:  # the server still answers
         sock.sendall(STATUS)
         assert read_answers(sock, 1)[0][0] == 200
@@ -217,7 +209,7 @@ def test_connections_beyond_the_thread_limit_wait_their_turn_and_are_answered():
                    for _ in range(4)]  # fmt: skip
         for sock in stalled:
             sock.sendall(STATUS[:10])  # half a request line: a worker waits for the rest
-        assert wait_until(lambda: http_server.busy_workers() == 2)
+        wait_for(lambda: http_server.busy_workers() == 2, 10)
         with socket.create_connection(http_server.server_address, timeout=30) as sock:
             sock.sendall(STATUS)
             time.sleep(0.3)
@@ -228,7 +220,7 @@ def test_connections_beyond_the_thread_limit_wait_their_turn_and_are_answered():
         for sock in stalled:
             assert sock.recv(1024) == b""
             sock.close()
-        assert wait_until(lambda: http_server.busy_workers() == 0)
+        wait_for(lambda: http_server.busy_workers() == 0, 10)
 
 
 def test_idle_connections_past_the_limit_close_oldest_first():
@@ -239,7 +231,7 @@ def test_idle_connections_past_the_limit_close_oldest_first():
             sock.sendall(STATUS)
             assert read_answers(sock, 1)[0][0] == 200
             clients.append(sock)
-            assert wait_until(lambda n=len(clients): http_server.idle_connections() == min(n, 3))
+            wait_for(lambda n=len(clients): http_server.idle_connections() == min(n, 3), 10)
         assert [sock.recv(1024) for sock in clients[:2]] == [b"", b""]  # the two oldest
         for sock in clients[2:]:
             sock.sendall(STATUS)
@@ -253,7 +245,7 @@ def test_an_idle_connection_keeps_no_headers_of_its_last_request():
         with socket.create_connection(http_server.server_address, timeout=10) as sock:
             sock.sendall(big)
             assert read_answers(sock, 1)[0][0] == 200
-            assert wait_until(lambda: http_server.idle_connections() == 1)
+            wait_for(lambda: http_server.idle_connections() == 1, 10)
             parked = [o for o in gc.get_objects() if isinstance(o, KeepAliveHandler)
                       and o.server is http_server]  # fmt: skip
             assert len(parked) == 1 and parked[0].headers is None
@@ -286,7 +278,7 @@ def test_stopping_the_server_closes_its_idle_connections(config):
         sock = connect(running)
         sock.sendall(STATUS)
         assert read_answers(sock, 1)[0][0] == 200
-        assert wait_until(lambda: running._http_server.idle_connections() == 1)
+        wait_for(lambda: running._http_server.idle_connections() == 1, 10)
     finally:
         running.stop()
     with sock:
