@@ -6,8 +6,9 @@ ThreadingHTTPServer held a thread blocked in readline() per connection, so 10,00
 connections (or an attacker's) were 10,000 threads. Here a connection waits for its next request
 in one selector thread; when bytes arrive, one of at most `max_threads` workers reads and answers
 that request (and any pipelined behind it), then hands the connection back. A request's line and
-headers must arrive within the stall time in all, and its body and answer may pause no longer
-than that between bytes; idle connections past half the process's file limit close, oldest first.
+headers must arrive within the stall time in all; its body and answer may pause no longer than
+that between bytes, and must move at least MIN_BYTES_PER_SECOND on average after the first stall
+time; idle connections past half the process's file limit close, oldest first.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
 
-from serving.limits import DEFAULT_REST_THREADS, DEFAULT_STALL_SECONDS
+from serving.limits import DEFAULT_REST_THREADS, DEFAULT_STALL_SECONDS, MIN_BYTES_PER_SECOND
 
 log = logging.getLogger(__name__)
 
@@ -35,36 +36,63 @@ log = logging.getLogger(__name__)
 NEXT_REQUEST_WAIT_MS = 2
 
 
+class TransferPace:
+    """A transfer's deadline: the stall time, plus a second per `min_rate` bytes moved so far."""
+
+    def __init__(self, stall: float, min_rate: float):
+        self._stall = stall
+        self._min_rate = min_rate
+        self._deadline = time.monotonic() + stall
+
+    def moved(self, count: int) -> None:
+        """Count `count` more bytes moved, which extends the deadline."""
+        self._deadline += count / self._min_rate
+
+    def wait(self) -> float:
+        """Seconds the next read or write may wait: the stall time, or less near the deadline;
+        TimeoutError once the transfer has fallen behind its pace."""
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the transfer fell behind its minimum pace")
+        return min(self._stall, left)
+
+
 class _DeadlineReader(io.RawIOBase):
-    """The socket as a raw stream whose reads end at `deadline` (if set), else after a pause of
-    `stall` seconds; a non-blocking socket (the pipelining peek) reads without waiting."""
+    """The socket as a raw stream whose reads end at `deadline` (if set) or fall behind `pace`
+    (if set), else after a pause of `stall` seconds; a non-blocking socket (the pipelining
+    peek) reads without waiting."""
 
     def __init__(self, sock: socket.socket, stall: float):
         self._sock = sock
         self._stall = stall
         self.deadline: float | None = None
+        self.pace: TransferPace | None = None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int | None:
         if self._sock.gettimeout() != 0.0:
-            wait = self._stall
+            wait = self._stall if self.pace is None else self.pace.wait()
             if self.deadline is not None:
                 wait = min(wait, self.deadline - time.monotonic())
                 if wait <= 0:
                     raise TimeoutError("the request line and headers took too long")
             self._sock.settimeout(wait)
         try:
-            return self._sock.recv_into(buffer)
+            count = self._sock.recv_into(buffer)
         except BlockingIOError:
             return None
+        if self.pace is not None:
+            self.pace.moved(count)
+        return count
 
 
 class KeepAliveHandler(BaseHTTPRequestHandler):
     """A request handler that returns its connection to the server between requests."""
 
     timeout = DEFAULT_STALL_SECONDS  # StreamRequestHandler sets it on each connection's socket
+    min_bytes_per_second = MIN_BYTES_PER_SECOND  # a body's and an answer's pace, past the stall
 
     def setup(self):
         """StreamRequestHandler's files, reading through a _DeadlineReader."""
@@ -82,12 +110,17 @@ class KeepAliveHandler(BaseHTTPRequestHandler):
         self._forget_request()
 
     def parse_request(self):
-        """BaseHTTPRequestHandler's, then the body and answer get the stall time per pause."""
+        """BaseHTTPRequestHandler's, then the body gets the stall time per pause and its pace."""
         try:
             return super().parse_request()
         finally:
             self._reader.deadline = None
+            self._reader.pace = self.transfer_pace()
             self.connection.settimeout(self.timeout)
+
+    def transfer_pace(self) -> TransferPace:
+        """A new pace for a body or an answer, starting now."""
+        return TransferPace(self.timeout, self.min_bytes_per_second)
 
     def finish(self):
         """Close the files only when the connection closes: an idle one is kept for reuse."""
@@ -96,6 +129,7 @@ class KeepAliveHandler(BaseHTTPRequestHandler):
 
     def _handle_within_deadline(self):
         self._reader.deadline = time.monotonic() + self.timeout
+        self._reader.pace = None
         self.handle_one_request()
 
     def _next_request_is_here(self) -> bool:

@@ -19,6 +19,10 @@ MAX_STALL_SECONDS = 86_400.0  # a socket timeout must be finite (settimeout(inf)
 # Threads reading and answering REST requests (TF Serving's --rest_api_num_threads, 4 x cores
 # there, only runs handlers: libevent reads). Connections beyond it wait their turn.
 DEFAULT_REST_THREADS = 64
+# Beyond the stall time, a REST body or answer gets one more second per this many bytes moved
+# (Apache's mod_reqtimeout MinRate): a client trickling a byte per pause can't hold a thread for
+# as long as it likes, and holding all of them costs an attacker this rate per thread.
+MIN_BYTES_PER_SECOND = 64 << 10
 
 
 def checked_stall_seconds(seconds: float) -> float:

@@ -29,7 +29,7 @@ from tensorflow_serving.apis import (
 from serving import handlers, http_body, rest_json
 from serving.errors import ServingError, invalid_argument
 from serving.http_connections import KeepAliveHandler, KeepAliveHTTPServer
-from serving.limits import DEFAULT_REST_THREADS
+from serving.limits import DEFAULT_REST_THREADS, MIN_BYTES_PER_SECOND
 
 log = logging.getLogger(__name__)
 
@@ -253,12 +253,15 @@ def make_http_server(
     stall_seconds: float,
     num_threads: int = DEFAULT_REST_THREADS,
     max_idle: int | None = None,
+    min_bytes_per_second: float = MIN_BYTES_PER_SECOND,
 ) -> KeepAliveHTTPServer:
     """An HTTP server answering TF Serving's REST API with `app`."""
+    min_rate = min_bytes_per_second  # a class body can't read a parameter of its own name
 
     class Handler(KeepAliveHandler):
         protocol_version = "HTTP/1.1"
         timeout = stall_seconds
+        min_bytes_per_second = min_rate
         server_version = "van-tfx-serving"
         # A keep-alive client's next request must not wait for a delayed ACK (Nagle): ~40 ms.
         disable_nagle_algorithm = True
@@ -328,13 +331,18 @@ def make_http_server(
             # Headers and body in one write (end_headers() would send the headers alone): one
             # segment for a small answer, not two with the client's delayed ACK between them.
             # A large body goes in pieces: the stall timeout then bounds each write, so a client
-            # that keeps reading a large answer slowly gets all of it.
+            # that keeps reading a large answer slowly gets all of it, if not below the pace.
             body = memoryview(b"" if head else payload)
+            pace = self.transfer_pace()
             self._headers_buffer.append(b"\r\n")
             self._headers_buffer.append(body[:_WRITE_BYTES])
+            self.connection.settimeout(pace.wait())
             self.flush_headers()
             for start in range(_WRITE_BYTES, len(body), _WRITE_BYTES):
+                pace.moved(_WRITE_BYTES)
+                self.connection.settimeout(pace.wait())
                 self.wfile.write(body[start : start + _WRITE_BYTES])
+            self.connection.settimeout(self.timeout)
 
         def log_message(self, format, *args):  # noqa: A002 (http.server signature)
             log.debug("REST %s", format % args)

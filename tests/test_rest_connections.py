@@ -203,6 +203,63 @@ def test_headers_trickled_in_get_the_stall_time_in_all_not_per_pause():
             assert time.monotonic() - started < 4
 
 
+def post_head(length: int) -> bytes:
+    """A POST request's line and headers for a body of `length` bytes."""
+    return b"POST /v1/models/m:predict HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % length
+
+
+def send_paced(sock: socket.socket, data: bytes, piece: int, pause: float, limit: float) -> int:
+    """Send `data` `piece` bytes per `pause` seconds for `limit` seconds at most; bytes sent
+    before the server closed the connection or the time ran out."""
+    started, sent = time.monotonic(), 0
+    while sent < len(data) and time.monotonic() - started < limit:
+        try:
+            sock.sendall(data[sent : sent + piece])
+        except OSError:  # the server closed it
+            break
+        sent += piece
+        time.sleep(pause)
+    return min(sent, len(data))
+
+
+def test_a_body_trickled_below_the_minimum_pace_drops_its_connection():
+    # 10 bytes every 0.3 s never pauses for the 1 s stall time, but at 33 bytes/s it falls
+    # behind 100 bytes/s after ~1.5 s; it would otherwise hold a thread for 5 minutes.
+    with serving(LargeAnswers(16), min_bytes_per_second=100) as http_server:
+        with socket.create_connection(http_server.server_address, timeout=10) as sock:
+            sock.sendall(post_head(10_000))
+            started = time.monotonic()
+            sent = send_paced(sock, b"x" * 10_000, 10, 0.3, limit=8)
+            assert sent < 10_000
+            assert sock.recv(1024) == b""  # closed, without an answer
+            assert time.monotonic() - started < 6
+
+
+def test_a_body_that_keeps_its_pace_is_read_however_long_it_takes():
+    # 160 bytes/s for 3 s: three stall times, so the pace, not a total deadline, is what bounds it.
+    with serving(LargeAnswers(16), min_bytes_per_second=100) as http_server:
+        with socket.create_connection(http_server.server_address, timeout=10) as sock:
+            sock.sendall(post_head(480))
+            assert send_paced(sock, b"x" * 480, 40, 0.25, limit=30) == 480
+            assert read_answers(sock, 1)[0][0] == 200
+
+
+def test_an_answer_read_below_the_minimum_pace_is_cut_off():
+    size = 16 << 20
+    with serving(LargeAnswers(size), min_bytes_per_second=4 << 20) as http_server:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            sock.settimeout(30)
+            sock.connect(http_server.server_address)
+            sock.sendall(STATUS)
+            started, received = time.monotonic(), 0
+            while chunk := sock.recv(1 << 16):  # ~640 KiB/s: 25 s for the whole answer
+                received += len(chunk)
+                time.sleep(0.1)
+            assert received < size
+            assert time.monotonic() - started < 15
+
+
 def test_connections_beyond_the_thread_limit_wait_their_turn_and_are_answered():
     with serving(LargeAnswers(16), num_threads=2) as http_server:
         stalled = [socket.create_connection(http_server.server_address, timeout=10)
