@@ -38,11 +38,11 @@ log = logging.getLogger(__name__)
 # match, as in EvHTTPRequest::uri_path().
 _PREDICTION_PATH = re.compile(
     r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)",
-    re.IGNORECASE,
+    re.IGNORECASE | re.ASCII,  # RE2's \d is [0-9]
 )
 _STATUS_PATH = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:\/(metadata))?",
-    re.IGNORECASE,
+    re.IGNORECASE | re.ASCII,
 )
 _API_PATH = re.compile(r"/v1/.*", re.IGNORECASE)
 _INT64_MAX = 2**63 - 1
@@ -221,13 +221,21 @@ def _time_left(deadline: float) -> float:
     return left
 
 
+def _version_number(digits: str) -> int:
+    """A path's version digits as absl::SimpleAtoi reads them into an int64, or INVALID_ARGUMENT."""
+    # Leading zeros count for nothing; more than 19 digits can't fit (and int() of over 4,300
+    # digits raises ValueError, which was a 500).
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > 19 or int(significant) > _INT64_MAX:
+        raise invalid_argument(f"Failed to convert version: {digits} to numeric.")
+    return int(significant)
+
+
 def _model_spec(name: str, version: str | None, label: str | None):
     # ParseModelInfo: the name and label are URL-decoded; the version must fit an int64.
     spec = model_pb2.ModelSpec(name=urllib.parse.unquote(name))
     if version is not None:
-        if int(version) > _INT64_MAX:
-            raise invalid_argument(f"Failed to convert version: {version} to numeric.")
-        spec.version.value = int(version)
+        spec.version.value = _version_number(version)
     elif label is not None:
         spec.version_label = urllib.parse.unquote(label)
     return spec

@@ -7,6 +7,7 @@ table of what still differs). Comments give the answer van-tfx serve gave before
 from __future__ import annotations
 
 import base64
+import decimal
 import http.client
 import json
 import socket
@@ -15,6 +16,8 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from hypothesis import given
+from hypothesis import strategies as st
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -25,7 +28,8 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from serving import testing
+from serving import rest_api, testing
+from serving.errors import ServingError, capped_message
 from serving.server import ANY_PORT, ModelServer, ServerOptions
 
 RED = (255, 0, 0)
@@ -83,6 +87,11 @@ def grpc_error(call, request):
          "Failed to convert version: 99999999999999999999 to numeric."),
         ("POST", "/v1/models/van/versions/9223372036854775808:predict", 400,
          "Failed to convert version: 9223372036854775808 to numeric."),
+        # Before: 500 "ValueError: Exceeds the limit (4300) for integer string conversion".
+        ("GET", "/v1/models/van/versions/" + "9" * 5000, 400,
+         capped_message(f"Failed to convert version: {'9' * 5000} to numeric.")),
+        ("GET", "/v1/models/van/versions/" + "0" * 5000 + "7", 404,
+         "Could not find version 7 of model van"),
         # Before: http.server's HTML 501 page.
         ("PUT", "/v1/models/van", 400, "Malformed request: PUT /v1/models/van"),
         ("DELETE", "/v1/models/van:predict", 400, "Malformed request: DELETE /v1/models/van:predict"),
@@ -100,6 +109,22 @@ def grpc_error(call, request):
 )  # fmt: skip
 def test_rest_routing_errors(server, method, path, status, message):
     assert rest_error(server, method, path) == (status, message)
+
+
+@given(
+    st.text("0123456789", min_size=1, max_size=6000)
+    | st.from_regex(r"0*[1-9][0-9]{17,19}", fullmatch=True)
+)
+def test_rest_versions_are_read_as_an_int64_whatever_their_digits(digits):
+    # absl::SimpleAtoi into an int64: the value counts, not the number of digits.
+    fits = decimal.Decimal(digits) <= 2**63 - 1
+    try:
+        assert rest_api._model_spec("m", digits, None).version.value == int(decimal.Decimal(digits))
+        assert fits
+    except ServingError as error:
+        assert not fits
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.message == capped_message(f"Failed to convert version: {digits} to numeric.")
 
 
 def test_rest_paths_are_case_insensitive_and_names_url_decoded(server):
