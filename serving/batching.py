@@ -18,7 +18,7 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 
-from serving.errors import ServingError, invalid_argument, unavailable
+from serving.errors import ServingError, failed_precondition, invalid_argument, unavailable
 from serving.protos import BatchingSettings
 
 Tensors = dict[str, np.ndarray]
@@ -191,15 +191,22 @@ class Batcher:
             for task in batch:
                 self._execute_alone(task)
             return
-        total = sum(task.rows for task in batch)
+        try:
+            _checked_outputs(outputs, sum(task.rows for task in batch))
+        except ServingError as error:
+            for task in batch:
+                task.finish(error=error)
+            return
         start = 0
         for task in batch:
-            task.finish(result=_slice(outputs, start, start + task.rows, total))
+            task.finish(
+                result={name: value[start : start + task.rows] for name, value in outputs.items()}
+            )
             start += task.rows
 
     def _execute_alone(self, task: _Task) -> None:
         try:
-            task.finish(result=self._run(task.inputs))
+            task.finish(result=_checked_outputs(self._run(task.inputs), task.rows))
         except Exception as exc:  # handed to the waiting request thread
             task.finish(error=exc)
 
@@ -230,12 +237,30 @@ def _resolve_futures(tasks: list[_Task]) -> None:
 
 
 def _batch_rows(inputs: Tensors) -> int:
-    sizes = {value.shape[0] if value.ndim else -1 for value in inputs.values()}
-    if len(sizes) != 1 or -1 in sizes:
-        raise invalid_argument(
-            "Batching session Run() input tensors must have equal 0th-dimension size"
-        )
+    # batching_util.h ComputeTensorBatchSize, its checks in its order.
+    if not inputs:
+        raise invalid_argument("Batching Run() must have at least one input tensor")
+    if any(value.ndim == 0 for value in inputs.values()):
+        raise invalid_argument("Batching Run() input tensors must have at least one dimension")
+    sizes = {value.shape[0] for value in inputs.values()}
+    if len(sizes) != 1:
+        raise invalid_argument("Batching Run() input tensors must have equal 0th-dimension size")
     return sizes.pop()
+
+
+def _checked_outputs(outputs: Tensors, rows: int) -> Tensors:
+    """`outputs` if each has `rows` rows to split among the batch's requests, else
+    FAILED_PRECONDITION as batching_session.cc SplitOutputTensors (a whole-batch tensor
+    handed to every request would show each one the others' answers)."""
+    for value in outputs.values():
+        if value.ndim == 0:
+            raise failed_precondition("Batched output tensor has 0 dimensions")
+        if value.shape[0] != rows:
+            raise failed_precondition(
+                "Batched output tensor's 0th dimension does not equal the sum of the "
+                "0th dimension sizes of the input tensors"
+            )
+    return outputs
 
 
 def _compatible(first: _Task, other: _Task) -> bool:
@@ -246,10 +271,3 @@ def _compatible(first: _Task, other: _Task) -> bool:
         and first.inputs[k].dtype == other.inputs[k].dtype
         for k in first.inputs
     )
-
-
-def _slice(outputs: Tensors, start: int, stop: int, total: int) -> Tensors:
-    return {
-        name: value[start:stop] if value.ndim and value.shape[0] == total else value
-        for name, value in outputs.items()
-    }

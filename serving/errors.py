@@ -83,6 +83,11 @@ def not_found(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.NOT_FOUND, message)
 
 
+def failed_precondition(message: str) -> ServingError:
+    """A request the servable can't answer as it is (unknown signature, unsplittable batch)."""
+    return ServingError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
 def unavailable(message: str) -> ServingError:
     """A full batching queue or a server shutting down."""
     return ServingError(grpc.StatusCode.UNAVAILABLE, message)
@@ -96,9 +101,7 @@ def servable_not_found(name: str, version: int | None = None) -> ServingError:
 
 def signature_not_found(key: str) -> ServingError:
     """The FAILED_PRECONDITION error TF Serving returns for an unknown signature key."""
-    return ServingError(
-        grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{key}" not found.'
-    )
+    return failed_precondition(f'Serving signature key "{key}" not found.')
 
 
 def missing_model_spec() -> ServingError:

@@ -202,3 +202,53 @@ def test_queue_limit_counts_batches_as_tf_serving_packs_them():
     for thread in threads:
         thread.join(30)
     batcher.stop()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({}, "Batching Run() must have at least one input tensor"),
+        ({"x": np.float32(1), "y": np.ones(2)}, "Batching Run() input tensors must have at least one dimension"),
+        ({"x": np.ones(2), "y": np.ones(3)}, "Batching Run() input tensors must have equal 0th-dimension size"),
+    ],
+    ids=["none", "scalar", "unequal"],
+)  # fmt: skip
+def test_inputs_that_cannot_batch_get_tf_serving_messages(inputs, message):
+    # batching_util.h ComputeTensorBatchSize; a scalar got the "equal size" message before.
+    batcher = Batcher(lambda feed: feed, BatchingSettings(max_batch_size=8), "test")
+    with pytest.raises(ServingError) as err:
+        batcher.submit(inputs)
+    batcher.stop()
+    assert (err.value.code, err.value.message) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        (lambda x: np.float32(x.sum()), "Batched output tensor has 0 dimensions"),
+        (lambda x: np.arange(10.0), "Batched output tensor's 0th dimension does not equal the sum of "
+                                    "the 0th dimension sizes of the input tensors"),
+    ],
+    ids=["scalar", "not-per-row"],
+)  # fmt: skip
+@pytest.mark.parametrize("requests", [1, 3])
+def test_outputs_that_cannot_be_split_fail_every_request_of_the_batch(output, message, requests):
+    # batching_session.cc SplitOutputTensors. Before, each request got the whole tensor, so a
+    # request could see what its batch neighbours were answered.
+    settings = BatchingSettings(max_batch_size=8, batch_timeout_micros=300_000, num_batch_threads=1)
+    batcher = Batcher(lambda feed: {"y": output(feed["x"])}, settings, "test")
+    errors = []
+
+    def submit(i):
+        try:
+            batcher.submit({"x": np.array([float(i)])})
+        except ServingError as error:
+            errors.append((error.code, error.message))
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    batcher.stop()
+    assert errors == [(grpc.StatusCode.FAILED_PRECONDITION, message)] * requests
