@@ -14,7 +14,7 @@ from tensorflow_serving.apis import (
 
 from serving.errors import invalid_argument, missing_model_spec
 from serving.servable import DEFAULT_SIGNATURE, LIGHT_BYTES, Servable, off_the_loop_unless
-from serving.tensors import STRING_ELEMENT_OVERHEAD, to_tensor_proto
+from serving.tensors import check_examples_size, to_tensor_proto
 
 CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
 REGRESS_METHOD_NAME = "tensorflow/serving/regress"
@@ -297,12 +297,12 @@ def examples_of(input_proto, limit: int | None = None) -> list[bytes]:
     kind = input_proto.WhichOneof("kind")
     if kind == "example_list":
         examples = input_proto.example_list.examples
-        _check_examples_size(kind, len(examples), 0, input_proto.ByteSize(), limit)
+        check_examples_size(kind, len(examples), 0, input_proto.ByteSize(), limit)
         return [e.SerializeToString() for e in examples]
     if kind == "example_list_with_context":
         with_context = input_proto.example_list_with_context
         count, context = len(with_context.examples), with_context.context.ByteSize()
-        _check_examples_size(kind, count, context, input_proto.ByteSize(), limit)
+        check_examples_size(kind, count, context, input_proto.ByteSize(), limit)
         merged = []
         for example in with_context.examples:
             copy = type(example)()
@@ -311,18 +311,6 @@ def examples_of(input_proto, limit: int | None = None) -> list[bytes]:
             merged.append(copy.SerializeToString())
         return merged
     raise invalid_argument("Input is empty.")
-
-
-def _check_examples_size(kind: str, count: int, context: int, size: int, limit) -> None:
-    # Computed from the counts before anything is built: 600 empty examples with a 1 MiB
-    # context are 600 MiB of tensor, and each empty example costs 2 bytes of message.
-    decoded = count * (STRING_ELEMENT_OVERHEAD + context) + size
-    if limit is not None and decoded > limit:
-        with_context = f" each merged with a {context}-byte context" if context else ""
-        raise invalid_argument(
-            f"Input {kind}: {count} examples{with_context} are {decoded} bytes once decoded, "
-            f"more than the {limit} bytes this server decodes per request (--max_message_bytes)"
-        )
 
 
 def metadata(manager, request):

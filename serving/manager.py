@@ -189,7 +189,7 @@ class ModelManager:
         self._batching = batching
         self._max_retries = max(max_num_load_retries, 0)
         self._retry_interval = max(load_retry_interval_seconds, 0.0)  # negative: no wait
-        self._limits = limits or RequestLimits()
+        self.limits = limits or RequestLimits()  # every servable's, and REST parsing's
         self._method_name_check = method_name_check
         self._tensor_content = tensor_content
         self._enable_warmup = enable_warmup
@@ -454,7 +454,7 @@ class ModelManager:
         try:
             with self.priority.loading():
                 servable = Servable(
-                    name, version, path, self._batching, self._limits, self._method_name_check,
+                    name, version, path, self._batching, self.limits, self._method_name_check,
                     self._tensor_content,
                 )  # fmt: skip
                 restored = time.monotonic()

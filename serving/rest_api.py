@@ -202,7 +202,8 @@ class RestApp:
         with self._parsing(deadline):
             doc = rest_json.parse_json(body)
             key = rest_json.signature_name(doc) or handlers.DEFAULT_SIGNATURE
-            examples = rest_json.classify_examples(doc, deadline)
+            limit = self.manager.limits.max_tensor_bytes
+            examples = rest_json.classify_examples(doc, deadline, limit)
             del doc
         servable = handlers.resolve(self.manager, spec)
         if not rest_json.is_text(

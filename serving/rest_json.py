@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 
 from serving.errors import ServingError, invalid_argument
-from serving.tensors import data_type_string
+from serving.tensors import check_examples_size, data_type_string
 
 SIGNATURE_KEY = "signature_name"
 INSTANCES_KEY = "instances"
@@ -1113,8 +1113,9 @@ def _shape_text(shape: list[int]) -> str:
 # ---- classify: JSON objects -> tf.Examples ----------------------------------------------------
 
 
-def classify_examples(doc: dict, deadline=None) -> list[bytes]:
-    """Serialized tf.Examples (context merged into each) of a classify request body."""
+def classify_examples(doc: dict, deadline=None, limit: int | None = None) -> list[bytes]:
+    """Serialized tf.Examples (context merged into each) of a classify request body, refused
+    past `limit` decoded bytes as gRPC's are (the context is copied into every one)."""
     context = b""
     if CONTEXT_KEY in doc:
         context = _example_bytes(doc[CONTEXT_KEY])
@@ -1127,6 +1128,8 @@ def classify_examples(doc: dict, deadline=None) -> list[bytes]:
         raise _format_error(doc, "Expecting 'examples' value to be an list/array")
     if not examples:
         raise _format_error(doc, "'examples' value is an empty array")
+    check_examples_size(EXAMPLES_KEY, len(examples), len(context), 0, limit)
+    # The examples' own bytes are bounded by the body's (JSON is no smaller than the protobuf).
     serialized = []
     for index, value in enumerate(examples):
         if not index % _BLOCK:

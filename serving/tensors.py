@@ -24,6 +24,21 @@ MAX_ELEMENTS = 2**63 - 1
 # a 48-byte request repeating one byte to [2000000] cost 5 s and 440 MB when this counted 32.
 STRING_ELEMENT_OVERHEAD = 256
 
+
+def check_examples_size(kind: str, count: int, context: int, size: int, limit: int | None) -> None:
+    """INVALID_ARGUMENT if `count` examples, each merged with a `context`-byte context, plus
+    `size` bytes of their own would decode to more than `limit` bytes."""
+    # Computed from the counts before anything is built: 600 empty examples with a 1 MiB
+    # context are 600 MiB of tensor, and each empty example costs 2 bytes of message.
+    decoded = count * (STRING_ELEMENT_OVERHEAD + context) + size
+    if limit is not None and decoded > limit:
+        with_context = f" each merged with a {context}-byte context" if context else ""
+        raise invalid_argument(
+            f"Input {kind}: {count} examples{with_context} are {decoded} bytes once decoded, "
+            f"more than the {limit} bytes this server decodes per request (--max_message_bytes)"
+        )
+
+
 # The repeated field holding each dtype's values, and how many field entries make one element.
 _VALUE_FIELDS = {
     types_pb2.DT_FLOAT: ("float_val", 1),

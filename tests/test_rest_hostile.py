@@ -51,6 +51,19 @@ def test_a_body_that_would_expand_past_the_budget_is_refused_before_parsing(serv
     assert time.monotonic() - started < 5
 
 
+def test_examples_sharing_a_context_past_the_budget_are_refused_as_over_grpc(server):
+    # A 0.9 MB context in each of 1,000 examples is 0.9 GB of tensor: before, a 200 after the
+    # server grew by 1.5 GB (gRPC refused the same request).
+    body = json.dumps({"context": {"pad": "x" * 900_000}, "examples": [{}] * 1000}).encode()
+    assert len(body) < LIMIT
+    status, answer = post(server, REGRESS, body)
+    assert status == 400
+    assert answer["error"].startswith("Input examples: 1000 examples each merged with a 9000")
+    assert answer["error"].endswith(
+        f"more than the {LIMIT} bytes this server decodes per request (--max_message_bytes)"
+    )
+
+
 def test_the_deadline_stops_the_work_and_frees_the_parsing_slots(server):
     # Each body is within the budget but takes seconds to convert: the answer is a 504 at the
     # deadline, and the conversion stops between blocks instead of finishing in the background.
