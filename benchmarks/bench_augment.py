@@ -52,7 +52,7 @@ def photo_jpegs(count: int, seed: int = 0) -> list[bytes]:
 
 def write_shard(path: str, jpegs: list[bytes]) -> str:
     """One Transform-layout shard of `jpegs` (labels 0-9 in turn), GZIP when `path` is *.gz."""
-    from van_tfx.data.records import tfrecord_compression
+    from van_tfx.tfrecords import tfrecord_compression
 
     labels = [i % 10 for i in range(len(jpegs))]
     return write_transformed(path, jpegs, labels, tfrecord_compression(path))
@@ -109,7 +109,7 @@ def read_megabytes_per_second(path: str) -> float:
     """Raw TFRecord read throughput of one shard (records only, no parsing; GZIP if *.gz)."""
     import tensorflow as tf
 
-    from van_tfx.data.records import tfrecord_compression
+    from van_tfx.tfrecords import tfrecord_compression
 
     start = time.perf_counter()
     total = 0

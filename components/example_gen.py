@@ -49,7 +49,7 @@ from components.new_data_gate import (
     span_range,
 )
 from van_tfx import storage
-from van_tfx.data.records import CorruptShardError, tfrecord_compression
+from van_tfx.tfrecords import CorruptShardError, read_records, write_records
 
 _INPUT_CONFIG = standard_component_specs.INPUT_CONFIG_KEY
 _RANGE_CONFIG = standard_component_specs.RANGE_CONFIG_KEY
@@ -58,8 +58,6 @@ _BEAM_CORRUPT_RECORD = "Not a valid TFRecord"
 # The input TFX's KFP compiler adds to each task under the gate's Cond, for its condition.
 GATE_DECISION_INPUT = f"_{GATE_ID}.{DECISION_OUTPUT}"
 _OUTPUT_SHARD = "data_tfrecord-{index:05d}-of-{count:05d}"
-# Read in batches: one tf.data element per record would cost more in Python than the I/O.
-_COPY_BATCH = 256
 # Compressions Beam reads by file name that tf.data cannot: such shards are refused by name.
 _UNCOPYABLE_SUFFIXES = (".bz2", ".deflate", ".zst", ".zstd", ".lzma")
 
@@ -124,8 +122,6 @@ def resolve_like_the_driver(
 
 def check_first_record(path: str) -> None:
     """Read one shard's first record as Beam would, raising CorruptShardError naming the shard."""
-    import tensorflow as tf
-
     compressed = path.endswith(".gz")
     with fileio.open(path, "rb") as handle:
         if not compressed and handle.read(2) == _GZIP_MAGIC:
@@ -140,12 +136,11 @@ def check_first_record(path: str) -> None:
             "uncompressed or GZIP-compressed (*.gz)"
         )
     try:
-        for _ in tf.data.TFRecordDataset(path, tfrecord_compression(path)).take(1):
-            pass
-    except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as exc:
+        next(read_records(path), None)
+    except CorruptShardError as exc:
         raise CorruptShardError(
             f"TFRecord shard {path} is not a readable TFRecord file (truncated, corrupted or "
-            f"another format): {_tf_reason(exc)}"
+            f"another format): {exc.reason}"
         ) from None
 
 
@@ -171,42 +166,9 @@ def check_input_shards(shards: dict[str, tuple[str, list[str]]]) -> None:
 
 
 def copy_shard(source: str, target: str) -> int:
-    """Copy one TFRecord shard record by record (CRCs checked), uncompressed; returns the count."""
-    import tensorflow as tf
-
-    count = 0
-    records = tf.data.TFRecordDataset(source, tfrecord_compression(source)).batch(_COPY_BATCH)
-    try:
-        with tf.io.TFRecordWriter(target) as writer:
-            for batch in records.as_numpy_iterator():
-                for record in batch:
-                    writer.write(record)
-                count += len(batch)
-    except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as exc:
-        raise CorruptShardError(
-            f"TFRecord shard {source} is damaged after record {readable_records(source)} "
-            f"(truncated or corrupted): {_tf_reason(exc)}"
-        ) from None
-    return count
-
-
-def readable_records(path: str) -> int:
-    """How many records of a TFRecord file read cleanly before the first damaged one."""
-    import tensorflow as tf
-
-    count = 0
-    try:
-        for _ in tf.data.TFRecordDataset(path, tfrecord_compression(path)):
-            count += 1
-    except (tf.errors.DataLossError, tf.errors.OutOfRangeError):
-        pass
-    return count
-
-
-def _tf_reason(exc) -> str:
-    # TF's message wrapped in op and device names: keep the reader's own words.
-    text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*", "", exc.message)
-    return text.splitlines()[0][:200] if text.strip() else "unreadable"
+    """Copy one TFRecord shard record by record (lengths bounded, CRCs checked), uncompressed;
+    returns the count."""
+    return write_records(target, read_records(source))
 
 
 def shard_copies(

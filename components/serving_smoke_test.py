@@ -23,6 +23,7 @@ wants `<base>/<integer version>/`: a local candidate is linked into a temp base 
 remote one is copied there first (a symlink cannot point into a bucket).
 """
 
+import itertools
 import os
 import sys
 import tempfile
@@ -51,7 +52,7 @@ from serving.process import (
     running_model_server,
 )
 from van_tfx import features, storage
-from van_tfx.data.records import tfrecord_compression
+from van_tfx.tfrecords import read_records
 
 _BLESSED_KEY = "blessed"  # the custom properties Pusher reads, as InfraValidator writes them
 _HAS_MODEL_KEY = "has_model"
@@ -116,8 +117,7 @@ def read_raw_examples(pattern: str, limit: int) -> list[bytes]:
         raise SmokeTestFailure(f"no files match {pattern}")
     records: list[bytes] = []
     for path in files:  # each with its own compression, as Beam reads them
-        dataset = tf.data.TFRecordDataset(path, tfrecord_compression(path))
-        records += [record.numpy() for record in dataset.take(limit - len(records))]
+        records += itertools.islice(read_records(path), limit - len(records))
         if len(records) == limit:
             break
     return records

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -24,6 +25,7 @@ from serving.errors import (
 from serving.limits import RequestLimits
 from serving.protos import BatchingSettings
 from serving.servable import SAVED_MODEL_FILE, WARMUP_FILE, Servable
+from van_tfx.tfrecords import CorruptShardError, read_records
 
 log = logging.getLogger(__name__)
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -572,7 +574,12 @@ def run_warmup(servable: Servable) -> int:
     if not tf.io.gfile.exists(path):
         return 0
     records = []
-    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+    try:
+        raw_records = list(itertools.islice(read_records(path), MAX_WARMUP_RECORDS + 1))
+    except CorruptShardError as exc:  # TF's reader would allocate a damaged header's length
+        # TF Serving's RecordReader fails the load with DATA_LOSS ("corrupted record at N").
+        raise LoadError(str(exc), grpc.StatusCode.DATA_LOSS) from None
+    for record in raw_records:
         if len(records) == MAX_WARMUP_RECORDS:
             raise LoadError(
                 f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS})",

@@ -13,12 +13,8 @@ from sklearn.datasets import load_digits, load_sample_images
 from van_tfx import features
 from van_tfx.cli import main
 from van_tfx.data.build import InvalidImagesError, build_dataset
-from van_tfx.data.records import (
-    CorruptShardError,
-    SynsetListError,
-    read_examples,
-    read_synset_mapping,
-)
+from van_tfx.data.records import SynsetListError, read_examples, read_synset_mapping
+from van_tfx.tfrecords import CorruptShardError
 
 DIGITS_PER_CLASS = 20  # 3 classes x 20 = 60 digits; with the photos > 64 files: the parallel path
 

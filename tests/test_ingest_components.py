@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import uuid
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from components.served_model import ServedModel, ServedModelError
 from pipeline import ingest
 from van_tfx import features
 from van_tfx.config import DataConfig
-from van_tfx.data.records import CorruptShardError
+from van_tfx.tfrecords import CorruptShardError, masked_crc
 
 
 def decision_for_span(tmp_path: Path, span: int, version: int | None = None) -> File:
@@ -279,6 +280,12 @@ def write_records(path: Path, count: int, options=None) -> None:
             writer.write(example.SerializeToString())
 
 
+def hostile_header(length: int) -> bytes:
+    """A TFRecord header declaring `length` bytes, its length checksum valid."""
+    header = struct.pack("<Q", length)
+    return header + struct.pack("<I", masked_crc(header))
+
+
 def flip_byte(path: Path, position: int) -> None:
     raw = bytearray(path.read_bytes())
     raw[position] ^= 0xFF
@@ -293,8 +300,10 @@ def flip_byte(path: Path, position: int) -> None:
         (lambda p: p.write_bytes(p.read_bytes()[:50]), "is not a readable TFRecord file"),
         (lambda p: p.write_bytes(b"label,image\n1,a.jpg\n"), "is not a readable TFRecord file"),
         (lambda p: write_records(p, 3, "GZIP"), "is GZIP-compressed but its name does not end"),
+        # TensorFlow's reader allocated the declared 64 GiB and the process died (SIGSEGV).
+        (lambda p: p.write_bytes(hostile_header(2**36) + b"\0" * 64), "declares 68719476736 bytes"),
     ],
-    ids=["data", "length", "truncated", "csv", "gzip-unnamed"],
+    ids=["data", "length", "truncated", "csv", "gzip-unnamed", "huge-length"],
 )
 def test_a_shard_that_is_bad_from_its_start_is_named_before_beam_runs(tmp_path, damage, says):
     data = tmp_path / "data"
@@ -329,10 +338,26 @@ def test_damage_past_the_first_record_names_the_shard_and_the_record(tmp_path):
     shard = data / "span-1" / "train-00000-of-00001"
     write_records(shard, 3)
     flip_byte(shard, shard.stat().st_size - 100)  # inside the third record
-    with pytest.raises(CorruptShardError, match="damaged after record 2") as failure:
+    with pytest.raises(
+        CorruptShardError, match=r"damaged at record 2 \(after 2 readable records\)"
+    ) as failure:
         ingest_span(tmp_path, data)
     message = str(failure.value)
     assert str(shard) in message and "\n" not in message and len(message) < 600
+
+
+def test_a_huge_length_past_the_first_record_names_the_shard_and_the_record(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    shard = data / "span-1" / "train-00000-of-00001"
+    write_records(shard, 2)
+    with shard.open("ab") as out:
+        out.write(hostile_header(2**36) + b"\0" * 64)
+    with pytest.raises(
+        CorruptShardError, match=r"damaged at record 2 .*declares 68719476736"
+    ) as failure:
+        ingest_span(tmp_path, data)
+    assert str(shard) in str(failure.value)
 
 
 def read_split(examples: Examples, split: str) -> dict[str, list[bytes]]:

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import struct
 import threading
 
 import grpc
@@ -19,6 +20,7 @@ from serving import testing
 from serving.manager import LoadError
 from serving.protos import render_model_config
 from serving.server import ModelServer, ServerOptions
+from van_tfx.tfrecords import masked_crc
 
 IMAGE = testing.encode_image((10, 200, 30))
 
@@ -116,6 +118,25 @@ def test_warmup_requests_are_replayed_and_a_bad_warmup_fails_the_version(tmp_pat
         assert "warmup record 1" in failure.error
         assert failure.error_code == 3  # the failing request's INVALID_ARGUMENT, not UNKNOWN
         assert server.manager.resolve("van").version == 1  # the old version keeps serving
+
+
+def test_a_warmup_file_declaring_a_huge_record_fails_the_version_with_data_loss(tmp_path, exported):
+    # TensorFlow's record reader would allocate the declared 64 GiB (the process died).
+    push(tmp_path, exported, 1)
+    with serve(tmp_path, file_system_poll_wait_seconds=0.1, max_num_load_retries=0) as server:
+        staging = tmp_path / "staging-2"
+        shutil.copytree(tmp_path / "1", staging)
+        header = struct.pack("<Q", 2**36)
+        warmup = staging / "assets.extra" / "tf_serving_warmup_requests"
+        warmup.parent.mkdir(exist_ok=True)
+        warmup.write_bytes(header + struct.pack("<I", masked_crc(header)) + b"\0" * 64)
+        os.rename(staging, tmp_path / "2")
+        wait_for(lambda: server.manager.status("van", 2)[0].state == 50)  # END
+        failure = server.manager.status("van", 2)[0]
+        assert failure.error_code == grpc.StatusCode.DATA_LOSS.value[0]
+        assert str(warmup.relative_to(tmp_path / "staging-2")) in failure.error
+        assert "declares 68719476736 bytes" in failure.error
+        assert server.manager.resolve("van").version == 1
 
 
 def test_ports_stay_closed_until_a_version_is_available(tmp_path):

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from van_tfx import features
 from van_tfx.config import Config
-from van_tfx.data.records import tfrecord_compression
+from van_tfx.tfrecords import tfrecord_compression
 from van_trainer import augment
 
 AUTOTUNE = tf.data.AUTOTUNE

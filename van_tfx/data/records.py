@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageFile
 
 from van_tfx import features
+from van_tfx.tfrecords import read_records
 
 SYNSETS_FILE = "synsets.txt"
 JPEG_QUALITY = 95
@@ -35,15 +36,6 @@ class InvalidImageError(ValueError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
-
-
-class CorruptShardError(IOError):
-    """A TFRecord shard that cannot be read to the end (truncated or corrupted)."""
-
-
-def tfrecord_compression(path: str) -> str:
-    """tf.data's compression_type for a TFRecord file, from its name as Beam decides it."""
-    return "GZIP" if path.endswith(".gz") else ""
 
 
 class SynsetListError(ValueError):
@@ -270,18 +262,7 @@ def remove_split(output_dir: Path, split: str) -> None:
 
 def iter_shard(path: str | os.PathLike) -> Iterator[bytes]:
     """Yield the serialized records of one shard; CorruptShardError names a damaged shard."""
-    import tensorflow as tf
-
-    count = 0
-    try:
-        for raw in tf.data.TFRecordDataset(str(path)):
-            count += 1
-            yield raw.numpy()
-    except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as exc:
-        raise CorruptShardError(
-            f"TFRecord shard {path} is truncated or corrupted after {count} records: "
-            f"{exc.message.splitlines()[0]}"
-        ) from None
+    return read_records(str(path))
 
 
 def read_examples(paths: Iterable[str | os.PathLike]) -> Iterator[dict]:
