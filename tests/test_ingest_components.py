@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 from google.protobuf import text_format
+from hypothesis import given
+from hypothesis import strategies as st
 from spans import write_span
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx.components.example_gen import utils as example_gen_utils
@@ -18,7 +20,12 @@ from tfx.types.standard_artifacts import Examples, Model, Schema
 from tfx.utils import proto_utils
 
 from components.curated_schema import CuratedSchema, SchemaError, curated_schema_text
-from components.example_gen import SpanResolvingImportExecutor, has_unresolved_specs
+from components.example_gen import (
+    IncompleteShardsError,
+    SpanResolvingImportExecutor,
+    check_shard_set,
+    has_unresolved_specs,
+)
 from components.new_data_gate import SERVED_VERSION_KEY, write_training_data
 from components.served_model import ServedModel, ServedModelError
 from pipeline import ingest
@@ -314,6 +321,50 @@ def test_a_shard_that_is_bad_from_its_start_is_named_before_beam_runs(tmp_path, 
     with pytest.raises(CorruptShardError, match=says) as failure:
         ingest_span(tmp_path, data)
     assert str(shard) in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    ("names", "says"),
+    [
+        (["train-00000-of-00004", "train-00001-of-00004"], "2 of 4 shards missing: train-00002-of-00004, train-00003-of-00004"),
+        (["train-00000-of-00002", "train-00001-of-00002", "train-00000-of-00001"], "more than one set of shards"),
+        (["train-00000-of-00001", "train-00000-of-00001.gz"], "shard 0 of 1 is there 2 times"),
+        (["train-00000-of-00002", "train-00001-of-00002._COPYING_"], "train-00001-of-00002._COPYING_ is not named"),
+    ],
+    ids=["upload-in-progress", "two-sets", "plain-and-gzip", "temporary-file"],
+)  # fmt: skip
+def test_a_split_whose_shards_are_not_one_complete_set_is_refused_naming_them(
+    tmp_path, names, says
+):
+    # Each was ingested silently: half a span, every record twice, or a partial upload.
+    data = tmp_path / "data"
+    write_span(data, 1)
+    span = data / "span-1"
+    (span / "train-00000-of-00001").unlink()
+    for name in names:
+        write_records(span / name, 2, "GZIP" if name.endswith(".gz") else None)
+    with pytest.raises(IncompleteShardsError, match="train split") as failure:
+        ingest_span(tmp_path, data)
+    assert says in str(failure.value)
+
+
+@given(
+    total=st.integers(1, 6),
+    present=st.lists(st.tuples(st.integers(0, 7), st.booleans()), max_size=9),
+    extra=st.sampled_from(["", "train-00000-of-00009", "notes.txt"]),
+)
+def test_shards_are_accepted_exactly_when_they_are_one_complete_set(total, present, extra):
+    names = [f"train-{i:05d}-of-{total:05d}" + (".gz" if gz else "") for i, gz in present]
+    names += [extra] if extra else []
+    # Names without shard numbers can't be checked; numbered ones must be exactly one set.
+    complete = not extra and sorted(i for i, _ in present) == list(range(total))
+    unnumbered_only = not present and extra in ("", "notes.txt")
+    try:
+        check_shard_set("train", "train-*", [f"/d/{name}" for name in names])
+        accepted = True
+    except IncompleteShardsError:
+        accepted = False
+    assert accepted == (complete or unnumbered_only)
 
 
 def test_among_many_bad_shards_the_first_in_listing_order_is_named(tmp_path):
