@@ -21,10 +21,13 @@ import os
 import apache_beam as beam
 from tfx.components.transform import executor as tfx_transform
 from tfx.components.transform import labels
-from tfx.types import standard_component_specs
+from tfx.types import artifact_utils, standard_component_specs
+from tfx.utils import io_utils
 
+from van_tfx import features
 from van_tfx.data.shard_writer import WriteShards
 from van_tfx.data.shards import example_count_path
+from van_trainer.preprocessing import DECLARED_CLASSES_KEY
 
 # Matches van_tfx.config.DataConfig.examples_per_shard's default (used when custom_config has none).
 DEFAULT_EXAMPLES_PER_SHARD = 1024
@@ -100,7 +103,31 @@ class ShardingTransformExecutor(tfx_transform.Executor):
     """TFX's Transform executor; transformed splits are written by ShardingTransformProcessor."""
 
     def Do(self, input_dict, output_dict, exec_properties):  # noqa: N802  (TFX's name)
-        """TFX's Do, with the sharding processor in place of TFX's."""
+        """TFX's Do, with the sharding processor in place of TFX's and the schema's class count
+        handed to the preprocessing_fn."""
         per_shard = examples_per_shard(exec_properties)
+        schema = artifact_utils.get_single_uri(input_dict[standard_component_specs.SCHEMA_KEY])
+        exec_properties = with_declared_classes(exec_properties, declared_classes(schema))
         with _processor_class(lambda: ShardingTransformProcessor(per_shard)):
             return super().Do(input_dict, output_dict, exec_properties)
+
+
+def declared_classes(schema_dir: str) -> int | None:
+    """The class count the schema declares (the label's int_domain max), or None."""
+    schema = io_utils.SchemaReader().read(io_utils.get_only_uri_in_dir(schema_dir))
+    for feature in schema.feature:
+        if feature.name == features.LABEL and feature.HasField("int_domain"):
+            return feature.int_domain.max or None
+    return None
+
+
+def with_declared_classes(exec_properties: dict, count: int | None) -> dict:
+    """exec_properties whose custom_config carries `declared_classes`: the class list must have
+    that many entries, so a class with no training record fails Transform, not a model of one
+    class fewer (a missing top label left no gap below the highest one seen)."""
+    if count is None:
+        return exec_properties
+    raw = exec_properties.get(standard_component_specs.CUSTOM_CONFIG_KEY) or "{}"
+    config = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    config[DECLARED_CLASSES_KEY] = count
+    return {**exec_properties, standard_component_specs.CUSTOM_CONFIG_KEY: json.dumps(config)}

@@ -48,32 +48,49 @@ def test_a_batch_gives_each_distinct_pair_once_with_its_smallest_filename():
             [(1, b"n1", b"a.jpg"), (2, b"n1", b"b.jpg")],
             "synsets with more than one label: label 1 with synset n1",
         ),
-        ([(1, b"n1", b"a.jpg"), (4, b"n4", b"b.jpg")], "no record in the training split: 2, 3"),
+        # Before, the list went on past the highest label: "2, 3, 5, 6, ... 21".
+        ([(1, b"n1", b"a.jpg"), (4, b"n4", b"b.jpg")], "no record in the training split: 2, 3 (2 of 1..4"),
         (
             [(1, b"n1", b"a.jpg"), (4_000_000_000, b"n4", b"b.jpg")],
             "no record in the training split: 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, "
             "16, 17, 18, 19, 20, 21 ... (3999999998 of 1..4000000000",
         ),
         ([(0, b"n0", b"a.jpg"), (1, b"n1", b"b.jpg")], "labels below 1: label 0 with synset n0"),
-        ([(1, b"n\n1", b"a.jpg")], "synsets with line breaks: label 1 with synset n\n1"),
+        ([(1, b"n\n1", b"a.jpg")], "synsets with line breaks or not UTF-8 text: label 1 with synset n\n1"),
+        # Before, Transform passed it and the Trainer's export failed after training.
+        ([(1, b"\xff\xfedigit", b"a.jpg")], "not UTF-8 text: label 1 with synset \\xff\\xfedigit"),
         ([], "has no records"),
     ],
-    ids=["two-synsets", "two-labels", "gap", "huge-label", "zero", "newline", "empty"],
-)
+    ids=["two-synsets", "two-labels", "gap", "huge-label", "zero", "newline", "not-utf8", "empty"],
+)  # fmt: skip
 def test_a_broken_class_list_is_refused_naming_records(items, says):
     with pytest.raises(ClassListError, match=None) as failure:
         class_list(pairs(*items))
     assert says in str(failure.value)
 
 
+def test_a_declared_class_with_no_training_record_is_refused_even_at_the_top():
+    # Labels 1..2 of 3 declared: before, a 2-class list, and a model of one class fewer.
+    items = pairs((1, b"n1", b"a.jpg"), (2, b"n2", b"b.jpg"))
+    assert class_list(items) == [b"n1", b"n2"]
+    with pytest.raises(ClassListError) as failure:
+        class_list(items, declared=3)
+    assert "labels with no record in the training split: 3 (1 of 1..3" in str(failure.value)
+    with pytest.raises(ClassListError) as failure:
+        class_list(items, declared=1)
+    assert "labels beyond the 1 classes the schema declares: label 2" in str(failure.value)
+
+
 @given(
     st.lists(
         st.tuples(st.integers(-2, 12), st.sampled_from([b"a", b"b", b"c", b"d", b"e", b""])),
         max_size=20,
-    )
+    ),
+    st.none() | st.integers(1, 8),
 )
-@example([(1, b"a"), (2, b"b"), (1, b"a")])
-def test_the_list_exists_exactly_when_labels_are_1_to_n_one_to_one(raw):
+@example([(1, b"a"), (2, b"b"), (1, b"a")], None)
+@example([(1, b"a"), (2, b"b")], 3)
+def test_the_list_exists_exactly_when_labels_are_1_to_n_one_to_one(raw, declared):
     items = pairs(*[(label, synset, f"{i}.jpg".encode()) for i, (label, synset) in enumerate(raw)])
     distinct = {(label, synset) for label, synset in raw}
     labels = {label for label, _ in distinct}
@@ -82,16 +99,17 @@ def test_the_list_exists_exactly_when_labels_are_1_to_n_one_to_one(raw):
         and labels == set(range(1, len(labels) + 1))
         and len(distinct) == len(labels) == len({synset for _, synset in distinct})
         and all(synset for _, synset in distinct)
+        and declared in (None, len(labels))
     )
     first = {}
     for key, name in items:
         first[key] = min(first.get(key, name), name)
     if valid:
-        listed = class_list(list(first.items()))
+        listed = class_list(list(first.items()), declared)
         assert all(listed[label - 1] == synset for label, synset in distinct)
     else:
         with pytest.raises(ClassListError):
-            class_list(list(first.items()))
+            class_list(list(first.items()), declared)
 
 
 def analysis_phases(preprocessing_fn) -> list[str]:

@@ -450,3 +450,20 @@ def test_a_label_that_disagrees_with_its_synset_is_named_with_its_record():
     preprocessing.check_labels(ids, labels, synsets, names, tf.constant(False))  # not analyzed
     good = tf.constant([1, 2, 3, 4] * 8, tf.int64)
     preprocessing.check_labels(ids, good, synsets, names, tf.constant(True))
+
+
+def test_a_class_with_no_record_at_the_top_stops_transform_naming_it(tmp_path):
+    # synsets.txt lists 10 classes; without any record of the 10th the class list had 9
+    # entries and the run trained a 9-class model without a word.
+    write_small_sample(tmp_path / "data", train=60, validation=30)
+
+    def drop_the_last_class(records):
+        records[:] = [
+            r for r in records if r.features.feature[features.LABEL].int64_list.value[0] != 10
+        ]
+
+    for shard in (tmp_path / "data" / "span-1").glob("*-of-*"):
+        rewrite_shard(shard, drop_the_last_class)
+    with pytest.raises(Exception) as failure:
+        run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=True)
+    assert "labels with no record in the training split: 10 (1 of 1..10" in str(failure.value)

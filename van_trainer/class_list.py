@@ -58,8 +58,11 @@ def _named(pairs: list[tuple[tuple[int, bytes], bytes]]) -> str:
     return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
 
 
-def class_list(pairs: list[tuple[tuple[int, bytes], bytes]]) -> list[bytes]:
-    """The synsets in label order, from every distinct (label, synset) pair of the split."""
+def class_list(
+    pairs: list[tuple[tuple[int, bytes], bytes]], declared: int | None = None
+) -> list[bytes]:
+    """The synsets in label order, from every distinct (label, synset) pair of the split, which
+    must number `declared` classes when the schema declares a count."""
     if not pairs:
         raise ClassListError("the training split has no records: there is no class list")
     by_label: dict[int, list] = {}
@@ -78,19 +81,28 @@ def class_list(pairs: list[tuple[tuple[int, bytes], bytes]]) -> list[bytes]:
     below = [p for p in pairs if p[0][0] < 1]
     if below:
         problems.append(f"labels below 1: {_named(below)}")
-    # One synset per line of the vocabulary file: an empty one or one with a line break can't be.
-    unwritable = [p for p in pairs if not p[0][1] or b"\n" in p[0][1] or b"\r" in p[0][1]]
+    # One synset per line of the vocabulary file: an empty one or one with a line break can't
+    # be, and the exported model's class names are text.
+    unwritable = [p for p in pairs if not _is_writable(p[0][1])]
     if unwritable:
-        problems.append(f"empty synsets or synsets with line breaks: {_named(unwritable)}")
-    top = max(by_label)
+        problems.append(
+            f"empty synsets, synsets with line breaks or not UTF-8 text: {_named(unwritable)}"
+        )
+    top = max(max(by_label), declared or 0)
     # Counted, never listed in full: one stray label of 4e9 must not build a 4e9-entry range.
     missing_count = top - sum(1 for label in by_label if 1 <= label <= top)
     if missing_count > 0:
-        first = list(itertools.islice((n for n in itertools.count(1) if n not in by_label), 20))
+        absent = (n for n in range(1, top + 1) if n not in by_label)
+        first = list(itertools.islice(absent, 20))
         listed = ", ".join(map(str, first)) + (" ..." if missing_count > len(first) else "")
         problems.append(
             f"labels with no record in the training split: {listed} ({missing_count} of "
             f"1..{top}; every class needs training images)"
+        )
+    if declared is not None and top > declared:
+        beyond = [p for p in pairs if p[0][0] > declared]
+        problems.append(
+            f"labels beyond the {declared} classes the schema declares: {_named(beyond)}"
         )
     if problems:
         raise ClassListError(
@@ -100,14 +112,25 @@ def class_list(pairs: list[tuple[tuple[int, bytes], bytes]]) -> list[bytes]:
     return [by_label[label][0][0][1] for label in range(1, top + 1)]  # top == len(by_label)
 
 
+def _is_writable(synset: bytes) -> bool:
+    if not synset or b"\n" in synset or b"\r" in synset:
+        return False
+    try:
+        synset.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class ClassList(PTransformAnalyzer):
     """Batches of (labels, synsets, filenames) -> the class list file's path, or its length."""
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, declared: int | None = None):
         super().__init__()
         if output not in ("path", "count"):
             raise ValueError(f"output must be 'path' or 'count', got {output!r}")
         self._output = output
+        self._declared = declared  # the schema's class count, which the list must have
 
     def expand(self, batches):
         """Distinct pairs of the whole split, checked, as one file path or one count."""
@@ -116,7 +139,7 @@ class ClassList(PTransformAnalyzer):
             | "PairsPerBatch" >> beam.FlatMap(pairs_in_batch)
             | "FirstRecordPerPair" >> beam.CombinePerKey(min)
             | "AllPairs" >> beam.combiners.ToList()
-            | "ClassList" >> beam.Map(class_list)
+            | "ClassList" >> beam.Map(class_list, self._declared)
         )
         if self._output == "count":
             return listed | "Count" >> beam.Map(lambda names: np.int64(len(names)))

@@ -55,6 +55,10 @@ def image_settings(custom_config: dict[str, Any] | None) -> tuple[int, int, int]
     )
 
 
+# Set in custom_config by Transform's executor from the schema (the label's int_domain max).
+DECLARED_CLASSES_KEY = "declared_classes"
+
+
 def preprocessing_fn(
     inputs: dict[str, Any], custom_config: dict[str, Any] | None = None
 ) -> dict[str, tf.Tensor]:
@@ -67,7 +71,8 @@ def preprocessing_fn(
     filenames = _column(inputs.get(features.IMAGE_FILENAME), b"<no image/filename>", encoded)
     synsets = _column(inputs[features.SYNSET], b"")
     labels = tf.cast(_column(inputs[features.LABEL], -1), tf.int64)
-    vocabulary, count = class_vocabulary(labels, synsets, filenames)
+    declared = (custom_config or {}).get(DECLARED_CLASSES_KEY)
+    vocabulary, count = class_vocabulary(labels, synsets, filenames, declared)
     ids = tft.apply_vocabulary(synsets, vocabulary, default_value=-1)
     # Assert ops (and the tf.data ops of image_decodes, stateful too) also run while TFT
     # analyzes, when the class count is still a placeholder that reads 0: the checks that
@@ -377,7 +382,7 @@ def rgb_on_white(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def class_vocabulary(
-    labels: tf.Tensor, synsets: tf.Tensor, filenames: tf.Tensor
+    labels: tf.Tensor, synsets: tf.Tensor, filenames: tf.Tensor, declared: int | None = None
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """(the `synsets` vocabulary file, its length): label i's synset on line i - 1.
 
@@ -390,14 +395,14 @@ def class_vocabulary(
     columns = [labels, synsets, filenames]
     (path,) = tft.experimental.ptransform_analyzer(
         columns,
-        ClassList("path"),
+        ClassList("path", declared),
         [tf.string],
         [[]],
         output_asset_default_values=[PLACEHOLDER],
         name="class_list",
     )
     (count,) = tft.experimental.ptransform_analyzer(
-        columns, ClassList("count"), [tf.int64], [[]], name="class_count"
+        columns, ClassList("count", declared), [tf.int64], [[]], name="class_count"
     )
     # What tft.vocabulary registers, so tft.experimental.get_vocabulary_size_by_name works too.
     tft_annotators.annotate_vocab_size(features.SYNSET_VOCABULARY, count)
