@@ -170,8 +170,23 @@ def check_input_shards(shards: dict[str, tuple[str, list[str]]]) -> None:
     time (object storage round trips); the first damaged one in listing order is named."""
     for name, (pattern, paths) in shards.items():
         check_shard_set(name, pattern, paths)
+    check_splits_are_disjoint(shards)
     paths = [path for _, split_paths in shards.values() for path in split_paths]
     storage.for_each_file(check_first_record, paths)
+
+
+def check_splits_are_disjoint(shards: dict[str, tuple[str, list[str]]]) -> None:
+    """IncompleteShardsError naming a file that two splits' patterns match: the eval split would
+    hold training data, and the Evaluator would bless accuracy measured on it."""
+    owner: dict[str, str] = {}
+    for name, (pattern, paths) in shards.items():
+        for path in paths:
+            if path in owner:
+                raise IncompleteShardsError(
+                    f"{path} is matched by both the {owner[path]} and the {name} split's "
+                    f"patterns (the {name} split's is {pattern}): each file belongs to one split"
+                )
+            owner[path] = name
 
 
 def check_shard_set(split: str, pattern: str, paths: list[str]) -> None:

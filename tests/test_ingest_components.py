@@ -23,6 +23,7 @@ from components.curated_schema import CuratedSchema, SchemaError, curated_schema
 from components.example_gen import (
     IncompleteShardsError,
     SpanResolvingImportExecutor,
+    check_input_shards,
     check_shard_set,
     has_unresolved_specs,
 )
@@ -346,6 +347,17 @@ def test_a_split_whose_shards_are_not_one_complete_set_is_refused_naming_them(
     with pytest.raises(IncompleteShardsError, match="train split") as failure:
         ingest_span(tmp_path, data)
     assert says in str(failure.value)
+
+
+def test_a_file_matched_by_both_splits_is_refused_naming_it(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    shards = {
+        "train": ("span-1/train-*", [str(data / "span-1" / "train-00000-of-00001")]),
+        "eval": ("span-1/*-00000-of-00001", [str(data / "span-1" / n) for n in ("train-00000-of-00001", "validation-00000-of-00001")]),
+    }  # fmt: skip
+    with pytest.raises(IncompleteShardsError, match="matched by both the train and the eval"):
+        check_input_shards(shards)
 
 
 @given(
