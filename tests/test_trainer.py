@@ -470,6 +470,42 @@ def test_warm_start_loads_the_base_models_weights_only_when_the_head_fits(resume
     assert train.load_initial_weights(train.build_model(config, 10), no_warm, 10, base) == ""
 
 
+def test_warm_start_keeps_the_classifier_fresh_when_the_class_list_changed(resumed_run, tmp_path):
+    # Before, the same count with another order (or a swapped class) loaded every row into
+    # the wrong class; another count skipped the warm start altogether.
+    import shutil
+
+    from van_trainer import export, train
+
+    config = resumed_run["config"]
+    base = str(resumed_run["out"] / "serving")
+    classes = export.read_class_list(base)
+    assert len(classes) == 10
+    reference = train.build_model(config, 10)
+    reference.load_weights(export.keras_weights_path(base))
+    stored = {layer.name: layer.get_weights() for layer in reference.layers}
+
+    def check(model, classes_now, head_loaded):
+        fresh = {layer.name: layer.get_weights() for layer in model.layers}
+        assert train.load_initial_weights(model, config, len(classes_now), base, classes_now)
+        for layer in model.layers:
+            expected = (
+                stored[layer.name] if layer.name != "head" or head_loaded else fresh[layer.name]
+            )
+            for got, want in zip(layer.get_weights(), expected, strict=True):
+                np.testing.assert_array_equal(got, want)
+
+    check(train.build_model(config, 10), classes, head_loaded=True)
+    check(train.build_model(config, 10), classes[::-1], head_loaded=False)
+    check(train.build_model(config, 7), classes[:6] + ["n99999999"], head_loaded=False)
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(base, unlabelled)
+    os.remove(unlabelled / export.CLASS_LIST_PATH)
+    assert train.load_initial_weights(
+        train.build_model(config, 10), config, 10, str(unlabelled), classes
+    )
+
+
 def test_run_fn_with_every_uri_on_object_storage_writes_there_and_warm_starts_from_it(
     transform_paths, tmp_path
 ):

@@ -26,6 +26,9 @@ from van_trainer import augment, preprocessing
 from van_trainer.model import fold_for_inference
 
 KERAS_WEIGHTS_PATH = os.path.join("assets.extra", "van.weights.h5")
+# Beside them, the class of each classifier row: a warm start must not give a row to another
+# class when the list changes (same count, new order or a swapped class).
+CLASS_LIST_PATH = os.path.join("assets.extra", "van.classes.txt")
 # Raw features that carry the answer: never required (or accepted) at serving time.
 LABEL_KEYS = (features.LABEL, features.SYNSET, features.CLASS_TEXT)
 
@@ -33,6 +36,15 @@ LABEL_KEYS = (features.LABEL, features.SYNSET, features.CLASS_TEXT)
 def keras_weights_path(export_dir: str) -> str:
     """Where an exported model keeps its Keras weights."""
     return os.path.join(export_dir, KERAS_WEIGHTS_PATH)
+
+
+def read_class_list(export_dir: str) -> list[str] | None:
+    """The synsets an exported model's classifier rows stand for, or None if it kept none."""
+    path = os.path.join(export_dir, CLASS_LIST_PATH)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        return handle.read().decode("utf-8").split("\n")[:-1]
 
 
 def serving_feature_spec(tft_output: tft.TFTransformOutput) -> dict:
@@ -214,4 +226,6 @@ def export_serving_model(
     # uploads): write locally, then copy to object storage.
     with storage.local_output(weights) as local:
         model.save_weights(local)
+    with tf.io.gfile.GFile(os.path.join(export_dir, CLASS_LIST_PATH), "wb") as handle:
+        handle.write("".join(f"{name}\n" for name in synsets(tft_output)).encode("utf-8"))
     return export_dir

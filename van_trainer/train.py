@@ -221,16 +221,25 @@ def describe_depthwise_kernels(model: keras.Model) -> str | None:
 
 
 def load_initial_weights(
-    model: keras.Model, config: Config, num_classes: int, base_model: str | None
+    model: keras.Model,
+    config: Config,
+    num_classes: int,
+    base_model: str | None,
+    class_names: list[str] | None = None,
 ) -> str:
-    """Warm start from the last blessed model, else official weights; returns what was loaded."""
+    """Warm start from the last blessed model, else official weights; returns what was loaded.
+
+    The classifier is warm-started only when the base model's class list is `class_names`: with
+    the same count but another list, its rows would stand for other classes. The rest of the
+    network is warm-started whatever the classes."""
     if base_model and config.train.warm_start:
         path = export.keras_weights_path(base_model)
         if not tf.io.gfile.exists(path):
             log.warning("warm start skipped: %s has no Keras weights at %s", base_model, path)
-        elif _load_if_compatible(model, config, num_classes, path):
-            log.info("warm start from %s", path)
-            return path
+        else:
+            why_fresh = _classes_changed(export.read_class_list(base_model), class_names)
+            if _load_if_compatible(model, config, num_classes, path, why_fresh):
+                return path
     if config.model.pretrained_weights:
         # Fine-tuning to another class count: only the classifier may differ and stay fresh.
         with storage.local_copy(config.model.pretrained_weights) as local:
@@ -244,11 +253,24 @@ def load_initial_weights(
     return ""
 
 
-def _load_if_compatible(model, config, num_classes, path) -> bool:
+def _classes_changed(base: list[str] | None, current: list[str] | None) -> str | None:
+    """Why the classifier can't be warm-started from a model of classes `base`, or None."""
+    if current is None or base == current:
+        return None
+    if base is None:
+        return "the base model does not say which class each classifier row is"
+    added, removed = len(set(current) - set(base)), len(set(base) - set(current))
+    if added or removed:
+        return f"the class list changed ({added} added, {removed} removed)"
+    return "the class list is in another order"
+
+
+def _load_if_compatible(model, config, num_classes, path, why_fresh: str | None) -> bool:
+    head = ("head",) if why_fresh else ()
     try:
         # h5py reads local files only: a base model on object storage is copied here first.
         with storage.local_copy(path) as local:
-            weights.load_weights_by_name(model, local)  # all or nothing
+            weights.load_weights_by_name(model, local, skip=head)  # all or nothing
     except weights.WeightsMismatchError as exc:
         log.warning(
             "warm start skipped: %s does not fit %s with %d classes (%s)",
@@ -258,6 +280,7 @@ def _load_if_compatible(model, config, num_classes, path) -> bool:
             exc,
         )
         return False
+    log.info("warm start from %s%s", path, f" (classifier kept fresh: {why_fresh})" if head else "")
     return True
 
 
@@ -333,7 +356,9 @@ def train_and_export(
         with strategy.scope():
             model = build_model(config, num_classes)
             cpu_kernels = describe_depthwise_kernels(model)
-            warm_from = load_initial_weights(model, config, num_classes, base_model)
+            warm_from = load_initial_weights(
+                model, config, num_classes, base_model, export.synsets(tft_output)
+            )
             compile_model(model, config, schedule, num_classes)
         callbacks = build_callbacks(config, model_run_dir, schedule, chief)
         plan = eval_plan(

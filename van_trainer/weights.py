@@ -61,12 +61,15 @@ def read_weights_file(path: str) -> dict[str, list[np.ndarray]]:
     return stored
 
 
-def _differences(model, stored, keep_fresh) -> tuple[list[str], list[str]]:
+def _differences(model, stored, keep_fresh, skip=()) -> tuple[list[str], list[str]]:
     keys = file_keys(model)
     problems, fresh = [], []
     for layer in model.layers:
         wanted = [tuple(w.shape) for w in layer.weights]
         got = [a.shape for a in stored.get(keys[layer.name], [])]
+        if layer.name in skip and layer.weights:
+            fresh.append(layer.name)
+            continue
         if wanted == got:
             continue
         if layer.name in keep_fresh:
@@ -82,11 +85,12 @@ def _differences(model, stored, keep_fresh) -> tuple[list[str], list[str]]:
 
 
 def load_weights_by_name(
-    model: keras.Model, path: str, keep_fresh: tuple[str, ...] = ()
+    model: keras.Model, path: str, keep_fresh: tuple[str, ...] = (), skip: tuple[str, ...] = ()
 ) -> list[str]:
-    """Load `path` into `model` layer by layer, all or nothing; returns the layers kept fresh."""
+    """Load `path` into `model` layer by layer, all or nothing, except `keep_fresh` layers whose
+    shapes differ and `skip` layers; returns the layers kept fresh."""
     stored = read_weights_file(path)
-    problems, fresh = _differences(model, stored, keep_fresh)
+    problems, fresh = _differences(model, stored, keep_fresh, skip)
     if problems:
         shown = "; ".join(problems[:5]) + (
             f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
