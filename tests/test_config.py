@@ -42,6 +42,11 @@ def test_yaml_round_trip_with_overrides(tmp_path):
         ("train.epocs=3", "train.epocs"),
         ("model.image_size=100", "model.image_size"),
         ("noequals", "section.key=value"),
+        # Accepted before: the Trainer then asked TensorFlow for a [65536, 65536, 3] tensor.
+        ("model.image_size=65536", "model.image_size"),
+        ("data.max_image_side=65536", "data.max_image_side"),
+        ("train.batch_size=9223372036854775807", "train.batch_size"),
+        ("train.shuffle_buffer=9223372036854775807", "train.shuffle_buffer"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):

@@ -90,6 +90,7 @@ class DataConfig(_Section):
     max_image_side: int = Field(
         512,
         ge=32,
+        le=16384,
         description="Longer side of the JPEG Transform stores: smaller JPEGs are kept byte for "
         "byte, larger images (and PNGs) are resized to it and re-encoded.",
     )
@@ -101,7 +102,10 @@ class DataConfig(_Section):
         "larger one stops the run naming its record (decompression bombs).",
     )
     examples_per_shard: int = Field(
-        1024, ge=1, description="Records per transformed file (ImageNet-1k: 1,252 train files)."
+        1024,
+        ge=1,
+        le=1 << 20,
+        description="Records per transformed file (ImageNet-1k: 1,252 train files).",
     )
     schema_path: str = Field("", description="Curated schema; empty means the one in the repo.")
     num_classes: int = Field(
@@ -113,7 +117,8 @@ class ModelConfig(_Section):
     """Which VAN to build."""
 
     variant: Literal["b0", "b1", "b2", "b3", "b4", "b5", "b6", "tiny"] = "b0"
-    image_size: int = Field(224, ge=32, multiple_of=32)
+    # Bounded: the Trainer allocates image_size^2 x 3 floats per image (65536 asked for 51 GB).
+    image_size: int = Field(224, ge=32, le=2048, multiple_of=32)
     drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
     pretrained_weights: str = Field("", description="Converted official .weights.h5 to fine-tune.")
 
@@ -130,7 +135,7 @@ class AugmentConfig(_Section):
     )
     horizontal_flip: bool = True
     randaugment: bool = True
-    randaugment_num_ops: int = Field(2, ge=0)
+    randaugment_num_ops: int = Field(2, ge=0, le=16)
     randaugment_magnitude: float = Field(9.0, ge=0, le=10)
     randaugment_magnitude_std: float = Field(0.5, ge=0)
     mixup_alpha: float = Field(0.8, ge=0)
@@ -162,7 +167,9 @@ class TrainConfig(_Section):
 
     epochs: int = Field(300, ge=1)
     steps_per_epoch: int = Field(0, ge=0, description="0 means one pass over the training split.")
-    batch_size: int = Field(1024, ge=1, description="Global batch size across all replicas.")
+    batch_size: int = Field(
+        1024, ge=1, le=1 << 20, description="Global batch size across all replicas."
+    )
     base_learning_rate: float = Field(1e-3, gt=0, description="LR at global batch 1024.")
     warmup_epochs: float = Field(5.0, ge=0)
     warmup_lr: float = Field(1e-6, ge=0)
@@ -203,7 +210,7 @@ class TrainConfig(_Section):
         description="Train depthwise convs (and the MLP's GELU) with van_trainer.kernels' C++ "
         "ops on CPU-only hosts; stock TF ops on GPUs, under jit_compile, or where they can't load.",
     )
-    shuffle_buffer: int = Field(2048, ge=1)
+    shuffle_buffer: int = Field(2048, ge=1, le=1 << 24)
     log_every_steps: int = Field(10, ge=1, description="TensorBoard scalar cadence.")
 
     @model_validator(mode="after")
@@ -233,7 +240,7 @@ class EvalConfig(_Section):
     min_top1: float = Field(0.5, ge=0, le=1)
     max_top1_drop: float = Field(0.01, ge=0, le=1, description="Allowed drop vs the baseline.")
     top_k: int = Field(5, ge=1)
-    inference_batch_size: int = Field(64, ge=1)
+    inference_batch_size: int = Field(64, ge=1, le=1 << 16)
 
 
 class ServingConfig(_Section):
