@@ -25,6 +25,7 @@ from tfx.types.standard_artifacts import Schema
 
 from components.new_data_gate import VERSION_KEY, decided_data, span_pattern
 from van_tfx import features
+from van_tfx.data.records import SynsetListError, parse_synset_mapping
 
 SCHEMA_FILE = "schema.pbtxt"  # the name TFX components look for in a Schema artifact
 SYNSETS_FILE = "synsets.txt"
@@ -51,11 +52,14 @@ def synsets_path(input_base: str, split_pattern: str, span: int, version: int | 
 
 
 def count_synsets(path: str) -> int:
-    """Number of non-empty lines of a synsets.txt (0 when there is none)."""
+    """Number of synsets a synsets.txt lists (0 when there is none), read as `data build`
+    reads it; SynsetListError names the file and line of a malformed one."""
     if not tf.io.gfile.exists(path):
         return 0
-    with tf.io.gfile.GFile(path) as handle:
-        return sum(1 for line in handle.read().splitlines() if line.strip())
+    if tf.io.gfile.isdir(path):
+        raise SynsetListError(f"{path}: is a directory, not a synset list")
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        return len(parse_synset_mapping(handle.read(), path))
 
 
 def with_label_max(schema_text: str, num_classes: int) -> str:

@@ -7,13 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
 
 from van_tfx import features
 from van_tfx.cli import main
 from van_tfx.data.build import InvalidImagesError, build_dataset
-from van_tfx.data.records import SynsetListError, read_examples, read_synset_mapping
+from van_tfx.data.records import (
+    SynsetListError,
+    parse_synset_mapping,
+    read_examples,
+    read_synset_mapping,
+)
 from van_tfx.tfrecords import CorruptShardError
 
 DIGITS_PER_CLASS = 20  # 3 classes x 20 = 60 digits; with the photos > 64 files: the parallel path
@@ -263,3 +270,46 @@ print(len(result.shards), len(list(read_examples(result.shards))))
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-2:] == ["65", "65"]
+
+
+SYNSET = st.text("abcdefghn0123456789_-", min_size=1, max_size=10)
+TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp", "Zs")), max_size=12)
+
+
+@given(
+    entries=st.dictionaries(SYNSET, TEXT, min_size=1, max_size=8),
+    bom=st.booleans(),
+    crlf=st.booleans(),
+    blank=st.booleans(),
+)
+def test_a_synset_list_reads_the_same_whatever_its_bom_line_ends_and_blank_lines(
+    entries, bom, crlf, blank
+):
+    # A BOM was read as part of the first synset, and curated_schema counted lines its own way.
+    end = "\r\n" if crlf else "\n"
+    lines = [f"{synset} {text}".rstrip() for synset, text in entries.items()]
+    body = end.join(line + (end if blank else "") for line in lines) + end
+    data = (b"\xef\xbb\xbf" if bom else b"") + body.encode("utf-8")
+    parsed = parse_synset_mapping(data, "synsets.txt")
+    assert list(parsed) == list(entries)
+    assert all(parsed[k] == (v.strip() or k) for k, v in entries.items())
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        ("n01 caf\xe9\n".encode("latin-1"), "list.txt: not UTF-8 text (byte 7"),
+        (b"n01 a\nn02 b\nn01 c\n", "list.txt:3: synset 'n01' is listed twice"),
+    ],
+    ids=["latin-1", "duplicate"],
+)
+def test_a_malformed_synset_list_is_refused_naming_the_file_and_line(data, says):
+    # A Latin-1 file was an uncaught UnicodeDecodeError naming no file.
+    with pytest.raises(SynsetListError) as failure:
+        parse_synset_mapping(data, "list.txt")
+    assert says in str(failure.value)
+
+
+def test_a_directory_given_as_the_synset_list_is_named(tmp_path):
+    with pytest.raises(SynsetListError, match="is a directory"):
+        read_synset_mapping(tmp_path)

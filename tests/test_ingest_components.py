@@ -531,3 +531,16 @@ def test_gzip_shards_named_gz_are_ingested(tmp_path):
         write_records(data / "span-1" / f"{split}-00000-of-00001.gz", 2, "GZIP")
     examples = ingest_span(tmp_path, data)
     assert [len(r) for r in read_split(examples, "eval").values()] == [2]
+
+
+def test_curated_schema_counts_synsets_as_data_build_reads_them(tmp_path):
+    # It counted non-empty lines: a duplicate counted twice (3 classes for 2).
+    from components.curated_schema import count_synsets
+    from van_tfx.data.records import SynsetListError
+
+    listed = tmp_path / "synsets.txt"
+    listed.write_bytes(b"\xef\xbb\xbfn01 one\r\n\r\nn02 two\r\n")
+    assert count_synsets(str(listed)) == 2
+    listed.write_bytes(b"n01 one\nn02 two\nn01 again\n")
+    with pytest.raises(SynsetListError, match=r"synsets\.txt:3: synset 'n01' is listed twice"):
+        count_synsets(str(listed))

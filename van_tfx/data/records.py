@@ -121,14 +121,31 @@ def load_image_file(path: str) -> tuple[bytes, int, int]:
 
 def read_synset_mapping(path: str | os.PathLike) -> dict[str, str]:
     """Parse `synset text...` lines (synsets.txt / LOC_synset_mapping.txt / tab-separated)."""
+    if Path(path).is_dir():
+        raise SynsetListError(f"{path}: is a directory, not a synset list")
+    return parse_synset_mapping(Path(path).read_bytes(), str(path))
+
+
+def parse_synset_mapping(data: bytes, source: str) -> dict[str, str]:
+    """The `synset text...` lines of a synset list's bytes; SynsetListError names `source` and
+    the line of anything that is not one synset per line of UTF-8 text."""
+    try:
+        text = data.decode("utf-8-sig")  # a byte order mark is not part of the first synset
+    except UnicodeDecodeError as exc:
+        raise SynsetListError(
+            f"{source}: not UTF-8 text (byte {exc.start} is {data[exc.start : exc.start + 1]!r})"
+        ) from None
     mapping: dict[str, str] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    # Lines end at \n (CRLF too), as every reader of the class list splits them; splitlines()
+    # would also split at \x0c, \x1c or U+2028 and count classes no other reader sees.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.strip().split(None, 1)
         synset = parts[0]
         if synset in mapping:
-            raise SynsetListError(f"{path}:{number}: synset {synset!r} is listed twice")
+            raise SynsetListError(f"{source}:{number}: synset {synset!r} is listed twice")
         mapping[synset] = parts[1].strip() if len(parts) > 1 else synset
     return mapping
 
