@@ -147,6 +147,11 @@ def read_training_data(model_dir: str) -> dict | None:
     return read_record(training_data_path(model_dir), ("span", "input_fingerprint"))
 
 
+# The types the gate compares and formats these keys as (a span of "2" was a TypeError).
+_RECORD_TYPES = {SPAN_KEY: int, FINGERPRINT_KEY: str, VERSION_KEY: (int, type(None))}
+_KIND_NAMES = {int: "an integer", str: "a string", (int, type(None)): "an integer or null"}
+
+
 def read_record(path: str, required: tuple[str, ...] = ()) -> dict | None:
     """A JSON object file holding the `required` keys; None when there is no such file, and a
     TrainingDataRecordError naming the file when it is not one."""
@@ -163,6 +168,13 @@ def read_record(path: str, required: tuple[str, ...] = ()) -> dict | None:
         raise TrainingDataRecordError(
             f"{path} must hold a JSON object{' with ' + keys if keys else ''}, got {text[:200]!r}"
         )
+    for key, kind in _RECORD_TYPES.items():
+        value = record.get(key)
+        # bool is an int in Python; a span of true is not a span.
+        if key in record and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise TrainingDataRecordError(
+                f"{path}: '{key}' must be {_KIND_NAMES[kind]}, got {json.dumps(value)[:100]}"
+            )
     return record
 
 

@@ -206,6 +206,27 @@ def test_unreadable_record_is_an_error_naming_the_file(data, tmp_path):
         gate(data, tmp_path / "serving", tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        ({"span": "2"}, "'span' must be an integer, got \"2\""),
+        ({"span": None}, "'span' must be an integer, got null"),
+        ({"span": True}, "'span' must be an integer, got true"),
+        ({"input_fingerprint": [1]}, "'input_fingerprint' must be a string, got [1]"),
+    ],
+)
+def test_a_record_with_a_wrongly_typed_value_is_an_error_naming_the_file_and_key(
+    data, tmp_path, edit, says
+):
+    # Before: a bare TypeError ("'>' not supported between instances of 'int' and 'str'").
+    model_dir = push(tmp_path / "serving", 1700000000, decision_of(data, tmp_path))
+    path = Path(training_data_path(str(model_dir)))
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(TrainingDataRecordError) as failure:
+        gate(data, tmp_path / "serving", tmp_path)
+    assert str(path) in str(failure.value) and says in str(failure.value)
+
+
 def test_a_rejected_candidate_is_not_retrained_on_the_same_data_and_recipe(data, tmp_path):
     serving = tmp_path / "serving"
     push(serving, 1700000000, decision_of(data, tmp_path))
