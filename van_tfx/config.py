@@ -52,6 +52,7 @@ class _Section(BaseModel):
 # Values quoted in errors are abbreviated: a YAML alias bomb (lists of lists of the same list) in
 # a number field is tiny as nodes but gigabytes as text. reprlib's own default still makes 6**6.
 _BRIEF = reprlib.Repr()
+_GLOB_CHARS = ("*", "?", "[", "]")
 _BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 2, 60, 60
 _BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 4
 
@@ -84,6 +85,19 @@ class DataConfig(_Section):
     """Where the ImageNet-style TFRecords are and how Transform stores images."""
 
     root: str = Field("", description="Data directory; empty means $VAN_TFX_HOME/data.")
+
+    @field_validator("root")
+    @classmethod
+    def _root_is_no_glob(cls, root: str) -> str:
+        # TFX globs the split patterns joined to the root: `data [v1]` matched nothing ("Cannot
+        # find matching for split train") without naming the root as the cause.
+        if any(char in root for char in _GLOB_CHARS):
+            raise ValueError(
+                f"must not contain glob characters ({' '.join(_GLOB_CHARS)}): TFX globs the "
+                f"split patterns under it; got {root!r}"
+            )
+        return root
+
     layout: Literal["spans", "plain"] = "spans"
     train_pattern: str = "span-{SPAN}/train-*"
     eval_pattern: str = "span-{SPAN}/validation-*"
@@ -367,12 +381,16 @@ class Config(_Section):
     @property
     def home_dir(self) -> Path:
         """The state directory ($VAN_TFX_HOME unless the config names one)."""
-        return Path(self.home or van_tfx_home()).resolve()
+        return Path(self.home or van_tfx_home()).expanduser().resolve()
 
     @property
     def data_dir(self) -> Path:
         """Where the TFRecords live."""
-        return Path(self.data.root).resolve() if self.data.root else self.home_dir / "data"
+        return (
+            Path(self.data.root).expanduser().resolve()
+            if self.data.root
+            else self.home_dir / "data"
+        )
 
     @property
     def pipeline_root(self) -> Path:
@@ -388,7 +406,7 @@ class Config(_Section):
     def serving_base_path(self) -> Path:
         """TF Serving model base path: <base>/<version>/saved_model.pb."""
         if self.serving.base_path:
-            return Path(self.serving.base_path).resolve()
+            return Path(self.serving.base_path).expanduser().resolve()
         return self.home_dir / "serving" / self.serving.model_name
 
 

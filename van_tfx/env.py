@@ -25,4 +25,4 @@ def require_legacy_keras() -> None:
 
 def van_tfx_home() -> str:
     """Return $VAN_TFX_HOME (default ./van_tfx_home) as an absolute path."""
-    return os.path.abspath(os.environ.get("VAN_TFX_HOME", "van_tfx_home"))
+    return os.path.abspath(os.path.expanduser(os.environ.get("VAN_TFX_HOME", "van_tfx_home")))
