@@ -14,19 +14,17 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
-import contextlib
 import decimal
-import gc
 import json
 import math
 import re
-import threading
 import time
 
 import grpc
 import numpy as np
 
 from serving.errors import ServingError, invalid_argument
+from serving.gc_pause import gc_paused
 from serving.tensors import check_examples_size, data_type_string
 
 SIGNATURE_KEY = "signature_name"
@@ -235,33 +233,11 @@ def parse_json(body: bytes, max_units: int = MAX_JSON_UNITS) -> dict:
     return doc
 
 
-_gc_lock = threading.Lock()
-_gc_pauses = [0, False]  # parses under way, whether the collector was on before the first
-
-
-@contextlib.contextmanager
-def _gc_paused():
-    """The cyclic garbage collector off while any thread parses: millions of new lists would
-    trigger a full collection after another (6x the parse time), and parsed JSON has no cycles."""
-    with _gc_lock:
-        if not _gc_pauses[0]:
-            _gc_pauses[1] = gc.isenabled()
-            gc.disable()
-        _gc_pauses[0] += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pauses[0] -= 1
-            if not _gc_pauses[0] and _gc_pauses[1]:
-                gc.enable()
-
-
 def _loads(text: str, body: bytes):
     # The number hooks cost a Python call per number (seconds for a large tensor): they are only
     # needed when a literal could overflow a double or a (u)int64.
     hooks = {"parse_float": _parse_float, "parse_int": _parse_int}
-    with _gc_paused():
+    with gc_paused():
         return json.loads(
             text, object_pairs_hook=_object_hook, **(hooks if _SUSPECT_NUMBER.search(body) else {})
         )
