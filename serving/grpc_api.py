@@ -17,6 +17,7 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -45,14 +46,20 @@ def _rpc(api: str | None, request_class):
         async def wrapper(self, raw: bytes, context):
             start = time.perf_counter()
             status = "OK"
-            request = None
+            request, counted = None, api
             # The only per-request fact known before any work: a request's bytes bound what
             # reading and checking it costs, so larger ones are handled off the event loop.
             light = len(raw) <= LIGHT_BYTES
             try:
-                request = await off_the_loop_unless(
-                    light, self.executor, parse_gently, request_class, raw
-                )
+                try:
+                    request = await off_the_loop_unless(
+                        light, self.executor, parse_gently, request_class, raw
+                    )
+                except DecodeError:
+                    # gRPC C++'s GenericDeserialize (proto_utils.h): INTERNAL with the message's
+                    # InitializationErrorString(), empty for proto3; the service never sees it.
+                    counted = None
+                    raise ServingError(grpc.StatusCode.INTERNAL, "") from None
                 return await method(self, request, light)
             except ServingError as exc:
                 status = exc.code.name
@@ -66,7 +73,7 @@ def _rpc(api: str | None, request_class):
                 message = capped_message(f"{type(exc).__name__}: {exc}")
                 await context.abort(grpc.StatusCode.INTERNAL, message)
             finally:
-                if api is not None:
+                if counted is not None:
                     name = getattr(getattr(request, "model_spec", None), "name", "")
                     self.metrics.record(name, api, "GRPC", status, time.perf_counter() - start)
 

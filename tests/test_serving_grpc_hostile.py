@@ -466,3 +466,40 @@ def test_parsing_in_slices_is_parsing_the_whole(fields, slice_bytes):
         assert grpc_wire.predict_inputs(sliced) == dict(
             predict_pb2.PredictRequest.FromString(raw).inputs
         )
+
+
+# 9. An unparseable request is gRPC's INTERNAL, as gRPC C++ answers before TF Serving sees it.
+
+_SERVICES = {
+    "PredictionService": ("Predict", "Classify", "Regress", "GetModelMetadata", "MultiInference"),
+    "ModelService": ("GetModelStatus", "HandleReloadConfigRequest"),
+}
+_UNPARSEABLE = {
+    "garbage": b"\xff\xff\xff",
+    "truncated": b"\x0a\x05van",
+    "invalid UTF-8 name": _field(1, _field(1, b"van\xff")),  # ModelSpec.name (proto3: UTF-8)
+    "large garbage": _field(1, b"x" * 100) * 1000 + b"\xff\xff\xff",  # parsed off the loop
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_UNPARSEABLE))
+@pytest.mark.parametrize(
+    "method", [f"/tensorflow.serving.{s}/{m}" for s, ms in _SERVICES.items() for m in ms]
+)
+def test_unparseable_requests_are_internal_as_grpc_cpp_answers(server, method, kind):
+    """grpc.aio answered UNKNOWN "Unexpected <class 'DecodeError'>: ...". gRPC C++'s
+    GenericDeserialize (include/grpcpp/impl/proto_utils.h) answers INTERNAL with the message's
+    InitializationErrorString(): empty for proto3 messages, which have no required fields."""
+    if kind == "invalid UTF-8 name" and method.endswith("HandleReloadConfigRequest"):
+        payload = _field(1, _field(1, _field(1, _field(1, b"van\xff"))))  # config list's name
+    else:
+        payload = _UNPARSEABLE[kind]
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            _raw_call(channel, method)(payload, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert not caught.value.details()
+    # The server goes on serving.
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        statuses = model_service_pb2_grpc.ModelServiceStub(channel)
+        assert statuses.GetModelStatus(status_request(), timeout=30).model_version_status
