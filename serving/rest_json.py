@@ -634,7 +634,14 @@ def predict_inputs(doc: dict, input_dtypes: dict[str, str], signature: str, dead
 
 
 def _is_b64(value) -> bool:
-    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get(B64_KEY), str)
+    # IsValBase64Object: MemberCount() == 1 counts every member, so {"b64": .., "b64": ..} (a
+    # JsonObject: duplicate keys) is not one.
+    return (
+        isinstance(value, dict)
+        and not isinstance(value, JsonObject)
+        and len(value) == 1
+        and isinstance(value.get(B64_KEY), str)
+    )
 
 
 def _is_element_object(value) -> bool:
@@ -667,11 +674,15 @@ def _from_instances(instances: list, input_dtypes: dict[str, str], deadline=None
         if bulk is None:
             bulk = _block_one_by_one(chunk, begin, objects, names, shapes, input_dtypes)
         for name, array in bulk.items():
-            blocks[name].append(array)
-    return {
-        name: parts[0] if len(parts) == 1 else np.concatenate(parts)
-        for name, parts in blocks.items()
-    }
+            blocks[name].append(array.reshape(-1))
+    arrays = {}
+    for name, parts in blocks.items():
+        flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        # An object repeating a key adds each member's values (json_tensor.cc iterates them
+        # all), and Tensor::FromProto reads the first count x shape of them (FromProtoField).
+        shape = [len(instances), *shapes[name]]
+        arrays[name] = flat[: math.prod(shape)].reshape(shape)
+    return arrays
 
 
 def _instance_shape(item) -> list[int] | None:
@@ -713,7 +724,7 @@ def _block_one_by_one(chunk, begin, objects, names, shapes, input_dtypes) -> dic
                 raise invalid_argument(
                     f"Expecting object but got list at item {index} of input list"
                 )
-            for name, item in element.items():
+            for name, item in members(element):  # every member, a repeated key's too
                 try:
                     # The item first: it words an unknown input ("does not have named input").
                     value = _instance_item(item, name, input_dtypes, shapes)
@@ -740,9 +751,10 @@ def _block_one_by_one(chunk, begin, objects, names, shapes, input_dtypes) -> dic
                     f"Failed to process element: {index} of 'instances' list. "
                     f"Error: INVALID_ARGUMENT: {exc.message}"
                 ) from None
+    # Flat: a repeated key's values come on top of the block's rows (_from_instances cuts them).
     return {
-        name: _as_array(values, input_dtypes[name]).reshape([len(chunk), *shapes[name]])
-        for name, values in ((n, [v for row in rows for v in row]) for n, rows in columns.items())
+        name: _as_array([v for row in rows for v in row], input_dtypes[name]).reshape(-1)
+        for name, rows in columns.items()
     }
 
 

@@ -323,3 +323,34 @@ def test_the_scanner_stops_at_the_deadline():
     with pytest.raises(ServingError) as stopped:
         rest_json._scan(body, 0, from_start=True, deadline=time.monotonic() - 1)
     assert stopped.value.code.name == "DEADLINE_EXCEEDED"
+
+
+# Row format with repeated keys: every member's values are added, in document order, and the
+# tensor is the first count x shape of them (FillTensorMapFromInstancesList, FromProtoField).
+_members = st.lists(
+    st.one_of(
+        st.tuples(st.just("x"), st.lists(st.integers(-9, 9), min_size=2, max_size=2)),
+        st.tuples(st.just("k"), st.integers(-9, 9)),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_members, min_size=1, max_size=4), st.integers(0, 1100))
+def test_repeated_instance_keys_add_every_member(elements, plain):
+    rows = [[("x", [1, 2]), ("k", 3), *extra] for extra in elements]
+    rows += [[("k", 4), ("x", [5, 6])]] * plain  # past a block of 1024: read in bulk
+    text = ",".join(
+        "{" + ",".join(f'"{name}": {json.dumps(value)}' for name, value in row) + "}"
+        for row in rows
+    )
+    doc = rest_json.parse_json(b'{"instances": [' + text.encode() + b"]}")
+    arrays, _ = rest_json.predict_inputs(doc, {"x": "float32", "k": "int64"}, "")
+    flat_x = [v for row in rows for name, value in row if name == "x" for v in value]
+    flat_k = [value for row in rows for name, value in row if name == "k"]
+    count = len(rows)
+    assert (
+        arrays["x"].tolist() == np.array(flat_x[: 2 * count], np.float32).reshape(count, 2).tolist()
+    )
+    assert arrays["k"].tolist() == flat_k[:count]
