@@ -1,10 +1,12 @@
-"""gRPC PredictionService and ModelService servicers (grpc.aio) on the stock tensorflow_serving
-stubs.
+"""gRPC PredictionService and ModelService (grpc.aio), wire-compatible with the stock
+tensorflow_serving stubs.
 
 Handlers run on the server's event loop; model calls leave it (the batch queue, or `executor` when
-batching is off), so the loop keeps accepting and answering requests while models run. Deadlines
-need no timer here: grpc.aio cancels a handler when its client's deadline passes (the client sees
-DEADLINE_EXCEEDED), and the batcher skips queued requests whose caller is gone.
+batching is off), so the loop keeps accepting and answering requests while models run. Every RPC
+takes and returns bytes: a request larger than LIGHT_BYTES is parsed, checked and answered on
+`executor`, so nothing proportional to a request's size runs on the loop (grpc.aio would parse it
+there). Deadlines need no timer here: grpc.aio cancels a handler when its client's deadline passes
+(the client sees DEADLINE_EXCEEDED), and the batcher skips queued requests whose caller is gone.
 """
 
 from __future__ import annotations
@@ -15,29 +17,50 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    inference_pb2,
     model_management_pb2,
-    model_service_pb2_grpc,
-    prediction_service_pb2_grpc,
+    model_service_pb2,
+    prediction_service_pb2,
+    regression_pb2,
 )
 
 from serving import handlers
 from serving.errors import ServingError, capped_message
+from serving.grpc_wire import PredictRequestEntries, parse_gently
+from serving.servable import LIGHT_BYTES, off_the_loop_unless
 
 log = logging.getLogger(__name__)
 
 
-def _rpc(api: str | None):
-    """Turn ServingErrors into gRPC statuses, count the call (`api` None: uncounted, as in
-    prediction_service_impl.cc), and never let a request crash."""
+def _rpc(api: str | None, request_class):
+    """Read the request from its bytes, turn ServingErrors into gRPC statuses, count the call
+    (`api` None: uncounted, as in prediction_service_impl.cc), and never let a request crash."""
 
     def decorate(method):
         @functools.wraps(method)
-        async def wrapper(self, request, context):
+        async def wrapper(self, raw: bytes, context):
             start = time.perf_counter()
             status = "OK"
+            request, counted = None, api
+            # The only per-request fact known before any work: a request's bytes bound what
+            # reading and checking it costs, so larger ones are handled off the event loop.
+            light = len(raw) <= LIGHT_BYTES
             try:
-                return await method(self, request, context)
+                try:
+                    request = await off_the_loop_unless(
+                        light, self.executor, parse_gently, request_class, raw
+                    )
+                except DecodeError:
+                    # gRPC C++'s GenericDeserialize (proto_utils.h): INTERNAL with the message's
+                    # InitializationErrorString(), empty for proto3; the service never sees it.
+                    counted = None
+                    raise ServingError(grpc.StatusCode.INTERNAL, "") from None
+                return await method(self, request, light)
             except ServingError as exc:
                 status = exc.code.name
                 await context.abort(exc.code, exc.message)
@@ -50,7 +73,7 @@ def _rpc(api: str | None):
                 message = capped_message(f"{type(exc).__name__}: {exc}")
                 await context.abort(grpc.StatusCode.INTERNAL, message)
             finally:
-                if api is not None:
+                if counted is not None:
                     name = getattr(getattr(request, "model_spec", None), "name", "")
                     self.metrics.record(name, api, "GRPC", status, time.perf_counter() - start)
 
@@ -67,42 +90,49 @@ class _Servicer:
         self.metrics = metrics
         self.executor = executor
 
+    async def _answer(self, light: bool, handler, *args) -> bytes:
+        return await off_the_loop_unless(light, self.executor, _serialized, handler, *args)
 
-class PredictionService(_Servicer, prediction_service_pb2_grpc.PredictionServiceServicer):
+
+def _serialized(handler, *args) -> bytes:
+    return handler(*args).SerializeToString()
+
+
+class PredictionService(_Servicer):
     """tensorflow.serving.PredictionService."""
 
-    @_rpc("Predict")
-    async def Predict(self, request, context):
-        return await handlers.predict_async(self.manager, request, self.executor)
+    @_rpc("Predict", PredictRequestEntries)
+    async def Predict(self, request, light):
+        return await handlers.predict_async(self.manager, request, self.executor, light)
 
-    @_rpc("Classify")
-    async def Classify(self, request, context):
-        return await handlers.classify_async(self.manager, request, self.executor)
+    @_rpc("Classify", classification_pb2.ClassificationRequest)
+    async def Classify(self, request, light):
+        return await handlers.classify_async(self.manager, request, self.executor, light)
 
-    @_rpc(None)
-    async def GetModelMetadata(self, request, context):
-        return handlers.metadata(self.manager, request)
+    @_rpc(None, get_model_metadata_pb2.GetModelMetadataRequest)
+    async def GetModelMetadata(self, request, light):
+        return await self._answer(light, handlers.metadata, self.manager, request)
 
-    @_rpc("Regress")
-    async def Regress(self, request, context):
-        return await handlers.regress_async(self.manager, request, self.executor)
+    @_rpc("Regress", regression_pb2.RegressionRequest)
+    async def Regress(self, request, light):
+        return await handlers.regress_async(self.manager, request, self.executor, light)
 
-    @_rpc(None)
-    async def MultiInference(self, request, context):
+    @_rpc(None, inference_pb2.MultiInferenceRequest)
+    async def MultiInference(self, request, light):
         raise ServingError(
             grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not supported by van-tfx"
         )
 
 
-class ModelService(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
+class ModelService(_Servicer):
     """tensorflow.serving.ModelService."""
 
-    @_rpc(None)
-    async def GetModelStatus(self, request, context):
-        return handlers.status(self.manager, request)
+    @_rpc(None, get_model_status_pb2.GetModelStatusRequest)
+    async def GetModelStatus(self, request, light):
+        return await self._answer(light, handlers.status, self.manager, request)
 
-    @_rpc(None)
-    async def HandleReloadConfigRequest(self, request, context):
+    @_rpc(None, model_management_pb2.ReloadConfigRequest)
+    async def HandleReloadConfigRequest(self, request, light):
         config = request.config
         if config.WhichOneof("config") != "model_config_list":  # model_service_impl.cc
             raise ServingError(
@@ -111,20 +141,37 @@ class ModelService(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
                 "Only ModelConfigList is currently supported",
             )
         # Loading models takes seconds: off the loop, so serving goes on meanwhile.
-        configs = list(config.model_config_list.config)
         await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.manager.reload, configs
+            self.executor, _reload, self.manager, config
         )
         response = model_management_pb2.ReloadConfigResponse()
         response.status.SetInParent()  # TF Serving always sets it: error_code OK
-        return response
+        return response.SerializeToString()
+
+
+def _reload(manager, config) -> None:
+    manager.reload(list(config.model_config_list.config))
+
+
+def _handler(service, servicer) -> grpc.GenericRpcHandler:
+    # Every RPC of the service, from its descriptor, takes and returns bytes: the request is
+    # parsed by the RPC itself (off the loop when large), not by grpc.aio on the loop.
+    methods = {
+        method.name: grpc.unary_unary_rpc_method_handler(getattr(servicer, method.name))
+        for method in service.methods
+    }
+    return grpc.method_handlers_generic_handler(service.full_name, methods)
 
 
 def add_services(server, manager, metrics, executor) -> None:
     """Register both services on a grpc.aio.Server; blocking work goes to `executor`."""
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(manager, metrics, executor), server
+    services = (
+        (
+            prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"],
+            PredictionService,
+        ),
+        (model_service_pb2.DESCRIPTOR.services_by_name["ModelService"], ModelService),
     )
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelService(manager, metrics, executor), server
+    server.add_generic_rpc_handlers(
+        tuple(_handler(service, kind(manager, metrics, executor)) for service, kind in services)
     )

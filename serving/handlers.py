@@ -13,7 +13,14 @@ from tensorflow_serving.apis import (
 )
 
 from serving.errors import invalid_argument, missing_model_spec
-from serving.servable import DEFAULT_SIGNATURE, LIGHT_BYTES, Servable, off_the_loop_unless
+from serving.grpc_wire import predict_inputs
+from serving.servable import (
+    DEFAULT_SIGNATURE,
+    LIGHT_ELEMENTS,
+    Servable,
+    is_light,
+    off_the_loop_unless,
+)
 from serving.tensors import check_examples_size, to_tensor_proto
 
 CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
@@ -46,13 +53,20 @@ def predict(manager, request, timeout: float | None = None):
     return predict_on(resolve(manager, model_spec_of(request)), request, timeout)
 
 
-async def predict_async(manager, request, executor=None):
-    """Answer a PredictRequest from an event loop (the model runs off the loop)."""
+async def predict_async(manager, request, executor=None, light: bool = True) -> bytes:
+    """A serialized PredictResponse from an event loop: the model runs off the loop, and so does
+    everything proportional to the request's size unless the request is `light`."""
     servable = resolve(manager, model_spec_of(request))
     key = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    inputs = await off_the_loop_unless(light, executor, predict_inputs, request)
     # The TensorProtos are decoded by the servable, after the checks TF Serving makes first.
-    outputs = await servable.run_async(key, dict(request.inputs), request.output_filter, executor)
-    return _predict_response(servable, key, outputs)
+    outputs = await servable.run_async(key, inputs, request.output_filter, executor, light)
+    light = light and is_light(outputs)
+    return await off_the_loop_unless(light, executor, _serialized_predict, servable, key, outputs)
+
+
+def _serialized_predict(servable: Servable, key: str, outputs: dict) -> bytes:
+    return _predict_response(servable, key, outputs).SerializeToString()
 
 
 def predict_on(servable: Servable, request, timeout: float | None = None):
@@ -75,15 +89,22 @@ def classify(manager, request, timeout: float | None = None):
     return classify_on(resolve(manager, model_spec_of(request)), request, timeout)
 
 
-async def classify_async(manager, request, executor=None):
-    """Answer a ClassificationRequest from an event loop (the model runs off the loop)."""
+async def classify_async(manager, request, executor=None, light: bool = True) -> bytes:
+    """A serialized ClassificationResponse from an event loop (as predict_async)."""
     servable = resolve(manager, model_spec_of(request))
     key = request.model_spec.signature_name or DEFAULT_SIGNATURE
     signature = classification_signature(servable, key)
-    examples = await _examples_async(servable, request.input, executor)
-    outputs = await servable.run_async(key, _classify_feed(examples), (), executor)
-    rows = classification_rows(signature, outputs, len(examples))
-    return _classify_response(servable, key, rows)
+    feed = await _examples_async(servable, request.input, executor, light)
+    outputs = await servable.run_async(key, feed, (), executor, light)
+    light = light and len(feed[CLASSIFY_INPUTS]) <= LIGHT_ELEMENTS
+    return await off_the_loop_unless(
+        light, executor, _serialized_classify, servable, key, signature, outputs, feed
+    )
+
+
+def _serialized_classify(servable: Servable, key: str, signature, outputs: dict, feed) -> bytes:
+    rows = classification_rows(signature, outputs, len(feed[CLASSIFY_INPUTS]))
+    return _classify_response(servable, key, rows).SerializeToString()
 
 
 def classify_on(servable: Servable, request, timeout: float | None = None):
@@ -212,14 +233,22 @@ def regress(manager, request, timeout: float | None = None):
     return regress_on(resolve(manager, model_spec_of(request)), request, timeout)
 
 
-async def regress_async(manager, request, executor=None):
-    """Answer a RegressionRequest from an event loop (the model runs off the loop)."""
+async def regress_async(manager, request, executor=None, light: bool = True) -> bytes:
+    """A serialized RegressionResponse from an event loop (as predict_async)."""
     servable = resolve(manager, model_spec_of(request))
     key = request.model_spec.signature_name or DEFAULT_SIGNATURE
     regression_signature(servable, key)
-    examples = await _examples_async(servable, request.input, executor)
-    outputs = await servable.run_async(key, _classify_feed(examples), (), executor)
-    return _regress_response(servable, key, regression_values(outputs, len(examples)))
+    feed = await _examples_async(servable, request.input, executor, light)
+    outputs = await servable.run_async(key, feed, (), executor, light)
+    light = light and len(feed[CLASSIFY_INPUTS]) <= LIGHT_ELEMENTS
+    return await off_the_loop_unless(
+        light, executor, _serialized_regress, servable, key, outputs, feed
+    )
+
+
+def _serialized_regress(servable: Servable, key: str, outputs: dict, feed) -> bytes:
+    values = regression_values(outputs, len(feed[CLASSIFY_INPUTS]))
+    return _regress_response(servable, key, values).SerializeToString()
 
 
 def regress_on(servable: Servable, request, timeout: float | None = None):
@@ -285,10 +314,13 @@ def _regress_response(servable: Servable, key: str, values: list[float]):
     return response
 
 
-async def _examples_async(servable: Servable, input_proto, executor) -> list[bytes]:
-    light = input_proto.ByteSize() <= LIGHT_BYTES
+async def _examples_async(servable: Servable, input_proto, executor, light: bool) -> dict:
     limit = servable.limits.max_tensor_bytes
-    return await off_the_loop_unless(light, executor, examples_of, input_proto, limit)
+    return await off_the_loop_unless(light, executor, _examples_feed, input_proto, limit)
+
+
+def _examples_feed(input_proto, limit: int) -> dict:
+    return _classify_feed(examples_of(input_proto, limit))
 
 
 def examples_of(input_proto, limit: int | None = None) -> list[bytes]:
@@ -296,21 +328,25 @@ def examples_of(input_proto, limit: int | None = None) -> list[bytes]:
     when they would decode to more than `limit` bytes (the context is copied into every one)."""
     kind = input_proto.WhichOneof("kind")
     if kind == "example_list":
-        examples = input_proto.example_list.examples
-        check_examples_size(kind, len(examples), 0, input_proto.ByteSize(), limit)
+        examples, context = input_proto.example_list.examples, None
+    elif kind == "example_list_with_context":
+        examples = input_proto.example_list_with_context.examples
+        context = input_proto.example_list_with_context.context
+    else:
+        raise invalid_argument("Input is empty.")
+    context_size = context.ByteSize() if context is not None else 0
+    # The count alone may be too many already: ByteSize walks every example in one C call (GIL).
+    check_examples_size(kind, len(examples), context_size, 0, limit)
+    check_examples_size(kind, len(examples), context_size, input_proto.ByteSize(), limit)
+    if context is None:
         return [e.SerializeToString() for e in examples]
-    if kind == "example_list_with_context":
-        with_context = input_proto.example_list_with_context
-        count, context = len(with_context.examples), with_context.context.ByteSize()
-        check_examples_size(kind, count, context, input_proto.ByteSize(), limit)
-        merged = []
-        for example in with_context.examples:
-            copy = type(example)()
-            copy.CopyFrom(with_context.context)
-            copy.MergeFrom(example)
-            merged.append(copy.SerializeToString())
-        return merged
-    raise invalid_argument("Input is empty.")
+    merged = []
+    for example in examples:
+        copy = type(example)()
+        copy.CopyFrom(context)
+        copy.MergeFrom(example)
+        merged.append(copy.SerializeToString())
+    return merged
 
 
 def metadata(manager, request):

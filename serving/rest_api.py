@@ -172,7 +172,7 @@ class RestApp:
         # ProcessPredictRequest: parse, then the signature's inputs (GetInfoMap resolves the
         # servable), then the tensors, then Predict.
         with self._parsing(deadline):
-            doc = rest_json.parse_json(body)
+            doc = rest_json.parse_json(body, deadline=deadline)
             key = rest_json.signature_name(doc)
             servable = handlers.resolve(self.manager, spec)
             name = key or handlers.DEFAULT_SIGNATURE
@@ -200,7 +200,7 @@ class RestApp:
         # ProcessClassifyRequest / ProcessRegressRequest: the whole body is read into
         # tf.Examples before the servable is looked up.
         with self._parsing(deadline):
-            doc = rest_json.parse_json(body)
+            doc = rest_json.parse_json(body, deadline=deadline)
             key = rest_json.signature_name(doc) or handlers.DEFAULT_SIGNATURE
             limit = self.manager.limits.max_tensor_bytes
             examples = rest_json.classify_examples(doc, deadline, limit)

@@ -14,19 +14,17 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
-import contextlib
 import decimal
-import gc
 import json
 import math
 import re
-import threading
 import time
 
 import grpc
 import numpy as np
 
 from serving.errors import ServingError, invalid_argument
+from serving.gc_pause import gc_paused
 from serving.tensors import check_examples_size, data_type_string
 
 SIGNATURE_KEY = "signature_name"
@@ -202,9 +200,10 @@ def json_units(body: bytes) -> int:
     return 1 + body.count(b",") + body.count(b":") + containers * (1 + CONTAINER_UNITS)
 
 
-def parse_json(body: bytes, max_units: int = MAX_JSON_UNITS) -> dict:
+def parse_json(body: bytes, max_units: int = MAX_JSON_UNITS, deadline=None) -> dict:
     """The request object (ParseJson): JSON Parse errors as RapidJSON words them, or `Is not
-    object`; a 400 naming MAX_JSON_UNITS if the body would expand past it."""
+    object`; a 400 naming MAX_JSON_UNITS if the body would expand past it; DEADLINE_EXCEEDED
+    if locating an error takes past `deadline` (time.monotonic())."""
     if not body:
         raise invalid_argument("JSON Parse error: The document is empty")
     units = json_units(body)
@@ -219,7 +218,7 @@ def parse_json(body: bytes, max_units: int = MAX_JSON_UNITS) -> dict:
     try:
         doc = _loads(text, body)
     except json.JSONDecodeError as exc:
-        doc = _retry_or_raise(body, start, text, exc)
+        doc = _retry_or_raise(body, start, text, exc, deadline)
     except _NumberTooBig:
         offset = _too_big_offset(body, start)
         raise _parse_error("Number too big to be stored in double.", offset) from None
@@ -235,33 +234,11 @@ def parse_json(body: bytes, max_units: int = MAX_JSON_UNITS) -> dict:
     return doc
 
 
-_gc_lock = threading.Lock()
-_gc_pauses = [0, False]  # parses under way, whether the collector was on before the first
-
-
-@contextlib.contextmanager
-def _gc_paused():
-    """The cyclic garbage collector off while any thread parses: millions of new lists would
-    trigger a full collection after another (6x the parse time), and parsed JSON has no cycles."""
-    with _gc_lock:
-        if not _gc_pauses[0]:
-            _gc_pauses[1] = gc.isenabled()
-            gc.disable()
-        _gc_pauses[0] += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pauses[0] -= 1
-            if not _gc_pauses[0] and _gc_pauses[1]:
-                gc.enable()
-
-
 def _loads(text: str, body: bytes):
     # The number hooks cost a Python call per number (seconds for a large tensor): they are only
     # needed when a literal could overflow a double or a (u)int64.
     hooks = {"parse_float": _parse_float, "parse_int": _parse_int}
-    with _gc_paused():
+    with gc_paused():
         return json.loads(
             text, object_pairs_hook=_object_hook, **(hooks if _SUSPECT_NUMBER.search(body) else {})
         )
@@ -271,33 +248,69 @@ def _parse_error(reason: str, offset: int) -> ServingError:
     return invalid_argument(f"JSON Parse error: {reason} at offset: {offset}")
 
 
-def _retry_or_raise(body: bytes, start: int, text: str, exc: json.JSONDecodeError):
+def _retry_or_raise(body: bytes, start: int, text: str, exc: json.JSONDecodeError, deadline=None):
     """The document if only RapidJSON's extra literals (Inf, -NaN) or a NUL end it early; else
     raise RapidJSON's error for the first place the text stops being JSON."""
     position = start + len(text[: exc.pos].encode("utf-8", "surrogateescape"))
-    found = _scan(body, position)
-    if found is None:  # RapidJSON accepts what Python refused
-        candidates = [m.start() for m in _EXTRA_LITERAL.finditer(body, start)]
-        keep = _outside_strings(body, candidates) == 0 if candidates else []
-        fixed = bytearray(body[start:])
-        for offset in reversed([c for c, ok in zip(candidates, keep, strict=True) if ok]):
-            token = _EXTRA_LITERAL.match(body, offset).group(1)
-            fixed[offset - start : offset - start + len(token)] = (
-                b"NaN" if token == b"-NaN" else token + b"inity"
-            )
-        end = fixed.find(b"\0")  # MemoryStream reads a NUL as the end of the input
-        if end >= 0:
-            fixed = fixed[:end]
+    rewritten = _rewritten(body, start, deadline)
+    if rewritten is not None:  # retried by the C parser: scanning in Python took 30 s a 13 MB
+        fixed, edits = rewritten
         try:
-            return _loads(bytes(fixed).decode("utf-8", "surrogateescape"), body)
-        except (json.JSONDecodeError, _NumberTooBig):
-            found = _scan(body, len(body), from_start=True)
+            return _loads(fixed.decode("utf-8", "surrogateescape"), body)
+        except json.JSONDecodeError as again:
+            # RapidJSON's error is where the rewritten text's is, back in the body's offsets.
+            exc = again
+            offset = len(again.doc[: again.pos].encode("utf-8", "surrogateescape"))
+            position = _original_offset(edits, start, offset)
+        except _NumberTooBig:
+            raise _parse_error(
+                "Number too big to be stored in double.", _too_big_offset(body, start)
+            ) from None
+    found = _scan(body, position, deadline=deadline)
     if found is None:  # unreachable when both parsers are right: a 400, never a 500
         found = (_PARSE_ERRORS.get(exc.msg, exc.msg), position)
     surrogate = _bad_surrogate(body, start)
     if surrogate is not None and surrogate < found[1]:
         found = ("The surrogate pair in string is invalid.", surrogate)
     raise _parse_error(*found) from None
+
+
+def _rewritten(body: bytes, start: int, deadline=None):
+    """(body[start:] with RapidJSON's extra literals outside strings as Python's json spells them
+    and cut at the first NUL, where MemoryStream ends; the edits as (offset, old and new length)),
+    or None
+    when there is nothing to rewrite."""
+    matches = [(m.start(), m.group(1)) for m in _EXTRA_LITERAL.finditer(body, start)]
+    outside = _outside_strings(body, [m[0] for m in matches]) == 0 if matches else []
+    nul = body.find(b"\0", start)
+    edits = [match for match, keep in zip(matches, outside, strict=True) if keep]
+    if not edits and nul < 0:
+        return None
+    pieces, previous, growth = [], start, []
+    for index, (offset, token) in enumerate(edits):
+        if index % 65536 == 65535:
+            check_deadline(deadline)
+        pieces += (body[previous:offset], b"NaN" if token == b"-NaN" else token + b"inity")
+        growth.append((offset, len(token), len(pieces[-1])))
+        previous = offset + len(token)
+    pieces.append(body[previous:])
+    fixed = b"".join(pieces)
+    end = fixed.find(b"\0")
+    return (fixed[:end] if end >= 0 else fixed), growth
+
+
+def _original_offset(edits: list, start: int, offset: int) -> int:
+    """The body offset of byte `offset` of the rewritten text (a rewritten literal's own bytes
+    map to its start)."""
+    shift = 0
+    for original, old, new in edits:
+        new_start = original - start + shift
+        if offset < new_start:
+            break
+        if offset < new_start + new:
+            return original
+        shift += new - old
+    return start + offset - shift
 
 
 def _bad_surrogate(body: bytes, start: int) -> int | None:
@@ -374,7 +387,7 @@ def _context(body: bytes, position: int) -> tuple[int, list[bytes]]:
     return at + 1, [*stack, state[int(data[at])]]
 
 
-def _scan(body: bytes, position: int, from_start: bool = False):
+def _scan(body: bytes, position: int, from_start: bool = False, deadline=None):
     """(RapidJSON's reason, offset) for the first error in `body`, scanning from just before
     `position` (where Python's parser stopped); None if RapidJSON would accept the document."""
     if from_start:
@@ -382,15 +395,16 @@ def _scan(body: bytes, position: int, from_start: bool = False):
     else:
         at, context = _context(body, position)
         stack = ["root", *context] if context else ["root"]
-    return _Scanner(body).run(at, stack)
+    return _Scanner(body, deadline).run(at, stack)
 
 
 class _Scanner:
     """RapidJSON's GenericReader (kParseNanAndInfFlag) for locating errors: iterative, one
     token per step, started anywhere with the stack of open lists/objects."""
 
-    def __init__(self, body: bytes):
+    def __init__(self, body: bytes, deadline=None):
         self.body = body
+        self.deadline = deadline  # time.monotonic(): a step in Python per token is slow
 
     def peek(self, at: int) -> int:
         return self.body[at] if at < len(self.body) else 0  # MemoryStream: NUL at the end
@@ -409,7 +423,11 @@ class _Scanner:
             at = self.skip(at)
             if self.peek(at) == 0:
                 return "The document is empty.", at
+        steps = 0
         while True:
+            steps += 1
+            if not steps % 65536:
+                check_deadline(self.deadline)
             at = self.skip(at)
             top = stack[-1]
             c = self.peek(at)
@@ -616,7 +634,14 @@ def predict_inputs(doc: dict, input_dtypes: dict[str, str], signature: str, dead
 
 
 def _is_b64(value) -> bool:
-    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get(B64_KEY), str)
+    # IsValBase64Object: MemberCount() == 1 counts every member, so {"b64": .., "b64": ..} (a
+    # JsonObject: duplicate keys) is not one.
+    return (
+        isinstance(value, dict)
+        and not isinstance(value, JsonObject)
+        and len(value) == 1
+        and isinstance(value.get(B64_KEY), str)
+    )
 
 
 def _is_element_object(value) -> bool:
@@ -649,11 +674,15 @@ def _from_instances(instances: list, input_dtypes: dict[str, str], deadline=None
         if bulk is None:
             bulk = _block_one_by_one(chunk, begin, objects, names, shapes, input_dtypes)
         for name, array in bulk.items():
-            blocks[name].append(array)
-    return {
-        name: parts[0] if len(parts) == 1 else np.concatenate(parts)
-        for name, parts in blocks.items()
-    }
+            blocks[name].append(array.reshape(-1))
+    arrays = {}
+    for name, parts in blocks.items():
+        flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        # An object repeating a key adds each member's values (json_tensor.cc iterates them
+        # all), and Tensor::FromProto reads the first count x shape of them (FromProtoField).
+        shape = [len(instances), *shapes[name]]
+        arrays[name] = flat[: math.prod(shape)].reshape(shape)
+    return arrays
 
 
 def _instance_shape(item) -> list[int] | None:
@@ -695,7 +724,7 @@ def _block_one_by_one(chunk, begin, objects, names, shapes, input_dtypes) -> dic
                 raise invalid_argument(
                     f"Expecting object but got list at item {index} of input list"
                 )
-            for name, item in element.items():
+            for name, item in members(element):  # every member, a repeated key's too
                 try:
                     # The item first: it words an unknown input ("does not have named input").
                     value = _instance_item(item, name, input_dtypes, shapes)
@@ -722,9 +751,10 @@ def _block_one_by_one(chunk, begin, objects, names, shapes, input_dtypes) -> dic
                     f"Failed to process element: {index} of 'instances' list. "
                     f"Error: INVALID_ARGUMENT: {exc.message}"
                 ) from None
+    # Flat: a repeated key's values come on top of the block's rows (_from_instances cuts them).
     return {
-        name: _as_array(values, input_dtypes[name]).reshape([len(chunk), *shapes[name]])
-        for name, values in ((n, [v for row in rows for v in row]) for n, rows in columns.items())
+        name: _as_array([v for row in rows for v in row], input_dtypes[name]).reshape(-1)
+        for name, rows in columns.items()
     }
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from serving.batching import Batcher
 from serving.errors import ServingError, from_tf_error, invalid_argument, signature_not_found
+from serving.grpc_wire import sorted_gently
 from serving.images import check_pixel_budget
 from serving.limits import RequestLimits
 from serving.protos import BatchingSettings
@@ -119,15 +120,16 @@ class Servable:
             timer.cancel()
 
     async def run_async(
-        self, key: str, inputs: dict, output_filter=(), executor=None
+        self, key: str, inputs: dict, output_filter=(), executor=None, light: bool = True
     ) -> dict[str, np.ndarray]:
-        """`run` for an event loop: batched calls join the batch queue, others go to `executor`.
+        """`run` for an event loop: batched calls join the batch queue, others go to `executor`;
+        inputs are checked on the loop only when they and their request are `light`.
 
         No timeout: cancelling the awaiting task (grpc.aio does at the deadline) abandons the call.
         """
         loop = asyncio.get_running_loop()
         key, feed, wanted = await off_the_loop_unless(
-            is_light(inputs), executor, self._prepare, key, inputs, output_filter
+            light and is_light(inputs), executor, self._prepare, key, inputs, output_filter
         )
         if self._batching is not None and not self._unloaded:
             return _filtered(await self._batcher(key).submit_async(feed), wanted)
@@ -281,10 +283,11 @@ def _decoded_inputs(specs: list[_InputSpec], inputs: dict, limits) -> dict:
     `limits`) as Tensor::FromProto would; dtypes and shapes are the session's, checked later."""
     expected, sent = {spec.alias for spec in specs}, set(inputs)
     if len(sent) != len(expected):  # VerifyRequestInputsSize (predict_util.cc)
+        # Sorted in steps: a request may send a million names, and one sort call holds the GIL.
         raise invalid_argument(
             f"input size does not match signature: {len(sent)}!={len(expected)} "
-            f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
-            f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+            f"len({{{','.join(sorted_gently(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+            f"Sent extra: {{{','.join(sorted_gently(sent - expected))}}}. "
             f"Missing but required: {{{','.join(sorted(expected - sent))}}}."
         )
     _check_decoded_size(specs, inputs, limits.max_tensor_bytes)

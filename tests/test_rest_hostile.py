@@ -87,6 +87,24 @@ def test_the_deadline_stops_the_work_and_frees_the_parsing_slots(server):
     }
 
 
+@pytest.mark.parametrize("literal", [b"-Inf", b"Inf", b"-NaN"])
+def test_a_rapidjson_only_literal_costs_what_the_same_body_costs_without_it(server, literal):
+    """One Inf, -Inf or -NaN (RapidJSON accepts them, Python's json does not) sent the rest of a
+    13 MB body through a scanner in Python: 30 s and a 504, holding a parse slot. Now the body
+    is retried by the C parser with the literal spelled as Python's json spells it."""
+    ones = b"1," * 3_000_000  # 6 MB of numbers after the literal, within LIMIT
+    plain = b'{"signature_name": "regress", "instances": [1,' + ones + b"1]}"
+    spiked = b'{"signature_name": "regress", "instances": [' + literal + b"," + ones + b"1]}"
+    timings = {}
+    for name, body in (("plain", plain), ("spiked", spiked), ("plain again", plain)):
+        started = time.monotonic()
+        timings[name] = (post(server, PREDICT, body), time.monotonic() - started)
+    (plain_answer, *_), (spiked_answer, spiked_time) = timings["plain"], timings["spiked"]
+    assert spiked_answer[0] == plain_answer[0] != 504, timings
+    baseline = min(timings["plain"][1], timings["plain again"][1])
+    assert spiked_time < 3 * baseline + 0.2, timings  # before: 14 s here (a 504 at 1.5 s)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "error"),
     [
@@ -191,3 +209,51 @@ def test_keep_alive_requests_are_answered_in_one_write_each(server):
     finally:
         http_server.RequestHandlerClass = base
     assert len(writes) == 6, writes  # headers and body together, once per answer
+
+
+# An object repeating a key: RapidJSON keeps every member. FindMember (a key looked up) finds the
+# first; MemberCount() and iterating the object (GetObject()) see them all (util/json_tensor.cc).
+_B64_TWICE = '{"b64": "AQ==", "b64": "Ag=="}'
+_B64_TWICE_TEXT = '{\n    "b64": "AQ==",\n    "b64": "Ag=="\n}'
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "answer"),
+    [
+        # IsValBase64Object wants MemberCount() == 1: an instance object, whose key is no input.
+        ('{"signature_name": "regress", "instances": [' + _B64_TWICE + ']}', 400,
+         {"error": "Failed to process element: 0 key: b64 of 'instances' list. Error: "
+                   "INVALID_ARGUMENT: JSON object: does not have named input: b64"}),
+        # FillTensorMapFromInputsMap: an object, not base64, so its inputs are looked up in it.
+        ('{"signature_name": "regress", "inputs": ' + _B64_TWICE + '}', 400,
+         {"error": "Missing named input: inputs in 'inputs' object."}),
+        # A string value that is not base64 (JsonDecodeBase64Object's Base64FormatError).
+        ('{"signature_name": "regress", "inputs": [' + _B64_TWICE + ']}', 400,
+         {"error": f"JSON Value: {_B64_TWICE_TEXT} not formatted correctly for base64 data"}),
+        ('{"signature_name": "regress", "instances": ["AQ==", ' + _B64_TWICE + ']}', 400,
+         {"error": "Expecting value/list but got object at item 1 of input list"}),
+        # AddValueToFeature: an object that is not base64.
+        ('{"signature_name": "regress", "examples": [{"x": [' + _B64_TWICE + ']}]}', 400,
+         {"error": "Feature: x has element with unexpected JSON type: Object"}),
+        # FillTensorMapFromInstancesList adds every member: x gets 3 rows for 2 instances, and
+        # Tensor::FromProto reads the first 2 x 2 values (FromProtoField): [[1,2],[3,4]].
+        ('{"instances": [{"x": [1, 2], "k": 1, "x": [3, 4]}, {"x": [5, 6], "k": 2}]}', 200,
+         {"predictions": [{"total": 4.0, "labels_bytes": {"b64": "MQ=="}},
+                          {"total": 9.0, "labels_bytes": {"b64": "Mg=="}}]}),
+        # Each member is checked as an instance item (AddInstanceItem's size check).
+        ('{"instances": [{"x": [1, 2], "k": 1, "x": [3, 4, 5]}]}', 400,
+         {"error": "Failed to process element: 0 key: x of 'instances' list. Error: "
+                   "INVALID_ARGUMENT: Expecting tensor size: 2 but got: 3"}),
+        # Top-level keys are looked up (FindMember): the first one counts.
+        ('{"instances": [{"x": [1, 2], "k": 1}], "instances": "no"}', 200,
+         {"predictions": [{"total": 4.0, "labels_bytes": {"b64": "MQ=="}}]}),
+        ('{"signature_name": "nope", "signature_name": "", "instances": [1]}', 400,
+         {"error": 'Serving signature name: "nope" not found in signature def'}),
+        ('{"instances": [], "instances": [1]}', 400,
+         {"error": 'JSON Value: {\n    "instances": [],\n    "instances": [\n        1\n    ]\n}'
+                   " No values in 'instances' array"}),
+    ],
+)  # fmt: skip
+def test_repeated_keys_are_read_as_rapidjson_reads_them(server, body, status, answer):
+    path = REGRESS if '"examples"' in body else PREDICT
+    assert post(server, path, body.encode()) == (status, answer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -356,3 +357,149 @@ def test_long_non_ascii_message_keeps_its_status_code(stub):
     code, message = code_and_message(stub.Predict, request)
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert message.startswith('Serving signature key "€€€') and "more characters" in message
+
+
+# 8. Nothing proportional to a request's size runs on the event loop, or holds the GIL for long.
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _raw_call(channel, method: str):
+    return channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+
+
+def test_other_rpcs_are_answered_while_a_million_inputs_are_read(server):
+    """A Predict of 1M tiny `inputs` entries (13 MiB) ran dict(request.inputs) on the event loop
+    (4.5 s of CPU): GetModelStatus went from 1 ms to 6.4 s. TF Serving answers the request
+    INVALID_ARGUMENT "input size does not match signature" on its own thread."""
+    spec = _field(1, b"numbers")  # ModelSpec.name
+    entries = b"".join(_field(2, _field(1, b"%d" % i) + b"\x12\x02\x08\x01") for i in range(10**6))
+    raw = _field(1, spec) + entries  # serialized here: the client must not hold our GIL
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        predict = _raw_call(channel, "/tensorflow.serving.PredictionService/Predict")
+        status = _raw_call(channel, "/tensorflow.serving.ModelService/GetModelStatus")
+        status_raw = status_request().SerializeToString()
+
+        def latency() -> float:
+            start = time.perf_counter()
+            status(status_raw, timeout=60)
+            return time.perf_counter() - start
+
+        baseline = sorted(latency() for _ in range(20))[10]
+        pending = predict.future(raw, timeout=300)
+        during = []
+        while not pending.done():
+            during.append(latency())
+            time.sleep(0.02)
+    assert pending.exception().code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        pending.exception()
+        .details()
+        .startswith(
+            "input size does not match signature: 1000000!=2 len({0,1,10,100,1000,10000,100000,"
+        )
+    )
+    assert len(during) >= 10, during  # the request took seconds: there was time to ask
+    # Generous: before, the slowest took 3-6 s; the loop may still wait for one short C call.
+    assert max(during) < 1.0 + 50 * baseline, (baseline, sorted(during)[-5:])
+
+
+def test_many_inputs_keep_map_semantics_the_last_entry_wins(stub):
+    """Large requests read `inputs` as repeated entries; a repeated key keeps its last value, as
+    protobuf's map does, and a large request's answer is the same as a small one's."""
+    image = testing.encode_image(RED, fmt="JPEG")
+    good = tf.make_tensor_proto([image]).SerializeToString()
+    bad = tf.make_tensor_proto([1.0]).SerializeToString()
+    spec = _field(1, _field(1, b"van") + _field(3, b"predict_images"))
+    padding = b"".join(_field(2, _field(1, b"images") + _field(2, bad)) for _ in range(20000))
+    for raw in (spec + padding + _field(2, _field(1, b"images") + _field(2, good)),
+                spec + _field(2, _field(1, b"images") + _field(2, good))):  # fmt: skip
+        request = predict_pb2.PredictRequest.FromString(raw)
+        assert len(raw) > 64 * 1024 or len(request.inputs) == 1
+        response = stub.Predict(request, timeout=60)
+        assert tf.make_ndarray(response.outputs["probabilities"]).shape == (1, 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just(1), st.binary(max_size=3)),  # model_spec (merged)
+            st.tuples(st.just(2), st.binary(max_size=12)),  # inputs entries (some invalid)
+            st.tuples(st.just(3), st.binary(max_size=5)),  # output_filter
+            st.tuples(st.integers(4, 40), st.binary(max_size=3)),  # unknown fields
+        ),
+        max_size=40,
+    ),
+    st.integers(1, 64),
+)
+def test_parsing_in_slices_is_parsing_the_whole(fields, slice_bytes):
+    """A large message parsed a slice of top-level fields at a time parses as the whole does,
+    and fails where the whole fails."""
+    from serving import grpc_wire
+
+    raw = b"".join(_field(number, payload) for number, payload in fields)
+    try:
+        whole = grpc_wire.PredictRequestEntries.FromString(raw)
+    except Exception:  # noqa: BLE001 - DecodeError: the sliced parse must fail too
+        whole = None
+    previous, grpc_wire.SLICE_BYTES = grpc_wire.SLICE_BYTES, slice_bytes
+    try:
+        sliced = grpc_wire.parse_gently(grpc_wire.PredictRequestEntries, raw)
+    except Exception:  # noqa: BLE001
+        sliced = None
+    finally:
+        grpc_wire.SLICE_BYTES = previous
+    assert (sliced is None) == (whole is None)
+    if whole is not None:
+        assert sliced == whole
+        assert grpc_wire.predict_inputs(sliced) == dict(
+            predict_pb2.PredictRequest.FromString(raw).inputs
+        )
+
+
+# 9. An unparseable request is gRPC's INTERNAL, as gRPC C++ answers before TF Serving sees it.
+
+_SERVICES = {
+    "PredictionService": ("Predict", "Classify", "Regress", "GetModelMetadata", "MultiInference"),
+    "ModelService": ("GetModelStatus", "HandleReloadConfigRequest"),
+}
+_UNPARSEABLE = {
+    "garbage": b"\xff\xff\xff",
+    "truncated": b"\x0a\x05van",
+    "invalid UTF-8 name": _field(1, _field(1, b"van\xff")),  # ModelSpec.name (proto3: UTF-8)
+    "large garbage": _field(1, b"x" * 100) * 1000 + b"\xff\xff\xff",  # parsed off the loop
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_UNPARSEABLE))
+@pytest.mark.parametrize(
+    "method", [f"/tensorflow.serving.{s}/{m}" for s, ms in _SERVICES.items() for m in ms]
+)
+def test_unparseable_requests_are_internal_as_grpc_cpp_answers(server, method, kind):
+    """grpc.aio answered UNKNOWN "Unexpected <class 'DecodeError'>: ...". gRPC C++'s
+    GenericDeserialize (include/grpcpp/impl/proto_utils.h) answers INTERNAL with the message's
+    InitializationErrorString(): empty for proto3 messages, which have no required fields."""
+    if kind == "invalid UTF-8 name" and method.endswith("HandleReloadConfigRequest"):
+        payload = _field(1, _field(1, _field(1, _field(1, b"van\xff"))))  # config list's name
+    else:
+        payload = _UNPARSEABLE[kind]
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            _raw_call(channel, method)(payload, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert not caught.value.details()
+    # The server goes on serving.
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        statuses = model_service_pb2_grpc.ModelServiceStub(channel)
+        assert statuses.GetModelStatus(status_request(), timeout=30).model_version_status
