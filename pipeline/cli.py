@@ -45,11 +45,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_config(args, profile: list[str] = ()) -> Config:
-    """Load the config a command runs with; a new home keeps a copy of it.
+def resolve_config(args, profile: list[str] = (), keep: bool = True) -> Config:
+    """Load the config a command runs with; a new home that a run (`keep`) uses keeps a copy.
 
     `profile` (e.g. the demo's settings) applies only when neither --config nor a home config
-    exists, so a home made by `make demo` keeps repeating the demo's pipeline.
+    exists, so a home made by `make demo` keeps repeating the demo's pipeline. Commands that
+    only compile or send the pipeline elsewhere don't keep one: a Kubeflow config saved there
+    would have become what the next local `run` or `demo` used.
     """
     from pathlib import Path
 
@@ -57,7 +59,7 @@ def resolve_config(args, profile: list[str] = ()) -> Config:
     source = args.config or (home_config if home_config.exists() else None)
     overrides = args.overrides if source else [*profile, *args.overrides]
     config = load_config(source, overrides)
-    if not home_config.exists():
+    if keep and not home_config.exists():
         save_config(config, home_config)
     return config
 
@@ -96,6 +98,9 @@ def demo_command(args) -> int:
     except (ConfigError, RunLockedError) as exc:
         print(f"van-tfx demo: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a full or read-only home, a failed step: one line, as `run`
+        print(f"van-tfx demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _stderr(message: str) -> None:

@@ -151,7 +151,7 @@ def compile_command(args) -> int:
     from pipeline import kubeflow
 
     try:
-        config = resolve_config(args)
+        config = resolve_config(args, keep=False)
         spec = kubeflow.compile_pipeline(
             config,
             args.output,
@@ -284,7 +284,7 @@ def _config_and_package(args):
     """The config, and the package to send: --pipeline as given, else a fresh compile."""
     from pipeline import kubeflow
 
-    config = resolve_config(args)
+    config = resolve_config(args, keep=False)
     if args.pipeline:
         package = Path(args.pipeline)
         load_pipeline_spec(package)  # refuse to send a file KFP would reject

@@ -475,3 +475,39 @@ def test_a_home_data_root_or_base_path_starting_with_a_tilde_is_under_the_users_
     assert config.home_dir == tmp_path / "van"
     assert config.data_dir == tmp_path / "images"
     assert config.serving_base_path == tmp_path / "models"
+
+
+def test_an_empty_config_file_is_refused_naming_it_and_comments_only_mean_defaults(tmp_path):
+    # A failed write left an empty home config, which then read silently as every default.
+    empty = tmp_path / "config.yaml"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml is empty"):
+        load_config(empty)
+    empty.write_text("# nothing set\n")
+    assert load_config(empty) == load_config()
+
+
+def test_saving_a_config_where_it_cannot_be_written_is_a_config_error_and_leaves_nothing(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot save the config to .*file/config.yaml"):
+        save_config(load_config(), blocker / "config.yaml")
+    save_config(load_config(), tmp_path / "config.yaml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "file"]  # no partials
+
+
+@pytest.mark.parametrize("command", ["demo", "run"])
+def test_a_home_that_cannot_be_written_is_one_line_naming_it(
+    command, tmp_path, monkeypatch, capsys
+):
+    # `demo` printed an OSError traceback.
+    from van_tfx.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("VAN_TFX_HOME", str(blocker / "home"))
+    assert main([command]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [
+        f"van-tfx {command}: cannot save the config to {blocker}/home/config.yaml: Not a directory"
+    ]

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from van_tfx.cli import main
-from van_tfx.config import load_config
+from van_tfx.config import load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "registry.example.com/van-tfx:test"
@@ -51,8 +51,10 @@ EXPECTED_TASKS = {
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """A fresh VAN_TFX_HOME for the module (resolve_config writes its config.yaml there)."""
+    """A fresh VAN_TFX_HOME for the module, its config.yaml holding OVERRIDES (what submit and
+    schedule read when no --config is given)."""
     path = tmp_path_factory.mktemp("kf-home")
+    save_config(load_config(overrides=OVERRIDES[1::2]), path / "config.yaml")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VAN_TFX_HOME", str(path))
         yield path
@@ -583,3 +585,11 @@ def test_tfjob_example_has_one_chief_and_workers_on_our_image():
         assert container["name"] == "tensorflow"  # the training operator injects TF_CONFIG here
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["TF_USE_LEGACY_KERAS"] == "1"
+
+
+def test_compiling_leaves_a_new_home_without_a_config(tmp_path, monkeypatch):
+    # It saved the Kubeflow config (gs:// paths, b0 for 30 epochs) as the home's config.yaml,
+    # which the next local `van-tfx demo` then ran instead of the demo profile.
+    monkeypatch.setenv("VAN_TFX_HOME", str(tmp_path / "home"))
+    compile_to(tmp_path / "p.yaml")
+    assert not (tmp_path / "home" / "config.yaml").exists()

@@ -556,6 +556,9 @@ def _read_config_file(path: str | os.PathLike) -> dict[str, Any]:
             f"config file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line})"
         ) from exc
     data = _parse_yaml(text, f"config file {path}")
+    if data is None and not text.strip():
+        # Every default, silently, is rarely what an empty file meant (a failed write leaves one).
+        raise ConfigError(f"config file {path} is empty; write `{{}}` in it for every default")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -623,9 +626,20 @@ def _override_value(keys: list[str], raw: str, item: str) -> Any:
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
-    """Write a Config as YAML that load_config reads back to an equal Config."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    """Write a Config as YAML that load_config reads back to an equal Config, whole or not at
+    all (a full disk left an empty file, which then read as every default)."""
+    path = Path(path)
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            partial.write_text(text)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot save the config to {path}: {exc.strerror or exc}") from None
 
 
 # `van-tfx demo` on a fresh home: the whole product in a few CPU minutes on the bundled digits.
