@@ -300,6 +300,94 @@ def test_jpeg_fill_bytes_before_a_marker_are_read_like_libjpeg_reads_them():
     assert [headers["height"].numpy()[0], headers["width"].numpy()[0]] == [375, 500]
 
 
+def _motion_photo(jpeg: bytes) -> bytes:
+    # An Android motion photo: the JPEG, then an MP4 (here its header and 4 KB) after its EOI.
+    return jpeg + b"\x00\x00\x00\x18ftypmp42" + bytes(4096)
+
+
+def _with_comments(jpeg: bytes, count: int = 300) -> bytes:
+    return jpeg[:2] + b"\xff\xfe\x00\x03x" * count + jpeg[2:]
+
+
+def _with_fill_bytes(jpeg: bytes, count: int = 300) -> bytes:
+    return jpeg[:2] + b"\xff" * count + jpeg[2:]
+
+
+def _with_stray_markers(jpeg: bytes) -> bytes:
+    # After APP0: stray bytes (libjpeg skips them with a warning), RST0 and TEM (no length).
+    app0_end = 4 + int.from_bytes(jpeg[4:6], "big")
+    return jpeg[:app0_end] + b"abc\xff\xd0\xff\x01" + jpeg[app0_end:]
+
+
+def _padded_jpeg(jpeg: bytes) -> bytes:
+    return jpeg + bytes(16)  # camera padding after EOI
+
+
+def _png_with_trailing_byte(jpeg: bytes) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(out, "PNG")
+    return out.getvalue() + b"\n"
+
+
+_VALID_ODDITIES = [
+    _motion_photo,
+    _with_comments,
+    _with_fill_bytes,
+    _with_stray_markers,
+    _padded_jpeg,
+    _png_with_trailing_byte,
+]
+
+
+def test_whatever_libjpeg_or_libpng_decode_is_read_checked_and_stored():
+    jpeg = _photo(500, 375)
+    images = [make(jpeg) for make in _VALID_ODDITIES]
+    for image in images:  # the rule: what TF decodes in full is not corrupt
+        assert tf.io.decode_image(image, channels=3).shape == (375, 500, 3)
+    batch = tf.constant(images)
+    headers = preprocessing.image_headers(batch)
+    assert headers["readable"].numpy().all()
+    assert set(headers["height"].numpy()) == {375} and set(headers["width"].numpy()) == {500}
+    assert preprocessing.image_is_complete(batch, headers).numpy().all()
+    decodes = preprocessing.image_decodes(batch)
+    assert decodes.numpy().all()
+    stored = preprocessing.stored_images(batch, 512, 90, decodes, headers).numpy()
+    for out in stored:
+        assert tf.image.extract_jpeg_shape(out).numpy().tolist() == [375, 500, 3]
+    # A trailer is not stored: that JPEG is re-encoded. Padding of a few bytes is kept.
+    motion, padded = _VALID_ODDITIES.index(_motion_photo), _VALID_ODDITIES.index(_padded_jpeg)
+    assert b"ftypmp42" not in stored[motion] and stored[motion].endswith(b"\xff\xd9")
+    assert stored[padded] == images[padded]
+    assert stored[_VALID_ODDITIES.index(_with_comments)] == images[1]  # kept byte for byte
+
+
+def test_valid_images_with_trailers_segments_or_fill_bytes_pass_transform(tmp_path):
+    write_small_sample(tmp_path / "data", train=60, validation=30)
+    shard = next((tmp_path / "data" / "span-1").glob("validation-00000-of-*"))
+
+    def oddities(records):
+        for record, make in zip(records, _VALID_ODDITIES, strict=False):
+            image = record.features.feature[features.IMAGE_ENCODED].bytes_list
+            image.value[0] = make(image.value[0])
+
+    records = rewrite_shard(shard, oddities)
+    run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=True)
+    stored = [
+        example.features.feature[features.TRANSFORMED_IMAGE].bytes_list.value[0]
+        for example in read_transformed(tmp_path / "root", "eval")
+    ]
+    assert len(stored) == len(records)
+    for image in stored:
+        assert tf.image.extract_jpeg_shape(image).numpy().tolist() == [64, 64, 3]
+        assert b"ftypmp42" not in image
+    padded = records[_VALID_ODDITIES.index(_padded_jpeg)]
+    assert padded.features.feature[features.IMAGE_ENCODED].bytes_list.value[0] in stored
+
+
 def test_a_retried_shard_finalize_renames_nothing_twice_and_records_the_same_counts(tmp_path):
     from van_tfx.data import shard_writer
 
@@ -350,15 +438,29 @@ def damaged_images(draw):
     data = bytearray(_seed_image(draw(st.sampled_from(["JPEG", "PNG"]))))
     for _ in range(draw(st.integers(0, 3))):
         at = draw(st.integers(0, len(data)))
-        edit = draw(st.sampled_from(["cut", "overwrite", "insert"]))
+        edit = draw(st.sampled_from(["cut", "overwrite", "insert", "append", "markers"]))
         chunk = draw(st.binary(min_size=1, max_size=16))
         if edit == "cut":
             data = data[:at]
         elif edit == "overwrite":
             data[at : at + len(chunk)] = chunk
-        else:
+        elif edit == "insert":
             data[at:at] = chunk
+        elif edit == "append":  # a trailer, up to a few KB
+            data += chunk * draw(st.integers(1, 300))
+        else:  # after the start marker: many COM segments, fill bytes, RST/TEM, stray bytes
+            piece = draw(st.sampled_from([b"\xff\xfe\x00\x03x", b"\xff", b"\xff\xd0", b"\xff\x01"]))
+            data[2:2] = piece * draw(st.integers(1, 400)) + chunk * draw(st.booleans())
     return bytes(data)
+
+
+def _decodes_in_full(image: bytes) -> bool:
+    decode = tf.io.decode_jpeg if image.startswith(b"\xff\xd8") else tf.io.decode_png
+    try:
+        decode(image, channels=3)
+    except tf.errors.InvalidArgumentError:
+        return False
+    return True
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -370,12 +472,16 @@ def test_whatever_the_bytes_storing_them_never_reaches_a_failing_decoder(images)
     # Transform's image path with the decode check it gets: never raises, so the named check
     # is the error a user sees; whatever it keeps or re-encodes decodes as a JPEG.
     stored = preprocessing.stored_images(batch, 64, 90, decodes).numpy()
+    complete = preprocessing.image_is_complete(batch, headers).numpy()
     heights, widths = headers["height"].numpy(), headers["width"].numpy()
     for i, (image, out) in enumerate(zip(images, stored, strict=True)):
         readable, ok = headers["readable"].numpy()[i], decodes.numpy()[i]
         if out:
             assert readable and ok
             assert tf.io.decode_jpeg(out, channels=3).shape[2] == 3
+        if image.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")) and _decodes_in_full(image):
+            # What TF decodes in full passes every check: it is not corrupt.
+            assert readable and ok and complete[i], image[:64]
         if readable and ok and image.startswith(b"\xff\xd8\xff"):
             # The header parse agrees with libjpeg on every JPEG libjpeg decodes.
             height, width, _ = tf.image.extract_jpeg_shape(image).numpy().tolist()

@@ -34,14 +34,19 @@ _JPEG_START = b"\xff\xd8\xff"
 _JPEG_END = b"\xff\xd9"
 _PNG_START = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"
-# Some cameras append padding after the JPEG end-of-image marker; look for it near the end.
-_JPEG_END_SEARCH = 32
+# Bytes after a JPEG's end marker that are taken for padding: the JPEG is stored as it is. More
+# (a motion photo's MP4, a multi-picture trailer) is stored re-encoded, which drops them.
+_JPEG_PADDING = 32
 # Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic): C0-CF but DHT
 # (C4), JPG (C8) and DAC (CC). The frame header after them holds height, width and channels.
 _SOF_MARKERS = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
-# Segments (and fill bytes) read before giving up on the frame header (APPn/EXIF/ICC/DQT/DHT come
-# first; the loop ends as soon as every image's frame is found, so the bound costs nothing).
-_MAX_JPEG_SEGMENTS = 256
+# Markers without a length: RST0-RST7 and TEM. SOI, EOI and SOS before a frame end libjpeg's
+# header read with an error.
+_STANDALONE_MARKERS = (0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7, 0x01)
+_FATAL_MARKERS = (0xD8, 0xD9, 0xDA)
+# Bytes looked at per step for the next marker: libjpeg skips any run of fill bytes and stray
+# bytes before a marker, so a run this long costs one step, not one per byte.
+_MARKER_WINDOW = 64
 
 
 def image_settings(custom_config: dict[str, Any] | None) -> tuple[int, int, int]:
@@ -114,9 +119,14 @@ def _column(x, default, like: tf.Tensor | None = None) -> tf.Tensor:
 # ---- image headers (string ops only: they never raise, whatever the bytes) ---------------------
 
 
-def _bytes_at(encoded: tf.Tensor, pos: tf.Tensor, count: int) -> tf.Tensor:
-    """`count` bytes of each string from its `pos` on, as int32 [batch, count] (0 past the end)."""
-    padded = tf.strings.join([encoded, tf.constant(b"\0" * count)])
+def _padded(encoded: tf.Tensor, count: int) -> tf.Tensor:
+    """Each string with `count` zero bytes appended, so that _bytes_at can read past its end."""
+    return tf.strings.join([encoded, tf.constant(b"\0" * count)])
+
+
+def _bytes_at(padded: tf.Tensor, pos: tf.Tensor, count: int) -> tf.Tensor:
+    """`count` bytes of each _padded string from its `pos` on, as int32 [batch, count] (0 past
+    the end of the unpadded string)."""
     pos = tf.clip_by_value(pos, 0, tf.strings.length(padded) - count)
     chunk = tf.strings.substr(padded, pos, tf.fill(tf.shape(pos), count))
     # fixed_length: [batch, count] even for an empty batch (else [0, 0], and slicing it fails).
@@ -124,46 +134,60 @@ def _bytes_at(encoded: tf.Tensor, pos: tf.Tensor, count: int) -> tf.Tensor:
 
 
 def _jpeg_frame(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
-    """(height, width, channels, found) of each JPEG from its start-of-frame segment."""
+    """(height, width, channels, found, end of the frame header) of each JPEG, from its
+    start-of-frame segment found as libjpeg's marker reader (jdmarker.c) finds it."""
     length = tf.strings.length(encoded)
+    padded = _padded(encoded, _MARKER_WINDOW)
     zeros = tf.zeros_like(length)
-    sof = tf.constant(_SOF_MARKERS, tf.int32)
 
-    def step(i, pos, height, width, channels, found, alive):
-        segment = _bytes_at(encoded, pos, 10)
-        is_marker = tf.equal(segment[:, 0], 0xFF)
-        is_frame = is_marker & tf.reduce_any(tf.equal(segment[:, 1:2], sof[tf.newaxis]), axis=1)
-        hit = alive & is_frame & (pos + 10 <= length)
+    def among(codes, values):
+        return tf.reduce_any(tf.equal(codes[:, tf.newaxis], tf.constant(values)[tf.newaxis]), 1)
+
+    def step(pos, height, width, channels, frame_end, found, alive):
+        window = _bytes_at(padded, pos, _MARKER_WINDOW)
+        # next_marker: the first 0xFF followed by neither a fill byte (0xFF) nor a stuffed zero;
+        # whatever comes before it is skipped (libjpeg warns, decodes on).
+        follower = window[:, 1:]
+        starts = tf.equal(window[:, :-1], 0xFF) & (follower != 0xFF) & (follower != 0)
+        seen = tf.reduce_any(starts, axis=1)
+        at = pos + tf.argmax(tf.cast(starts, tf.int32), axis=1, output_type=tf.int32)
+        segment = _bytes_at(padded, at, 10)
+        code = segment[:, 1]
+        size = segment[:, 2] * 256 + segment[:, 3]
+        hit = alive & seen & among(code, _SOF_MARKERS) & (at + 10 <= length)
         height = tf.where(hit, segment[:, 5] * 256 + segment[:, 6], height)
         width = tf.where(hit, segment[:, 7] * 256 + segment[:, 8], width)
         channels = tf.where(hit, segment[:, 9], channels)
-        # A marker may be preceded by any number of 0xFF fill bytes (JPEG B.1.1.2): skip one.
-        is_fill = is_marker & tf.equal(segment[:, 1], 0xFF)
-        size = segment[:, 2] * 256 + segment[:, 3]
-        has_segment = (size >= 2) & (pos + 2 + size < length)
-        alive = alive & is_marker & ~is_frame & (is_fill | has_segment)
-        return (
-            i + 1,
-            tf.where(alive, tf.where(is_fill, pos + 1, pos + 2 + size), pos),
-            height,
-            width,
-            channels,
-            found | hit,
-            alive,
-        )
+        frame_end = tf.where(hit, at + 10, frame_end)
+        # APPn and COM of a length below 2 skip nothing in libjpeg; other segments need one.
+        lenient = ((code >= 0xE0) & (code <= 0xEF)) | (code == 0xFE)
+        size = tf.where(lenient, tf.maximum(size, 2), size)
+        after = tf.where(among(code, _STANDALONE_MARKERS), at + 2, at + 2 + size)
+        segment_ok = among(code, _STANDALONE_MARKERS) | (size >= 2)
+        marker_ok = ~among(code, _FATAL_MARKERS) & ~among(code, _SOF_MARKERS) & segment_ok
+        # Not seen: the window held no marker; look on from its last byte (a 0xFF there may
+        # start the next one).
+        pos = tf.where(seen, after, pos + _MARKER_WINDOW - 1)
+        alive = alive & ~hit & (~seen | marker_ok) & (pos < length)
+        return pos, height, width, channels, frame_end, found | hit, alive
 
-    def more(i, *state):
-        return (i < _MAX_JPEG_SEGMENTS) & tf.reduce_any(state[-1])
+    def more(*state):
+        # Every step moves each live image on by 2 bytes or more: this ends.
+        return tf.reduce_any(state[-1])
 
     starts = tf.equal(tf.strings.substr(encoded, 0, 2), _JPEG_START[:2])
-    state = (0, zeros + 2, zeros, zeros, zeros, tf.zeros_like(starts), starts)
-    _, _, height, width, channels, found, _ = tf.while_loop(more, step, state)
-    return height, width, channels, found & (height > 0) & (width > 0)
+    state = (zeros + 2, zeros, zeros, zeros, zeros, tf.zeros_like(starts), starts)
+    _, height, width, channels, frame_end, found, _ = tf.while_loop(more, step, state)
+    return height, width, channels, found & (height > 0) & (width > 0), frame_end
+
+
+# PNG signature (8 bytes) and IHDR chunk (length, type, 13 bytes of data, CRC).
+_PNG_IHDR_END = 8 + 25
 
 
 def _png_header(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
     """(height, width, found) of each PNG from its IHDR chunk (always the first)."""
-    ihdr = _bytes_at(encoded, tf.fill(tf.shape(encoded), 12), 12)
+    ihdr = _bytes_at(_padded(encoded, 12), tf.fill(tf.shape(encoded), 12), 12)
     found = tf.reduce_all(tf.equal(ihdr[:, :4], tf.constant(list(b"IHDR"))), axis=1)
 
     def be32(column):
@@ -176,10 +200,11 @@ def _png_header(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
 
 
 def image_headers(encoded: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Per image: is_jpeg, is_png, height, width, channels (JPEG), readable (header parsed)."""
+    """Per image: is_jpeg, is_png, height, width, channels (JPEG), readable (header parsed),
+    header_end (where the image data begins)."""
     is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_START)), _PNG_START)
     is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_START)), _JPEG_START)
-    j_height, j_width, channels, j_found = _jpeg_frame(encoded)
+    j_height, j_width, channels, j_found, frame_end = _jpeg_frame(encoded)
     p_height, p_width, p_found = _png_header(encoded)
     return {
         "is_jpeg": is_jpeg,
@@ -188,6 +213,7 @@ def image_headers(encoded: tf.Tensor) -> dict[str, tf.Tensor]:
         "width": tf.where(is_png, p_width, j_width),
         "channels": channels,
         "readable": (is_png & p_found) | (is_jpeg & j_found),
+        "header_end": tf.where(is_png, tf.fill(tf.shape(frame_end), _PNG_IHDR_END), frame_end),
     }
 
 
@@ -201,20 +227,33 @@ def declared_pixels(headers: dict[str, tf.Tensor]) -> tf.Tensor:
 
 
 def image_is_complete(encoded: tf.Tensor, headers: dict | None = None) -> tf.Tensor:
-    """Per example: a JPEG/PNG whose header gives its size and which ends with its end marker."""
-    length = tf.strings.length(encoded)
-
-    def ends_with(marker: bytes, offset: int) -> tf.Tensor:
-        start = tf.maximum(length - offset, 0)
-        width = tf.fill(tf.shape(start), len(marker))  # Substr wants pos and len alike
-        return tf.equal(tf.strings.substr(encoded, start, width), marker)
-
+    """Per example: a JPEG/PNG whose header gives its size and whose end marker follows it."""
+    # Decoders stop at the end marker (libjpeg at EOI, libpng at IEND) and ignore what follows, so
+    # an end marker anywhere after the header passes: phones append an MP4 to a motion photo's
+    # JPEG. Without a decode this cannot tell a JPEG cut inside its scan data whose APPn,
+    # tables or trailer hold the two bytes FF D9; Transform decodes every image as well.
     headers = headers or image_headers(encoded)
-    png_complete = headers["is_png"] & ends_with(_PNG_END, len(_PNG_END))
-    jpeg_end = tf.reduce_any(
-        tf.stack([ends_with(_JPEG_END, k) for k in range(2, _JPEG_END_SEARCH + 1)], axis=1), axis=1
-    )
-    return headers["readable"] & (png_complete | (headers["is_jpeg"] & jpeg_end))
+    length = tf.strings.length(encoded)
+    body = tf.strings.substr(encoded, tf.minimum(headers["header_end"], length), length)
+
+    def contains(marker: bytes) -> tf.Tensor:
+        return tf.strings.split(body, sep=marker).row_lengths() > 1
+
+    png_complete = headers["is_png"] & contains(_PNG_END)
+    jpeg_complete = headers["is_jpeg"] & contains(_JPEG_END)
+    return headers["readable"] & (png_complete | jpeg_complete)
+
+
+def _jpeg_padding_only(encoded: tf.Tensor) -> tf.Tensor:
+    """Per example: whether the bytes end with a JPEG end marker followed by at most
+    _JPEG_PADDING bytes (camera padding), i.e. nothing worth dropping follows the image."""
+    length = tf.strings.length(encoded)
+    ends = []
+    for offset in range(len(_JPEG_END), _JPEG_PADDING + len(_JPEG_END) + 1):
+        start = tf.maximum(length - offset, 0)
+        width = tf.fill(tf.shape(start), len(_JPEG_END))  # Substr wants pos and len alike
+        ends.append(tf.equal(tf.strings.substr(encoded, start, width), _JPEG_END))
+    return tf.reduce_any(tf.stack(ends, axis=1), axis=1)
 
 
 def image_decodes(encoded: tf.Tensor, allowed: tf.Tensor | None = None) -> tf.Tensor:
@@ -323,6 +362,7 @@ def stored_images(
     keep = (
         readable
         & headers["is_jpeg"]
+        & _jpeg_padding_only(encoded)
         & ((headers["channels"] == 1) | (headers["channels"] == 3))
         & (tf.maximum(headers["height"], headers["width"]) <= max_side)
     )
