@@ -229,6 +229,51 @@ def test_damaged_image_in_eval_split_fails_transform_naming_the_record(tmp_path,
     assert "not a complete, decodable JPEG or PNG" in message
 
 
+def test_a_damaged_image_without_a_filename_is_named_by_synset_label_and_size(tmp_path):
+    # image/filename is optional: the error must still say which record to look at.
+    write_small_sample(tmp_path / "data", train=60, validation=30)
+    span = tmp_path / "data" / "span-1"
+
+    def strip(records):
+        for record in records:
+            del record.features.feature[features.IMAGE_FILENAME]
+
+    for shard in span.glob("train-*"):
+        rewrite_shard(shard, strip)
+
+    def strip_and_truncate(records):
+        strip(records)
+        victim = records[3].features.feature[features.IMAGE_ENCODED].bytes_list
+        victim.value[0] = _truncate(victim.value[0])
+
+    records = rewrite_shard(next(span.glob("validation-*")), strip_and_truncate)
+    feature = records[3].features.feature
+    with pytest.raises(Exception) as failure:
+        run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=True)
+    synset = feature[features.SYNSET].bytes_list.value[0].decode()
+    label = feature[features.LABEL].int64_list.value[0]
+    assert (
+        f"<no image/filename>, image/class/synset = {synset}, image/class/label = {label}, "
+        "image/encoded of 300 bytes] [is not a complete, decodable JPEG or PNG"
+    ) in str(failure.value)
+
+
+def test_records_are_named_by_filename_else_by_synset_label_and_image_size():
+    names = preprocessing.record_names(
+        tf.constant([b"a/1.jpg", b"", b""]),
+        tf.constant([b"xyz", b"abcd", b""]),
+        tf.constant([b"n01", b"n02", b"\xffn03"]),
+        tf.constant([1, 2, -1], tf.int64),
+    )
+    assert names.numpy().tolist() == [
+        b"a/1.jpg",
+        b"<no image/filename>, image/class/synset = n02, image/class/label = 2, "
+        b"image/encoded of 4 bytes",
+        b"<no image/filename>, image/class/synset = \xffn03, image/class/label = -1, "
+        b"image/encoded of 0 bytes",
+    ]
+
+
 @pytest.mark.parametrize("split", ["train", "validation"])
 def test_a_label_that_disagrees_with_its_synset_stops_transform_naming_the_record(tmp_path, split):
     # In the training split the class list refuses the pair while it is made (one analysis

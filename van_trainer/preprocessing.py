@@ -69,9 +69,10 @@ def preprocessing_fn(
     if not (features.SYNSET in inputs and features.LABEL in inputs):
         # Serving (no label): the model server's own checks come first (van_trainer/export.py).
         return {features.TRANSFORMED_IMAGE: stored_images(encoded, max_side, quality)}
-    filenames = _column(inputs.get(features.IMAGE_FILENAME), b"<no image/filename>", encoded)
     synsets = _column(inputs[features.SYNSET], b"")
     labels = tf.cast(_column(inputs[features.LABEL], -1), tf.int64)
+    filenames = _column(inputs.get(features.IMAGE_FILENAME), b"", encoded)
+    filenames = record_names(filenames, encoded, synsets, labels)  # what the errors name
     vocabulary, count = class_vocabulary(labels, synsets, filenames)
     ids = tft.apply_vocabulary(synsets, vocabulary, default_value=-1)
     # Assert ops (and the tf.data ops of image_decodes, stateful too) also run while TFT
@@ -101,6 +102,27 @@ def preprocessing_fn(
         ),
         features.TRANSFORMED_LABEL: label,
     }
+
+
+def record_names(
+    filenames: tf.Tensor, encoded: tf.Tensor, synsets: tf.Tensor, labels: tf.Tensor
+) -> tf.Tensor:
+    """Per record, how errors name it: its image/filename, else its synset, label and size."""
+    # The graph sees features only, not the shard or the position of a record in it, and
+    # image/filename is optional: without it the synset and label narrow a record down to a
+    # class, and the byte count of its image to (nearly always) one record of it.
+    described = tf.strings.join(
+        [
+            "<no image/filename>, image/class/synset = ",
+            synsets,
+            ", image/class/label = ",
+            tf.strings.as_string(labels),
+            ", image/encoded of ",
+            tf.strings.as_string(tf.strings.length(encoded)),
+            " bytes",
+        ]
+    )
+    return tf.where(tf.strings.length(filenames) > 0, filenames, described)
 
 
 def _column(x, default, like: tf.Tensor | None = None) -> tf.Tensor:
