@@ -41,6 +41,10 @@ class CorruptShardError(IOError):
     """A TFRecord shard that cannot be read to the end (truncated or corrupted)."""
 
 
+class BadRecordError(ValueError):
+    """A readable TFRecord record that is not a tf.Example of the schema's feature kinds."""
+
+
 def tfrecord_compression(path: str) -> str:
     """tf.data's compression_type for a TFRecord file, from its name as Beam decides it."""
     return "GZIP" if path.endswith(".gz") else ""
