@@ -181,6 +181,30 @@ def test_an_empty_split_stops_the_run_naming_it(tmp_path):
     assert "split train" not in str(failure.value)
 
 
+def test_a_feature_of_the_wrong_kind_in_one_record_stops_ingestion_naming_it(tmp_path):
+    # Through the pipeline's own ImportExampleGen (the schema path rides in its custom_config):
+    # StatisticsGen used to fail with "Unable to merge incompatible type", naming nothing.
+    from van_tfx.data.records import BadRecordError
+
+    write_small_sample(tmp_path / "data", train=60, validation=30)
+    shard = next((tmp_path / "data" / "span-1").glob("validation-00000-of-*"))
+
+    def label_as_bytes(records):
+        label = records[7].features.feature[features.LABEL]
+        value = label.int64_list.value[0]
+        label.Clear()
+        label.bytes_list.value.append(str(value).encode())
+
+    rewrite_shard(shard, label_as_bytes)
+    with pytest.raises(BadRecordError) as failure:
+        run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=False)
+    assert str(failure.value) == (
+        f"TFRecord shard {shard}: record 7 (0-based) feature 'image/class/label' holds "
+        "bytes_list values, but the schema types it INT (int64_list); StatisticsGen cannot "
+        "merge one feature of two kinds"
+    )
+
+
 def _truncate(jpeg: bytes) -> bytes:
     return jpeg[:300]
 
