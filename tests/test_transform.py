@@ -594,6 +594,70 @@ def test_an_image_over_the_pixel_budget_is_refused_by_name_and_never_decoded():
     assert preprocessing.image_settings({"data": {"max_image_pixels": 5}})[2] == 5
 
 
+_PEAK_OF_A_BATCH = """
+import resource, sys
+import van_tfx  # noqa: F401  (legacy Keras before TensorFlow)
+import tensorflow as tf
+from test_transform import _png_declaring
+from van_trainer import preprocessing
+
+tf.config.threading.set_inter_op_parallelism_threads(10)  # a worker with cores to spare
+count, side, budget = (int(arg) for arg in sys.argv[1:])
+batch = tf.constant([_png_declaring(side, side)] * count)
+
+@tf.function
+def store(encoded):
+    return preprocessing.stored_images(encoded, 512, 90, max_pixels=budget)
+
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert len(set(store(batch).numpy())) == 1
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_a_batch_decodes_no_more_pixels_at_once_than_the_budget():
+    # Eight PNGs of 9 M pixels each, each the whole budget: re-encoded one at a time, the
+    # batch costs about one of them (<= 20 bytes a pixel), not the up to 10 tf.map_fn ran at once
+    # (2.0 GB here before, 0.15 GB now).
+    import subprocess
+    import sys
+
+    side = 3000
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent)] + sys.path))
+    grown = subprocess.run(
+        [sys.executable, "-c", _PEAK_OF_A_BATCH, "8", str(side), str(side * side)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.split()[-1]
+    assert int(grown) < 2 * 20 * side * side, f"the batch grew the process by {grown} bytes"
+
+
+def test_images_are_reencoded_in_passes_by_size_and_each_lands_in_its_place():
+    # A budget of 1 M pixels: passes of <= 100 k pixels (10 at once), <= 250 k (4), <= 500 k
+    # (2) and the rest (1); a kept JPEG and bytes that are no image in between.
+    sizes = [(300, 200), (100, 100), (500, 400), (640, 480), (120, 80), (2000, 1000)]
+    images = [_photo(w, h, "PNG") for w, h in sizes]
+    kept = _photo(200, 150)
+    batch = tf.constant(images[:3] + [kept, b"junk"] + images[3:])
+    stored = preprocessing.stored_images(batch, 512, 90, max_pixels=1_000_000).numpy()
+    shapes = [tf.image.extract_jpeg_shape(x).numpy().tolist() if x else None for x in stored]
+    assert shapes == [
+        [200, 300, 3],
+        [100, 100, 3],
+        [400, 500, 3],
+        [150, 200, 3],
+        None,
+        [384, 512, 3],
+        [80, 120, 3],
+        [256, 512, 3],
+    ]
+    assert stored[3] == kept
+    empty = preprocessing.stored_images(tf.constant([], tf.string), 512, 90, max_pixels=10)
+    assert empty.shape == (0,)
+
+
 def test_png_transparency_is_composited_on_white_like_data_build():
     import io
 

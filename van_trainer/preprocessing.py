@@ -24,8 +24,8 @@ from van_tfx import features
 from van_tfx.config import DataConfig
 
 # Fallbacks when custom_config has no data section: the config's defaults (one place). A pixel
-# budget matters because a 400 KB PNG can declare 400 M pixels, and a decode plus the float
-# resize of one costs ~12 bytes a pixel.
+# budget matters because a 400 KB PNG can declare 400 M pixels, and a decode plus the resize of
+# one costs up to ~17 bytes a pixel (a PNG with alpha; 37 when it was composited in float32).
 _DATA_DEFAULTS = DataConfig()
 DEFAULT_MAX_IMAGE_SIDE = _DATA_DEFAULTS.max_image_side
 DEFAULT_JPEG_QUALITY = _DATA_DEFAULTS.jpeg_quality
@@ -44,6 +44,9 @@ _SOF_MARKERS = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD
 # header read with an error.
 _STANDALONE_MARKERS = (0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7, 0x01)
 _FATAL_MARKERS = (0xD8, 0xD9, 0xDA)
+# Re-encoding passes, one after another: up to k images at once, of up to max_pixels / k pixels
+# each (the last pass takes the rest, one at a time).
+_REENCODE_PASSES = (10, 4, 2, 1)
 # Bytes looked at per step for the next marker: libjpeg skips any run of fill bytes and stray
 # bytes before a marker, so a run this long costs one step, not one per byte.
 _MARKER_WINDOW = 64
@@ -68,7 +71,11 @@ def preprocessing_fn(
     encoded = _column(inputs[features.IMAGE_ENCODED], b"")
     if not (features.SYNSET in inputs and features.LABEL in inputs):
         # Serving (no label): the model server's own checks come first (van_trainer/export.py).
-        return {features.TRANSFORMED_IMAGE: stored_images(encoded, max_side, quality)}
+        return {
+            features.TRANSFORMED_IMAGE: stored_images(
+                encoded, max_side, quality, max_pixels=max_pixels
+            )
+        }
     synsets = _column(inputs[features.SYNSET], b"")
     labels = tf.cast(_column(inputs[features.LABEL], -1), tf.int64)
     filenames = _column(inputs.get(features.IMAGE_FILENAME), b"", encoded)
@@ -98,7 +105,7 @@ def preprocessing_fn(
         label = tf.identity(ids)
     return {
         features.TRANSFORMED_IMAGE: stored_images(
-            encoded, max_side, quality, decodes & affordable, headers
+            encoded, max_side, quality, decodes & affordable, headers, max_pixels
         ),
         features.TRANSFORMED_LABEL: label,
     }
@@ -370,10 +377,12 @@ def stored_images(
     quality: int,
     decodes: tf.Tensor | None = None,
     headers: dict | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tf.Tensor:
     """What Transform stores per image: the JPEG itself if it is RGB/gray within the cap, else the
     image resized to the cap (aspect kept) and encoded as JPEG; b'' for unreadable bytes (and for
-    those `decodes` marks False). `headers`: image_headers(encoded), if already read."""
+    those `decodes` marks False). `headers`: image_headers(encoded), if already read;
+    `max_pixels`: the pixels a batch may have decoded at once (data.max_image_pixels)."""
     headers = headers or image_headers(encoded)
     # No Assert in here: a stateful op would make TFT run this work in every analysis phase too.
     # Unreadable or undecodable bytes must not reach a decoder here either (its error names no
@@ -389,24 +398,35 @@ def stored_images(
         & (tf.maximum(headers["height"], headers["width"]) <= max_side)
     )
 
-    def store(args):
-        image, kept, ok = args
-        return tf.cond(
-            kept,
-            lambda: image,
-            lambda: tf.cond(
-                ok, lambda: reencoded(image, max_side, quality), lambda: tf.constant(b"")
-            ),
-        )
-
-    return tf.map_fn(
-        store, (encoded, keep, readable), fn_output_signature=tf.TensorSpec([], tf.string)
-    )
+    # Re-encoding decodes the whole image (~17 bytes a pixel at its peak, for a PNG with alpha)
+    # and tf.map_fn runs up to 10 iterations at once: ten 64 M-pixel PNGs in one batch would cost
+    # ten times one. So images are re-encoded in passes, one after another, by declared size:
+    # a pass that runs k at once takes images of at most max_pixels / k pixels, and the pixels
+    # decoded at once in a batch never exceed max_pixels.
+    pixels = declared_pixels(headers)
+    pending = readable & ~keep
+    stored = tf.where(keep, encoded, tf.fill(tf.shape(encoded), b""))
+    previous, lower = [], 0
+    for number, parallel in enumerate(_REENCODE_PASSES):
+        last = number == len(_REENCODE_PASSES) - 1
+        upper = max_pixels // parallel
+        chosen = pending & (pixels > lower) & (True if last else pixels <= upper)
+        where = tf.where(chosen)
+        with tf.control_dependencies(previous):
+            done = tf.map_fn(
+                lambda image: reencoded(image, max_side, quality),
+                tf.gather(encoded, where[:, 0]),
+                parallel_iterations=parallel,
+                fn_output_signature=tf.TensorSpec([], tf.string),
+            )
+        stored = tf.tensor_scatter_nd_update(stored, where, done)
+        previous, lower = [done], upper
+    return stored
 
 
 def reencoded(encoded: tf.Tensor, max_side: int, quality: int) -> tf.Tensor:
     """Decode any JPEG/PNG to RGB, shrink it so its longer side is <= max_side, encode as JPEG."""
-    image = rgb_on_white(encoded)
+    image = rgb_on_white(encoded)  # uint8: resize reads it as is (a float copy: 12 bytes a pixel)
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = tf.minimum(1.0, max_side / tf.reduce_max(shape))
     new_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), 1)
@@ -417,17 +437,19 @@ def reencoded(encoded: tf.Tensor, max_side: int, quality: int) -> tf.Tensor:
 
 
 def rgb_on_white(encoded: tf.Tensor) -> tf.Tensor:
-    """A JPEG or PNG as float32 RGB [h, w, 3], PNG transparency composited on white."""
+    """A JPEG or PNG as uint8 RGB [h, w, 3], PNG transparency composited on white."""
 
     def png():
         # As `van-tfx data build` does (van_tfx/data/records.py): dropping alpha would show what
-        # the transparent pixels happen to hold, often black.
-        rgba = tf.cast(tf.io.decode_png(encoded, channels=4), tf.float32)
-        alpha = rgba[..., 3:] / 255.0
-        return rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        # the transparent pixels happen to hold, often black. In 16-bit integers, not float32:
+        # 255 - (255 - c) * a / 255, rounded; (255 - c) * a + 127 fits in uint16.
+        rgba = tf.io.decode_png(encoded, channels=4)
+        alpha = tf.cast(rgba[..., 3:], tf.uint16)
+        ink = (255 - tf.cast(rgba[..., :3], tf.uint16)) * alpha
+        return 255 - tf.cast((ink + 127) // 255, tf.uint8)
 
     def jpeg():
-        return tf.cast(tf.io.decode_jpeg(encoded, channels=3), tf.float32)
+        return tf.io.decode_jpeg(encoded, channels=3)
 
     is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_START)), _PNG_START)
     image = tf.cond(is_png, png, jpeg)
