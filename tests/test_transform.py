@@ -434,6 +434,29 @@ def test_whatever_libjpeg_or_libpng_decode_is_read_checked_and_stored():
     assert stored[_VALID_ODDITIES.index(_with_comments)] == images[1]  # kept byte for byte
 
 
+def test_a_header_of_any_number_of_markers_is_read_as_libjpeg_reads_it_in_bounded_time():
+    import time
+
+    jpeg = _photo(500, 375)
+    # 262,144 empty COM segments (1 MB): a step per marker took ~10 s; walked, well under 1 s.
+    many = jpeg[:2] + b"\xff\xfe\x00\x02" * 262_144 + jpeg[2:]
+    mixed = jpeg[:2] + b"\xff\xd0ab\xff\xfe\x00\x03x\xff\xff\xff\x01" * 200 + jpeg[2:]
+    sos_first = jpeg[:2] + b"\xff\xfe\x00\x03x" * 100 + b"\xff\xda\x00\x02" + jpeg[2:]
+    read = tf.function(lambda batch: preprocessing.image_headers(batch))
+    batch = tf.constant([many, mixed, sos_first, jpeg])
+    read(batch)  # traced once
+    began = time.perf_counter()
+    headers = {key: value.numpy().tolist() for key, value in read(batch).items()}
+    took = time.perf_counter() - began
+    assert headers["readable"] == [True, True, False, True]
+    assert headers["height"][:2] == [375, 375] and headers["width"][:2] == [500, 500]
+    for image in (many, mixed):
+        assert tf.image.extract_jpeg_shape(image).numpy().tolist() == [375, 500, 3]
+    with pytest.raises(tf.errors.InvalidArgumentError):  # SOS before the frame: libjpeg refuses
+        tf.image.extract_jpeg_shape(sos_first)
+    assert took < 3, f"{took:.1f} s"
+
+
 def test_valid_images_with_trailers_segments_or_fill_bytes_pass_transform(tmp_path):
     write_small_sample(tmp_path / "data", train=60, validation=30)
     shard = next((tmp_path / "data" / "span-1").glob("validation-00000-of-*"))

@@ -47,6 +47,9 @@ _FATAL_MARKERS = (0xD8, 0xD9, 0xDA)
 # Re-encoding passes, one after another: up to k images at once, of up to max_pixels / k pixels
 # each (the last pass takes the rest, one at a time).
 _REENCODE_PASSES = (10, 4, 2, 1)
+# Markers walked step by step (a real JPEG has a dozen before its frame; the rare image with more
+# is walked by _jpeg_frame_walk, whose cost does not grow with the count).
+_MARKER_STEPS = 64
 # Bytes looked at per step for the next marker: libjpeg skips any run of fill bytes and stray
 # bytes before a marker, so a run this long costs one step, not one per byte.
 _MARKER_WINDOW = 64
@@ -162,6 +165,28 @@ def _bytes_at(padded: tf.Tensor, pos: tf.Tensor, count: int) -> tf.Tensor:
     return tf.cast(tf.io.decode_raw(chunk, tf.uint8, fixed_length=count), tf.int32)
 
 
+def _among(codes: tf.Tensor, values: tuple[int, ...]) -> tf.Tensor:
+    return tf.reduce_any(tf.equal(codes[..., tf.newaxis], tf.constant(values, codes.dtype)), -1)
+
+
+def _at_marker(code, size, at, length):
+    """libjpeg's read_markers at a marker `code` at `at` with length field `size`: (a usable
+    frame header, where the search for the next marker starts, whether the walk goes on)."""
+    frame = _among(code, _SOF_MARKERS) & (at + 10 <= length)
+    # APPn and COM of a length below 2 skip nothing in libjpeg; other segments need one.
+    lenient = ((code >= 0xE0) & (code <= 0xEF)) | (code == 0xFE)
+    size = tf.where(lenient, tf.maximum(size, 2), size)
+    standalone = _among(code, _STANDALONE_MARKERS)
+    after = tf.where(standalone, at + 2, at + 2 + size)
+    goes_on = (
+        ~_among(code, _FATAL_MARKERS)
+        & ~_among(code, _SOF_MARKERS)
+        & (standalone | (size >= 2))
+        & (after < length)
+    )
+    return frame, after, goes_on
+
+
 def _jpeg_frame(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
     """(height, width, channels, found, end of the frame header) of each JPEG, from its
     start-of-frame segment found as libjpeg's marker reader (jdmarker.c) finds it."""
@@ -169,10 +194,7 @@ def _jpeg_frame(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
     padded = _padded(encoded, _MARKER_WINDOW)
     zeros = tf.zeros_like(length)
 
-    def among(codes, values):
-        return tf.reduce_any(tf.equal(codes[:, tf.newaxis], tf.constant(values)[tf.newaxis]), 1)
-
-    def step(pos, height, width, channels, frame_end, found, alive):
+    def step(i, pos, height, width, channels, frame_end, found, alive):
         window = _bytes_at(padded, pos, _MARKER_WINDOW)
         # next_marker: the first 0xFF followed by neither a fill byte (0xFF) nor a stuffed zero;
         # whatever comes before it is skipped (libjpeg warns, decodes on).
@@ -181,33 +203,85 @@ def _jpeg_frame(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
         seen = tf.reduce_any(starts, axis=1)
         at = pos + tf.argmax(tf.cast(starts, tf.int32), axis=1, output_type=tf.int32)
         segment = _bytes_at(padded, at, 10)
-        code = segment[:, 1]
-        size = segment[:, 2] * 256 + segment[:, 3]
-        hit = alive & seen & among(code, _SOF_MARKERS) & (at + 10 <= length)
+        frame, after, goes_on = _at_marker(
+            segment[:, 1], segment[:, 2] * 256 + segment[:, 3], at, length
+        )
+        hit = alive & seen & frame
         height = tf.where(hit, segment[:, 5] * 256 + segment[:, 6], height)
         width = tf.where(hit, segment[:, 7] * 256 + segment[:, 8], width)
         channels = tf.where(hit, segment[:, 9], channels)
         frame_end = tf.where(hit, at + 10, frame_end)
-        # APPn and COM of a length below 2 skip nothing in libjpeg; other segments need one.
-        lenient = ((code >= 0xE0) & (code <= 0xEF)) | (code == 0xFE)
-        size = tf.where(lenient, tf.maximum(size, 2), size)
-        after = tf.where(among(code, _STANDALONE_MARKERS), at + 2, at + 2 + size)
-        segment_ok = among(code, _STANDALONE_MARKERS) | (size >= 2)
-        marker_ok = ~among(code, _FATAL_MARKERS) & ~among(code, _SOF_MARKERS) & segment_ok
         # Not seen: the window held no marker; look on from its last byte (a 0xFF there may
         # start the next one).
         pos = tf.where(seen, after, pos + _MARKER_WINDOW - 1)
-        alive = alive & ~hit & (~seen | marker_ok) & (pos < length)
-        return pos, height, width, channels, frame_end, found | hit, alive
+        alive = alive & ~hit & tf.where(seen, goes_on, pos < length)
+        return i + 1, pos, height, width, channels, frame_end, found | hit, alive
 
-    def more(*state):
-        # Every step moves each live image on by 2 bytes or more: this ends.
-        return tf.reduce_any(state[-1])
+    def more(i, *state):
+        return (i < _MARKER_STEPS) & tf.reduce_any(state[-1])
 
     starts = tf.equal(tf.strings.substr(encoded, 0, 2), _JPEG_START[:2])
-    state = (zeros + 2, zeros, zeros, zeros, zeros, tf.zeros_like(starts), starts)
-    _, height, width, channels, frame_end, found, _ = tf.while_loop(more, step, state)
+    state = (0, zeros + 2, zeros, zeros, zeros, zeros, tf.zeros_like(starts), starts)
+    _, pos, *frame, alive = tf.while_loop(more, step, state)
+
+    def jump():
+        # The few images with more markers than _MARKER_STEPS (hundreds of segments; a hostile
+        # header has 16 k per 64 KB): walked in log2(markers) steps, whatever their number.
+        index = tf.where(alive)
+        walked = tf.map_fn(
+            lambda args: _jpeg_frame_walk(*args),
+            (tf.gather_nd(encoded, index), tf.gather_nd(pos, index)),
+            parallel_iterations=1,  # one such image's markers in memory at a time
+            fn_output_signature=(tf.int32, tf.int32, tf.int32, tf.int32, tf.bool),
+        )
+        return [
+            tf.tensor_scatter_nd_update(old, index, new)
+            for old, new in zip(frame, walked, strict=True)
+        ]
+
+    height, width, channels, frame_end, found = tf.cond(tf.reduce_any(alive), jump, lambda: frame)
     return height, width, channels, found & (height > 0) & (width > 0), frame_end
+
+
+def _jpeg_frame_walk(encoded: tf.Tensor, start: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """(height, width, channels, frame end, found) of one JPEG, walking its markers from `start`
+    as _jpeg_frame's steps do: every marker's successor at once, then pointer doubling."""
+    flat = tf.io.decode_raw(encoded, tf.uint8)
+    length = tf.size(flat)
+    flat = tf.concat([flat, tf.zeros([10], tf.uint8)], 0)
+    # Marker candidates: 0xFF followed, inside the image, by neither 0xFF nor 0x00.
+    follower = flat[1 : length + 1]
+    marker = tf.cast(
+        tf.where((flat[:length] == 0xFF) & (follower != 0xFF) & (follower != 0))[:, 0], tf.int32
+    )
+    marker = marker[marker + 1 < length]
+
+    def byte(offset):
+        return tf.cast(tf.gather(flat, marker + offset), tf.int32)
+
+    frame, after, goes_on = _at_marker(byte(1), byte(2) * 256 + byte(3), marker, length)
+    count = tf.size(marker)
+
+    def first_marker(position):
+        # The first marker at or after `position` (libjpeg skips whatever lies before it).
+        return tf.searchsorted(marker, position, out_type=tf.int32)  # count: none
+
+    nxt = tf.where(frame, tf.range(count), tf.where(goes_on, first_marker(after), count))
+    nxt = tf.concat([nxt, [count]], 0)  # count: the end of the walk, found nothing
+    nxt = tf.while_loop(
+        lambda n: tf.reduce_any(tf.gather(n, n) != n), lambda n: [tf.gather(n, n)], [nxt]
+    )[0]
+    last = nxt[first_marker(tf.reshape(start, [1]))[0]]
+    hit = tf.concat([frame, [False]], 0)[last]
+    at = tf.concat([marker, [0]], 0)[last]
+    values = tf.cast(flat[at + 5 : at + 10], tf.int32)
+    return (
+        tf.where(hit, values[0] * 256 + values[1], 0),
+        tf.where(hit, values[2] * 256 + values[3], 0),
+        tf.where(hit, values[4], 0),
+        tf.where(hit, at + 10, 0),
+        hit,
+    )
 
 
 # PNG signature (8 bytes) and IHDR chunk (length, type, 13 bytes of data, CRC).
