@@ -50,9 +50,10 @@ from components.new_data_gate import (
     span_range,
 )
 from van_tfx import storage
-from van_tfx.tfrecords import CorruptShardError, read_records, write_records
+from van_tfx.tfrecords import BadRecordError, CorruptShardError, read_records, write_records
 
 _INPUT_CONFIG = standard_component_specs.INPUT_CONFIG_KEY
+_CUSTOM_CONFIG = standard_component_specs.CUSTOM_CONFIG_KEY
 # TF's and our converters' shard names: train-00007-of-01024, optionally GZIP.
 _SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<index>[0-9]{5,})-of-(?P<total>[0-9]{5,})(?:\.gz)?")
 _RANGE_CONFIG = standard_component_specs.RANGE_CONFIG_KEY
@@ -61,6 +62,11 @@ _BEAM_CORRUPT_RECORD = "Not a valid TFRecord"
 # The input TFX's KFP compiler adds to each task under the gate's Cond, for its condition.
 GATE_DECISION_INPUT = f"_{GATE_ID}.{DECISION_OUTPUT}"
 _OUTPUT_SHARD = "data_tfrecord-{index:05d}-of-{count:05d}"
+# Records checked against the schema's kinds per C++ parse.
+_COPY_BATCH = 256
+# tf.train.Feature's kind for each schema type (STRUCT and unknown types are not checked).
+_FEATURE_KINDS = {1: "bytes_list", 2: "int64_list", 3: "float_list"}  # BYTES, INT, FLOAT
+_SCHEMA_TYPES = {"bytes_list": "BYTES", "int64_list": "INT", "float_list": "FLOAT"}
 # Compressions Beam reads by file name that tf.data cannot: such shards are refused by name.
 _UNCOPYABLE_SUFFIXES = (".bz2", ".deflate", ".zst", ".zstd", ".lzma")
 
@@ -232,10 +238,105 @@ def _set_problems(stem: str, shards: list[tuple[int, int]]) -> list[str]:
     return problems
 
 
-def copy_shard(source: str, target: str) -> int:
-    """Copy one TFRecord shard record by record (lengths bounded, CRCs checked), uncompressed;
-    returns the count."""
-    return write_records(target, read_records(source))
+def schema_path_config(schema_path: str) -> example_gen_pb2.CustomConfig:
+    """ImportExampleGen's custom_config naming the curated schema (data.schema_path; '' for the
+    one shipped), whose feature types the copy checks every record against."""
+    from google.protobuf import any_pb2, wrappers_pb2
+
+    packed = any_pb2.Any()
+    packed.Pack(wrappers_pb2.StringValue(value=schema_path))
+    return example_gen_pb2.CustomConfig(custom_config=packed)
+
+
+def schema_kinds(exec_properties: dict) -> dict[str, str]:
+    """{feature: its tf.train.Feature kind ('bytes_list', 'int64_list', 'float_list')} for every
+    feature the curated schema (the one schema_path_config names) gives a type."""
+    from google.protobuf import text_format, wrappers_pb2
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    from components.curated_schema import curated_schema_text
+
+    path = wrappers_pb2.StringValue()
+    config = exec_properties.get(_CUSTOM_CONFIG)
+    if config:
+        parsed = proto_utils.json_to_proto(config, example_gen_pb2.CustomConfig())
+        parsed.custom_config.Unpack(path)
+    schema = text_format.Parse(curated_schema_text(path.value), schema_pb2.Schema())
+    return {f.name: _FEATURE_KINDS[f.type] for f in schema.feature if f.type in _FEATURE_KINDS}
+
+
+def _parse_spec(kinds: dict[str, str]) -> dict:
+    import tensorflow as tf
+
+    dtypes = {"bytes_list": tf.string, "int64_list": tf.int64, "float_list": tf.float32}
+    return {name: tf.io.VarLenFeature(dtypes[kind]) for name, kind in kinds.items()}
+
+
+def record_kind_problem(record: bytes, kinds: dict[str, str], spec: dict) -> str | None:
+    """What keeps one serialized record from parsing with the schema's feature kinds, or None."""
+    import tensorflow as tf
+    from google.protobuf.message import DecodeError
+
+    try:
+        example = tf.train.Example.FromString(record)
+    except DecodeError:
+        return "is not a serialized tf.train.Example"
+    present = example.features.feature
+    for name, kind in kinds.items():
+        found = present[name].WhichOneof("kind") if name in present else None
+        if found is not None and found != kind:
+            return (
+                f"feature {name!r} holds {found} values, but the schema types it "
+                f"{_SCHEMA_TYPES[kind]} ({kind})"
+            )
+    try:
+        tf.io.parse_example([record], spec)
+    except (tf.errors.InvalidArgumentError, UnicodeDecodeError) as exc:
+        return f"does not parse as a tf.train.Example: {str(exc)[:200]!r}"
+    return None
+
+
+def check_record_kinds(batch, kinds: dict[str, str], spec: dict, source: str, start: int) -> None:
+    """Raise BadRecordError naming the shard, the record's index and the feature if a record of
+    `batch` (records `start`.. of `source`) holds a schema feature of another kind."""
+    import tensorflow as tf
+
+    try:
+        # One C++ parse per batch; the records are read again one by one only when it fails.
+        tf.io.parse_example(batch, spec)
+        return
+    except (tf.errors.InvalidArgumentError, UnicodeDecodeError):
+        pass
+    for offset, record in enumerate(batch):
+        problem = record_kind_problem(record, kinds, spec)
+        if problem:
+            raise BadRecordError(
+                f"TFRecord shard {source}: record {start + offset} (0-based) {problem}; "
+                "StatisticsGen cannot merge one feature of two kinds"
+            )
+
+
+def copy_shard(source: str, target: str, kinds: dict[str, str] | None = None) -> int:
+    """Copy one TFRecord shard record by record (lengths bounded, CRCs checked), uncompressed,
+    checking each record's schema features are of the schema's `kinds`; returns the count."""
+    records = read_records(source)
+    if kinds:
+        records = _kind_checked(records, kinds, source)
+    return write_records(target, records)
+
+
+def _kind_checked(records, kinds: dict[str, str], source: str):
+    # Batches of _COPY_BATCH: one C++ parse each, the records re-read one by one only on failure.
+    spec, batch, start = _parse_spec(kinds), [], 0
+    for record in records:
+        batch.append(record)
+        if len(batch) == _COPY_BATCH:
+            check_record_kinds(batch, kinds, spec, source, start)
+            yield from batch
+            start, batch = start + len(batch), []
+    if batch:
+        check_record_kinds(batch, kinds, spec, source, start)
+        yield from batch
 
 
 def shard_copies(
@@ -262,12 +363,20 @@ def is_copyable(exec_properties: dict) -> bool:
     return not output.split_config.splits
 
 
-def corrupt_shard_message(error: Exception) -> str | None:
-    """The CorruptShardError message inside a runner's error (which wraps it), or None."""
+def shard_error(error: Exception) -> Exception | None:
+    """The CorruptShardError or BadRecordError inside a runner's error (which wraps it, or
+    re-raises it with the step's name appended), or None."""
     found = re.search(
-        r"CorruptShardError: (TFRecord shard .*?)(?: \[while running|$)", str(error), re.M
+        r"(CorruptShardError|BadRecordError): (TFRecord shard .*?)(?: \[while running|$)",
+        str(error),
+        re.M,
     )
-    return found.group(1) if found else None
+    if found:
+        kind = CorruptShardError if found.group(1) == "CorruptShardError" else BadRecordError
+        return kind(found.group(2))
+    if isinstance(error, CorruptShardError | BadRecordError):
+        return type(error)(re.sub(r" \[while running.*", "", str(error), flags=re.S))
+    return None
 
 
 class SpanResolvingImportExecutor(import_executor.Executor):
@@ -300,6 +409,7 @@ class SpanResolvingImportExecutor(import_executor.Executor):
 
         self._log_startup({}, {"examples": [examples]}, exec_properties)
         copies = shard_copies(shards, examples.uri)
+        kinds = schema_kinds(exec_properties)
         for directory in sorted({os.path.dirname(target) for _, target in copies}):
             fileio.makedirs(directory)
         examples.split_names = artifact_utils.encode_split_names(list(shards))
@@ -309,13 +419,13 @@ class SpanResolvingImportExecutor(import_executor.Executor):
                     pipeline
                     | "Shards" >> beam.Create(copies)
                     | "Spread" >> beam.Reshuffle()  # file names only: a few KB
-                    | "CopyShards" >> beam.MapTuple(copy_shard)
+                    | "CopyShards" >> beam.MapTuple(copy_shard, kinds=kinds)
                 )
         except Exception as exc:
-            message = corrupt_shard_message(exc)
-            if message is None:
+            named = shard_error(exc)
+            if named is None:
                 raise
-            raise CorruptShardError(message) from None
+            raise named from None
         payload = exec_properties.get(standard_component_specs.OUTPUT_DATA_FORMAT_KEY)
         if payload:
             examples_utils.set_payload_format(examples, payload)

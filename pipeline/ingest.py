@@ -11,10 +11,11 @@ from tfx import v1 as tfx
 from tfx.components.example_gen import utils
 from tfx.dsl.components.base import executor_spec
 from tfx.proto import example_gen_pb2, transform_pb2
+from tfx.types import standard_component_specs
 from tfx.utils import proto_utils
 
 from components.curated_schema import CuratedSchema
-from components.example_gen import SpanResolvingImportExecutor
+from components.example_gen import SpanResolvingImportExecutor, schema_path_config
 from components.new_data_gate import NewDataGate, span_range
 from components.transform_executor import ShardingTransformExecutor
 from van_tfx.config import DataConfig
@@ -98,6 +99,11 @@ def example_gen(
     # Same executor, plus the span resolution a driver does where no driver runs (open-source
     # KFP); the component stays a FileBasedExampleGen, so Vertex still gets its driver hook.
     component.executor_spec = executor_spec.BeamExecutorSpec(SpanResolvingImportExecutor)
+    # The executor checks every record's features against the curated schema's types while it
+    # copies (a wrong kind in one record otherwise crashes StatisticsGen naming nothing).
+    component.exec_properties[standard_component_specs.CUSTOM_CONFIG_KEY] = schema_path_config(
+        config.schema_path
+    )
     return component
 
 

@@ -32,7 +32,7 @@ from components.served_model import ServedModel, ServedModelError
 from pipeline import ingest
 from van_tfx import features
 from van_tfx.config import DataConfig
-from van_tfx.tfrecords import CorruptShardError, masked_crc
+from van_tfx.tfrecords import BadRecordError, CorruptShardError, masked_crc
 
 
 def decision_for_span(tmp_path: Path, span: int, version: int | None = None) -> File:
@@ -189,6 +189,7 @@ def ingest_span(
     config: DataConfig | None = None,
     inputs: dict | None = None,
     splits=(ingest.TRAIN_SPLIT, ingest.EVAL_SPLIT),
+    custom_config: str | None = None,
 ) -> Examples:
     """Run the executor as the pipeline configures it, with no driver before it."""
     examples = Examples()
@@ -201,6 +202,8 @@ def ingest_span(
         "output_data_format": 6,  # FORMAT_TF_EXAMPLE
         "output_file_format": 5,  # FORMAT_TFRECORDS_GZIP
     }
+    if custom_config:
+        exec_properties["custom_config"] = custom_config
     SpanResolvingImportExecutor().Do(inputs or {}, {"examples": [examples]}, exec_properties)
     return examples
 
@@ -421,6 +424,93 @@ def test_a_huge_length_past_the_first_record_names_the_shard_and_the_record(tmp_
     ) as failure:
         ingest_span(tmp_path, data)
     assert str(shard) in str(failure.value)
+
+
+def image_example(index: int) -> tf.train.Example:
+    """A record of the ImageNet format (van_tfx/features.py) with a real JPEG."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 6), (index % 256, 40, 90)).save(out, "JPEG")
+    example = tf.train.Example()
+    feature = example.features.feature
+    feature[features.IMAGE_ENCODED].bytes_list.value.append(out.getvalue())
+    feature[features.IMAGE_FORMAT].bytes_list.value.append(b"JPEG")
+    feature[features.LABEL].int64_list.value.append(index % 3 + 1)
+    feature[features.SYNSET].bytes_list.value.append(f"n{index % 3}".encode())
+    feature[features.IMAGE_HEIGHT].int64_list.value.append(6)
+    feature[features.IMAGE_WIDTH].int64_list.value.append(8)
+    feature[features.IMAGE_FILENAME].bytes_list.value.append(f"n{index % 3}/{index}.jpg".encode())
+    return example
+
+
+def retyped(example: tf.train.Example, name: str, kind: str) -> None:
+    """`example`'s feature `name` holding one value of another kind."""
+    value = {"bytes_list": b"1", "int64_list": 1, "float_list": 1.0}[kind]
+    del example.features.feature[name]
+    getattr(example.features.feature[name], kind).value.append(value)
+
+
+@pytest.mark.parametrize(
+    "name, kind, expected",
+    [
+        (features.LABEL, "bytes_list", "INT (int64_list)"),
+        (features.IMAGE_ENCODED, "int64_list", "BYTES (bytes_list)"),
+        (features.IMAGE_WIDTH, "float_list", "INT (int64_list)"),
+    ],
+)
+@pytest.mark.parametrize("index", [0, 300])  # in the first copy batch, in a later one
+def test_a_record_with_a_feature_of_the_wrong_kind_is_named_with_its_shard(
+    tmp_path, name, kind, expected, index
+):
+    # StatisticsGen would fail with "Unable to merge incompatible type", naming nothing.
+    data = tmp_path / "data"
+    write_span(data, 1)
+    shard = data / "span-1" / "validation-00000-of-00001"
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for n in range(400):
+            example = image_example(n)
+            if n == index:
+                retyped(example, name, kind)
+            writer.write(example.SerializeToString())
+    with pytest.raises(BadRecordError) as failure:
+        ingest_span(tmp_path, data)
+    assert str(failure.value) == (
+        f"TFRecord shard {shard}: record {index} (0-based) feature {name!r} holds {kind} "
+        f"values, but the schema types it {expected}; StatisticsGen cannot merge one feature "
+        "of two kinds"
+    )
+
+
+def test_a_record_that_is_no_tf_example_is_named_with_its_shard(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    shard = data / "span-1" / "train-00000-of-00001"
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for n in range(5):
+            writer.write(image_example(n).SerializeToString() if n != 3 else b"\xff" * 40)
+    with pytest.raises(
+        BadRecordError, match=r"record 3 \(0-based\) is not a serialized"
+    ) as failure:
+        ingest_span(tmp_path, data)
+    assert str(shard) in str(failure.value)
+
+
+def test_the_kinds_come_from_the_configured_schema(tmp_path):
+    # write_span's records carry an int64 'x'; a schema typing it BYTES refuses them.
+    from components.example_gen import schema_kinds, schema_path_config
+
+    schema = tmp_path / "schema.pbtxt"
+    schema.write_text('feature { name: "x" type: BYTES }\n')
+    data = tmp_path / "data"
+    write_span(data, 1)
+    config = proto_utils.proto_to_json(schema_path_config(str(schema)))
+    assert schema_kinds({"custom_config": config}) == {"x": "bytes_list"}
+    assert schema_kinds({})[features.LABEL] == "int64_list"  # the schema shipped
+    with pytest.raises(BadRecordError, match="feature 'x' holds int64_list values"):
+        ingest_span(tmp_path, data, custom_config=config)
 
 
 def read_split(examples: Examples, split: str) -> dict[str, list[bytes]]:

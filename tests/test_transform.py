@@ -181,6 +181,30 @@ def test_an_empty_split_stops_the_run_naming_it(tmp_path):
     assert "split train" not in str(failure.value)
 
 
+def test_a_feature_of_the_wrong_kind_in_one_record_stops_ingestion_naming_it(tmp_path):
+    # Through the pipeline's own ImportExampleGen (the schema path rides in its custom_config):
+    # StatisticsGen used to fail with "Unable to merge incompatible type", naming nothing.
+    from van_tfx.tfrecords import BadRecordError
+
+    write_small_sample(tmp_path / "data", train=60, validation=30)
+    shard = next((tmp_path / "data" / "span-1").glob("validation-00000-of-*"))
+
+    def label_as_bytes(records):
+        label = records[7].features.feature[features.LABEL]
+        value = label.int64_list.value[0]
+        label.Clear()
+        label.bytes_list.value.append(str(value).encode())
+
+    rewrite_shard(shard, label_as_bytes)
+    with pytest.raises(BadRecordError) as failure:
+        run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=False)
+    assert str(failure.value) == (
+        f"TFRecord shard {shard}: record 7 (0-based) feature 'image/class/label' holds "
+        "bytes_list values, but the schema types it INT (int64_list); StatisticsGen cannot "
+        "merge one feature of two kinds"
+    )
+
+
 def _truncate(jpeg: bytes) -> bytes:
     return jpeg[:300]
 
@@ -227,6 +251,51 @@ def test_damaged_image_in_eval_split_fails_transform_naming_the_record(tmp_path,
     name, message = transform_failure_after(tmp_path, "validation", damage_one, 3)
     assert name in message
     assert "not a complete, decodable JPEG or PNG" in message
+
+
+def test_a_damaged_image_without_a_filename_is_named_by_synset_label_and_size(tmp_path):
+    # image/filename is optional: the error must still say which record to look at.
+    write_small_sample(tmp_path / "data", train=60, validation=30)
+    span = tmp_path / "data" / "span-1"
+
+    def strip(records):
+        for record in records:
+            del record.features.feature[features.IMAGE_FILENAME]
+
+    for shard in span.glob("train-*"):
+        rewrite_shard(shard, strip)
+
+    def strip_and_truncate(records):
+        strip(records)
+        victim = records[3].features.feature[features.IMAGE_ENCODED].bytes_list
+        victim.value[0] = _truncate(victim.value[0])
+
+    records = rewrite_shard(next(span.glob("validation-*")), strip_and_truncate)
+    feature = records[3].features.feature
+    with pytest.raises(Exception) as failure:
+        run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=True)
+    synset = feature[features.SYNSET].bytes_list.value[0].decode()
+    label = feature[features.LABEL].int64_list.value[0]
+    assert (
+        f"<no image/filename>, image/class/synset = {synset}, image/class/label = {label}, "
+        "image/encoded of 300 bytes] [is not a complete, decodable JPEG or PNG"
+    ) in str(failure.value)
+
+
+def test_records_are_named_by_filename_else_by_synset_label_and_image_size():
+    names = preprocessing.record_names(
+        tf.constant([b"a/1.jpg", b"", b""]),
+        tf.constant([b"xyz", b"abcd", b""]),
+        tf.constant([b"n01", b"n02", b"\xffn03"]),
+        tf.constant([1, 2, -1], tf.int64),
+    )
+    assert names.numpy().tolist() == [
+        b"a/1.jpg",
+        b"<no image/filename>, image/class/synset = n02, image/class/label = 2, "
+        b"image/encoded of 4 bytes",
+        b"<no image/filename>, image/class/synset = \xffn03, image/class/label = -1, "
+        b"image/encoded of 0 bytes",
+    ]
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])
@@ -300,6 +369,117 @@ def test_jpeg_fill_bytes_before_a_marker_are_read_like_libjpeg_reads_them():
     assert [headers["height"].numpy()[0], headers["width"].numpy()[0]] == [375, 500]
 
 
+def _motion_photo(jpeg: bytes) -> bytes:
+    # An Android motion photo: the JPEG, then an MP4 (here its header and 4 KB) after its EOI.
+    return jpeg + b"\x00\x00\x00\x18ftypmp42" + bytes(4096)
+
+
+def _with_comments(jpeg: bytes, count: int = 300) -> bytes:
+    return jpeg[:2] + b"\xff\xfe\x00\x03x" * count + jpeg[2:]
+
+
+def _with_fill_bytes(jpeg: bytes, count: int = 300) -> bytes:
+    return jpeg[:2] + b"\xff" * count + jpeg[2:]
+
+
+def _with_stray_markers(jpeg: bytes) -> bytes:
+    # After APP0: stray bytes (libjpeg skips them with a warning), RST0 and TEM (no length).
+    app0_end = 4 + int.from_bytes(jpeg[4:6], "big")
+    return jpeg[:app0_end] + b"abc\xff\xd0\xff\x01" + jpeg[app0_end:]
+
+
+def _padded_jpeg(jpeg: bytes) -> bytes:
+    return jpeg + bytes(16)  # camera padding after EOI
+
+
+def _png_with_trailing_byte(jpeg: bytes) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(out, "PNG")
+    return out.getvalue() + b"\n"
+
+
+_VALID_ODDITIES = [
+    _motion_photo,
+    _with_comments,
+    _with_fill_bytes,
+    _with_stray_markers,
+    _padded_jpeg,
+    _png_with_trailing_byte,
+]
+
+
+def test_whatever_libjpeg_or_libpng_decode_is_read_checked_and_stored():
+    jpeg = _photo(500, 375)
+    images = [make(jpeg) for make in _VALID_ODDITIES]
+    for image in images:  # the rule: what TF decodes in full is not corrupt
+        assert tf.io.decode_image(image, channels=3).shape == (375, 500, 3)
+    batch = tf.constant(images)
+    headers = preprocessing.image_headers(batch)
+    assert headers["readable"].numpy().all()
+    assert set(headers["height"].numpy()) == {375} and set(headers["width"].numpy()) == {500}
+    assert preprocessing.image_is_complete(batch, headers).numpy().all()
+    decodes = preprocessing.image_decodes(batch)
+    assert decodes.numpy().all()
+    stored = preprocessing.stored_images(batch, 512, 90, decodes, headers).numpy()
+    for out in stored:
+        assert tf.image.extract_jpeg_shape(out).numpy().tolist() == [375, 500, 3]
+    # A trailer is not stored: that JPEG is re-encoded. Padding of a few bytes is kept.
+    motion, padded = _VALID_ODDITIES.index(_motion_photo), _VALID_ODDITIES.index(_padded_jpeg)
+    assert b"ftypmp42" not in stored[motion] and stored[motion].endswith(b"\xff\xd9")
+    assert stored[padded] == images[padded]
+    assert stored[_VALID_ODDITIES.index(_with_comments)] == images[1]  # kept byte for byte
+
+
+def test_a_header_of_any_number_of_markers_is_read_as_libjpeg_reads_it_in_bounded_time():
+    import time
+
+    jpeg = _photo(500, 375)
+    # 262,144 empty COM segments (1 MB): a step per marker took ~10 s; walked, well under 1 s.
+    many = jpeg[:2] + b"\xff\xfe\x00\x02" * 262_144 + jpeg[2:]
+    mixed = jpeg[:2] + b"\xff\xd0ab\xff\xfe\x00\x03x\xff\xff\xff\x01" * 200 + jpeg[2:]
+    sos_first = jpeg[:2] + b"\xff\xfe\x00\x03x" * 100 + b"\xff\xda\x00\x02" + jpeg[2:]
+    read = tf.function(lambda batch: preprocessing.image_headers(batch))
+    batch = tf.constant([many, mixed, sos_first, jpeg])
+    read(batch)  # traced once
+    began = time.perf_counter()
+    headers = {key: value.numpy().tolist() for key, value in read(batch).items()}
+    took = time.perf_counter() - began
+    assert headers["readable"] == [True, True, False, True]
+    assert headers["height"][:2] == [375, 375] and headers["width"][:2] == [500, 500]
+    for image in (many, mixed):
+        assert tf.image.extract_jpeg_shape(image).numpy().tolist() == [375, 500, 3]
+    with pytest.raises(tf.errors.InvalidArgumentError):  # SOS before the frame: libjpeg refuses
+        tf.image.extract_jpeg_shape(sos_first)
+    assert took < 3, f"{took:.1f} s"
+
+
+def test_valid_images_with_trailers_segments_or_fill_bytes_pass_transform(tmp_path):
+    write_small_sample(tmp_path / "data", train=60, validation=30)
+    shard = next((tmp_path / "data" / "span-1").glob("validation-00000-of-*"))
+
+    def oddities(records):
+        for record, make in zip(records, _VALID_ODDITIES, strict=False):
+            image = record.features.feature[features.IMAGE_ENCODED].bytes_list
+            image.value[0] = make(image.value[0])
+
+    records = rewrite_shard(shard, oddities)
+    run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=True)
+    stored = [
+        example.features.feature[features.TRANSFORMED_IMAGE].bytes_list.value[0]
+        for example in read_transformed(tmp_path / "root", "eval")
+    ]
+    assert len(stored) == len(records)
+    for image in stored:
+        assert tf.image.extract_jpeg_shape(image).numpy().tolist() == [64, 64, 3]
+        assert b"ftypmp42" not in image
+    padded = records[_VALID_ODDITIES.index(_padded_jpeg)]
+    assert padded.features.feature[features.IMAGE_ENCODED].bytes_list.value[0] in stored
+
+
 def test_a_retried_shard_finalize_renames_nothing_twice_and_records_the_same_counts(tmp_path):
     from van_tfx.data import shard_writer
 
@@ -350,15 +530,29 @@ def damaged_images(draw):
     data = bytearray(_seed_image(draw(st.sampled_from(["JPEG", "PNG"]))))
     for _ in range(draw(st.integers(0, 3))):
         at = draw(st.integers(0, len(data)))
-        edit = draw(st.sampled_from(["cut", "overwrite", "insert"]))
+        edit = draw(st.sampled_from(["cut", "overwrite", "insert", "append", "markers"]))
         chunk = draw(st.binary(min_size=1, max_size=16))
         if edit == "cut":
             data = data[:at]
         elif edit == "overwrite":
             data[at : at + len(chunk)] = chunk
-        else:
+        elif edit == "insert":
             data[at:at] = chunk
+        elif edit == "append":  # a trailer, up to a few KB
+            data += chunk * draw(st.integers(1, 300))
+        else:  # after the start marker: many COM segments, fill bytes, RST/TEM, stray bytes
+            piece = draw(st.sampled_from([b"\xff\xfe\x00\x03x", b"\xff", b"\xff\xd0", b"\xff\x01"]))
+            data[2:2] = piece * draw(st.integers(1, 400)) + chunk * draw(st.booleans())
     return bytes(data)
+
+
+def _decodes_in_full(image: bytes) -> bool:
+    decode = tf.io.decode_jpeg if image.startswith(b"\xff\xd8") else tf.io.decode_png
+    try:
+        decode(image, channels=3)
+    except tf.errors.InvalidArgumentError:
+        return False
+    return True
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -370,12 +564,16 @@ def test_whatever_the_bytes_storing_them_never_reaches_a_failing_decoder(images)
     # Transform's image path with the decode check it gets: never raises, so the named check
     # is the error a user sees; whatever it keeps or re-encodes decodes as a JPEG.
     stored = preprocessing.stored_images(batch, 64, 90, decodes).numpy()
+    complete = preprocessing.image_is_complete(batch, headers).numpy()
     heights, widths = headers["height"].numpy(), headers["width"].numpy()
     for i, (image, out) in enumerate(zip(images, stored, strict=True)):
         readable, ok = headers["readable"].numpy()[i], decodes.numpy()[i]
         if out:
             assert readable and ok
             assert tf.io.decode_jpeg(out, channels=3).shape[2] == 3
+        if image.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")) and _decodes_in_full(image):
+            # What TF decodes in full passes every check: it is not corrupt.
+            assert readable and ok and complete[i], image[:64]
         if readable and ok and image.startswith(b"\xff\xd8\xff"):
             # The header parse agrees with libjpeg on every JPEG libjpeg decodes.
             height, width, _ = tf.image.extract_jpeg_shape(image).numpy().tolist()
@@ -417,6 +615,70 @@ def test_an_image_over_the_pixel_budget_is_refused_by_name_and_never_decoded():
     assert "bomb.png declares 10000 x 10000 pixels, more than data.max_image_pixels" in said
     preprocessing.check_pixel_budget(headers, names, 100_000_000)  # within a larger budget
     assert preprocessing.image_settings({"data": {"max_image_pixels": 5}})[2] == 5
+
+
+_PEAK_OF_A_BATCH = """
+import resource, sys
+import van_tfx  # noqa: F401  (legacy Keras before TensorFlow)
+import tensorflow as tf
+from test_transform import _png_declaring
+from van_trainer import preprocessing
+
+tf.config.threading.set_inter_op_parallelism_threads(10)  # a worker with cores to spare
+count, side, budget = (int(arg) for arg in sys.argv[1:])
+batch = tf.constant([_png_declaring(side, side)] * count)
+
+@tf.function
+def store(encoded):
+    return preprocessing.stored_images(encoded, 512, 90, max_pixels=budget)
+
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert len(set(store(batch).numpy())) == 1
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_a_batch_decodes_no_more_pixels_at_once_than_the_budget():
+    # Eight PNGs of 9 M pixels each, each the whole budget: re-encoded one at a time, the
+    # batch costs about one of them (<= 20 bytes a pixel), not the up to 10 tf.map_fn ran at once
+    # (2.0 GB here before, 0.15 GB now).
+    import subprocess
+    import sys
+
+    side = 3000
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent)] + sys.path))
+    grown = subprocess.run(
+        [sys.executable, "-c", _PEAK_OF_A_BATCH, "8", str(side), str(side * side)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.split()[-1]
+    assert int(grown) < 2 * 20 * side * side, f"the batch grew the process by {grown} bytes"
+
+
+def test_images_are_reencoded_in_passes_by_size_and_each_lands_in_its_place():
+    # A budget of 1 M pixels: passes of <= 100 k pixels (10 at once), <= 250 k (4), <= 500 k
+    # (2) and the rest (1); a kept JPEG and bytes that are no image in between.
+    sizes = [(300, 200), (100, 100), (500, 400), (640, 480), (120, 80), (2000, 1000)]
+    images = [_photo(w, h, "PNG") for w, h in sizes]
+    kept = _photo(200, 150)
+    batch = tf.constant(images[:3] + [kept, b"junk"] + images[3:])
+    stored = preprocessing.stored_images(batch, 512, 90, max_pixels=1_000_000).numpy()
+    shapes = [tf.image.extract_jpeg_shape(x).numpy().tolist() if x else None for x in stored]
+    assert shapes == [
+        [200, 300, 3],
+        [100, 100, 3],
+        [400, 500, 3],
+        [150, 200, 3],
+        None,
+        [384, 512, 3],
+        [80, 120, 3],
+        [256, 512, 3],
+    ]
+    assert stored[3] == kept
+    empty = preprocessing.stored_images(tf.constant([], tf.string), 512, 90, max_pixels=10)
+    assert empty.shape == (0,)
 
 
 def test_png_transparency_is_composited_on_white_like_data_build():

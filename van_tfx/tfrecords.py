@@ -36,6 +36,10 @@ class CorruptShardError(IOError):
         self.reason = reason or message  # what is wrong, without the file and record
 
 
+class BadRecordError(ValueError):
+    """A readable TFRecord record that is not a tf.Example of the schema's feature kinds."""
+
+
 def masked_crc(data: bytes) -> int:
     """TFRecord's masked CRC-32C of `data` (tensorflow/core/lib/hash/crc32c.h Mask)."""
     crc = google_crc32c.value(data)

@@ -24,8 +24,8 @@ from van_tfx import features
 from van_tfx.config import DataConfig
 
 # Fallbacks when custom_config has no data section: the config's defaults (one place). A pixel
-# budget matters because a 400 KB PNG can declare 400 M pixels, and a decode plus the float
-# resize of one costs ~12 bytes a pixel.
+# budget matters because a 400 KB PNG can declare 400 M pixels, and a decode plus the resize of
+# one costs up to ~17 bytes a pixel (a PNG with alpha; 37 when it was composited in float32).
 _DATA_DEFAULTS = DataConfig()
 DEFAULT_MAX_IMAGE_SIDE = _DATA_DEFAULTS.max_image_side
 DEFAULT_JPEG_QUALITY = _DATA_DEFAULTS.jpeg_quality
@@ -34,14 +34,25 @@ _JPEG_START = b"\xff\xd8\xff"
 _JPEG_END = b"\xff\xd9"
 _PNG_START = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"
-# Some cameras append padding after the JPEG end-of-image marker; look for it near the end.
-_JPEG_END_SEARCH = 32
+# Bytes after a JPEG's end marker that are taken for padding: the JPEG is stored as it is. More
+# (a motion photo's MP4, a multi-picture trailer) is stored re-encoded, which drops them.
+_JPEG_PADDING = 32
 # Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic): C0-CF but DHT
 # (C4), JPG (C8) and DAC (CC). The frame header after them holds height, width and channels.
 _SOF_MARKERS = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
-# Segments (and fill bytes) read before giving up on the frame header (APPn/EXIF/ICC/DQT/DHT come
-# first; the loop ends as soon as every image's frame is found, so the bound costs nothing).
-_MAX_JPEG_SEGMENTS = 256
+# Markers without a length: RST0-RST7 and TEM. SOI, EOI and SOS before a frame end libjpeg's
+# header read with an error.
+_STANDALONE_MARKERS = (0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7, 0x01)
+_FATAL_MARKERS = (0xD8, 0xD9, 0xDA)
+# Re-encoding passes, one after another: up to k images at once, of up to max_pixels / k pixels
+# each (the last pass takes the rest, one at a time).
+_REENCODE_PASSES = (10, 4, 2, 1)
+# Markers walked step by step (a real JPEG has a dozen before its frame; the rare image with more
+# is walked by _jpeg_frame_walk, whose cost does not grow with the count).
+_MARKER_STEPS = 64
+# Bytes looked at per step for the next marker: libjpeg skips any run of fill bytes and stray
+# bytes before a marker, so a run this long costs one step, not one per byte.
+_MARKER_WINDOW = 64
 
 
 def image_settings(custom_config: dict[str, Any] | None) -> tuple[int, int, int]:
@@ -67,10 +78,15 @@ def preprocessing_fn(
     encoded = _column(inputs[features.IMAGE_ENCODED], b"")
     if not (features.SYNSET in inputs and features.LABEL in inputs):
         # Serving (no label): the model server's own checks come first (van_trainer/export.py).
-        return {features.TRANSFORMED_IMAGE: stored_images(encoded, max_side, quality)}
-    filenames = _column(inputs.get(features.IMAGE_FILENAME), b"<no image/filename>", encoded)
+        return {
+            features.TRANSFORMED_IMAGE: stored_images(
+                encoded, max_side, quality, max_pixels=max_pixels
+            )
+        }
     synsets = _column(inputs[features.SYNSET], b"")
     labels = tf.cast(_column(inputs[features.LABEL], -1), tf.int64)
+    filenames = _column(inputs.get(features.IMAGE_FILENAME), b"", encoded)
+    filenames = record_names(filenames, encoded, synsets, labels)  # what the errors name
     declared = (custom_config or {}).get(DECLARED_CLASSES_KEY)
     vocabulary, count = class_vocabulary(labels, synsets, filenames, declared)
     ids = tft.apply_vocabulary(synsets, vocabulary, default_value=-1)
@@ -97,10 +113,31 @@ def preprocessing_fn(
         label = tf.identity(ids)
     return {
         features.TRANSFORMED_IMAGE: stored_images(
-            encoded, max_side, quality, decodes & affordable, headers
+            encoded, max_side, quality, decodes & affordable, headers, max_pixels
         ),
         features.TRANSFORMED_LABEL: label,
     }
+
+
+def record_names(
+    filenames: tf.Tensor, encoded: tf.Tensor, synsets: tf.Tensor, labels: tf.Tensor
+) -> tf.Tensor:
+    """Per record, how errors name it: its image/filename, else its synset, label and size."""
+    # The graph sees features only, not the shard or the position of a record in it, and
+    # image/filename is optional: without it the synset and label narrow a record down to a
+    # class, and the byte count of its image to (nearly always) one record of it.
+    described = tf.strings.join(
+        [
+            "<no image/filename>, image/class/synset = ",
+            synsets,
+            ", image/class/label = ",
+            tf.strings.as_string(labels),
+            ", image/encoded of ",
+            tf.strings.as_string(tf.strings.length(encoded)),
+            " bytes",
+        ]
+    )
+    return tf.where(tf.strings.length(filenames) > 0, filenames, described)
 
 
 def _column(x, default, like: tf.Tensor | None = None) -> tf.Tensor:
@@ -119,56 +156,146 @@ def _column(x, default, like: tf.Tensor | None = None) -> tf.Tensor:
 # ---- image headers (string ops only: they never raise, whatever the bytes) ---------------------
 
 
-def _bytes_at(encoded: tf.Tensor, pos: tf.Tensor, count: int) -> tf.Tensor:
-    """`count` bytes of each string from its `pos` on, as int32 [batch, count] (0 past the end)."""
-    padded = tf.strings.join([encoded, tf.constant(b"\0" * count)])
+def _padded(encoded: tf.Tensor, count: int) -> tf.Tensor:
+    """Each string with `count` zero bytes appended, so that _bytes_at can read past its end."""
+    return tf.strings.join([encoded, tf.constant(b"\0" * count)])
+
+
+def _bytes_at(padded: tf.Tensor, pos: tf.Tensor, count: int) -> tf.Tensor:
+    """`count` bytes of each _padded string from its `pos` on, as int32 [batch, count] (0 past
+    the end of the unpadded string)."""
     pos = tf.clip_by_value(pos, 0, tf.strings.length(padded) - count)
     chunk = tf.strings.substr(padded, pos, tf.fill(tf.shape(pos), count))
     # fixed_length: [batch, count] even for an empty batch (else [0, 0], and slicing it fails).
     return tf.cast(tf.io.decode_raw(chunk, tf.uint8, fixed_length=count), tf.int32)
 
 
-def _jpeg_frame(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
-    """(height, width, channels, found) of each JPEG from its start-of-frame segment."""
-    length = tf.strings.length(encoded)
-    zeros = tf.zeros_like(length)
-    sof = tf.constant(_SOF_MARKERS, tf.int32)
+def _among(codes: tf.Tensor, values: tuple[int, ...]) -> tf.Tensor:
+    return tf.reduce_any(tf.equal(codes[..., tf.newaxis], tf.constant(values, codes.dtype)), -1)
 
-    def step(i, pos, height, width, channels, found, alive):
-        segment = _bytes_at(encoded, pos, 10)
-        is_marker = tf.equal(segment[:, 0], 0xFF)
-        is_frame = is_marker & tf.reduce_any(tf.equal(segment[:, 1:2], sof[tf.newaxis]), axis=1)
-        hit = alive & is_frame & (pos + 10 <= length)
+
+def _at_marker(code, size, at, length):
+    """libjpeg's read_markers at a marker `code` at `at` with length field `size`: (a usable
+    frame header, where the search for the next marker starts, whether the walk goes on)."""
+    frame = _among(code, _SOF_MARKERS) & (at + 10 <= length)
+    # APPn and COM of a length below 2 skip nothing in libjpeg; other segments need one.
+    lenient = ((code >= 0xE0) & (code <= 0xEF)) | (code == 0xFE)
+    size = tf.where(lenient, tf.maximum(size, 2), size)
+    standalone = _among(code, _STANDALONE_MARKERS)
+    after = tf.where(standalone, at + 2, at + 2 + size)
+    goes_on = (
+        ~_among(code, _FATAL_MARKERS)
+        & ~_among(code, _SOF_MARKERS)
+        & (standalone | (size >= 2))
+        & (after < length)
+    )
+    return frame, after, goes_on
+
+
+def _jpeg_frame(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """(height, width, channels, found, end of the frame header) of each JPEG, from its
+    start-of-frame segment found as libjpeg's marker reader (jdmarker.c) finds it."""
+    length = tf.strings.length(encoded)
+    padded = _padded(encoded, _MARKER_WINDOW)
+    zeros = tf.zeros_like(length)
+
+    def step(i, pos, height, width, channels, frame_end, found, alive):
+        window = _bytes_at(padded, pos, _MARKER_WINDOW)
+        # next_marker: the first 0xFF followed by neither a fill byte (0xFF) nor a stuffed zero;
+        # whatever comes before it is skipped (libjpeg warns, decodes on).
+        follower = window[:, 1:]
+        starts = tf.equal(window[:, :-1], 0xFF) & (follower != 0xFF) & (follower != 0)
+        seen = tf.reduce_any(starts, axis=1)
+        at = pos + tf.argmax(tf.cast(starts, tf.int32), axis=1, output_type=tf.int32)
+        segment = _bytes_at(padded, at, 10)
+        frame, after, goes_on = _at_marker(
+            segment[:, 1], segment[:, 2] * 256 + segment[:, 3], at, length
+        )
+        hit = alive & seen & frame
         height = tf.where(hit, segment[:, 5] * 256 + segment[:, 6], height)
         width = tf.where(hit, segment[:, 7] * 256 + segment[:, 8], width)
         channels = tf.where(hit, segment[:, 9], channels)
-        # A marker may be preceded by any number of 0xFF fill bytes (JPEG B.1.1.2): skip one.
-        is_fill = is_marker & tf.equal(segment[:, 1], 0xFF)
-        size = segment[:, 2] * 256 + segment[:, 3]
-        has_segment = (size >= 2) & (pos + 2 + size < length)
-        alive = alive & is_marker & ~is_frame & (is_fill | has_segment)
-        return (
-            i + 1,
-            tf.where(alive, tf.where(is_fill, pos + 1, pos + 2 + size), pos),
-            height,
-            width,
-            channels,
-            found | hit,
-            alive,
-        )
+        frame_end = tf.where(hit, at + 10, frame_end)
+        # Not seen: the window held no marker; look on from its last byte (a 0xFF there may
+        # start the next one).
+        pos = tf.where(seen, after, pos + _MARKER_WINDOW - 1)
+        alive = alive & ~hit & tf.where(seen, goes_on, pos < length)
+        return i + 1, pos, height, width, channels, frame_end, found | hit, alive
 
     def more(i, *state):
-        return (i < _MAX_JPEG_SEGMENTS) & tf.reduce_any(state[-1])
+        return (i < _MARKER_STEPS) & tf.reduce_any(state[-1])
 
     starts = tf.equal(tf.strings.substr(encoded, 0, 2), _JPEG_START[:2])
-    state = (0, zeros + 2, zeros, zeros, zeros, tf.zeros_like(starts), starts)
-    _, _, height, width, channels, found, _ = tf.while_loop(more, step, state)
-    return height, width, channels, found & (height > 0) & (width > 0)
+    state = (0, zeros + 2, zeros, zeros, zeros, zeros, tf.zeros_like(starts), starts)
+    _, pos, *frame, alive = tf.while_loop(more, step, state)
+
+    def jump():
+        # The few images with more markers than _MARKER_STEPS (hundreds of segments; a hostile
+        # header has 16 k per 64 KB): walked in log2(markers) steps, whatever their number.
+        index = tf.where(alive)
+        walked = tf.map_fn(
+            lambda args: _jpeg_frame_walk(*args),
+            (tf.gather_nd(encoded, index), tf.gather_nd(pos, index)),
+            parallel_iterations=1,  # one such image's markers in memory at a time
+            fn_output_signature=(tf.int32, tf.int32, tf.int32, tf.int32, tf.bool),
+        )
+        return [
+            tf.tensor_scatter_nd_update(old, index, new)
+            for old, new in zip(frame, walked, strict=True)
+        ]
+
+    height, width, channels, frame_end, found = tf.cond(tf.reduce_any(alive), jump, lambda: frame)
+    return height, width, channels, found & (height > 0) & (width > 0), frame_end
+
+
+def _jpeg_frame_walk(encoded: tf.Tensor, start: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """(height, width, channels, frame end, found) of one JPEG, walking its markers from `start`
+    as _jpeg_frame's steps do: every marker's successor at once, then pointer doubling."""
+    flat = tf.io.decode_raw(encoded, tf.uint8)
+    length = tf.size(flat)
+    flat = tf.concat([flat, tf.zeros([10], tf.uint8)], 0)
+    # Marker candidates: 0xFF followed, inside the image, by neither 0xFF nor 0x00.
+    follower = flat[1 : length + 1]
+    marker = tf.cast(
+        tf.where((flat[:length] == 0xFF) & (follower != 0xFF) & (follower != 0))[:, 0], tf.int32
+    )
+    marker = marker[marker + 1 < length]
+
+    def byte(offset):
+        return tf.cast(tf.gather(flat, marker + offset), tf.int32)
+
+    frame, after, goes_on = _at_marker(byte(1), byte(2) * 256 + byte(3), marker, length)
+    count = tf.size(marker)
+
+    def first_marker(position):
+        # The first marker at or after `position` (libjpeg skips whatever lies before it).
+        return tf.searchsorted(marker, position, out_type=tf.int32)  # count: none
+
+    nxt = tf.where(frame, tf.range(count), tf.where(goes_on, first_marker(after), count))
+    nxt = tf.concat([nxt, [count]], 0)  # count: the end of the walk, found nothing
+    nxt = tf.while_loop(
+        lambda n: tf.reduce_any(tf.gather(n, n) != n), lambda n: [tf.gather(n, n)], [nxt]
+    )[0]
+    last = nxt[first_marker(tf.reshape(start, [1]))[0]]
+    hit = tf.concat([frame, [False]], 0)[last]
+    at = tf.concat([marker, [0]], 0)[last]
+    values = tf.cast(flat[at + 5 : at + 10], tf.int32)
+    return (
+        tf.where(hit, values[0] * 256 + values[1], 0),
+        tf.where(hit, values[2] * 256 + values[3], 0),
+        tf.where(hit, values[4], 0),
+        tf.where(hit, at + 10, 0),
+        hit,
+    )
+
+
+# PNG signature (8 bytes) and IHDR chunk (length, type, 13 bytes of data, CRC).
+_PNG_IHDR_END = 8 + 25
 
 
 def _png_header(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
     """(height, width, found) of each PNG from its IHDR chunk (always the first)."""
-    ihdr = _bytes_at(encoded, tf.fill(tf.shape(encoded), 12), 12)
+    ihdr = _bytes_at(_padded(encoded, 12), tf.fill(tf.shape(encoded), 12), 12)
     found = tf.reduce_all(tf.equal(ihdr[:, :4], tf.constant(list(b"IHDR"))), axis=1)
 
     def be32(column):
@@ -181,10 +308,11 @@ def _png_header(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
 
 
 def image_headers(encoded: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Per image: is_jpeg, is_png, height, width, channels (JPEG), readable (header parsed)."""
+    """Per image: is_jpeg, is_png, height, width, channels (JPEG), readable (header parsed),
+    header_end (where the image data begins)."""
     is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_START)), _PNG_START)
     is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_START)), _JPEG_START)
-    j_height, j_width, channels, j_found = _jpeg_frame(encoded)
+    j_height, j_width, channels, j_found, frame_end = _jpeg_frame(encoded)
     p_height, p_width, p_found = _png_header(encoded)
     return {
         "is_jpeg": is_jpeg,
@@ -193,6 +321,7 @@ def image_headers(encoded: tf.Tensor) -> dict[str, tf.Tensor]:
         "width": tf.where(is_png, p_width, j_width),
         "channels": channels,
         "readable": (is_png & p_found) | (is_jpeg & j_found),
+        "header_end": tf.where(is_png, tf.fill(tf.shape(frame_end), _PNG_IHDR_END), frame_end),
     }
 
 
@@ -206,20 +335,33 @@ def declared_pixels(headers: dict[str, tf.Tensor]) -> tf.Tensor:
 
 
 def image_is_complete(encoded: tf.Tensor, headers: dict | None = None) -> tf.Tensor:
-    """Per example: a JPEG/PNG whose header gives its size and which ends with its end marker."""
-    length = tf.strings.length(encoded)
-
-    def ends_with(marker: bytes, offset: int) -> tf.Tensor:
-        start = tf.maximum(length - offset, 0)
-        width = tf.fill(tf.shape(start), len(marker))  # Substr wants pos and len alike
-        return tf.equal(tf.strings.substr(encoded, start, width), marker)
-
+    """Per example: a JPEG/PNG whose header gives its size and whose end marker follows it."""
+    # Decoders stop at the end marker (libjpeg at EOI, libpng at IEND) and ignore what follows, so
+    # an end marker anywhere after the header passes: phones append an MP4 to a motion photo's
+    # JPEG. Without a decode this cannot tell a JPEG cut inside its scan data whose APPn,
+    # tables or trailer hold the two bytes FF D9; Transform decodes every image as well.
     headers = headers or image_headers(encoded)
-    png_complete = headers["is_png"] & ends_with(_PNG_END, len(_PNG_END))
-    jpeg_end = tf.reduce_any(
-        tf.stack([ends_with(_JPEG_END, k) for k in range(2, _JPEG_END_SEARCH + 1)], axis=1), axis=1
-    )
-    return headers["readable"] & (png_complete | (headers["is_jpeg"] & jpeg_end))
+    length = tf.strings.length(encoded)
+    body = tf.strings.substr(encoded, tf.minimum(headers["header_end"], length), length)
+
+    def contains(marker: bytes) -> tf.Tensor:
+        return tf.strings.split(body, sep=marker).row_lengths() > 1
+
+    png_complete = headers["is_png"] & contains(_PNG_END)
+    jpeg_complete = headers["is_jpeg"] & contains(_JPEG_END)
+    return headers["readable"] & (png_complete | jpeg_complete)
+
+
+def _jpeg_padding_only(encoded: tf.Tensor) -> tf.Tensor:
+    """Per example: whether the bytes end with a JPEG end marker followed by at most
+    _JPEG_PADDING bytes (camera padding), i.e. nothing worth dropping follows the image."""
+    length = tf.strings.length(encoded)
+    ends = []
+    for offset in range(len(_JPEG_END), _JPEG_PADDING + len(_JPEG_END) + 1):
+        start = tf.maximum(length - offset, 0)
+        width = tf.fill(tf.shape(start), len(_JPEG_END))  # Substr wants pos and len alike
+        ends.append(tf.equal(tf.strings.substr(encoded, start, width), _JPEG_END))
+    return tf.reduce_any(tf.stack(ends, axis=1), axis=1)
 
 
 def image_decodes(encoded: tf.Tensor, allowed: tf.Tensor | None = None) -> tf.Tensor:
@@ -314,10 +456,12 @@ def stored_images(
     quality: int,
     decodes: tf.Tensor | None = None,
     headers: dict | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tf.Tensor:
     """What Transform stores per image: the JPEG itself if it is RGB/gray within the cap, else the
     image resized to the cap (aspect kept) and encoded as JPEG; b'' for unreadable bytes (and for
-    those `decodes` marks False). `headers`: image_headers(encoded), if already read."""
+    those `decodes` marks False). `headers`: image_headers(encoded), if already read;
+    `max_pixels`: the pixels a batch may have decoded at once (data.max_image_pixels)."""
     headers = headers or image_headers(encoded)
     # No Assert in here: a stateful op would make TFT run this work in every analysis phase too.
     # Unreadable or undecodable bytes must not reach a decoder here either (its error names no
@@ -328,28 +472,40 @@ def stored_images(
     keep = (
         readable
         & headers["is_jpeg"]
+        & _jpeg_padding_only(encoded)
         & ((headers["channels"] == 1) | (headers["channels"] == 3))
         & (tf.maximum(headers["height"], headers["width"]) <= max_side)
     )
 
-    def store(args):
-        image, kept, ok = args
-        return tf.cond(
-            kept,
-            lambda: image,
-            lambda: tf.cond(
-                ok, lambda: reencoded(image, max_side, quality), lambda: tf.constant(b"")
-            ),
-        )
-
-    return tf.map_fn(
-        store, (encoded, keep, readable), fn_output_signature=tf.TensorSpec([], tf.string)
-    )
+    # Re-encoding decodes the whole image (~17 bytes a pixel at its peak, for a PNG with alpha)
+    # and tf.map_fn runs up to 10 iterations at once: ten 64 M-pixel PNGs in one batch would cost
+    # ten times one. So images are re-encoded in passes, one after another, by declared size:
+    # a pass that runs k at once takes images of at most max_pixels / k pixels, and the pixels
+    # decoded at once in a batch never exceed max_pixels.
+    pixels = declared_pixels(headers)
+    pending = readable & ~keep
+    stored = tf.where(keep, encoded, tf.fill(tf.shape(encoded), b""))
+    previous, lower = [], 0
+    for number, parallel in enumerate(_REENCODE_PASSES):
+        last = number == len(_REENCODE_PASSES) - 1
+        upper = max_pixels // parallel
+        chosen = pending & (pixels > lower) & (True if last else pixels <= upper)
+        where = tf.where(chosen)
+        with tf.control_dependencies(previous):
+            done = tf.map_fn(
+                lambda image: reencoded(image, max_side, quality),
+                tf.gather(encoded, where[:, 0]),
+                parallel_iterations=parallel,
+                fn_output_signature=tf.TensorSpec([], tf.string),
+            )
+        stored = tf.tensor_scatter_nd_update(stored, where, done)
+        previous, lower = [done], upper
+    return stored
 
 
 def reencoded(encoded: tf.Tensor, max_side: int, quality: int) -> tf.Tensor:
     """Decode any JPEG/PNG to RGB, shrink it so its longer side is <= max_side, encode as JPEG."""
-    image = rgb_on_white(encoded)
+    image = rgb_on_white(encoded)  # uint8: resize reads it as is (a float copy: 12 bytes a pixel)
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = tf.minimum(1.0, max_side / tf.reduce_max(shape))
     new_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), 1)
@@ -360,17 +516,19 @@ def reencoded(encoded: tf.Tensor, max_side: int, quality: int) -> tf.Tensor:
 
 
 def rgb_on_white(encoded: tf.Tensor) -> tf.Tensor:
-    """A JPEG or PNG as float32 RGB [h, w, 3], PNG transparency composited on white."""
+    """A JPEG or PNG as uint8 RGB [h, w, 3], PNG transparency composited on white."""
 
     def png():
         # As `van-tfx data build` does (van_tfx/data/records.py): dropping alpha would show what
-        # the transparent pixels happen to hold, often black.
-        rgba = tf.cast(tf.io.decode_png(encoded, channels=4), tf.float32)
-        alpha = rgba[..., 3:] / 255.0
-        return rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        # the transparent pixels happen to hold, often black. In 16-bit integers, not float32:
+        # 255 - (255 - c) * a / 255, rounded; (255 - c) * a + 127 fits in uint16.
+        rgba = tf.io.decode_png(encoded, channels=4)
+        alpha = tf.cast(rgba[..., 3:], tf.uint16)
+        ink = (255 - tf.cast(rgba[..., :3], tf.uint16)) * alpha
+        return 255 - tf.cast((ink + 127) // 255, tf.uint8)
 
     def jpeg():
-        return tf.cast(tf.io.decode_jpeg(encoded, channels=3), tf.float32)
+        return tf.io.decode_jpeg(encoded, channels=3)
 
     is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_START)), _PNG_START)
     image = tf.cond(is_png, png, jpeg)
