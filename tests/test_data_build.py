@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,8 @@ from van_tfx.data.records import (
     parse_synset_mapping,
     read_examples,
     read_synset_mapping,
+    synset_name_problem,
+    write_synset_list,
 )
 from van_tfx.tfrecords import CorruptShardError
 
@@ -313,3 +317,84 @@ def test_a_malformed_synset_list_is_refused_naming_the_file_and_line(data, says)
 def test_a_directory_given_as_the_synset_list_is_named(tmp_path):
     with pytest.raises(SynsetListError, match="is a directory"):
         read_synset_mapping(tmp_path)
+
+
+def jpeg_bytes(size=(8, 8), color=(90, 120, 200)) -> bytes:
+    """A small real RGB JPEG."""
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, "JPEG")
+    return out.getvalue()
+
+
+def make_tree(root: Path, files: dict[bytes, bytes]) -> Path:
+    """Write `files` (relative paths as bytes, so names may be any bytes) under root."""
+    for relative, data in files.items():
+        path = os.fsencode(root) + b"/" + relative
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(data)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("folder", "shown"),
+    [
+        (b"my cat", "my cat': contains whitespace"),
+        (b"#tag", "#tag': starts with '#'"),
+        (b"zebra ", "zebra ': contains whitespace"),
+        (b"b\nc", "b\\nc': contains whitespace or a line break ('\\n'"),
+        (b"x\x1fy", "x\\x1fy': contains whitespace"),
+        (b"caf\xe9", "caf\\xe9': is not UTF-8 text"),
+    ],
+    ids=["space", "hash", "trailing-space", "newline", "unit-separator", "latin-1"],
+)
+def test_a_class_folder_synsets_txt_would_misread_is_refused_before_writing(
+    tmp_path, folder, shown
+):
+    # "my cat" was written as the line "my cat my cat" and read back as synset "my": the
+    # pipeline counted 3 classes for labels 1-4.
+    image_dir = make_tree(
+        tmp_path / "img", {b"dog/a.jpg": jpeg_bytes(), folder + b"/b.jpg": jpeg_bytes()}
+    )
+    out = tmp_path / "out"
+    with pytest.raises(SynsetListError) as failure:
+        build_dataset(image_dir, out, workers=1, progress=False)
+    assert shown in str(failure.value)
+    assert not out.exists()
+
+
+def test_names_equal_after_strip_are_refused(tmp_path, capsys):
+    image_dir = make_tree(
+        tmp_path / "img", {b"cat/a.jpg": jpeg_bytes(), b"cat /b.jpg": jpeg_bytes()}
+    )
+    assert main(["data", "build", str(image_dir), str(tmp_path / "out"), "--workers", "1"]) == 1
+    assert "cat ': contains whitespace" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+FOLDER_NAMES = st.one_of(
+    st.text(st.characters(blacklist_categories=()), max_size=8),  # surrogates too: non-UTF-8
+    st.text(st.sampled_from(" \t\n\r#\ufeff\x1c\x85\u2028\udce9a-"), max_size=4),
+)
+
+
+@given(FOLDER_NAMES)
+def test_a_folder_name_is_accepted_exactly_when_it_round_trips_through_synsets_txt(name):
+    problem = synset_name_problem(name)
+    try:
+        data = f"{name} the class\n".encode()
+    except UnicodeEncodeError:
+        assert problem is not None  # not UTF-8: cannot be written as text at all
+        return
+    try:
+        parsed = parse_synset_mapping(data, "synsets.txt")
+    except SynsetListError:
+        parsed = None
+    assert (problem is None) == (parsed == {name: "the class"})
+    if problem is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_synset_list(Path(tmp) / "synsets.txt", {name: name, "zz_next": "next"})
+            assert read_synset_mapping(Path(tmp) / "synsets.txt") == {name: name, "zz_next": "next"}
+    else:
+        with tempfile.TemporaryDirectory() as tmp, pytest.raises(SynsetListError):
+            write_synset_list(Path(tmp) / "synsets.txt", {name: name})

@@ -18,9 +18,11 @@ from van_tfx.data.records import (
     ImageRecord,
     InvalidImageError,
     SynsetListError,
+    escaped,
     label_of,
     load_image_file,
     read_synset_mapping,
+    synset_name_problem,
     write_shards,
     write_synset_list,
 )
@@ -62,10 +64,22 @@ def list_images(image_dir: str | os.PathLike) -> dict[str, list[Path]]:
         raise SynsetListError(
             f"{root} has no <synset>/ subdirectories (expected IMAGE_DIR/<synset>/<file>)"
         )
+    check_class_folder_names([d.name for d in synsets], root)
     return {
         d.name: sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
         for d in synsets
     }
+
+
+def check_class_folder_names(names: list[str], root: Path) -> None:
+    """Refuse class folder names that synsets.txt could not hold (SynsetListError lists them)."""
+    bad = [(name, problem) for name in names if (problem := synset_name_problem(name))]
+    if bad:
+        lines = "\n".join(f"  '{escaped(str(root / name))}': {problem}" for name, problem in bad)
+        raise SynsetListError(
+            f"{len(bad)} class folder name(s) cannot be synsets (one word of UTF-8 text per "
+            f"synsets.txt line, not starting with '#'); rename them, nothing was written:\n{lines}"
+        )
 
 
 def resolve_synsets(

@@ -150,8 +150,48 @@ def parse_synset_mapping(data: bytes, source: str) -> dict[str, str]:
     return mapping
 
 
+def synset_name_problem(name: str) -> str | None:
+    """Why `name` would not read back unchanged from a synset list, or None if it would."""
+    # Exactly what parse_synset_mapping keeps of a `name text` line as its synset.
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not UTF-8 text"
+    if not name:
+        return "is empty"
+    space = next((c for c in name if c.isspace()), None)
+    if space is not None:
+        return f"contains whitespace or a line break ({space!r}; a synset is the line's first word)"
+    if name.startswith("#"):
+        return "starts with '#' (a comment line in synsets.txt)"
+    if name.startswith("\ufeff"):
+        return "starts with a byte order mark (U+FEFF)"
+    return None
+
+
+def escaped(name: str) -> str:
+    """`name` on one line, unambiguously: non-UTF-8 bytes as \\xNN, controls as \\n, \\t, \\x01."""
+    out = []
+    for c in name:
+        if "\udc80" <= c <= "\udcff":  # os.fsdecode's stand-in for a byte that is not UTF-8
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        elif c == "\\":
+            out.append("\\\\")
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(c.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
 def write_synset_list(path: str | os.PathLike, texts: dict[str, str]) -> None:
     """Write the synset list (one `synset text` line each, in label order) atomically."""
+    for synset, text in texts.items():
+        problem = synset_name_problem(synset)
+        if problem is None and ("\n" in text or "\r" in text):
+            problem = f"has a class text with a line break ({escaped(text)})"
+        if problem:
+            raise SynsetListError(f"synset {escaped(synset)} {problem}; {path} would misread it")
     body = "".join(f"{synset} {text}\n" for synset, text in texts.items())
     _atomic_write_text(Path(path), body)
 
@@ -159,8 +199,11 @@ def write_synset_list(path: str | os.PathLike, texts: dict[str, str]) -> None:
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def label_of(synsets: list[str]) -> dict[str, int]:
