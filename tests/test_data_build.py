@@ -398,3 +398,37 @@ def test_a_folder_name_is_accepted_exactly_when_it_round_trips_through_synsets_t
     else:
         with tempfile.TemporaryDirectory() as tmp, pytest.raises(SynsetListError):
             write_synset_list(Path(tmp) / "synsets.txt", {name: name})
+
+
+def test_a_file_name_that_is_not_utf8_is_recorded_as_its_bytes(tmp_path):
+    # A valid image named caf\xe9.jpg was a UnicodeEncodeError traceback in example_bytes.
+    image_dir = make_tree(
+        tmp_path / "img", {b"a/caf\xe9.jpg": jpeg_bytes(), b"b/ok.jpg": jpeg_bytes()}
+    )
+    result = build_dataset(image_dir, tmp_path / "out", workers=1, progress=False)
+    names = sorted(r[features.IMAGE_FILENAME] for r in read_examples(result.shards))
+    assert names == [b"a/caf\xe9.jpg", b"b/ok.jpg"]
+
+
+def test_skipped_files_with_odd_names_are_one_escaped_row_each(tmp_path, capsys):
+    # A skipped file named caf\xe9 made the report raise after the shards were committed
+    # (a 0-byte rejected-train.tsv); a tab or newline in a name split the TSV row.
+    image_dir = make_tree(
+        tmp_path / "img",
+        {
+            b"a/ok.jpg": jpeg_bytes(),
+            b"b/ok.jpg": jpeg_bytes(),
+            b"a/caf\xe9.jpg": b"not an image",
+            b"a/bad\nname\tx.jpg": b"not an image either",
+        },
+    )
+    out = tmp_path / "out"
+    code = main(["data", "build", str(image_dir), str(out), "--skip-invalid", "--workers", "1"])
+    assert code == 0
+    rows = (out / "rejected-train.tsv").read_bytes().decode("utf-8").split("\n")
+    assert rows[0] == "path\treason" and rows[-1] == "" and len(rows) == 4
+    paths = sorted(row.split("\t")[0] for row in rows[1:-1])
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["bad\\nname\\tx.jpg", "caf\\xe9.jpg"]
+    assert all(len(row.split("\t")) == 2 for row in rows[1:-1])
+    err = capsys.readouterr().err
+    assert "skipped " + paths[0] in err and "skipped " + paths[1] in err

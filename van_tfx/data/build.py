@@ -18,6 +18,7 @@ from van_tfx.data.records import (
     ImageRecord,
     InvalidImageError,
     SynsetListError,
+    _atomic_write_text,
     escaped,
     label_of,
     load_image_file,
@@ -35,7 +36,7 @@ class InvalidImagesError(ValueError):
     """Some input files are not decodable images; lists every one of them."""
 
     def __init__(self, rejected: list[tuple[str, str]]):
-        lines = "\n".join(f"  {path}: {reason}" for path, reason in rejected)
+        lines = "\n".join(f"  {escaped(path)}: {reason}" for path, reason in rejected)
         super().__init__(
             f"{len(rejected)} file(s) are not decodable images; nothing was written "
             f"(fix or remove them, or pass --skip-invalid):\n{lines}"
@@ -164,9 +165,9 @@ def _records(
             continue
         jpeg, height, width = result
         written += 1
-        yield ImageRecord(
-            jpeg, height, width, labels[synset], synset, texts[synset], f"{synset}/{path.name}"
-        )
+        # The file name's own bytes: a name that is not UTF-8 is still named exactly.
+        filename = os.fsencode(f"{synset}/{path.name}")
+        yield ImageRecord(jpeg, height, width, labels[synset], synset, texts[synset], filename)
     if rejected and (not skip_invalid or written == 0):
         raise InvalidImagesError(rejected)  # inside the writer: the temp shards are discarded
 
@@ -234,13 +235,16 @@ def rejected_report_path(output_dir: Path, split: str) -> Path:
 def write_rejected_report(
     output_dir: Path, split: str, rejected: list[tuple[str, str]]
 ) -> Path | None:
-    """Write `rejected-<split>.tsv` (path, reason) or remove a stale one when nothing was rejected."""
+    """Write `rejected-<split>.tsv` (path, reason) or remove a stale one when nothing was rejected.
+
+    Fields are `escaped`: a tab, line break or non-UTF-8 byte in a file name cannot split a row.
+    """
     report = rejected_report_path(output_dir, split)
     # Older builds wrote `<split>-rejected.tsv`, which the split's input pattern matches.
     (output_dir / f"{split}-rejected.tsv").unlink(missing_ok=True)
     if not rejected:
         report.unlink(missing_ok=True)
         return None
-    clean = [(p, r.replace("\t", " ").replace("\n", " ")) for p, r in rejected]
-    report.write_text("path\treason\n" + "".join(f"{p}\t{r}\n" for p, r in clean))
+    rows = "".join(f"{escaped(path)}\t{escaped(reason)}\n" for path, reason in rejected)
+    _atomic_write_text(report, "path\treason\n" + rows)
     return report

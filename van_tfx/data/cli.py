@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """Run the folder converter; 1 with a message naming the bad input on failure."""
     from van_tfx.data.build import InvalidImagesError, build_dataset
-    from van_tfx.data.records import SynsetListError
+    from van_tfx.data.records import SynsetListError, escaped
 
     if args.shards is not None and args.shards < 1:
         print("error: --shards must be >= 1", file=sys.stderr)
@@ -71,7 +71,7 @@ def run_build(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for path, reason in result.rejected:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(f"skipped {escaped(path)}: {reason}", file=sys.stderr)
     if result.rejected_report:
         print(
             f"{len(result.rejected)} file(s) skipped; see {result.rejected_report}", file=sys.stderr

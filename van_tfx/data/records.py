@@ -33,7 +33,7 @@ class InvalidImageError(ValueError):
     """A file that is not a decodable image; the message names the file and the reason."""
 
     def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{escaped(path)}: {reason}")
         self.path = path
         self.reason = reason
 
@@ -52,7 +52,7 @@ class ImageRecord:
     label: int  # 1-based position of `synset` in the sorted synset list
     synset: str
     text: str
-    filename: str
+    filename: str | bytes  # bytes: a file system name as it is, UTF-8 or not
 
 
 def to_rgb_jpeg(data: bytes, name: str = "<bytes>") -> tuple[bytes, int, int]:
