@@ -145,6 +145,9 @@ def test_validation_split_reuses_labels_and_rejects_unknown_synsets(built, image
     [record] = read_examples(result.shards)
     assert record[features.LABEL] == 4  # n_photo's label in the train list, not 1
     (val_dir / "n_unknown").mkdir()
+    (val_dir / "n_unknown" / "china.jpg").write_bytes(
+        (image_dir / "n_photo" / "china.jpg").read_bytes()
+    )
     with pytest.raises(SynsetListError, match="n_unknown"):
         build_dataset(val_dir, out, split="validation", workers=1, progress=False)
 
@@ -432,3 +435,81 @@ def test_skipped_files_with_odd_names_are_one_escaped_row_each(tmp_path, capsys)
     assert all(len(row.split("\t")) == 2 for row in rows[1:-1])
     err = capsys.readouterr().err
     assert "skipped " + paths[0] in err and "skipped " + paths[1] in err
+
+
+@pytest.fixture()
+def hostile_dir(tmp_path) -> Path:
+    """Two classes with one image each, plus every kind of entry a converter must not drop."""
+    root = make_tree(
+        tmp_path / "img",
+        {
+            b"a/ok.jpg": jpeg_bytes(),
+            b"b/ok.jpg": jpeg_bytes(),
+            b"b/nested/deep.jpg": jpeg_bytes(),
+            b"b/.hidden.jpg": jpeg_bytes(),
+            b".hiddenclass/h.jpg": jpeg_bytes(),
+            b"toplevel.jpg": jpeg_bytes(),
+        },
+    )
+    (root / "a" / "loop1").symlink_to("loop2")
+    (root / "a" / "loop2").symlink_to("loop1")
+    (root / "a" / "broken.jpg").symlink_to("/nonexistent/x.jpg")
+    (root / "a" / "link.jpg").symlink_to(root / "a" / "ok.jpg")  # a link to a file is a file
+    os.mkfifo(root / "b" / "fifo.jpg")
+    (root / "empty").mkdir()
+    return root
+
+
+HOSTILE_PROBLEMS = {
+    "toplevel.jpg": "a file outside the class folders",
+    "a/broken.jpg": "a broken symbolic link (to /nonexistent/x.jpg)",
+    "a/loop1": "a symbolic link loop",
+    "a/loop2": "a symbolic link loop",
+    "b/fifo.jpg": "a FIFO, not a regular file",
+    "b/nested": "a folder inside a class folder",
+    "empty": "a class folder without images",
+}
+
+
+def test_entries_that_are_not_images_in_class_folders_fail_the_build_listed(hostile_dir, tmp_path):
+    # Broken links, loops, FIFOs, nested folders and top-level files were dropped silently,
+    # and an empty folder became a label with no examples.
+    out = tmp_path / "out"
+    with pytest.raises(InvalidImagesError) as failure:
+        build_dataset(hostile_dir, out, workers=1, progress=False)
+    listed = {str(Path(p).relative_to(hostile_dir)): r for p, r in failure.value.rejected}
+    assert set(listed) == set(HOSTILE_PROBLEMS)
+    assert all(listed[p].startswith(r) for p, r in HOSTILE_PROBLEMS.items())
+    assert not out.exists()
+
+
+def test_skip_invalid_skips_and_lists_them_and_hidden_entries_are_ignored_and_listed(
+    hostile_dir, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    argv = ["data", "build", str(hostile_dir), str(out), "--skip-invalid", "--workers", "1"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    rows = (out / "rejected-train.tsv").read_text().splitlines()[1:]
+    assert {str(Path(r.split("\t")[0]).relative_to(hostile_dir)) for r in rows} == set(
+        HOSTILE_PROBLEMS
+    )
+    for hidden in (hostile_dir / "b" / ".hidden.jpg", hostile_dir / ".hiddenclass"):
+        assert f"ignored {hidden}: hidden" in err
+    assert list(read_synset_mapping(out / "synsets.txt")) == ["a", "b"]  # no empty class
+    records = list(read_examples(sorted(out.glob("train-*"))))
+    assert sorted(r[features.IMAGE_FILENAME] for r in records) == [
+        b"a/link.jpg",
+        b"a/ok.jpg",
+        b"b/ok.jpg",
+    ]
+
+
+def test_an_output_dir_inside_the_image_dir_is_not_a_class(tmp_path, capsys):
+    # A second build into IMAGE_DIR/out read out/ as a class of shards.
+    image_dir = make_tree(tmp_path / "img", {b"a/x.jpg": jpeg_bytes(), b"b/y.jpg": jpeg_bytes()})
+    out = image_dir / "out"
+    for _ in range(2):
+        assert main(["data", "build", str(image_dir), str(out), "--workers", "1"]) == 0
+    assert f"ignored {out}: the output directory" in capsys.readouterr().err
+    assert list(read_synset_mapping(out / "synsets.txt")) == ["a", "b"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import math
 import multiprocessing
 import os
 import random
+import stat
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -33,12 +35,12 @@ IMAGES_PER_SHARD = 1024
 
 
 class InvalidImagesError(ValueError):
-    """Some input files are not decodable images; lists every one of them."""
+    """Some inputs cannot be converted (not decodable images, not files); lists every one."""
 
     def __init__(self, rejected: list[tuple[str, str]]):
         lines = "\n".join(f"  {escaped(path)}: {reason}" for path, reason in rejected)
         super().__init__(
-            f"{len(rejected)} file(s) are not decodable images; nothing was written "
+            f"{len(rejected)} input(s) cannot be converted; nothing was written "
             f"(fix or remove them, or pass --skip-invalid):\n{lines}"
         )
         self.rejected = rejected
@@ -53,23 +55,98 @@ class BuildResult:
     synsets_path: Path
     rejected: list[tuple[str, str]] = field(default_factory=list)
     rejected_report: Path | None = None
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
 
-def list_images(image_dir: str | os.PathLike) -> dict[str, list[Path]]:
-    """Map each synset directory of IMAGE_DIR (sorted) to its sorted files (hidden ones skipped)."""
+@dataclass
+class Listing:
+    """IMAGE_DIR's class folders and files, and what cannot be read or is left out on purpose."""
+
+    images: dict[str, list[Path]]  # class folder name -> its files, sorted
+    problems: list[tuple[str, str]]  # (path, reason): errors, or skipped with --skip-invalid
+    ignored: list[tuple[str, str]]  # (path, reason): hidden entries, the output directory
+
+
+HIDDEN = "hidden (name starts with '.')"
+
+
+def list_images(
+    image_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None
+) -> Listing:
+    """List IMAGE_DIR/<synset>/<file>: every entry is a class, an image, a problem or ignored.
+
+    Hidden entries (names starting with '.') and OUTPUT_DIR are ignored, and listed as such.
+    Anything else that is not a folder at the top or a regular file (or a link to one) inside a
+    class folder is a problem: files at the top, nested folders, broken links, link loops,
+    FIFOs, devices; so is a class folder without images.
+    """
     root = Path(image_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"image directory not found: {root}")
-    synsets = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not synsets:
+    skip = Path(output_dir).resolve() if output_dir is not None else None
+    problems: list[tuple[str, str]] = []
+    ignored: list[tuple[str, str]] = []
+    classes: list[Path] = []
+    for entry in _entries(root):
+        path = Path(entry.path)
+        mode, problem = _mode(entry)
+        if entry.name.startswith("."):
+            ignored.append((entry.path, HIDDEN))
+        elif skip is not None and path.resolve() == skip:
+            ignored.append((entry.path, "the output directory"))
+        elif stat.S_ISDIR(mode):
+            classes.append(path)
+        elif stat.S_ISREG(mode):
+            problems.append((entry.path, "a file outside the class folders (IMAGE_DIR/<synset>/)"))
+        else:
+            problems.append((entry.path, problem))
+    check_class_folder_names([d.name for d in classes], root)
+    images: dict[str, list[Path]] = {}
+    for folder in classes:
+        files = []
+        try:
+            entries = _entries(folder)
+        except OSError as exc:
+            problems.append((str(folder), f"cannot list the folder ({exc.strerror})"))
+            continue
+        for entry in entries:
+            mode, problem = _mode(entry)
+            if entry.name.startswith("."):
+                ignored.append((entry.path, HIDDEN))
+            elif stat.S_ISREG(mode):
+                files.append(Path(entry.path))
+            elif stat.S_ISDIR(mode):
+                problems.append((entry.path, "a folder inside a class folder (not read)"))
+            else:
+                problems.append((entry.path, problem))
+        if files:
+            images[folder.name] = files
+        else:
+            problems.append((str(folder), "a class folder without images"))
+    if not images and not problems:
         raise SynsetListError(
             f"{root} has no <synset>/ subdirectories (expected IMAGE_DIR/<synset>/<file>)"
         )
-    check_class_folder_names([d.name for d in synsets], root)
-    return {
-        d.name: sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
-        for d in synsets
-    }
+    return Listing(images, problems, ignored)
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    with os.scandir(folder) as entries:
+        return sorted(entries, key=lambda e: e.name)
+
+
+def _mode(entry: os.DirEntry) -> tuple[int, str]:
+    # The entry's file type after links (0 if it has none) and what it is if not a file/folder.
+    try:
+        mode = os.stat(entry.path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return 0, "a symbolic link loop"
+        if exc.errno == errno.ENOENT and entry.is_symlink():
+            return 0, f"a broken symbolic link (to {escaped(os.readlink(entry.path))})"
+        return 0, f"cannot be read ({exc.strerror})"
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return mode, f"{kind}, not a regular file"
 
 
 def check_class_folder_names(names: list[str], root: Path) -> None:
@@ -195,14 +272,17 @@ def build_dataset(
 ) -> BuildResult:
     """Convert IMAGE_DIR/<synset>/<file> into OUTPUT_DIR/<split>-NNNNN-of-MMMMM TFRecord shards."""
     output_dir = Path(output_dir)
-    images = list_images(image_dir)
+    listing = list_images(image_dir, output_dir)
+    if listing.problems and not skip_invalid:
+        raise InvalidImagesError(listing.problems)
+    images = listing.images
+    if not images:
+        raise InvalidImagesError(listing.problems)  # every class folder was skipped
     texts, list_exists = resolve_synsets(list(images), output_dir, synsets_file)
     items = shuffled_items(images, seed)
-    if not items:
-        raise SynsetListError(f"{image_dir} contains no files")
     num_shards = shards or math.ceil(len(items) / IMAGES_PER_SHARD)
     num_shards = max(1, min(num_shards, len(items)))
-    rejected: list[tuple[str, str]] = []
+    rejected: list[tuple[str, str]] = list(listing.problems)
     # Dealt round-robin (shard k holds items k, k + n, ...), converted shard by shard so one
     # shard file is open at a time: ImageNet-1k's 1,252 shards exceed the usual 1,024 open files.
     dealt = [items[k::num_shards] for k in range(num_shards)]
@@ -221,7 +301,8 @@ def build_dataset(
     if not list_exists:
         write_synset_list(synsets_path, texts)
     report = write_rejected_report(output_dir, split, rejected)
-    return BuildResult(paths, len(items) - len(rejected), synsets_path, rejected, report)
+    num_records = len(items) - (len(rejected) - len(listing.problems))
+    return BuildResult(paths, num_records, synsets_path, rejected, report, listing.ignored)
 
 
 def rejected_report_path(output_dir: Path, split: str) -> Path:

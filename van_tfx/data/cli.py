@@ -70,6 +70,10 @@ def run_build(args: argparse.Namespace) -> int:
     except (InvalidImagesError, SynsetListError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    for path, reason in result.ignored:
+        print(f"ignored {escaped(path)}: {reason}", file=sys.stderr)
+    if result.ignored:
+        print(f"{len(result.ignored)} entry(ies) ignored (listed above)", file=sys.stderr)
     for path, reason in result.rejected:
         print(f"skipped {escaped(path)}: {reason}", file=sys.stderr)
     if result.rejected_report:
