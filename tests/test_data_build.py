@@ -513,3 +513,35 @@ def test_an_output_dir_inside_the_image_dir_is_not_a_class(tmp_path, capsys):
         assert main(["data", "build", str(image_dir), str(out), "--workers", "1"]) == 0
     assert f"ignored {out}: the output directory" in capsys.readouterr().err
     assert list(read_synset_mapping(out / "synsets.txt")) == ["a", "b"]
+
+
+def test_an_image_over_transforms_pixel_bound_is_refused_from_its_header(tmp_path, capsys):
+    # 72 M pixels: over data.max_image_pixels (64 M), which Transform applies, but under the
+    # converter's old bound (268 M): it was decoded (GBs for 100 M) and written. The image data
+    # is cut short: "too large", not "truncated", shows the header alone decided.
+    big = io.BytesIO()
+    Image.new("1", (9000, 8000)).save(big, "PNG")
+    image_dir = make_tree(
+        tmp_path / "img",
+        {b"a/ok.jpg": jpeg_bytes(), b"a/big.png": big.getvalue()[:200], b"b/ok.jpg": jpeg_bytes()},
+    )
+    with pytest.raises(InvalidImagesError, match=r"big.png: image too large \(9000x8000"):
+        build_dataset(image_dir, tmp_path / "out", workers=1, progress=False)
+    out = tmp_path / "out2"
+    argv = ["data", "build", str(image_dir), str(out), "--workers", "1", "--skip-invalid"]
+    assert main([*argv, "--max-image-pixels", "64"]) == 0  # the 8x8 JPEGs are 64 pixels
+    rows = (out / "rejected-train.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 1 and "big.png\timage too large" in rows[0]
+    assert main([*argv, "--max-image-pixels", "63"]) == 1
+    assert "a/ok.jpg: image too large (8x8 = 64 pixels, more than the limit of 63" in (
+        capsys.readouterr().err
+    )
+
+
+def test_reasons_hold_no_memory_addresses(tmp_path):
+    # "cannot identify image file <_io.BytesIO object at 0x7f...>" differed in every run.
+    image_dir = make_tree(tmp_path / "img", {b"a/notes.jpg": b"hello", b"a/ok.jpg": jpeg_bytes()})
+    with pytest.raises(InvalidImagesError) as failure:
+        build_dataset(image_dir, tmp_path / "out", workers=1, progress=False)
+    [(_, reason)] = failure.value.rejected
+    assert "0x" not in reason and reason.startswith("not a decodable image")

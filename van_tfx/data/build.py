@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import math
 import multiprocessing
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from van_tfx.data.records import (
+    MAX_PIXELS,
     SYNSETS_FILE,
     ImageRecord,
     InvalidImageError,
@@ -194,24 +196,25 @@ def shuffled_items(images: dict[str, list[Path]], seed: int) -> list[tuple[Path,
     return items
 
 
-def _load(path: Path) -> tuple[bytes, int, int] | InvalidImageError:
+def _load(path: Path, max_pixels: int) -> tuple[bytes, int, int] | InvalidImageError:
     # Runs in worker processes: return the error instead of raising so every failure is collected.
     try:
-        return load_image_file(str(path))
+        return load_image_file(str(path), max_pixels)
     except InvalidImageError as exc:
         return exc
 
 
 def _decoded(
-    paths: list[Path], workers: int
+    paths: list[Path], workers: int, max_pixels: int
 ) -> Iterator[tuple[bytes, int, int] | InvalidImageError]:
+    load = functools.partial(_load, max_pixels=max_pixels)
     if workers <= 1 or len(paths) < 64:
-        yield from map(_load, paths)
+        yield from map(load, paths)
         return
     # spawn: the parent may already hold TensorFlow's threads, which fork would copy half-alive.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield from pool.map(_load, paths, chunksize=16)
+        yield from pool.map(load, paths, chunksize=16)
 
 
 def _records(
@@ -221,12 +224,13 @@ def _records(
     rejected: list[tuple[str, str]],
     progress: bool,
     skip_invalid: bool,
+    max_pixels: int,
 ) -> Iterator[ImageRecord | None]:
     # One answer per item, in order: its record, or None for a rejected file.
     from tqdm import tqdm
 
     labels = label_of(list(texts))
-    results = _decoded([path for path, _ in items], workers)
+    results = _decoded([path for path, _ in items], workers, max_pixels)
     bar = tqdm(
         zip(items, results, strict=False),
         total=len(items),
@@ -269,6 +273,7 @@ def build_dataset(
     seed: int = DEFAULT_SEED,
     workers: int | None = None,
     progress: bool = True,
+    max_pixels: int = MAX_PIXELS,
 ) -> BuildResult:
     """Convert IMAGE_DIR/<synset>/<file> into OUTPUT_DIR/<split>-NNNNN-of-MMMMM TFRecord shards."""
     output_dir = Path(output_dir)
@@ -293,6 +298,7 @@ def build_dataset(
         rejected,
         progress,
         skip_invalid,
+        max_pixels,
     )
     paths = write_shards(
         _in_shards(answers, [len(shard) for shard in dealt]), output_dir, split, num_shards

@@ -6,6 +6,22 @@ import argparse
 import sys
 
 
+def int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]; argparse names the flag when it is not."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
 def add_parser(subparsers) -> None:
     """Register `data` with its `build` and `sample` subcommands."""
     data = subparsers.add_parser("data", help="Create ImageNet-style TFRecord data.")
@@ -32,6 +48,15 @@ def add_parser(subparsers) -> None:
         default=None,
         help="Synset -> text mapping ('n01440764 tench, Tinca tinca' per line).",
     )
+    build.add_argument(
+        "--max-image-pixels",
+        type=int_in(1),
+        default=None,
+        metavar="N",
+        help="Refuse (or with --skip-invalid skip) images whose header declares more than N "
+        "pixels (width x height), before decoding them. Default: data.max_image_pixels's "
+        "default, the bound Transform applies.",
+    )
     build.add_argument("--seed", type=int, default=0, help="Shuffle seed (default 0).")
     build.add_argument("--workers", type=int, default=None, help="Default: all cores.")
     build.set_defaults(func=run_build)
@@ -51,7 +76,7 @@ def add_parser(subparsers) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """Run the folder converter; 1 with a message naming the bad input on failure."""
     from van_tfx.data.build import InvalidImagesError, build_dataset
-    from van_tfx.data.records import SynsetListError, escaped
+    from van_tfx.data.records import MAX_PIXELS, SynsetListError, escaped
 
     if args.shards is not None and args.shards < 1:
         print("error: --shards must be >= 1", file=sys.stderr)
@@ -66,6 +91,7 @@ def run_build(args: argparse.Namespace) -> int:
             synsets_file=args.synsets_file,
             seed=args.seed,
             workers=args.workers,
+            max_pixels=args.max_image_pixels or MAX_PIXELS,
         )
     except (InvalidImagesError, SynsetListError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

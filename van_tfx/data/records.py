@@ -9,15 +9,17 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from van_tfx import features
+from van_tfx.config import DataConfig
 from van_tfx.tfrecords import read_records
 
 SYNSETS_FILE = "synsets.txt"
@@ -25,8 +27,9 @@ JPEG_QUALITY = 95
 # Alpha is composited on white: ImageNet-style photos have no transparency, and black behind
 # transparent logos/icons would change what the image shows.
 ALPHA_BACKGROUND = (255, 255, 255)
-# Refuse decompression bombs (PIL's own default warns only); ~ a 16k x 16k image.
-MAX_PIXELS = 16384 * 16384
+# The largest image (width x height, from its header) the converter accepts: Transform's
+# data.max_image_pixels default, so the converter never writes a record Transform refuses.
+MAX_PIXELS: int = DataConfig.model_fields["max_image_pixels"].default
 
 
 class InvalidImageError(ValueError):
@@ -55,13 +58,16 @@ class ImageRecord:
     filename: str | bytes  # bytes: a file system name as it is, UTF-8 or not
 
 
-def to_rgb_jpeg(data: bytes, name: str = "<bytes>") -> tuple[bytes, int, int]:
+def to_rgb_jpeg(
+    data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS
+) -> tuple[bytes, int, int]:
     """Decode any PIL-readable image and return (RGB JPEG bytes, height, width).
 
     RGB JPEGs are kept byte-for-byte; PNG, grayscale, CMYK, palette and alpha images are converted
-    (alpha composited on white) and re-encoded, as TF's build_imagenet_data.py does.
+    (alpha composited on white) and re-encoded, as TF's build_imagenet_data.py does. An image
+    whose header declares more than `max_pixels` pixels is refused before it is decoded.
     """
-    image = _decode_fully(data, name)
+    image = _decode_fully(data, name, max_pixels)
     if image.format == "JPEG" and image.mode == "RGB":
         return data, image.height, image.width
     rgb = _as_rgb(image)
@@ -70,25 +76,51 @@ def to_rgb_jpeg(data: bytes, name: str = "<bytes>") -> tuple[bytes, int, int]:
     return out.getvalue(), rgb.height, rgb.width
 
 
-def _decode_fully(data: bytes, name: str) -> Image.Image:
+@contextlib.contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    # The caller checks max_pixels from the header; PIL's own limit would warn (into the progress
+    # bar) or refuse with a message of its own, at a bound that is not Transform's.
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _decode_fully(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     # verify() catches structural damage; load() catches truncation (a second open is required).
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must be False to detect truncation")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            if probe.width * probe.height > MAX_PIXELS:
-                raise InvalidImageError(name, f"image too large ({probe.width}x{probe.height})")
-            probe.verify()
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        with _own_pixel_limit():
+            with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+                if probe.width * probe.height > max_pixels:
+                    raise InvalidImageError(
+                        name,
+                        f"image too large ({probe.width}x{probe.height} = "
+                        f"{probe.width * probe.height} pixels, more than the limit of "
+                        f"{max_pixels}: data.max_image_pixels, --max-image-pixels)",
+                    )
+                probe.verify()
+            image = Image.open(io.BytesIO(data))
+            image.load()
     except InvalidImageError:
         raise
+    except UnidentifiedImageError:
+        raise InvalidImageError(
+            name, "not a decodable image (not an image format PIL reads)"
+        ) from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        reason = str(exc) or type(exc).__name__
+        reason = _ADDRESS.sub("", str(exc)) or type(exc).__name__
         raise InvalidImageError(name, f"not a decodable image ({reason})") from None
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)  # animated GIF/PNG: the first frame, as tf.io.decode_image would
     return image
+
+
+# " at 0x7f3a..." in a repr: a memory address, different in every run.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:
@@ -105,7 +137,7 @@ def _as_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image_file(path: str) -> tuple[bytes, int, int]:
+def load_image_file(path: str, max_pixels: int = MAX_PIXELS) -> tuple[bytes, int, int]:
     """Read one file and normalise it to RGB JPEG; raises InvalidImageError naming it."""
     try:
         data = Path(path).read_bytes()
@@ -113,7 +145,7 @@ def load_image_file(path: str) -> tuple[bytes, int, int]:
         raise InvalidImageError(path, f"cannot read file ({exc.strerror})") from None
     if not data:
         raise InvalidImageError(path, "empty file")
-    return to_rgb_jpeg(data, path)
+    return to_rgb_jpeg(data, path, max_pixels)
 
 
 # ---- synset lists -----------------------------------------------------------------------------
