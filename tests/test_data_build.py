@@ -545,3 +545,22 @@ def test_reasons_hold_no_memory_addresses(tmp_path):
         build_dataset(image_dir, tmp_path / "out", workers=1, progress=False)
     [(_, reason)] = failure.value.rejected
     assert "0x" not in reason and reason.startswith("not a decodable image")
+
+
+@pytest.mark.parametrize("split", ["*", "../escaped", "", ".hidden", "a/b", "tr[a]in"])
+def test_a_split_that_is_not_a_plain_name_is_refused_naming_the_flag(tmp_path, capsys, split):
+    # --split '*' deleted every split's shards (a glob), '../escaped' was an unnamed ENOENT,
+    # '' wrote -00000-of-00001.
+    image_dir = make_tree(tmp_path / "img", {b"a/x.jpg": jpeg_bytes(), b"b/y.jpg": jpeg_bytes()})
+    out = tmp_path / "out"
+    assert main(["data", "build", str(image_dir), str(out), "--workers", "1"]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "build", str(image_dir), str(out), "--workers", "1", "--split", split])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --split: split name must be" in err and repr(split) in err
+    assert sorted(p.name for p in out.iterdir()) == before
+    with pytest.raises(ValueError, match="split name must be"):
+        build_dataset(image_dir, out, split=split, workers=1, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before

@@ -23,6 +23,7 @@ from van_tfx.data.records import (
     InvalidImageError,
     SynsetListError,
     _atomic_write_text,
+    check_split_name,
     escaped,
     label_of,
     load_image_file,
@@ -277,6 +278,7 @@ def build_dataset(
 ) -> BuildResult:
     """Convert IMAGE_DIR/<synset>/<file> into OUTPUT_DIR/<split>-NNNNN-of-MMMMM TFRecord shards."""
     output_dir = Path(output_dir)
+    check_split_name(split)
     listing = list_images(image_dir, output_dir)
     if listing.problems and not skip_invalid:
         raise InvalidImagesError(listing.problems)
@@ -316,7 +318,7 @@ def rejected_report_path(output_dir: Path, split: str) -> Path:
 
     Not `<split>-…`: ExampleGen's patterns (`span-{SPAN}/<split>-*`) would read it as a shard.
     """
-    return output_dir / f"rejected-{split}.tsv"
+    return output_dir / f"rejected-{check_split_name(split)}.tsv"
 
 
 def write_rejected_report(

@@ -22,6 +22,16 @@ def int_in(low: int, high: int | None = None):
     return parse
 
 
+def split_name(text: str) -> str:
+    """An argparse type: a split name that is a plain file name part, never a glob or a path."""
+    from van_tfx.data.records import check_split_name
+
+    try:
+        return check_split_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_parser(subparsers) -> None:
     """Register `data` with its `build` and `sample` subcommands."""
     data = subparsers.add_parser("data", help="Create ImageNet-style TFRecord data.")
@@ -35,7 +45,12 @@ def add_parser(subparsers) -> None:
     )
     build.add_argument("image_dir", metavar="IMAGE_DIR")
     build.add_argument("output_dir", metavar="OUTPUT_DIR")
-    build.add_argument("--split", default="train", help="Split name of the shards (default train).")
+    build.add_argument(
+        "--split",
+        default="train",
+        type=split_name,
+        help="Split name of the shards: letters, digits, _ - . (not first); default train.",
+    )
     build.add_argument("--shards", type=int, default=None, help="Default: one per 1024 images.")
     build.add_argument(
         "--skip-invalid",

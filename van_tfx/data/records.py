@@ -7,6 +7,7 @@ never import TensorFlow; only shard writing and reading import TensorFlow, lazil
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import os
 import re
@@ -274,9 +275,23 @@ def example_bytes(record: ImageRecord) -> bytes:
     return example.SerializeToString(deterministic=True)
 
 
+# A split names files and is matched by glob patterns: letters, digits, '_', '-', '.', and not
+# hidden ('.' first), so never a pattern ('*'), a path ('../x') or empty.
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
+def check_split_name(split: str) -> str:
+    """`split` if it is a simple name (SPLIT_NAME); ValueError saying what it must be otherwise."""
+    if not isinstance(split, str) or not SPLIT_NAME.fullmatch(split):
+        raise ValueError(
+            f"split name must be letters, digits, '_', '-' or '.' (not first): got {split!r}"
+        )
+    return split
+
+
 def shard_name(split: str, index: int, num_shards: int) -> str:
     """`<split>-NNNNN-of-MMMMM`, the ImageNet TFRecord naming."""
-    return f"{split}-{index:05d}-of-{num_shards:05d}"
+    return f"{check_split_name(split)}-{index:05d}-of-{num_shards:05d}"
 
 
 def write_split(
@@ -345,7 +360,7 @@ def _split_in_place(output_dir: Path, split: str, names: list[str]) -> Iterator[
 
 def remove_split(output_dir: Path, split: str) -> None:
     """Delete existing `<split>-*-of-*` shards (a rewrite may use a different shard count)."""
-    for old in output_dir.glob(f"{split}-?????-of-?????"):
+    for old in output_dir.glob(f"{glob.escape(check_split_name(split))}-?????-of-?????"):
         old.unlink()
 
 
