@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+# 2 x sample.VALIDATION_IMAGES (360): more would leave validation shards without a record.
+SAMPLE_MAX_SHARDS = 720
+
 
 def int_in(low: int, high: int | None = None):
     """An argparse type: an integer in [low, high]; argparse names the flag when it is not."""
@@ -51,7 +54,9 @@ def add_parser(subparsers) -> None:
         type=split_name,
         help="Split name of the shards: letters, digits, _ - . (not first); default train.",
     )
-    build.add_argument("--shards", type=int, default=None, help="Default: one per 1024 images.")
+    build.add_argument(
+        "--shards", type=int_in(1), default=None, help="Default: one per 1024 images."
+    )
     build.add_argument(
         "--skip-invalid",
         action="store_true",
@@ -73,7 +78,7 @@ def add_parser(subparsers) -> None:
         "default, the bound Transform applies.",
     )
     build.add_argument("--seed", type=int, default=0, help="Shuffle seed (default 0).")
-    build.add_argument("--workers", type=int, default=None, help="Default: all cores.")
+    build.add_argument("--workers", type=int_in(1), default=None, help="Default: all cores.")
     build.set_defaults(func=run_build)
 
     sample = commands.add_parser(
@@ -84,7 +89,12 @@ def add_parser(subparsers) -> None:
         "dir", nargs="?", default=None, metavar="DIR", help="Default $VAN_TFX_HOME/data."
     )
     sample.add_argument("--new-span", action="store_true", help="Add span N+1 with new images.")
-    sample.add_argument("--shards", type=int, default=2)
+    sample.add_argument(
+        "--shards",
+        type=int_in(1, SAMPLE_MAX_SHARDS),
+        default=2,
+        help=f"Train shards (validation: half as many), 1 to {SAMPLE_MAX_SHARDS}; default 2.",
+    )
     sample.set_defaults(func=run_sample)
 
 
@@ -93,9 +103,6 @@ def run_build(args: argparse.Namespace) -> int:
     from van_tfx.data.build import InvalidImagesError, build_dataset
     from van_tfx.data.records import MAX_PIXELS, SynsetListError, escaped
 
-    if args.shards is not None and args.shards < 1:
-        print("error: --shards must be >= 1", file=sys.stderr)
-        return 2
     try:
         result = build_dataset(
             args.image_dir,

@@ -299,22 +299,15 @@ def write_split(
 ) -> list[Path]:
     """Write records round-robin into `num_shards` shards, atomically per split; return the paths.
 
-    All shards are open at once: for a few dozen shards (the sample, benchmarks). Builds with
-    many shards (ImageNet-1k: 1,252 > the usual 1,024 open files) use write_shards.
-    The iterator may raise to abort.
+    The records are held in memory (for the sample, tests and benchmarks) and written one shard
+    file at a time, so any shard count fits within the open-file limit.
     """
-    import tensorflow as tf
-
-    names = [shard_name(split, k, num_shards) for k in range(num_shards)]
-    with _split_in_place(Path(output_dir), split, names) as tmp_dir:
-        writers = [tf.io.TFRecordWriter(str(tmp_dir / name)) for name in names]
-        try:
-            for index, record in enumerate(records):
-                writers[index % num_shards].write(example_bytes(record))
-        finally:
-            for writer in writers:
-                writer.close()
-    return [Path(output_dir) / name for name in names]
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    records = list(records)
+    return write_shards(
+        (records[k::num_shards] for k in range(num_shards)), output_dir, split, num_shards
+    )
 
 
 def write_shards(

@@ -44,6 +44,8 @@ def build_sample(
     """
     from van_tfx.env import van_tfx_home
 
+    if not 1 <= shards <= 2 * VALIDATION_IMAGES:
+        raise ValueError(f"shards must be from 1 to {2 * VALIDATION_IMAGES}, got {shards}")
     root = Path(data_dir) if data_dir else Path(van_tfx_home()) / "data"
     spans = existing_spans(root)
     if spans and not new_span:
