@@ -564,3 +564,50 @@ def test_a_split_that_is_not_a_plain_name_is_refused_naming_the_flag(tmp_path, c
     with pytest.raises(ValueError, match="split name must be"):
         build_dataset(image_dir, out, split=split, workers=1, progress=False)
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_an_output_path_that_is_a_file_is_one_line_naming_it(tmp_path, capsys):
+    image_dir = make_tree(tmp_path / "img", {b"a/x.jpg": jpeg_bytes(), b"b/y.jpg": jpeg_bytes()})
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    for argv in (["data", "build", str(image_dir), str(taken)], ["data", "sample", str(taken)]):
+        assert main([*argv]) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: {taken}: exists and is not a directory\n"
+    assert taken.read_text() == "a file"
+
+
+@pytest.mark.parametrize("command", ["build", "sample"])
+def test_a_full_output_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, command):
+    # A full or size-limited output was a ResourceExhaustedError traceback. RLIMIT_FSIZE makes
+    # writes past 4 KB fail with EFBIG, as a full disk fails them with ENOSPC.
+    import subprocess
+    import sys
+
+    image_dir = make_tree(
+        tmp_path / "img",
+        {
+            f"{c}/{k}.jpg".encode(): jpeg_bytes((64, 64), (k, 9 * k, 3))
+            for c in "ab"
+            for k in range(8)
+        },
+    )
+    out = tmp_path / "out"
+    argv = ["data", "build", str(image_dir), str(out), "--workers", "1"]
+    if command == "sample":
+        argv = ["data", "sample", str(out)]
+    script = f"""
+import resource, signal, sys
+from van_tfx.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+sys.exit(main({argv!r}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {out}/") and last.endswith(": File too large"), last
+    assert "Traceback" not in done.stderr
+    assert [p.name for p in out.rglob("*") if p.is_file()] == []

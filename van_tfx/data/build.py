@@ -86,7 +86,10 @@ def list_images(
     root = Path(image_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"image directory not found: {root}")
-    skip = Path(output_dir).resolve() if output_dir is not None else None
+    try:
+        out_stat = os.stat(output_dir) if output_dir is not None else None
+    except OSError:
+        out_stat = None  # not there yet: not inside IMAGE_DIR either
     problems: list[tuple[str, str]] = []
     ignored: list[tuple[str, str]] = []
     classes: list[Path] = []
@@ -95,7 +98,7 @@ def list_images(
         mode, problem = _mode(entry)
         if entry.name.startswith("."):
             ignored.append((entry.path, HIDDEN))
-        elif skip is not None and path.resolve() == skip:
+        elif stat.S_ISDIR(mode) and out_stat and os.path.samestat(os.stat(path), out_stat):
             ignored.append((entry.path, "the output directory"))
         elif stat.S_ISDIR(mode):
             classes.append(path)
@@ -240,16 +243,17 @@ def _records(
         file=sys.stderr,
     )
     written = 0
-    for (path, synset), result in bar:
-        if isinstance(result, InvalidImageError):
-            rejected.append((str(path), result.reason))
-            yield None
-            continue
-        jpeg, height, width = result
-        written += 1
-        # The file name's own bytes: a name that is not UTF-8 is still named exactly.
-        filename = os.fsencode(f"{synset}/{path.name}")
-        yield ImageRecord(jpeg, height, width, labels[synset], synset, texts[synset], filename)
+    with bar:  # closed (its line ended) before an error is printed, also when the writer fails
+        for (path, synset), result in bar:
+            if isinstance(result, InvalidImageError):
+                rejected.append((str(path), result.reason))
+                yield None
+                continue
+            jpeg, height, width = result
+            written += 1
+            # The file name's own bytes: a name that is not UTF-8 is still named exactly.
+            filename = os.fsencode(f"{synset}/{path.name}")
+            yield ImageRecord(jpeg, height, width, labels[synset], synset, texts[synset], filename)
     if rejected and (not skip_invalid or written == 0):
         raise InvalidImagesError(rejected)  # inside the writer: the temp shards are discarded
 
@@ -302,9 +306,12 @@ def build_dataset(
         skip_invalid,
         max_pixels,
     )
-    paths = write_shards(
-        _in_shards(answers, [len(shard) for shard in dealt]), output_dir, split, num_shards
-    )
+    try:
+        paths = write_shards(
+            _in_shards(answers, [len(shard) for shard in dealt]), output_dir, split, num_shards
+        )
+    finally:
+        answers.close()  # a failed write: stop the decoders and end the progress bar now
     synsets_path = output_dir / "synsets.txt"
     if not list_exists:
         write_synset_list(synsets_path, texts)

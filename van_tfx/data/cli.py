@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 # 2 x sample.VALIDATION_IMAGES (360): more would leave validation shards without a record.
@@ -23,6 +24,15 @@ def int_in(low: int, high: int | None = None):
         return value
 
     return parse
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError: the path it names (escaped) and why."""
+    from van_tfx.data.records import escaped
+
+    if exc.filename is None:
+        return " ".join(str(exc).split())
+    return f"{escaped(os.fsdecode(exc.filename))}: {exc.strerror or exc}"
 
 
 def split_name(text: str) -> str:
@@ -115,8 +125,11 @@ def run_build(args: argparse.Namespace) -> int:
             workers=args.workers,
             max_pixels=args.max_image_pixels or MAX_PIXELS,
         )
-    except (InvalidImagesError, SynsetListError, FileNotFoundError) as exc:
+    except (InvalidImagesError, SynsetListError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # unreadable input, unwritable, full or misnamed output
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 1
     for path, reason in result.ignored:
         print(f"ignored {escaped(path)}: {reason}", file=sys.stderr)
@@ -144,7 +157,11 @@ def run_sample(args: argparse.Namespace) -> int:
 
     root = Path(args.dir) if args.dir else Path(van_tfx_home()) / "data"
     already_there = bool(existing_spans(root)) and not args.new_span
-    span_dir = build_sample(root, new_span=args.new_span, shards=args.shards)
+    try:
+        span_dir = build_sample(root, new_span=args.new_span, shards=args.shards)
+    except OSError as exc:  # unwritable or full DIR, or a file of that name
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
     if already_there:
         print(f"sample already present: {span_dir} (use --new-span to add new data)")
     else:

@@ -7,6 +7,7 @@ never import TensorFlow; only shard writing and reading import TensorFlow, lazil
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import io
 import os
@@ -230,11 +231,16 @@ def write_synset_list(path: str | os.PathLike, texts: dict[str, str]) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename:
+            raise
+        # A failed write (full disk) names no file.
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -327,12 +333,23 @@ def write_shards(
     shards = iter(shards)
     with _split_in_place(Path(output_dir), split, names) as tmp_dir:
         for name in names:
-            with tf.io.TFRecordWriter(str(tmp_dir / name)) as writer:
-                for record in next(shards, ()):
-                    writer.write(example_bytes(record))
+            try:
+                with tf.io.TFRecordWriter(str(tmp_dir / name)) as writer:
+                    for record in next(shards, ()):
+                        writer.write(example_bytes(record))
+            except tf.errors.OpError as exc:  # full disk, file size limit, ...: name the shard
+                reason = exc.message.rsplit("; ", 1)[-1]
+                raise OSError(errno.EIO, reason, str(Path(output_dir) / name)) from None
         if next(shards, None) is not None:
             raise ValueError(f"more than num_shards={num_shards} shards given for split {split}")
     return [Path(output_dir) / name for name in names]
+
+
+def make_output_dir(path: Path) -> None:
+    """Create the directory `path`; an OSError names it (e.g. a file of that name is there)."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
+    path.mkdir(parents=True, exist_ok=True)
 
 
 @contextlib.contextmanager
@@ -340,7 +357,7 @@ def _split_in_place(output_dir: Path, split: str, names: list[str]) -> Iterator[
     # Shards are written to a temporary directory inside output_dir and renamed into place
     # (replacing any older shards of the split) only when writing succeeded, so a failed or
     # interrupted run never leaves a complete-looking split behind.
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(output_dir)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{split}-", dir=output_dir))
     try:
         yield tmp_dir

@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from van_tfx.data.records import SYNSETS_FILE, ImageRecord, write_split, write_synset_list
+from van_tfx.data.records import (
+    SYNSETS_FILE,
+    ImageRecord,
+    make_output_dir,
+    write_split,
+    write_synset_list,
+)
 
 SAMPLE_IMAGE_SIZE = 64
 VALIDATION_IMAGES = 360  # 20% of 1,797; >= 300 so the top-1 gate is not decided by a few images
@@ -56,6 +62,7 @@ def build_sample(
 
 def write_span(root: Path, span: int, shards: int) -> Path:
     """Render and write one span atomically (a temp dir renamed to span-<N>)."""
+    make_output_dir(root)
     train, validation = span_records(span)
     final = root / f"span-{span}"
     tmp = root / f".tmp-span-{span}"
