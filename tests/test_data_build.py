@@ -611,3 +611,12 @@ sys.exit(main({argv!r}))
     assert last.startswith(f"error: {out}/") and last.endswith(": File too large"), last
     assert "Traceback" not in done.stderr
     assert [p.name for p in out.rglob("*") if p.is_file()] == []
+
+
+def test_skip_invalid_with_nothing_left_does_not_advise_skip_invalid(tmp_path, capsys):
+    image_dir = make_tree(tmp_path / "img", {b"a/x.jpg": b"not an image", b"b/y.jpg": b""})
+    argv = ["data", "build", str(image_dir), str(tmp_path / "o"), "--skip-invalid"]
+    assert main([*argv, "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "no input is left to convert" in err and "pass --skip-invalid" not in err
+    assert not (tmp_path / "o" / "synsets.txt").exists()

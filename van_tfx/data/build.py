@@ -40,11 +40,12 @@ IMAGES_PER_SHARD = 1024
 class InvalidImagesError(ValueError):
     """Some inputs cannot be converted (not decodable images, not files); lists every one."""
 
-    def __init__(self, rejected: list[tuple[str, str]]):
+    def __init__(self, rejected: list[tuple[str, str]], skipping: bool = False):
         lines = "\n".join(f"  {escaped(path)}: {reason}" for path, reason in rejected)
+        advice = "no input is left to convert" if skipping else "or pass --skip-invalid"
         super().__init__(
             f"{len(rejected)} input(s) cannot be converted; nothing was written "
-            f"(fix or remove them, or pass --skip-invalid):\n{lines}"
+            f"(fix or remove them, {advice}):\n{lines}"
         )
         self.rejected = rejected
 
@@ -255,7 +256,8 @@ def _records(
             filename = os.fsencode(f"{synset}/{path.name}")
             yield ImageRecord(jpeg, height, width, labels[synset], synset, texts[synset], filename)
     if rejected and (not skip_invalid or written == 0):
-        raise InvalidImagesError(rejected)  # inside the writer: the temp shards are discarded
+        # Inside the writer: the temp shards are discarded.
+        raise InvalidImagesError(rejected, skipping=skip_invalid)
 
 
 def _in_shards(answers: Iterator, sizes: list[int]) -> Iterator[Iterator[ImageRecord]]:
@@ -288,7 +290,7 @@ def build_dataset(
         raise InvalidImagesError(listing.problems)
     images = listing.images
     if not images:
-        raise InvalidImagesError(listing.problems)  # every class folder was skipped
+        raise InvalidImagesError(listing.problems, skipping=True)  # every class was skipped
     texts, list_exists = resolve_synsets(list(images), output_dir, synsets_file)
     items = shuffled_items(images, seed)
     num_shards = shards or math.ceil(len(items) / IMAGES_PER_SHARD)
