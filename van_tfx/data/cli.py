@@ -70,7 +70,8 @@ def add_parser(subparsers) -> None:
     build.add_argument(
         "--skip-invalid",
         action="store_true",
-        help="Convert the rest when files are not decodable images; list them in "
+        help="Convert the rest when inputs cannot be converted (undecodable or too large "
+        "images, links to nothing, FIFOs, nested folders, empty class folders); list them in "
         "OUTPUT_DIR/rejected-<split>.tsv instead of failing.",
     )
     build.add_argument(
