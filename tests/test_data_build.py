@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,8 @@ from van_tfx.data.records import (
     parse_synset_mapping,
     read_examples,
     read_synset_mapping,
+    synset_name_problem,
+    write_synset_list,
 )
 from van_tfx.tfrecords import CorruptShardError
 
@@ -141,6 +145,9 @@ def test_validation_split_reuses_labels_and_rejects_unknown_synsets(built, image
     [record] = read_examples(result.shards)
     assert record[features.LABEL] == 4  # n_photo's label in the train list, not 1
     (val_dir / "n_unknown").mkdir()
+    (val_dir / "n_unknown" / "china.jpg").write_bytes(
+        (image_dir / "n_photo" / "china.jpg").read_bytes()
+    )
     with pytest.raises(SynsetListError, match="n_unknown"):
         build_dataset(val_dir, out, split="validation", workers=1, progress=False)
 
@@ -313,3 +320,303 @@ def test_a_malformed_synset_list_is_refused_naming_the_file_and_line(data, says)
 def test_a_directory_given_as_the_synset_list_is_named(tmp_path):
     with pytest.raises(SynsetListError, match="is a directory"):
         read_synset_mapping(tmp_path)
+
+
+def jpeg_bytes(size=(8, 8), color=(90, 120, 200)) -> bytes:
+    """A small real RGB JPEG."""
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, "JPEG")
+    return out.getvalue()
+
+
+def make_tree(root: Path, files: dict[bytes, bytes]) -> Path:
+    """Write `files` (relative paths as bytes, so names may be any bytes) under root."""
+    for relative, data in files.items():
+        path = os.fsencode(root) + b"/" + relative
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(data)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("folder", "shown"),
+    [
+        (b"my cat", "my cat': contains whitespace"),
+        (b"#tag", "#tag': starts with '#'"),
+        (b"zebra ", "zebra ': contains whitespace"),
+        (b"b\nc", "b\\nc': contains whitespace or a line break ('\\n'"),
+        (b"x\x1fy", "x\\x1fy': contains whitespace"),
+        (b"caf\xe9", "caf\\xe9': is not UTF-8 text"),
+    ],
+    ids=["space", "hash", "trailing-space", "newline", "unit-separator", "latin-1"],
+)
+def test_a_class_folder_synsets_txt_would_misread_is_refused_before_writing(
+    tmp_path, folder, shown
+):
+    # "my cat" was written as the line "my cat my cat" and read back as synset "my": the
+    # pipeline counted 3 classes for labels 1-4.
+    image_dir = make_tree(
+        tmp_path / "img", {b"dog/a.jpg": jpeg_bytes(), folder + b"/b.jpg": jpeg_bytes()}
+    )
+    out = tmp_path / "out"
+    with pytest.raises(SynsetListError) as failure:
+        build_dataset(image_dir, out, workers=1, progress=False)
+    assert shown in str(failure.value)
+    assert not out.exists()
+
+
+def test_names_equal_after_strip_are_refused(tmp_path, capsys):
+    image_dir = make_tree(
+        tmp_path / "img", {b"cat/a.jpg": jpeg_bytes(), b"cat /b.jpg": jpeg_bytes()}
+    )
+    assert main(["data", "build", str(image_dir), str(tmp_path / "out"), "--workers", "1"]) == 1
+    assert "cat ': contains whitespace" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+FOLDER_NAMES = st.one_of(
+    st.text(st.characters(blacklist_categories=()), max_size=8),  # surrogates too: non-UTF-8
+    st.text(st.sampled_from(" \t\n\r#\ufeff\x1c\x85\u2028\udce9a-"), max_size=4),
+)
+
+
+@given(FOLDER_NAMES)
+def test_a_folder_name_is_accepted_exactly_when_it_round_trips_through_synsets_txt(name):
+    problem = synset_name_problem(name)
+    try:
+        data = f"{name} the class\n".encode()
+    except UnicodeEncodeError:
+        assert problem is not None  # not UTF-8: cannot be written as text at all
+        return
+    try:
+        parsed = parse_synset_mapping(data, "synsets.txt")
+    except SynsetListError:
+        parsed = None
+    assert (problem is None) == (parsed == {name: "the class"})
+    if problem is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_synset_list(Path(tmp) / "synsets.txt", {name: name, "zz_next": "next"})
+            assert read_synset_mapping(Path(tmp) / "synsets.txt") == {name: name, "zz_next": "next"}
+    else:
+        with tempfile.TemporaryDirectory() as tmp, pytest.raises(SynsetListError):
+            write_synset_list(Path(tmp) / "synsets.txt", {name: name})
+
+
+def test_a_file_name_that_is_not_utf8_is_recorded_as_its_bytes(tmp_path):
+    # A valid image named caf\xe9.jpg was a UnicodeEncodeError traceback in example_bytes.
+    image_dir = make_tree(
+        tmp_path / "img", {b"a/caf\xe9.jpg": jpeg_bytes(), b"b/ok.jpg": jpeg_bytes()}
+    )
+    result = build_dataset(image_dir, tmp_path / "out", workers=1, progress=False)
+    names = sorted(r[features.IMAGE_FILENAME] for r in read_examples(result.shards))
+    assert names == [b"a/caf\xe9.jpg", b"b/ok.jpg"]
+
+
+def test_skipped_files_with_odd_names_are_one_escaped_row_each(tmp_path, capsys):
+    # A skipped file named caf\xe9 made the report raise after the shards were committed
+    # (a 0-byte rejected-train.tsv); a tab or newline in a name split the TSV row.
+    image_dir = make_tree(
+        tmp_path / "img",
+        {
+            b"a/ok.jpg": jpeg_bytes(),
+            b"b/ok.jpg": jpeg_bytes(),
+            b"a/caf\xe9.jpg": b"not an image",
+            b"a/bad\nname\tx.jpg": b"not an image either",
+        },
+    )
+    out = tmp_path / "out"
+    code = main(["data", "build", str(image_dir), str(out), "--skip-invalid", "--workers", "1"])
+    assert code == 0
+    rows = (out / "rejected-train.tsv").read_bytes().decode("utf-8").split("\n")
+    assert rows[0] == "path\treason" and rows[-1] == "" and len(rows) == 4
+    paths = sorted(row.split("\t")[0] for row in rows[1:-1])
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["bad\\nname\\tx.jpg", "caf\\xe9.jpg"]
+    assert all(len(row.split("\t")) == 2 for row in rows[1:-1])
+    err = capsys.readouterr().err
+    assert "skipped " + paths[0] in err and "skipped " + paths[1] in err
+
+
+@pytest.fixture()
+def hostile_dir(tmp_path) -> Path:
+    """Two classes with one image each, plus every kind of entry a converter must not drop."""
+    root = make_tree(
+        tmp_path / "img",
+        {
+            b"a/ok.jpg": jpeg_bytes(),
+            b"b/ok.jpg": jpeg_bytes(),
+            b"b/nested/deep.jpg": jpeg_bytes(),
+            b"b/.hidden.jpg": jpeg_bytes(),
+            b".hiddenclass/h.jpg": jpeg_bytes(),
+            b"toplevel.jpg": jpeg_bytes(),
+        },
+    )
+    (root / "a" / "loop1").symlink_to("loop2")
+    (root / "a" / "loop2").symlink_to("loop1")
+    (root / "a" / "broken.jpg").symlink_to("/nonexistent/x.jpg")
+    (root / "a" / "link.jpg").symlink_to(root / "a" / "ok.jpg")  # a link to a file is a file
+    os.mkfifo(root / "b" / "fifo.jpg")
+    (root / "empty").mkdir()
+    return root
+
+
+HOSTILE_PROBLEMS = {
+    "toplevel.jpg": "a file outside the class folders",
+    "a/broken.jpg": "a broken symbolic link (to /nonexistent/x.jpg)",
+    "a/loop1": "a symbolic link loop",
+    "a/loop2": "a symbolic link loop",
+    "b/fifo.jpg": "a FIFO, not a regular file",
+    "b/nested": "a folder inside a class folder",
+    "empty": "a class folder without images",
+}
+
+
+def test_entries_that_are_not_images_in_class_folders_fail_the_build_listed(hostile_dir, tmp_path):
+    # Broken links, loops, FIFOs, nested folders and top-level files were dropped silently,
+    # and an empty folder became a label with no examples.
+    out = tmp_path / "out"
+    with pytest.raises(InvalidImagesError) as failure:
+        build_dataset(hostile_dir, out, workers=1, progress=False)
+    listed = {str(Path(p).relative_to(hostile_dir)): r for p, r in failure.value.rejected}
+    assert set(listed) == set(HOSTILE_PROBLEMS)
+    assert all(listed[p].startswith(r) for p, r in HOSTILE_PROBLEMS.items())
+    assert not out.exists()
+
+
+def test_skip_invalid_skips_and_lists_them_and_hidden_entries_are_ignored_and_listed(
+    hostile_dir, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    argv = ["data", "build", str(hostile_dir), str(out), "--skip-invalid", "--workers", "1"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    rows = (out / "rejected-train.tsv").read_text().splitlines()[1:]
+    assert {str(Path(r.split("\t")[0]).relative_to(hostile_dir)) for r in rows} == set(
+        HOSTILE_PROBLEMS
+    )
+    for hidden in (hostile_dir / "b" / ".hidden.jpg", hostile_dir / ".hiddenclass"):
+        assert f"ignored {hidden}: hidden" in err
+    assert list(read_synset_mapping(out / "synsets.txt")) == ["a", "b"]  # no empty class
+    records = list(read_examples(sorted(out.glob("train-*"))))
+    assert sorted(r[features.IMAGE_FILENAME] for r in records) == [
+        b"a/link.jpg",
+        b"a/ok.jpg",
+        b"b/ok.jpg",
+    ]
+
+
+def test_an_output_dir_inside_the_image_dir_is_not_a_class(tmp_path, capsys):
+    # A second build into IMAGE_DIR/out read out/ as a class of shards.
+    image_dir = make_tree(tmp_path / "img", {b"a/x.jpg": jpeg_bytes(), b"b/y.jpg": jpeg_bytes()})
+    out = image_dir / "out"
+    for _ in range(2):
+        assert main(["data", "build", str(image_dir), str(out), "--workers", "1"]) == 0
+    assert f"ignored {out}: the output directory" in capsys.readouterr().err
+    assert list(read_synset_mapping(out / "synsets.txt")) == ["a", "b"]
+
+
+def test_an_image_over_transforms_pixel_bound_is_refused_from_its_header(tmp_path, capsys):
+    # 72 M pixels: over data.max_image_pixels (64 M), which Transform applies, but under the
+    # converter's old bound (268 M): it was decoded (GBs for 100 M) and written. The image data
+    # is cut short: "too large", not "truncated", shows the header alone decided.
+    big = io.BytesIO()
+    Image.new("1", (9000, 8000)).save(big, "PNG")
+    image_dir = make_tree(
+        tmp_path / "img",
+        {b"a/ok.jpg": jpeg_bytes(), b"a/big.png": big.getvalue()[:200], b"b/ok.jpg": jpeg_bytes()},
+    )
+    with pytest.raises(InvalidImagesError, match=r"big.png: image too large \(9000x8000"):
+        build_dataset(image_dir, tmp_path / "out", workers=1, progress=False)
+    out = tmp_path / "out2"
+    argv = ["data", "build", str(image_dir), str(out), "--workers", "1", "--skip-invalid"]
+    assert main([*argv, "--max-image-pixels", "64"]) == 0  # the 8x8 JPEGs are 64 pixels
+    rows = (out / "rejected-train.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 1 and "big.png\timage too large" in rows[0]
+    assert main([*argv, "--max-image-pixels", "63"]) == 1
+    assert "a/ok.jpg: image too large (8x8 = 64 pixels, more than the limit of 63" in (
+        capsys.readouterr().err
+    )
+
+
+def test_reasons_hold_no_memory_addresses(tmp_path):
+    # "cannot identify image file <_io.BytesIO object at 0x7f...>" differed in every run.
+    image_dir = make_tree(tmp_path / "img", {b"a/notes.jpg": b"hello", b"a/ok.jpg": jpeg_bytes()})
+    with pytest.raises(InvalidImagesError) as failure:
+        build_dataset(image_dir, tmp_path / "out", workers=1, progress=False)
+    [(_, reason)] = failure.value.rejected
+    assert "0x" not in reason and reason.startswith("not a decodable image")
+
+
+@pytest.mark.parametrize("split", ["*", "../escaped", "", ".hidden", "a/b", "tr[a]in"])
+def test_a_split_that_is_not_a_plain_name_is_refused_naming_the_flag(tmp_path, capsys, split):
+    # --split '*' deleted every split's shards (a glob), '../escaped' was an unnamed ENOENT,
+    # '' wrote -00000-of-00001.
+    image_dir = make_tree(tmp_path / "img", {b"a/x.jpg": jpeg_bytes(), b"b/y.jpg": jpeg_bytes()})
+    out = tmp_path / "out"
+    assert main(["data", "build", str(image_dir), str(out), "--workers", "1"]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "build", str(image_dir), str(out), "--workers", "1", "--split", split])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --split: split name must be" in err and repr(split) in err
+    assert sorted(p.name for p in out.iterdir()) == before
+    with pytest.raises(ValueError, match="split name must be"):
+        build_dataset(image_dir, out, split=split, workers=1, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_an_output_path_that_is_a_file_is_one_line_naming_it(tmp_path, capsys):
+    image_dir = make_tree(tmp_path / "img", {b"a/x.jpg": jpeg_bytes(), b"b/y.jpg": jpeg_bytes()})
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    for argv in (["data", "build", str(image_dir), str(taken)], ["data", "sample", str(taken)]):
+        assert main([*argv]) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: {taken}: exists and is not a directory\n"
+    assert taken.read_text() == "a file"
+
+
+@pytest.mark.parametrize("command", ["build", "sample"])
+def test_a_full_output_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, command):
+    # A full or size-limited output was a ResourceExhaustedError traceback. RLIMIT_FSIZE makes
+    # writes past 4 KB fail with EFBIG, as a full disk fails them with ENOSPC.
+    import subprocess
+    import sys
+
+    image_dir = make_tree(
+        tmp_path / "img",
+        {
+            f"{c}/{k}.jpg".encode(): jpeg_bytes((64, 64), (k, 9 * k, 3))
+            for c in "ab"
+            for k in range(8)
+        },
+    )
+    out = tmp_path / "out"
+    argv = ["data", "build", str(image_dir), str(out), "--workers", "1"]
+    if command == "sample":
+        argv = ["data", "sample", str(out)]
+    script = f"""
+import resource, signal, sys
+from van_tfx.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+sys.exit(main({argv!r}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {out}/") and last.endswith(": File too large"), last
+    assert "Traceback" not in done.stderr
+    assert [p.name for p in out.rglob("*") if p.is_file()] == []
+
+
+def test_skip_invalid_with_nothing_left_does_not_advise_skip_invalid(tmp_path, capsys):
+    image_dir = make_tree(tmp_path / "img", {b"a/x.jpg": b"not an image", b"b/y.jpg": b""})
+    argv = ["data", "build", str(image_dir), str(tmp_path / "o"), "--skip-invalid"]
+    assert main([*argv, "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "no input is left to convert" in err and "pass --skip-invalid" not in err
+    assert not (tmp_path / "o" / "synsets.txt").exists()

@@ -90,3 +90,70 @@ def test_default_dir_is_under_van_tfx_home(tmp_path, monkeypatch):
     span = build_sample(shards=1)
     assert span == tmp_path / "data" / "span-1"
     assert len(list(span.glob("train-*-of-00001"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["data", "sample", "{dir}", "--shards", "0"], "argument --shards: must be from 1 to 720"),
+        (["data", "sample", "{dir}", "--shards", "-2"], "argument --shards: must be from 1 to 720"),
+        (["data", "sample", "{dir}", "--shards", "721"], "argument --shards: must be from 1 to"),
+        (["data", "sample", "{dir}", "--shards", "two"], "argument --shards: not an integer"),
+        (
+            ["data", "build", "{dir}", "{dir}/o", "--workers", "-3"],
+            "argument --workers: must be >= 1",
+        ),
+        (
+            ["data", "build", "{dir}", "{dir}/o", "--workers", "0"],
+            "argument --workers: must be >= 1",
+        ),
+        (["data", "build", "{dir}", "{dir}/o", "--shards", "0"], "argument --shards: must be >= 1"),
+    ],
+    ids=[
+        "shards0",
+        "shards-2",
+        "shards721",
+        "shards-word",
+        "workers-3",
+        "workers0",
+        "build-shards0",
+    ],
+)
+def test_out_of_range_counts_are_refused_naming_the_flag(tmp_path, capsys, argv, says):
+    # --shards 0 / -2 were ZeroDivisionError / IndexError tracebacks; --workers -3 was accepted.
+    with pytest.raises(SystemExit) as exit_:
+        main([a.format(dir=tmp_path) for a in argv])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_shard_bound_keeps_a_record_in_every_validation_shard():
+    from van_tfx.data.cli import SAMPLE_MAX_SHARDS
+    from van_tfx.data.sample import VALIDATION_IMAGES
+
+    assert SAMPLE_MAX_SHARDS // 2 == VALIDATION_IMAGES
+
+
+def test_write_split_keeps_one_shard_file_open_at_a_time(tmp_path):
+    # `data sample --shards 400` under `ulimit -n 256` failed with "Too many open files":
+    # write_split opened every shard at once.
+    import subprocess
+    import sys
+
+    script = f"""
+import io, os, resource
+import tensorflow as tf
+from PIL import Image
+from van_tfx.data.records import ImageRecord, read_examples, write_split
+out = io.BytesIO(); Image.new("RGB", (8, 8)).save(out, "JPEG")
+records = [ImageRecord(out.getvalue(), 8, 8, 1, "a", "a", f"a/{{k}}.jpg") for k in range(400)]
+used = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (used + 30, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+paths = write_split(records, {str(tmp_path)!r}, "train", 400)
+print(len(paths), len(list(read_examples(paths))))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["400", "400"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import functools
 import itertools
 import math
 import multiprocessing
 import os
 import random
+import stat
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -14,13 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from van_tfx.data.records import (
+    MAX_PIXELS,
     SYNSETS_FILE,
     ImageRecord,
     InvalidImageError,
     SynsetListError,
+    _atomic_write_text,
+    check_split_name,
+    escaped,
     label_of,
     load_image_file,
     read_synset_mapping,
+    synset_name_problem,
     write_shards,
     write_synset_list,
 )
@@ -30,13 +38,14 @@ IMAGES_PER_SHARD = 1024
 
 
 class InvalidImagesError(ValueError):
-    """Some input files are not decodable images; lists every one of them."""
+    """Some inputs cannot be converted (not decodable images, not files); lists every one."""
 
-    def __init__(self, rejected: list[tuple[str, str]]):
-        lines = "\n".join(f"  {path}: {reason}" for path, reason in rejected)
+    def __init__(self, rejected: list[tuple[str, str]], skipping: bool = False):
+        lines = "\n".join(f"  {escaped(path)}: {reason}" for path, reason in rejected)
+        advice = "no input is left to convert" if skipping else "or pass --skip-invalid"
         super().__init__(
-            f"{len(rejected)} file(s) are not decodable images; nothing was written "
-            f"(fix or remove them, or pass --skip-invalid):\n{lines}"
+            f"{len(rejected)} input(s) cannot be converted; nothing was written "
+            f"(fix or remove them, {advice}):\n{lines}"
         )
         self.rejected = rejected
 
@@ -50,22 +59,112 @@ class BuildResult:
     synsets_path: Path
     rejected: list[tuple[str, str]] = field(default_factory=list)
     rejected_report: Path | None = None
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
 
-def list_images(image_dir: str | os.PathLike) -> dict[str, list[Path]]:
-    """Map each synset directory of IMAGE_DIR (sorted) to its sorted files (hidden ones skipped)."""
+@dataclass
+class Listing:
+    """IMAGE_DIR's class folders and files, and what cannot be read or is left out on purpose."""
+
+    images: dict[str, list[Path]]  # class folder name -> its files, sorted
+    problems: list[tuple[str, str]]  # (path, reason): errors, or skipped with --skip-invalid
+    ignored: list[tuple[str, str]]  # (path, reason): hidden entries, the output directory
+
+
+HIDDEN = "hidden (name starts with '.')"
+
+
+def list_images(
+    image_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None
+) -> Listing:
+    """List IMAGE_DIR/<synset>/<file>: every entry is a class, an image, a problem or ignored.
+
+    Hidden entries (names starting with '.') and OUTPUT_DIR are ignored, and listed as such.
+    Anything else that is not a folder at the top or a regular file (or a link to one) inside a
+    class folder is a problem: files at the top, nested folders, broken links, link loops,
+    FIFOs, devices; so is a class folder without images.
+    """
     root = Path(image_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"image directory not found: {root}")
-    synsets = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not synsets:
+    try:
+        out_stat = os.stat(output_dir) if output_dir is not None else None
+    except OSError:
+        out_stat = None  # not there yet: not inside IMAGE_DIR either
+    problems: list[tuple[str, str]] = []
+    ignored: list[tuple[str, str]] = []
+    classes: list[Path] = []
+    for entry in _entries(root):
+        path = Path(entry.path)
+        mode, problem = _mode(entry)
+        if entry.name.startswith("."):
+            ignored.append((entry.path, HIDDEN))
+        elif stat.S_ISDIR(mode) and out_stat and os.path.samestat(os.stat(path), out_stat):
+            ignored.append((entry.path, "the output directory"))
+        elif stat.S_ISDIR(mode):
+            classes.append(path)
+        elif stat.S_ISREG(mode):
+            problems.append((entry.path, "a file outside the class folders (IMAGE_DIR/<synset>/)"))
+        else:
+            problems.append((entry.path, problem))
+    check_class_folder_names([d.name for d in classes], root)
+    images: dict[str, list[Path]] = {}
+    for folder in classes:
+        files = []
+        try:
+            entries = _entries(folder)
+        except OSError as exc:
+            problems.append((str(folder), f"cannot list the folder ({exc.strerror})"))
+            continue
+        for entry in entries:
+            mode, problem = _mode(entry)
+            if entry.name.startswith("."):
+                ignored.append((entry.path, HIDDEN))
+            elif stat.S_ISREG(mode):
+                files.append(Path(entry.path))
+            elif stat.S_ISDIR(mode):
+                problems.append((entry.path, "a folder inside a class folder (not read)"))
+            else:
+                problems.append((entry.path, problem))
+        if files:
+            images[folder.name] = files
+        else:
+            problems.append((str(folder), "a class folder without images"))
+    if not images and not problems:
         raise SynsetListError(
             f"{root} has no <synset>/ subdirectories (expected IMAGE_DIR/<synset>/<file>)"
         )
-    return {
-        d.name: sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
-        for d in synsets
-    }
+    return Listing(images, problems, ignored)
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    with os.scandir(folder) as entries:
+        return sorted(entries, key=lambda e: e.name)
+
+
+def _mode(entry: os.DirEntry) -> tuple[int, str]:
+    # The entry's file type after links (0 if it has none) and what it is if not a file/folder.
+    try:
+        mode = os.stat(entry.path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return 0, "a symbolic link loop"
+        if exc.errno == errno.ENOENT and entry.is_symlink():
+            return 0, f"a broken symbolic link (to {escaped(os.readlink(entry.path))})"
+        return 0, f"cannot be read ({exc.strerror})"
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return mode, f"{kind}, not a regular file"
+
+
+def check_class_folder_names(names: list[str], root: Path) -> None:
+    """Refuse class folder names that synsets.txt could not hold (SynsetListError lists them)."""
+    bad = [(name, problem) for name in names if (problem := synset_name_problem(name))]
+    if bad:
+        lines = "\n".join(f"  '{escaped(str(root / name))}': {problem}" for name, problem in bad)
+        raise SynsetListError(
+            f"{len(bad)} class folder name(s) cannot be synsets (one word of UTF-8 text per "
+            f"synsets.txt line, not starting with '#'); rename them, nothing was written:\n{lines}"
+        )
 
 
 def resolve_synsets(
@@ -102,24 +201,25 @@ def shuffled_items(images: dict[str, list[Path]], seed: int) -> list[tuple[Path,
     return items
 
 
-def _load(path: Path) -> tuple[bytes, int, int] | InvalidImageError:
+def _load(path: Path, max_pixels: int) -> tuple[bytes, int, int] | InvalidImageError:
     # Runs in worker processes: return the error instead of raising so every failure is collected.
     try:
-        return load_image_file(str(path))
+        return load_image_file(str(path), max_pixels)
     except InvalidImageError as exc:
         return exc
 
 
 def _decoded(
-    paths: list[Path], workers: int
+    paths: list[Path], workers: int, max_pixels: int
 ) -> Iterator[tuple[bytes, int, int] | InvalidImageError]:
+    load = functools.partial(_load, max_pixels=max_pixels)
     if workers <= 1 or len(paths) < 64:
-        yield from map(_load, paths)
+        yield from map(load, paths)
         return
     # spawn: the parent may already hold TensorFlow's threads, which fork would copy half-alive.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield from pool.map(_load, paths, chunksize=16)
+        yield from pool.map(load, paths, chunksize=16)
 
 
 def _records(
@@ -129,12 +229,13 @@ def _records(
     rejected: list[tuple[str, str]],
     progress: bool,
     skip_invalid: bool,
+    max_pixels: int,
 ) -> Iterator[ImageRecord | None]:
     # One answer per item, in order: its record, or None for a rejected file.
     from tqdm import tqdm
 
     labels = label_of(list(texts))
-    results = _decoded([path for path, _ in items], workers)
+    results = _decoded([path for path, _ in items], workers, max_pixels)
     bar = tqdm(
         zip(items, results, strict=False),
         total=len(items),
@@ -143,18 +244,20 @@ def _records(
         file=sys.stderr,
     )
     written = 0
-    for (path, synset), result in bar:
-        if isinstance(result, InvalidImageError):
-            rejected.append((str(path), result.reason))
-            yield None
-            continue
-        jpeg, height, width = result
-        written += 1
-        yield ImageRecord(
-            jpeg, height, width, labels[synset], synset, texts[synset], f"{synset}/{path.name}"
-        )
+    with bar:  # closed (its line ended) before an error is printed, also when the writer fails
+        for (path, synset), result in bar:
+            if isinstance(result, InvalidImageError):
+                rejected.append((str(path), result.reason))
+                yield None
+                continue
+            jpeg, height, width = result
+            written += 1
+            # The file name's own bytes: a name that is not UTF-8 is still named exactly.
+            filename = os.fsencode(f"{synset}/{path.name}")
+            yield ImageRecord(jpeg, height, width, labels[synset], synset, texts[synset], filename)
     if rejected and (not skip_invalid or written == 0):
-        raise InvalidImagesError(rejected)  # inside the writer: the temp shards are discarded
+        # Inside the writer: the temp shards are discarded.
+        raise InvalidImagesError(rejected, skipping=skip_invalid)
 
 
 def _in_shards(answers: Iterator, sizes: list[int]) -> Iterator[Iterator[ImageRecord]]:
@@ -177,17 +280,22 @@ def build_dataset(
     seed: int = DEFAULT_SEED,
     workers: int | None = None,
     progress: bool = True,
+    max_pixels: int = MAX_PIXELS,
 ) -> BuildResult:
     """Convert IMAGE_DIR/<synset>/<file> into OUTPUT_DIR/<split>-NNNNN-of-MMMMM TFRecord shards."""
     output_dir = Path(output_dir)
-    images = list_images(image_dir)
+    check_split_name(split)
+    listing = list_images(image_dir, output_dir)
+    if listing.problems and not skip_invalid:
+        raise InvalidImagesError(listing.problems)
+    images = listing.images
+    if not images:
+        raise InvalidImagesError(listing.problems, skipping=True)  # every class was skipped
     texts, list_exists = resolve_synsets(list(images), output_dir, synsets_file)
     items = shuffled_items(images, seed)
-    if not items:
-        raise SynsetListError(f"{image_dir} contains no files")
     num_shards = shards or math.ceil(len(items) / IMAGES_PER_SHARD)
     num_shards = max(1, min(num_shards, len(items)))
-    rejected: list[tuple[str, str]] = []
+    rejected: list[tuple[str, str]] = list(listing.problems)
     # Dealt round-robin (shard k holds items k, k + n, ...), converted shard by shard so one
     # shard file is open at a time: ImageNet-1k's 1,252 shards exceed the usual 1,024 open files.
     dealt = [items[k::num_shards] for k in range(num_shards)]
@@ -198,15 +306,20 @@ def build_dataset(
         rejected,
         progress,
         skip_invalid,
+        max_pixels,
     )
-    paths = write_shards(
-        _in_shards(answers, [len(shard) for shard in dealt]), output_dir, split, num_shards
-    )
+    try:
+        paths = write_shards(
+            _in_shards(answers, [len(shard) for shard in dealt]), output_dir, split, num_shards
+        )
+    finally:
+        answers.close()  # a failed write: stop the decoders and end the progress bar now
     synsets_path = output_dir / "synsets.txt"
     if not list_exists:
         write_synset_list(synsets_path, texts)
     report = write_rejected_report(output_dir, split, rejected)
-    return BuildResult(paths, len(items) - len(rejected), synsets_path, rejected, report)
+    num_records = len(items) - (len(rejected) - len(listing.problems))
+    return BuildResult(paths, num_records, synsets_path, rejected, report, listing.ignored)
 
 
 def rejected_report_path(output_dir: Path, split: str) -> Path:
@@ -214,19 +327,22 @@ def rejected_report_path(output_dir: Path, split: str) -> Path:
 
     Not `<split>-…`: ExampleGen's patterns (`span-{SPAN}/<split>-*`) would read it as a shard.
     """
-    return output_dir / f"rejected-{split}.tsv"
+    return output_dir / f"rejected-{check_split_name(split)}.tsv"
 
 
 def write_rejected_report(
     output_dir: Path, split: str, rejected: list[tuple[str, str]]
 ) -> Path | None:
-    """Write `rejected-<split>.tsv` (path, reason) or remove a stale one when nothing was rejected."""
+    """Write `rejected-<split>.tsv` (path, reason) or remove a stale one when nothing was rejected.
+
+    Fields are `escaped`: a tab, line break or non-UTF-8 byte in a file name cannot split a row.
+    """
     report = rejected_report_path(output_dir, split)
     # Older builds wrote `<split>-rejected.tsv`, which the split's input pattern matches.
     (output_dir / f"{split}-rejected.tsv").unlink(missing_ok=True)
     if not rejected:
         report.unlink(missing_ok=True)
         return None
-    clean = [(p, r.replace("\t", " ").replace("\n", " ")) for p, r in rejected]
-    report.write_text("path\treason\n" + "".join(f"{p}\t{r}\n" for p, r in clean))
+    rows = "".join(f"{escaped(path)}\t{escaped(reason)}\n" for path, reason in rejected)
+    _atomic_write_text(report, "path\treason\n" + rows)
     return report

@@ -3,7 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# 2 x sample.VALIDATION_IMAGES (360): more would leave validation shards without a record.
+SAMPLE_MAX_SHARDS = 720
+
+
+def int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]; argparse names the flag when it is not."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError: the path it names (escaped) and why."""
+    from van_tfx.data.records import escaped
+
+    if exc.filename is None:
+        return " ".join(str(exc).split())
+    return f"{escaped(os.fsdecode(exc.filename))}: {exc.strerror or exc}"
+
+
+def split_name(text: str) -> str:
+    """An argparse type: a split name that is a plain file name part, never a glob or a path."""
+    from van_tfx.data.records import check_split_name
+
+    try:
+        return check_split_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_parser(subparsers) -> None:
@@ -19,12 +58,20 @@ def add_parser(subparsers) -> None:
     )
     build.add_argument("image_dir", metavar="IMAGE_DIR")
     build.add_argument("output_dir", metavar="OUTPUT_DIR")
-    build.add_argument("--split", default="train", help="Split name of the shards (default train).")
-    build.add_argument("--shards", type=int, default=None, help="Default: one per 1024 images.")
+    build.add_argument(
+        "--split",
+        default="train",
+        type=split_name,
+        help="Split name of the shards: letters, digits, _ - . (not first); default train.",
+    )
+    build.add_argument(
+        "--shards", type=int_in(1), default=None, help="Default: one per 1024 images."
+    )
     build.add_argument(
         "--skip-invalid",
         action="store_true",
-        help="Convert the rest when files are not decodable images; list them in "
+        help="Convert the rest when inputs cannot be converted (undecodable or too large "
+        "images, links to nothing, FIFOs, nested folders, empty class folders); list them in "
         "OUTPUT_DIR/rejected-<split>.tsv instead of failing.",
     )
     build.add_argument(
@@ -32,8 +79,17 @@ def add_parser(subparsers) -> None:
         default=None,
         help="Synset -> text mapping ('n01440764 tench, Tinca tinca' per line).",
     )
+    build.add_argument(
+        "--max-image-pixels",
+        type=int_in(1),
+        default=None,
+        metavar="N",
+        help="Refuse (or with --skip-invalid skip) images whose header declares more than N "
+        "pixels (width x height), before decoding them. Default: data.max_image_pixels's "
+        "default, the bound Transform applies.",
+    )
     build.add_argument("--seed", type=int, default=0, help="Shuffle seed (default 0).")
-    build.add_argument("--workers", type=int, default=None, help="Default: all cores.")
+    build.add_argument("--workers", type=int_in(1), default=None, help="Default: all cores.")
     build.set_defaults(func=run_build)
 
     sample = commands.add_parser(
@@ -44,18 +100,20 @@ def add_parser(subparsers) -> None:
         "dir", nargs="?", default=None, metavar="DIR", help="Default $VAN_TFX_HOME/data."
     )
     sample.add_argument("--new-span", action="store_true", help="Add span N+1 with new images.")
-    sample.add_argument("--shards", type=int, default=2)
+    sample.add_argument(
+        "--shards",
+        type=int_in(1, SAMPLE_MAX_SHARDS),
+        default=2,
+        help=f"Train shards (validation: half as many), 1 to {SAMPLE_MAX_SHARDS}; default 2.",
+    )
     sample.set_defaults(func=run_sample)
 
 
 def run_build(args: argparse.Namespace) -> int:
     """Run the folder converter; 1 with a message naming the bad input on failure."""
     from van_tfx.data.build import InvalidImagesError, build_dataset
-    from van_tfx.data.records import SynsetListError
+    from van_tfx.data.records import MAX_PIXELS, SynsetListError, escaped
 
-    if args.shards is not None and args.shards < 1:
-        print("error: --shards must be >= 1", file=sys.stderr)
-        return 2
     try:
         result = build_dataset(
             args.image_dir,
@@ -66,12 +124,20 @@ def run_build(args: argparse.Namespace) -> int:
             synsets_file=args.synsets_file,
             seed=args.seed,
             workers=args.workers,
+            max_pixels=args.max_image_pixels or MAX_PIXELS,
         )
-    except (InvalidImagesError, SynsetListError, FileNotFoundError) as exc:
+    except (InvalidImagesError, SynsetListError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # unreadable input, unwritable, full or misnamed output
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
+    for path, reason in result.ignored:
+        print(f"ignored {escaped(path)}: {reason}", file=sys.stderr)
+    if result.ignored:
+        print(f"{len(result.ignored)} entry(ies) ignored (listed above)", file=sys.stderr)
     for path, reason in result.rejected:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(f"skipped {escaped(path)}: {reason}", file=sys.stderr)
     if result.rejected_report:
         print(
             f"{len(result.rejected)} file(s) skipped; see {result.rejected_report}", file=sys.stderr
@@ -92,7 +158,11 @@ def run_sample(args: argparse.Namespace) -> int:
 
     root = Path(args.dir) if args.dir else Path(van_tfx_home()) / "data"
     already_there = bool(existing_spans(root)) and not args.new_span
-    span_dir = build_sample(root, new_span=args.new_span, shards=args.shards)
+    try:
+        span_dir = build_sample(root, new_span=args.new_span, shards=args.shards)
+    except OSError as exc:  # unwritable or full DIR, or a file of that name
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
     if already_there:
         print(f"sample already present: {span_dir} (use --new-span to add new data)")
     else:

@@ -7,17 +7,21 @@ never import TensorFlow; only shard writing and reading import TensorFlow, lazil
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from van_tfx import features
+from van_tfx.config import DataConfig
 from van_tfx.tfrecords import read_records
 
 SYNSETS_FILE = "synsets.txt"
@@ -25,15 +29,16 @@ JPEG_QUALITY = 95
 # Alpha is composited on white: ImageNet-style photos have no transparency, and black behind
 # transparent logos/icons would change what the image shows.
 ALPHA_BACKGROUND = (255, 255, 255)
-# Refuse decompression bombs (PIL's own default warns only); ~ a 16k x 16k image.
-MAX_PIXELS = 16384 * 16384
+# The largest image (width x height, from its header) the converter accepts: Transform's
+# data.max_image_pixels default, so the converter never writes a record Transform refuses.
+MAX_PIXELS: int = DataConfig.model_fields["max_image_pixels"].default
 
 
 class InvalidImageError(ValueError):
     """A file that is not a decodable image; the message names the file and the reason."""
 
     def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{escaped(path)}: {reason}")
         self.path = path
         self.reason = reason
 
@@ -52,16 +57,19 @@ class ImageRecord:
     label: int  # 1-based position of `synset` in the sorted synset list
     synset: str
     text: str
-    filename: str
+    filename: str | bytes  # bytes: a file system name as it is, UTF-8 or not
 
 
-def to_rgb_jpeg(data: bytes, name: str = "<bytes>") -> tuple[bytes, int, int]:
+def to_rgb_jpeg(
+    data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS
+) -> tuple[bytes, int, int]:
     """Decode any PIL-readable image and return (RGB JPEG bytes, height, width).
 
     RGB JPEGs are kept byte-for-byte; PNG, grayscale, CMYK, palette and alpha images are converted
-    (alpha composited on white) and re-encoded, as TF's build_imagenet_data.py does.
+    (alpha composited on white) and re-encoded, as TF's build_imagenet_data.py does. An image
+    whose header declares more than `max_pixels` pixels is refused before it is decoded.
     """
-    image = _decode_fully(data, name)
+    image = _decode_fully(data, name, max_pixels)
     if image.format == "JPEG" and image.mode == "RGB":
         return data, image.height, image.width
     rgb = _as_rgb(image)
@@ -70,25 +78,51 @@ def to_rgb_jpeg(data: bytes, name: str = "<bytes>") -> tuple[bytes, int, int]:
     return out.getvalue(), rgb.height, rgb.width
 
 
-def _decode_fully(data: bytes, name: str) -> Image.Image:
+@contextlib.contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    # The caller checks max_pixels from the header; PIL's own limit would warn (into the progress
+    # bar) or refuse with a message of its own, at a bound that is not Transform's.
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _decode_fully(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     # verify() catches structural damage; load() catches truncation (a second open is required).
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must be False to detect truncation")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            if probe.width * probe.height > MAX_PIXELS:
-                raise InvalidImageError(name, f"image too large ({probe.width}x{probe.height})")
-            probe.verify()
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        with _own_pixel_limit():
+            with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+                if probe.width * probe.height > max_pixels:
+                    raise InvalidImageError(
+                        name,
+                        f"image too large ({probe.width}x{probe.height} = "
+                        f"{probe.width * probe.height} pixels, more than the limit of "
+                        f"{max_pixels}: data.max_image_pixels, --max-image-pixels)",
+                    )
+                probe.verify()
+            image = Image.open(io.BytesIO(data))
+            image.load()
     except InvalidImageError:
         raise
+    except UnidentifiedImageError:
+        raise InvalidImageError(
+            name, "not a decodable image (not an image format PIL reads)"
+        ) from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        reason = str(exc) or type(exc).__name__
+        reason = _ADDRESS.sub("", str(exc)) or type(exc).__name__
         raise InvalidImageError(name, f"not a decodable image ({reason})") from None
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)  # animated GIF/PNG: the first frame, as tf.io.decode_image would
     return image
+
+
+# " at 0x7f3a..." in a repr: a memory address, different in every run.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:
@@ -105,7 +139,7 @@ def _as_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image_file(path: str) -> tuple[bytes, int, int]:
+def load_image_file(path: str, max_pixels: int = MAX_PIXELS) -> tuple[bytes, int, int]:
     """Read one file and normalise it to RGB JPEG; raises InvalidImageError naming it."""
     try:
         data = Path(path).read_bytes()
@@ -113,7 +147,7 @@ def load_image_file(path: str) -> tuple[bytes, int, int]:
         raise InvalidImageError(path, f"cannot read file ({exc.strerror})") from None
     if not data:
         raise InvalidImageError(path, "empty file")
-    return to_rgb_jpeg(data, path)
+    return to_rgb_jpeg(data, path, max_pixels)
 
 
 # ---- synset lists -----------------------------------------------------------------------------
@@ -150,17 +184,65 @@ def parse_synset_mapping(data: bytes, source: str) -> dict[str, str]:
     return mapping
 
 
+def synset_name_problem(name: str) -> str | None:
+    """Why `name` would not read back unchanged from a synset list, or None if it would."""
+    # Exactly what parse_synset_mapping keeps of a `name text` line as its synset.
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not UTF-8 text"
+    if not name:
+        return "is empty"
+    space = next((c for c in name if c.isspace()), None)
+    if space is not None:
+        return f"contains whitespace or a line break ({space!r}; a synset is the line's first word)"
+    if name.startswith("#"):
+        return "starts with '#' (a comment line in synsets.txt)"
+    if name.startswith("\ufeff"):
+        return "starts with a byte order mark (U+FEFF)"
+    return None
+
+
+def escaped(name: str) -> str:
+    """`name` on one line, unambiguously: non-UTF-8 bytes as \\xNN, controls as \\n, \\t, \\x01."""
+    out = []
+    for c in name:
+        if "\udc80" <= c <= "\udcff":  # os.fsdecode's stand-in for a byte that is not UTF-8
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        elif c == "\\":
+            out.append("\\\\")
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(c.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
 def write_synset_list(path: str | os.PathLike, texts: dict[str, str]) -> None:
     """Write the synset list (one `synset text` line each, in label order) atomically."""
+    for synset, text in texts.items():
+        problem = synset_name_problem(synset)
+        if problem is None and ("\n" in text or "\r" in text):
+            problem = f"has a class text with a line break ({escaped(text)})"
+        if problem:
+            raise SynsetListError(f"synset {escaped(synset)} {problem}; {path} would misread it")
     body = "".join(f"{synset} {text}\n" for synset, text in texts.items())
     _atomic_write_text(Path(path), body)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename:
+            raise
+        # A failed write (full disk) names no file.
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def label_of(synsets: list[str]) -> dict[str, int]:
@@ -199,9 +281,23 @@ def example_bytes(record: ImageRecord) -> bytes:
     return example.SerializeToString(deterministic=True)
 
 
+# A split names files and is matched by glob patterns: letters, digits, '_', '-', '.', and not
+# hidden ('.' first), so never a pattern ('*'), a path ('../x') or empty.
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
+def check_split_name(split: str) -> str:
+    """`split` if it is a simple name (SPLIT_NAME); ValueError saying what it must be otherwise."""
+    if not isinstance(split, str) or not SPLIT_NAME.fullmatch(split):
+        raise ValueError(
+            f"split name must be letters, digits, '_', '-' or '.' (not first): got {split!r}"
+        )
+    return split
+
+
 def shard_name(split: str, index: int, num_shards: int) -> str:
     """`<split>-NNNNN-of-MMMMM`, the ImageNet TFRecord naming."""
-    return f"{split}-{index:05d}-of-{num_shards:05d}"
+    return f"{check_split_name(split)}-{index:05d}-of-{num_shards:05d}"
 
 
 def write_split(
@@ -209,22 +305,15 @@ def write_split(
 ) -> list[Path]:
     """Write records round-robin into `num_shards` shards, atomically per split; return the paths.
 
-    All shards are open at once: for a few dozen shards (the sample, benchmarks). Builds with
-    many shards (ImageNet-1k: 1,252 > the usual 1,024 open files) use write_shards.
-    The iterator may raise to abort.
+    The records are held in memory (for the sample, tests and benchmarks) and written one shard
+    file at a time, so any shard count fits within the open-file limit.
     """
-    import tensorflow as tf
-
-    names = [shard_name(split, k, num_shards) for k in range(num_shards)]
-    with _split_in_place(Path(output_dir), split, names) as tmp_dir:
-        writers = [tf.io.TFRecordWriter(str(tmp_dir / name)) for name in names]
-        try:
-            for index, record in enumerate(records):
-                writers[index % num_shards].write(example_bytes(record))
-        finally:
-            for writer in writers:
-                writer.close()
-    return [Path(output_dir) / name for name in names]
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    records = list(records)
+    return write_shards(
+        (records[k::num_shards] for k in range(num_shards)), output_dir, split, num_shards
+    )
 
 
 def write_shards(
@@ -244,12 +333,23 @@ def write_shards(
     shards = iter(shards)
     with _split_in_place(Path(output_dir), split, names) as tmp_dir:
         for name in names:
-            with tf.io.TFRecordWriter(str(tmp_dir / name)) as writer:
-                for record in next(shards, ()):
-                    writer.write(example_bytes(record))
+            try:
+                with tf.io.TFRecordWriter(str(tmp_dir / name)) as writer:
+                    for record in next(shards, ()):
+                        writer.write(example_bytes(record))
+            except tf.errors.OpError as exc:  # full disk, file size limit, ...: name the shard
+                reason = exc.message.rsplit("; ", 1)[-1]
+                raise OSError(errno.EIO, reason, str(Path(output_dir) / name)) from None
         if next(shards, None) is not None:
             raise ValueError(f"more than num_shards={num_shards} shards given for split {split}")
     return [Path(output_dir) / name for name in names]
+
+
+def make_output_dir(path: Path) -> None:
+    """Create the directory `path`; an OSError names it (e.g. a file of that name is there)."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
+    path.mkdir(parents=True, exist_ok=True)
 
 
 @contextlib.contextmanager
@@ -257,7 +357,7 @@ def _split_in_place(output_dir: Path, split: str, names: list[str]) -> Iterator[
     # Shards are written to a temporary directory inside output_dir and renamed into place
     # (replacing any older shards of the split) only when writing succeeded, so a failed or
     # interrupted run never leaves a complete-looking split behind.
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(output_dir)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{split}-", dir=output_dir))
     try:
         yield tmp_dir
@@ -270,7 +370,7 @@ def _split_in_place(output_dir: Path, split: str, names: list[str]) -> Iterator[
 
 def remove_split(output_dir: Path, split: str) -> None:
     """Delete existing `<split>-*-of-*` shards (a rewrite may use a different shard count)."""
-    for old in output_dir.glob(f"{split}-?????-of-?????"):
+    for old in output_dir.glob(f"{glob.escape(check_split_name(split))}-?????-of-?????"):
         old.unlink()
 
 

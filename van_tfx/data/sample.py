@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from van_tfx.data.records import SYNSETS_FILE, ImageRecord, write_split, write_synset_list
+from van_tfx.data.records import (
+    SYNSETS_FILE,
+    ImageRecord,
+    make_output_dir,
+    write_split,
+    write_synset_list,
+)
 
 SAMPLE_IMAGE_SIZE = 64
 VALIDATION_IMAGES = 360  # 20% of 1,797; >= 300 so the top-1 gate is not decided by a few images
@@ -44,6 +50,8 @@ def build_sample(
     """
     from van_tfx.env import van_tfx_home
 
+    if not 1 <= shards <= 2 * VALIDATION_IMAGES:
+        raise ValueError(f"shards must be from 1 to {2 * VALIDATION_IMAGES}, got {shards}")
     root = Path(data_dir) if data_dir else Path(van_tfx_home()) / "data"
     spans = existing_spans(root)
     if spans and not new_span:
@@ -54,6 +62,7 @@ def build_sample(
 
 def write_span(root: Path, span: int, shards: int) -> Path:
     """Render and write one span atomically (a temp dir renamed to span-<N>)."""
+    make_output_dir(root)
     train, validation = span_records(span)
     final = root / f"span-{span}"
     tmp = root / f".tmp-span-{span}"
