@@ -12,6 +12,7 @@ from serving.limits import (
     checked_rest_threads,
     checked_stall_seconds,
 )
+from serving.loadtest import checked_concurrency, checked_duration, checked_saved_model_dir
 
 
 def add_parser(subparsers) -> None:
@@ -280,12 +281,18 @@ def _add_loadtest(subparsers) -> None:
     defaults = _serving_defaults()
     p = subparsers.add_parser("loadtest", help="concurrent gRPC load with QPS and p50/p95/p99")
     p.add_argument("--server", default=f"127.0.0.1:{defaults.grpc_port}", help="gRPC host:port")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds")
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument(
+        "--duration", type=_checked(float, checked_duration), default=10.0, help="seconds"
+    )
+    p.add_argument("--concurrency", type=_checked(int, checked_concurrency), default=8)
     p.add_argument("--model-name", default=defaults.model_name)
     p.add_argument("--signature", default="predict_images")
     p.add_argument("--image", action="append", default=[], help="image file(s) to send")
-    p.add_argument("--swap-to", help="SavedModel dir to push as the next version mid-run")
+    p.add_argument(
+        "--swap-to",
+        type=_checked(str, checked_saved_model_dir),
+        help="SavedModel dir to push as the next version mid-run",
+    )
     p.add_argument("--base-path", help="the served model base path (for --swap-to)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_loadtest)
@@ -308,19 +315,27 @@ def _loadtest(args) -> int:
     except client.PredictionError as exc:
         print(f"error: the server rejected the request: {exc}", file=sys.stderr)
         return 1
-    report = run_loadtest(
-        args.server,
-        images,
-        args.duration,
-        args.concurrency,
-        args.model_name,
-        args.signature,
-        swap_to=args.swap_to,
-        base_path=args.base_path,
-        progress=not args.no_progress,
-    )
+    try:
+        report = run_loadtest(
+            args.server,
+            images,
+            args.duration,
+            args.concurrency,
+            args.model_name,
+            args.signature,
+            swap_to=args.swap_to,
+            base_path=args.base_path,
+            progress=not args.no_progress,
+        )
+    except OSError as exc:  # pushing --swap-to into --base-path failed
+        print(
+            f"error: cannot push --swap-to {args.swap_to} into --base-path {args.base_path}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
     print(report.summary())
-    for error in report.errors[:5]:
+    for error in report.error_examples:
         print(f"  error: {error}", file=sys.stderr)
     return 1 if report.errors else 0
 

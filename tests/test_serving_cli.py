@@ -205,3 +205,49 @@ def test_loadtest_swaps_versions_without_errors(capsys, served):
     assert result.returncode == 0, result.stdout + result.stderr
     assert " 0 errors" in result.stdout and "swapped to version 2" in result.stdout
     assert "QPS" in result.stdout and "p99" in result.stdout
+
+
+def van_tfx_process(*args, timeout=60):
+    """`van-tfx *args` as a subprocess; TimeoutExpired (the process killed) if it never ends."""
+    return subprocess.run(
+        [*VAN_TFX, *args], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--duration", "nan"), ("--duration", "inf"), ("--duration", "-5"), ("--duration", "0"),
+     ("--concurrency", "0"), ("--concurrency", "-4"), ("--swap-to", "/nonexistent")],
+)  # fmt: skip
+def test_loadtest_refuses_flags_that_never_end_or_send_nothing(served, flag, value):
+    # Before: nan, inf and /nonexistent ran forever at full CPU; the others "passed" (rc 0)
+    # after sending no request.
+    result = van_tfx_process(
+        "loadtest", "--server", served["grpc"], "--no-progress", "--duration=1", flag, value
+    )
+    assert result.returncode == 2 and f"argument {flag}: " in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_loadtest_stops_its_clients_when_the_swap_fails(served, tmp_path):
+    # Before: a NotADirectoryError traceback (with --swap-to /nonexistent: no exit at all).
+    not_a_dir = tmp_path / "base"
+    not_a_dir.write_text("a file")
+    result = van_tfx_process(
+        "loadtest", "--server", served["grpc"], "--no-progress", "--duration=2",
+        "--concurrency=2", "--swap-to", served["export"], "--base-path", str(not_a_dir),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"cannot push --swap-to {served['export']} into --base-path {not_a_dir}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_loadtest_counts_errors_and_keeps_a_few(served):
+    # Before: every failure's message was kept (17 GB once a server went away).
+    from serving.loadtest import ERROR_EXAMPLES, run_loadtest
+
+    image = testing.encode_image((1, 2, 3), fmt="PNG")
+    report = run_loadtest(served["grpc"], [image], 1.0, 2, model_name="nope", progress=False)
+    assert report.errors == report.requests > 20
+    assert 1 <= len(report.error_examples) <= ERROR_EXAMPLES
+    assert "NOT_FOUND" in report.error_examples[0]
