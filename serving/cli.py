@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 from serving.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_REST_THREADS,
     DEFAULT_STALL_SECONDS,
+    checked_grpc_max_threads,
+    checked_load_retries,
+    checked_max_image_pixels,
+    checked_max_message_bytes,
+    checked_poll_wait_seconds,
+    checked_port,
     checked_rest_threads,
+    checked_rest_timeout_ms,
+    checked_retry_interval_micros,
     checked_stall_seconds,
 )
 from serving.loadtest import checked_concurrency, checked_duration, checked_saved_model_dir
@@ -67,22 +76,51 @@ def _add_serve(subparsers) -> None:
         "serve",
         help="serve SavedModels over TF Serving's gRPC and REST APIs (tensorflow_model_server flags)",
     )
-    p.add_argument("--port", type=int, default=defaults.grpc_port, help="gRPC port")
+    p.add_argument(
+        "--port", type=_checked(int, checked_port), default=defaults.grpc_port, help="gRPC port"
+    )
     p.add_argument("--grpc_host", default="127.0.0.1", help="gRPC bind address (ours)")
-    p.add_argument("--rest_api_port", type=int, default=defaults.rest_port, help="0 disables REST")
+    p.add_argument(
+        "--rest_api_port",
+        type=_checked(int, partial(checked_port, name="rest_api_port")),
+        default=defaults.rest_port,
+        help="0 disables REST",
+    )
     p.add_argument("--rest_api_host", default="127.0.0.1", help="REST bind address (ours)")
     p.add_argument("--model_name", default=defaults.model_name)
     p.add_argument("--model_base_path", default="", help="default: the config's serving base path")
     p.add_argument("--model_config_file", default="", help="ModelServerConfig text proto")
-    p.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0)
-    p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0)
+    p.add_argument(
+        "--model_config_file_poll_wait_seconds",
+        type=_checked(
+            float, partial(checked_poll_wait_seconds, name="model_config_file_poll_wait_seconds")
+        ),
+        default=0.0,
+        help="0 or negative: read the config file once",
+    )
+    p.add_argument(
+        "--file_system_poll_wait_seconds",
+        type=_checked(float, checked_poll_wait_seconds),
+        default=1.0,
+        help="0 or negative: list the versions once",
+    )
     p.add_argument("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False)
     p.add_argument("--batching_parameters_file", default="")
     p.add_argument("--monitoring_config_file", default="")
-    p.add_argument("--rest_api_timeout_in_ms", type=int, default=30000)
+    p.add_argument(
+        "--rest_api_timeout_in_ms",
+        type=_checked(int, checked_rest_timeout_ms),
+        default=30000,
+        help="0 or negative: no timeout",
+    )
     p.add_argument("--enable_model_warmup", type=_flag_bool, nargs="?", const=True, default=True)
-    p.add_argument("--max_num_load_retries", type=int, default=5)
-    p.add_argument("--load_retry_interval_micros", type=int, default=60_000_000)
+    p.add_argument("--max_num_load_retries", type=_checked(int, checked_load_retries), default=5)
+    p.add_argument(
+        "--load_retry_interval_micros",
+        type=_checked(int, checked_retry_interval_micros),
+        default=60_000_000,
+        help="negative: no wait",
+    )
     p.add_argument(
         "--allow_version_labels_for_unavailable_models", type=_flag_bool, nargs="?", const=True,
         default=False,
@@ -95,17 +133,17 @@ def _add_serve(subparsers) -> None:
         "--enable_serialization_as_tensor_content", type=_flag_bool, nargs="?", const=True,
         default=False, help="Predict outputs in tensor_content instead of float_val, int_val, ...",
     )  # fmt: skip
-    p.add_argument("--grpc_max_threads", type=int, default=64)
+    p.add_argument("--grpc_max_threads", type=_checked(int, checked_grpc_max_threads), default=64)
     p.add_argument(
         "--max_message_bytes",
-        type=int,
+        type=_checked(int, checked_max_message_bytes),
         default=DEFAULT_MAX_MESSAGE_BYTES,
         help="ours: largest gRPC message and REST body, and what a request's tensors may decode "
         "to (TF Serving: 2 GiB messages, no decode limit)",
     )
     p.add_argument(
         "--max_image_pixels",
-        type=int,
+        type=_checked(int, checked_max_image_pixels),
         default=defaults.max_image_pixels,
         help="ours: largest image (width x height x frames) a request may send; larger ones are "
         "refused before decoding",

@@ -38,6 +38,13 @@ def van_tfx(capsys, *args):
     return subprocess.CompletedProcess(args, code, out, err)
 
 
+def van_tfx_process(*args, timeout=60):
+    """`van-tfx *args` as a subprocess; TimeoutExpired (the process killed) if it never ends."""
+    return subprocess.run(
+        [*VAN_TFX, *args], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`van-tfx serve` in a subprocess with batching and Prometheus from the production files."""
@@ -60,6 +67,7 @@ def served(tmp_path_factory):
             f"--monitoring_config_file={root / 'monitoring.config'}",
             "--file_system_poll_wait_seconds=0.2",
             "--rest_api_stall_seconds=2",
+            "--rest_api_timeout_in_ms=0",  # no timeout, as in TF Serving (was: every call 504)
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -181,6 +189,24 @@ def test_a_shutdown_stuck_in_c_holding_the_gil_still_ends_the_process():
     assert "line 8 in stop" in result.stderr  # with the stack that held the GIL
 
 
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--port", "-1"), ("--port", "70000"), ("--rest_api_port", "-1"),
+     ("--rest_api_port", "65536"), ("--grpc_max_threads", "0"), ("--max_message_bytes", "0"),
+     ("--max_message_bytes", str(2**31)), ("--max_image_pixels", "-1"),
+     ("--file_system_poll_wait_seconds", "nan"), ("--file_system_poll_wait_seconds", "inf"),
+     ("--model_config_file_poll_wait_seconds", "nan"), ("--rest_api_timeout_in_ms", str(2**31)),
+     ("--max_num_load_retries", "-1"), ("--load_retry_interval_micros", str(2**63)),
+     ("--port", "eighty")],
+)  # fmt: skip
+def test_serve_refuses_numeric_flags_out_of_range(flag, value):
+    # Before: ports wrapped modulo 65536, 0 threads was a ValueError traceback, the rest started
+    # (here: waited for the missing model until the timeout killed them).
+    result = van_tfx_process("serve", "--model_base_path=/nonexistent", f"{flag}={value}",
+                             timeout=30)  # fmt: skip
+    assert result.returncode == 2 and f"argument {flag}: " in result.stderr, result.stderr
+
+
 def test_serve_refuses_a_rest_thread_limit_below_one(capsys):
     result = van_tfx(capsys, "serve", "--rest_api_num_threads=0")
     assert result.returncode == 2 and "--rest_api_num_threads" in result.stderr
@@ -205,13 +231,6 @@ def test_loadtest_swaps_versions_without_errors(capsys, served):
     assert result.returncode == 0, result.stdout + result.stderr
     assert " 0 errors" in result.stdout and "swapped to version 2" in result.stdout
     assert "QPS" in result.stdout and "p99" in result.stdout
-
-
-def van_tfx_process(*args, timeout=60):
-    """`van-tfx *args` as a subprocess; TimeoutExpired (the process killed) if it never ends."""
-    return subprocess.run(
-        [*VAN_TFX, *args], capture_output=True, text=True, env=ENV, timeout=timeout
-    )
 
 
 @pytest.mark.parametrize(
