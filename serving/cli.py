@@ -173,7 +173,7 @@ def _serve(args) -> int:
     import threading
 
     from serving.errors import ServingError
-    from serving.manager import LoadError
+    from serving.manager import LoadError, StartupCancelled
     from serving.protos import ConfigFileError
     from serving.server import ModelServer, ServerOptions
 
@@ -218,10 +218,14 @@ def _serve(args) -> int:
     # server that does not stop or answer is doing.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        server.start()
+        # Waiting for a model may last forever (as in TF Serving); SIGTERM ends the wait.
+        server.start(cancel=stop_requested)
     except (ConfigFileError, LoadError, OSError, ServingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (StartupCancelled, KeyboardInterrupt):
+        logging.getLogger(__name__).info("stopped before every model was available")
+        _exit_after_stop(server)
     print(f"Running gRPC ModelServer at {server.grpc_target} ...", flush=True)
     if server.rest_url:
         print(f"Exporting HTTP/REST API at {server.rest_url} ...", flush=True)

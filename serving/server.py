@@ -173,8 +173,9 @@ class ModelServer:
         """http://host:port of the REST API, or None when it is disabled."""
         return f"http://{self.options.rest_api_host}:{self.rest_port}" if self.rest_port else None
 
-    def start(self) -> ModelServer:
-        """Load all models (ports stay closed until they are AVAILABLE), then serve."""
+    def start(self, cancel: threading.Event | None = None) -> ModelServer:
+        """Load all models (ports stay closed until they are AVAILABLE), then serve; setting
+        `cancel` meanwhile stops waiting for them (StartupCancelled)."""
         options = self.options
         configs = options.model_configs()
         batching = options.batching_settings()
@@ -194,7 +195,7 @@ class ModelServer:
             ),
         )
         try:
-            self.manager.wait_until_available(options.startup_timeout_seconds)
+            self.manager.wait_until_available(options.startup_timeout_seconds, cancel)
             self._start_grpc()
             if options.rest_api_port != 0:
                 self._start_rest(metrics_path)

@@ -207,6 +207,30 @@ def test_serve_refuses_numeric_flags_out_of_range(flag, value):
     assert result.returncode == 2 and f"argument {flag}: " in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("base", ["missing", "a_file"])
+def test_sigterm_ends_a_server_waiting_for_its_model(tmp_path, base):
+    # Before: the handler set a flag nothing checked until a model loaded; only SIGKILL helped.
+    (tmp_path / "a_file").write_text("not a base path")
+    process = subprocess.Popen(
+        [*VAN_TFX, "serve", f"--port={free_port()}", "--rest_api_port=0", "--model_name=van",
+         f"--model_base_path={tmp_path / base}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        for line in process.stderr:  # it waits, as TF Serving does, saying what for
+            if "waiting for a servable version of van" in line:
+                break
+        started = time.monotonic()
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+        assert time.monotonic() - started < 5
+        rest = process.stderr.read()
+        assert "stopped before every model was available" in rest and "Traceback" not in rest
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_serve_refuses_a_rest_thread_limit_below_one(capsys):
     result = van_tfx(capsys, "serve", "--rest_api_num_threads=0")
     assert result.returncode == 2 and "--rest_api_num_threads" in result.stderr
