@@ -348,14 +348,19 @@ class ModelServer:
         timeout = timeout_ms / 1000 if timeout_ms > 0 else NO_REST_TIMEOUT_SECONDS
         app = self._rest_app = RestApp(self.manager, self.metrics, timeout, metrics_path)
         port = 0 if self.options.rest_api_port == ANY_PORT else self.options.rest_api_port
-        self._http_server = make_http_server(
-            app,
-            self.options.rest_api_host,
-            port,
-            self.options.max_message_bytes,
-            self.options.rest_api_stall_seconds,
-            self.options.rest_api_num_threads,
-        )
+        try:
+            self._http_server = make_http_server(
+                app,
+                self.options.rest_api_host,
+                port,
+                self.options.max_message_bytes,
+                self.options.rest_api_stall_seconds,
+                self.options.rest_api_num_threads,
+            )
+        except OSError as exc:  # in use (by gRPC too, with the same port), or no such address
+            app.close()
+            address = f"{self.options.rest_api_host}:{port}"
+            raise OSError(f"cannot bind REST to {address}: {exc.strerror or exc}") from None
         self.rest_port = self._http_server.server_address[1]
         self._http_thread = threading.Thread(
             target=self._http_server.serve_forever, name="rest", daemon=True

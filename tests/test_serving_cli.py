@@ -231,6 +231,26 @@ def test_sigterm_ends_a_server_waiting_for_its_model(tmp_path, base):
         process.wait()
 
 
+@pytest.mark.parametrize("taken_by", ["another_socket", "its_grpc_port"])
+def test_serve_says_which_rest_address_it_cannot_bind(served, taken_by):
+    # Before: "AttributeError: 'KeepAliveHTTPServer' object has no attribute '_lock'" after the
+    # OSError (socketserver's server_close() on the failed bind, before __init__ set _lock).
+    grpc_port = free_port()
+    with socket.socket() as taken:
+        if taken_by == "another_socket":
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+        rest_port = taken.getsockname()[1] if taken_by == "another_socket" else grpc_port
+        result = van_tfx_process(
+            "serve", f"--port={grpc_port}", f"--rest_api_port={rest_port}", "--model_name=van",
+            f"--model_base_path={served['root'] / 'van'}", timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"error: cannot bind REST to 127.0.0.1:{rest_port}: Address already in use"
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_refuses_a_rest_thread_limit_below_one(capsys):
     result = van_tfx(capsys, "serve", "--rest_api_num_threads=0")
     assert result.returncode == 2 and "--rest_api_num_threads" in result.stderr
