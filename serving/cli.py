@@ -6,6 +6,7 @@ import argparse
 import sys
 from functools import partial
 
+from serving.client import checked_timeout
 from serving.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_REST_THREADS,
@@ -270,7 +271,7 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--rest", action="store_true", help="use the REST API instead of gRPC")
     p.add_argument("--model-name", default=defaults.model_name)
     p.add_argument("--signature", default="predict_images")
-    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--timeout", type=_checked(float, checked_timeout), default=30.0, help="seconds")
     p.set_defaults(func=_predict)
 
 
@@ -294,7 +295,12 @@ def _predict(args) -> int:
     server = args.server or f"127.0.0.1:{port}"
     try:
         if args.rest:
-            url = server if server.startswith("http") else f"http://{server}"
+            url = server if server.startswith(("http://", "https://")) else f"http://{server}"
+            try:
+                client.checked_rest_url(url)
+            except ValueError as exc:
+                print(f"error: --server {exc}", file=sys.stderr)
+                return 2
             rows = client.predict_images_rest(
                 url, images, args.model_name, args.signature, args.timeout
             )
@@ -309,7 +315,7 @@ def _predict(args) -> int:
         )
         return 2
     except client.PredictionError as exc:
-        print(f"error: the server rejected the request: {exc}", file=sys.stderr)
+        print(f"error: the server at {server} rejected the request: {exc}", file=sys.stderr)
         return 1
     for path, row in zip(args.images, rows, strict=True):
         print(path)
@@ -355,7 +361,7 @@ def _loadtest(args) -> int:
         print(f"error: no model server at {args.server} ({exc})", file=sys.stderr)
         return 2
     except client.PredictionError as exc:
-        print(f"error: the server rejected the request: {exc}", file=sys.stderr)
+        print(f"error: the server at {args.server} rejected the request: {exc}", file=sys.stderr)
         return 1
     try:
         report = run_loadtest(

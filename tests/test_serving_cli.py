@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -314,3 +315,83 @@ def test_loadtest_counts_errors_and_keeps_a_few(served):
     assert report.errors == report.requests > 20
     assert 1 <= len(report.error_examples) <= ERROR_EXAMPLES
     assert "NOT_FOUND" in report.error_examples[0]
+
+
+class NotAModelServer(BaseHTTPRequestHandler):
+    """Answers every POST with the status and body its server was made with."""
+
+    def do_POST(self):  # noqa: N802 (http.server naming)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        status, body = self.server.answer
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_answering():
+    """Start a loopback HTTP server giving `answer` = (status, body); returns host:port."""
+    servers = []
+
+    def start(status: int, body: bytes) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), NotAModelServer)
+        server.answer = (status, body)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "answer, code, says",
+    [((200, b"<html>proxy login</html>"), 2, "not a model server: its answer is not JSON"),
+     ((200, b'{"predictions": []}'), 2, 'not JSON with "outputs"'),
+     ((200, b'{"outputs": {"top_k_indices": 5, "top_k_synsets": 1, "top_k_scores": 2}}'), 2,
+      "not a model server: unexpected outputs"),
+     ((500, b'"oops"'), 1, "rejected the request: 500: Internal Server Error: "
+      "'\"oops\"'")],
+)  # fmt: skip
+def test_predict_rest_says_when_what_answers_is_not_a_model_server(
+    served, http_answering, answer, code, says
+):
+    # Before: JSONDecodeError, KeyError and TypeError tracebacks.
+    server = http_answering(*answer)
+    image = str(served["images"]["red.png"])
+    result = van_tfx_process("predict", image, "--rest", "--server", server)
+    assert result.returncode == code and says in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and server in result.stderr
+
+
+def test_predict_rest_failures_name_the_server(served):
+    image = str(served["images"]["red.png"])
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        hang = f"127.0.0.1:{silent.getsockname()[1]}"
+        for server, says in (
+            (served["grpc"], "not an HTTP answer"),  # Before: BadStatusLine
+            (hang, "no answer"),  # Before: TimeoutError
+        ):
+            result = van_tfx_process("predict", image, "--rest", "--server", server, "--timeout=2")
+            assert result.returncode == 2, result.stderr
+            assert f"no model server at {server} ({says}" in result.stderr, result.stderr
+            assert "Traceback" not in result.stderr
+    bad_url = van_tfx_process("predict", image, "--rest", "--server", "http://[::1")
+    assert bad_url.returncode == 2 and "error: --server http://[::1 is not a URL" in bad_url.stderr
+    assert "Traceback" not in bad_url.stderr
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf"])
+@pytest.mark.parametrize("rest", [[], ["--rest"]])
+def test_predict_refuses_a_timeout_that_is_not_positive(capsys, rest, timeout):
+    # Before: REST raised ValueError tracebacks, gRPC failed every call as DEADLINE_EXCEEDED.
+    result = van_tfx(capsys, "predict", "x.jpg", *rest, f"--timeout={timeout}")
+    assert result.returncode == 2 and "argument --timeout: " in result.stderr
