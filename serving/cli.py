@@ -272,25 +272,86 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--model-name", default=defaults.model_name)
     p.add_argument("--signature", default="predict_images")
     p.add_argument("--timeout", type=_checked(float, checked_timeout), default=30.0, help="seconds")
+    p.add_argument(
+        "--max-message-bytes",
+        type=_checked(int, checked_max_message_bytes),
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest request to send (the server's --max_message_bytes; TF Serving: 2 GiB - 1)",
+    )
     p.set_defaults(func=_predict)
 
 
-def _read_images(paths: list[str]) -> list[bytes]:
+# A request's envelope beyond its images' bytes (names, tensor shape, JSON or proto framing).
+REQUEST_OVERHEAD_BYTES = 4096
+
+
+def _read_images(paths: list[str], limit: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[bytes]:
+    """The bytes of each image file; exits naming the file when it is not a regular file or
+    larger than `limit` (what a request may carry), without reading it."""
+    import os
+    import stat
+
     images = []
     for path in paths:
         try:
             with open(path, "rb") as f:
-                images.append(f.read())
+                info = os.fstat(f.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    raise SystemExit(f"error: image {path} is not a regular file")
+                if info.st_size > limit:
+                    raise SystemExit(_too_large(f"image {path}", info.st_size, limit))
+                data = f.read(limit + 1)  # a file growing meanwhile is still bounded
         except OSError as exc:
             raise SystemExit(f"error: cannot read image {path}: {exc.strerror}") from None
+        if len(data) > limit:
+            raise SystemExit(_too_large(f"image {path}", len(data), limit))
+        images.append(data)
     return images
+
+
+def _too_large(what: str, size: int, limit: int) -> str:
+    return (
+        f"error: {what} is {size} bytes, more than the {limit} bytes a request may carry "
+        "(--max-message-bytes)"
+    )
+
+
+def _request_bytes(images: list[bytes], rest: bool) -> int:
+    """About how many bytes a request sending `images` takes (REST: base64 in JSON)."""
+    sizes = [4 * -(-len(image) // 3) if rest else len(image) for image in images]
+    return sum(sizes) + REQUEST_OVERHEAD_BYTES + 32 * len(images)
+
+
+def _naming_images(error, paths: list[str]) -> str:
+    """The server's error message with `images[i]` replaced by the i-th path, or, when it names
+    none and says the input is invalid, naming the paths sent."""
+    import re
+
+    def path_of(match: re.Match) -> str:
+        index = int(match[1])
+        return paths[index] if index < len(paths) else match[0]
+
+    message = error.message
+    named = re.sub(r"\bimages\[(\d+)\]", path_of, message)
+    if named != message or error.code not in ("INVALID_ARGUMENT", "400"):
+        return named
+    if len(paths) == 1:
+        return f"{message} (image {paths[0]})"
+    return f"{message} (one of the images {', '.join(paths)})"
 
 
 def _predict(args) -> int:
     from serving import client
 
     defaults = _serving_defaults()
-    images = _read_images(args.images)
+    images = _read_images(args.images, args.max_message_bytes)
+    size = _request_bytes(images, args.rest)
+    if size > args.max_message_bytes:
+        what = f"a request with the images {', '.join(args.images)}"
+        if args.rest:
+            what += " (base64 in JSON)"
+        print(_too_large(what, size, args.max_message_bytes), file=sys.stderr)
+        return 1
     port = defaults.rest_port if args.rest else defaults.grpc_port
     server = args.server or f"127.0.0.1:{port}"
     try:
@@ -315,7 +376,8 @@ def _predict(args) -> int:
         )
         return 2
     except client.PredictionError as exc:
-        print(f"error: the server at {server} rejected the request: {exc}", file=sys.stderr)
+        message = f"{exc.code}: {_naming_images(exc, args.images)}"
+        print(f"error: the server at {server} rejected the request: {message}", file=sys.stderr)
         return 1
     for path, row in zip(args.images, rows, strict=True):
         print(path)

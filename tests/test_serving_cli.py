@@ -395,3 +395,49 @@ def test_predict_refuses_a_timeout_that_is_not_positive(capsys, rest, timeout):
     # Before: REST raised ValueError tracebacks, gRPC failed every call as DEADLINE_EXCEEDED.
     result = van_tfx(capsys, "predict", "x.jpg", *rest, f"--timeout={timeout}")
     assert result.returncode == 2 and "argument --timeout: " in result.stderr
+
+
+@pytest.mark.parametrize("rest", [[], ["--rest"]])
+def test_predict_errors_name_the_image(served, tmp_path, rest):
+    # Before: "Unknown image file format" and "Input images[1] is an image of ..." named no file.
+    server = served["rest"] if rest else served["grpc"]
+    red = str(served["images"]["red.png"])
+    garbage, bomb = tmp_path / "garbage.jpg", tmp_path / "bomb.png"
+    garbage.write_bytes(b"not an image")
+    bomb.write_bytes(testing.png_bomb(16000))
+    result = van_tfx_process("predict", str(garbage), "--server", server, *rest)
+    assert result.returncode == 1 and f"(image {garbage})" in result.stderr, result.stderr
+    result = van_tfx_process("predict", red, str(bomb), "--server", server, *rest)
+    assert result.returncode == 1, result.stderr
+    assert f"Input {bomb} is an image of 16000x16000" in result.stderr, result.stderr
+    assert "images[1]" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("rest", [[], ["--rest"]])
+def test_predict_to_no_such_host_is_unreachable(served, rest):
+    # Before: gRPC's DNS failure was rc 1 "the server rejected the request: UNAVAILABLE".
+    image = str(served["images"]["red.png"])
+    result = van_tfx_process("predict", image, "--server", "no-such-host.invalid:8500", *rest)
+    assert result.returncode == 2, result.stderr
+    assert "no model server at no-such-host.invalid:8500" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_predict_refuses_images_it_cannot_send_without_reading_them(served, tmp_path):
+    # Before: /dev/zero was read until memory ran out (1.5 GB in 5 s); an 80 MB image over REST
+    # was "no model server ... (Broken pipe)" while the server was up.
+    huge, big = tmp_path / "huge.jpg", tmp_path / "big.jpg"
+    with open(huge, "wb") as f:
+        f.truncate(80 << 20)  # sparse: costs no disk
+    with open(big, "wb") as f:
+        f.truncate(50 << 20)  # fits as bytes (gRPC), not as base64 (REST)
+    cases = [
+        (["/dev/zero"], "error: image /dev/zero is not a regular file"),
+        ([str(huge)], f"error: image {huge} is 83886080 bytes, more than the 67108864 bytes"),
+        ([str(big), "--rest"], f"error: a request with the images {big} (base64 in JSON) is"),
+        ([str(big), "--max-message-bytes=1000"], f"error: image {big} is 52428800 bytes"),
+    ]
+    for args, says in cases:
+        result = van_tfx_process("predict", *args, "--server", served["rest"], timeout=30)
+        assert result.returncode == 1 and says in result.stderr, result.stderr
+        assert "(--max-message-bytes)" in result.stderr or "regular" in result.stderr
