@@ -39,10 +39,12 @@ NO_REST_TIMEOUT_SECONDS = INT32_MAX / 1000
 def checked_in_range(name: str, value, low, high):
     """`value` if a finite number within [low, high] (None: unbounded), else a ValueError naming
     the option `name`."""
-    finite = not isinstance(value, float) or math.isfinite(value)
-    if not finite or (low is not None and value < low) or (high is not None and value > high):
-        bounds = [f">= {low}" if low is not None else "", f"<= {high}" if high is not None else ""]
-        raise ValueError(f"{name} must be {' and '.join(b for b in bounds if b)}, got {value}")
+    bounds = [f">= {low}" if low is not None else "", f"<= {high}" if high is not None else ""]
+    wanted = " and ".join(b for b in bounds if b)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {wanted}, got {value}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be {wanted}, got {value}")
     return value
 
 
