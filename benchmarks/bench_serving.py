@@ -99,7 +99,7 @@ def throughput(target: str, image: bytes, clients: int, seconds: float) -> float
     load(0.5)  # connect and ramp up
     report = load(seconds)
     if report.errors:
-        raise RuntimeError(f"{len(report.errors)} requests failed, e.g. {report.errors[0]}")
+        raise RuntimeError(f"{report.errors} requests failed, e.g. {report.error_examples[0]}")
     return report.qps
 
 

@@ -84,7 +84,7 @@ def main() -> int:
                     live = report.live_after_seconds
                     print(
                         f"{name:>9}, {neighbours} busy neighbours: live after "
-                        f"{'never' if live is None else f'{live:.1f} s'}, {len(report.errors)} "
+                        f"{'never' if live is None else f'{live:.1f} s'}, {report.errors} "
                         f"failed of {report.requests}, answers by version "
                         f"{dict(sorted(report.versions_seen.items()))}, load average "
                         f"{os.getloadavg()[0]:.1f}",

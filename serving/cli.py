@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
+from serving.client import checked_timeout
 from serving.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_REST_THREADS,
     DEFAULT_STALL_SECONDS,
+    checked_grpc_max_threads,
+    checked_load_retries,
+    checked_max_image_pixels,
+    checked_max_message_bytes,
+    checked_poll_wait_seconds,
+    checked_port,
     checked_rest_threads,
+    checked_rest_timeout_ms,
+    checked_retry_interval_micros,
     checked_stall_seconds,
 )
+from serving.loadtest import checked_concurrency, checked_duration, checked_saved_model_dir
 
 
 def add_parser(subparsers) -> None:
@@ -66,22 +77,51 @@ def _add_serve(subparsers) -> None:
         "serve",
         help="serve SavedModels over TF Serving's gRPC and REST APIs (tensorflow_model_server flags)",
     )
-    p.add_argument("--port", type=int, default=defaults.grpc_port, help="gRPC port")
+    p.add_argument(
+        "--port", type=_checked(int, checked_port), default=defaults.grpc_port, help="gRPC port"
+    )
     p.add_argument("--grpc_host", default="127.0.0.1", help="gRPC bind address (ours)")
-    p.add_argument("--rest_api_port", type=int, default=defaults.rest_port, help="0 disables REST")
+    p.add_argument(
+        "--rest_api_port",
+        type=_checked(int, partial(checked_port, name="rest_api_port")),
+        default=defaults.rest_port,
+        help="0 disables REST",
+    )
     p.add_argument("--rest_api_host", default="127.0.0.1", help="REST bind address (ours)")
     p.add_argument("--model_name", default=defaults.model_name)
     p.add_argument("--model_base_path", default="", help="default: the config's serving base path")
     p.add_argument("--model_config_file", default="", help="ModelServerConfig text proto")
-    p.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0)
-    p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0)
+    p.add_argument(
+        "--model_config_file_poll_wait_seconds",
+        type=_checked(
+            float, partial(checked_poll_wait_seconds, name="model_config_file_poll_wait_seconds")
+        ),
+        default=0.0,
+        help="0 or negative: read the config file once",
+    )
+    p.add_argument(
+        "--file_system_poll_wait_seconds",
+        type=_checked(float, checked_poll_wait_seconds),
+        default=1.0,
+        help="0 or negative: list the versions once",
+    )
     p.add_argument("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False)
     p.add_argument("--batching_parameters_file", default="")
     p.add_argument("--monitoring_config_file", default="")
-    p.add_argument("--rest_api_timeout_in_ms", type=int, default=30000)
+    p.add_argument(
+        "--rest_api_timeout_in_ms",
+        type=_checked(int, checked_rest_timeout_ms),
+        default=30000,
+        help="0 or negative: no timeout",
+    )
     p.add_argument("--enable_model_warmup", type=_flag_bool, nargs="?", const=True, default=True)
-    p.add_argument("--max_num_load_retries", type=int, default=5)
-    p.add_argument("--load_retry_interval_micros", type=int, default=60_000_000)
+    p.add_argument("--max_num_load_retries", type=_checked(int, checked_load_retries), default=5)
+    p.add_argument(
+        "--load_retry_interval_micros",
+        type=_checked(int, checked_retry_interval_micros),
+        default=60_000_000,
+        help="negative: no wait",
+    )
     p.add_argument(
         "--allow_version_labels_for_unavailable_models", type=_flag_bool, nargs="?", const=True,
         default=False,
@@ -94,17 +134,17 @@ def _add_serve(subparsers) -> None:
         "--enable_serialization_as_tensor_content", type=_flag_bool, nargs="?", const=True,
         default=False, help="Predict outputs in tensor_content instead of float_val, int_val, ...",
     )  # fmt: skip
-    p.add_argument("--grpc_max_threads", type=int, default=64)
+    p.add_argument("--grpc_max_threads", type=_checked(int, checked_grpc_max_threads), default=64)
     p.add_argument(
         "--max_message_bytes",
-        type=int,
+        type=_checked(int, checked_max_message_bytes),
         default=DEFAULT_MAX_MESSAGE_BYTES,
         help="ours: largest gRPC message and REST body, and what a request's tensors may decode "
         "to (TF Serving: 2 GiB messages, no decode limit)",
     )
     p.add_argument(
         "--max_image_pixels",
-        type=int,
+        type=_checked(int, checked_max_image_pixels),
         default=defaults.max_image_pixels,
         help="ours: largest image (width x height x frames) a request may send; larger ones are "
         "refused before decoding",
@@ -134,7 +174,7 @@ def _serve(args) -> int:
     import threading
 
     from serving.errors import ServingError
-    from serving.manager import LoadError
+    from serving.manager import LoadError, StartupCancelled
     from serving.protos import ConfigFileError
     from serving.server import ModelServer, ServerOptions
 
@@ -179,10 +219,14 @@ def _serve(args) -> int:
     # server that does not stop or answer is doing.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        server.start()
+        # Waiting for a model may last forever (as in TF Serving); SIGTERM ends the wait.
+        server.start(cancel=stop_requested)
     except (ConfigFileError, LoadError, OSError, ServingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (StartupCancelled, KeyboardInterrupt):
+        logging.getLogger(__name__).info("stopped before every model was available")
+        _exit_after_stop(server)
     print(f"Running gRPC ModelServer at {server.grpc_target} ...", flush=True)
     if server.rest_url:
         print(f"Exporting HTTP/REST API at {server.rest_url} ...", flush=True)
@@ -227,31 +271,97 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--rest", action="store_true", help="use the REST API instead of gRPC")
     p.add_argument("--model-name", default=defaults.model_name)
     p.add_argument("--signature", default="predict_images")
-    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--timeout", type=_checked(float, checked_timeout), default=30.0, help="seconds")
+    p.add_argument(
+        "--max-message-bytes",
+        type=_checked(int, checked_max_message_bytes),
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest request to send (the server's --max_message_bytes; TF Serving: 2 GiB - 1)",
+    )
     p.set_defaults(func=_predict)
 
 
-def _read_images(paths: list[str]) -> list[bytes]:
+# A request's envelope beyond its images' bytes (names, tensor shape, JSON or proto framing).
+REQUEST_OVERHEAD_BYTES = 4096
+
+
+def _read_images(paths: list[str], limit: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[bytes]:
+    """The bytes of each image file; exits naming the file when it is not a regular file or
+    larger than `limit` (what a request may carry), without reading it."""
+    import os
+    import stat
+
     images = []
     for path in paths:
         try:
             with open(path, "rb") as f:
-                images.append(f.read())
+                info = os.fstat(f.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    raise SystemExit(f"error: image {path} is not a regular file")
+                if info.st_size > limit:
+                    raise SystemExit(_too_large(f"image {path}", info.st_size, limit))
+                data = f.read(limit + 1)  # a file growing meanwhile is still bounded
         except OSError as exc:
             raise SystemExit(f"error: cannot read image {path}: {exc.strerror}") from None
+        if len(data) > limit:
+            raise SystemExit(_too_large(f"image {path}", len(data), limit))
+        images.append(data)
     return images
+
+
+def _too_large(what: str, size: int, limit: int) -> str:
+    return (
+        f"error: {what} is {size} bytes, more than the {limit} bytes a request may carry "
+        "(--max-message-bytes)"
+    )
+
+
+def _request_bytes(images: list[bytes], rest: bool) -> int:
+    """About how many bytes a request sending `images` takes (REST: base64 in JSON)."""
+    sizes = [4 * -(-len(image) // 3) if rest else len(image) for image in images]
+    return sum(sizes) + REQUEST_OVERHEAD_BYTES + 32 * len(images)
+
+
+def _naming_images(error, paths: list[str]) -> str:
+    """The server's error message with `images[i]` replaced by the i-th path, or, when it names
+    none and says the input is invalid, naming the paths sent."""
+    import re
+
+    def path_of(match: re.Match) -> str:
+        index = int(match[1])
+        return paths[index] if index < len(paths) else match[0]
+
+    message = error.message
+    named = re.sub(r"\bimages\[(\d+)\]", path_of, message)
+    if named != message or error.code not in ("INVALID_ARGUMENT", "400"):
+        return named
+    if len(paths) == 1:
+        return f"{message} (image {paths[0]})"
+    return f"{message} (one of the images {', '.join(paths)})"
 
 
 def _predict(args) -> int:
     from serving import client
 
     defaults = _serving_defaults()
-    images = _read_images(args.images)
+    images = _read_images(args.images, args.max_message_bytes)
+    size = _request_bytes(images, args.rest)
+    if size > args.max_message_bytes:
+        what = f"a request with the images {', '.join(args.images)}"
+        if args.rest:
+            what += " (base64 in JSON)"
+        print(_too_large(what, size, args.max_message_bytes), file=sys.stderr)
+        return 1
     port = defaults.rest_port if args.rest else defaults.grpc_port
     server = args.server or f"127.0.0.1:{port}"
     try:
         if args.rest:
-            url = server if server.startswith("http") else f"http://{server}"
+            url = server if server.startswith(("http://", "https://")) else f"http://{server}"
+            try:
+                client.checked_rest_url(url)
+            except ValueError as exc:
+                print(f"error: --server {exc}", file=sys.stderr)
+                return 2
             rows = client.predict_images_rest(
                 url, images, args.model_name, args.signature, args.timeout
             )
@@ -266,7 +376,8 @@ def _predict(args) -> int:
         )
         return 2
     except client.PredictionError as exc:
-        print(f"error: the server rejected the request: {exc}", file=sys.stderr)
+        message = f"{exc.code}: {_naming_images(exc, args.images)}"
+        print(f"error: the server at {server} rejected the request: {message}", file=sys.stderr)
         return 1
     for path, row in zip(args.images, rows, strict=True):
         print(path)
@@ -280,12 +391,18 @@ def _add_loadtest(subparsers) -> None:
     defaults = _serving_defaults()
     p = subparsers.add_parser("loadtest", help="concurrent gRPC load with QPS and p50/p95/p99")
     p.add_argument("--server", default=f"127.0.0.1:{defaults.grpc_port}", help="gRPC host:port")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds")
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument(
+        "--duration", type=_checked(float, checked_duration), default=10.0, help="seconds"
+    )
+    p.add_argument("--concurrency", type=_checked(int, checked_concurrency), default=8)
     p.add_argument("--model-name", default=defaults.model_name)
     p.add_argument("--signature", default="predict_images")
     p.add_argument("--image", action="append", default=[], help="image file(s) to send")
-    p.add_argument("--swap-to", help="SavedModel dir to push as the next version mid-run")
+    p.add_argument(
+        "--swap-to",
+        type=_checked(str, checked_saved_model_dir),
+        help="SavedModel dir to push as the next version mid-run",
+    )
     p.add_argument("--base-path", help="the served model base path (for --swap-to)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_loadtest)
@@ -306,21 +423,29 @@ def _loadtest(args) -> int:
         print(f"error: no model server at {args.server} ({exc})", file=sys.stderr)
         return 2
     except client.PredictionError as exc:
-        print(f"error: the server rejected the request: {exc}", file=sys.stderr)
+        print(f"error: the server at {args.server} rejected the request: {exc}", file=sys.stderr)
         return 1
-    report = run_loadtest(
-        args.server,
-        images,
-        args.duration,
-        args.concurrency,
-        args.model_name,
-        args.signature,
-        swap_to=args.swap_to,
-        base_path=args.base_path,
-        progress=not args.no_progress,
-    )
+    try:
+        report = run_loadtest(
+            args.server,
+            images,
+            args.duration,
+            args.concurrency,
+            args.model_name,
+            args.signature,
+            swap_to=args.swap_to,
+            base_path=args.base_path,
+            progress=not args.no_progress,
+        )
+    except OSError as exc:  # pushing --swap-to into --base-path failed
+        print(
+            f"error: cannot push --swap-to {args.swap_to} into --base-path {args.base_path}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
     print(report.summary())
-    for error in report.errors[:5]:
+    for error in report.error_examples:
         print(f"  error: {error}", file=sys.stderr)
     return 1 if report.errors else 0
 

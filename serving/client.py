@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import http.client
 import json
+import math
 import urllib.error
+import urllib.parse
 import urllib.request
 
 DEFAULT_SIGNATURE = "predict_images"
@@ -22,7 +25,27 @@ class ClassScore:
 
 
 class ServerUnavailable(ConnectionError):
-    """No model server answered at the given address."""
+    """No model server answered at the given address (nothing listens, or what answers is not a
+    model server)."""
+
+
+def checked_timeout(seconds: float) -> float:
+    """`seconds` if usable as a request timeout (finite, > 0), else a ValueError."""
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {seconds}")
+    return seconds
+
+
+def checked_rest_url(url: str) -> str:
+    """`url` if an http(s) URL with a host and valid port, else a ValueError saying why."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in range)
+    except ValueError as exc:
+        raise ValueError(f"{url} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url} is not an http:// or https:// URL with a host")
+    return url
 
 
 class PredictionError(RuntimeError):
@@ -58,7 +81,7 @@ def predict_images(
     try:
         response = stub.Predict(request, timeout=timeout)
     except grpc.RpcError as err:
-        if err.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (err.details() or "").lower():
+        if _unreachable(err):
             raise ServerUnavailable(err.details()) from err
         raise PredictionError(err.code().name, err.details()) from err
     outputs = {name: tf.make_ndarray(proto).tolist() for name, proto in response.outputs.items()}
@@ -91,6 +114,7 @@ def predict_images_rest(
         "signature_name": signature,
         "inputs": {"images": [{"b64": base64.b64encode(i).decode("ascii")} for i in images]},
     }
+    checked_rest_url(url)
     request = urllib.request.Request(
         f"{url.rstrip('/')}/v1/models/{model_name}:predict",
         data=json.dumps(body).encode("utf-8"),
@@ -98,19 +122,64 @@ def predict_images_rest(
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            outputs = json.loads(response.read())["outputs"]
+            answer = response.read()
     except urllib.error.HTTPError as err:
         raise PredictionError(str(err.code), _rest_error(err)) from err
     except urllib.error.URLError as err:
-        raise ServerUnavailable(str(err.reason)) from err
-    return top_k_rows(outputs)
+        raise ServerUnavailable(_reason(err.reason)) from err
+    except TimeoutError as err:
+        raise ServerUnavailable(f"no answer within {timeout:g} s") from err
+    except (http.client.HTTPException, OSError) as err:  # not HTTP (a gRPC port), reset, ...
+        raise ServerUnavailable(f"not an HTTP answer: {_reason(err)}") from err
+    try:
+        outputs = json.loads(answer)["outputs"]
+        if not isinstance(outputs, dict):
+            raise TypeError("outputs is not an object")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ServerUnavailable(
+            f'not a model server: its answer is not JSON with "outputs" ({_snippet(answer)})'
+        ) from err
+    try:
+        return top_k_rows(outputs)
+    except (TypeError, ValueError, IndexError, AttributeError) as err:
+        raise ServerUnavailable(f"not a model server: unexpected outputs ({err})") from err
+
+
+def _unreachable(err) -> bool:
+    """True for a gRPC error made by the client itself: nothing to connect to, or no such host."""
+    import grpc
+
+    details = (err.details() or "").lower()
+    return err.code() == grpc.StatusCode.UNAVAILABLE and any(
+        word in details for word in ("connect", "resolv", "dns")
+    )
+
+
+def _reason(reason) -> str:
+    if isinstance(reason, TimeoutError) or str(reason) == "timed out":
+        return "no answer in time"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason) or type(reason).__name__
+
+
+def _snippet(body: bytes, limit: int = 80) -> str:
+    text = body[:limit].decode("utf-8", "replace").replace("\n", " ")
+    return repr(text + ("..." if len(body) > limit else ""))
 
 
 def _rest_error(err) -> str:
     try:
-        return json.loads(err.read())["error"]
-    except (ValueError, KeyError):
-        return err.reason
+        body = err.read()
+    except (OSError, http.client.HTTPException):
+        return str(err.reason)
+    try:
+        answer = json.loads(body)
+        if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+            return answer["error"]
+    except ValueError:
+        pass
+    return f"{err.reason}: {_snippet(body)}" if body else str(err.reason)
 
 
 def top_k_rows(outputs: dict) -> list[list[ClassScore]]:

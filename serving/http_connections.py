@@ -180,7 +180,15 @@ class KeepAliveHTTPServer(ThreadingHTTPServer):
         max_threads: int = DEFAULT_REST_THREADS,
         max_idle: int | None = None,
     ):
-        super().__init__(address, handler_class)
+        # Bound before any state exists: socketserver calls server_close() when binding fails,
+        # which would find none of it (an AttributeError hid the bind error).
+        super().__init__(address, handler_class, bind_and_activate=False)
+        try:
+            self.server_bind()
+            self.server_activate()
+        except BaseException:
+            self.socket.close()
+            raise
         self._max_threads = max_threads
         self._max_idle = max_idle or default_max_idle()
         self._lock = threading.Lock()

@@ -8,6 +8,7 @@ gigabyte shape, a 1 MB image may decode to 400 M pixels. Both are refused before
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from van_tfx.config import ServingConfig
 
@@ -25,6 +26,70 @@ DEFAULT_REST_THREADS = 64
 MIN_BYTES_PER_SECOND = 64 << 10
 
 
+# tensorflow_model_server's numeric flags are int32 (int64 for load_retry_interval_micros); gRPC's
+# message size option is an int too.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+MAX_PORT = 65535
+# What --rest_api_timeout_in_ms <= 0 means: TF Serving sets no timeout; here the longest int32 one
+# (24.8 days), which threads and timers can wait for.
+NO_REST_TIMEOUT_SECONDS = INT32_MAX / 1000
+
+
+def checked_in_range(name: str, value, low, high):
+    """`value` if a finite number within [low, high] (None: unbounded), else a ValueError naming
+    the option `name`."""
+    bounds = [f">= {low}" if low is not None else "", f"<= {high}" if high is not None else ""]
+    wanted = " and ".join(b for b in bounds if b)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {wanted}, got {value}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be {wanted}, got {value}")
+    return value
+
+
+def checked_port(port: int, name: str = "port") -> int:
+    """`port` if a TCP port number (0 picks a free one, or disables REST), else a ValueError."""
+    return checked_in_range(name, port, 0, MAX_PORT)
+
+
+def checked_grpc_max_threads(threads: int) -> int:
+    """`threads` if usable as --grpc_max_threads, else a ValueError saying why."""
+    return checked_in_range("grpc_max_threads", threads, 1, INT32_MAX)
+
+
+def checked_max_message_bytes(limit: int) -> int:
+    """`limit` if usable as --max_message_bytes (gRPC takes an int32), else a ValueError."""
+    return checked_in_range("max_message_bytes", limit, 1, INT32_MAX)
+
+
+def checked_max_image_pixels(pixels: int) -> int:
+    """`pixels` if usable as --max_image_pixels, else a ValueError saying why."""
+    return checked_in_range("max_image_pixels", pixels, 1, None)
+
+
+def checked_poll_wait_seconds(seconds: float, name: str = "file_system_poll_wait_seconds"):
+    """`seconds` if usable as a poll interval (0 or negative: no periodic poll, as in TF
+    Serving; NaN and inf are not numbers of seconds), else a ValueError."""
+    return checked_in_range(name, seconds, -INT32_MAX - 1, INT32_MAX)
+
+
+def checked_rest_timeout_ms(ms: int) -> int:
+    """`ms` if usable as --rest_api_timeout_in_ms (0 or negative: no timeout, as in TF
+    Serving), else a ValueError."""
+    return checked_in_range("rest_api_timeout_in_ms", ms, -INT32_MAX - 1, INT32_MAX)
+
+
+def checked_load_retries(retries: int) -> int:
+    """`retries` if usable as --max_num_load_retries, else a ValueError saying why."""
+    return checked_in_range("max_num_load_retries", retries, 0, INT32_MAX)
+
+
+def checked_retry_interval_micros(micros: int) -> int:
+    """`micros` if usable as --load_retry_interval_micros (negative: no wait), else a ValueError."""
+    return checked_in_range("load_retry_interval_micros", micros, -INT64_MAX - 1, INT64_MAX)
+
+
 def checked_stall_seconds(seconds: float) -> float:
     """`seconds` if usable as --rest_api_stall_seconds, else a ValueError saying why."""
     if not 0 < seconds <= MAX_STALL_SECONDS:  # NaN too: 0 would make sockets non-blocking
@@ -36,9 +101,7 @@ def checked_stall_seconds(seconds: float) -> float:
 
 def checked_rest_threads(threads: int) -> int:
     """`threads` if usable as --rest_api_num_threads, else a ValueError saying why."""
-    if threads < 1:
-        raise ValueError(f"rest_api_num_threads must be >= 1, got {threads}")
-    return threads
+    return checked_in_range("rest_api_num_threads", threads, 1, INT32_MAX)
 
 
 @dataclasses.dataclass(frozen=True)

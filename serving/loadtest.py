@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import subprocess
@@ -22,18 +23,44 @@ import numpy as np
 
 from serving.client import predict_request
 
+ERROR_EXAMPLES = 5  # distinct error messages a report keeps; the rest are only counted
+
+
+def checked_duration(seconds: float) -> float:
+    """`seconds` if usable as a load test's duration (finite, > 0), else a ValueError."""
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"duration must be a finite number of seconds > 0, got {seconds}")
+    return seconds
+
+
+def checked_concurrency(clients: int) -> int:
+    """`clients` if usable as a load test's concurrency (>= 1), else a ValueError."""
+    if clients < 1:
+        raise ValueError(f"concurrency must be >= 1, got {clients}")
+    return clients
+
+
+def checked_saved_model_dir(path: str) -> str:
+    """`path` if it is a SavedModel dir (holds saved_model.pb), else a ValueError naming it."""
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise ValueError(f"{path} holds no saved_model.pb")
+    return path
+
 
 @dataclasses.dataclass
 class LoadTestReport:
     """What a load test measured."""
 
     requests: int
-    errors: list[str]
+    errors: int  # failed requests
     seconds: float
     latencies_ms: list[float]
     swapped_to: int | None = None
     versions_seen: dict[int, int] = dataclasses.field(default_factory=dict)  # version -> answers
     live_after_seconds: float | None = None  # saved_model.pb written -> first answer from it
+    # The first ERROR_EXAMPLES distinct failures: a server that went away fails every request
+    # at once, and keeping each message grew this list to 17 GB.
+    error_examples: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def qps(self) -> float:
@@ -49,7 +76,7 @@ class LoadTestReport:
         line = (
             f"{self.requests} requests in {self.seconds:.1f}s: {self.qps:.1f} QPS, "
             f"p50 {self.percentile(50):.1f} ms, p95 {self.percentile(95):.1f} ms, "
-            f"p99 {self.percentile(99):.1f} ms, {len(self.errors)} errors"
+            f"p99 {self.percentile(99):.1f} ms, {self.errors} errors"
         )
         if self.swapped_to is not None:
             line += f"; swapped to version {self.swapped_to}"
@@ -110,7 +137,8 @@ async def _load(
     from tensorflow_serving.apis import prediction_service_pb2_grpc
     from tqdm import tqdm
 
-    latencies, errors = [], []
+    latencies: list[float] = []
+    errors = {"count": 0, "examples": []}
     versions: dict[int, int] = {}
     first_answer: dict[int, float] = {}  # version -> time.monotonic() of its first answer
     stopping = asyncio.Event()
@@ -124,8 +152,12 @@ async def _load(
                 version = response.model_spec.version.value
                 versions[version] = versions.get(version, 0) + 1
                 first_answer.setdefault(version, time.monotonic())
-            except Exception as exc:  # every failure is counted and reported
-                errors.append(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # every failure is counted, a few distinct ones kept
+                errors["count"] += 1
+                message = f"{type(exc).__name__}: {exc}"
+                examples = errors["examples"]
+                if len(examples) < ERROR_EXAMPLES and message not in examples:
+                    examples.append(message)
 
     async with grpc.aio.insecure_channel(target) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -135,26 +167,33 @@ async def _load(
             asyncio.create_task(client(stub, requests[i % len(requests)]))
             for i in range(concurrency)
         ]
-        with tqdm(total=round(duration), unit="s", disable=not progress, desc="loadtest") as bar:
-            while (elapsed := time.monotonic() - start) < duration:
-                if swap_to and swapped is None and elapsed >= swap_after:
-                    swapped, pushed_at = await asyncio.to_thread(push_version, swap_to, base_path)
-                live = first_answer.get(swapped) if swapped is not None else None
-                if settle is not None and live is not None and time.monotonic() > live + settle:
-                    break
-                await asyncio.sleep(min(0.2, duration - elapsed))
-                bar.n = min(round(time.monotonic() - start), round(duration))
-                bar.set_postfix(
-                    qps=f"{len(latencies) / max(time.monotonic() - start, 1e-9):.0f}",
-                    errors=len(errors),
-                )
-        stopping.set()
-        await asyncio.gather(*clients)
+        try:  # whatever ends this loop (an error, Ctrl-C) also stops the clients
+            with tqdm(
+                total=round(duration), unit="s", disable=not progress, desc="loadtest"
+            ) as bar:
+                while (elapsed := time.monotonic() - start) < duration:
+                    if swap_to and swapped is None and elapsed >= swap_after:
+                        swapped, pushed_at = await asyncio.to_thread(
+                            push_version, swap_to, base_path
+                        )
+                    live = first_answer.get(swapped) if swapped is not None else None
+                    if settle is not None and live is not None and time.monotonic() > live + settle:
+                        break
+                    await asyncio.sleep(min(0.2, duration - elapsed))
+                    bar.n = min(round(time.monotonic() - start), round(duration))
+                    bar.set_postfix(
+                        qps=f"{len(latencies) / max(time.monotonic() - start, 1e-9):.0f}",
+                        errors=errors["count"],
+                    )
+        finally:
+            stopping.set()
+            await asyncio.gather(*clients, return_exceptions=True)
     seconds = time.monotonic() - start
     live = first_answer[swapped] - pushed_at if swapped in first_answer else None
     return LoadTestReport(
-        len(latencies) + len(errors), errors, seconds, latencies, swapped, versions, live
-    )
+        len(latencies) + errors["count"], errors["count"], seconds, latencies, swapped, versions,
+        live, errors["examples"],
+    )  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -43,6 +43,10 @@ class VersionStatus:
     error_code: int = 0
 
 
+class StartupCancelled(Exception):
+    """Startup was asked to stop (SIGTERM) before every model had a version AVAILABLE."""
+
+
 class LoadError(RuntimeError):
     """A version that could not be loaded or warmed up, with the status code it reports."""
 
@@ -346,11 +350,17 @@ class ModelManager:
                 except Exception:  # one model's file system trouble must not stall the others
                     log.exception("polling model %s failed", model.config.name)
 
-    def wait_until_available(self, timeout: float | None = None) -> None:
-        """Poll until every model has its aspired versions AVAILABLE (startup, like TF Serving)."""
+    def wait_until_available(
+        self, timeout: float | None = None, cancel: threading.Event | None = None
+    ) -> None:
+        """Poll until every model has its aspired versions AVAILABLE (startup, like TF Serving);
+        StartupCancelled once `cancel` is set."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        cancel = cancel or threading.Event()
         warned = False
         while True:
+            if cancel.is_set():
+                raise StartupCancelled("stopped while waiting for models to load")
             self.poll_once()
             missing = [n for n in self.model_names() if not self.is_available(n)]
             if not missing:
@@ -361,7 +371,7 @@ class ModelManager:
                 warned = True
             if deadline is not None and time.monotonic() > deadline:
                 raise LoadError(f"no servable version found for model(s) {', '.join(missing)}")
-            time.sleep(_wait_step(self._poll_wait))
+            cancel.wait(_wait_step(self._poll_wait))
 
     def _raise_on_failed_loads(self, names: list[str]) -> None:
         # Like tensorflow_model_server, refuse to start when a model's only versions are broken

@@ -22,8 +22,17 @@ from serving.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_REST_THREADS,
     DEFAULT_STALL_SECONDS,
+    NO_REST_TIMEOUT_SECONDS,
     RequestLimits,
+    checked_grpc_max_threads,
+    checked_load_retries,
+    checked_max_image_pixels,
+    checked_max_message_bytes,
+    checked_poll_wait_seconds,
+    checked_port,
     checked_rest_threads,
+    checked_rest_timeout_ms,
+    checked_retry_interval_micros,
     checked_stall_seconds,
 )
 from serving.manager import ModelManager
@@ -55,11 +64,11 @@ class ServerOptions:
     model_base_path: str = ""
     model_config_file: str = ""
     model_config_file_poll_wait_seconds: float = 0.0  # 0: read the config file once
-    file_system_poll_wait_seconds: float = 1.0
+    file_system_poll_wait_seconds: float = 1.0  # 0 or negative: list the versions once
     enable_batching: bool = False
     batching_parameters_file: str = ""
     monitoring_config_file: str = ""
-    rest_api_timeout_in_ms: int = 30000
+    rest_api_timeout_in_ms: int = 30000  # 0 or negative: no timeout, as in TF Serving
     enable_model_warmup: bool = True
     max_num_load_retries: int = 5  # retries after a failed load (LoaderHarness)
     load_retry_interval_micros: int = 60_000_000  # between them; negative: no wait
@@ -79,6 +88,19 @@ class ServerOptions:
     startup_timeout_seconds: float | None = None  # None waits for models forever, like TF Serving
 
     def __post_init__(self):
+        checked_port(self.port)
+        if self.rest_api_port != ANY_PORT:
+            checked_port(self.rest_api_port, "rest_api_port")
+        checked_poll_wait_seconds(
+            self.model_config_file_poll_wait_seconds, "model_config_file_poll_wait_seconds"
+        )
+        checked_poll_wait_seconds(self.file_system_poll_wait_seconds)
+        checked_rest_timeout_ms(self.rest_api_timeout_in_ms)
+        checked_load_retries(self.max_num_load_retries)
+        checked_retry_interval_micros(self.load_retry_interval_micros)
+        checked_max_message_bytes(self.max_message_bytes)
+        checked_max_image_pixels(self.max_image_pixels)
+        checked_grpc_max_threads(self.grpc_max_threads)
         checked_stall_seconds(self.rest_api_stall_seconds)
         checked_rest_threads(self.rest_api_num_threads)
 
@@ -151,8 +173,9 @@ class ModelServer:
         """http://host:port of the REST API, or None when it is disabled."""
         return f"http://{self.options.rest_api_host}:{self.rest_port}" if self.rest_port else None
 
-    def start(self) -> ModelServer:
-        """Load all models (ports stay closed until they are AVAILABLE), then serve."""
+    def start(self, cancel: threading.Event | None = None) -> ModelServer:
+        """Load all models (ports stay closed until they are AVAILABLE), then serve; setting
+        `cancel` meanwhile stops waiting for them (StartupCancelled)."""
         options = self.options
         configs = options.model_configs()
         batching = options.batching_settings()
@@ -172,7 +195,7 @@ class ModelServer:
             ),
         )
         try:
-            self.manager.wait_until_available(options.startup_timeout_seconds)
+            self.manager.wait_until_available(options.startup_timeout_seconds, cancel)
             self._start_grpc()
             if options.rest_api_port != 0:
                 self._start_rest(metrics_path)
@@ -321,18 +344,23 @@ class ModelServer:
     def _start_rest(self, metrics_path: str | None) -> None:
         from serving.rest_api import RestApp, make_http_server
 
-        app = self._rest_app = RestApp(
-            self.manager, self.metrics, self.options.rest_api_timeout_in_ms / 1000, metrics_path
-        )
+        timeout_ms = self.options.rest_api_timeout_in_ms
+        timeout = timeout_ms / 1000 if timeout_ms > 0 else NO_REST_TIMEOUT_SECONDS
+        app = self._rest_app = RestApp(self.manager, self.metrics, timeout, metrics_path)
         port = 0 if self.options.rest_api_port == ANY_PORT else self.options.rest_api_port
-        self._http_server = make_http_server(
-            app,
-            self.options.rest_api_host,
-            port,
-            self.options.max_message_bytes,
-            self.options.rest_api_stall_seconds,
-            self.options.rest_api_num_threads,
-        )
+        try:
+            self._http_server = make_http_server(
+                app,
+                self.options.rest_api_host,
+                port,
+                self.options.max_message_bytes,
+                self.options.rest_api_stall_seconds,
+                self.options.rest_api_num_threads,
+            )
+        except OSError as exc:  # in use (by gRPC too, with the same port), or no such address
+            app.close()
+            address = f"{self.options.rest_api_host}:{port}"
+            raise OSError(f"cannot bind REST to {address}: {exc.strerror or exc}") from None
         self.rest_port = self._http_server.server_address[1]
         self._http_thread = threading.Thread(
             target=self._http_server.serve_forever, name="rest", daemon=True

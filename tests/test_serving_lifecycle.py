@@ -139,6 +139,27 @@ def test_a_warmup_file_declaring_a_huge_record_fails_the_version_with_data_loss(
         assert server.manager.resolve("van").version == 1
 
 
+@pytest.mark.parametrize(
+    "option, value",
+    [("port", 70000), ("rest_api_port", -2), ("grpc_max_threads", 0), ("max_message_bytes", 0),
+     ("max_image_pixels", -1), ("file_system_poll_wait_seconds", float("nan")),
+     ("model_config_file_poll_wait_seconds", float("inf")), ("max_num_load_retries", -1)],
+)  # fmt: skip
+def test_server_options_check_the_flags_bounds(tmp_path, option, value):
+    with pytest.raises(ValueError, match=f"^{option} must be"):
+        serve(tmp_path, **{option: value})
+
+
+def test_negative_poll_wait_and_retry_interval_are_accepted_as_in_tf_serving(tmp_path, exported):
+    push(tmp_path, exported, 1)
+    with serve(tmp_path, file_system_poll_wait_seconds=-1, load_retry_interval_micros=-1,
+               rest_api_timeout_in_ms=-5) as server:  # fmt: skip
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(
+            grpc.insecure_channel(server.grpc_target)
+        )
+        assert predict(stub).model_spec.version.value == 1
+
+
 def test_ports_stay_closed_until_a_version_is_available(tmp_path):
     server = serve(tmp_path / "empty", startup_timeout_seconds=0.3)
     with pytest.raises(LoadError, match="van"):

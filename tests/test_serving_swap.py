@@ -25,7 +25,7 @@ def test_new_version_goes_live_under_load_with_a_busy_neighbour(tmp_path):
         f"(4 clients, 1 busy neighbour, load average {os.getloadavg()[0]:.1f}); "
         f"{report.summary()}; answers by version {report.versions_seen}"
     )
-    assert report.errors == []
+    assert report.errors == 0, report.error_examples
     assert report.swapped_to == 2
     assert set(report.versions_seen) == {1, 2}  # the old version answered, then the new one
     assert report.live_after_seconds is not None
