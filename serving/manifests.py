@@ -231,10 +231,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    """Write (or --check) the manifests."""
-    from van_tfx.config import load_config
+    """Write (or --check) the manifests; a bad config or an unwritable --out is one line."""
+    from van_tfx.config import ConfigError, load_config
 
-    config = load_config(args.config, args.set)
+    try:
+        config = load_config(args.config, args.set)
+        return _write_or_check(config, args)
+    except ConfigError as exc:
+        print(f"van-tfx serving-manifests: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only or full --out, or a file in its place
+        where = exc.filename or args.out
+        print(
+            f"van-tfx serving-manifests: cannot write {where}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _write_or_check(config, args) -> int:
     if args.check:
         stale = stale_manifests(config, args.out)
         if stale:

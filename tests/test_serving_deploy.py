@@ -123,3 +123,31 @@ def test_bad_config_files_name_the_file(tmp_path):
         protos.parse_model_config_file(bad)
     with pytest.raises(protos.ConfigFileError, match="cannot read"):
         protos.parse_batching_file(tmp_path / "missing.config")
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (
+            ["--set", "serving.top_k=0"],
+            2,
+            "van-tfx serving-manifests: invalid config: serving.top_k",
+        ),
+        (
+            ["--out", "{blocker}/deploy"],
+            1,
+            "van-tfx serving-manifests: cannot write {blocker}/deploy: ",
+        ),
+    ],
+    ids=["bad-config", "unwritable-out"],
+)
+def test_serving_manifests_fail_in_one_line(tmp_path, capsys, args, code, says):
+    # Both were tracebacks.
+    from van_tfx.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args = [arg.format(blocker=blocker) for arg in args]
+    assert main(["serving-manifests", *args]) == code
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith(says.format(blocker=blocker))
