@@ -40,6 +40,8 @@ class TransferPace:
     """A transfer's deadline: the stall time, plus a second per `min_rate` bytes moved so far."""
 
     def __init__(self, stall: float, min_rate: float):
+        if not min_rate > 0:
+            raise ValueError(f"a transfer's minimum pace must be > 0 bytes/s, got {min_rate}")
         self._stall = stall
         self._min_rate = min_rate
         self._deadline = time.monotonic() + stall

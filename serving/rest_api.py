@@ -28,7 +28,7 @@ from tensorflow_serving.apis import (
 
 from serving import handlers, http_body, rest_json
 from serving.errors import ServingError, invalid_argument
-from serving.http_connections import KeepAliveHandler, KeepAliveHTTPServer
+from serving.http_connections import KeepAliveHandler, KeepAliveHTTPServer, TransferPace
 from serving.limits import DEFAULT_REST_THREADS, MIN_BYTES_PER_SECOND
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,7 @@ def make_http_server(
 ) -> KeepAliveHTTPServer:
     """An HTTP server answering TF Serving's REST API with `app`."""
     min_rate = min_bytes_per_second  # a class body can't read a parameter of its own name
+    TransferPace(stall_seconds, min_rate)  # refuses a pace of 0 now, not on every request
 
     class Handler(KeepAliveHandler):
         protocol_version = "HTTP/1.1"

@@ -511,3 +511,10 @@ def test_a_home_that_cannot_be_written_is_one_line_naming_it(
     assert errors == [
         f"van-tfx {command}: cannot save the config to {blocker}/home/config.yaml: Not a directory"
     ]
+
+
+def test_a_home_with_glob_characters_is_refused_when_the_data_lives_under_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("VAN_TFX_HOME", str(tmp_path / "runs[v1]"))
+    with pytest.raises(ConfigError, match=r"runs\[v1\]/data .* must not contain glob"):
+        load_config()
+    assert load_config(overrides=[f"data.root={tmp_path}/data"]).data_dir == tmp_path / "data"

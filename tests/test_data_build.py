@@ -272,8 +272,10 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (used + 30, resource.getrlimit(resour
 result = build_dataset({str(image_dir)!r}, {str(tmp_path / "out")!r}, shards=65, workers=1, progress=False)
 print(len(result.shards), len(list(read_examples(result.shards))))
 """
+    # -B: under the size limit the child's bytecode cache writes would be cut too, and a cut
+    # .pyc in the venv breaks every later import of that module (a fresh venv has none yet).
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+        [sys.executable, "-B", "-c", script], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-2:] == ["65", "65"]
@@ -603,8 +605,10 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
 sys.exit(main({argv!r}))
 """
+    # -B: under the size limit the child's bytecode cache writes would be cut too, and a cut
+    # .pyc in the venv breaks every later import of that module (a fresh venv has none yet).
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+        [sys.executable, "-B", "-c", script], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 1, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]

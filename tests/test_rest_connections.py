@@ -349,5 +349,7 @@ def test_the_stall_time_must_be_positive_and_finite(seconds):
 
 
 def test_the_thread_limit_must_be_positive():
-    with pytest.raises(ValueError, match="rest_api_num_threads must be >= 1, got 0"):
+    with pytest.raises(
+        ValueError, match="rest_api_num_threads must be >= 1 and <= 2147483647, got 0"
+    ):
         ServerOptions(rest_api_num_threads=0)

@@ -504,6 +504,8 @@ def test_warm_start_keeps_the_classifier_fresh_when_the_class_list_changed(resum
     assert train.load_initial_weights(
         train.build_model(config, 10), config, 10, str(unlabelled), classes
     )
+    (unlabelled / export.CLASS_LIST_PATH).write_bytes(b"n01\xff\n")  # damaged: not UTF-8
+    assert export.read_class_list(str(unlabelled)) is None
 
 
 def test_run_fn_with_every_uri_on_object_storage_writes_there_and_warm_starts_from_it(

@@ -360,6 +360,17 @@ class Config(_Section):
     kubeflow: KubeflowConfig = Field(default_factory=KubeflowConfig)
 
     @model_validator(mode="after")
+    def _data_dir_is_no_glob(self) -> Config:
+        # data.root is checked as a field; an empty one means <home>/data, which may hold them too.
+        if not self.data.root and any(char in str(self.data_dir) for char in _GLOB_CHARS):
+            raise ValueError(
+                f"the data directory {self.data_dir} (home/data: data.root is empty) must not "
+                f"contain glob characters ({' '.join(_GLOB_CHARS)}): TFX globs the split "
+                "patterns under it; set data.root or another home"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _stored_size_covers_model_input(self) -> Config:
         if self.data.max_image_side < self.model.image_size:
             raise ValueError(

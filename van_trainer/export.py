@@ -44,7 +44,11 @@ def read_class_list(export_dir: str) -> list[str] | None:
     if not tf.io.gfile.exists(path):
         return None
     with tf.io.gfile.GFile(path, "rb") as handle:
-        return handle.read().decode("utf-8").split("\n")[:-1]
+        data = handle.read()
+    try:
+        return data.decode("utf-8").split("\n")[:-1]
+    except UnicodeDecodeError:  # damaged: as good as none (the classifier stays fresh)
+        return None
 
 
 def serving_feature_spec(tft_output: tft.TFTransformOutput) -> dict:

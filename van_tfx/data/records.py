@@ -232,7 +232,7 @@ def write_synset_list(path: str | os.PathLike, texts: dict[str, str]) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     make_output_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # two builds may write one file
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
