@@ -202,7 +202,8 @@ def test_quotes_in_a_string_override_keep_spaces_and_escapes():
 def test_any_single_line_text_reaches_a_free_text_field_unchanged(key, text):
     text = text.strip()
     assume("\n" not in text and "\r" not in text)
-    assume(key != "data.root" or not any(char in text for char in "*?[]"))  # refused: see above
+    # Refused (see above): the data directory, data.root or <home>/data, is globbed by TFX.
+    assume(key not in ("data.root", "home") or not any(char in text for char in "*?[]"))
     assume(not (len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""))
     config = load_config(overrides=[f"{key}={text}"])
     section, _, name = key.rpartition(".")

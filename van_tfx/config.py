@@ -362,9 +362,10 @@ class Config(_Section):
     @model_validator(mode="after")
     def _data_dir_is_no_glob(self) -> Config:
         # data.root is checked as a field; an empty one means <home>/data, which may hold them too.
-        if not self.data.root and any(char in str(self.data_dir) for char in _GLOB_CHARS):
+        home = self.home or van_tfx_home()  # as written: resolving it may fail (a NUL byte)
+        if not self.data.root and any(char in home for char in _GLOB_CHARS):
             raise ValueError(
-                f"the data directory {self.data_dir} (home/data: data.root is empty) must not "
+                f"the data directory {home}/data (data.root is empty) must not "
                 f"contain glob characters ({' '.join(_GLOB_CHARS)}): TFX globs the split "
                 "patterns under it; set data.root or another home"
             )
