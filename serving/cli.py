@@ -6,23 +6,24 @@ import argparse
 import sys
 from functools import partial
 
-from serving.client import checked_timeout
 from serving.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_REST_THREADS,
     DEFAULT_STALL_SECONDS,
     checked_grpc_max_threads,
+    checked_in_range,
     checked_load_retries,
     checked_max_image_pixels,
     checked_max_message_bytes,
     checked_poll_wait_seconds,
     checked_port,
+    checked_positive_seconds,
     checked_rest_threads,
     checked_rest_timeout_ms,
     checked_retry_interval_micros,
+    checked_saved_model_dir,
     checked_stall_seconds,
 )
-from serving.loadtest import checked_concurrency, checked_duration, checked_saved_model_dir
 
 
 def add_parser(subparsers) -> None:
@@ -271,7 +272,12 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--rest", action="store_true", help="use the REST API instead of gRPC")
     p.add_argument("--model-name", default=defaults.model_name)
     p.add_argument("--signature", default="predict_images")
-    p.add_argument("--timeout", type=_checked(float, checked_timeout), default=30.0, help="seconds")
+    p.add_argument(
+        "--timeout",
+        type=_checked(float, partial(checked_positive_seconds, "timeout")),
+        default=30.0,
+        help="seconds",
+    )
     p.add_argument(
         "--max-message-bytes",
         type=_checked(int, checked_max_message_bytes),
@@ -392,9 +398,16 @@ def _add_loadtest(subparsers) -> None:
     p = subparsers.add_parser("loadtest", help="concurrent gRPC load with QPS and p50/p95/p99")
     p.add_argument("--server", default=f"127.0.0.1:{defaults.grpc_port}", help="gRPC host:port")
     p.add_argument(
-        "--duration", type=_checked(float, checked_duration), default=10.0, help="seconds"
+        "--duration",
+        type=_checked(float, partial(checked_positive_seconds, "duration")),
+        default=10.0,
+        help="seconds",
     )
-    p.add_argument("--concurrency", type=_checked(int, checked_concurrency), default=8)
+    p.add_argument(
+        "--concurrency",
+        type=_checked(int, partial(checked_in_range, "concurrency", low=1, high=None)),
+        default=8,
+    )
     p.add_argument("--model-name", default=defaults.model_name)
     p.add_argument("--signature", default="predict_images")
     p.add_argument("--image", action="append", default=[], help="image file(s) to send")

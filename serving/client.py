@@ -6,7 +6,6 @@ import base64
 import dataclasses
 import http.client
 import json
-import math
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,13 +26,6 @@ class ClassScore:
 class ServerUnavailable(ConnectionError):
     """No model server answered at the given address (nothing listens, or what answers is not a
     model server)."""
-
-
-def checked_timeout(seconds: float) -> float:
-    """`seconds` if usable as a request timeout (finite, > 0), else a ValueError."""
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"timeout must be a finite number of seconds > 0, got {seconds}")
-    return seconds
 
 
 def checked_rest_url(url: str) -> str:

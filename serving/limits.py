@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 from van_tfx.config import ServingConfig
 
@@ -46,6 +47,21 @@ def checked_in_range(name: str, value, low, high):
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name} must be {wanted}, got {value}")
     return value
+
+
+def checked_positive_seconds(name: str, seconds: float) -> float:
+    """`seconds` if a finite number of seconds > 0 (a timeout, a duration), else a ValueError
+    naming the option `name`."""
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {seconds}")
+    return seconds
+
+
+def checked_saved_model_dir(path: str) -> str:
+    """`path` if it is a SavedModel dir (holds saved_model.pb), else a ValueError naming it."""
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise ValueError(f"{path} holds no saved_model.pb")
+    return path
 
 
 def checked_port(port: int, name: str = "port") -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
 import os
 import shutil
 import subprocess
@@ -24,27 +23,6 @@ import numpy as np
 from serving.client import predict_request
 
 ERROR_EXAMPLES = 5  # distinct error messages a report keeps; the rest are only counted
-
-
-def checked_duration(seconds: float) -> float:
-    """`seconds` if usable as a load test's duration (finite, > 0), else a ValueError."""
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"duration must be a finite number of seconds > 0, got {seconds}")
-    return seconds
-
-
-def checked_concurrency(clients: int) -> int:
-    """`clients` if usable as a load test's concurrency (>= 1), else a ValueError."""
-    if clients < 1:
-        raise ValueError(f"concurrency must be >= 1, got {clients}")
-    return clients
-
-
-def checked_saved_model_dir(path: str) -> str:
-    """`path` if it is a SavedModel dir (holds saved_model.pb), else a ValueError naming it."""
-    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        raise ValueError(f"{path} holds no saved_model.pb")
-    return path
 
 
 @dataclasses.dataclass
