@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 import uuid
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from components.served_model import ServedModel, ServedModelError
 from pipeline import ingest
 from van_tfx import features
 from van_tfx.config import DataConfig
-from van_tfx.tfrecords import BadRecordError, CorruptShardError, masked_crc
+from van_tfx.tfrecords import BadRecordError, CorruptShardError, record_header
 
 
 def decision_for_span(tmp_path: Path, span: int, version: int | None = None) -> File:
@@ -291,12 +290,6 @@ def write_records(path: Path, count: int, options=None) -> None:
             writer.write(example.SerializeToString())
 
 
-def hostile_header(length: int) -> bytes:
-    """A TFRecord header declaring `length` bytes, its length checksum valid."""
-    header = struct.pack("<Q", length)
-    return header + struct.pack("<I", masked_crc(header))
-
-
 def flip_byte(path: Path, position: int) -> None:
     raw = bytearray(path.read_bytes())
     raw[position] ^= 0xFF
@@ -312,7 +305,7 @@ def flip_byte(path: Path, position: int) -> None:
         (lambda p: p.write_bytes(b"label,image\n1,a.jpg\n"), "is not a readable TFRecord file"),
         (lambda p: write_records(p, 3, "GZIP"), "is GZIP-compressed but its name does not end"),
         # TensorFlow's reader allocated the declared 64 GiB and the process died (SIGSEGV).
-        (lambda p: p.write_bytes(hostile_header(2**36) + b"\0" * 64), "declares 68719476736 bytes"),
+        (lambda p: p.write_bytes(record_header(2**36) + b"\0" * 64), "declares 68719476736 bytes"),
     ],
     ids=["data", "length", "truncated", "csv", "gzip-unnamed", "huge-length"],
 )
@@ -418,7 +411,7 @@ def test_a_huge_length_past_the_first_record_names_the_shard_and_the_record(tmp_
     shard = data / "span-1" / "train-00000-of-00001"
     write_records(shard, 2)
     with shard.open("ab") as out:
-        out.write(hostile_header(2**36) + b"\0" * 64)
+        out.write(record_header(2**36) + b"\0" * 64)
     with pytest.raises(
         CorruptShardError, match=r"damaged at record 2 .*declares 68719476736"
     ) as failure:

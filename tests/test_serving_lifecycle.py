@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import struct
 import threading
 
 import grpc
@@ -20,7 +19,7 @@ from serving import testing
 from serving.manager import LoadError
 from serving.protos import render_model_config
 from serving.server import ModelServer, ServerOptions
-from van_tfx.tfrecords import masked_crc
+from van_tfx.tfrecords import record_header
 
 IMAGE = testing.encode_image((10, 200, 30))
 
@@ -126,10 +125,9 @@ def test_a_warmup_file_declaring_a_huge_record_fails_the_version_with_data_loss(
     with serve(tmp_path, file_system_poll_wait_seconds=0.1, max_num_load_retries=0) as server:
         staging = tmp_path / "staging-2"
         shutil.copytree(tmp_path / "1", staging)
-        header = struct.pack("<Q", 2**36)
         warmup = staging / "assets.extra" / "tf_serving_warmup_requests"
         warmup.parent.mkdir(exist_ok=True)
-        warmup.write_bytes(header + struct.pack("<I", masked_crc(header)) + b"\0" * 64)
+        warmup.write_bytes(record_header(2**36) + b"\0" * 64)
         os.rename(staging, tmp_path / "2")
         wait_for(lambda: server.manager.status("van", 2)[0].state == 50)  # END
         failure = server.manager.status("van", 2)[0]

@@ -76,12 +76,17 @@ def write_records(path: str, records: Iterable[bytes]) -> int:
     count = 0
     with _open_for_writing(path) as out:
         for record in records:
-            header = struct.pack("<Q", len(record))
-            out.write(header + _FOOTER.pack(masked_crc(header)))
+            out.write(record_header(len(record)))
             out.write(record)
             out.write(_FOOTER.pack(masked_crc(record)))
             count += 1
     return count
+
+
+def record_header(length: int) -> bytes:
+    """The 12 bytes before a record of `length` bytes: the length and its masked CRC."""
+    length_bytes = struct.pack("<Q", length)
+    return length_bytes + _FOOTER.pack(masked_crc(length_bytes))
 
 
 class _Damage(Exception):
