@@ -79,6 +79,32 @@ def test_write_text_replaces_a_file_whole_and_leaves_no_partial_file(tmp_path, w
     assert tf.io.gfile.listdir(f"{root}/records") == ["record.json"]
 
 
+def test_a_failed_local_text_write_keeps_the_old_file_and_names_the_path(tmp_path):
+    # One writer for every small local text file (config, synset list, rejected report): a write
+    # that fails midway (here past RLIMIT_FSIZE, as a full disk fails it) leaves the old file.
+    import subprocess
+    import sys
+
+    path = tmp_path / "conf" / "config.yaml"
+    storage.write_local_text(path, "old: 1\n")
+    script = f"""
+import resource, signal, sys
+from van_tfx import storage
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+    storage.write_local_text({str(path)!r}, "x" * 10_000)
+except OSError as exc:
+    print(exc.filename, exc.strerror)
+"""
+    done = subprocess.run(
+        [sys.executable, "-B", "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.strip() == f"{path} File too large", done.stderr[-2000:]
+    assert path.read_text() == "old: 1\n"
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no partial left
+
+
 def test_local_copy_and_local_output_round_trip_a_remote_file(tmp_path):
     remote = f"{ram_root()}/assets.extra/van.weights.h5"
     with storage.local_output(remote) as local:

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from van_tfx.env import van_tfx_home
+from van_tfx.storage import write_local_text
 
 
 class _Section(BaseModel):
@@ -643,13 +644,7 @@ def save_config(config: Config, path: str | os.PathLike) -> None:
     path = Path(path)
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        try:
-            partial.write_text(text)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        write_local_text(path, text)
     except OSError as exc:
         raise ConfigError(f"cannot save the config to {path}: {exc.strerror or exc}") from None
 

@@ -59,6 +59,9 @@ def copy_tree(source: str, destination: str) -> None:
 def write_text(path: str, text: str) -> None:
     """Write a small text file (its directory created), local or on object storage, whole or not
     at all: readers (the NewDataGate, next run) never see half a record."""
+    if not is_remote(path):
+        write_local_text(path, text)
+        return
     import tensorflow as tf
 
     path = str(path)
@@ -67,6 +70,28 @@ def write_text(path: str, text: str) -> None:
     with tf.io.gfile.GFile(partial, "w") as handle:
         handle.write(text)
     tf.io.gfile.rename(partial, path, overwrite=True)
+
+
+def write_local_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file on this machine as UTF-8, whole or not at all (its directory created)."""
+    path = os.fspath(path)
+    directory, name = os.path.split(path)
+    # Hidden and unique: a glob over the directory never matches it, and two writers of one file
+    # (two builds, two processes saving a config) never share it.
+    partial = os.path.join(directory, f".{name}.partial-{uuid.uuid4().hex}")
+    try:
+        os.makedirs(directory or ".", exist_ok=True)
+        with open(partial, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(partial, path)
+    except OSError as exc:
+        if exc.filename:
+            raise
+        # A failed write (a full disk) names no file.
+        raise OSError(exc.errno, exc.strerror, path) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
 
 
 @contextlib.contextmanager

@@ -22,16 +22,17 @@ from van_tfx.data.records import (
     ImageRecord,
     InvalidImageError,
     SynsetListError,
-    _atomic_write_text,
     check_split_name,
     escaped,
     label_of,
     load_image_file,
+    make_output_dir,
     read_synset_mapping,
     synset_name_problem,
     write_shards,
     write_synset_list,
 )
+from van_tfx.storage import write_local_text
 
 DEFAULT_SEED = 0
 IMAGES_PER_SHARD = 1024
@@ -344,5 +345,6 @@ def write_rejected_report(
         report.unlink(missing_ok=True)
         return None
     rows = "".join(f"{escaped(path)}\t{escaped(reason)}\n" for path, reason in rejected)
-    _atomic_write_text(report, "path\treason\n" + rows)
+    make_output_dir(output_dir)
+    write_local_text(report, "path\treason\n" + rows)
     return report

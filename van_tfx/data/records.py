@@ -22,6 +22,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from van_tfx import features
 from van_tfx.config import DataConfig
+from van_tfx.storage import write_local_text
 from van_tfx.tfrecords import read_records
 
 SYNSETS_FILE = "synsets.txt"
@@ -227,22 +228,8 @@ def write_synset_list(path: str | os.PathLike, texts: dict[str, str]) -> None:
         if problem:
             raise SynsetListError(f"synset {escaped(synset)} {problem}; {path} would misread it")
     body = "".join(f"{synset} {text}\n" for synset, text in texts.items())
-    _atomic_write_text(Path(path), body)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    make_output_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # two builds may write one file
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.filename:
-            raise
-        # A failed write (full disk) names no file.
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    make_output_dir(Path(path).parent)
+    write_local_text(path, body)
 
 
 def label_of(synsets: list[str]) -> dict[str, int]:
