@@ -62,8 +62,11 @@ _BEAM_CORRUPT_RECORD = "Not a valid TFRecord"
 # The input TFX's KFP compiler adds to each task under the gate's Cond, for its condition.
 GATE_DECISION_INPUT = f"_{GATE_ID}.{DECISION_OUTPUT}"
 _OUTPUT_SHARD = "data_tfrecord-{index:05d}-of-{count:05d}"
-# Records checked against the schema's kinds per C++ parse.
+# Records checked against the schema's kinds per C++ parse: at most this many, and no more
+# bytes than _COPY_BATCH_BYTES unless one record alone is larger (a record may hold 256 MiB, and
+# 256 of those would have been held at once, twice: the list and the parse's string tensor).
 _COPY_BATCH = 256
+_COPY_BATCH_BYTES = 32 << 20
 # tf.train.Feature's kind for each schema type (STRUCT and unknown types are not checked).
 _FEATURE_KINDS = {1: "bytes_list", 2: "int64_list", 3: "float_list"}  # BYTES, INT, FLOAT
 _SCHEMA_TYPES = {"bytes_list": "BYTES", "int64_list": "INT", "float_list": "FLOAT"}
@@ -326,14 +329,15 @@ def copy_shard(source: str, target: str, kinds: dict[str, str] | None = None) ->
 
 
 def _kind_checked(records, kinds: dict[str, str], source: str):
-    # Batches of _COPY_BATCH: one C++ parse each, the records re-read one by one only on failure.
-    spec, batch, start = _parse_spec(kinds), [], 0
+    # Batches of _COPY_BATCH records or _COPY_BATCH_BYTES: one C++ parse each, the records re-read one by one only on failure.
+    spec, batch, start, held = _parse_spec(kinds), [], 0, 0
     for record in records:
         batch.append(record)
-        if len(batch) == _COPY_BATCH:
+        held += len(record)
+        if len(batch) == _COPY_BATCH or held >= _COPY_BATCH_BYTES:
             check_record_kinds(batch, kinds, spec, source, start)
             yield from batch
-            start, batch = start + len(batch), []
+            start, batch, held = start + len(batch), [], 0
     if batch:
         check_record_kinds(batch, kinds, spec, source, start)
         yield from batch

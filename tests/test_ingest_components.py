@@ -477,6 +477,36 @@ def test_a_record_with_a_feature_of_the_wrong_kind_is_named_with_its_shard(
     )
 
 
+def test_the_kind_check_holds_a_bounded_number_of_bytes_however_large_the_records(tmp_path):
+    # 256 records a batch whatever their size: 256 records of 256 MiB would have been held at
+    # once. Ten 8 MiB records, the 8th of the wrong kind: named, and at most ~32 MiB held.
+    import tracemalloc
+
+    from components.example_gen import copy_shard, schema_kinds
+
+    source, target = tmp_path / "in", tmp_path / "out"
+    with tf.io.TFRecordWriter(str(source)) as writer:
+        for n in range(10):
+            example = image_example(n)
+            del example.features.feature[features.IMAGE_ENCODED]
+            example.features.feature[features.IMAGE_ENCODED].bytes_list.value.append(
+                bytes([n]) * (8 << 20)
+            )
+            if n == 7:
+                retyped(example, features.LABEL, "bytes_list")
+            writer.write(example.SerializeToString())
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            BadRecordError, match=r"record 7 \(0-based\) feature 'image/class/label'"
+        ):
+            copy_shard(str(source), str(target), schema_kinds({}))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 60 << 20, f"{peak / 2**20:.0f} MiB held"
+
+
 def test_a_record_that_is_no_tf_example_is_named_with_its_shard(tmp_path):
     data = tmp_path / "data"
     write_span(data, 1)
