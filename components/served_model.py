@@ -13,6 +13,9 @@ look for a model. A copy, not a reference: retention may delete the served versi
 still evaluates against it. When nothing is served yet the artifact is empty
 (`served_version == ""`): the Trainer then starts from scratch and `ServedBaselineEvaluator`
 evaluates without a baseline, which TFX treats as a first run (change thresholds not applied).
+The same holds for a served model trained on another class list: each model labels the records
+through its own list, so its top-1 measures another task (and its labelling refuses the new
+synsets); the candidate is then judged by eval.min_top1 alone, and the evaluation says why.
 """
 
 import os
@@ -29,9 +32,12 @@ from tfx.utils import path_utils
 from components.new_data_gate import SERVED_VERSION_KEY
 from serving.manager import version_dirs
 from van_tfx import storage
+from van_trainer.export import read_class_list
 
 SERVED_MODEL_ID = "ServedModel"
 SERVED_PATH_KEY = "served_path"
+# On the ModelEvaluation artifact: why the served model was not the baseline ("" when it was).
+BASELINE_DROPPED_KEY = "baseline_dropped"
 
 
 class ServedModelError(RuntimeError):
@@ -76,13 +82,69 @@ def ServedModel(  # noqa: N802  (TFX component names are class-like)
 
 
 class ServedBaselineEvaluator(evaluator_executor.Executor):
-    """TFX's Evaluator executor; an empty ServedModel baseline counts as no baseline at all."""
+    """TFX's Evaluator executor; an empty ServedModel baseline counts as no baseline at all, and
+    so does one trained on another class list."""
 
     def Do(self, input_dict, output_dict, exec_properties):  # noqa: N802  (TFX's name)
-        """Drop a baseline that holds no model, then evaluate as TFX does."""
+        """Drop a baseline that holds no model or another class list, then evaluate as TFX does."""
         key = standard_component_specs.BASELINE_MODEL_KEY
         baselines = input_dict.get(key) or []
-        if baselines and not served_version(baselines[0]):
-            print("Evaluator: no model is served yet, so there is no baseline", file=sys.stderr)
+        version = served_version(baselines[0]) if baselines else ""
+        why = "no model is served yet, so there is no baseline" if baselines else ""
+        if version:
+            why = class_list_change(
+                model_dir(input_dict[standard_component_specs.MODEL_KEY][0]),
+                model_dir(baselines[0]),
+                version,
+            )
+            for evaluation in output_dict.get(standard_component_specs.EVALUATION_KEY) or []:
+                evaluation.set_string_custom_property(BASELINE_DROPPED_KEY, why)
+        if why:
+            print(f"Evaluator: {why}", file=sys.stderr)
             input_dict = {name: value for name, value in input_dict.items() if name != key}
         super().Do(input_dict, output_dict, exec_properties)
+
+
+def model_dir(model) -> str:
+    """The SavedModel directory of a Model artifact, where TFX's Evaluator looks for it."""
+    return path_utils.serving_model_path(model.uri, path_utils.is_old_model_artifact(model))
+
+
+def class_list_change(candidate_dir: str, baseline_dir: str, version: str) -> str:
+    """Why the served model can't be the baseline for this candidate ("" when it can).
+
+    Each model labels the evaluation records through its own class list (its transform_features
+    signature), which refuses a synset it doesn't know: a baseline trained on another list made
+    the Evaluator fail after training, and every later run train again. Their top-1 figures
+    would not measure the same task anyway (another number of classes, other label ids).
+    """
+    candidate, baseline = read_class_list(candidate_dir), read_class_list(baseline_dir)
+    if baseline is None:
+        return (
+            f"served version {version} keeps no class list (assets.extra/van.classes.txt), so "
+            "its top-1 can't be compared with the candidate's: the candidate is judged by "
+            "eval.min_top1 alone"
+        )
+    if candidate == baseline:
+        return ""
+    added = sorted(set(candidate or ()) - set(baseline))
+    removed = sorted(set(baseline) - set(candidate or ()))
+    change = "; ".join(
+        part
+        for part in (
+            f"added {_some(added)}" if added else "",
+            f"removed {_some(removed)}" if removed else "",
+            "" if added or removed else "the same classes in another order",
+        )
+        if part
+    )
+    return (
+        f"served version {version} was trained on another class list ({len(baseline)} "
+        f"classes, the candidate {len(candidate or ())}: {change}), so its top-1 is not "
+        "comparable: the candidate is judged by eval.min_top1 alone"
+    )
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

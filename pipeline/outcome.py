@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from components.new_data_gate import DECISION_TYPE_NAME, NEW_DATA_KEY, REASON_KEY
+from components.served_model import BASELINE_DROPPED_KEY
 from components.serving_smoke_test import MODEL_SERVER_KEY
 
 TFX_TITLE_PREFIX = "tfx."  # KFP schema titles of first-party TFX types: tfx.Model, tfx.File, ...
@@ -138,7 +139,12 @@ def summarize(outputs: dict[str, list[RunArtifact]], span: int | None, run_id: s
         outcome.metrics, outcome.baseline_metrics = overall_metrics(evaluations[0].uri)
         outcome.reasons.extend(validation_failures(evaluations[0].uri, outcome.baseline_metrics))
         if not outcome.baseline_metrics:
-            outcome.reasons.append("no model is served yet: the change threshold was not applied")
+            dropped = string_property(evaluations[0], BASELINE_DROPPED_KEY)
+            outcome.reasons.append(
+                f"the change threshold was not applied: {dropped}"
+                if dropped
+                else "no model is served yet: the change threshold was not applied"
+            )
     blessings = outputs.get("ModelBlessing", [])
     infra = outputs.get("InfraBlessing", [])
     outcome.blessed = bool(blessings) and int_property(blessings[0], "blessed") == 1

@@ -60,8 +60,11 @@ def _raw_examples(split_files, limit):
     return records[:limit]
 
 
-def build_transform_output(root: Path, config: Config, preprocessing_fn=None) -> dict:
-    """Run tf.Transform (Beam DirectRunner) over a few digits-sample records, TFX-style layout."""
+def build_transform_output(
+    root: Path, config: Config, preprocessing_fn=None, edit_span=None
+) -> dict:
+    """Run tf.Transform (Beam DirectRunner) over a few digits-sample records, TFX-style layout;
+    `edit_span(span_dir)` may rewrite the sample's records first."""
     done = root / "DONE"
     if done.exists():
         return json.loads(done.read_text())
@@ -77,6 +80,8 @@ def build_transform_output(root: Path, config: Config, preprocessing_fn=None) ->
     from van_tfx.data.shards import example_count_path
 
     span = build_sample(root / "data")
+    if edit_span is not None:
+        edit_span(span)
     raw_spec = {
         features.IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string),
         features.SYNSET: tf.io.FixedLenFeature([], tf.string),
@@ -131,6 +136,35 @@ def build_transform_output(root: Path, config: Config, preprocessing_fn=None) ->
     }
     done.write_text(json.dumps(paths))
     return paths
+
+
+def split_class(span: Path, old: str, new: str) -> None:
+    """Rewrite a sample span so every other record of class `old` is of a new class `new`
+    (labels renumbered in sorted synset order, synsets.txt rewritten): a span that adds a class."""
+    import tensorflow as tf
+
+    from van_tfx import features
+    from van_tfx.data.records import iter_shard
+    from van_tfx.tfrecords import write_records
+
+    synsets = sorted(
+        {*(line.split()[0] for line in (span / "synsets.txt").read_text().splitlines()), new}
+    )
+    seen = 0
+    for shard in sorted(span.glob("*-of-*")):
+        records = []
+        for raw in iter_shard(shard):
+            example = tf.train.Example.FromString(raw)
+            feature = example.features.feature
+            synset = feature[features.SYNSET].bytes_list.value[0].decode()
+            if synset == old:
+                seen += 1
+                synset = new if seen % 2 else old
+            feature[features.SYNSET].bytes_list.value[:] = [synset.encode()]
+            feature[features.LABEL].int64_list.value[:] = [synsets.index(synset) + 1]
+            records.append(example.SerializeToString())
+        write_records(str(shard), records)
+    (span / "synsets.txt").write_text("".join(f"{s} {s}\n" for s in synsets))
 
 
 def _encode_batch(batch):
@@ -659,3 +693,88 @@ def test_a_padded_validation_pass_reports_exactly_the_real_examples_metrics(tran
     assert padded.keys() == whole.keys() == {"loss", "accuracy", "top5"}
     for name, value in whole.items():
         assert padded[name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_a_candidate_on_a_new_class_list_is_judged_without_the_served_baseline(
+    exported, tmp_path_factory
+):
+    # A span that added a class: the served model (10 classes) labels the records through its
+    # own class list, whose check refused digit_9b, so the Evaluator failed after training and
+    # every later run trained again. Now the baseline is dropped and the evaluation says why.
+    import shutil
+
+    import tensorflow_model_analysis as tfma
+    import tensorflow_transform as tft
+    from tfx.types import standard_artifacts
+    from tfx.types import standard_component_specs as specs
+    from tfx.utils import json_utils, proto_utils
+
+    from components.served_model import BASELINE_DROPPED_KEY, ServedBaselineEvaluator
+    from pipeline.evaluation import build_eval_config
+    from pipeline.outcome import RunArtifact, summarize
+    from van_tfx.config import EvalConfig
+    from van_trainer import export, train
+
+    root = tmp_path_factory.mktemp("new_class")
+    config = tiny_config()
+    paths = build_transform_output(
+        root / "transform", config, edit_span=lambda span: split_class(span, "digit_9", "digit_9b")
+    )
+    candidate_dir = root / "candidate"
+    export.export_serving_model(
+        train.build_model(config, 11),
+        tft.TFTransformOutput(paths["transform_output"]),
+        config,
+        str(candidate_dir),
+    )
+    assert len(export.read_class_list(str(candidate_dir))) == 11
+
+    def artifact(kind, name):
+        made = kind()
+        made.uri = str(root / name)
+        os.makedirs(made.uri, exist_ok=True)
+        return made
+
+    examples = artifact(standard_artifacts.Examples, "examples")
+    examples.split_names = '["eval"]'
+    (root / "examples" / "Split-eval").mkdir()
+    shutil.copy(paths["raw_eval_files"][0], root / "examples" / "Split-eval" / "data-00000")
+    models = {}
+    for name, source, version in (("model", candidate_dir, ""), ("base", exported[1], "17")):
+        models[name] = artifact(standard_artifacts.Model, name)
+        shutil.copytree(source, root / name / "Format-Serving")
+        models[name].set_string_custom_property("served_version", version)
+    evaluation = artifact(standard_artifacts.ModelEvaluation, "evaluation")
+    blessing = artifact(standard_artifacts.ModelBlessing, "blessing")
+    eval_config = build_eval_config(EvalConfig(min_top1=0.0, max_top1_drop=0.0))
+    ServedBaselineEvaluator().Do(
+        {
+            specs.EXAMPLES_KEY: [examples],
+            specs.MODEL_KEY: [models["model"]],
+            specs.BASELINE_MODEL_KEY: [models["base"]],
+        },
+        {specs.EVALUATION_KEY: [evaluation], specs.BLESSING_KEY: [blessing]},
+        {
+            specs.EVAL_CONFIG_KEY: proto_utils.proto_to_json(eval_config),
+            specs.EXAMPLE_SPLITS_KEY: json_utils.dumps(["eval"]),
+        },
+    )
+    assert blessing.get_int_custom_property("blessed") == 1
+    dropped = evaluation.get_string_custom_property(BASELINE_DROPPED_KEY)
+    assert dropped == (
+        "served version 17 was trained on another class list (10 classes, the candidate 11: "
+        "added digit_9b), so its top-1 is not comparable: the candidate is judged by "
+        "eval.min_top1 alone"
+    )
+    result = tfma.load_eval_result(evaluation.uri)
+    assert [key for key, _ in result.slicing_metrics if key == ()] == [()]
+    outcome = summarize(
+        {
+            "ModelEvaluation": [
+                RunArtifact("ModelEvaluation", evaluation.uri, {BASELINE_DROPPED_KEY: dropped})
+            ]
+        },
+        span=1,
+        run_id="r",
+    )
+    assert f"the change threshold was not applied: {dropped}" in outcome.reasons
