@@ -310,3 +310,51 @@ def test_unavailable_is_the_servers_answer_only_when_it_sent_it(capsys, closing,
     gone = dying_server(closing)
     code, err = van_tfx(capsys, "predict", image, "--server", gone, f"--timeout={TIMEOUT}")
     assert code == 2 and f"no model server at {gone} (the connection was lost" in err, err
+
+
+def answer_once_then(then):
+    """A handler giving the first request a real top-k answer and the rest to `then`."""
+    import tensorflow as tf
+
+    calls = []
+
+    def handler(request, context):
+        calls.append(1)
+        if len(calls) > 1:
+            return then(request, context)
+        response = predict_pb2.PredictResponse()
+        response.outputs["top_k_indices"].CopyFrom(tf.make_tensor_proto([[0]], dtype=tf.int32))
+        response.outputs["top_k_synsets"].CopyFrom(tf.make_tensor_proto([[b"n01440764"]]))
+        response.outputs["top_k_scores"].CopyFrom(tf.make_tensor_proto([[0.9]], dtype=tf.float32))
+        return response
+
+    return handler
+
+
+def loadtest(capsys, server, image):
+    """`van-tfx loadtest` for a second on two clients, each request given TIMEOUT seconds."""
+    return van_tfx(
+        capsys, "loadtest", "--server", server, "--image", image, "--duration=1",
+        "--concurrency=2", f"--timeout={TIMEOUT}", "--no-progress",
+    )  # fmt: skip
+
+
+def test_loadtest_exits_as_predict_does(capsys, closing, image):
+    # Before: its first request waited 10 s whatever the flags (no --timeout), and requests
+    # left unanswered mid-run (a server that hung) were rc 1 like the server's refusals.
+    silent = listener(closing)
+    code, err = loadtest(capsys, silent, image)
+    assert code == 2, err
+    assert f"error: no model server at {silent} (no gRPC connection within 1 s" in err, err
+    hung = grpc_server(closing, answer_once_then(block))
+    code, err = loadtest(capsys, hung, image)
+    assert code == 2, err
+    assert "  error: no answer: no answer within 1 s" in err, err
+    assert f"requests got no answer from the model server at {hung}" in err, err
+    refusing = grpc_server(
+        closing, answer_once_then(abort_with(grpc.StatusCode.NOT_FOUND, "Servable not found"))
+    )
+    code, err = loadtest(capsys, refusing, image)
+    assert code == 1, err
+    assert "  error: PredictionError: NOT_FOUND: Servable not found" in err, err
+    assert f"requests failed at {refusing}" in err and "no answer" not in err, err
