@@ -410,6 +410,12 @@ def _add_loadtest(subparsers) -> None:
     )
     p.add_argument("--model-name", default=defaults.model_name)
     p.add_argument("--signature", default="predict_images")
+    p.add_argument(
+        "--timeout",
+        type=_checked(float, partial(checked_positive_seconds, "timeout")),
+        default=30.0,
+        help="seconds each request may take (the first, which checks the server, at most 10)",
+    )
     p.add_argument("--image", action="append", default=[], help="image file(s) to send")
     p.add_argument(
         "--swap-to",
@@ -419,6 +425,9 @@ def _add_loadtest(subparsers) -> None:
     p.add_argument("--base-path", help="the served model base path (for --swap-to)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_loadtest)
+
+
+LOADTEST_FIRST_TIMEOUT = 10.0  # seconds for loadtest's first request, which checks the server
 
 
 def _loadtest(args) -> int:
@@ -431,7 +440,10 @@ def _loadtest(args) -> int:
         args.base_path = str(load_config().serving_base_path)
     images = _read_images(args.image) if args.image else [_sample_image()]
     try:  # fail fast and clearly when nothing listens
-        client.predict_images(args.server, images[:1], args.model_name, args.signature, 10)
+        first_timeout = min(args.timeout, LOADTEST_FIRST_TIMEOUT)
+        client.predict_images(
+            args.server, images[:1], args.model_name, args.signature, first_timeout
+        )
     except client.ServerUnavailable as exc:
         print(f"error: no model server at {args.server} ({exc})", file=sys.stderr)
         return 2
@@ -449,6 +461,7 @@ def _loadtest(args) -> int:
             swap_to=args.swap_to,
             base_path=args.base_path,
             progress=not args.no_progress,
+            timeout=args.timeout,
         )
     except OSError as exc:  # pushing --swap-to into --base-path failed
         print(
@@ -460,7 +473,22 @@ def _loadtest(args) -> int:
     print(report.summary())
     for error in report.error_examples:
         print(f"  error: {error}", file=sys.stderr)
-    return 1 if report.errors else 0
+    # The exit statuses of `predict`: 2 when requests went unanswered (the server went away,
+    # hung or timed out: serving.client.grpc_failure), else 1 when the server refused some.
+    if report.unanswered:
+        print(
+            f"error: {report.unanswered} of {report.requests} requests got no answer from the "
+            f"model server at {args.server}",
+            file=sys.stderr,
+        )
+        return 2
+    if report.errors:
+        print(
+            f"error: {report.errors} of {report.requests} requests failed at {args.server}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _sample_image() -> bytes:

@@ -6,6 +6,8 @@ import base64
 import dataclasses
 import http.client
 import json
+import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -64,20 +66,138 @@ def predict_images(
     signature: str = DEFAULT_SIGNATURE,
     timeout: float = 30.0,
 ) -> list[list[ClassScore]]:
-    """Top-k classes per encoded image through gRPC Predict."""
+    """Top-k classes per encoded image through gRPC Predict, within `timeout` seconds in all."""
     import grpc
     import tensorflow as tf
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    stub = prediction_stub(stub_or_target) if isinstance(stub_or_target, str) else stub_or_target
     request = predict_request(images, model_name, signature)
-    try:
-        response = stub.Predict(request, timeout=timeout)
-    except grpc.RpcError as err:
-        if _unreachable(err):
-            raise ServerUnavailable(err.details()) from err
-        raise PredictionError(err.code().name, err.details()) from err
+    started = time.monotonic()
+    if isinstance(stub_or_target, str):
+        with grpc.insecure_channel(stub_or_target) as channel:
+            # Connect first, on the same budget: a channel that never gets READY never sent the
+            # request, so whatever the call would then report, no server answered it.
+            connected = wait_for_connection(channel, timeout)
+            if connected is None:
+                raise ServerUnavailable(
+                    f"no gRPC connection within {timeout:g} s: the TCP connection or the HTTP/2 "
+                    "handshake never completed"
+                )
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            response = _call_predict(stub, request, started, timeout, connected)
+    else:  # a caller's stub: its channel's state is not ours to watch
+        response = _call_predict(stub_or_target, request, started, timeout, None)
     outputs = {name: tf.make_ndarray(proto).tolist() for name, proto in response.outputs.items()}
     return top_k_rows(outputs)
+
+
+def _call_predict(stub, request, started: float, timeout: float, connected: bool | None):
+    import grpc
+
+    remaining = max(timeout - (time.monotonic() - started), 0.001)
+    try:
+        return stub.Predict(request, timeout=remaining)
+    except grpc.RpcError as err:
+        elapsed = time.monotonic() - started
+        raise grpc_failure(err.code(), err.details(), elapsed, timeout, connected) from err
+
+
+def wait_for_connection(channel, timeout: float) -> bool | None:
+    """True once `channel` is READY, False if connecting failed, None if neither in `timeout`."""
+    import threading
+
+    import grpc
+
+    outcome: list[bool] = []
+    settled = threading.Event()
+
+    def on_state(state) -> None:
+        # READY means the server's HTTP/2 SETTINGS arrived (gRPC waits for them), not just TCP.
+        if state == grpc.ChannelConnectivity.READY:
+            outcome.append(True)
+            settled.set()
+        elif state in (
+            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            grpc.ChannelConnectivity.SHUTDOWN,
+        ):
+            outcome.append(False)
+            settled.set()
+
+    channel.subscribe(on_state, try_to_connect=True)
+    try:
+        settled.wait(timeout)
+    finally:
+        channel.unsubscribe(on_state)
+    return outcome[0] if outcome else None
+
+
+# The status texts gRPC (core 1.85, pinned in uv.lock) makes up when no server status arrived.
+# gRPC's Python API does not say where a status came from, so these are what we can go by; the
+# tests in tests/test_serving_client.py pin each one against real sockets and servers.
+# A stream that ended without the server's status (connection closed or reset, GOAWAY,
+# RST_STREAM) is reported as "Stream removed (<why>)" (chttp2_transport.cc, removal_error).
+STREAM_REMOVED = "Stream removed"
+# A call on a channel that cannot connect fails at once with the last connection error.
+NO_CONNECTION = "failed to connect to all addresses"
+NO_ADDRESS = ("errors resolving", "dns resolution failed", "name resolution")
+# gRPC's own timer may fire this much before our clock says the timeout passed (its deadline is
+# computed from the wall clock, ours from the monotonic one).
+DEADLINE_SLACK_SECONDS = 0.01
+
+
+def grpc_failure(
+    code, details: str | None, elapsed: float, timeout: float, connected: bool | None = None
+) -> ServerUnavailable | PredictionError:
+    """ServerUnavailable for a gRPC call no server answered, else the server's PredictionError."""
+    # `connected`: whether the channel was READY before the call (None: not known).
+    import grpc
+
+    details = details or ""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and elapsed >= timeout - DEADLINE_SLACK_SECONDS:
+        # Our own deadline. A server that sent this at our deadline was running on the deadline
+        # we sent it: either way nothing answered within the timeout. Earlier, gRPC's timer
+        # cannot have fired, so an earlier DEADLINE_EXCEEDED is the server's own answer.
+        if connected is False:  # it failed to connect, then kept trying until the deadline
+            return ServerUnavailable(f"could not connect within {timeout:g} s")
+        return ServerUnavailable(f"no answer within {timeout:g} s")
+    if details.startswith(STREAM_REMOVED):
+        cause = details[len(STREAM_REMOVED) :].strip().removeprefix("(").removesuffix(")")
+        if cause.startswith("RST_STREAM"):
+            cause = cause.removeprefix("RST_STREAM").strip().removeprefix("(").removesuffix(")")
+            return ServerUnavailable(f"the stream was reset before an answer: {cause}")
+        return ServerUnavailable(f"the connection was lost before an answer: {cause}")
+    lowered = details.lower()
+    if code == grpc.StatusCode.UNAVAILABLE and (
+        # A channel that failed to connect fails a call at once with UNAVAILABLE; any other
+        # status means it connected after all, and that status is the server's.
+        connected is False or lowered.startswith(NO_CONNECTION) or lowered.startswith(NO_ADDRESS)
+    ):
+        return ServerUnavailable(_connect_failure(details))
+    return PredictionError(code.name, details)
+
+
+def _connect_failure(details: str) -> str:
+    """What a failure to connect comes down to, without the address the CLI names already."""
+    lowered = details.lower()
+    if lowered.startswith(NO_ADDRESS):
+        # "errors resolving h:p: [field:hostname lookup error:... for h:p: Domain name not found]"
+        return f"cannot resolve the host: {_cause(details)}"
+    cause = _cause(details)
+    if "HTTP/2" in cause:  # what answers is not a gRPC server (a REST port, a web server)
+        return f"not a gRPC server: {cause}"
+    return f"could not connect: {cause}"
+
+
+def _cause(details: str) -> str:
+    """The last reason in a gRPC error text, or the text as it is."""
+    # "...; last error: UNKNOWN: ipv4:h:p: Failed to connect to remote host: Connection refused"
+    text = details.split("; last error: ")[-1]
+    text = re.sub(r"^[A-Z_]+: ", "", text)  # the status code of the last error
+    text = re.sub(r"^(ipv4|ipv6|unix|dns):\S+: ", "", text)  # its address
+    text = text.removeprefix("Failed to connect to remote host: ")
+    if text.startswith(("errors resolving", "DNS resolution failed")):
+        text = text.rstrip("]").rsplit(": ", 1)[-1]
+    return text.strip() or details or "no reason given"
 
 
 def predict_request(
@@ -135,16 +255,6 @@ def predict_images_rest(
         return top_k_rows(outputs)
     except (TypeError, ValueError, IndexError, AttributeError) as err:
         raise ServerUnavailable(f"not a model server: unexpected outputs ({err})") from err
-
-
-def _unreachable(err) -> bool:
-    """True for a gRPC error made by the client itself: nothing to connect to, or no such host."""
-    import grpc
-
-    details = (err.details() or "").lower()
-    return err.code() == grpc.StatusCode.UNAVAILABLE and any(
-        word in details for word in ("connect", "resolv", "dns")
-    )
 
 
 def _reason(reason) -> str:

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from serving.client import predict_request
+from serving.client import ServerUnavailable, grpc_failure, predict_request
 
 ERROR_EXAMPLES = 5  # distinct error messages a report keeps; the rest are only counted
 
@@ -30,7 +30,7 @@ class LoadTestReport:
     """What a load test measured."""
 
     requests: int
-    errors: int  # failed requests
+    errors: int  # failed requests, unanswered ones included
     seconds: float
     latencies_ms: list[float]
     swapped_to: int | None = None
@@ -39,6 +39,9 @@ class LoadTestReport:
     # The first ERROR_EXAMPLES distinct failures: a server that went away fails every request
     # at once, and keeping each message grew this list to 17 GB.
     error_examples: list[str] = dataclasses.field(default_factory=list)
+    # Failed requests no server answered (serving.client.grpc_failure: no connection, our
+    # timeout, the connection lost mid-call); the other errors are the server's answers.
+    unanswered: int = 0
 
     @property
     def qps(self) -> float:
@@ -56,6 +59,8 @@ class LoadTestReport:
             f"p50 {self.percentile(50):.1f} ms, p95 {self.percentile(95):.1f} ms, "
             f"p99 {self.percentile(99):.1f} ms, {self.errors} errors"
         )
+        if self.unanswered:
+            line += f" ({self.unanswered} without an answer)"
         if self.swapped_to is not None:
             line += f"; swapped to version {self.swapped_to}"
             if self.live_after_seconds is not None:
@@ -96,27 +101,30 @@ def run_loadtest(
     progress: bool = True,
     swap_after: float | None = None,
     settle: float | None = None,
+    timeout: float = 30.0,
 ) -> LoadTestReport:
-    """Hammer `target` with `concurrency` clients for `duration` seconds; with `swap_to`, push
-    that SavedModel as the next version after `swap_after` seconds (default: half-way), and with
-    `settle`, stop that long after the new version first answered."""
+    """Hammer `target` with `concurrency` clients for `duration` seconds, each request given
+    `timeout` seconds; with `swap_to`, push that SavedModel as the next version after
+    `swap_after` seconds (default: half-way), and with `settle`, stop that long after the new
+    version first answered."""
     requests = [predict_request([image], model_name, signature) for image in images]
     swap_after = duration / 2 if swap_after is None else swap_after
     return asyncio.run(
         _load(target, requests, duration, concurrency, swap_to, base_path, progress, swap_after,
-              settle)
+              settle, timeout)
     )  # fmt: skip
 
 
 async def _load(
-    target, requests, duration, concurrency, swap_to, base_path, progress, swap_after, settle
-):
+    target, requests, duration, concurrency, swap_to, base_path, progress, swap_after, settle,
+    timeout,
+):  # fmt: skip
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
     from tqdm import tqdm
 
     latencies: list[float] = []
-    errors = {"count": 0, "examples": []}
+    errors = {"count": 0, "unanswered": 0, "examples": []}
     versions: dict[int, int] = {}
     first_answer: dict[int, float] = {}  # version -> time.monotonic() of its first answer
     stopping = asyncio.Event()
@@ -125,14 +133,22 @@ async def _load(
         while not stopping.is_set():
             start = time.perf_counter()
             try:
-                response = await stub.Predict(request, timeout=30)
+                response = await stub.Predict(request, timeout=timeout)
                 latencies.append((time.perf_counter() - start) * 1000)
                 version = response.model_spec.version.value
                 versions[version] = versions.get(version, 0) + 1
                 first_answer.setdefault(version, time.monotonic())
             except Exception as exc:  # every failure is counted, a few distinct ones kept
                 errors["count"] += 1
-                message = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    # The same rule as `van-tfx predict`: did a server answer, or not?
+                    elapsed = time.perf_counter() - start
+                    exc = grpc_failure(exc.code(), exc.details(), elapsed, timeout)
+                if isinstance(exc, ServerUnavailable):
+                    errors["unanswered"] += 1
+                    message = f"no answer: {exc}"
+                else:
+                    message = f"{type(exc).__name__}: {exc}"
                 examples = errors["examples"]
                 if len(examples) < ERROR_EXAMPLES and message not in examples:
                     examples.append(message)
@@ -170,7 +186,7 @@ async def _load(
     live = first_answer[swapped] - pushed_at if swapped in first_answer else None
     return LoadTestReport(
         len(latencies) + errors["count"], errors["count"], seconds, latencies, swapped, versions,
-        live, errors["examples"],
+        live, errors["examples"], errors["unanswered"],
     )  # fmt: skip
 
 

@@ -281,7 +281,8 @@ def test_loadtest_swaps_versions_without_errors(capsys, served):
 @pytest.mark.parametrize(
     "flag, value",
     [("--duration", "nan"), ("--duration", "inf"), ("--duration", "-5"), ("--duration", "0"),
-     ("--concurrency", "0"), ("--concurrency", "-4"), ("--swap-to", "/nonexistent")],
+     ("--concurrency", "0"), ("--concurrency", "-4"), ("--swap-to", "/nonexistent"),
+     ("--timeout", "nan"), ("--timeout", "0")],
 )  # fmt: skip
 def test_loadtest_refuses_flags_that_never_end_or_send_nothing(served, flag, value):
     # Before: nan, inf and /nonexistent ran forever at full CPU; the others "passed" (rc 0)
