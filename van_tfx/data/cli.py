@@ -71,8 +71,9 @@ def add_parser(subparsers) -> None:
         "--skip-invalid",
         action="store_true",
         help="Convert the rest when inputs cannot be converted (undecodable or too large "
-        "images, links to nothing, FIFOs, nested folders, empty class folders); list them in "
-        "OUTPUT_DIR/rejected-<split>.tsv instead of failing.",
+        "images, links to nothing, FIFOs, nested folders); list them in "
+        "OUTPUT_DIR/rejected-<split>.tsv instead of failing. Files only: a class folder left "
+        "with no record is still an error.",
     )
     build.add_argument(
         "--synsets-file",
@@ -111,7 +112,7 @@ def add_parser(subparsers) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Run the folder converter; 1 with a message naming the bad input on failure."""
-    from van_tfx.data.build import InvalidImagesError, build_dataset
+    from van_tfx.data.build import EmptyClassesError, InvalidImagesError, build_dataset
     from van_tfx.data.records import MAX_PIXELS, SynsetListError, escaped
 
     try:
@@ -126,7 +127,7 @@ def run_build(args: argparse.Namespace) -> int:
             workers=args.workers,
             max_pixels=args.max_image_pixels or MAX_PIXELS,
         )
-    except (InvalidImagesError, SynsetListError) as exc:
+    except (InvalidImagesError, EmptyClassesError, SynsetListError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # unreadable input, unwritable, full or misnamed output
@@ -146,7 +147,24 @@ def run_build(args: argparse.Namespace) -> int:
         f"wrote {result.num_records} records of split {args.split!r} into {len(result.shards)} "
         f"shard(s) in {args.output_dir}; labels from {result.synsets_path}"
     )
+    for line in summary_notes(result, args.split):
+        print(line)
     return 0
+
+
+def summary_notes(result, split: str) -> list[str]:
+    """The build summary's notes: the classes of synsets.txt the split has no record of."""
+    from van_tfx.data.records import escaped
+
+    notes = []
+    if result.classes_without_records:
+        names = ", ".join(escaped(s) for s in result.classes_without_records)
+        notes.append(
+            f"split {split!r} has no record of {len(result.classes_without_records)} class(es) "
+            f"listed in {result.synsets_path}: {names} (allowed outside the training split: "
+            "evaluation covers the classes it has)"
+        )
+    return notes
 
 
 def run_sample(args: argparse.Namespace) -> int:
