@@ -20,6 +20,9 @@ from pathlib import Path
 from van_tfx.data.records import (
     MAX_PIXELS,
     SYNSETS_FILE,
+    UNREADABLE_ORIENTATION,
+    UPRIGHT,
+    ConvertedImage,
     ImageRecord,
     InvalidImageError,
     SynsetListError,
@@ -39,6 +42,8 @@ IMAGES_PER_SHARD = 1024
 # The split the pipeline trains on: data.train_pattern's default reads `train-*`. Every class of
 # its synsets.txt needs a record in it (Transform numbers the classes 1..N from its records).
 TRAIN_SPLIT = "train"
+# How many paths a summary names as examples of a kind of image (EXIF orientation).
+EXAMPLES = 3
 
 
 class InvalidImagesError(ValueError):
@@ -76,6 +81,28 @@ class EmptyClassesError(ValueError):
 
 
 @dataclass
+class ExifSummary:
+    """The converted images whose EXIF orientation is not 1, and those whose EXIF is unusable."""
+
+    applied: bool = False  # turned upright (--apply-exif-orientation), else stored as they lie
+    oriented: Counter = field(default_factory=Counter)  # orientation 2-8 -> images
+    oriented_examples: list[str] = field(default_factory=list)  # the first EXAMPLES paths
+    unreadable: int = 0  # EXIF that cannot be parsed, or an orientation that is not 1-8
+    unreadable_examples: list[str] = field(default_factory=list)
+
+    def add(self, path: str, orientation: int) -> None:
+        """Count one converted image by its source's EXIF orientation."""
+        if orientation in UPRIGHT:
+            self.oriented[orientation] += 1
+            if len(self.oriented_examples) < EXAMPLES:
+                self.oriented_examples.append(path)
+        elif orientation == UNREADABLE_ORIENTATION:
+            self.unreadable += 1
+            if len(self.unreadable_examples) < EXAMPLES:
+                self.unreadable_examples.append(path)
+
+
+@dataclass
 class BuildResult:
     """What one converter run wrote."""
 
@@ -85,6 +112,7 @@ class BuildResult:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     rejected_report: Path | None = None
     ignored: list[tuple[str, str]] = field(default_factory=list)
+    exif: ExifSummary = field(default_factory=ExifSummary)
     # Classes of an existing synsets.txt that this (non-training) split has no folder for.
     classes_without_records: list[str] = field(default_factory=list)
 
@@ -236,18 +264,22 @@ def shuffled_items(images: dict[str, list[Path]], seed: int) -> list[tuple[Path,
     return items
 
 
-def _load(path: Path, max_pixels: int) -> tuple[bytes, int, int] | InvalidImageError:
+def _load(
+    path: Path, max_pixels: int, apply_exif_orientation: bool
+) -> ConvertedImage | InvalidImageError:
     # Runs in worker processes: return the error instead of raising so every failure is collected.
     try:
-        return load_image_file(str(path), max_pixels)
+        return load_image_file(str(path), max_pixels, apply_exif_orientation)
     except InvalidImageError as exc:
         return exc
 
 
 def _decoded(
-    paths: list[Path], workers: int, max_pixels: int
-) -> Iterator[tuple[bytes, int, int] | InvalidImageError]:
-    load = functools.partial(_load, max_pixels=max_pixels)
+    paths: list[Path], workers: int, max_pixels: int, apply_exif_orientation: bool
+) -> Iterator[ConvertedImage | InvalidImageError]:
+    load = functools.partial(
+        _load, max_pixels=max_pixels, apply_exif_orientation=apply_exif_orientation
+    )
     if workers <= 1 or len(paths) < 64:
         yield from map(load, paths)
         return
@@ -259,11 +291,12 @@ def _decoded(
 
 @dataclass
 class _Run:
-    # What one conversion collects while it writes: rejections, records per class.
+    # What one conversion collects while it writes: rejections, records per class, EXIF.
     split: str
     root: Path  # IMAGE_DIR
     listing: Listing
     rejected: list[tuple[str, str]]
+    exif: ExifSummary
     written: Counter = field(default_factory=Counter)  # synset -> records written
     rejected_by_class: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
@@ -288,13 +321,14 @@ def _records(
     progress: bool,
     skip_invalid: bool,
     max_pixels: int,
+    apply_exif_orientation: bool,
 ) -> Iterator[ImageRecord | None]:
     # One answer per item, in order: its record, or None for a rejected file.
     from tqdm import tqdm
 
     rejected = run.rejected
     labels = label_of(list(texts))
-    results = _decoded([path for path, _ in items], workers, max_pixels)
+    results = _decoded([path for path, _ in items], workers, max_pixels, apply_exif_orientation)
     bar = tqdm(
         zip(items, results, strict=False),
         total=len(items),
@@ -310,12 +344,20 @@ def _records(
                 run.rejected_by_class.setdefault(synset, []).append((str(path), result.reason))
                 yield None
                 continue
-            jpeg, height, width = result
             written += 1
             run.written[synset] += 1
+            run.exif.add(str(path), result.orientation)
             # The file name's own bytes: a name that is not UTF-8 is still named exactly.
             filename = os.fsencode(f"{synset}/{path.name}")
-            yield ImageRecord(jpeg, height, width, labels[synset], synset, texts[synset], filename)
+            yield ImageRecord(
+                result.jpeg,
+                result.height,
+                result.width,
+                labels[synset],
+                synset,
+                texts[synset],
+                filename,
+            )
     # Inside the writer: raising discards the temp shards, and no synsets.txt is written.
     if rejected and (not skip_invalid or written == 0):
         raise InvalidImagesError(rejected, skipping=skip_invalid)
@@ -346,6 +388,7 @@ def build_dataset(
     workers: int | None = None,
     progress: bool = True,
     max_pixels: int = MAX_PIXELS,
+    apply_exif_orientation: bool = False,
 ) -> BuildResult:
     """Convert IMAGE_DIR/<synset>/<file> into OUTPUT_DIR/<split>-NNNNN-of-MMMMM TFRecord shards."""
     output_dir = Path(output_dir)
@@ -372,7 +415,7 @@ def build_dataset(
     num_shards = shards or math.ceil(len(items) / IMAGES_PER_SHARD)
     num_shards = max(1, min(num_shards, len(items)))
     rejected: list[tuple[str, str]] = list(listing.problems)
-    run = _Run(split, Path(image_dir), listing, rejected)
+    run = _Run(split, Path(image_dir), listing, rejected, ExifSummary(apply_exif_orientation))
     # Dealt round-robin (shard k holds items k, k + n, ...), converted shard by shard so one
     # shard file is open at a time: ImageNet-1k's 1,252 shards exceed the usual 1,024 open files.
     dealt = [items[k::num_shards] for k in range(num_shards)]
@@ -384,6 +427,7 @@ def build_dataset(
         progress,
         skip_invalid,
         max_pixels,
+        apply_exif_orientation,
     )
     try:
         paths = write_shards(
@@ -403,6 +447,7 @@ def build_dataset(
         rejected,
         report,
         listing.ignored,
+        run.exif,
         without_records,
     )
 
