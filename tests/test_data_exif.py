@@ -387,3 +387,28 @@ def test_upright_image_bytes_leaves_every_other_input_alone():
     assert decoded(sideways).shape == (48, 32, 3)
     with pytest.raises(InvalidImageError, match="six.jpg: image too large"):
         upright_image_bytes(jpeg(photo(), 6), "six.jpg", max_pixels=100)
+
+
+def test_predict_sends_what_a_model_trained_with_the_same_flag_saw(tmp_path, monkeypatch):
+    # `predict` sends file bytes; the server decodes them as TF Serving does, EXIF ignored, as
+    # the default converter stores them. With the flag it sends them upright, as
+    # `data build --apply-exif-orientation` stores them.
+    from serving import client
+
+    sent = []
+
+    def fake_predict(server, images, *args):
+        sent.append(list(images))
+        return [[] for _ in images]
+
+    monkeypatch.setattr(client, "predict_images", fake_predict)
+    six, plain = tmp_path / "six.jpg", tmp_path / "plain.jpg"
+    six.write_bytes(jpeg(photo(), 6))
+    plain.write_bytes(jpeg(photo()))
+    argv = ["predict", str(six), str(plain), "--server", "127.0.0.1:1"]
+    assert main(argv) == 0
+    assert sent[-1] == [six.read_bytes(), plain.read_bytes()]
+    assert main([*argv, "--apply-exif-orientation"]) == 0
+    upright, same = sent[-1]
+    assert same == plain.read_bytes()
+    assert np.abs(decoded(upright) - REFERENCE[6](decoded(six.read_bytes()))).mean() < 3
