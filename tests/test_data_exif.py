@@ -185,6 +185,7 @@ HOSTILE = {
     "a 4 GB orientation": (tiff_ifd([(0x0112, 3, 0xFFFFFFFF, 8)]), UNREADABLE_ORIENTATION),
     "4 GB values": (tiff_ifd([(0x0128 + k, 4, 0xFFFFFFFF, 8) for k in range(9)]), 1),
     "orientation 9": (tiff_ifd([(0x0112, 3, 1, 9 << 16)]), UNREADABLE_ORIENTATION),
+    "orientation 6 as a LONG": (tiff_ifd([(0x0112, 4, 1, 6)]), 6),  # odd, not hostile: as PIL
     "orientation 0": (tiff_ifd([(0x0112, 3, 1, 0)]), UNREADABLE_ORIENTATION),
     "orientation as text": (tiff_ifd([(0x0112, 2, 4, 0x36000000)]), UNREADABLE_ORIENTATION),
     "first IFD past the end": (b"Exif\0\0MM\0*\xff\xff\xff\xf0", UNREADABLE_ORIENTATION),

@@ -141,10 +141,10 @@ def exif_orientation(image: Image.Image) -> int:
                 xmp = xmp.encode("utf-8", "replace")
             found = _XMP_ORIENTATION.search(xmp) if isinstance(xmp, bytes) else None
             value = int(found[2]) if found else 1
-    except (ValueError, struct.error, TypeError):
+    except Exception:  # metadata never fails an image (struct.error, ValueError, ...)
         return UNREADABLE_ORIENTATION
-    # One SHORT 1-8 only: 0, 9 or a value of another type is malformed, and turning an image
-    # by a guess would store it other than the camera meant as often as not.
+    # An integer 1-8 only: 0, 9, text or a list is malformed, and turning an image by a guess
+    # would store it other than the camera meant as often as not.
     if type(value) is int and 1 <= value <= 8:
         return value
     return UNREADABLE_ORIENTATION
@@ -166,9 +166,11 @@ def _tiff_orientation(block: bytes) -> int | None:
     for k in range(entries):  # at most 65,535, each read in place
         tag, kind, count = struct.unpack_from(order + "HHI", block, ifd + 2 + 12 * k)
         if tag == EXIF_ORIENTATION_TAG:
-            if (kind, count) != (3, 1):  # one SHORT, left-justified in the value field
-                raise ValueError("the orientation is not one SHORT")
-            return struct.unpack_from(order + "H", block, ifd + 2 + 12 * k + 8)[0]
+            # One SHORT (as EXIF says; a LONG, as PIL also reads), left-justified in the value.
+            if count != 1 or kind not in (3, 4):
+                raise ValueError("the orientation is not one integer")
+            size = "H" if kind == 3 else "I"
+            return struct.unpack_from(order + size, block, ifd + 2 + 12 * k + 8)[0]
     return None
 
 
