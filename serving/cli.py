@@ -284,6 +284,13 @@ def _add_predict(subparsers) -> None:
         default=DEFAULT_MAX_MESSAGE_BYTES,
         help="largest request to send (the server's --max_message_bytes; TF Serving: 2 GiB - 1)",
     )
+    p.add_argument(
+        "--apply-exif-orientation",
+        action="store_true",
+        help="send images whose EXIF orientation is 2-8 upright, re-encoded as JPEG, as "
+        "`van-tfx data build --apply-exif-orientation` stores them (default: the file's bytes, "
+        "which the server decodes with EXIF ignored, as TF Serving does)",
+    )
     p.set_defaults(func=_predict)
 
 
@@ -313,6 +320,16 @@ def _read_images(paths: list[str], limit: int = DEFAULT_MAX_MESSAGE_BYTES) -> li
             raise SystemExit(_too_large(f"image {path}", len(data), limit))
         images.append(data)
     return images
+
+
+def _upright(images: list[bytes], paths: list[str]) -> list[bytes]:
+    """Each image turned upright by its EXIF orientation, as the converter's flag stores it."""
+    from van_tfx.data.records import InvalidImageError, upright_image_bytes
+
+    try:
+        return [upright_image_bytes(image, path) for image, path in zip(images, paths, strict=True)]
+    except InvalidImageError as exc:  # too large, or damaged past its header
+        raise SystemExit(f"error: image {exc}") from None
 
 
 def _too_large(what: str, size: int, limit: int) -> str:
@@ -351,6 +368,8 @@ def _predict(args) -> int:
 
     defaults = _serving_defaults()
     images = _read_images(args.images, args.max_message_bytes)
+    if args.apply_exif_orientation:
+        images = _upright(images, args.images)
     size = _request_bytes(images, args.rest)
     if size > args.max_message_bytes:
         what = f"a request with the images {', '.join(args.images)}"

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
 
 from van_tfx import features
 from van_tfx.cli import main
-from van_tfx.data.build import InvalidImagesError, build_dataset
+from van_tfx.data.build import EmptyClassesError, InvalidImagesError, build_dataset
 from van_tfx.data.records import (
     SynsetListError,
     parse_synset_mapping,
@@ -490,15 +490,22 @@ def test_skip_invalid_skips_and_lists_them_and_hidden_entries_are_ignored_and_li
 ):
     out = tmp_path / "out"
     argv = ["data", "build", str(hostile_dir), str(out), "--skip-invalid", "--workers", "1"]
+    # --skip-invalid skips files, never a class: the empty class folder is an error naming it
+    # (it used to become no class, listed only in the report), and nothing is written.
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"  {hostile_dir / 'empty'}: a class folder without images" in err
+    assert not out.exists()
+    (hostile_dir / "empty").rmdir()
     assert main(argv) == 0
     err = capsys.readouterr().err
     rows = (out / "rejected-train.tsv").read_text().splitlines()[1:]
     assert {str(Path(r.split("\t")[0]).relative_to(hostile_dir)) for r in rows} == set(
         HOSTILE_PROBLEMS
-    )
+    ) - {"empty"}
     for hidden in (hostile_dir / "b" / ".hidden.jpg", hostile_dir / ".hiddenclass"):
         assert f"ignored {hidden}: hidden" in err
-    assert list(read_synset_mapping(out / "synsets.txt")) == ["a", "b"]  # no empty class
+    assert list(read_synset_mapping(out / "synsets.txt")) == ["a", "b"]
     records = list(read_examples(sorted(out.glob("train-*"))))
     assert sorted(r[features.IMAGE_FILENAME] for r in records) == [
         b"a/link.jpg",
@@ -624,3 +631,179 @@ def test_skip_invalid_with_nothing_left_does_not_advise_skip_invalid(tmp_path, c
     err = capsys.readouterr().err
     assert "no input is left to convert" in err and "pass --skip-invalid" not in err
     assert not (tmp_path / "o" / "synsets.txt").exists()
+
+
+# ---- classes left without records ---------------------------------------------------------------
+
+
+def test_a_class_whose_every_file_is_rejected_is_refused_naming_it_and_why(tmp_path, capsys):
+    # With --skip-invalid, a class whose every image was skipped still got its synsets.txt line
+    # and label and no record: Transform refused the list later, far from the cause.
+    image_dir = make_tree(
+        tmp_path / "img",
+        {
+            b"a/ok.jpg": jpeg_bytes(),
+            b"a/bad.jpg": b"not an image",  # skipped, but its class keeps a record
+            b"b/ok.jpg": jpeg_bytes(),
+            b"c/notes.jpg": b"not an image",
+            b"c/empty.jpg": b"",
+        },
+    )
+    (image_dir / "c" / "deeper").mkdir()
+    out = tmp_path / "out"
+    argv = ["data", "build", str(image_dir), str(out), "--skip-invalid", "--workers", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "1 class folder(s) would have no record in split 'train'" in err
+    assert f"  {image_dir / 'c'}: none of its 2 file(s) could be converted" in err
+    assert f"    {image_dir / 'c' / 'notes.jpg'}: not a decodable image" in err
+    assert f"    {image_dir / 'c' / 'empty.jpg'}: empty file" in err
+    assert f"    {image_dir / 'c' / 'deeper'}: a folder inside a class folder" in err
+    assert str(image_dir / "a" / "bad.jpg") not in err  # class a has a record
+    assert list(out.iterdir()) == []  # no shards, no synsets.txt that disagrees with them
+    with pytest.raises(EmptyClassesError) as failure:
+        build_dataset(image_dir, out, skip_invalid=True, workers=1, progress=False)
+    assert list(failure.value.empty) == [str(image_dir / "c")]
+    # Leaving the class out is the user's move: then the rest is converted, labels 1..2.
+    (image_dir / "c").rename(tmp_path / "c")
+    assert main(argv) == 0
+    assert list(read_synset_mapping(out / "synsets.txt")) == ["a", "b"]
+    labels = {r[features.SYNSET]: r[features.LABEL] for r in read_examples(out.glob("train-*"))}
+    assert labels == {b"a": 1, b"b": 2}
+
+
+@pytest.mark.parametrize(
+    ("entries", "why"),
+    [
+        ({b"cat/2019/x.jpg": None}, "a class folder without images"),  # images one level down
+        ({}, "a class folder without images"),
+        ({b"cat/.x.jpg": None}, "a class folder without images"),  # only hidden files
+    ],
+)
+def test_a_class_folder_the_listing_leaves_empty_is_refused_before_decoding(
+    tmp_path, monkeypatch, entries, why
+):
+    # `cat/2019/*.jpg` under --skip-invalid became no class at all: a model without cats,
+    # said only by a line of the report.
+    files = {b"dog/ok.jpg": jpeg_bytes(), **{k: jpeg_bytes() for k in entries}}
+    image_dir = make_tree(tmp_path / "img", files)
+    (image_dir / "cat").mkdir(exist_ok=True)
+    import van_tfx.data.build as build
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before refusing the class")
+
+    monkeypatch.setattr(build, "_decoded", no_decoding)
+    with pytest.raises(EmptyClassesError) as failure:
+        build_dataset(image_dir, tmp_path / "out", skip_invalid=True, workers=1, progress=False)
+    (folder, (reason, _)) = failure.value.empty.popitem()
+    assert folder == str(image_dir / "cat") and reason == why
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unlistable_class_folder_is_refused_naming_why(tmp_path, monkeypatch):
+    # A folder that cannot be listed (permissions; root lists any, hence the stand-in).
+    import van_tfx.data.build as build
+
+    image_dir = make_tree(tmp_path / "img", {b"a/ok.jpg": jpeg_bytes(), b"b/ok.jpg": jpeg_bytes()})
+    entries = build._entries
+
+    def unlistable_b(folder):
+        if folder == image_dir / "b":
+            raise PermissionError(13, "Permission denied", str(folder))
+        return entries(folder)
+
+    monkeypatch.setattr(build, "_entries", unlistable_b)
+    with pytest.raises(EmptyClassesError) as failure:
+        build_dataset(image_dir, tmp_path / "o", skip_invalid=True, workers=1, progress=False)
+    assert failure.value.empty == {
+        str(image_dir / "b"): ("cannot list the folder (Permission denied)", [])
+    }
+
+
+def test_validation_may_lack_listed_classes_but_the_training_split_may_not(tmp_path, capsys):
+    # Labels are positions in the train list, which the validation split reuses: a class it has
+    # no folder for is fine (evaluation covers the classes it has) and said in the summary. A
+    # training split missing a listed class got labels with a gap that Transform refused.
+    train = make_tree(tmp_path / "train", {f"{c}/x.jpg".encode(): jpeg_bytes() for c in "abc"})
+    out = tmp_path / "out"
+    assert main(["data", "build", str(train), str(out), "--workers", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    val = make_tree(tmp_path / "val", {b"b/y.jpg": jpeg_bytes()})
+    argv = ["data", "build", str(val), str(out), "--split", "validation", "--workers", "1"]
+    assert main(argv) == 0
+    assert (
+        f"split 'validation' has no record of 2 class(es) listed in {out / 'synsets.txt'}: a, c"
+        in capsys.readouterr().out
+    )
+    [record] = read_examples(out.glob("validation-*"))
+    assert record[features.LABEL] == 2
+    # An empty class folder in validation is still an error: leave it out instead.
+    (val / "c").mkdir()
+    (val / "c" / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(EmptyClassesError, match="none of its 1 file"):
+        build_dataset(val, out, split="validation", skip_invalid=True, workers=1, progress=False)
+    shutil_rmtree(val / "c")
+    (train / "c" / "x.jpg").unlink()
+    (train / "c").rmdir()
+    assert main(["data", "build", str(train), str(out), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out / 'synsets.txt'} lists 1 class(es) that IMAGE_DIR has no folder for: c." in err
+    assert "'train' is the training split" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
+
+
+def shutil_rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+CLASS_NAMES = st.sampled_from(["a", "b", "c", "d"])
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.dictionaries(
+        CLASS_NAMES,
+        st.lists(st.sampled_from(["good", "bad", "nested"]), min_size=0, max_size=3),
+        min_size=1,
+    )
+)
+def test_synsets_txt_always_agrees_with_the_records_or_nothing_is_written(classes):
+    # Whatever mix of good files, bad files, nested folders and empty folders the classes hold,
+    # a --skip-invalid build either writes a synsets.txt whose every class has a record, labels
+    # 1..N, or writes nothing and names exactly the classes with no convertible file.
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "img"
+        for name, kinds in classes.items():
+            (root / name).mkdir(parents=True)
+            for k, kind in enumerate(kinds):
+                if kind == "good":
+                    (root / name / f"{k}.jpg").write_bytes(jpeg_bytes())
+                elif kind == "bad":
+                    (root / name / f"{k}.jpg").write_bytes(b"not an image")
+                else:
+                    (root / name / f"d{k}").mkdir()
+        out = Path(tmp) / "out"
+        empty = sorted(str(root / n) for n, kinds in classes.items() if "good" not in kinds)
+        # Folders without files are known from the listing and refused before decoding; the
+        # classes whose files all fail to decode, after it.
+        without_files = [str(root / n) for n, kinds in classes.items() if set(kinds) <= {"nested"}]
+        try:
+            result = build_dataset(root, out, skip_invalid=True, workers=1, progress=False)
+        except EmptyClassesError as exc:
+            assert sorted(exc.empty) == (sorted(without_files) or empty)
+            assert not out.exists() or list(out.iterdir()) == []
+            return
+        except InvalidImagesError as exc:  # not one file converted: "no input is left"
+            assert not without_files and len(empty) == len(classes)
+            assert "no input is left to convert" in str(exc)
+            assert list(out.iterdir()) == []
+            return
+        assert not empty
+        synsets = list(read_synset_mapping(result.synsets_path))
+        assert synsets == sorted(classes)
+        labels = {r[features.LABEL] for r in read_examples(result.shards)}
+        assert labels == set(range(1, len(synsets) + 1))

@@ -11,6 +11,7 @@ import os
 import random
 import stat
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from pathlib import Path
 from van_tfx.data.records import (
     MAX_PIXELS,
     SYNSETS_FILE,
+    UNREADABLE_ORIENTATION,
+    UPRIGHT,
+    ConvertedImage,
     ImageRecord,
     InvalidImageError,
     SynsetListError,
@@ -36,6 +40,11 @@ from van_tfx.storage import write_local_text
 
 DEFAULT_SEED = 0
 IMAGES_PER_SHARD = 1024
+# The split the pipeline trains on: data.train_pattern's default reads `train-*`. Every class of
+# its synsets.txt needs a record in it (Transform numbers the classes 1..N from its records).
+TRAIN_SPLIT = "train"
+# How many paths a summary names as examples of a kind of image (EXIF orientation).
+EXAMPLES = 3
 
 
 class InvalidImagesError(ValueError):
@@ -51,6 +60,49 @@ class InvalidImagesError(ValueError):
         self.rejected = rejected
 
 
+class EmptyClassesError(ValueError):
+    """Class folders that would end with no record in the split; names each one and why."""
+
+    def __init__(self, split: str, empty: dict[str, tuple[str, list[tuple[str, str]]]]):
+        # empty: class folder path -> (why it has no record, the rejected entries behind it)
+        lines = []
+        for folder, (why, entries) in empty.items():
+            lines.append(f"  {escaped(folder)}: {why}")
+            lines += [f"    {escaped(path)}: {reason}" for path, reason in entries]
+        super().__init__(
+            f"{len(empty)} class folder(s) would have no record in split {split!r}; nothing was "
+            "written. --skip-invalid skips files, never a whole class: kept, the class would "
+            "be a label without examples (Transform refuses a class without a training "
+            "record); dropped, the model would lack it and nothing would say so. Fix their "
+            "files, or move the folders out of IMAGE_DIR to leave the classes out:\n"
+            + "\n".join(lines)
+        )
+        self.split = split
+        self.empty = empty
+
+
+@dataclass
+class ExifSummary:
+    """The converted images whose EXIF orientation is not 1, and those whose EXIF is unusable."""
+
+    applied: bool = False  # turned upright (--apply-exif-orientation), else stored as they lie
+    oriented: Counter = field(default_factory=Counter)  # orientation 2-8 -> images
+    oriented_examples: list[str] = field(default_factory=list)  # the first EXAMPLES paths
+    unreadable: int = 0  # EXIF that cannot be parsed, or an orientation that is not 1-8
+    unreadable_examples: list[str] = field(default_factory=list)
+
+    def add(self, path: str, orientation: int) -> None:
+        """Count one converted image by its source's EXIF orientation."""
+        if orientation in UPRIGHT:
+            self.oriented[orientation] += 1
+            if len(self.oriented_examples) < EXAMPLES:
+                self.oriented_examples.append(path)
+        elif orientation == UNREADABLE_ORIENTATION:
+            self.unreadable += 1
+            if len(self.unreadable_examples) < EXAMPLES:
+                self.unreadable_examples.append(path)
+
+
 @dataclass
 class BuildResult:
     """What one converter run wrote."""
@@ -61,6 +113,9 @@ class BuildResult:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     rejected_report: Path | None = None
     ignored: list[tuple[str, str]] = field(default_factory=list)
+    exif: ExifSummary = field(default_factory=ExifSummary)
+    # Classes of an existing synsets.txt that this (non-training) split has no folder for.
+    classes_without_records: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -70,6 +125,9 @@ class Listing:
     images: dict[str, list[Path]]  # class folder name -> its files, sorted
     problems: list[tuple[str, str]]  # (path, reason): errors, or skipped with --skip-invalid
     ignored: list[tuple[str, str]]  # (path, reason): hidden entries, the output directory
+    # class folder name -> its problems (the folder's own, then its entries'), for the classes
+    # that have any; a class folder missing from `images` has at least its own.
+    class_problems: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
 
 HIDDEN = "hidden (name starts with '.')"
@@ -110,13 +168,15 @@ def list_images(
             problems.append((entry.path, problem))
     check_class_folder_names([d.name for d in classes], root)
     images: dict[str, list[Path]] = {}
+    class_problems: dict[str, list[tuple[str, str]]] = {}
     for folder in classes:
         files = []
+        own: list[tuple[str, str]] = []  # this class folder's problems
         try:
             entries = _entries(folder)
         except OSError as exc:
-            problems.append((str(folder), f"cannot list the folder ({exc.strerror})"))
-            continue
+            own.append((str(folder), f"cannot list the folder ({exc.strerror})"))
+            entries = []
         for entry in entries:
             mode, problem = _mode(entry)
             if entry.name.startswith("."):
@@ -124,18 +184,21 @@ def list_images(
             elif stat.S_ISREG(mode):
                 files.append(Path(entry.path))
             elif stat.S_ISDIR(mode):
-                problems.append((entry.path, "a folder inside a class folder (not read)"))
+                own.append((entry.path, "a folder inside a class folder (not read)"))
             else:
-                problems.append((entry.path, problem))
+                own.append((entry.path, problem))
         if files:
             images[folder.name] = files
-        else:
-            problems.append((str(folder), "a class folder without images"))
+        elif not own or entries:
+            own.insert(0, (str(folder), "a class folder without images"))
+        if own:
+            problems += own
+            class_problems[folder.name] = own
     if not images and not problems:
         raise SynsetListError(
             f"{root} has no <synset>/ subdirectories (expected IMAGE_DIR/<synset>/<file>)"
         )
-    return Listing(images, problems, ignored)
+    return Listing(images, problems, ignored, class_problems)
 
 
 def _entries(folder: Path) -> list[os.DirEntry]:
@@ -202,18 +265,22 @@ def shuffled_items(images: dict[str, list[Path]], seed: int) -> list[tuple[Path,
     return items
 
 
-def _load(path: Path, max_pixels: int) -> tuple[bytes, int, int] | InvalidImageError:
+def _load(
+    path: Path, max_pixels: int, apply_exif_orientation: bool
+) -> ConvertedImage | InvalidImageError:
     # Runs in worker processes: return the error instead of raising so every failure is collected.
     try:
-        return load_image_file(str(path), max_pixels)
+        return load_image_file(str(path), max_pixels, apply_exif_orientation)
     except InvalidImageError as exc:
         return exc
 
 
 def _decoded(
-    paths: list[Path], workers: int, max_pixels: int
-) -> Iterator[tuple[bytes, int, int] | InvalidImageError]:
-    load = functools.partial(_load, max_pixels=max_pixels)
+    paths: list[Path], workers: int, max_pixels: int, apply_exif_orientation: bool
+) -> Iterator[ConvertedImage | InvalidImageError]:
+    load = functools.partial(
+        _load, max_pixels=max_pixels, apply_exif_orientation=apply_exif_orientation
+    )
     if workers <= 1 or len(paths) < 64:
         yield from map(load, paths)
         return
@@ -223,20 +290,46 @@ def _decoded(
         yield from pool.map(load, paths, chunksize=16)
 
 
+@dataclass
+class _Run:
+    # What one conversion collects while it writes: rejections, records per class, EXIF.
+    split: str
+    root: Path  # IMAGE_DIR
+    listing: Listing
+    rejected: list[tuple[str, str]]
+    exif: ExifSummary
+    written: Counter = field(default_factory=Counter)  # synset -> records written
+    rejected_by_class: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+    def empty_classes(self) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+        """Each class folder with files of which none was written, with why (for the error)."""
+        empty = {}
+        for synset, files in self.listing.images.items():
+            if self.written[synset]:
+                continue
+            inside = self.listing.class_problems.get(synset, [])
+            entries = inside + self.rejected_by_class.get(synset, [])
+            why = f"none of its {len(files)} file(s) could be converted"
+            empty[str(self.root / synset)] = (why, entries)
+        return empty
+
+
 def _records(
     items: list[tuple[Path, str]],
     texts: dict[str, str],
     workers: int,
-    rejected: list[tuple[str, str]],
+    run: _Run,
     progress: bool,
     skip_invalid: bool,
     max_pixels: int,
+    apply_exif_orientation: bool,
 ) -> Iterator[ImageRecord | None]:
     # One answer per item, in order: its record, or None for a rejected file.
     from tqdm import tqdm
 
+    rejected = run.rejected
     labels = label_of(list(texts))
-    results = _decoded([path for path, _ in items], workers, max_pixels)
+    results = _decoded([path for path, _ in items], workers, max_pixels, apply_exif_orientation)
     bar = tqdm(
         zip(items, results, strict=False),
         total=len(items),
@@ -249,16 +342,30 @@ def _records(
         for (path, synset), result in bar:
             if isinstance(result, InvalidImageError):
                 rejected.append((str(path), result.reason))
+                run.rejected_by_class.setdefault(synset, []).append((str(path), result.reason))
                 yield None
                 continue
-            jpeg, height, width = result
             written += 1
+            run.written[synset] += 1
+            run.exif.add(str(path), result.orientation)
             # The file name's own bytes: a name that is not UTF-8 is still named exactly.
             filename = os.fsencode(f"{synset}/{path.name}")
-            yield ImageRecord(jpeg, height, width, labels[synset], synset, texts[synset], filename)
+            yield ImageRecord(
+                result.jpeg,
+                result.height,
+                result.width,
+                labels[synset],
+                synset,
+                texts[synset],
+                filename,
+            )
+    # Inside the writer: raising discards the temp shards, and no synsets.txt is written.
     if rejected and (not skip_invalid or written == 0):
-        # Inside the writer: the temp shards are discarded.
         raise InvalidImagesError(rejected, skipping=skip_invalid)
+    empty = run.empty_classes()
+    if empty:
+        # Only with --skip-invalid: a class whose every file was skipped.
+        raise EmptyClassesError(run.split, empty)
 
 
 def _in_shards(answers: Iterator, sizes: list[int]) -> Iterator[Iterator[ImageRecord]]:
@@ -282,6 +389,7 @@ def build_dataset(
     workers: int | None = None,
     progress: bool = True,
     max_pixels: int = MAX_PIXELS,
+    apply_exif_orientation: bool = False,
 ) -> BuildResult:
     """Convert IMAGE_DIR/<synset>/<file> into OUTPUT_DIR/<split>-NNNNN-of-MMMMM TFRecord shards."""
     output_dir = Path(output_dir)
@@ -290,13 +398,25 @@ def build_dataset(
     if listing.problems and not skip_invalid:
         raise InvalidImagesError(listing.problems)
     images = listing.images
+    # A class folder the listing left without files: refused before anything is decoded.
+    empty = {
+        str(Path(image_dir) / name): (problems[0][1], problems[1:])
+        for name, problems in listing.class_problems.items()
+        if name not in images
+    }
+    if empty:
+        raise EmptyClassesError(split, empty)
     if not images:
-        raise InvalidImagesError(listing.problems, skipping=True)  # every class was skipped
+        raise InvalidImagesError(listing.problems, skipping=True)  # only files at the top
     texts, list_exists = resolve_synsets(list(images), output_dir, synsets_file)
+    without_records = [synset for synset in texts if synset not in images]
+    if without_records and split == TRAIN_SPLIT:
+        raise SynsetListError(_missing_training_classes(output_dir / SYNSETS_FILE, without_records))
     items = shuffled_items(images, seed)
     num_shards = shards or math.ceil(len(items) / IMAGES_PER_SHARD)
     num_shards = max(1, min(num_shards, len(items)))
     rejected: list[tuple[str, str]] = list(listing.problems)
+    run = _Run(split, Path(image_dir), listing, rejected, ExifSummary(apply_exif_orientation))
     # Dealt round-robin (shard k holds items k, k + n, ...), converted shard by shard so one
     # shard file is open at a time: ImageNet-1k's 1,252 shards exceed the usual 1,024 open files.
     dealt = [items[k::num_shards] for k in range(num_shards)]
@@ -304,10 +424,11 @@ def build_dataset(
         [item for shard in dealt for item in shard],
         texts,
         workers or os.cpu_count() or 1,
-        rejected,
+        run,
         progress,
         skip_invalid,
         max_pixels,
+        apply_exif_orientation,
     )
     try:
         paths = write_shards(
@@ -320,7 +441,28 @@ def build_dataset(
         write_synset_list(synsets_path, texts)
     report = write_rejected_report(output_dir, split, rejected)
     num_records = len(items) - (len(rejected) - len(listing.problems))
-    return BuildResult(paths, num_records, synsets_path, rejected, report, listing.ignored)
+    return BuildResult(
+        paths,
+        num_records,
+        synsets_path,
+        rejected,
+        report,
+        listing.ignored,
+        run.exif,
+        without_records,
+    )
+
+
+def _missing_training_classes(synsets_path: Path, missing: list[str]) -> str:
+    # Why a training split cannot leave classes of an existing synsets.txt without records.
+    return (
+        f"{synsets_path} lists {len(missing)} class(es) that IMAGE_DIR has no folder for: "
+        f"{', '.join(escaped(s) for s in missing)}. Split {TRAIN_SPLIT!r} is the training "
+        "split, which needs a record of every class in that list (Transform numbers the "
+        "classes 1..N from the training records and refuses a class without one). Add their "
+        "folders, or convert into a fresh OUTPUT_DIR (or remove that synsets.txt) so the list "
+        "is made from IMAGE_DIR"
+    )
 
 
 def rejected_report_path(output_dir: Path, split: str) -> Path:

@@ -71,8 +71,9 @@ def add_parser(subparsers) -> None:
         "--skip-invalid",
         action="store_true",
         help="Convert the rest when inputs cannot be converted (undecodable or too large "
-        "images, links to nothing, FIFOs, nested folders, empty class folders); list them in "
-        "OUTPUT_DIR/rejected-<split>.tsv instead of failing.",
+        "images, links to nothing, FIFOs, nested folders); list them in "
+        "OUTPUT_DIR/rejected-<split>.tsv instead of failing. Files only: a class folder left "
+        "with no record is still an error.",
     )
     build.add_argument(
         "--synsets-file",
@@ -87,6 +88,13 @@ def add_parser(subparsers) -> None:
         help="Refuse (or with --skip-invalid skip) images whose header declares more than N "
         "pixels (width x height), before decoding them. Default: data.max_image_pixels's "
         "default, the bound Transform applies.",
+    )
+    build.add_argument(
+        "--apply-exif-orientation",
+        action="store_true",
+        help="Turn images whose EXIF orientation is 2-8 (rotated or mirrored camera photos) "
+        "upright and re-encode them as JPEG. Default: store every image as its pixels lie, "
+        "as TensorFlow and TF Serving decode it (EXIF ignored), and count them in the summary.",
     )
     build.add_argument("--seed", type=int, default=0, help="Shuffle seed (default 0).")
     build.add_argument("--workers", type=int_in(1), default=None, help="Default: all cores.")
@@ -111,7 +119,7 @@ def add_parser(subparsers) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Run the folder converter; 1 with a message naming the bad input on failure."""
-    from van_tfx.data.build import InvalidImagesError, build_dataset
+    from van_tfx.data.build import EmptyClassesError, InvalidImagesError, build_dataset
     from van_tfx.data.records import MAX_PIXELS, SynsetListError, escaped
 
     try:
@@ -125,8 +133,9 @@ def run_build(args: argparse.Namespace) -> int:
             seed=args.seed,
             workers=args.workers,
             max_pixels=args.max_image_pixels or MAX_PIXELS,
+            apply_exif_orientation=args.apply_exif_orientation,
         )
-    except (InvalidImagesError, SynsetListError) as exc:
+    except (InvalidImagesError, EmptyClassesError, SynsetListError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # unreadable input, unwritable, full or misnamed output
@@ -146,7 +155,49 @@ def run_build(args: argparse.Namespace) -> int:
         f"wrote {result.num_records} records of split {args.split!r} into {len(result.shards)} "
         f"shard(s) in {args.output_dir}; labels from {result.synsets_path}"
     )
+    for line in summary_notes(result, args.split):
+        print(line)
     return 0
+
+
+def summary_notes(result, split: str) -> list[str]:
+    """The build summary's notes: classes the split lacks, images by EXIF orientation."""
+    from van_tfx.data.records import JPEG_QUALITY, escaped
+
+    notes = []
+    if result.classes_without_records:
+        names = ", ".join(escaped(s) for s in result.classes_without_records)
+        notes.append(
+            f"split {split!r} has no record of {len(result.classes_without_records)} class(es) "
+            f"listed in {result.synsets_path}: {names} (allowed outside the training split: "
+            "evaluation covers the classes it has)"
+        )
+    exif = result.exif
+    if exif.oriented:
+        count = sum(exif.oriented.values())
+        kinds = ", ".join(f"{o}: {n}" for o, n in sorted(exif.oriented.items()))
+        examples = ", ".join(escaped(p) for p in exif.oriented_examples)
+        what = f"{count} image(s) carry an EXIF orientation other than 1 ({kinds}; e.g. {examples})"
+        if exif.applied:
+            notes.append(
+                f"{what}: turned upright and re-encoded as JPEG (quality {JPEG_QUALITY}), "
+                "without EXIF. Send this model upright images too: `van-tfx predict "
+                "--apply-exif-orientation`, or turn them upright before a request."
+            )
+        else:
+            notes.append(
+                f"{what}: stored as their pixels lie (sideways or mirrored), which is how "
+                "TensorFlow's decode_jpeg, the pipeline and TF Serving read them (EXIF ignored), "
+                "so the model learns them that way. --apply-exif-orientation stores them upright."
+            )
+    if exif.unreadable:
+        examples = ", ".join(escaped(p) for p in exif.unreadable_examples)
+        notes.append(
+            f"{exif.unreadable} image(s) have EXIF that cannot be read or an orientation that is "
+            f"not 1-8 (e.g. {examples}): taken as orientation 1, stored as their pixels lie, as "
+            "TensorFlow reads them."
+        )
+    return notes
 
 
 def run_sample(args: argparse.Namespace) -> int:

@@ -13,10 +13,13 @@ import io
 import os
 import re
 import shutil
+import struct
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
@@ -33,6 +36,22 @@ ALPHA_BACKGROUND = (255, 255, 255)
 # The largest image (width x height, from its header) the converter accepts: Transform's
 # data.max_image_pixels default, so the converter never writes a record Transform refuses.
 MAX_PIXELS: int = DataConfig.model_fields["max_image_pixels"].default
+# EXIF Orientation (tag 0x0112; XMP's tiff:Orientation when EXIF has none, as PIL reads it): the
+# transpose that shows the stored pixels upright, for 2-8 (1 is upright). The table of PIL's
+# ImageOps.exif_transpose, applied by hand because exif_transpose parses the EXIF with PIL's
+# getexif, which is not safe on hostile EXIF (see exif_orientation).
+EXIF_ORIENTATION_TAG = 0x0112
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# exif_orientation's answer for EXIF that cannot be parsed or an orientation that is not 1-8.
+UNREADABLE_ORIENTATION = 0
 
 
 class InvalidImageError(ValueError):
@@ -61,22 +80,115 @@ class ImageRecord:
     filename: str | bytes  # bytes: a file system name as it is, UTF-8 or not
 
 
+class ConvertedImage(NamedTuple):
+    """One image as the converter stores it, and the EXIF orientation of its source."""
+
+    jpeg: bytes
+    height: int
+    width: int
+    orientation: int = 1  # the source's EXIF orientation 1-8, or UNREADABLE_ORIENTATION
+
+
 def to_rgb_jpeg(
-    data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS
-) -> tuple[bytes, int, int]:
-    """Decode any PIL-readable image and return (RGB JPEG bytes, height, width).
+    data: bytes,
+    name: str = "<bytes>",
+    max_pixels: int = MAX_PIXELS,
+    apply_exif_orientation: bool = False,
+) -> ConvertedImage:
+    """Decode any PIL-readable image and return it as RGB JPEG bytes with their size.
 
     RGB JPEGs are kept byte-for-byte; PNG, grayscale, CMYK, palette and alpha images are converted
     (alpha composited on white) and re-encoded, as TF's build_imagenet_data.py does. An image
-    whose header declares more than `max_pixels` pixels is refused before it is decoded.
+    whose header declares more than `max_pixels` pixels is refused before it is decoded. With
+    `apply_exif_orientation`, an image whose EXIF orientation is 2-8 is turned upright and
+    re-encoded; otherwise the orientation is only reported, and the pixels stored as they lie.
     """
     image = _decode_fully(data, name, max_pixels)
-    if image.format == "JPEG" and image.mode == "RGB":
-        return data, image.height, image.width
+    orientation = exif_orientation(image)
+    turn = UPRIGHT.get(orientation) if apply_exif_orientation else None
+    if image.format == "JPEG" and image.mode == "RGB" and turn is None:
+        return ConvertedImage(data, image.height, image.width, orientation)
     rgb = _as_rgb(image)
+    if turn is not None:
+        # Width x height is unchanged by a transpose, so the header's pixel bound still holds.
+        rgb = rgb.transpose(turn)
     out = io.BytesIO()
+    # No exif= argument: the new JPEG carries no EXIF, so no reader can turn it a second time.
     rgb.save(out, format="JPEG", quality=JPEG_QUALITY)
-    return out.getvalue(), rgb.height, rgb.width
+    return ConvertedImage(out.getvalue(), rgb.height, rgb.width, orientation)
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation: 1-8, 1 without one, UNREADABLE_ORIENTATION if unusable."""
+    # Read here, not with PIL's getexif: that loads every tag of the block, each value as long
+    # as its entry declares, so a 4 MB PNG whose eXIf chunk has 65,535 entries declaring 1 MB
+    # values each asked for 64 GB (the process was killed). This reads the entries of the first
+    # IFD, 12 bytes each, in place. Hostile EXIF never fails the image: TF's decoders ignore
+    # EXIF, so the image itself is fine, and it is stored as its pixels lie.
+    info = image.info
+    try:
+        if hasattr(image, "tag_v2"):  # a TIFF: its own first IFD, parsed when it was opened
+            value = image.tag_v2.get(EXIF_ORIENTATION_TAG)
+        elif "exif" in info:  # JPEG APP1, PNG eXIf, WebP EXIF: a TIFF-structured block
+            value = _tiff_orientation(info["exif"])
+        elif "Raw profile type exif" in info:  # PNG text from ImageMagick: hex after 3 lines
+            text = info["Raw profile type exif"]
+            value = _tiff_orientation(bytes.fromhex("".join(text.split("\n")[3:])))
+        else:
+            value = None
+        if value is None:  # as PIL's getexif: XMP's tiff:Orientation when EXIF has none
+            xmp = info.get("XML:com.adobe.xmp") or info.get("xmp") or b""
+            if isinstance(xmp, str):
+                xmp = xmp.encode("utf-8", "replace")
+            found = _XMP_ORIENTATION.search(xmp) if isinstance(xmp, bytes) else None
+            value = int(found[2]) if found else 1
+    except Exception:  # metadata never fails an image (struct.error, ValueError, ...)
+        return UNREADABLE_ORIENTATION
+    # An integer 1-8 only: 0, 9, text or a list is malformed, and turning an image by a guess
+    # would store it other than the camera meant as often as not.
+    if type(value) is int and 1 <= value <= 8:
+        return value
+    return UNREADABLE_ORIENTATION
+
+
+# PIL's own pattern for the orientation in XMP (Image.getexif).
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')
+
+
+def _tiff_orientation(block: bytes) -> int | None:
+    # The orientation tag of a TIFF-structured EXIF block's first IFD (None: no such tag);
+    # struct.error or ValueError when the block is not one.
+    block = block.removeprefix(b"Exif\0\0")
+    order = {b"MM\0*": ">", b"II*\0": "<"}.get(block[:4])
+    if order is None:
+        raise ValueError("not a TIFF header")
+    (ifd,) = struct.unpack_from(order + "I", block, 4)
+    (entries,) = struct.unpack_from(order + "H", block, ifd)
+    for k in range(entries):  # at most 65,535, each read in place
+        tag, kind, count = struct.unpack_from(order + "HHI", block, ifd + 2 + 12 * k)
+        if tag == EXIF_ORIENTATION_TAG:
+            # One SHORT (as EXIF says; a LONG, as PIL also reads), left-justified in the value.
+            if count != 1 or kind not in (3, 4):
+                raise ValueError("the orientation is not one integer")
+            size = "H" if kind == 3 else "I"
+            return struct.unpack_from(order + size, block, ifd + 2 + 12 * k + 8)[0]
+    return None
+
+
+def upright_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> bytes:
+    """`data` as is, unless its EXIF orientation is 2-8: then upright, re-encoded as RGB JPEG."""
+    # For clients (`van-tfx predict --apply-exif-orientation`) of a model trained on
+    # `data build --apply-exif-orientation`: the same transform, so serving sees what training saw.
+    try:
+        with _own_pixel_limit(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as probe:  # the header and its EXIF, not the pixels
+                orientation = exif_orientation(probe)
+    except Exception:
+        return data  # not an image PIL reads: the server says what is wrong with it
+    if orientation not in UPRIGHT:
+        return data
+    return to_rgb_jpeg(data, name, max_pixels, apply_exif_orientation=True).jpeg
 
 
 @contextlib.contextmanager
@@ -96,7 +208,10 @@ def _decode_fully(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must be False to detect truncation")
     try:
-        with _own_pixel_limit():
+        # PIL warns about damaged metadata (a JPEG's EXIF is parsed while opening it); those
+        # warnings would print into the progress bar, and the metadata is not what is stored.
+        with _own_pixel_limit(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as probe:  # reads the header only
                 if probe.width * probe.height > max_pixels:
                     raise InvalidImageError(
@@ -140,7 +255,9 @@ def _as_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image_file(path: str, max_pixels: int = MAX_PIXELS) -> tuple[bytes, int, int]:
+def load_image_file(
+    path: str, max_pixels: int = MAX_PIXELS, apply_exif_orientation: bool = False
+) -> ConvertedImage:
     """Read one file and normalise it to RGB JPEG; raises InvalidImageError naming it."""
     try:
         data = Path(path).read_bytes()
@@ -148,7 +265,7 @@ def load_image_file(path: str, max_pixels: int = MAX_PIXELS) -> tuple[bytes, int
         raise InvalidImageError(path, f"cannot read file ({exc.strerror})") from None
     if not data:
         raise InvalidImageError(path, "empty file")
-    return to_rgb_jpeg(data, path, max_pixels)
+    return to_rgb_jpeg(data, path, max_pixels, apply_exif_orientation)
 
 
 # ---- synset lists -----------------------------------------------------------------------------
