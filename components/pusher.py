@@ -108,8 +108,7 @@ def log_above_clock(version: int, now: int, taken: str) -> None:
 
 
 def push_new_version(model_path: str, base_directory: str) -> tuple[int, str]:
-    """Copy the SavedModel `model_path` in as a new version above every existing one; returns
-    the version and its directory."""
+    """Copy `model_path` in as a new version above every existing one: (version, its dir)."""
     for attempt in range(CLAIM_ATTEMPTS):
         now = int(time.time())
         version, higher = choose_version(numbered_children(base_directory) or [], now)

@@ -27,7 +27,12 @@ from tfx.proto import pusher_pb2
 from tfx.types.standard_artifacts import InfraBlessing, ModelBlessing, PushedModel
 from tfx.utils import path_utils, proto_utils
 
-from components.new_data_gate import newest_served_version, read_training_data, training_data_path
+from components.new_data_gate import (
+    decide,
+    newest_served_version,
+    read_training_data,
+    training_data_path,
+)
 from components.pusher import (
     CLAIM_PREFIX,
     NewVersionPusher,
@@ -132,14 +137,17 @@ def other_model(base: str, name: str, saved_model: str) -> dict[str, bytes]:
 
 
 def assert_pushed_this_run(run: Run, base: str) -> int:
-    """The outcome names the version holding this run's model; that version is served; it."""
+    """Check the outcome names the version holding this run's model, served; return it."""
     outcome = run.outcome()
     assert outcome.pushed
     version = outcome.pushed_version
     assert outcome.pushed_path == f"{base}/{version}"
     assert read_training_data(outcome.pushed_path) == run.record
-    # The highest complete version: what TF Serving serves and what the next gate compares with.
+    # The highest complete version: what TF Serving serves, and what the next run's gate finds
+    # this run's training record in (so the same data is not trained on again).
     assert newest_served_version(base) == version
+    train, why, served = decide(run.record, base)
+    assert (train, served) == (False, version), why
     assert not [n for n in tf.io.gfile.listdir(outcome.pushed_path) if n.startswith(CLAIM_PREFIX)]
     return int(version)
 
