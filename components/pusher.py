@@ -111,7 +111,10 @@ def push_new_version(model_path: str, base_directory: str) -> tuple[int, str]:
     """Copy `model_path` in as a new version above every existing one: (version, its dir)."""
     for attempt in range(CLAIM_ATTEMPTS):
         now = int(time.time())
-        version, higher = choose_version(numbered_children(base_directory) or [], now)
+        try:
+            version, higher = choose_version(numbered_children(base_directory) or [], now)
+        except NoVersionLeftError as exc:
+            raise NoVersionLeftError(f"{base_directory}: {exc}") from None
         if higher is not None:
             log_above_clock(version, now, os.path.join(base_directory, higher))
         version_dir = os.path.join(base_directory, str(version))

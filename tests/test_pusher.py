@@ -221,7 +221,7 @@ def test_no_version_left_above_int64_max_is_refused_naming_it(root, saved_model)
     first.push(base)
     assert assert_pushed_this_run(first, base) == INT64_MAX  # the last one TF Serving can read
     second = Run(root, saved_model, "run2")
-    with pytest.raises(NoVersionLeftError, match=f"'{INT64_MAX}' is int64's maximum"):
+    with pytest.raises(NoVersionLeftError, match=f"^{base}: version '{INT64_MAX}' is int64's max"):
         second.push(base)
     assert sorted(tf.io.gfile.listdir(base)) == sorted([str(INT64_MAX - 1), str(INT64_MAX)])
     assert not second.pushed.has_custom_property("pushed")
