@@ -8,6 +8,7 @@ from tfx import v1 as tfx
 from tfx.dsl.components.base import executor_spec
 
 from components.new_data_gate import RecordRejection, has_new_data, recipe_fingerprint
+from components.pusher import NewVersionPusher
 from components.served_model import ServedBaselineEvaluator, ServedModel
 from components.serving_smoke_test import ServingSmokeTest
 from pipeline import ingest
@@ -124,6 +125,9 @@ def ingest_train_evaluate_push(
             )
         ),
     )
+    # TFX's executor names the version by the clock: below a higher version already there it is
+    # never served, and on a version pushed the same second it records the other run's model.
+    pusher.executor_spec = executor_spec.ExecutorClassSpec(NewVersionPusher)
     # A rejected candidate is never pushed; without this record every later run would retrain
     # on the same span for the same verdict (the gate only sees what is served).
     rejection = RecordRejection(

@@ -109,19 +109,34 @@ def parse_version(name: str) -> int | None:
     return value if INT64_MIN <= value <= INT64_MAX else None
 
 
-def version_dirs(base_path: str) -> dict[int, str] | None:
-    """{version: child dir name} of the live versions under `base_path`; None if it is missing."""
+def numbered_children(base_path: str) -> list[tuple[int, str]] | None:
+    """(version, child name) of every child of `base_path` named as a version; None if missing."""
     import tensorflow as tf
 
+    # TF Serving's own listing (PollFileSystemForServable): every child whose name parses, file
+    # or directory, complete or not. Its "latest" policy aspires the highest of these whatever
+    # they hold, so a push has to go above all of them (components/pusher.py).
     try:
         names = tf.io.gfile.listdir(base_path)
     except tf.errors.NotFoundError:
         return None
-    found: dict[int, str] = {}
+    children = []
     for name in sorted(name.rstrip("/") for name in names):
         version = parse_version(name)
-        if version is None:
-            continue
+        if version is not None:
+            children.append((version, name))
+    return children
+
+
+def version_dirs(base_path: str) -> dict[int, str] | None:
+    """{version: child dir name} of the live versions under `base_path`; None if it is missing."""
+    import tensorflow as tf
+
+    children = numbered_children(base_path)
+    if children is None:
+        return None
+    found: dict[int, str] = {}
+    for version, name in children:
         # A version is live once the exporter has written saved_model.pb (the Pusher copies it
         # last). One unreadable entry must not hide the others.
         try:

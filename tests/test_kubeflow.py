@@ -352,6 +352,12 @@ def test_baseline_and_warm_start_are_the_served_model_without_a_resolver(compile
     assert "components.served_model.ServedBaselineEvaluator" in evaluator["args"]
 
 
+def test_pusher_pushes_above_every_existing_version(compiled):
+    # TFX's own executor names the version by the clock (never served below a higher version).
+    _, spec = compiled
+    assert "components.pusher.NewVersionPusher" in executor(spec, "Pusher")["args"]
+
+
 def test_compile_rejects_a_json_output(home, tmp_path, capsys):
     assert main(["compile", "--output", str(tmp_path / "p.json")]) == 2
     assert "must end in .yaml" in capsys.readouterr().err

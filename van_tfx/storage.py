@@ -32,17 +32,20 @@ def is_remote(path: str) -> bool:
     return "://" in str(path)
 
 
-def copy_tree(source: str, destination: str) -> None:
+def copy_tree(source: str, destination: str, last: tuple[str, ...] = ()) -> None:
     """Copy the directory tree `source` to `destination` (either may be object storage).
 
     Empty directories are recreated too (a SavedModel's `assets/`). Files already at the
-    destination are overwritten, so a retried step can write the same output URI again.
+    destination are overwritten, so a retried step can write the same output URI again. The
+    files at the relative paths `last` are copied after every other one: a model server takes a
+    version directory as complete once its `saved_model.pb` is there.
     """
     import tensorflow as tf
 
     source = str(source).rstrip("/")
     if not tf.io.gfile.isdir(source):
         raise FileNotFoundError(f"{source} is not a directory")
+    deferred = []
     for directory, _subdirs, files in tf.io.gfile.walk(source):
         # Object stores may list directories with a trailing '/': strip it before joining.
         relative = directory.rstrip("/")[len(source) :].strip("/")
@@ -52,8 +55,14 @@ def copy_tree(source: str, destination: str) -> None:
             path = os.path.join(directory, name)
             # TensorFlow's ram:// (the tests' stand-in for a bucket) lists `assets.extra` under
             # `assets/` too, as a file `.extra` that does not exist: skip what is not there.
-            if tf.io.gfile.exists(path):
+            if not tf.io.gfile.exists(path):
+                continue
+            if os.path.join(relative, name) in last:
+                deferred.append((path, os.path.join(target, name)))
+            else:
                 tf.io.gfile.copy(path, os.path.join(target, name), overwrite=True)
+    for path, target in deferred:
+        tf.io.gfile.copy(path, target, overwrite=True)
 
 
 def write_text(path: str, text: str) -> None:
