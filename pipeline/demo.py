@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.manager import version_dirs
 from van_tfx.config import Config
 
 DEMO_BATCH = 32
@@ -46,13 +47,9 @@ def ensure_sample_data(config: Config, echo) -> None:
 
 
 def latest_version(base_path: Path) -> int | None:
-    """Highest integer version directory that has a saved_model.pb (what TF Serving would load)."""
-    versions = [
-        int(p.name)
-        for p in Path(base_path).glob("*")
-        if p.name.isdigit() and (p / "saved_model.pb").exists()
-    ]
-    return max(versions, default=None)
+    """Highest version with a saved_model.pb (what TF Serving would load), as the server reads
+    version names (serving.manager)."""
+    return max(version_dirs(str(base_path)) or {}, default=None)
 
 
 def validation_records(config: Config) -> list[tuple[bytes, str]]:

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from serving.client import ServerUnavailable, grpc_failure, predict_request
+from serving.manager import numbered_children
 
 ERROR_EXAMPLES = 5  # distinct error messages a report keeps; the rest are only counted
 
@@ -72,8 +73,8 @@ class LoadTestReport:
 
 def next_version(base_path: str) -> int:
     """One more than the highest integer version dir under base_path (1 when there is none)."""
-    names = os.listdir(base_path) if os.path.isdir(base_path) else []
-    return max([int(n) for n in names if n.isdigit()], default=0) + 1
+    # The server's own reading of version names: "²" passes str.isdigit, not int().
+    return max((version for version, _ in numbered_children(base_path) or []), default=0) + 1
 
 
 def push_version(source_dir: str, base_path: str) -> tuple[int, float]:

@@ -76,6 +76,20 @@ def test_version_names_are_read_as_safe_strto64(name, version):
     assert parse_version(name) == version
 
 
+def test_the_demo_and_loadtest_read_version_names_as_the_server_does(tmp_path):
+    # Both had their own str.isdigit listing: "²" passes it and then int("²") raised.
+    from pipeline.demo import latest_version
+    from serving.loadtest import next_version
+
+    for name in ("²", "٣", "99999999999999999999", "0012", "9", "notes"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "0012" / "saved_model.pb").write_bytes(b"")
+    assert latest_version(tmp_path) == 12  # 9 holds no saved_model.pb: not loadable yet
+    assert next_version(str(tmp_path)) == 13
+    assert latest_version(tmp_path / "missing") is None
+    assert next_version(str(tmp_path / "missing")) == 1
+
+
 def test_odd_dir_names_never_stop_discovery_and_leading_zeros_load_from_the_dir(tmp_path, exported):
     for name in ("99999999999999999999", "²"):  # out of int64 range; a Unicode digit
         push(tmp_path / "van", exported, name)
