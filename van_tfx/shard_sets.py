@@ -69,8 +69,8 @@ class ShardSets:
 
 
 def shard_sets(split: str, pattern: str, paths: list[str]) -> ShardSets:
-    """Check the shards of `split` (the `paths` its `pattern` matched) against the rule: those
-    named `<name>-NNNNN-of-MMMMM[.gz]` must form complete sets, one per name."""
+    """The problems and missing shards of a split's `paths` (what its `pattern` matched)."""
+    # The rule: shards named `<name>-NNNNN-of-MMMMM[.gz]` form complete sets, one per name.
     numbered = {path: SHARD_NAME.fullmatch(os.path.basename(path)) for path in paths}
     if not any(numbered.values()):
         return ShardSets(split, pattern, (), ())  # names without shard numbers: nothing to check
@@ -89,9 +89,9 @@ def shard_sets(split: str, pattern: str, paths: list[str]) -> ShardSets:
 
 
 def check_shard_set(split: str, pattern: str, paths: list[str]) -> None:
-    """IncompleteShardsError unless the shards named `<name>-NNNNN-of-MMMMM[.gz]` form complete
-    sets, one per name: a span still being uploaded, an older set beside a newer one, a shard
-    both plain and GZIP, or a partial upload's temporary file would be ingested silently."""
+    """Raise IncompleteShardsError unless the split's numbered shards form complete sets."""
+    # A span still being uploaded, an older set beside a newer one, a shard both plain and GZIP,
+    # or a partial upload's temporary file were all ingested silently.
     sets = shard_sets(split, pattern, paths)
     if sets.problems:
         raise IncompleteShardsError(sets.refusal())
