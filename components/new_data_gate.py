@@ -32,7 +32,9 @@ again. Ingest keeps its own check, since a span can change between the gate and 
 does not fall back to an older complete span: a run trains on the newest span only, an older one
 was normally what the served model learned already (so falling back would decide 0 anyway), and
 where it was not (its run failed, its candidate was rejected) training on it now would spend a
-whole training run on data the span being uploaded replaces by the next night.
+whole training run on data the span being uploaded replaces by the next night. A span directory
+spelled two ways (`span-1` beside `span-01`), which TFX ingests from one and fingerprints from
+either, is refused naming both (SpanNamingError).
 
 The gate reads state outside its inputs (the data root and the serving directory), so it must never
 be served from a cache: the local runner and the Kubeflow compiler both switch caching off for it.
@@ -50,7 +52,15 @@ from tfx.dsl.component.experimental.decorators import component
 from tfx.types.experimental.simple_artifacts import File
 from tfx.types.standard_artifacts import ModelBlessing
 
-from components.span_files import TFX_NO_MATCH, incompleteness, span_files
+from components.span_files import (
+    TFX_NO_MATCH,
+    TFX_UNFIT_NAME,
+    SpanNamingError,
+    check_spelling,
+    incompleteness,
+    span_files,
+    unfit_span_names,
+)
 from serving.manager import version_dirs
 from van_tfx import storage
 
@@ -92,10 +102,18 @@ def span_range(span: int):
 
 def _resolve(input_base: str, splits, only) -> tuple[int, int | None, str]:
     """(span, version, input fingerprint) as TFX's FileBasedInputProcessor resolves them."""
+    # TFX's nameless error for a span directory of the wrong {SPAN:w} width becomes a
+    # SpanNamingError naming the directories.
     from tfx.components.example_gen import input_processor
 
     processor = input_processor.FileBasedInputProcessor(input_base, splits, only)
-    span, version = processor.resolve_span_and_version()
+    try:
+        span, version = processor.resolve_span_and_version()
+    except ValueError as exc:
+        why = unfit_span_names(input_base, splits) if str(exc) == TFX_UNFIT_NAME else None
+        if why is None:
+            raise
+        raise SpanNamingError(why) from None
     return span, version, processor.get_input_fingerprint(span, version)
 
 
@@ -105,6 +123,8 @@ def _newest_of_each_split(input_base: str, splits, only) -> dict[str, tuple[int,
     for split in splits:
         try:
             span, version, _ = _resolve(input_base, [split], only)
+        except SpanNamingError:
+            raise
         except ValueError as exc:
             if not str(exc).startswith(TFX_NO_MATCH):
                 raise
@@ -125,6 +145,8 @@ def data_to_ingest(input_base: str, input_config_json: str, span: int | None = N
     lacking: set[str] = set()
     try:
         span, version, fingerprint = _resolve(input_base, config.splits, only)
+    except SpanNamingError:
+        raise
     except ValueError:
         # TFX refuses a span that not every split has ("Latest span should be the same for each
         # split"; pinned: "Cannot find matching for split"), which is what an upload in
@@ -139,6 +161,7 @@ def data_to_ingest(input_base: str, input_config_json: str, span: int | None = N
         fingerprint = ""  # TFX fingerprints a span only when every split has it
     # One listing per split, names only: at ImageNet-1k ~1,300 shards, none of them opened.
     listed = [span_files(input_base, split, span, version) for split in config.splits]
+    check_spelling(span, listed, {split.name: split.pattern for split in config.splits})
     spans = any(any(utils.verify_split_pattern_specs(split)) for split in config.splits)
     what = f"span {span}" if spans else f"the data in {input_base}"
     what += "" if version is None else f" version {version}"

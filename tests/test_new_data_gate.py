@@ -31,7 +31,7 @@ from components.new_data_gate import (
     training_data_path,
     write_training_data,
 )
-from components.span_files import SpanFiles, incompleteness
+from components.span_files import SpanFiles, SpanNamingError, incompleteness
 from pipeline import ingest
 from serving.manager import list_versions
 from van_tfx.config import DataConfig, load_config
@@ -543,7 +543,7 @@ def test_the_gate_waits_exactly_when_ingest_would_refuse_for_missing_shards(tota
     # One rule: the gate's verdict on a split's names agrees with ingest's check_shard_set.
     names = [f"train-{i:05d}-of-{total:05d}" + (".gz" if gz else "") for i, gz in present]
     paths = [f"/d/span-2/{name}" for name in names + ([extra] if extra else [])]
-    files = SpanFiles("train", "/d/span-2/train-*", paths)
+    files = SpanFiles("train", "/d/span-2/train-*", paths, "/d/span-2")
     try:
         check_shard_set("train", files.pattern, paths)
         ingest_refuses = False
@@ -592,3 +592,77 @@ def test_the_gate_lists_an_imagenet_sized_span_without_opening_a_shard(tmp_path)
     seen = json.loads(found.stdout.strip().splitlines()[-1])
     assert seen["span"] == 2 and seen[INCOMPLETE_KEY] is None
     assert "num_files:1024" in seen["input_fingerprint"], time.monotonic() - start
+
+
+# --- span-1 beside span-01: TFX ingests one, fingerprints either; the gate refuses ---
+
+
+def tfx_driver_patterns(data: Path, data_config: DataConfig | None = None) -> list[str]:
+    """The split patterns TFX 1.16's own ExampleGen driver resolves for this data root."""
+    from tfx.components.example_gen import driver
+    from tfx.proto import example_gen_pb2
+
+    properties = {"input_base": str(data), "input_config": input_config_json(data_config)}
+    resolved = driver.FileBasedDriver(None).resolve_exec_properties(properties, None, None)
+    config = proto_utils.json_to_proto(resolved["input_config"], example_gen_pb2.Input())
+    return [split.pattern for split in config.splits]
+
+
+def test_span_1_beside_span_01_is_refused_naming_both_directories(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    (data / "span-1").rename(data / "span-01")
+    write_span(data, 1)
+    # TFX's own driver ingests span-1 and never reads span-01 (its fingerprint, of the
+    # directory its unordered glob lists first, may be of either).
+    assert tfx_driver_patterns(data) == ["span-1/train-*", "span-1/validation-*"]
+    for pinned in (-1, 1):  # KFP's gate resolves the newest; `van-tfx run` pins it
+        with pytest.raises(SpanNamingError) as failure:
+            gate(data, tmp_path / "serving", tmp_path, span=pinned)
+        message = str(failure.value)
+        assert message.startswith(
+            f"span 1 is in more than one directory: {data}/span-1 and {data}/span-01 (the "
+            "train split's pattern span-{SPAN}/train-* matches each as span 1). TFX's "
+            f"ExampleGen ingests only {data}/span-1"
+        )
+        assert f"never reads {data}/span-01" in message
+    # Only the span a run ingests matters: an older one spelled twice does not stop a newer one.
+    write_span(data, 2)
+    assert new_data(gate(data, tmp_path / "serving", tmp_path)) == 1
+
+
+def test_a_span_only_in_a_zero_padded_directory_is_refused_naming_it(tmp_path):
+    # TFX finds span 1 in span-01, fingerprints it, and its driver then points ingestion at
+    # span-1, which holds nothing: the run failed at ingestion.
+    data = tmp_path / "data"
+    write_span(data, 1)
+    (data / "span-1").rename(data / "span-01")
+    assert tfx_driver_patterns(data) == ["span-1/train-*", "span-1/validation-*"]
+    with pytest.raises(SpanNamingError) as failure:
+        gate(data, tmp_path / "serving", tmp_path)
+    assert str(failure.value).startswith(
+        f"span 1 is in {data}/span-01, but the train split's pattern span-{{SPAN}}/train-* "
+        f"spells span 1 as {data}/span-1, where TFX's ExampleGen would look for it and find "
+        "nothing. Rename "
+    )
+
+
+def test_with_a_span_width_tfxs_nameless_error_becomes_one_naming_the_directories(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    (data / "span-1").rename(data / "span-01")
+    write_span(data, 1)
+    width = DataConfig(
+        train_pattern="span-{SPAN:2}/train-*", eval_pattern="span-{SPAN:2}/validation-*"
+    )
+    with pytest.raises(ValueError, match="^Glob pattern does not match regex pattern$"):
+        tfx_driver_patterns(data, width)  # what TFX says, naming nothing
+    with pytest.raises(SpanNamingError) as failure:
+        gate(data, tmp_path / "serving", tmp_path, data_config=width)
+    assert str(failure.value).startswith(
+        "the train split's pattern span-{SPAN:2}/train-* takes span numbers written with 2 "
+        f"digits, and {data}/span-1 (span 1, which is also in {data}/span-01) is not"
+    )
+    # Pinned to span 1, TFX reads span-01 and ignores span-1: refused as well, naming both.
+    with pytest.raises(SpanNamingError, match=f"never reads {data}/span-1;"):
+        gate(data, tmp_path / "serving", tmp_path, span=1, data_config=width)
