@@ -594,6 +594,54 @@ def test_the_gate_lists_an_imagenet_sized_span_without_opening_a_shard(tmp_path)
     assert "num_files:1024" in seen["input_fingerprint"], time.monotonic() - start
 
 
+def test_van_tfx_run_reports_an_incomplete_span_without_starting_the_pipeline(tmp_path):
+    from pipeline.local import STATE_FILE, run_locally
+
+    config = load_config(overrides=[f"home={tmp_path}"])
+    write_span(config.data_dir, 1)
+    write_shards(config.data_dir / "span-2", "train", 4, [0, 2])
+    messages = []
+    outcome = run_locally(config, echo=messages.append)
+    assert not outcome.trained and outcome.span == 2
+    assert outcome.reasons == [
+        "nothing new to train on yet: span 2 is still incomplete: train has 2 of 4 shards "
+        "(missing train-00001-of-00004, train-00003-of-00004); eval has no files of it yet "
+        f"({config.data_dir}/span-2/validation-*); nothing was trained or pushed. Run again "
+        "once the upload is complete."
+    ]
+    # No run was recorded, so the next `van-tfx run` looks again; no pipeline started.
+    assert not (tmp_path / STATE_FILE).exists() and messages == []
+    assert not Path(config.pipeline_root).exists()
+    assert run_locally(config, force=True).reasons == outcome.reasons
+
+
+def test_a_run_closed_by_an_incomplete_span_reads_as_waiting_in_outcome_and_report(
+    data, served_span_1, tmp_path
+):
+    from pipeline.local import mlmd_properties
+    from pipeline.outcome import RunArtifact, print_outcome, summarize
+    from pipeline.report import write_report
+
+    write_shards(data / "span-7", "train", 16, range(3))
+    write_shards(data / "span-7", "validation", 1)
+    decision = gate(data, served_span_1, tmp_path)
+    outputs = {"File": [RunArtifact("File", decision.uri, mlmd_properties(decision.mlmd_artifact))]}
+    outcome = summarize(outputs, 7, "run-1")
+    [said] = outcome.reasons
+    assert said.startswith(
+        "nothing new to train on yet: trained nothing (span 7 is still incomplete: train has 3 "
+        "of 16 shards (missing train-00003-of-00016"
+    )
+    assert said.endswith("If every run says this of the same span, its upload has stopped.")
+    assert "--force" not in said  # forcing cannot ingest an incomplete span
+    report = Path(write_report(tmp_path / "report.html", outputs, outcome)).read_text()
+    assert "Trained nothing, pushed nothing." in report and "span 7 is still incomplete" in report
+    printed = tempfile.TemporaryFile("w+")
+    print_outcome(outcome, printed)
+    printed.seek(0)
+    assert printed.read().startswith("nothing new to train on yet: trained nothing (span 7")
+
+
 # --- span-1 beside span-01: TFX ingests one, fingerprints either; the gate refuses ---
 
 
