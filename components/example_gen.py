@@ -30,7 +30,6 @@ hex, no file named) is cut to one line naming the split's pattern.
 
 from __future__ import annotations
 
-import collections
 import os
 import re
 
@@ -50,12 +49,11 @@ from components.new_data_gate import (
     span_range,
 )
 from van_tfx import storage
+from van_tfx.shard_sets import IncompleteShardsError, check_shard_set
 from van_tfx.tfrecords import BadRecordError, CorruptShardError, read_records, write_records
 
 _INPUT_CONFIG = standard_component_specs.INPUT_CONFIG_KEY
 _CUSTOM_CONFIG = standard_component_specs.CUSTOM_CONFIG_KEY
-# TF's and our converters' shard names: train-00007-of-01024, optionally GZIP.
-_SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<index>[0-9]{5,})-of-(?P<total>[0-9]{5,})(?:\.gz)?")
 _RANGE_CONFIG = standard_component_specs.RANGE_CONFIG_KEY
 _GZIP_MAGIC = b"\x1f\x8b"
 _BEAM_CORRUPT_RECORD = "Not a valid TFRecord"
@@ -72,10 +70,6 @@ _FEATURE_KINDS = {1: "bytes_list", 2: "int64_list", 3: "float_list"}  # BYTES, I
 _SCHEMA_TYPES = {"bytes_list": "BYTES", "int64_list": "INT", "float_list": "FLOAT"}
 # Compressions Beam reads by file name that tf.data cannot: such shards are refused by name.
 _UNCOPYABLE_SUFFIXES = (".bz2", ".deflate", ".zst", ".zstd", ".lzma")
-
-
-class IncompleteShardsError(ValueError):
-    """A split whose numbered shards are not exactly one complete set."""
 
 
 def has_unresolved_specs(input_config_json: str) -> bool:
@@ -196,49 +190,6 @@ def check_splits_are_disjoint(shards: dict[str, tuple[str, list[str]]]) -> None:
                     f"patterns (the {name} split's is {pattern}): each file belongs to one split"
                 )
             owner[path] = name
-
-
-def check_shard_set(split: str, pattern: str, paths: list[str]) -> None:
-    """IncompleteShardsError unless the shards named `<name>-NNNNN-of-MMMMM[.gz]` form complete
-    sets, one per name: a span still being uploaded, an older set beside a newer one, a shard
-    both plain and GZIP, or a partial upload's temporary file would be ingested silently."""
-    numbered = {path: _SHARD_NAME.fullmatch(os.path.basename(path)) for path in paths}
-    if not any(numbered.values()):
-        return  # names without shard numbers: nothing to check them against
-    problems = [
-        f"{path} is not named <name>-NNNNN-of-MMMMM" for path, m in numbered.items() if not m
-    ]
-    by_stem = collections.defaultdict(list)  # one pattern may take several sets (train-*, extra-*)
-    for m in filter(None, numbered.values()):
-        by_stem[m["stem"]].append((int(m["index"]), int(m["total"])))
-    for stem, shards in sorted(by_stem.items()):
-        problems += _set_problems(stem, shards)
-    if problems:
-        raise IncompleteShardsError(
-            f"the {split} split's shards ({pattern}) are not complete sets (is the span still "
-            f"being uploaded?): {'; '.join(problems)}"
-        )
-
-
-def _set_problems(stem: str, shards: list[tuple[int, int]]) -> list[str]:
-    totals = sorted({total for _, total in shards})
-    if len(totals) > 1:
-        sets = ", ".join(f"{stem}-*-of-{total:05d}" for total in totals)
-        return [f"more than one set of shards: {sets}"]
-    total, seen = totals[0], collections.Counter(index for index, _ in shards)
-    problems = []
-    missing = [f"{stem}-{i:05d}-of-{total:05d}" for i in range(total) if not seen[i]]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        problems.append(f"{len(missing)} of {total} shards missing: {', '.join(missing[:5])}{more}")
-    for index, count in sorted(seen.items()):
-        if count > 1:
-            problems.append(
-                f"{stem} shard {index} of {total} is there {count} times (plain and .gz?)"
-            )
-        if index >= total:
-            problems.append(f"{stem} shard {index} is beyond -of-{total:05d}")
-    return problems
 
 
 def schema_path_config(schema_path: str) -> example_gen_pb2.CustomConfig:

@@ -22,6 +22,20 @@ against the model served now. New data, a changed recipe, another served model (
 rollback) or `retrain_on_same_data` trains again. TF Serving (and `serving/`) skip the
 directory: its name is not a version number.
 
+A scheduled run may start while the newest span is still being uploaded. Ingest refuses an
+incomplete shard set (IncompleteShardsError), which made that normal situation a failed run, and
+TFX itself refuses a span that one split does not have yet ("Latest span should be the same for
+each split"). The gate therefore lists the span's files (components/span_files.py; names only, one
+listing per split) and, when shards or a split are missing, decides 0 with `incomplete` = 1 and a
+reason naming the span, each split and what it lacks: the run is a no-op and the next one looks
+again. Ingest keeps its own check, since a span can change between the gate and ingestion. It
+does not fall back to an older complete span: a run trains on the newest span only, an older one
+was normally what the served model learned already (so falling back would decide 0 anyway), and
+where it was not (its run failed, its candidate was rejected) training on it now would spend a
+whole training run on data the span being uploaded replaces by the next night. A span directory
+spelled two ways (`span-1` beside `span-01`), which TFX ingests from one and fingerprints from
+either, is refused naming both (SpanNamingError).
+
 The gate reads state outside its inputs (the data root and the serving directory), so it must never
 be served from a cache: the local runner and the Kubeflow compiler both switch caching off for it.
 """
@@ -38,6 +52,15 @@ from tfx.dsl.component.experimental.decorators import component
 from tfx.types.experimental.simple_artifacts import File
 from tfx.types.standard_artifacts import ModelBlessing
 
+from components.span_files import (
+    TFX_NO_MATCH,
+    TFX_UNFIT_NAME,
+    SpanNamingError,
+    check_spelling,
+    incompleteness,
+    span_files,
+    unfit_span_names,
+)
 from serving.manager import version_dirs
 from van_tfx import storage
 
@@ -53,6 +76,9 @@ FINGERPRINT_KEY = "input_fingerprint"  # the name ImportExampleGen's driver uses
 SERVED_VERSION_KEY = "served_version"  # "" when nothing is served
 RECIPE_KEY = "recipe_fingerprint"  # sha256 of the Trainer's custom_config
 VERSION_KEY = "version"  # int custom property, absent when the patterns have no {VERSION}
+# int custom property: 1 when new_data is 0 because the span is still incomplete (an upload in
+# progress); the reason names the split and what is missing.
+INCOMPLETE_KEY = "incomplete"
 DECISION_FILE = "decision.json"
 TRAINING_DATA_FILE = "van_training_data.json"  # next to TF Serving's warmup file
 _ASSETS_EXTRA = "assets.extra"
@@ -74,21 +100,76 @@ def span_range(span: int):
     )
 
 
-def data_to_ingest(input_base: str, input_config_json: str, span: int | None = None) -> dict:
-    """Span, version and input fingerprint of what ImportExampleGen would ingest now (TFX's own
-    logic): of `span` when the run pinned one, else of the newest."""
+def _resolve(input_base: str, splits, only) -> tuple[int, int | None, str]:
+    """(span, version, input fingerprint) as TFX's FileBasedInputProcessor resolves them."""
+    # TFX's nameless error for a span directory of the wrong {SPAN:w} width becomes a
+    # SpanNamingError naming the directories.
     from tfx.components.example_gen import input_processor
+
+    processor = input_processor.FileBasedInputProcessor(input_base, splits, only)
+    try:
+        span, version = processor.resolve_span_and_version()
+    except ValueError as exc:
+        why = unfit_span_names(input_base, splits) if str(exc) == TFX_UNFIT_NAME else None
+        if why is None:
+            raise
+        raise SpanNamingError(why) from None
+    return span, version, processor.get_input_fingerprint(span, version)
+
+
+def _newest_of_each_split(input_base: str, splits, only) -> dict[str, tuple[int, int | None]]:
+    """{split name: (span, version)} each split resolves to alone; splits with no span left out."""
+    newest = {}
+    for split in splits:
+        try:
+            span, version, _ = _resolve(input_base, [split], only)
+        except SpanNamingError:
+            raise
+        except ValueError as exc:
+            if not str(exc).startswith(TFX_NO_MATCH):
+                raise
+            continue
+        newest[split.name] = (span, version)
+    return newest
+
+
+def data_to_ingest(input_base: str, input_config_json: str, span: int | None = None) -> dict:
+    """Span, version, fingerprint and completeness of what ImportExampleGen would ingest now."""
+    # TFX's own resolution: of `span` when the run pinned one, else of the newest.
+    from tfx.components.example_gen import utils
     from tfx.proto import example_gen_pb2
     from tfx.utils import proto_utils
 
     config = proto_utils.json_to_proto(input_config_json, example_gen_pb2.Input())
     only = None if span is None else span_range(span)
-    processor = input_processor.FileBasedInputProcessor(input_base, config.splits, only)
-    span, version = processor.resolve_span_and_version()
+    lacking: set[str] = set()
+    try:
+        span, version, fingerprint = _resolve(input_base, config.splits, only)
+    except SpanNamingError:
+        raise
+    except ValueError:
+        # TFX refuses a span that not every split has ("Latest span should be the same for each
+        # split"; pinned: "Cannot find matching for split"), which is what an upload in
+        # progress looks like until its last split lands: then the newest span is incomplete.
+        newest = _newest_of_each_split(input_base, config.splits, only)
+        if not newest or (len(newest) == len(config.splits) and len(set(newest.values())) == 1):
+            raise  # no data at all, or TFX refused something else
+        span, version = max(newest.values(), key=lambda sv: (sv[0], -1 if sv[1] is None else sv[1]))
+        lacking = {
+            split.name for split in config.splits if newest.get(split.name) != (span, version)
+        }
+        fingerprint = ""  # TFX fingerprints a span only when every split has it
+    # One listing per split, names only: at ImageNet-1k ~1,300 shards, none of them opened.
+    listed = [span_files(input_base, split, span, version) for split in config.splits]
+    check_spelling(span, listed, {split.name: split.pattern for split in config.splits})
+    spans = any(any(utils.verify_split_pattern_specs(split)) for split in config.splits)
+    what = f"span {span}" if spans else f"the data in {input_base}"
+    what += "" if version is None else f" version {version}"
     return {
         "span": span,
         VERSION_KEY: version,
-        "input_fingerprint": processor.get_input_fingerprint(span, version),
+        "input_fingerprint": fingerprint,
+        INCOMPLETE_KEY: incompleteness(what, listed, lacking),
     }
 
 
@@ -250,6 +331,16 @@ def decide(current: dict, serving_base_path: str, force: bool = False) -> tuple[
     span = current["span"]
     version = newest_served_version(serving_base_path)
     served = version or ""
+    if current.get(INCOMPLETE_KEY):
+        # Not an older complete span instead: the newest span is the only one a run trains on,
+        # and an older one was, normally, what the served model learned (see the docstring).
+        why = (
+            f"{current[INCOMPLETE_KEY]}; nothing is ingested until it is complete, the next run "
+            "looks again"
+        )
+        if force:
+            why = f"retraining is forced (retrain_on_same_data), but {why}"
+        return False, why, served
     if force:
         return True, f"retraining forced (retrain_on_same_data) on span {span}", served
     train, why = compare_with_served(current, serving_base_path, version)
@@ -287,12 +378,15 @@ def NewDataGate(  # noqa: N802  (TFX component names are class-like)
     recipe: Parameter[str] = "",  # recipe_fingerprint of the Trainer's custom_config
     span: Parameter[int] = -1,  # the span the run pinned every ExampleGen to; -1: the newest
 ) -> None:
-    """Set decision.new_data to 1 when the span to ingest differs from the served model's and was
-    not rejected against it with the same recipe, else 0."""
+    """Set decision.new_data to 1 when the span is complete, new and not rejected, else 0."""
+    # new_data 1: the span differs from the served model's and was not rejected against it with
+    # the same recipe. 0 with incomplete 1: the span is still being uploaded.
     pinned = None if span < 0 else span
     current = {**data_to_ingest(input_base, input_config, pinned), RECIPE_KEY: recipe}
     new_data, reason, served_version = decide(current, serving_base_path, bool(force))
+    incomplete = int(bool(current[INCOMPLETE_KEY]))
     decision.set_int_custom_property(NEW_DATA_KEY, int(new_data))
+    decision.set_int_custom_property(INCOMPLETE_KEY, incomplete)
     decision.set_string_custom_property(REASON_KEY, reason)
     decision.set_int_custom_property(SPAN_KEY, current["span"])
     decision.set_string_custom_property(FINGERPRINT_KEY, current["input_fingerprint"])
@@ -301,6 +395,7 @@ def NewDataGate(  # noqa: N802  (TFX component names are class-like)
     if current[VERSION_KEY] is not None:
         decision.set_int_custom_property(VERSION_KEY, current[VERSION_KEY])
     summary = {NEW_DATA_KEY: int(new_data), REASON_KEY: reason, **current}
+    summary[INCOMPLETE_KEY] = incomplete  # the property's value; the reason says why
     summary[SERVED_VERSION_KEY] = served_version
     storage.write_text(os.path.join(decision.uri, DECISION_FILE), json.dumps(summary, indent=2))
     skipped = "" if new_data else "; every later step is skipped"

@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from components.new_data_gate import INCOMPLETE_KEY
 from pipeline.beam_workers import DIRECT_RUNNERS, with_worker_image
 from pipeline.outcome import RunArtifact, RunOutcome, summarize
 from van_tfx.config import Config
@@ -77,17 +78,17 @@ def home_lock(home: Path):
         handle.close()
 
 
-def current_data_fingerprint(config: Config, location) -> tuple[str, int]:
-    """Fingerprint and span of the input ExampleGen would ingest now (TFX's own calculation)."""
-    from tfx.components.example_gen import utils as example_gen_utils
+def current_data(config: Config, location) -> dict:
+    """Span, fingerprint and completeness of what ExampleGen would ingest now, as the gate sees it."""
+    from tfx.utils import proto_utils
 
+    from components.new_data_gate import data_to_ingest
     from pipeline import ingest
 
-    splits = ingest.input_config(config.data).splits
-    fingerprint, span, _version = example_gen_utils.calculate_splits_fingerprint_span_and_version(
-        location.data_root, splits
-    )
-    return fingerprint, span
+    # The gate's own function (TFX's calculation, plus the spelling and completeness checks),
+    # so `van-tfx run` and the pipeline's gate agree on the span and on whether it is complete.
+    input_config = proto_utils.proto_to_json(ingest.input_config(config.data))
+    return data_to_ingest(location.data_root, input_config)
 
 
 def previous_run(home: Path) -> dict | None:
@@ -102,8 +103,18 @@ def run_locally(config: Config, *, force: bool = False, echo=print) -> RunOutcom
     location = local_location(config)
     config = with_force(config, force)
     with home_lock(home):
-        fingerprint, span = current_data_fingerprint(config, location)
+        current = current_data(config, location)
+        fingerprint, span = current["input_fingerprint"], current["span"]
         last = previous_run(home)
+        if current[INCOMPLETE_KEY]:
+            # An upload in progress: no run, no record, so the next `van-tfx run` looks again.
+            # --force does not help: ingestion refuses an incomplete span.
+            outcome = RunOutcome(run_id=last["run_id"] if last else "", span=span, trained=False)
+            outcome.reasons.append(
+                f"nothing new to train on yet: {current[INCOMPLETE_KEY]}; nothing was trained "
+                "or pushed. Run again once the upload is complete."
+            )
+            return outcome
         if not force and last and last.get("fingerprint") == fingerprint:
             outcome = RunOutcome(run_id=last["run_id"], span=span, trained=False)
             outcome.reasons.append(

@@ -13,7 +13,12 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from components.new_data_gate import DECISION_TYPE_NAME, NEW_DATA_KEY, REASON_KEY
+from components.new_data_gate import (
+    DECISION_TYPE_NAME,
+    INCOMPLETE_KEY,
+    NEW_DATA_KEY,
+    REASON_KEY,
+)
 from components.served_model import BASELINE_DROPPED_KEY
 from components.serving_smoke_test import MODEL_SERVER_KEY
 
@@ -121,6 +126,22 @@ def describe_failure(failure, baseline: dict[str, float]) -> str:
     return f"evaluator: {name} = {value:.4f} is below the value threshold {bound:.4f}"
 
 
+def skipped_reason(decision: RunArtifact) -> str:
+    """Why a run the gate closed trained nothing, and what would make the next one train."""
+    reason = string_property(decision, REASON_KEY)
+    if int_property(decision, INCOMPLETE_KEY) == 1:
+        # An upload in progress: nothing to do but wait (forcing would not help: ingest refuses
+        # an incomplete span).
+        return (
+            f"nothing new to train on yet: trained nothing ({reason}). If every run says this "
+            "of the same span, its upload has stopped."
+        )
+    return (
+        f"nothing new to train on: trained nothing ({reason}). Add data, change the training "
+        "recipe, or set retrain_on_same_data (van-tfx run --force) to retrain anyway."
+    )
+
+
 def summarize(outputs: dict[str, list[RunArtifact]], span: int | None, run_id: str) -> RunOutcome:
     """Blessed?, pushed where?, and why not, from the output artifacts of one run."""
     outcome = RunOutcome(run_id=run_id, span=span)
@@ -128,11 +149,7 @@ def summarize(outputs: dict[str, list[RunArtifact]], span: int | None, run_id: s
     if decision is not None and int_property(decision, NEW_DATA_KEY, 1) == 0:
         # Everything downstream of the gate was skipped by its run condition.
         outcome.trained = False
-        outcome.reasons.append(
-            "nothing new to train on: trained nothing "
-            f"({string_property(decision, REASON_KEY)}). Add data, change the training recipe, "
-            "or set retrain_on_same_data (van-tfx run --force) to retrain anyway."
-        )
+        outcome.reasons.append(skipped_reason(decision))
         return outcome
     evaluations = outputs.get("ModelEvaluation", [])
     if evaluations:

@@ -2,18 +2,25 @@
 
 import json
 import os
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 import tensorflow as tf
-from spans import write_span
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from spans import write_shards, write_span
 from tfx.types.experimental.simple_artifacts import File
 from tfx.types.standard_artifacts import ModelBlessing
 from tfx.utils import proto_utils
 
 from components.new_data_gate import (
     GATE_ID,
+    INCOMPLETE_KEY,
     NEW_DATA_KEY,
     REASON_KEY,
     REJECTIONS_DIR,
@@ -24,9 +31,13 @@ from components.new_data_gate import (
     training_data_path,
     write_training_data,
 )
+from components.span_files import SpanFiles, SpanNamingError, incompleteness
 from pipeline import ingest
 from serving.manager import list_versions
 from van_tfx.config import DataConfig, load_config
+from van_tfx.shard_sets import IncompleteShardsError, check_shard_set, shard_sets
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def decision_of(data_root: Path, tmp_path: Path) -> File:
@@ -61,6 +72,7 @@ def gate(
     force: bool = False,
     recipe: str = "r1",
     span: int = -1,
+    data_config: DataConfig | None = None,
 ) -> File:
     """Run the component's function on the real data root; return its decision artifact."""
     decision = File()
@@ -68,13 +80,18 @@ def gate(
     NewDataGate.test_call(
         decision=decision,
         input_base=str(data_root),
-        input_config=proto_utils.proto_to_json(ingest.input_config(DataConfig())),
+        input_config=input_config_json(data_config),
         serving_base_path=str(serving),
         force=int(force),
         recipe=recipe,
         span=span,
     )
     return decision
+
+
+def input_config_json(data_config: DataConfig | None = None) -> str:
+    """ImportExampleGen's input config (train and eval patterns) as the gate receives it."""
+    return proto_utils.proto_to_json(ingest.input_config(data_config or DataConfig()))
 
 
 def evaluate(decision: File, serving: Path, tmp_path: Path, blessed: bool) -> ModelBlessing:
@@ -375,3 +392,325 @@ def test_force_reaches_the_gate_and_the_local_gate_is_never_cached(tmp_path, for
     for name, node in nodes.items():
         if name != GATE_ID:
             assert node.inputs.conditionals, f"{name} runs whatever the gate decided"
+
+
+# --- A span still being uploaded: the gate waits instead of ingest failing the run ---
+
+
+def incomplete(decision: File) -> int:
+    return decision.get_int_custom_property(INCOMPLETE_KEY)
+
+
+@pytest.fixture
+def served_span_1(data, tmp_path) -> Path:
+    """The serving directory of a model trained on span 1 (the data fixture)."""
+    serving = tmp_path / "serving"
+    push(serving, 1700000000, decision_of(data, tmp_path))
+    return serving
+
+
+def test_a_span_with_shards_still_missing_is_no_new_data_naming_split_and_shards(
+    data, served_span_1, tmp_path
+):
+    # Before: new data, then ImportExampleGen's IncompleteShardsError failed the run.
+    write_shards(data / "span-7", "train", 16, range(3))
+    write_shards(data / "span-7", "validation", 1)
+    decision = gate(data, served_span_1, tmp_path)
+    assert new_data(decision) == 0 and incomplete(decision) == 1
+    assert reason(decision).startswith(
+        "span 7 is still incomplete: train has 3 of 16 shards (missing train-00003-of-00016, "
+        "train-00004-of-00016, train-00005-of-00016, train-00006-of-00016, "
+        "train-00007-of-00016 and 8 more); nothing is ingested until it is complete"
+    )
+    assert decision.get_int_custom_property("span") == 7
+    written = json.loads(Path(decision.uri, "decision.json").read_text())
+    assert written[INCOMPLETE_KEY] == 1 and written[NEW_DATA_KEY] == 0 and written["span"] == 7
+    # The upload completes: the next scheduled run trains on it.
+    write_shards(data / "span-7", "train", 16, range(3, 16))
+    decision = gate(data, served_span_1, tmp_path)
+    assert new_data(decision) == 1 and incomplete(decision) == 0
+    assert reason(decision).startswith("new data: span 7")
+
+
+@pytest.mark.parametrize("pinned", [-1, 7], ids=["newest", "pinned"])
+def test_a_split_with_no_file_of_the_new_span_yet_is_no_new_data(
+    data, served_span_1, tmp_path, pinned
+):
+    # Before: TFX's "Latest span should be the same for each split" (pinned, as `van-tfx run`
+    # pins it: "Cannot find matching for split eval") failed the gate itself.
+    write_shards(data / "span-7", "train", 2)
+    decision = gate(data, served_span_1, tmp_path, span=pinned)
+    assert new_data(decision) == 0 and incomplete(decision) == 1
+    assert reason(decision).startswith(
+        f"span 7 is still incomplete: eval has no files of it yet ({data}/span-7/validation-*)"
+    )
+
+
+def test_forcing_a_retrain_does_not_ingest_an_incomplete_span(data, served_span_1, tmp_path):
+    write_shards(data / "span-7", "train", 4, [0, 1, 3])
+    write_shards(data / "span-7", "validation", 1)
+    decision = gate(data, served_span_1, tmp_path, force=True)
+    assert new_data(decision) == 0 and incomplete(decision) == 1
+    assert reason(decision).startswith(
+        "retraining is forced (retrain_on_same_data), but span 7 is still incomplete: "
+        "train has 3 of 4 shards (missing train-00002-of-00004)"
+    )
+
+
+def test_shards_wrong_in_a_way_waiting_cannot_mend_are_refused_by_the_gate_as_by_ingest(
+    data, served_span_1, tmp_path
+):
+    # Nothing missing, so no upload in progress: two sets of train shards (every record twice).
+    write_shards(data / "span-7", "train", 2)
+    write_shards(data / "span-7", "train", 1)
+    write_shards(data / "span-7", "validation", 1)
+    with pytest.raises(IncompleteShardsError) as failure:
+        gate(data, served_span_1, tmp_path)
+    paths = [str(p) for p in sorted((data / "span-7").glob("train-*"))]
+    with pytest.raises(IncompleteShardsError) as ingest_refusal:
+        check_shard_set("train", f"{data}/span-7/train-*", paths)
+    assert str(failure.value) == str(ingest_refusal.value)
+    assert "more than one set of shards: train-*-of-00001, train-*-of-00002" in str(failure.value)
+
+
+def test_an_upload_temporary_file_is_named_while_the_span_waits(data, served_span_1, tmp_path):
+    # `hadoop fs -put` writes each file as NAME._COPYING_ and renames it when done.
+    write_shards(data / "span-7", "train", 4, range(3))
+    (data / "span-7" / "train-00003-of-00004._COPYING_").write_bytes(b"half a shard")
+    write_shards(data / "span-7", "validation", 1)
+    decision = gate(data, served_span_1, tmp_path)
+    assert new_data(decision) == 0 and incomplete(decision) == 1
+    assert (
+        "train has 3 of 4 shards (missing train-00003-of-00004), and "
+        f"{data}/span-7/train-00003-of-00004._COPYING_ is not named" in reason(decision)
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    train_total=st.integers(1, 7),
+    train_present=st.sets(st.integers(0, 6)),
+    eval_present=st.sets(st.integers(0, 1)),
+    copying=st.booleans(),
+)
+def test_the_gates_verdict_on_a_new_span_follows_the_shard_rule(
+    train_total, train_present, eval_present, copying
+):
+    train_present = sorted(i for i in train_present if i < train_total)
+    eval_present = sorted(eval_present)
+    train_missing = [i for i in range(train_total) if i not in train_present]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tmp / "data"
+        write_span(data, 1)
+        write_shards(data / "span-2", "train", train_total, train_present)
+        write_shards(data / "span-2", "validation", 2, eval_present)
+        if copying and train_present and train_missing:
+            name = f"train-{train_missing[0]:05d}-of-{train_total:05d}._COPYING_"
+            (data / "span-2" / name).write_bytes(b"")
+        decision = gate(data, tmp / "serving", tmp)
+    arrived = bool(train_present or eval_present)  # else span 2 has no file: span 1 is newest
+    complete = not train_missing and len(eval_present) == 2
+    assert incomplete(decision) == int(arrived and not complete)
+    assert new_data(decision) == int(not incomplete(decision))  # nothing is served yet
+    assert decision.get_int_custom_property("span") == (2 if arrived else 1)
+    if not incomplete(decision):
+        return
+    said = reason(decision)
+    assert said.startswith("span 2 is still incomplete: ")
+    for split, stem, shards, present, total in (
+        ("train", "train", "shards", train_present, train_total),
+        ("eval", "validation", "validation shards", eval_present, 2),
+    ):
+        if not present:
+            assert f"{split} has no files of it yet" in said
+        elif len(present) < total:
+            first = min(set(range(total)) - set(present))
+            assert (
+                f"{split} has {len(present)} of {total} {shards} "
+                f"(missing {stem}-{first:05d}-of-{total:05d}"
+            ) in said
+        else:
+            assert f"{split} has" not in said
+
+
+@given(
+    total=st.integers(1, 6),
+    present=st.lists(st.tuples(st.integers(0, 7), st.booleans()), max_size=9),
+    extra=st.sampled_from(["", "train-00000-of-00009", "notes.txt", "train-00001-of-00006._COPYING_"]),
+)  # fmt: skip
+def test_the_gate_waits_exactly_when_ingest_would_refuse_for_missing_shards(total, present, extra):
+    # One rule: the gate's verdict on a split's names agrees with ingest's check_shard_set.
+    names = [f"train-{i:05d}-of-{total:05d}" + (".gz" if gz else "") for i, gz in present]
+    paths = [f"/d/span-2/{name}" for name in names + ([extra] if extra else [])]
+    files = SpanFiles("train", "/d/span-2/train-*", paths, "/d/span-2")
+    try:
+        check_shard_set("train", files.pattern, paths)
+        ingest_refuses = False
+    except IncompleteShardsError:
+        ingest_refuses = True
+    missing = bool(shard_sets("train", files.pattern, paths).missing)
+    try:
+        waits = incompleteness("span 2", [files]) is not None
+        gate_refuses = False
+    except IncompleteShardsError:
+        waits, gate_refuses = False, True
+    assert waits == missing  # wait only for shards still to come
+    assert ingest_refuses == (waits or gate_refuses)  # what the gate passes, ingest takes
+
+
+def test_the_gate_lists_an_imagenet_sized_span_without_opening_a_shard(tmp_path):
+    # Every shard a FIFO: listing and stat (the fingerprint) work, opening one would block until
+    # the subprocess's timeout. ImageNet-1k: 1,024 train shards, 128 validation shards.
+    data = tmp_path / "data"
+    write_span(data, 1)
+    span = data / "span-2"
+    span.mkdir()
+    for name in [f"train-{i:05d}-of-01024" for i in range(1023)] + [
+        f"validation-{i:05d}-of-00128" for i in range(128)
+    ]:
+        os.mkfifo(span / name)
+    config = input_config_json()
+    code = (
+        "import json, sys, time; from components.new_data_gate import data_to_ingest; "
+        "start = time.monotonic(); seen = data_to_ingest(sys.argv[1], sys.argv[2]); "
+        "print(json.dumps({**seen, 'seconds': time.monotonic() - start}))"
+    )
+    run = [sys.executable, "-c", code, str(data), config]
+    found = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert found.returncode == 0, found.stderr[-3000:]
+    seen = json.loads(found.stdout.strip().splitlines()[-1])
+    assert seen["span"] == 2
+    assert seen[INCOMPLETE_KEY].startswith(
+        "span 2 is still incomplete: train has 1023 of 1024 shards (missing train-01023-of-01024)"
+    )
+    assert seen["seconds"] < 30, seen["seconds"]
+    os.mkfifo(span / "train-01023-of-01024")
+    start = time.monotonic()
+    found = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert found.returncode == 0, found.stderr[-3000:]
+    seen = json.loads(found.stdout.strip().splitlines()[-1])
+    assert seen["span"] == 2 and seen[INCOMPLETE_KEY] is None
+    assert "num_files:1024" in seen["input_fingerprint"], time.monotonic() - start
+
+
+def test_van_tfx_run_reports_an_incomplete_span_without_starting_the_pipeline(tmp_path):
+    from pipeline.local import STATE_FILE, run_locally
+
+    config = load_config(overrides=[f"home={tmp_path}"])
+    write_span(config.data_dir, 1)
+    write_shards(config.data_dir / "span-2", "train", 4, [0, 2])
+    messages = []
+    outcome = run_locally(config, echo=messages.append)
+    assert not outcome.trained and outcome.span == 2
+    assert outcome.reasons == [
+        "nothing new to train on yet: span 2 is still incomplete: train has 2 of 4 shards "
+        "(missing train-00001-of-00004, train-00003-of-00004); eval has no files of it yet "
+        f"({config.data_dir}/span-2/validation-*); nothing was trained or pushed. Run again "
+        "once the upload is complete."
+    ]
+    # No run was recorded, so the next `van-tfx run` looks again; no pipeline started.
+    assert not (tmp_path / STATE_FILE).exists() and messages == []
+    assert not Path(config.pipeline_root).exists()
+    assert run_locally(config, force=True).reasons == outcome.reasons
+
+
+def test_a_run_closed_by_an_incomplete_span_reads_as_waiting_in_outcome_and_report(
+    data, served_span_1, tmp_path
+):
+    from pipeline.local import mlmd_properties
+    from pipeline.outcome import RunArtifact, print_outcome, summarize
+    from pipeline.report import write_report
+
+    write_shards(data / "span-7", "train", 16, range(3))
+    write_shards(data / "span-7", "validation", 1)
+    decision = gate(data, served_span_1, tmp_path)
+    outputs = {"File": [RunArtifact("File", decision.uri, mlmd_properties(decision.mlmd_artifact))]}
+    outcome = summarize(outputs, 7, "run-1")
+    [said] = outcome.reasons
+    assert said.startswith(
+        "nothing new to train on yet: trained nothing (span 7 is still incomplete: train has 3 "
+        "of 16 shards (missing train-00003-of-00016"
+    )
+    assert said.endswith("If every run says this of the same span, its upload has stopped.")
+    assert "--force" not in said  # forcing cannot ingest an incomplete span
+    report = Path(write_report(tmp_path / "report.html", outputs, outcome)).read_text()
+    assert "Trained nothing, pushed nothing." in report and "span 7 is still incomplete" in report
+    printed = tempfile.TemporaryFile("w+")
+    print_outcome(outcome, printed)
+    printed.seek(0)
+    assert printed.read().startswith("nothing new to train on yet: trained nothing (span 7")
+
+
+# --- span-1 beside span-01: TFX ingests one, fingerprints either; the gate refuses ---
+
+
+def tfx_driver_patterns(data: Path, data_config: DataConfig | None = None) -> list[str]:
+    """The split patterns TFX 1.16's own ExampleGen driver resolves for this data root."""
+    from tfx.components.example_gen import driver
+    from tfx.proto import example_gen_pb2
+
+    properties = {"input_base": str(data), "input_config": input_config_json(data_config)}
+    resolved = driver.FileBasedDriver(None).resolve_exec_properties(properties, None, None)
+    config = proto_utils.json_to_proto(resolved["input_config"], example_gen_pb2.Input())
+    return [split.pattern for split in config.splits]
+
+
+def test_span_1_beside_span_01_is_refused_naming_both_directories(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    (data / "span-1").rename(data / "span-01")
+    write_span(data, 1)
+    # TFX's own driver ingests span-1 and never reads span-01 (its fingerprint, of the
+    # directory its unordered glob lists first, may be of either).
+    assert tfx_driver_patterns(data) == ["span-1/train-*", "span-1/validation-*"]
+    for pinned in (-1, 1):  # KFP's gate resolves the newest; `van-tfx run` pins it
+        with pytest.raises(SpanNamingError) as failure:
+            gate(data, tmp_path / "serving", tmp_path, span=pinned)
+        message = str(failure.value)
+        assert message.startswith(
+            f"span 1 is in more than one directory: {data}/span-1 and {data}/span-01 (the "
+            "train split's pattern span-{SPAN}/train-* matches each as span 1). TFX's "
+            f"ExampleGen ingests only {data}/span-1"
+        )
+        assert f"never reads {data}/span-01" in message
+    # Only the span a run ingests matters: an older one spelled twice does not stop a newer one.
+    write_span(data, 2)
+    assert new_data(gate(data, tmp_path / "serving", tmp_path)) == 1
+
+
+def test_a_span_only_in_a_zero_padded_directory_is_refused_naming_it(tmp_path):
+    # TFX finds span 1 in span-01, fingerprints it, and its driver then points ingestion at
+    # span-1, which holds nothing: the run failed at ingestion.
+    data = tmp_path / "data"
+    write_span(data, 1)
+    (data / "span-1").rename(data / "span-01")
+    assert tfx_driver_patterns(data) == ["span-1/train-*", "span-1/validation-*"]
+    with pytest.raises(SpanNamingError) as failure:
+        gate(data, tmp_path / "serving", tmp_path)
+    assert str(failure.value).startswith(
+        f"span 1 is in {data}/span-01, but the train split's pattern span-{{SPAN}}/train-* "
+        f"spells span 1 as {data}/span-1, where TFX's ExampleGen would look for it and find "
+        "nothing. Rename "
+    )
+
+
+def test_with_a_span_width_tfxs_nameless_error_becomes_one_naming_the_directories(tmp_path):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    (data / "span-1").rename(data / "span-01")
+    write_span(data, 1)
+    width = DataConfig(
+        train_pattern="span-{SPAN:2}/train-*", eval_pattern="span-{SPAN:2}/validation-*"
+    )
+    with pytest.raises(ValueError, match="^Glob pattern does not match regex pattern$"):
+        tfx_driver_patterns(data, width)  # what TFX says, naming nothing
+    with pytest.raises(SpanNamingError) as failure:
+        gate(data, tmp_path / "serving", tmp_path, data_config=width)
+    assert str(failure.value).startswith(
+        "the train split's pattern span-{SPAN:2}/train-* takes span numbers written with 2 "
+        f"digits, and {data}/span-1 (span 1, which is also in {data}/span-01) is not"
+    )
+    # Pinned to span 1, TFX reads span-01 and ignores span-1: refused as well, naming both.
+    with pytest.raises(SpanNamingError, match=f"never reads {data}/span-1;"):
+        gate(data, tmp_path / "serving", tmp_path, span=1, data_config=width)
