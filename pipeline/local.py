@@ -98,7 +98,7 @@ def previous_run(home: Path) -> dict | None:
 
 
 def run_locally(config: Config, *, force: bool = False, echo=print) -> RunOutcome:
-    """Run the whole pipeline once, unless the data has not changed since the last completed run."""
+    """Run the whole pipeline once, unless the gate would skip the data the last run had."""
     home = config.home_dir
     location = local_location(config)
     config = with_force(config, force)
@@ -115,14 +115,10 @@ def run_locally(config: Config, *, force: bool = False, echo=print) -> RunOutcom
                 "or pushed. Run again once the upload is complete."
             )
             return outcome
-        if not force and last and last.get("fingerprint") == fingerprint:
+        skip = None if force else same_data_as_last_run(config, current, last)
+        if skip:
             outcome = RunOutcome(run_id=last["run_id"], span=span, trained=False)
-            outcome.reasons.append(
-                f"no new data: span {span} is unchanged since run {last['run_id']} "
-                f"(pushed version {last.get('pushed_version') or 'none'}); "
-                "nothing was trained or pushed. Add data (e.g. `van-tfx data sample --new-span`) "
-                "or pass --force to retrain anyway."
-            )
+            outcome.reasons.append(skip)
             return outcome
         run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         log_path = home / "logs" / f"run-{run_id}.log"
@@ -138,6 +134,29 @@ def run_locally(config: Config, *, force: bool = False, echo=print) -> RunOutcom
         record.update(pushed_version=outcome.pushed_version, blessed=outcome.blessed)
         (home / STATE_FILE).write_text(json.dumps(record, indent=2))
         return outcome
+
+
+def same_data_as_last_run(config: Config, current: dict, last: dict | None) -> str | None:
+    """Why not to start the pipeline: the last run had this data and the gate would skip it too;
+    None when it would train (the gate, not the record, decides)."""
+    from components.new_data_gate import RECIPE_KEY, decide, recipe_fingerprint
+    from van_trainer.train import custom_config_for
+
+    if not last or last.get("fingerprint") != current["input_fingerprint"]:
+        return None
+    # The gate's own verdict: after a smoke-test failure (nothing pushed), a rollback of the
+    # served version or a hand push, the same data is worth a run, and the record alone said
+    # "no new data" until --force.
+    recipe = recipe_fingerprint(custom_config_for(config))
+    train, why, _served = decide(
+        {**current, RECIPE_KEY: recipe}, str(config.serving_base_path), force=False
+    )
+    if train:
+        return None
+    return (
+        f"no new data: {why} (last run {last['run_id']}); nothing was trained or pushed. Add "
+        "data (e.g. `van-tfx data sample --new-span`) or pass --force to retrain anyway."
+    )
 
 
 def with_force(config: Config, force: bool) -> Config:

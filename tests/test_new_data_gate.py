@@ -714,3 +714,34 @@ def test_with_a_span_width_tfxs_nameless_error_becomes_one_naming_the_directorie
     # Pinned to span 1, TFX reads span-01 and ignores span-1: refused as well, naming both.
     with pytest.raises(SpanNamingError, match=f"never reads {data}/span-1;"):
         gate(data, tmp_path / "serving", tmp_path, span=1, data_config=width)
+
+
+def test_van_tfx_run_skips_the_data_of_its_last_run_only_when_the_gate_would(tmp_path):
+    # The local check compared the data with last_run.json alone: after a run whose smoke test
+    # failed (nothing pushed), or a rollback to a version trained on other data, it said "no new
+    # data" until --force, where the pipeline's gate would have trained.
+    import shutil
+
+    from pipeline.local import current_data, local_location, same_data_as_last_run
+
+    config = load_config(overrides=[f"home={tmp_path}"])
+    write_span(config.data_dir, 1)
+    current = current_data(config, local_location(config))
+    last = {"run_id": "20261206-010203", "fingerprint": current["input_fingerprint"]}
+    serving = config.serving_base_path
+    assert same_data_as_last_run(config, current, last) is None  # nothing pushed: train
+
+    push(serving, 1700000000, decision_of(config.data_dir, tmp_path))  # trained on this data
+    assert same_data_as_last_run(config, current, last) == (
+        "no new data: span 1 with the same input fingerprint is what served version 1700000000 "
+        "was trained on (last run 20261206-010203); nothing was trained or pushed. Add data "
+        "(e.g. `van-tfx data sample --new-span`) or pass --force to retrain anyway."
+    )
+    other = {**last, "fingerprint": "another"}
+    assert same_data_as_last_run(config, current, other) is None  # the data changed
+    assert same_data_as_last_run(config, current, None) is None
+
+    push(serving, 1700000001, None)  # a hand push or rollback, trained on who knows what
+    assert same_data_as_last_run(config, current, last) is None
+    shutil.rmtree(serving / "1700000001")
+    assert same_data_as_last_run(config, current, last) is not None
