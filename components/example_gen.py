@@ -130,6 +130,35 @@ def resolve_like_the_driver(
     return resolved
 
 
+class SpanMovedError(ValueError):
+    """ExampleGen's driver resolved another span than the NewDataGate decided on; names both."""
+
+
+def check_driver_span(exec_properties: dict, decided: dict) -> None:
+    """Refuse a span or version a driver resolved other than the one the gate decided on."""
+    # Vertex runs TFX's driver before this executor, and it resolves the newest span itself: a
+    # span landing after the gate looked would be trained on while the schema, the smoke test
+    # and the training record name the gate's (and the next run would train again).
+    span = exec_properties.get(utils.SPAN_PROPERTY_NAME)
+    version = exec_properties.get(utils.VERSION_PROPERTY_NAME)
+    if span is None:
+        return
+    if int(span) != decided["span"] or (
+        decided[VERSION_KEY] is not None
+        and version is not None
+        and int(version) != decided[VERSION_KEY]
+    ):
+        resolved = f"span {span}" + (f" version {version}" if version is not None else "")
+        wanted = f"span {decided['span']}" + (
+            f" version {decided[VERSION_KEY]}" if decided[VERSION_KEY] is not None else ""
+        )
+        raise SpanMovedError(
+            f"ExampleGen's driver resolved {resolved}, but the NewDataGate decided on {wanted}: "
+            "newer data landed in between (the driver resolves the newest itself); rerun the "
+            "pipeline, and its gate decides on the new data"
+        )
+
+
 def check_first_record(path: str) -> None:
     """Read one shard's first record as Beam would, raising CorruptShardError naming the shard."""
     compressed = path.endswith(".gz")
@@ -343,13 +372,15 @@ class SpanResolvingImportExecutor(import_executor.Executor):
         examples = artifact_utils.get_single_instance(
             output_dict[standard_component_specs.EXAMPLES_KEY]
         )
+        # On KFP the gated task also receives the gate's decision (the input its trigger
+        # condition reads): ingest the span the gate decided on, not whatever is newest a pod
+        # start later, so schema, smoke test and training record all name this data.
+        decisions = input_dict.get(GATE_DECISION_INPUT) or []
+        decided = decided_data(decisions[0]) if decisions else None
         if has_unresolved_specs(exec_properties[_INPUT_CONFIG]):
-            # On KFP the gated task also receives the gate's decision (the input its trigger
-            # condition reads): ingest the span the gate decided on, not whatever is newest a
-            # pod start later, so schema, smoke test and training record all name this data.
-            decisions = input_dict.get(GATE_DECISION_INPUT) or []
-            decided = decided_data(decisions[0]) if decisions else None
             exec_properties = resolve_like_the_driver(exec_properties, examples, decided)
+        elif decided is not None:
+            check_driver_span(exec_properties, decided)
         shards = split_shards(exec_properties)
         check_input_shards(shards)
         if is_copyable(exec_properties):

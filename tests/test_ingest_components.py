@@ -260,6 +260,35 @@ def test_on_kfp_the_executor_ingests_the_span_the_gate_decided_on(tmp_path):
     assert tf.train.Example.FromString(records[0]).features.feature["x"].int64_list.value == [1]
 
 
+def test_a_span_a_driver_resolved_past_the_gates_decision_is_refused_naming_both(tmp_path):
+    # Vertex runs TFX's driver first, which resolves the newest span itself: span 2 landing after
+    # the gate decided on span 1 was ingested while schema, smoke test and record named span 1.
+    from components.example_gen import SpanMovedError, resolve_like_the_driver
+
+    data = tmp_path / "data"
+    write_span(data, 1)
+    write_span(data, 2)
+    examples = Examples()
+    examples.uri = str(tmp_path / "ImportExampleGen" / "examples")
+    config_json = proto_utils.proto_to_json(ingest.input_config(DataConfig()))
+    driven = resolve_like_the_driver(
+        {"input_base": str(data), "input_config": config_json, "output_config": "{}"}, examples
+    )
+    assert driven["span"] == 2 and not has_unresolved_specs(driven["input_config"])
+    inputs = {"_NewDataGate.decision": [decision_for_span(tmp_path, 1)]}
+    with pytest.raises(SpanMovedError) as refused:
+        SpanResolvingImportExecutor().Do(inputs, {"examples": [examples]}, driven)
+    assert str(refused.value) == (
+        "ExampleGen's driver resolved span 2, but the NewDataGate decided on span 1: newer data "
+        "landed in between (the driver resolves the newest itself); rerun the pipeline, and its "
+        "gate decides on the new data"
+    )
+    assert not list(Path(examples.uri).rglob("*-of-*"))  # nothing ingested
+    inputs = {"_NewDataGate.decision": [decision_for_span(tmp_path, 2)]}
+    SpanResolvingImportExecutor().Do(inputs, {"examples": [examples]}, driven)
+    assert read_split(examples, "train")
+
+
 def test_an_eval_only_ingest_compares_its_own_split_with_the_gates_fingerprint(tmp_path, caplog):
     # EvalExampleGen ingests one split; the gate fingerprinted both. Only a change to its own
     # split's files is worth the warning.
