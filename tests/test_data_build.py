@@ -807,3 +807,39 @@ def test_synsets_txt_always_agrees_with_the_records_or_nothing_is_written(classe
         assert synsets == sorted(classes)
         labels = {r[features.LABEL] for r in read_examples(result.shards)}
         assert labels == set(range(1, len(synsets) + 1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    items=st.lists(st.integers(0, 1000), max_size=60),
+    in_flight=st.integers(1, 8),
+    taken=st.integers(0, 60),
+)
+def test_decoding_runs_at_most_in_flight_ahead_of_the_writer_and_keeps_the_order(
+    items, in_flight, taken
+):
+    # Executor.map submitted every path at once: with a writer slower than the decoders, every
+    # decoded image of the dataset could wait in the parent (~110 KB each at ImageNet-1k).
+    import itertools
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from van_tfx.data.build import in_order
+
+    started = []
+    lock = threading.Lock()
+
+    def square(x):
+        with lock:
+            started.append(x)
+        return x * x
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = in_order(pool, square, iter(items), in_flight)
+        got = list(itertools.islice(answers, taken))
+        time.sleep(0.01)  # let submitted calls start: none beyond the bound may exist
+        with lock:
+            assert len(started) <= min(len(items), len(got) + in_flight)
+        got += list(answers)
+    assert got == [x * x for x in items]
