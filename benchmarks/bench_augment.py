@@ -72,6 +72,30 @@ def select_with_where(condition, transform, image):
     return tf.where(condition, transform(), image)
 
 
+def mixup_cutmix_both_branches(images, targets, seed, cfg):
+    """The baseline of augment.mixup_cutmix: build the cutmix and the mixup batch, then select."""
+    import tensorflow as tf
+
+    from van_trainer.augment import _cutmix_mask, _sample_beta, _uniform, fold_seed
+
+    use_mixup, use_cutmix = cfg.mixup_alpha > 0, cfg.cutmix_alpha > 0
+    if not (use_mixup or use_cutmix) or cfg.mixup_prob <= 0:
+        return images, targets
+    if use_mixup and use_cutmix:
+        cutmix = _uniform(seed, 41) < cfg.mixup_switch_prob
+    else:
+        cutmix = tf.constant(use_cutmix)
+    alpha = tf.where(cutmix, cfg.cutmix_alpha or 1.0, cfg.mixup_alpha or 1.0)
+    lam = _sample_beta(alpha, fold_seed(seed, 42))
+    lam = tf.where(_uniform(seed, 43) < cfg.mixup_prob, lam, 1.0)
+    flipped = tf.reverse(images, axis=[0])
+    mask, box_lam = _cutmix_mask(tf.shape(images)[1], tf.shape(images)[2], lam, fold_seed(seed, 44))
+    images = tf.where(cutmix, tf.where(mask, flipped, images), lam * images + (1.0 - lam) * flipped)
+    lam = tf.where(cutmix, tf.where(lam < 1.0, box_lam, 1.0), lam)
+    targets = lam * targets + (1.0 - lam) * tf.reverse(targets, axis=[0])
+    return images, targets
+
+
 def alternate(pipelines: dict, rounds: int, measure) -> dict[str, float]:
     """Median of `rounds` measurements of each pipeline, measured in turn each round."""
     results: dict[str, list[float]] = {name: [] for name in pipelines}
@@ -94,8 +118,14 @@ def augment_section(root: Path, args) -> None:
         baseline = dataset.train_dataset(files, config, 10)  # traced with the baseline
     finally:
         augment.apply_if = original
+    original_mix = augment.mixup_cutmix
+    augment.mixup_cutmix = mixup_cutmix_both_branches
+    try:
+        both = dataset.train_dataset(files, config, 10)  # mixup and cutmix both built per batch
+    finally:
+        augment.mixup_cutmix = original_mix
     medians = alternate(
-        {"tf.where (baseline)": baseline, "apply_if": candidate},
+        {"tf.where (baseline)": baseline, "mixup+cutmix both": both, "apply_if": candidate},
         args.rounds,
         lambda ds: images_per_second(ds, args.batches, args.batch_size),
     )
@@ -103,6 +133,8 @@ def augment_section(root: Path, args) -> None:
         print(f"  train pipeline, {name:>20}: {value:7.1f} img/s (median of {args.rounds})")
     ratio = medians["apply_if"] / medians["tf.where (baseline)"]
     print(f"  apply_if vs tf.where: x{ratio:.2f}")
+    ratio = medians["apply_if"] / medians["mixup+cutmix both"]
+    print(f"  mixup or cutmix (tf.cond) vs both built per batch: x{ratio:.2f}")
 
 
 def read_megabytes_per_second(path: str) -> float:
