@@ -255,7 +255,6 @@ class EvalConfig(_Section):
     min_top1: float = Field(0.5, ge=0, le=1)
     max_top1_drop: float = Field(0.01, ge=0, le=1, description="Allowed drop vs the baseline.")
     top_k: int = Field(5, ge=1)
-    inference_batch_size: int = Field(64, ge=1, le=1 << 16)
 
 
 class ServingConfig(_Section):
