@@ -34,13 +34,14 @@ import os
 import re
 
 from absl import logging
-from tfx.components.example_gen import driver, input_processor, utils
+from tfx.components.example_gen import driver, utils
 from tfx.components.example_gen.import_example_gen import executor as import_executor
 from tfx.dsl.io import fileio
 from tfx.proto import example_gen_pb2, range_config_pb2
 from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import proto_utils
 
+from components.input_fingerprint import InputProcessor
 from components.new_data_gate import (
     DECISION_OUTPUT,
     GATE_ID,
@@ -102,7 +103,8 @@ def resolve_like_the_driver(
         range_config = proto_utils.json_to_proto(
             resolved[_RANGE_CONFIG], range_config_pb2.RangeConfig()
         )
-    processor = input_processor.FileBasedInputProcessor(
+    # TFX's processor, its fingerprint's stats made concurrently (components/input_fingerprint).
+    processor = InputProcessor(
         resolved[standard_component_specs.INPUT_BASE_KEY], config.splits, range_config
     )
     span, version = processor.resolve_span_and_version()

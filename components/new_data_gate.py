@@ -52,6 +52,7 @@ from tfx.dsl.component.experimental.decorators import component
 from tfx.types.experimental.simple_artifacts import File
 from tfx.types.standard_artifacts import ModelBlessing
 
+from components.input_fingerprint import InputProcessor
 from components.span_files import (
     TFX_NO_MATCH,
     TFX_UNFIT_NAME,
@@ -100,21 +101,22 @@ def span_range(span: int):
     )
 
 
-def _resolve(input_base: str, splits, only) -> tuple[int, int | None, str]:
-    """(span, version, input fingerprint) as TFX's FileBasedInputProcessor resolves them."""
+def _resolve(
+    input_base: str, splits, only, fingerprint: bool = True
+) -> tuple[int, int | None, str | None]:
+    """(span, version, input fingerprint or None) as TFX's FileBasedInputProcessor resolves them."""
+    # TFX's resolution, its fingerprint's stats made concurrently (components/input_fingerprint).
     # TFX's nameless error for a span directory of the wrong {SPAN:w} width becomes a
     # SpanNamingError naming the directories.
-    from tfx.components.example_gen import input_processor
-
-    processor = input_processor.FileBasedInputProcessor(input_base, splits, only)
+    processor = InputProcessor(input_base, splits, only)
     try:
-        span, version = processor.resolve_span_and_version()
+        span, version = processor.resolve_span_and_version(fingerprint)
     except ValueError as exc:
         why = unfit_span_names(input_base, splits) if str(exc) == TFX_UNFIT_NAME else None
         if why is None:
             raise
         raise SpanNamingError(why) from None
-    return span, version, processor.get_input_fingerprint(span, version)
+    return span, version, processor.get_input_fingerprint(span, version) if fingerprint else None
 
 
 def _newest_of_each_split(input_base: str, splits, only) -> dict[str, tuple[int, int | None]]:
@@ -122,7 +124,8 @@ def _newest_of_each_split(input_base: str, splits, only) -> dict[str, tuple[int,
     newest = {}
     for split in splits:
         try:
-            span, version, _ = _resolve(input_base, [split], only)
+            # Span and version only: this split's fingerprint would be thrown away.
+            span, version, _ = _resolve(input_base, [split], only, fingerprint=False)
         except SpanNamingError:
             raise
         except ValueError as exc:
