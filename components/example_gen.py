@@ -26,8 +26,9 @@ Before Beam runs, the executor checks what names alone show: complete shard sets
 no file, compressions it cannot read. The copy names a shard bad from its start (another format,
 a GZIP file not named `*.gz`, which Beam would read as uncompressed, a truncated or damaged start)
 as it names later damage. TFX's path reads through Beam, whose reader names no file, so there each
-shard's first record is read before Beam runs (one open each), and Beam's own error for later
-damage (the whole record in hex) is cut to one line naming the split's pattern.
+shard's first record is read before Beam runs (one open each; on GCS a ranged read of the bytes
+needed, not TF's 64 MiB block), and Beam's own error for later damage (the whole record in hex) is
+cut to one line naming the split's pattern.
 """
 
 from __future__ import annotations
@@ -163,12 +164,12 @@ def check_driver_span(exec_properties: dict, decided: dict) -> None:
         )
 
 
-def shard_records(path: str) -> Iterator[bytes]:
+def shard_records(path: str, ranged: bool = False) -> Iterator[bytes]:
     """read_records of one input shard; a shard unreadable from its first record (another
     format, a GZIP file without .gz, truncated) is named as not a TFRecord file."""
     count = 0
     try:
-        for record in read_records(path):
+        for record in read_records(path, ranged):
             yield record
             count += 1
     except CorruptShardError as exc:
@@ -182,8 +183,9 @@ def shard_records(path: str) -> Iterator[bytes]:
 
 
 def check_first_record(path: str) -> None:
-    """Read one shard's first record, with one open, raising CorruptShardError naming it."""
-    next(shard_records(path), None)
+    """Read one shard's first record, with one open and a bounded read on GCS, raising
+    CorruptShardError naming the shard."""
+    next(shard_records(path, ranged=True), None)
 
 
 def check_shard_names(paths: list[str]) -> None:

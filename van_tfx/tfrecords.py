@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 
 import google_crc32c
 
+from van_tfx import storage
+
 # An ImageNet record is ~110 KB and one at data.max_image_pixels a few tens of MB.
 MAX_RECORD_BYTES = 256 << 20
 _HEADER = struct.Struct("<QI")  # length, masked CRC of the length
@@ -52,11 +54,12 @@ def tfrecord_compression(path: str) -> str:
     return "GZIP" if str(path).endswith(".gz") else ""
 
 
-def read_records(path: str) -> Iterator[bytes]:
+def read_records(path: str, ranged: bool = False) -> Iterator[bytes]:
     """Each record of the TFRecord file `path` (GZIP if named *.gz); CorruptShardError names
-    the file and the record at the first damage."""
+    the file and the record at the first damage. `ranged`: only the first few records are wanted
+    (see storage.open_ranged)."""
     index = 0
-    with _open(path) as (stream, size):
+    with _open(path, ranged) as (stream, size):
         try:
             # size is None for a GZIP stream: only a plain file is sniffed for GZIP's magic.
             while (record := _next_record(stream, size, sniff=index == 0)) is not None:
@@ -140,11 +143,14 @@ def _read_exactly(stream, length: int) -> bytes:
 
 
 @contextlib.contextmanager
-def _open(path: str):
+def _open(path: str, ranged: bool = False):
     """(a readable binary stream, its size in bytes or None for GZIP) of `path`, local or on
-    object storage."""
+    object storage; `ranged`: read in small byte ranges where storage.open_ranged can."""
     path = str(path)
-    if "://" in path:
+    opened = storage.open_ranged(path) if ranged else None
+    if opened is not None:
+        raw, size = opened
+    elif "://" in path:
         import tensorflow as tf
 
         raw = tf.io.gfile.GFile(path, "rb")
