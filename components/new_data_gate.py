@@ -1,12 +1,16 @@
 """NewDataGate: a run ingests and trains only when its data differs from what the served model learned.
 
 The gate is the first task of the pipeline. It resolves the span ImportExampleGen would ingest
-(TFX's own FileBasedInputProcessor: newest `{SPAN}`, and the input fingerprint of its files: names,
-sizes, mtimes) and compares it with the record the served model carries,
+(TFX's FileBasedInputProcessor: newest `{SPAN}`, and the input fingerprint of its files: names,
+sizes, mtimes; components/input_fingerprint.py, TFX's string with the stats made concurrently) and
+compares it with the record the served model carries,
 `<serving_base_path>/<newest version>/assets.extra/van_training_data.json`, which ServingSmokeTest
 writes into the copy Pusher pushes. Every other task runs under `Cond(new_data == 1)`, so an idle
-scheduled run costs one listing of the span's files, not a copy of the dataset, its statistics and
-a Transform pass (what ImportExampleGen, StatisticsGen and Transform would spend on unchanged data).
+scheduled run costs the gate's look: three listings per split (two by TFX's resolution, one of
+the gate's own), a stat of each of the span's files (the fingerprint; ~1,301 at ImageNet-1k, 16
+at a time, each a round trip on object storage) and a few reads in the serving directory. Not a
+copy of the dataset, its statistics and a Transform pass (what ImportExampleGen, StatisticsGen
+and Transform would spend on unchanged data).
 
 TFX caching cannot do this job: after a push the baseline (the served model) is a new Trainer input,
 so an idle night would retrain and usually push again, night after night. The decision carries
