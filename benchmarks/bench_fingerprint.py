@@ -84,9 +84,11 @@ def main() -> int:
         """TFX's processor as the gate used it before: every resolution fingerprints, serially."""
 
         def resolve_span_and_version(self, fingerprint: bool = True):
+            """TFX's resolution, fingerprint included whatever the gate asks."""
             return super().resolve_span_and_version()
 
     def gate_look(processor_class, root: str, config: str) -> dict:
+        """The gate's data_to_ingest, resolving with `processor_class`."""
         gate.InputProcessor = processor_class  # the one name the gate resolves with
         try:
             return gate.data_to_ingest(root, config)

@@ -165,8 +165,9 @@ def check_driver_span(exec_properties: dict, decided: dict) -> None:
 
 
 def shard_records(path: str, ranged: bool = False) -> Iterator[bytes]:
-    """read_records of one input shard; a shard unreadable from its first record (another
-    format, a GZIP file without .gz, truncated) is named as not a TFRecord file."""
+    """read_records of an input shard, one unreadable from its start named as no TFRecord file."""
+    # Another format, a GZIP file without .gz, a truncated start: the message the first-record
+    # pass gave, now from whichever read meets it first (the copy, or the pass on TFX's path).
     count = 0
     try:
         for record in read_records(path, ranged):
@@ -183,8 +184,7 @@ def shard_records(path: str, ranged: bool = False) -> Iterator[bytes]:
 
 
 def check_first_record(path: str) -> None:
-    """Read one shard's first record, with one open and a bounded read on GCS, raising
-    CorruptShardError naming the shard."""
+    """Read one shard's first record (one open; ranged on GCS); CorruptShardError names it."""
     next(shard_records(path, ranged=True), None)
 
 
@@ -222,8 +222,7 @@ def check_input_shards(shards: dict[str, tuple[str, list[str]]]) -> None:
 
 
 def check_first_records(shards: dict[str, tuple[str, list[str]]]) -> None:
-    """check_first_record for every shard, several at a time (object storage round trips); the
-    first damaged one in listing order is named."""
+    """check_first_record of every shard, 16 at a time; the first bad in listing order is named."""
     paths = [path for _, split_paths in shards.values() for path in split_paths]
     storage.for_each_file(check_first_record, paths)
 

@@ -33,10 +33,10 @@ _LINE = "split:%s,num_files:%d,total_bytes:%d,xor_checksum:%d,sum_checksum:%d"
 
 
 def resolve_splits(input_base_uri: str, splits, range_config=None) -> tuple[int, int | None]:
-    """(span, version) as TFX's calculate_splits_fingerprint_span_and_version resolves them, with
-    its errors; fills in each split's pattern in place, as TFX does."""
+    """(span, version) as TFX's resolution finds them, its errors and filled-in patterns too."""
+    # TFX's loop (calculate_splits_fingerprint_span_and_version), line for line, minus the
+    # fingerprint it computes between splits; each split's pattern is filled in place, as there.
     select_span, select_version = 0, None
-    # TFX's loop, line for line, minus the fingerprint it computes between splits.
     for split in splits:
         target_span, target_version = utils._get_target_span_version(
             input_base_uri, split, range_config=range_config
@@ -52,8 +52,8 @@ def resolve_splits(input_base_uri: str, splits, range_config=None) -> tuple[int,
 
 
 def fingerprint_lines(patterns: list[tuple[str, str]]) -> list[str]:
-    """io_utils.generate_fingerprint(name, pattern) for each (split name, full pattern), every
-    file of every split stat'ed CONCURRENT_CALLS at a time."""
+    """generate_fingerprint's line for each (split name, full pattern), all stats concurrent."""
+    # Every file of every split in one pool of CONCURRENT_CALLS, then TFX's sums split by split.
     listed = [(name, fileio.glob(pattern)) for name, pattern in patterns]
     stats = iter(storage.for_each_file(fileio.stat, [f for _, files in listed for f in files]))
     lines = []

@@ -44,6 +44,7 @@ _OBJECT = re.compile(r"^(/download)?/storage/v1/b/([^/]+)/o/([^?]+)")
 def _handler(gcs: FakeGcs):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server naming)
+            """An object's metadata, or its bytes (a range of them when asked)."""
             found = _OBJECT.match(self.path)
             if not found:
                 return self._answer(404, b"{}", "metadata", "")
@@ -80,7 +81,7 @@ def _handler(gcs: FakeGcs):
             self.wfile.write(body)
 
         def log_message(self, *args):
-            pass
+            """Nothing: the requests are recorded, not logged."""
 
     return Handler
 

@@ -34,8 +34,7 @@ RANGE_BYTES = 256 << 10
 
 
 def open_ranged(path: str, chunk: int = RANGE_BYTES):
-    """(a binary stream, its size) of the gs:// object `path`, fetched `chunk` bytes at a time
-    as it is read; None for other paths, or when no GCS client can be had here."""
+    """(stream, size) of gs:// `path` read in byte ranges; None if not gs:// or no client."""
     # TF's GCS file system fills a GCS_READ_CACHE_BLOCK_SIZE_MB buffer (64 MiB by default) with
     # one ranged GET on the first read of every open (tsl gcs_file_system.cc,
     # BufferedGcsRandomAccessFile::FillBuffer), so reading a shard's first record fetched up to

@@ -55,9 +55,9 @@ def tfrecord_compression(path: str) -> str:
 
 
 def read_records(path: str, ranged: bool = False) -> Iterator[bytes]:
-    """Each record of the TFRecord file `path` (GZIP if named *.gz); CorruptShardError names
-    the file and the record at the first damage. `ranged`: only the first few records are wanted
-    (see storage.open_ranged)."""
+    """Each record of TFRecord file `path` (GZIP if *.gz); CorruptShardError names file, record."""
+    # ranged: the caller wants the first few records only; on gs:// they are fetched in small
+    # byte ranges (storage.open_ranged), not in TF's 64 MiB blocks.
     index = 0
     with _open(path, ranged) as (stream, size):
         try:
