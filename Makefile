@@ -58,6 +58,8 @@ bench: venv
 	$(VENV)/bin/python benchmarks/bench_augment.py --rounds 3 --batches 16
 	$(VENV)/bin/python benchmarks/bench_serving.py
 	$(VENV)/bin/python benchmarks/bench_connections.py --connections 2000
+	$(VENV)/bin/python benchmarks/bench_fingerprint.py --delay 0.02 --rounds 2
+	$(VENV)/bin/python benchmarks/bench_shard_reads.py
 	$(MAKE) bench-scale
 
 # ImageNet-scale data path (docs/data.md#scale): stored bytes per image, Transform at 1k/5k/20k

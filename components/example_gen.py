@@ -22,25 +22,30 @@ workers. Each record is read with its CRCs checked on the way, so a damaged shar
 the shard and the record. An output `split_config` (hash partitioning), which needs every record
 routed, goes through TFX's path unchanged.
 
-Before Beam runs, the executor also reads each shard's first record and fails naming the shard on
-a wrong format, a GZIP file not named `*.gz` (Beam picks the compression by file name), a
-truncated or damaged start. On TFX's path, Beam's own error for later damage (the whole record in
-hex, no file named) is cut to one line naming the split's pattern.
+Before Beam runs, the executor checks what names alone show: complete shard sets, splits sharing
+no file, compressions it cannot read. The copy names a shard bad from its start (another format,
+a GZIP file not named `*.gz`, which Beam would read as uncompressed, a truncated or damaged start)
+as it names later damage. TFX's path reads through Beam, whose reader names no file, so there each
+shard's first record is read before Beam runs (one open each; on GCS a ranged read of the bytes
+needed, not TF's 64 MiB block), and Beam's own error for later damage (the whole record in hex) is
+cut to one line naming the split's pattern.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 
 from absl import logging
-from tfx.components.example_gen import driver, input_processor, utils
+from tfx.components.example_gen import driver, utils
 from tfx.components.example_gen.import_example_gen import executor as import_executor
 from tfx.dsl.io import fileio
 from tfx.proto import example_gen_pb2, range_config_pb2
 from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import proto_utils
 
+from components.input_fingerprint import InputProcessor
 from components.new_data_gate import (
     DECISION_OUTPUT,
     GATE_ID,
@@ -55,7 +60,6 @@ from van_tfx.tfrecords import BadRecordError, CorruptShardError, read_records, w
 _INPUT_CONFIG = standard_component_specs.INPUT_CONFIG_KEY
 _CUSTOM_CONFIG = standard_component_specs.CUSTOM_CONFIG_KEY
 _RANGE_CONFIG = standard_component_specs.RANGE_CONFIG_KEY
-_GZIP_MAGIC = b"\x1f\x8b"
 _BEAM_CORRUPT_RECORD = "Not a valid TFRecord"
 # The input TFX's KFP compiler adds to each task under the gate's Cond, for its condition.
 GATE_DECISION_INPUT = f"_{GATE_ID}.{DECISION_OUTPUT}"
@@ -102,7 +106,8 @@ def resolve_like_the_driver(
         range_config = proto_utils.json_to_proto(
             resolved[_RANGE_CONFIG], range_config_pb2.RangeConfig()
         )
-    processor = input_processor.FileBasedInputProcessor(
+    # TFX's processor, its fingerprint's stats made concurrently (components/input_fingerprint).
+    processor = InputProcessor(
         resolved[standard_component_specs.INPUT_BASE_KEY], config.splits, range_config
     )
     span, version = processor.resolve_span_and_version()
@@ -159,28 +164,39 @@ def check_driver_span(exec_properties: dict, decided: dict) -> None:
         )
 
 
-def check_first_record(path: str) -> None:
-    """Read one shard's first record as Beam would, raising CorruptShardError naming the shard."""
-    compressed = path.endswith(".gz")
-    with fileio.open(path, "rb") as handle:
-        if not compressed and handle.read(2) == _GZIP_MAGIC:
-            raise CorruptShardError(
-                f"TFRecord shard {path} is GZIP-compressed but its name does not end in .gz, "
-                "so it would be read as uncompressed TFRecords; rename it *.gz"
-            )
-    if path.endswith(_UNCOPYABLE_SUFFIXES):
-        raise CorruptShardError(
-            f"TFRecord shard {path} is compressed as its name says "
-            f"({os.path.splitext(path)[1]}), which ingestion cannot read; store shards "
-            "uncompressed or GZIP-compressed (*.gz)"
-        )
+def shard_records(path: str, ranged: bool = False) -> Iterator[bytes]:
+    """read_records of an input shard, one unreadable from its start named as no TFRecord file."""
+    # Another format, a GZIP file without .gz, a truncated start: the message the first-record
+    # pass gave, now from whichever read meets it first (the copy, or the pass on TFX's path).
+    count = 0
     try:
-        next(read_records(path), None)
+        for record in read_records(path, ranged):
+            yield record
+            count += 1
     except CorruptShardError as exc:
+        if count:
+            raise
         raise CorruptShardError(
             f"TFRecord shard {path} is not a readable TFRecord file (truncated, corrupted or "
-            f"another format): {exc.reason}"
+            f"another format): {exc.reason}",
+            exc.reason,
         ) from None
+
+
+def check_first_record(path: str) -> None:
+    """Read one shard's first record (one open; ranged on GCS); CorruptShardError names it."""
+    next(shard_records(path, ranged=True), None)
+
+
+def check_shard_names(paths: list[str]) -> None:
+    """CorruptShardError naming a shard compressed in a way ingestion cannot read (by name)."""
+    for path in paths:
+        if path.endswith(_UNCOPYABLE_SUFFIXES):
+            raise CorruptShardError(
+                f"TFRecord shard {path} is compressed as its name says "
+                f"({os.path.splitext(path)[1]}), which ingestion cannot read; store shards "
+                "uncompressed or GZIP-compressed (*.gz)"
+            )
 
 
 def input_patterns(exec_properties: dict) -> list[str]:
@@ -198,11 +214,15 @@ def split_shards(exec_properties: dict) -> dict[str, tuple[str, list[str]]]:
 
 
 def check_input_shards(shards: dict[str, tuple[str, list[str]]]) -> None:
-    """check_shard_set for each split, then check_first_record for every shard, several at a
-    time (object storage round trips); the first damaged one in listing order is named."""
+    """The checks of names alone: complete shard sets, disjoint splits, readable compressions."""
     for name, (pattern, paths) in shards.items():
         check_shard_set(name, pattern, paths)
     check_splits_are_disjoint(shards)
+    check_shard_names([path for _, split_paths in shards.values() for path in split_paths])
+
+
+def check_first_records(shards: dict[str, tuple[str, list[str]]]) -> None:
+    """check_first_record of every shard, 16 at a time; the first bad in listing order is named."""
     paths = [path for _, split_paths in shards.values() for path in split_paths]
     storage.for_each_file(check_first_record, paths)
 
@@ -302,7 +322,7 @@ def check_record_kinds(batch, kinds: dict[str, str], spec: dict, source: str, st
 def copy_shard(source: str, target: str, kinds: dict[str, str] | None = None) -> int:
     """Copy one TFRecord shard record by record (lengths bounded, CRCs checked), uncompressed,
     checking each record's schema features are of the schema's `kinds`; returns the count."""
-    records = read_records(source)
+    records = shard_records(source)
     if kinds:
         records = _kind_checked(records, kinds, source)
     return write_records(target, records)
@@ -384,8 +404,13 @@ class SpanResolvingImportExecutor(import_executor.Executor):
         shards = split_shards(exec_properties)
         check_input_shards(shards)
         if is_copyable(exec_properties):
+            # No first-record pass: the copy reads every record with its CRCs and names the
+            # shard and record at any damage, and a read of a shard's start cost a round trip
+            # (and on GCS up to a 64 MiB block) per shard before the copy read it all again.
             self._copy_shards(examples, exec_properties, shards)
         else:
+            # Beam's reader names no shard: a shard bad from its start is named before Beam runs.
+            check_first_records(shards)
             self._tfx_ingest(input_dict, output_dict, exec_properties)
 
     def _copy_shards(self, examples, exec_properties, shards) -> None:

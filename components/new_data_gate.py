@@ -1,12 +1,16 @@
 """NewDataGate: a run ingests and trains only when its data differs from what the served model learned.
 
 The gate is the first task of the pipeline. It resolves the span ImportExampleGen would ingest
-(TFX's own FileBasedInputProcessor: newest `{SPAN}`, and the input fingerprint of its files: names,
-sizes, mtimes) and compares it with the record the served model carries,
+(TFX's FileBasedInputProcessor: newest `{SPAN}`, and the input fingerprint of its files: names,
+sizes, mtimes; components/input_fingerprint.py, TFX's string with the stats made concurrently) and
+compares it with the record the served model carries,
 `<serving_base_path>/<newest version>/assets.extra/van_training_data.json`, which ServingSmokeTest
 writes into the copy Pusher pushes. Every other task runs under `Cond(new_data == 1)`, so an idle
-scheduled run costs one listing of the span's files, not a copy of the dataset, its statistics and
-a Transform pass (what ImportExampleGen, StatisticsGen and Transform would spend on unchanged data).
+scheduled run costs the gate's look: three listings per split (two by TFX's resolution, one of
+the gate's own), a stat of each of the span's files (the fingerprint; ~1,301 at ImageNet-1k, 16
+at a time, each a round trip on object storage) and a few reads in the serving directory. Not a
+copy of the dataset, its statistics and a Transform pass (what ImportExampleGen, StatisticsGen
+and Transform would spend on unchanged data).
 
 TFX caching cannot do this job: after a push the baseline (the served model) is a new Trainer input,
 so an idle night would retrain and usually push again, night after night. The decision carries
@@ -52,6 +56,7 @@ from tfx.dsl.component.experimental.decorators import component
 from tfx.types.experimental.simple_artifacts import File
 from tfx.types.standard_artifacts import ModelBlessing
 
+from components.input_fingerprint import InputProcessor
 from components.span_files import (
     TFX_NO_MATCH,
     TFX_UNFIT_NAME,
@@ -100,21 +105,22 @@ def span_range(span: int):
     )
 
 
-def _resolve(input_base: str, splits, only) -> tuple[int, int | None, str]:
-    """(span, version, input fingerprint) as TFX's FileBasedInputProcessor resolves them."""
+def _resolve(
+    input_base: str, splits, only, fingerprint: bool = True
+) -> tuple[int, int | None, str | None]:
+    """(span, version, input fingerprint or None) as TFX's FileBasedInputProcessor resolves them."""
+    # TFX's resolution, its fingerprint's stats made concurrently (components/input_fingerprint).
     # TFX's nameless error for a span directory of the wrong {SPAN:w} width becomes a
     # SpanNamingError naming the directories.
-    from tfx.components.example_gen import input_processor
-
-    processor = input_processor.FileBasedInputProcessor(input_base, splits, only)
+    processor = InputProcessor(input_base, splits, only)
     try:
-        span, version = processor.resolve_span_and_version()
+        span, version = processor.resolve_span_and_version(fingerprint)
     except ValueError as exc:
         why = unfit_span_names(input_base, splits) if str(exc) == TFX_UNFIT_NAME else None
         if why is None:
             raise
         raise SpanNamingError(why) from None
-    return span, version, processor.get_input_fingerprint(span, version)
+    return span, version, processor.get_input_fingerprint(span, version) if fingerprint else None
 
 
 def _newest_of_each_split(input_base: str, splits, only) -> dict[str, tuple[int, int | None]]:
@@ -122,7 +128,8 @@ def _newest_of_each_split(input_base: str, splits, only) -> dict[str, tuple[int,
     newest = {}
     for split in splits:
         try:
-            span, version, _ = _resolve(input_base, [split], only)
+            # Span and version only: this split's fingerprint would be thrown away.
+            span, version, _ = _resolve(input_base, [split], only, fingerprint=False)
         except SpanNamingError:
             raise
         except ValueError as exc:

@@ -16,6 +16,7 @@ from tfx.utils import proto_utils
 
 from components.curated_schema import CuratedSchema
 from components.example_gen import SpanResolvingImportExecutor, schema_path_config
+from components.input_fingerprint import FileBasedDriver
 from components.new_data_gate import NewDataGate, span_range
 from components.transform_executor import ShardingTransformExecutor
 from van_tfx.config import DataConfig
@@ -99,6 +100,10 @@ def example_gen(
     # Same executor, plus the span resolution a driver does where no driver runs (open-source
     # KFP); the component stays a FileBasedExampleGen, so Vertex still gets its driver hook.
     component.executor_spec = executor_spec.BeamExecutorSpec(SpanResolvingImportExecutor)
+    # LocalDagRunner runs the component's driver first: ours is TFX's with the input
+    # fingerprint's stats made concurrently. (Vertex runs TFX's driver module as a lifecycle
+    # hook whatever the class says; open-source KFP runs none, and the executor resolves.)
+    component.driver_class = FileBasedDriver
     # The executor checks every record's features against the curated schema's types while it
     # copies (a wrong kind in one record otherwise crashes StatisticsGen naming nothing).
     component.exec_properties[standard_component_specs.CUSTOM_CONFIG_KEY] = schema_path_config(

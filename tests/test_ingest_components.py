@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+import sys
 import uuid
 from pathlib import Path
 
@@ -207,6 +210,53 @@ def ingest_span(
     return examples
 
 
+def ingest_partitioned(tmp_path: Path, data: Path, pattern: str) -> Examples:
+    """Run the executor with an output split_config (hash partitioning of one input split
+    `pattern`), which goes through TFX's own Beam ingestion."""
+    examples = Examples()
+    examples.uri = str(tmp_path / "ImportExampleGen" / "examples")
+    config = example_gen_pb2.Input(
+        splits=[example_gen_pb2.Input.Split(name="single", pattern=pattern)]
+    )
+    output = example_gen_pb2.Output(
+        split_config=example_gen_pb2.SplitConfig(
+            splits=[example_gen_pb2.SplitConfig.Split(name="all", hash_buckets=1)]
+        )
+    )
+    exec_properties = {
+        "input_base": str(data),
+        "input_config": proto_utils.proto_to_json(config),
+        "output_config": proto_utils.proto_to_json(output),
+        "output_data_format": 6,
+        "output_file_format": 5,
+    }
+    SpanResolvingImportExecutor().Do({}, {"examples": [examples]}, exec_properties)
+    return examples
+
+
+@contextlib.contextmanager
+def opened_files():
+    """The paths Python's open() is called with while the block runs (an audit hook's view)."""
+    opened: list[str] = []
+    _OPEN_RECORDERS.append(opened)
+    try:
+        yield opened
+    finally:
+        _OPEN_RECORDERS.remove(opened)
+
+
+_OPEN_RECORDERS: list[list[str]] = []
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if event == "open" and _OPEN_RECORDERS and isinstance(args[0], str):
+        for opened in _OPEN_RECORDERS:
+            opened.append(args[0])
+
+
+sys.addaudithook(_record_opens)  # audit hooks stay for the process: it records only when asked
+
+
 def test_executor_resolves_the_newest_span_and_records_what_the_driver_would(tmp_path):
     data = tmp_path / "data"
     write_span(data, 1)
@@ -338,15 +388,23 @@ def flip_byte(path: Path, position: int) -> None:
     ],
     ids=["data", "length", "truncated", "csv", "gzip-unnamed", "huge-length"],
 )
-def test_a_shard_that_is_bad_from_its_start_is_named_before_beam_runs(tmp_path, damage, says):
+@pytest.mark.parametrize("path", ["copy", "tfx"])
+def test_a_shard_that_is_bad_from_its_start_is_named(tmp_path, damage, says, path):
+    # The copy names it as it reads it; TFX's path (Beam's reader names no file) before Beam runs.
     data = tmp_path / "data"
     write_span(data, 1)
     shard = data / "span-1" / "validation-00000-of-00001"
     write_records(shard, 3)
     damage(shard)
     with pytest.raises(CorruptShardError, match=says) as failure:
-        ingest_span(tmp_path, data)
+        if path == "copy":
+            ingest_span(tmp_path, data)
+        else:
+            ingest_partitioned(tmp_path, data, "span-1/*-00000-of-00001")
     assert str(shard) in str(failure.value)
+    assert "is not a readable TFRecord file" in str(failure.value)
+    if path == "tfx":
+        assert not Path(tmp_path, "ImportExampleGen").exists()  # Beam never ran
 
 
 @pytest.mark.parametrize(
@@ -404,7 +462,7 @@ def test_shards_are_accepted_exactly_when_they_are_one_complete_set(total, prese
     assert accepted == (complete or unnumbered_only)
 
 
-def test_among_many_bad_shards_the_first_in_listing_order_is_named(tmp_path):
+def test_among_many_bad_shards_the_first_in_listing_order_is_named_before_tfxs_ingest(tmp_path):
     # The first-record checks run 16 at a time; the one named must not depend on which
     # thread finished first.
     data = tmp_path / "data"
@@ -417,7 +475,28 @@ def test_among_many_bad_shards_the_first_in_listing_order_is_named(tmp_path):
         flip_byte(span / f"train-{index:05d}-of-00040", 100)
     for _ in range(3):
         with pytest.raises(CorruptShardError, match="train-00007-of-00040 is not a readable"):
-            ingest_span(tmp_path, data)
+            ingest_partitioned(tmp_path, data, "span-1/train-*")
+    # The copy names whichever bad shard its runner reaches first: one of them, with its record.
+    with pytest.raises(CorruptShardError) as failure:
+        ingest_span(tmp_path, data)
+    assert re.search(r"train-000(07|23|31)-of-00040 is not a readable", str(failure.value))
+
+
+def test_the_copy_opens_each_input_shard_once(tmp_path):
+    # A first-record pass before the copy opened every shard a second time (on object storage a
+    # round trip and, on GCS, up to a 64 MiB read each) for what the copy reports anyway.
+    data = tmp_path / "data"
+    write_span(data, 1)
+    span = data / "span-1"
+    (span / "train-00000-of-00001").unlink()
+    shards = [span / f"train-{index:05d}-of-00003" for index in range(3)]
+    for shard in shards:
+        write_records(shard, 2)
+    inputs = [*shards, span / "validation-00000-of-00001"]
+    with opened_files() as opened:
+        examples = ingest_span(tmp_path, data)
+    assert [opened.count(str(path)) for path in inputs] == [1, 1, 1, 1]
+    assert [len(r) for r in read_split(examples, "train").values()] == [2, 2, 2]
 
 
 def test_damage_past_the_first_record_names_the_shard_and_the_record(tmp_path):
@@ -642,24 +721,7 @@ def test_a_compression_ingestion_cannot_read_is_refused_naming_the_shard(tmp_pat
 def test_output_hash_partitioning_still_goes_through_tfx(tmp_path):
     data = tmp_path / "data"
     write_span(data, 1)
-    examples = Examples()
-    examples.uri = str(tmp_path / "ImportExampleGen" / "examples")
-    config = example_gen_pb2.Input(
-        splits=[example_gen_pb2.Input.Split(name="single", pattern="span-1/*-00000-of-00001")]
-    )
-    output = example_gen_pb2.Output(
-        split_config=example_gen_pb2.SplitConfig(
-            splits=[example_gen_pb2.SplitConfig.Split(name="all", hash_buckets=1)]
-        )
-    )
-    exec_properties = {
-        "input_base": str(data),
-        "input_config": proto_utils.proto_to_json(config),
-        "output_config": proto_utils.proto_to_json(output),
-        "output_data_format": 6,
-        "output_file_format": 5,
-    }
-    SpanResolvingImportExecutor().Do({}, {"examples": [examples]}, exec_properties)
+    examples = ingest_partitioned(tmp_path, data, "span-1/*-00000-of-00001")
     [written] = Path(examples.uri, "Split-all").iterdir()
     assert written.name.endswith(".gz")  # TFX's WriteSplit
     assert len(records_of(written, "GZIP")) == 2

@@ -5,6 +5,8 @@ and invisible to Python's own file calls and to other processes (the model serve
 included). Code that works here goes through the same tf.io.gfile calls as with gs:// URIs.
 """
 
+import gzip
+import itertools
 import json
 import os
 import stat
@@ -337,3 +339,93 @@ def test_a_broken_binary_on_path_fails_the_smoke_test_instead_of_falling_back(
         text = handle.read()
     assert "--version exited with 127" in text and "libfoo.so" in text
     assert text.endswith(f"{MODEL_SERVER_KEY}: tensorflow_model_server (broken)\n")
+
+
+# ------------------------------------------------ reading a few records of a shard on GCS
+
+
+@pytest.fixture
+def gcs(monkeypatch):
+    """A FakeGcs that google-cloud-storage's client (and so storage.open_ranged) talks to."""
+    from gcs_fake import fake_gcs
+
+    with fake_gcs() as server:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
+        storage._GCS.clear()
+        yield server
+    storage._GCS.clear()
+
+
+def shard_bytes(records: list[bytes], compression: str = "") -> bytes:
+    """A TFRecord file of `records`, as TensorFlow writes it."""
+    path = f"{ram_root()}/shard"
+    with tf.io.TFRecordWriter(path, compression or None) as writer:
+        for record in records:
+            writer.write(record)
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        return handle.read()
+
+
+@pytest.mark.parametrize("name", ["train-00000-of-00001", "train-00000-of-00001.gz"])
+def test_a_shards_first_records_on_gcs_cost_the_bytes_they_hold_not_a_block(gcs, name):
+    # TF's GCS file system fetches GCS_READ_CACHE_BLOCK_SIZE_MB (64 MiB) on an open's first read:
+    # one shard's first record cost up to 64 MiB of a ~113 MB ImageNet shard.
+    from components.example_gen import check_first_records
+    from van_tfx.tfrecords import read_records
+
+    records = [bytes([n]) * 100_000 for n in range(80)]  # ~8 MB of ImageNet-sized records
+    path = f"gs://bucket/data/span-1/{name}"
+    gcs.put(path, shard_bytes(records, "GZIP" if name.endswith(".gz") else ""))
+    check_first_records({"train": ("span-1/train-*", [path])})
+    requests, sent = gcs.served(path)
+    assert requests == 2  # its size, then one range from its start
+    assert sent < storage.RANGE_BYTES + 1000
+    gcs.requests.clear()
+    assert list(itertools.islice(read_records(path, ranged=True), 4)) == records[:4]
+    assert gcs.served(path)[1] < 2 * storage.RANGE_BYTES + 1000
+    assert list(read_records(path, ranged=True)) == records  # and the whole file, when read
+
+
+def test_a_record_larger_than_a_range_is_fetched_whole_and_no_more(gcs):
+    from van_tfx.tfrecords import read_records
+
+    records = [b"a" * (3 << 20), b"b" * (3 << 20)]
+    path = "gs://bucket/data/big"
+    gcs.put(path, shard_bytes(records))
+    assert next(read_records(path, ranged=True)) == records[0]
+    requests, sent = gcs.served(path)
+    # its size; a range from its start; the rest of the record; a range from the record's CRC on
+    assert requests == 4 and sent < (3 << 20) + 2 * storage.RANGE_BYTES + 1000
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (lambda data: data[:50], "it declares 100000 bytes, more than the 34 left"),
+        (lambda data: b"label,image\n1,a.jpg\n", "length's checksum does not match"),
+        (lambda data: gzip.compress(data), "is GZIP-compressed but its name does not end in .gz"),
+    ],
+    ids=["truncated", "csv", "gzip-unnamed"],
+)
+def test_a_shard_on_gcs_bad_from_its_start_is_named_with_its_gcs_path(gcs, damage, says):
+    from components.example_gen import check_first_records
+    from van_tfx.tfrecords import CorruptShardError
+
+    good, bad = "gs://bucket/d/train-00000-of-00002", "gs://bucket/d/train-00001-of-00002"
+    gcs.put(good, shard_bytes([b"x" * 100_000]))
+    gcs.put(bad, damage(shard_bytes([b"x" * 100_000])))
+    with pytest.raises(CorruptShardError, match=says) as failure:
+        check_first_records({"train": ("d/train-*", [good, bad])})
+    assert str(failure.value).startswith(f"TFRecord shard {bad} is not a readable TFRecord file")
+
+
+def test_without_gcs_credentials_a_ranged_read_falls_back_to_tf_io_gfile(monkeypatch):
+    # No client can be had (no credentials here): TF's reader, which reads public buckets too.
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/credentials.json")
+    storage._GCS.clear()
+    try:
+        assert storage.open_ranged("gs://bucket/x") is None
+    finally:
+        storage._GCS.clear()
+    assert storage.open_ranged(f"{ram_root()}/x") is None

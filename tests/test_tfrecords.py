@@ -94,3 +94,19 @@ def test_damaged_files_read_as_tensorflow_reads_them_or_fail_naming_the_record(
             assert "header is cut off" in str(failure) and ours == expected
     else:
         assert ours == expected
+
+
+def test_a_gzip_file_not_named_gz_is_named_as_one_from_the_bytes_already_read(tmp_path):
+    # The ingest pre-check opened every shard a second time just to look for GZIP's magic.
+    path = tmp_path / "shard"
+    tf_write(path, RECORDS, "GZIP")
+    with pytest.raises(CorruptShardError) as failure:
+        next(read_records(str(path)))
+    assert "at record 0 " in str(failure.value)
+    assert "GZIP-compressed but its name does not end in .gz" in failure.value.reason
+    tf_write(tmp_path / "plain", RECORDS)  # a plain shard whose data starts with the magic
+    raw = (tmp_path / "plain").read_bytes()
+    (tmp_path / "damaged").write_bytes(raw[:12] + b"\x1f\x8b" + raw[14:])
+    assert list(read_records(str(tmp_path / "plain"))) == RECORDS
+    with pytest.raises(CorruptShardError, match="its data's checksum does not match"):
+        list(read_records(str(tmp_path / "damaged")))

@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 
 # Calls in flight at once for per-file work over many files: on object storage each open,
@@ -25,6 +26,57 @@ def for_each_file(function, *iterables) -> list:
     order, and the first failure in that order re-raised."""
     with concurrent.futures.ThreadPoolExecutor(CONCURRENT_CALLS) as pool:
         return list(pool.map(function, *iterables))
+
+
+# Bytes a ranged read fetches per request: a TFRecord header and an ImageNet record (~110 KB)
+# in one request, more only for a larger record.
+RANGE_BYTES = 256 << 10
+
+
+def open_ranged(path: str, chunk: int = RANGE_BYTES):
+    """(stream, size) of gs:// `path` read in byte ranges; None if not gs:// or no client."""
+    # TF's GCS file system fills a GCS_READ_CACHE_BLOCK_SIZE_MB buffer (64 MiB by default) with
+    # one ranged GET on the first read of every open (tsl gcs_file_system.cc,
+    # BufferedGcsRandomAccessFile::FillBuffer), so reading a shard's first record fetched up to
+    # 64 MiB of it. google-cloud-storage's BlobReader (Beam 2.59's gcsio reads with it too, 16 MiB
+    # at a time) fetches what is read.
+    if not str(path).startswith("gs://"):
+        return None
+    client = _gcs_client()
+    if client is None:
+        return None
+    bucket, _, name = str(path)[len("gs://") :].partition("/")
+    blob = client.bucket(bucket).get_blob(name)  # one metadata request: the size
+    if blob is None:
+        raise FileNotFoundError(f"{path} does not exist")
+    return blob.open("rb", chunk_size=chunk), blob.size
+
+
+_GCS_CLIENT_LOCK = threading.Lock()
+_GCS = {}  # "client": this process's google-cloud-storage client, or None when none can be had
+
+
+def _gcs_client():
+    # Made once, under a lock: the threads of for_each_file all ask at once, and each lookup of
+    # credentials may be a request to the metadata server.
+    with _GCS_CLIENT_LOCK:
+        if "client" not in _GCS:
+            _GCS["client"] = _new_gcs_client()
+        return _GCS["client"]
+
+
+def _new_gcs_client():
+    # None without google-cloud-storage or credentials: the caller reads through tf.io.gfile,
+    # which also reads public buckets without credentials.
+    try:
+        import google.auth.exceptions
+        from google.cloud import storage as gcs
+    except ImportError:
+        return None
+    try:
+        return gcs.Client(project=None)  # no project: reads need none
+    except google.auth.exceptions.DefaultCredentialsError:
+        return None
 
 
 def is_remote(path: str) -> bool:

@@ -20,12 +20,15 @@ from collections.abc import Iterable, Iterator
 
 import google_crc32c
 
+from van_tfx import storage
+
 # An ImageNet record is ~110 KB and one at data.max_image_pixels a few tens of MB.
 MAX_RECORD_BYTES = 256 << 20
 _HEADER = struct.Struct("<QI")  # length, masked CRC of the length
 _FOOTER = struct.Struct("<I")  # masked CRC of the data
 _PIECE = 16 << 20  # a GZIP stream's record is read this much at a time
 _MASK_DELTA = 0xA282EAD8
+GZIP_MAGIC = b"\x1f\x8b"  # the first two bytes of every GZIP stream (RFC 1952)
 
 
 class CorruptShardError(IOError):
@@ -51,13 +54,15 @@ def tfrecord_compression(path: str) -> str:
     return "GZIP" if str(path).endswith(".gz") else ""
 
 
-def read_records(path: str) -> Iterator[bytes]:
-    """Each record of the TFRecord file `path` (GZIP if named *.gz); CorruptShardError names
-    the file and the record at the first damage."""
+def read_records(path: str, ranged: bool = False) -> Iterator[bytes]:
+    """Each record of TFRecord file `path` (GZIP if *.gz); CorruptShardError names file, record."""
+    # ranged: the caller wants the first few records only; on gs:// they are fetched in small
+    # byte ranges (storage.open_ranged), not in TF's 64 MiB blocks.
     index = 0
-    with _open(path) as (stream, size):
+    with _open(path, ranged) as (stream, size):
         try:
-            while (record := _next_record(stream, size)) is not None:
+            # size is None for a GZIP stream: only a plain file is sniffed for GZIP's magic.
+            while (record := _next_record(stream, size, sniff=index == 0)) is not None:
                 yield record
                 index += 1
         except (_Damage, EOFError, zlib.error, gzip.BadGzipFile) as damage:
@@ -93,7 +98,7 @@ class _Damage(Exception):
     """What is wrong with the record being read."""
 
 
-def _next_record(stream, size: int | None) -> bytes | None:
+def _next_record(stream, size: int | None, sniff: bool = False) -> bytes | None:
     header = stream.read(_HEADER.size)
     if not header:
         return None
@@ -101,6 +106,13 @@ def _next_record(stream, size: int | None) -> bytes | None:
         raise _Damage(f"its header is cut off after {len(header)} of {_HEADER.size} bytes")
     length, length_crc = _HEADER.unpack(header)
     if masked_crc(header[:8]) != length_crc:
+        if sniff and size is not None and header.startswith(GZIP_MAGIC):
+            # Read from the bytes in hand: a second open just to sniff cost a round trip (and on
+            # GCS a 64 MiB read) per shard.
+            raise _Damage(
+                "it is GZIP-compressed but its name does not end in .gz, so it is read as "
+                "uncompressed TFRecords (as Beam reads it); rename it *.gz"
+            )
         raise _Damage("its length's checksum does not match (not a TFRecord file, or damaged)")
     left = None if size is None else max(size - stream.tell() - _FOOTER.size, 0)
     if left is not None and length > left:
@@ -131,11 +143,14 @@ def _read_exactly(stream, length: int) -> bytes:
 
 
 @contextlib.contextmanager
-def _open(path: str):
+def _open(path: str, ranged: bool = False):
     """(a readable binary stream, its size in bytes or None for GZIP) of `path`, local or on
-    object storage."""
+    object storage; `ranged`: read in small byte ranges where storage.open_ranged can."""
     path = str(path)
-    if "://" in path:
+    opened = storage.open_ranged(path) if ranged else None
+    if opened is not None:
+        raw, size = opened
+    elif "://" in path:
         import tensorflow as tf
 
         raw = tf.io.gfile.GFile(path, "rb")
