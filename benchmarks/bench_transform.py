@@ -6,13 +6,23 @@
    does) and pass its bytes on. Goal: >= 0.5x the bare loop.
 2. Converter: `van-tfx data build` images/s on a folder of the sample's JPEGs (serial vs all cores).
 
+`--analysis-pass` instead measures TFX Transform's analysis pass over ImageNet-sized records
+(~110 KB), as TFX runs it: the records decoded by tfx_bsl, projected to the columns
+`tft.get_analyze_input_columns` names, then `tft_beam.AnalyzeDataset`. The working tree's
+preprocessing_fn against the one of `--baseline` (a git revision), alternating, in the same run.
+
 Run: TF_USE_LEGACY_KERAS=1 .venv/bin/python benchmarks/bench_transform.py [--max-side 512]
+     TF_USE_LEGACY_KERAS=1 .venv/bin/python benchmarks/bench_transform.py --analysis-pass
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import io
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +34,10 @@ import van_tfx  # noqa: E402,F401
 from benchmarks.machine import describe_machine  # noqa: E402
 
 COPIES = 8  # the sample replicated 8x: enough images that per-image cost outweighs start-up noise
+REPO = Path(__file__).resolve().parents[1]
+# The last revision whose analysis pass decoded image/encoded (the class list named records
+# without an image/filename by the image's size).
+ANALYSIS_BASELINE = "495ac99"
 
 
 def bare_tf_data(files: list[str], size: int) -> tuple[int, float]:
@@ -110,12 +124,186 @@ def converter(sample_span: Path, workdir: Path, workers: int) -> tuple[int, floa
     return result.num_records, time.perf_counter() - start
 
 
+def imagenet_sized_records(directory: Path, count: int, shards: int = 4) -> list[str]:
+    """`count` labelled records of ~110 KB JPEGs (ImageNet-1k's mean), in `shards` files."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from van_tfx.data.records import ImageRecord, write_split
+
+    rng = np.random.default_rng(0)
+    photos = load_sample_images().images
+    jpegs = []
+    for k in range(16):  # distinct crops; decoding costs the same whatever the picture
+        photo = photos[k % len(photos)]
+        h, w = photo.shape[:2]
+        top, left = rng.integers(0, h // 4), rng.integers(0, w // 4)
+        image = Image.fromarray(photo[top : top + 3 * h // 4, left : left + 3 * w // 4])
+        scale = int(rng.integers(740, 861)) / max(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)))
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=93)
+        jpegs.append((out.getvalue(), image.height, image.width))
+
+    def records():
+        for i in range(count):
+            jpeg, height, width = jpegs[i % len(jpegs)]
+            label = i % 100 + 1
+            synset = f"n{label:08d}"
+            name = f"train/{synset}/{i:07d}.JPEG"
+            yield ImageRecord(jpeg, height, width, label, synset, f"class {label}", name)
+
+    write_split(records(), directory, "train", shards)
+    return sorted(str(p) for p in directory.glob("train-*"))
+
+
+def preprocessing_at(revision: str, directory: Path):
+    """van_trainer/preprocessing.py as of a git revision, imported as a module of its own (it
+    imports the rest of the project, van_trainer.class_list included, from the working tree)."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:van_trainer/preprocessing.py"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path = directory / "preprocessing_baseline.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("preprocessing_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Beam pickles the preprocessing_fn by reference
+    spec.loader.exec_module(module)
+    return module
+
+
+def curated_schema():
+    """The curated schema (components/schema), as a tensorflow_metadata Schema proto."""
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    from components.curated_schema import curated_schema_text
+
+    return text_format.Parse(curated_schema_text(), schema_pb2.Schema())
+
+
+def curated_source(files: list[str]):
+    """The records as TFX's Transform reads them: tfx_bsl's TFXIO with the curated schema."""
+    from tfx_bsl.public import tfxio
+
+    return tfxio.TFExampleRecord(file_pattern=files, schema=curated_schema())
+
+
+def analyze_columns(preprocessing_fn, source) -> list[str]:
+    """The columns TFX's Transform decodes from `source` to analyze for `preprocessing_fn`."""
+    import tensorflow_transform as tft
+
+    specs = source.TensorAdapter().OriginalTypeSpecs()
+    return tft.get_analyze_input_columns(preprocessing_fn, specs)
+
+
+def analysis_pass(files: list[str], preprocessing_fn, workdir: str) -> float:
+    """Seconds for TFX Transform's analysis pass on Beam's DirectRunner: the records read,
+    decoded by tfx_bsl projected to the analyzer input columns, then AnalyzeDataset."""
+    import apache_beam as beam
+    import tensorflow_transform.beam as tft_beam
+
+    source = curated_source(files)
+    # As tfx/components/transform/executor.py does (statistics disabled, as the pipeline does).
+    source = source.Project(analyze_columns(preprocessing_fn, source))
+    start = time.perf_counter()
+    with beam.Pipeline() as pipeline:
+        batches = pipeline | "Read" >> source.BeamSource()
+        with tft_beam.Context(temp_dir=workdir, use_deep_copy_optimization=True):
+            _ = (batches, source.TensorAdapterConfig()) | tft_beam.AnalyzeDataset(preprocessing_fn)
+    return time.perf_counter() - start
+
+
+def decode_time(serialized: list[bytes], columns: list[str]) -> tuple[float, int]:
+    """(seconds, Arrow bytes) for tfx_bsl to decode `serialized` in one batch, projected to
+    `columns`: the decode step of the analysis pass alone, without reading or Beam."""
+    from tfx_bsl.coders import example_coder
+    from tfx_bsl.tfxio import tensor_representation_util
+
+    # What TFXIO's Project does to the schema its decoder gets.
+    projected = tensor_representation_util.ProjectTensorRepresentationsInSchema(
+        curated_schema(), columns
+    )
+    decoder = example_coder.ExamplesToRecordBatchDecoder(projected.SerializeToString())
+    start = time.perf_counter()
+    batch = decoder.DecodeBatch(serialized)
+    return time.perf_counter() - start, batch.nbytes
+
+
+def analysis_pass_section(baseline: str, records: int, rounds: int) -> None:
+    """Print the analysis pass's decode time and whole time per 1,000 records, the baseline's and
+    ours, and before / after."""
+    import tensorflow as tf
+
+    from van_trainer import preprocessing
+
+    copies = 8
+    with tempfile.TemporaryDirectory() as tmp:
+        functions = {
+            f"before ({baseline})": preprocessing_at(baseline, Path(tmp)).preprocessing_fn,
+            "after (working tree)": preprocessing.preprocessing_fn,
+        }
+        small = imagenet_sized_records(Path(tmp) / "records", records)
+        large = replicated(small, copies, Path(tmp) / "many")
+        serialized = [r.numpy() for r in tf.data.TFRecordDataset(small)]
+        size = sum(map(len, serialized)) / records
+        print(f"{records} records of {size / 1000:.0f} KB on average ({copies}x: hard links)")
+        columns = {
+            name: analyze_columns(fn, curated_source(small)) for name, fn in functions.items()
+        }
+        for name in functions:
+            print(f"{name:22} projects {sorted(columns[name])}")
+        for fn in functions.values():  # warm-up: imports, first traces, caches
+            analysis_pass(small, fn, f"{tmp}/warm")
+        decode: dict[str, list[float]] = {name: [] for name in functions}
+        whole: dict[str, list[float]] = {name: [] for name in functions}
+        held = {}
+        for round_ in range(rounds):
+            order = list(functions.items())
+            for name, fn in order if round_ % 2 == 0 else order[::-1]:  # alternating
+                seconds, held[name] = decode_time(serialized, columns[name])
+                decode[name].append(seconds * 1000 / records)
+                # Per 1,000 records: (Nx - 1x), which removes Beam's fixed start-up cost.
+                one = analysis_pass(small, fn, f"{tmp}/t{round_}")
+                many = analysis_pass(large, fn, f"{tmp}/t{round_}")
+                whole[name].append((many - one) / ((copies - 1) * records) * 1000)
+                print(
+                    f"  round {round_ + 1} {name:22}: decode {decode[name][-1] * 1000:6.1f} ms, "
+                    f"analysis pass {whole[name][-1] * 1000:7.1f} ms per 1,000 records "
+                    f"(1x {one:.1f} s, {copies}x {many:.1f} s)"
+                )
+        before, after = functions
+        for what, times in (("tfx_bsl decode", decode), ("whole analysis pass", whole)):
+            b, a = statistics.median(times[before]), statistics.median(times[after])
+            print(
+                f"{what:20}: before {b * 1000:7.1f} ms, after {a * 1000:7.1f} ms per 1,000 records "
+                f"(medians of {rounds}): before / after = {b / a:.2f}x"
+            )
+        print(
+            f"Arrow batch of {records} records: before {held[before] / 1e6:.1f} MB, "
+            f"after {held[after] / 1e6:.2f} MB"
+        )
+
+
 def main() -> None:
-    """Print images/s for Transform vs bare tf.data, and for the converter."""
+    """Print images/s for Transform vs bare tf.data, and for the converter (or the analysis
+    pass's time, before vs after, with --analysis-pass)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-side", dest="size", type=int, default=512)
+    parser.add_argument("--analysis-pass", action="store_true")
+    parser.add_argument("--baseline", default=ANALYSIS_BASELINE, help="git revision to compare")
+    parser.add_argument("--records", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     print(describe_machine())
+    if args.analysis_pass:
+        analysis_pass_section(args.baseline, args.records, args.rounds)
+        return
     from van_tfx.data.sample import build_sample
 
     with tempfile.TemporaryDirectory() as tmp:

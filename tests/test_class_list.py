@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from van_tfx import features
 from van_trainer import preprocessing
-from van_trainer.class_list import ClassListError, class_list, pairs_in_batch
+from van_trainer.class_list import ClassListError, class_list, first_name, pairs_in_batch
 
 
 def pairs(*items: tuple[int, bytes, bytes]) -> list:
@@ -34,6 +34,30 @@ def test_a_batch_gives_each_distinct_pair_once_with_its_smallest_filename():
         np.array([[b"c.jpg"], [b"b.jpg"], [b"a.jpg"], [b"d.jpg"]]),
     )
     assert sorted(pairs_in_batch(batch)) == [((1, b"n1"), b"a.jpg"), ((2, b"n2"), b"b.jpg")]
+
+
+def test_a_pair_is_named_by_a_filename_whenever_one_of_its_records_has_one():
+    # b'' is a record without image/filename: it sorts first but locates nothing (before, it
+    # named the pair, and the records of that pair that had a filename went unnamed).
+    batch = (
+        np.array([[1], [1], [2], [2]]),
+        np.array([[b"n1"], [b"n1"], [b"n2"], [b"n2"]]),
+        np.array([[b""], [b"b.jpg"], [b""], [b""]]),
+    )
+    assert sorted(pairs_in_batch(batch)) == [((1, b"n1"), b"b.jpg"), ((2, b"n2"), b"")]
+    assert first_name([b"", b"z.jpg", b"", b"y.jpg"]) == b"y.jpg"
+    assert first_name([b"", b""]) == b""
+
+
+def test_a_pair_without_any_filename_is_named_by_its_label_and_synset():
+    # Before, by "<no image/filename>, ..., image/encoded of N bytes", which costs the analysis
+    # pass every image's bytes; the label and synset it repeated already name the pair.
+    with pytest.raises(ClassListError) as failure:
+        class_list(pairs((1, b"n1", b""), (1, b"n2", b"b.jpg")))
+    assert (
+        "labels with more than one synset: label 1 with synset n1 (no record of it has an "
+        "image/filename); label 1 with synset n2 (record image/filename = b.jpg)"
+    ) in str(failure.value)
 
 
 @pytest.mark.parametrize(
@@ -134,3 +158,32 @@ def test_transform_reads_the_training_split_once_to_analyze_it():
     # Besides the pass that transforms it: the class list is found in the same pass as anything
     # else the preprocessing_fn analyzes (the weighted vocabulary needed a second one).
     assert analysis_phases(preprocessing.preprocessing_fn) == ["ApplySavedModel[Phase0]"]
+
+
+def tfx_type_specs() -> dict:
+    """The raw features' TypeSpecs as TFX's Transform derives them (the curated schema, tfx_bsl)."""
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+    from tfx_bsl.public import tfxio
+
+    from components.curated_schema import curated_schema_text
+
+    schema = text_format.Parse(curated_schema_text(), schema_pb2.Schema())
+    source = tfxio.TFExampleRecord(file_pattern=tempfile.mkdtemp(), schema=schema)
+    return source.TensorAdapter().OriginalTypeSpecs()
+
+
+def test_the_analysis_pass_decodes_no_image_bytes():
+    # TFX's Transform decodes for its analysis pass the columns TFT names here (and only
+    # those): before, image/encoded too, ~146 GB at ImageNet-1k for ~1,000 (label, synset) pairs.
+    specs = tfx_type_specs()
+    analyzed = tft.get_analyze_input_columns(preprocessing.preprocessing_fn, specs)
+    assert set(analyzed) == {features.LABEL, features.SYNSET, features.IMAGE_FILENAME}
+    # The transform pass still gets all the checks read (TFX projects it to these).
+    transformed = tft.get_transform_input_columns(preprocessing.preprocessing_fn, specs)
+    assert set(transformed) == {
+        features.IMAGE_ENCODED,
+        features.LABEL,
+        features.SYNSET,
+        features.IMAGE_FILENAME,
+    }

@@ -253,6 +253,17 @@ def test_damaged_image_in_eval_split_fails_transform_naming_the_record(tmp_path,
     assert "not a complete, decodable JPEG or PNG" in message
 
 
+def test_a_damaged_image_in_the_training_split_fails_transform_naming_the_record(tmp_path):
+    # The analysis pass reads no image bytes (tests/test_class_list.py), so the training split's
+    # images are checked only as the transform pass stores them: they must still be.
+    def damage_one(records):
+        victim = records[3].features.feature[features.IMAGE_ENCODED].bytes_list
+        victim.value[0] = _truncate(victim.value[0])
+
+    name, message = transform_failure_after(tmp_path, "train", damage_one, 3)
+    assert f"image/encoded of record image/filename =] [{name}] [is not a complete" in message
+
+
 def test_a_damaged_image_without_a_filename_is_named_by_synset_label_and_size(tmp_path):
     # image/filename is optional: the error must still say which record to look at.
     write_small_sample(tmp_path / "data", train=60, validation=30)
@@ -312,6 +323,36 @@ def test_a_label_that_disagrees_with_its_synset_stops_transform_naming_the_recor
         assert "labels with more than one synset" in message
     else:
         assert "which disagree with the class list of the training split" in message
+
+
+def test_a_broken_class_list_without_filenames_names_the_pair_by_label_and_synset(tmp_path):
+    # Before, by "<no image/filename>, image/class/synset = S, image/class/label = L,
+    # image/encoded of N bytes", and so the analysis pass decoded every image's bytes.
+    write_small_sample(tmp_path / "data", train=60, validation=30)
+    span = tmp_path / "data" / "span-1"
+
+    def strip(records):
+        for record in records:
+            del record.features.feature[features.IMAGE_FILENAME]
+
+    first, *others = sorted(span.glob("train-*"))
+    for shard in [*others, *span.glob("validation-*")]:
+        rewrite_shard(shard, strip)
+
+    def strip_and_relabel(records):
+        strip(records)
+        label = records[5].features.feature[features.LABEL].int64_list
+        label.value[0] = label.value[0] % 10 + 1  # another class's label, same synset
+
+    records = rewrite_shard(first, strip_and_relabel)
+    feature = records[5].features.feature
+    with pytest.raises(Exception) as failure:
+        run_ingest_and_transform(tmp_path, tmp_path / "data", with_transform=True)
+    synset = feature[features.SYNSET].bytes_list.value[0].decode()
+    label = feature[features.LABEL].int64_list.value[0]
+    assert f"label {label} with synset {synset} (no record of it has an image/filename)" in str(
+        failure.value
+    )
 
 
 def _photo(width: int, height: int, fmt: str = "JPEG") -> bytes:

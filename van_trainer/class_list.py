@@ -7,7 +7,9 @@ run through `tft.experimental.ptransform_analyzer`, reduces the split to its dis
 (label, synset) pairs in the same pass as any other analyzer, checks that they are the list
 1..N one-to-one, and writes that list as the `synsets` vocabulary file (TFTransformOutput's
 `vocabulary_by_name` finds it by that name). A record that breaks the list is named by its
-image/filename (the smallest one among those with the offending pair).
+image/filename (the smallest one among those with the offending pair), or, where no record of
+the pair has one, by the pair alone: a name read from the image (its size) would make TFX's
+analysis pass read every image's bytes (van_trainer/preprocessing.py).
 """
 
 from __future__ import annotations
@@ -33,25 +35,36 @@ class ClassListError(ValueError):
 
 
 def pairs_in_batch(batch) -> list[tuple[tuple[int, bytes], bytes]]:
-    """((label, synset), smallest image/filename) for each distinct pair of one batch."""
+    """((label, synset), first_name of its image/filenames) for each distinct pair of a batch."""
     labels, synsets, filenames = (np.asarray(column).reshape(-1) for column in batch)
     first: dict[tuple[int, bytes], bytes] = {}
     for label, synset, filename in zip(
         labels.tolist(), synsets.tolist(), filenames.tolist(), strict=True
     ):
         key = (label, synset)
-        if key not in first or filename < first[key]:
-            first[key] = filename
+        first[key] = first_name((first[key], filename)) if key in first else filename
     return list(first.items())
+
+
+def first_name(filenames) -> bytes:
+    """The smallest non-empty image/filename among `filenames`, b'' if all are empty."""
+    # b'' (no image/filename) sorts first, yet locates nothing: any real name beats it.
+    return min(filenames, key=lambda name: (not name, name))
 
 
 def _text(value: bytes) -> str:
     return value.decode("utf-8", "backslashreplace")[:200]
 
 
+def _record(name: bytes) -> str:
+    if not name:
+        return "no record of it has an image/filename"
+    return f"record image/filename = {_text(name)}"
+
+
 def _named(pairs: list[tuple[tuple[int, bytes], bytes]]) -> str:
     shown = [
-        f"label {label} with synset {_text(synset)} (record image/filename = {_text(name)})"
+        f"label {label} with synset {_text(synset)} ({_record(name)})"
         for (label, synset), name in sorted(pairs)[:_NAMED]
     ]
     more = len(pairs) - len(shown)
@@ -137,7 +150,7 @@ class ClassList(PTransformAnalyzer):
         listed = (
             batches
             | "PairsPerBatch" >> beam.FlatMap(pairs_in_batch)
-            | "FirstRecordPerPair" >> beam.CombinePerKey(min)
+            | "FirstRecordPerPair" >> beam.CombinePerKey(first_name)
             | "AllPairs" >> beam.combiners.ToList()
             | "ClassList" >> beam.Map(class_list, self._declared)
         )

@@ -85,25 +85,40 @@ def preprocessing_fn(
         }
     synsets = _column(inputs[features.SYNSET], b"")
     labels = tf.cast(_column(inputs[features.LABEL], -1), tf.int64)
-    filenames = _column(inputs.get(features.IMAGE_FILENAME), b"", encoded)
-    filenames = record_names(filenames, encoded, synsets, labels)  # what the errors name
+    # Shaped like the synsets, not the image: see below.
+    filenames = _column(inputs.get(features.IMAGE_FILENAME), b"", synsets)
     declared = (custom_config or {}).get(DECLARED_CLASSES_KEY)
+    # TFX's Transform reads the training split for analysis in a pass of its own, decoding only
+    # the columns the analysis needs (tft.get_analyze_input_columns): anything the class list
+    # reads from image/encoded, even its length, makes that pass decode every image's bytes
+    # (~146 GB at ImageNet-1k) for ~1,000 (label, synset) pairs. So the class list names records
+    # by image/filename alone (by label and synset where none has one, van_trainer/class_list.py).
     vocabulary, count = class_vocabulary(labels, synsets, filenames, declared)
     ids = tft.apply_vocabulary(synsets, vocabulary, default_value=-1)
-    # Assert ops (and the tf.data ops of image_decodes, stateful too) also run while TFT
-    # analyzes, when the class count is still a placeholder that reads 0: the checks that
-    # need the class list, or that cost a decode, wait for the real one, so they run once per
-    # record (when it is transformed).
+    # The label check also runs while TFT analyzes (below), when the class count is still a
+    # placeholder that reads 0: it waits for the real one.
     analyzed = count > 0
+    if not transforming(count):
+        # TFT's analysis trace. tf.function runs every stateful op (an Assert, the decode check's
+        # tf.data) whatever is fetched, and TFT's analysis pass reads every column they read: the
+        # image checks exist only in the graph that transforms (they run there on every record
+        # of both splits). The label check stays, although it never fails here: TFX feeds the
+        # transform pass the columns this trace's outputs read (tft.get_transform_input_columns),
+        # and it is what reads image/class/label and image/filename, which the checks need.
+        with tf.control_dependencies([check_labels(ids, labels, synsets, filenames, analyzed)]):
+            label = tf.identity(ids)
+        return {
+            features.TRANSFORMED_IMAGE: stored_images(
+                encoded, max_side, quality, max_pixels=max_pixels
+            ),
+            features.TRANSFORMED_LABEL: label,
+        }
+    filenames = record_names(filenames, encoded, synsets, labels)  # what the errors name
     headers = image_headers(encoded)  # one header parse per batch for the checks and the store
     affordable = declared_pixels(headers) <= max_pixels
     # Only images whose header gives an affordable size reach a decoder: an unreadable header
     # fails check_images anyway, and hides its size (libjpeg may still find a huge frame).
-    decodes = tf.cond(
-        analyzed,
-        lambda: image_decodes(encoded, headers["readable"] & affordable),
-        lambda: tf.ones_like(encoded, tf.bool),
-    )
+    decodes = image_decodes(encoded, headers["readable"] & affordable)
     checks = [
         check_pixel_budget(headers, filenames, max_pixels),
         check_images(encoded, filenames, decodes | ~affordable, headers),
@@ -117,6 +132,14 @@ def preprocessing_fn(
         ),
         features.TRANSFORMED_LABEL: label,
     }
+
+
+def transforming(count: tf.Tensor) -> bool:
+    """Whether preprocessing_fn is being traced into the graph that transforms records."""
+    # Under TF2, TFT traces preprocessing_fn once per use: while it analyzes, the class count is
+    # a placeholder; in the graph that transforms (and serves), a constant (>= 1). TF1's one
+    # graph serves both, but analyzing fetches only the analyzer inputs there, so no check runs.
+    return not tf.inside_function() or tf.get_static_value(count) is not None
 
 
 def record_names(
