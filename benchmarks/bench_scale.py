@@ -224,7 +224,7 @@ def use_weighted_vocabulary() -> None:
     from van_tfx import features
     from van_trainer import preprocessing
 
-    def weighted_vocabulary(labels, synsets, filenames):
+    def weighted_vocabulary(labels, synsets, filenames, declared=None):
         keys, counts = tft.count_per_key(labels)
         matches = tf.equal(labels[:, tf.newaxis], keys[tf.newaxis, :])
         count = tf.reduce_sum(tf.where(matches, counts[tf.newaxis, :], 0), axis=1)
