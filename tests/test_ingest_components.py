@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 from google.protobuf import text_format
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from spans import write_span
 from tensorflow_metadata.proto.v0 import schema_pb2
@@ -448,6 +448,7 @@ def test_a_file_matched_by_both_splits_is_refused_naming_it(tmp_path):
     present=st.lists(st.tuples(st.integers(0, 7), st.booleans()), max_size=9),
     extra=st.sampled_from(["", "train-00000-of-00009", "notes.txt"]),
 )
+@example(total=1, present=[(0, False), (0, False)], extra="")  # one path listed twice
 def test_shards_are_accepted_exactly_when_they_are_one_complete_set(total, present, extra):
     names = [f"train-{i:05d}-of-{total:05d}" + (".gz" if gz else "") for i, gz in present]
     names += [extra] if extra else []

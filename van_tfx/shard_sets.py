@@ -71,15 +71,14 @@ class ShardSets:
 def shard_sets(split: str, pattern: str, paths: list[str]) -> ShardSets:
     """The problems and missing shards of a split's `paths` (what its `pattern` matched)."""
     # The rule: shards named `<name>-NNNNN-of-MMMMM[.gz]` form complete sets, one per name.
-    numbered = {path: SHARD_NAME.fullmatch(os.path.basename(path)) for path in paths}
-    if not any(numbered.values()):
+    # A list, not a dict by path: a path listed twice counts twice, as the rule says.
+    numbered = [(path, SHARD_NAME.fullmatch(os.path.basename(path))) for path in paths]
+    if not any(m for _, m in numbered):
         return ShardSets(split, pattern, (), ())  # names without shard numbers: nothing to check
-    problems = [
-        f"{path} is not named <name>-NNNNN-of-MMMMM" for path, m in numbered.items() if not m
-    ]
+    problems = [f"{path} is not named <name>-NNNNN-of-MMMMM" for path, m in numbered if not m]
     missing = []
     by_stem = collections.defaultdict(list)  # one pattern may take several sets (train-*, extra-*)
-    for m in filter(None, numbered.values()):
+    for m in filter(None, (m for _, m in numbered)):
         by_stem[m["stem"]].append((int(m["index"]), int(m["total"])))
     for stem, shards in sorted(by_stem.items()):
         stem_problems, stem_missing = _set_problems(stem, shards)
