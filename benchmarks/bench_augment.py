@@ -76,18 +76,12 @@ def mixup_cutmix_both_branches(images, targets, seed, cfg):
     """The baseline of augment.mixup_cutmix: build the cutmix and the mixup batch, then select."""
     import tensorflow as tf
 
-    from van_trainer.augment import _cutmix_mask, _sample_beta, _uniform, fold_seed
+    from van_trainer.augment import _cutmix_mask, fold_seed, mixup_draws
 
-    use_mixup, use_cutmix = cfg.mixup_alpha > 0, cfg.cutmix_alpha > 0
-    if not (use_mixup or use_cutmix) or cfg.mixup_prob <= 0:
+    draws = mixup_draws(seed, cfg)  # the same draws: only how the batch is built differs
+    if draws is None:
         return images, targets
-    if use_mixup and use_cutmix:
-        cutmix = _uniform(seed, 41) < cfg.mixup_switch_prob
-    else:
-        cutmix = tf.constant(use_cutmix)
-    alpha = tf.where(cutmix, cfg.cutmix_alpha or 1.0, cfg.mixup_alpha or 1.0)
-    lam = _sample_beta(alpha, fold_seed(seed, 42))
-    lam = tf.where(_uniform(seed, 43) < cfg.mixup_prob, lam, 1.0)
+    cutmix, lam = draws
     flipped = tf.reverse(images, axis=[0])
     mask, box_lam = _cutmix_mask(tf.shape(images)[1], tf.shape(images)[2], lam, fold_seed(seed, 44))
     images = tf.where(cutmix, tf.where(mask, flipped, images), lam * images + (1.0 - lam) * flipped)

@@ -430,18 +430,26 @@ def _cutmix_mask(height, width, lam, seed):
     return mask[None, :, :, None], exact_lam
 
 
-def mixup_cutmix(images, targets, seed, cfg: AugmentConfig):
-    """timm Mixup(mode='batch'): mix the batch with its reverse; cutmix or mixup per batch."""
+def mixup_draws(seed, cfg: AugmentConfig):
+    """(cutmix?, lam) of one batch, or None when the recipe mixes no batch."""
     use_mixup, use_cutmix = cfg.mixup_alpha > 0, cfg.cutmix_alpha > 0
     if not (use_mixup or use_cutmix) or cfg.mixup_prob <= 0:
-        return images, targets
+        return None
     if use_mixup and use_cutmix:
         cutmix = _uniform(seed, 41) < cfg.mixup_switch_prob
     else:
         cutmix = tf.constant(use_cutmix)
     alpha = tf.where(cutmix, cfg.cutmix_alpha or 1.0, cfg.mixup_alpha or 1.0)
     lam = _sample_beta(alpha, fold_seed(seed, 42))
-    lam = tf.where(_uniform(seed, 43) < cfg.mixup_prob, lam, 1.0)
+    return cutmix, tf.where(_uniform(seed, 43) < cfg.mixup_prob, lam, 1.0)
+
+
+def mixup_cutmix(images, targets, seed, cfg: AugmentConfig):
+    """timm Mixup(mode='batch'): mix the batch with its reverse; cutmix or mixup per batch."""
+    draws = mixup_draws(seed, cfg)
+    if draws is None:
+        return images, targets
+    cutmix, lam = draws
 
     def cut():
         height, width = tf.shape(images)[1], tf.shape(images)[2]
