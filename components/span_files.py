@@ -157,7 +157,8 @@ def unfit_span_names(input_base: str, splits) -> str | None:
             if match is None:
                 continue
             token, directory = match["span"], _component_end(path, match.end("span"))
-            number = int(token) if token.isdigit() else None
+            # ASCII digits only: "²" passes str.isdigit and then int() raises.
+            number = int(token) if token.isascii() and token.isdigit() else None
             (fits if len(token) == width else unfit)[directory] = number
         if not unfit:
             continue

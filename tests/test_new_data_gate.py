@@ -716,6 +716,21 @@ def test_with_a_span_width_tfxs_nameless_error_becomes_one_naming_the_directorie
         gate(data, tmp_path / "serving", tmp_path, span=1, data_config=width)
 
 
+def test_a_span_directory_of_no_number_under_a_width_is_named_too(tmp_path):
+    # "²" passes str.isdigit, not int(): the explanation of TFX's nameless error crashed on it.
+    data = tmp_path / "data"
+    write_span(data, 1)
+    (data / "span-1").rename(data / "span-01")
+    write_span(data, 1)
+    (data / "span-1").rename(data / "span-\u00b2")
+    width = DataConfig(
+        train_pattern="span-{SPAN:2}/train-*", eval_pattern="span-{SPAN:2}/validation-*"
+    )
+    with pytest.raises(SpanNamingError) as failure:
+        gate(data, tmp_path / "serving", tmp_path, data_config=width)
+    assert f"and {data}/span-\u00b2 (no span number) is not" in str(failure.value)
+
+
 def test_van_tfx_run_skips_the_data_of_its_last_run_only_when_the_gate_would(tmp_path):
     # The local check compared the data with last_run.json alone: after a run whose smoke test
     # failed (nothing pushed), or a rollback to a version trained on other data, it said "no new
