@@ -329,7 +329,8 @@ def copy_shard(source: str, target: str, kinds: dict[str, str] | None = None) ->
 
 
 def _kind_checked(records, kinds: dict[str, str], source: str):
-    # Batches of _COPY_BATCH records or _COPY_BATCH_BYTES: one C++ parse each, the records re-read one by one only on failure.
+    # Batches of _COPY_BATCH records or _COPY_BATCH_BYTES: one C++ parse each, the records
+    # re-read one by one only on failure.
     spec, batch, start, held = _parse_spec(kinds), [], 0, 0
     for record in records:
         batch.append(record)
