@@ -282,7 +282,8 @@ def _add_predict(subparsers) -> None:
         "--max-message-bytes",
         type=_checked(int, checked_max_message_bytes),
         default=DEFAULT_MAX_MESSAGE_BYTES,
-        help="largest request to send (the server's --max_message_bytes; TF Serving: 2 GiB - 1)",
+        help="largest request to send and answer to take (the server's --max_message_bytes; "
+        "TF Serving: 2 GiB - 1)",
     )
     p.add_argument(
         "--apply-exif-orientation",
@@ -388,11 +389,16 @@ def _predict(args) -> int:
                 print(f"error: --server {exc}", file=sys.stderr)
                 return 2
             rows = client.predict_images_rest(
-                url, images, args.model_name, args.signature, args.timeout
+                url, images, args.model_name, args.signature, args.timeout, args.max_message_bytes
             )
         else:
             rows = client.predict_images(
-                server, images, args.model_name, args.signature, args.timeout
+                server,
+                images,
+                args.model_name,
+                args.signature,
+                args.timeout,
+                args.max_message_bytes,
             )
     except client.ServerUnavailable as exc:
         print(
@@ -400,6 +406,13 @@ def _predict(args) -> int:
             file=sys.stderr,
         )
         return 2
+    except client.AnswerTooLarge as exc:
+        print(
+            f"error: the server at {server} answered, but {exc}; raise --max-message-bytes to "
+            "take it",
+            file=sys.stderr,
+        )
+        return 1
     except client.PredictionError as exc:
         message = f"{exc.code}: {_naming_images(exc, args.images)}"
         print(f"error: the server at {server} rejected the request: {message}", file=sys.stderr)

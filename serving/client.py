@@ -12,6 +12,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from serving.limits import DEFAULT_MAX_MESSAGE_BYTES
+
 DEFAULT_SIGNATURE = "predict_images"
 
 
@@ -51,12 +53,28 @@ class PredictionError(RuntimeError):
         self.message = message
 
 
-def prediction_stub(target: str):
+class AnswerTooLarge(RuntimeError):
+    """The server answered with more than the client takes (--max-message-bytes)."""
+
+    def __init__(self, what: str, limit: int):
+        super().__init__(f"{what}, over the client's limit of {limit} bytes")
+        self.limit = limit
+
+
+def prediction_stub(target: str, max_answer_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
     """A PredictionServiceStub on an insecure channel to host:port."""
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    return prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(target))
+    channel = grpc.insecure_channel(target, options=answer_limit_options(max_answer_bytes))
+    return prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+
+def answer_limit_options(max_answer_bytes: int) -> list[tuple[str, int]]:
+    """gRPC channel options that take answers up to `max_answer_bytes` (gRPC's default: 4 MiB)."""
+    # A top-k answer grows with the images sent: at the 4 MiB default a legitimate answer to
+    # ~15,000 small images was refused, while the request itself may be --max-message-bytes.
+    return [("grpc.max_receive_message_length", max_answer_bytes)]
 
 
 def predict_images(
@@ -65,16 +83,17 @@ def predict_images(
     model_name: str = "van",
     signature: str = DEFAULT_SIGNATURE,
     timeout: float = 30.0,
+    max_answer_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> list[list[ClassScore]]:
     """Top-k classes per encoded image through gRPC Predict, within `timeout` seconds in all."""
     import grpc
-    import tensorflow as tf
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     request = predict_request(images, model_name, signature)
     started = time.monotonic()
     if isinstance(stub_or_target, str):
-        with grpc.insecure_channel(stub_or_target) as channel:
+        options = answer_limit_options(max_answer_bytes)
+        with grpc.insecure_channel(stub_or_target, options=options) as channel:
             # Connect first, on the same budget: a channel that never gets READY never sent the
             # request, so whatever the call would then report, no server answered it.
             connected = wait_for_connection(channel, timeout)
@@ -87,8 +106,45 @@ def predict_images(
             response = _call_predict(stub, request, started, timeout, connected)
     else:  # a caller's stub: its channel's state is not ours to watch
         response = _call_predict(stub_or_target, request, started, timeout, None)
-    outputs = {name: tf.make_ndarray(proto).tolist() for name, proto in response.outputs.items()}
-    return top_k_rows(outputs)
+    return top_k_rows_of_answer(answer_outputs(response, max_answer_bytes))
+
+
+# What a Python list costs, empty: .tolist() makes one for every row of each dimension but the
+# last, so [10**7, 10**7, 0] holds no element and would still be 10**14 empty lists.
+LIST_BYTES = 64
+
+
+def nested_lists(shape: list[int]) -> int:
+    """How many Python lists .tolist() makes for an array of `shape`."""
+    lists = rows = 1 if shape else 0
+    for size in shape[:-1]:
+        rows *= size
+        lists += rows
+    return lists
+
+
+def answer_outputs(response, max_answer_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict:
+    """A PredictResponse's outputs as nested lists, each tensor's size checked before decoding."""
+    from serving.errors import ServingError
+    from serving.tensors import checked_shape, decoded_nbytes, from_tensor_proto
+
+    # TF's rule that one value fills any shape lets a 30-byte answer declare [100000, 100000]
+    # floats (40 GB once decoded): the declared sizes are bounded, as the server bounds requests.
+    decoded, outputs = 0, {}
+    try:
+        for name, proto in response.outputs.items():
+            shape = checked_shape(proto, name)
+            decoded += decoded_nbytes(proto, shape, name) + LIST_BYTES * nested_lists(shape)
+            if decoded > max_answer_bytes:
+                raise AnswerTooLarge(
+                    f"the answer's tensors decode to more than {max_answer_bytes} bytes "
+                    f"(at output {name!r})",
+                    max_answer_bytes,
+                )
+            outputs[name] = from_tensor_proto(proto, name).tolist()
+    except ServingError as err:
+        raise ServerUnavailable(f"not a model server: an output is not a tensor ({err})") from None
+    return outputs
 
 
 def _call_predict(stub, request, started: float, timeout: float, connected: bool | None):
@@ -100,6 +156,17 @@ def _call_predict(stub, request, started: float, timeout: float, connected: bool
     except grpc.RpcError as err:
         elapsed = time.monotonic() - started
         raise grpc_failure(err.code(), err.details(), elapsed, timeout, connected) from err
+
+
+def _answer_too_large(details: str) -> AnswerTooLarge | None:
+    """The client's own refusal of an answer over its receive limit, if `details` is one."""
+    # gRPC 1.85: "Stream removed (CLIENT: Received message larger than max (5242880 vs.
+    # 4194304))", code RESOURCE_EXHAUSTED: made up by this client, not sent by the server.
+    match = re.search(r"CLIENT: Received message larger than max \((\d+) vs\. (\d+)\)", details)
+    if match is None:
+        return None
+    size, limit = int(match.group(1)), int(match.group(2))
+    return AnswerTooLarge(f"the answer is {size} bytes", limit)
 
 
 def wait_for_connection(channel, timeout: float) -> bool | None:
@@ -147,12 +214,15 @@ DEADLINE_SLACK_SECONDS = 0.01
 
 def grpc_failure(
     code, details: str | None, elapsed: float, timeout: float, connected: bool | None = None
-) -> ServerUnavailable | PredictionError:
-    """ServerUnavailable for a gRPC call no server answered, else the server's PredictionError."""
+) -> ServerUnavailable | PredictionError | AnswerTooLarge:
+    """ServerUnavailable for a gRPC call no server answered, AnswerTooLarge for an answer over
+    the client's limit, else the server's PredictionError."""
     # `connected`: whether the channel was READY before the call (None: not known).
     import grpc
 
     details = details or ""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (too_large := _answer_too_large(details)):
+        return too_large
     if code == grpc.StatusCode.DEADLINE_EXCEEDED and elapsed >= timeout - DEADLINE_SLACK_SECONDS:
         # Our own deadline. A server that sent this at our deadline was running on the deadline
         # we sent it: either way nothing answered within the timeout. Earlier, gRPC's timer
@@ -220,6 +290,7 @@ def predict_images_rest(
     model_name: str = "van",
     signature: str = DEFAULT_SIGNATURE,
     timeout: float = 30.0,
+    max_answer_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> list[list[ClassScore]]:
     """Top-k classes per encoded image through REST :predict (columnar form)."""
     body = {
@@ -234,7 +305,7 @@ def predict_images_rest(
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            answer = response.read()
+            answer = response.read(max_answer_bytes + 1)  # no more than the limit is kept
     except urllib.error.HTTPError as err:
         raise PredictionError(str(err.code), _rest_error(err)) from err
     except urllib.error.URLError as err:
@@ -243,14 +314,21 @@ def predict_images_rest(
         raise ServerUnavailable(f"no answer within {timeout:g} s") from err
     except (http.client.HTTPException, OSError) as err:  # not HTTP (a gRPC port), reset, ...
         raise ServerUnavailable(f"not an HTTP answer: {_reason(err)}") from err
+    if len(answer) > max_answer_bytes:
+        raise AnswerTooLarge(f"the answer is more than {max_answer_bytes} bytes", max_answer_bytes)
     try:
         outputs = json.loads(answer)["outputs"]
         if not isinstance(outputs, dict):
             raise TypeError("outputs is not an object")
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, RecursionError) as err:  # nested ~1,000 deep
         raise ServerUnavailable(
             f'not a model server: its answer is not JSON with "outputs" ({_snippet(answer)})'
         ) from err
+    return top_k_rows_of_answer(outputs)
+
+
+def top_k_rows_of_answer(outputs: dict) -> list[list[ClassScore]]:
+    """top_k_rows of a server's decoded outputs; ServerUnavailable when they are not top-k."""
     try:
         return top_k_rows(outputs)
     except (TypeError, ValueError, IndexError, AttributeError) as err:

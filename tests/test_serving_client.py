@@ -358,3 +358,137 @@ def test_loadtest_exits_as_predict_does(capsys, closing, image):
     assert code == 1, err
     assert "  error: PredictionError: NOT_FOUND: Servable not found" in err, err
     assert f"requests failed at {refusing}" in err and "no answer" not in err, err
+
+
+def response_of(**outputs):
+    """A PredictResponse with these outputs (name -> TensorProto)."""
+    response = predict_pb2.PredictResponse()
+    for name, proto in outputs.items():
+        response.outputs[name].CopyFrom(proto)
+    return response
+
+
+def answering(**outputs):
+    """A handler answering every request with these outputs (name -> TensorProto)."""
+    return lambda request, context: response_of(**outputs)
+
+
+def top_k_answer(synset: bytes = b"n01440764"):
+    """Outputs of a one-image, top-1 answer naming `synset`."""
+    import tensorflow as tf
+
+    return {
+        "top_k_indices": tf.make_tensor_proto([[0]], dtype=tf.int32),
+        "top_k_synsets": tf.make_tensor_proto([[synset]]),
+        "top_k_scores": tf.make_tensor_proto([[0.9]], dtype=tf.float32),
+    }
+
+
+def test_an_answer_over_grpcs_4_mib_default_is_taken_up_to_the_flag(capsys, closing, image):
+    # Before: gRPC's default receive limit (4 MiB) refused it, reported as "no model server at
+    # ... (the connection was lost before an answer: CLIENT: Received message larger than max".
+    # A top-k answer grows with the images sent, and a request may be --max-message-bytes.
+    outputs = top_k_answer(b"n" * (5 << 20))
+    big = grpc_server(closing, answering(**outputs))
+    code, err = van_tfx(capsys, "predict", image, "--server", big, f"--timeout={10 * TIMEOUT}")
+    assert code == 0, err
+    code, err = van_tfx(
+        capsys, "predict", image, "--server", big, f"--timeout={10 * TIMEOUT}",
+        f"--max-message-bytes={4 << 20}",
+    )  # fmt: skip
+    assert code == 1, err
+    assert (
+        f"error: the server at {big} answered, but the answer is "
+        f"{response_of(**outputs).ByteSize()} bytes, over "
+        f"the client's limit of {4 << 20} bytes; raise --max-message-bytes to take it" in err
+    ), err
+    assert "no model server" not in err and "Traceback" not in err, err
+
+
+def test_an_answer_declaring_more_than_the_limit_is_refused_before_decoding(capsys, closing, image):
+    # TF's rule that one value fills any shape: 30 bytes on the wire declaring 40 GB of floats.
+    # Before: tf.make_ndarray filled it (and .tolist() made a Python float of each).
+    from tensorflow.core.framework import tensor_pb2, types_pb2
+
+    huge = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[0.5])
+    huge.tensor_shape.dim.add(size=100_000)
+    huge.tensor_shape.dim.add(size=100_000)
+    server = grpc_server(closing, answering(**{**top_k_answer(), "top_k_scores": huge}))
+    code, err = van_tfx(capsys, "predict", image, "--server", server, f"--timeout={TIMEOUT}")
+    assert code == 1, err
+    assert (
+        f"the server at {server} answered, but the answer's tensors decode to more than "
+        f"{64 << 20} bytes (at output 'top_k_scores')" in err
+    ), err
+
+
+def test_an_answer_that_is_not_top_k_tensors_is_not_a_model_server(capsys, closing, image):
+    # As over REST (exit status 2). Before, over gRPC: a traceback from int(b"x") (status 1).
+    import tensorflow as tf
+    from tensorflow.core.framework import tensor_pb2
+
+    strings = grpc_server(
+        closing,
+        answering(**{**top_k_answer(), "top_k_indices": tf.make_tensor_proto([[b"x"]])}),
+    )
+    code, err = van_tfx(capsys, "predict", image, "--server", strings, f"--timeout={TIMEOUT}")
+    assert code == 2, err
+    assert f"no model server at {strings} (not a model server: unexpected outputs (" in err, err
+    assert "Traceback" not in err, err
+    no_type = grpc_server(
+        closing, answering(**{**top_k_answer(), "top_k_scores": tensor_pb2.TensorProto()})
+    )
+    code, err = van_tfx(capsys, "predict", image, "--server", no_type, f"--timeout={TIMEOUT}")
+    assert code == 2, err
+    assert (
+        f"no model server at {no_type} (not a model server: an output is not a tensor "
+        "(tensor parsing error: top_k_scores))" in err
+    ), err
+
+
+def rest_server(closing, body: bytes) -> str:
+    """An HTTP server answering every POST with 200 and `body`; its URL."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Answering(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    closing(lambda: (server.shutdown(), server.server_close()))
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000, b'{"outputs": {"top_k_indices": ' + b"[" * 100_000 + b"]}}"],
+    ids=["nested", "nested outputs"],
+)
+def test_a_rest_answer_nested_too_deep_is_not_a_model_servers(capsys, closing, image, body):
+    # Before: a RecursionError traceback from json.loads (status 1).
+    url = rest_server(closing, body)
+    code, err = van_tfx(capsys, "predict", image, "--rest", "--server", url, f"--timeout={TIMEOUT}")
+    assert code == 2, err
+    assert f"error: no model server at {url} (not a model server: " in err, err
+    assert "Traceback" not in err, err
+
+
+def test_a_rest_answer_over_the_flag_is_not_read_past_it(capsys, closing, image):
+    url = rest_server(closing, b'{"outputs": {"pad": "' + b"x" * 100_000 + b'"}}')
+    code, err = van_tfx(
+        capsys, "predict", image, "--rest", "--server", url, "--max-message-bytes=10000",
+        f"--timeout={TIMEOUT}",
+    )  # fmt: skip
+    assert code == 1, err
+    assert (
+        f"the server at {url} answered, but the answer is more than 10000 bytes, over the "
+        "client's limit of 10000 bytes" in err
+    ), err
