@@ -11,6 +11,9 @@ export PYTHONWARNINGS ?= ignore::FutureWarning
 # 20 s of CPU per pipeline step (27 s -> 10 s to import TFX's KFP entrypoint once cached).
 export PYTHONDONTWRITEBYTECODE :=
 
+# The 25 slowest tests close every run's log, so a CI log says where the suite's time goes.
+PYTEST_ARGS ?= --durations=25
+
 .PHONY: demo test lint format venv bench bench-scale clean-home lock image
 
 venv: $(VENV)/.synced

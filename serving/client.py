@@ -307,7 +307,7 @@ def predict_images_rest(
         with urllib.request.urlopen(request, timeout=timeout) as response:
             answer = response.read(max_answer_bytes + 1)  # no more than the limit is kept
     except urllib.error.HTTPError as err:
-        raise PredictionError(str(err.code), _rest_error(err)) from err
+        raise PredictionError(str(err.code), _rest_error(err, max_answer_bytes)) from err
     except urllib.error.URLError as err:
         raise ServerUnavailable(_reason(err.reason)) from err
     except TimeoutError as err:
@@ -348,16 +348,17 @@ def _snippet(body: bytes, limit: int = 80) -> str:
     return repr(text + ("..." if len(body) > limit else ""))
 
 
-def _rest_error(err) -> str:
+def _rest_error(err, max_answer_bytes: int) -> str:
+    """The message of an HTTP error answer: its JSON "error", else its reason and first bytes."""
     try:
-        body = err.read()
+        body = err.read(max_answer_bytes + 1)  # an error body is held to the answer's limit
     except (OSError, http.client.HTTPException):
         return str(err.reason)
     try:
-        answer = json.loads(body)
+        answer = json.loads(body) if len(body) <= max_answer_bytes else None
         if isinstance(answer, dict) and isinstance(answer.get("error"), str):
             return answer["error"]
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     return f"{err.reason}: {_snippet(body)}" if body else str(err.reason)
 

@@ -446,8 +446,8 @@ def test_an_answer_that_is_not_top_k_tensors_is_not_a_model_server(capsys, closi
     ), err
 
 
-def rest_server(closing, body: bytes) -> str:
-    """An HTTP server answering every POST with 200 and `body`; its URL."""
+def rest_server(closing, body: bytes, status: int = 200) -> str:
+    """An HTTP server answering every POST with `status` and `body`; its URL."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Answering(BaseHTTPRequestHandler):
@@ -456,7 +456,7 @@ def rest_server(closing, body: bytes) -> str:
 
         def do_POST(self):  # noqa: N802 (http.server's name)
             self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -492,3 +492,25 @@ def test_a_rest_answer_over_the_flag_is_not_read_past_it(capsys, closing, image)
         f"the server at {url} answered, but the answer is more than 10000 bytes, over the "
         "client's limit of 10000 bytes" in err
     ), err
+
+
+@pytest.mark.parametrize(
+    "body, says",
+    [
+        (b'{"error": "' + b"x" * 100_000 + b'"}', '400: Bad Request: \'{"error": "xxxxx'),
+        (b"[" * 100_000, "400: Bad Request: '[[[[["),
+        (b'{"error": "Servable not found"}', "400: Servable not found"),
+    ],
+    ids=["over the flag", "nested too deep", "TF Serving's"],
+)
+def test_a_rest_error_answer_is_read_within_the_flag(capsys, closing, image, body, says):
+    # Before: an error body was read whole, whatever its size, and one nested too deep was a
+    # RecursionError traceback.
+    url = rest_server(closing, body, status=400)
+    code, err = van_tfx(
+        capsys, "predict", image, "--rest", "--server", url, "--max-message-bytes=10000",
+        f"--timeout={TIMEOUT}",
+    )  # fmt: skip
+    assert code == 1, err
+    assert f"error: the server at {url} rejected the request: {says}" in err, err
+    assert "Traceback" not in err, err
