@@ -482,6 +482,9 @@ def _loadtest(args) -> int:
     except client.PredictionError as exc:
         print(f"error: the server at {args.server} rejected the request: {exc}", file=sys.stderr)
         return 1
+    except client.AnswerTooLarge as exc:
+        print(f"error: the server at {args.server} answered, but {exc}", file=sys.stderr)
+        return 1
     try:
         report = run_loadtest(
             args.server,

@@ -514,3 +514,17 @@ def test_a_rest_error_answer_is_read_within_the_flag(capsys, closing, image, bod
     assert code == 1, err
     assert f"error: the server at {url} rejected the request: {says}" in err, err
     assert "Traceback" not in err, err
+
+
+def test_loadtest_names_an_answer_over_the_limit(capsys, closing, image):
+    # Its first request is predict's check: an answer over the limit is named there, as by predict.
+    from tensorflow.core.framework import tensor_pb2, types_pb2
+
+    huge = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[0.5])
+    huge.tensor_shape.dim.add(size=100_000)
+    huge.tensor_shape.dim.add(size=100_000)
+    server = grpc_server(closing, answering(**{**top_k_answer(), "top_k_scores": huge}))
+    code, err = loadtest(capsys, server, image)
+    assert code == 1, err
+    assert f"error: the server at {server} answered, but the answer's tensors decode to" in err
+    assert "Traceback" not in err, err
