@@ -1,5 +1,6 @@
-"""The exported graph's pixel budget: image headers are read, over-budget images refused, all
-before any decode (van_trainer.export.within_pixel_budget, used by both image signatures)."""
+"""The exported graph's budget: image headers are read, over-budget images (or requests of too
+many images or pixels) refused, all before any decode (van_trainer.export.within_pixel_budget,
+used by both image signatures)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.datasets import load_sample_images
 
 from serving import testing
+from van_tfx.config import ServingConfig
 from van_trainer import export
+
+
+def budget(pixels: int = 25_000_000, images: int = 256, total: int = 250_000_000):
+    """A serving config with these limits."""
+    return ServingConfig(
+        max_image_pixels=pixels, max_request_images=images, max_request_pixels=total
+    )
 
 
 def test_declared_pixels_reads_png_and_jpeg_headers():
@@ -36,7 +47,7 @@ def test_over_budget_images_are_refused_before_decoding(bomb):
 
     @tf.function
     def decode_after_check(images):
-        images = export.within_pixel_budget(images, 25_000_000, "images")
+        images = export.within_pixel_budget(images, budget(), "images")
         return tf.map_fn(
             lambda i: tf.shape(tf.io.decode_image(i, channels=3, expand_animations=False)),
             images,
@@ -54,6 +65,38 @@ def test_over_budget_images_are_refused_before_decoding(bomb):
 
 def test_sparse_image_features_keep_their_structure():
     sparse = tf.sparse.from_dense(tf.constant([[testing.encode_image((1, 1, 1))]]))
-    checked = export.within_pixel_budget(sparse, 100, "image/encoded")
+    checked = export.within_pixel_budget(sparse, budget(pixels=100), "image/encoded")
     assert isinstance(checked, tf.SparseTensor)
     np.testing.assert_array_equal(checked.values.numpy(), sparse.values.numpy())
+
+
+def test_a_request_of_many_tiny_images_is_refused_before_decoding():
+    # Each image costs the model's input however small its file: before, a 64 MiB request could
+    # hold ~75,000 630-byte JPEGs (~45 GB once resized to 224 px), sent as one value that TF's
+    # repeat rule fills. Refused from the count alone, before a header is read.
+    tiny = testing.encode_image((5, 6, 7), size=1, fmt="JPEG")
+    within = export.within_pixel_budget(tf.fill([256], tiny), budget(), "images")
+    assert within.shape == [256]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more than 256 images in one req"):
+        export.within_pixel_budget(tf.fill([257], tiny), budget(), "images")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sides=st.lists(st.tuples(st.integers(1, 4000), st.integers(1, 4000)), max_size=6),
+    pixels=st.integers(1, 16_000_000),
+    images=st.integers(1, 6),
+    total=st.integers(1, 48_000_000),
+)
+def test_the_budget_refuses_exactly_what_is_over_it(sides, pixels, images, total):
+    encoded = [testing.jpeg_declaring(w, h) for w, h in sides]
+    declared = [w * h for w, h in sides]
+    over = len(encoded) > images or any(p > pixels for p in declared) or sum(declared) > total
+    limits = budget(pixels, images, total)
+    tensor = tf.constant(encoded, dtype=tf.string, shape=[len(encoded)])
+    if over:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="refused before decoding"):
+            export.within_pixel_budget(tensor, limits, "images")
+    else:
+        kept = export.within_pixel_budget(tensor, limits, "images")
+        assert kept.numpy().tolist() == encoded

@@ -273,6 +273,19 @@ class ServingConfig(_Section):
         description="Largest image (width x height x frames) the exported graph and van-tfx serve "
         "decode; larger ones are refused before decoding.",
     )
+    max_request_images: int = Field(
+        256,
+        ge=1,
+        description="Most images one request may send to the exported graph: each costs the "
+        "model's input size and activations however small its file (a 630-byte JPEG becomes "
+        "224x224x3 floats); more are refused before decoding.",
+    )
+    max_request_pixels: int = Field(
+        250_000_000,
+        ge=1,
+        description="Most pixels (width x height, summed over a request's images) the exported "
+        "graph decodes for one request; more are refused before decoding.",
+    )
     cpu_image: str = Field(
         "",
         description="Image of the CPU Deployments `van-tfx serving-manifests` writes; empty: the "

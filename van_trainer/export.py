@@ -20,7 +20,7 @@ import tensorflow_transform as tft
 import tf_keras as keras
 
 from van_tfx import features, storage
-from van_tfx.config import Config
+from van_tfx.config import Config, ServingConfig
 from van_tfx.saved_model import mark_classification_signature
 from van_trainer import augment, preprocessing
 from van_trainer.model import fold_for_inference
@@ -77,7 +77,7 @@ class ServingModule(tf.Module):
         self._top_k = min(config.serving.top_k, len(self._synsets))
         self._image_size = config.model.image_size
         self._crop_pct = config.eval.crop_pct
-        self._max_pixels = config.serving.max_image_pixels
+        self._budget = config.serving
         self._slices = config.serving.inference_slices
 
     def _probabilities(self, transformed: dict) -> tf.Tensor:
@@ -95,7 +95,7 @@ class ServingModule(tf.Module):
         """serving_default: serialized raw tf.Examples -> class probabilities."""
         raw = tf.io.parse_example(examples, self._spec)
         raw[features.IMAGE_ENCODED] = within_pixel_budget(
-            raw[features.IMAGE_ENCODED], self._max_pixels, features.IMAGE_ENCODED
+            raw[features.IMAGE_ENCODED], self._budget, features.IMAGE_ENCODED
         )
         probabilities = self._probabilities(self.tft_layer(raw))
         return {"probabilities": probabilities, "classes": self._classes(tf.shape(examples)[0])}
@@ -118,7 +118,7 @@ class ServingModule(tf.Module):
     def predict_images(self, images):
         """Encoded JPEG/PNG bytes -> probabilities and the top-k classes."""
         images = checked_images(images)
-        images = within_pixel_budget(images, self._max_pixels, features.PREDICT_IMAGES_INPUT)
+        images = within_pixel_budget(images, self._budget, features.PREDICT_IMAGES_INPUT)
         # The raw spec comes from the schema (shape [1] for image/encoded): match its rank.
         image_shape = self._raw_spec[features.IMAGE_ENCODED].shape
         transformed = self.tft_layer(
@@ -195,21 +195,42 @@ def declared_pixels(encoded: tf.Tensor) -> tf.Tensor:
     return preprocessing.declared_pixels(preprocessing.image_headers(tf.reshape(encoded, [-1])))
 
 
-def within_pixel_budget(encoded, max_pixels: int, name: str):
+def within_pixel_budget(encoded, budget: ServingConfig, name: str):
     """`encoded` (dense or sparse), after failing with InvalidArgumentError if any image declares
-    more than `max_pixels` pixels: a 1 MB file can declare 400 M pixels, and decoding happens
-    before any model code could object (TF Serving itself has no such limit)."""
+    more than serving.max_image_pixels pixels, or the request more images or pixels in all than
+    serving.max_request_images / max_request_pixels: a 1 MB file can declare 400 M pixels, a
+    64 MiB request can hold 75,000 tiny JPEGs (45 GB once resized for the model), and decoding
+    happens before any model code could object (TF Serving itself has no such limit)."""
     values = encoded.values if isinstance(encoded, tf.SparseTensor) else encoded
-    check = tf.debugging.assert_less_equal(
-        declared_pixels(values),
-        tf.constant(max_pixels, tf.int64),
+    count = tf.size(values, out_type=tf.int64)
+    many = tf.debugging.assert_less_equal(
+        count,
+        tf.constant(budget.max_request_images, tf.int64),
         message=(
-            f"input {name} holds an image of more than {max_pixels} pixels (width x height, "
-            "serving.max_image_pixels); it was refused before decoding"
+            f"input {name} holds more than {budget.max_request_images} images in one request "
+            "(serving.max_request_images); it was refused before decoding"
+        ),
+    )
+    with tf.control_dependencies([many]):  # the headers are read only for a count in budget
+        pixels = declared_pixels(values)
+    large = tf.debugging.assert_less_equal(
+        pixels,
+        tf.constant(budget.max_image_pixels, tf.int64),
+        message=(
+            f"input {name} holds an image of more than {budget.max_image_pixels} pixels (width x "
+            "height, serving.max_image_pixels); it was refused before decoding"
         ),
         summarize=4,
     )
-    with tf.control_dependencies([check]):
+    total = tf.debugging.assert_less_equal(
+        tf.reduce_sum(pixels),
+        tf.constant(budget.max_request_pixels, tf.int64),
+        message=(
+            f"input {name} holds images of more than {budget.max_request_pixels} pixels in all "
+            "(serving.max_request_pixels); they were refused before decoding"
+        ),
+    )
+    with tf.control_dependencies([many, large, total]):
         if isinstance(encoded, tf.SparseTensor):
             return tf.SparseTensor(encoded.indices, tf.identity(values), encoded.dense_shape)
         return tf.identity(encoded)
