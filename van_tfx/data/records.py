@@ -350,14 +350,50 @@ def _as_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# A file was read whole before its header was looked at: a 3 GB file in a class folder took
+# 3 GB of memory and 297 s (PIL's JPEG reader skips junk a byte at a time) to be refused as not an
+# image. No image within the pixel budget is larger than its pixels stored uncompressed at 16-bit
+# RGBA (8 bytes a pixel), plus this much room for metadata (ICC profiles, XMP, thumbnails).
+FILE_METADATA_BYTES = 64 << 20
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest image file the converter reads for a pixel budget of `max_pixels`."""
+    return max_pixels * 8 + FILE_METADATA_BYTES
+
+
+def _read_at_most(handle, count: int) -> bytes:
+    # In pieces: read(count) allocates `count` bytes up front, however short the file is.
+    pieces, left = [], count
+    while left and (piece := handle.read(min(left, 16 << 20))):
+        pieces.append(piece)
+        left -= len(piece)
+    return b"".join(pieces)
+
+
+def _too_large_file(size: int, limit: int, max_pixels: int) -> str:
+    return (
+        f"file of {size} bytes, more than an image within the pixel budget can take ({limit} "
+        f"bytes: {max_pixels} pixels at 8 bytes, 16-bit RGBA uncompressed, plus "
+        f"{FILE_METADATA_BYTES} of metadata; data.max_image_pixels, --max-image-pixels); not read"
+    )
+
+
 def load_image_file(
     path: str, max_pixels: int = MAX_PIXELS, apply_exif_orientation: bool = False
 ) -> ConvertedImage:
     """Read one file and normalise it to RGB JPEG; raises InvalidImageError naming it."""
+    limit = max_file_bytes(max_pixels)
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > limit:
+                raise InvalidImageError(path, _too_large_file(size, limit, max_pixels))
+            data = _read_at_most(handle, limit + 1)  # bounded even if the file grows
     except OSError as exc:
         raise InvalidImageError(path, f"cannot read file ({exc.strerror})") from None
+    if len(data) > limit:
+        raise InvalidImageError(path, _too_large_file(len(data), limit, max_pixels))
     if not data:
         raise InvalidImageError(path, "empty file")
     return to_rgb_jpeg(data, path, max_pixels, apply_exif_orientation)
