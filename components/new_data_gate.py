@@ -251,6 +251,10 @@ def read_record(path: str, required: tuple[str, ...] = ()) -> dict | None:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise TrainingDataRecordError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:  # json's scanner recurses per level: `[[[...]]]` ~1,000 deep
+        raise TrainingDataRecordError(
+            f"{path} is not valid JSON: arrays or objects nested too deep for its parser"
+        ) from None
     if not isinstance(record, dict) or not set(required) <= set(record):
         keys = " and ".join(f"'{key}'" for key in required)
         raise TrainingDataRecordError(

@@ -519,3 +519,26 @@ def test_a_home_with_glob_characters_is_refused_when_the_data_lives_under_it(mon
     with pytest.raises(ConfigError, match=r"runs\[v1\]/data .* must not contain glob"):
         load_config()
     assert load_config(overrides=[f"data.root={tmp_path}/data"]).data_dir == tmp_path / "data"
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    st.lists(st.sampled_from(["[", "{k: "]), min_size=1, max_size=8),
+    st.sampled_from([1, 30, 400, 3000]),
+    st.booleans(),
+)
+def test_nesting_at_any_depth_is_a_config_error_naming_the_file(
+    tmp_path_factory, unit, repeat, as_set
+):
+    # `a: [[[...]]]` some 330 deep was a RecursionError traceback from PyYAML's scanner and
+    # composer (after 1.3 s), naming no file; in a file or a --set value it is a ConfigError.
+    opening = "".join(unit) * repeat
+    closing = "".join("]" if u == "[" else "}" for u in reversed(unit)) * repeat
+    if as_set:
+        with pytest.raises(ConfigError, match=r"train\.epochs"):
+            load_config(overrides=[f"train.epochs={opening}{closing}"])
+        return
+    path = tmp_path_factory.mktemp("deep") / "deep.yaml"
+    path.write_text(f"train:\n  epochs: {opening}{closing}\n")
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        load_config(path)

@@ -21,6 +21,7 @@ from van_tfx.data.records import (
     UPRIGHT,
     InvalidImageError,
     exif_orientation,
+    load_image_file,
     read_examples,
     to_rgb_jpeg,
     upright_image_bytes,
@@ -413,3 +414,158 @@ def test_predict_sends_what_a_model_trained_with_the_same_flag_saw(tmp_path, mon
     upright, same = sent[-1]
     assert same == plain.read_bytes()
     assert np.abs(decoded(upright) - REFERENCE[6](decoded(six.read_bytes()))).mean() < 3
+
+
+# ---- TIFF-structured directories PIL loads while opening an image --------------------------
+
+
+def tiff_with_tags(extra: list[tuple[int, int, int, int]], pad: int, frames: int = 1) -> bytes:
+    """A little-endian 1x1 gray TIFF whose IFD(s) also hold `extra` (tag, type, count, offset)
+    entries; offset -1 points at `pad` zero bytes after the directories. `frames` IFDs chained."""
+    base = [(256, 3, 1, 1), (257, 3, 1, 1), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+            (273, 4, 1, -2), (278, 3, 1, 1), (279, 4, 1, 1)]  # fmt: skip
+    entries = base + extra
+    ifd_size = 2 + 12 * len(entries) + 4
+    pad_at = 8 + frames * ifd_size
+    pixel_at = pad_at + pad
+    ifds = []
+    for frame in range(frames):
+        next_at = 8 + (frame + 1) * ifd_size if frame + 1 < frames else 0
+        body = b"".join(
+            struct.pack("<HHII", tag, kind, count, {-1: pad_at, -2: pixel_at}.get(value, value))
+            for tag, kind, count, value in entries
+        )
+        ifds.append(struct.pack("<H", len(entries)) + body + struct.pack("<I", next_at))
+    return b"II*\0" + struct.pack("<I", 8) + b"".join(ifds) + bytes(pad) + b"\x80"
+
+
+def jpeg_with_mpf(pixels: np.ndarray, mp: bytes) -> bytes:
+    """A JPEG with an APP2 MPF segment holding the TIFF-structured block `mp`."""
+    data = jpeg(pixels)
+    payload = b"MPF\0" + mp
+    return data[:2] + b"\xff\xe2" + struct.pack(">H", len(payload) + 2) + payload + data[2:]
+
+
+def overlapping_mpf(tags: int) -> bytes:
+    """An MPF block filling one APP2 segment, whose `tags` LONG entries all span the segment."""
+    size = 65533 - 4
+    count = (size - 8) // 4
+    mp = b"II*\0" + struct.pack("<IH", 8, tags)
+    mp += b"".join(struct.pack("<HHII", 0xB100 + k, 4, count, 8) for k in range(tags)) + bytes(4)
+    return mp + b"\x07" * (size - len(mp))
+
+
+def _peak_while(load) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        load()
+    except InvalidImageError:
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_tiff_tags_that_overlap_are_refused_before_pil_holds_them(tmp_path):
+    # 1,000 tags pointing at one 1 MB run: PIL's TIFF reader holds every value, and converting
+    # the 1 MB file peaked at 3 GB. Now it is refused from the directory, naming the file.
+    path = tmp_path / "tags.tif"
+    path.write_bytes(tiff_with_tags([(1000 + k, 1, 1_000_000, -1) for k in range(1000)], 10**6))
+    with pytest.raises(InvalidImageError, match=r"tags\.tif: its TIFF file declares more than"):
+        load_image_file(str(path))
+    assert _peak_while(lambda: load_image_file(str(path))) < 20_000_000
+
+
+def test_a_chain_of_tiff_directories_counts_as_one_budget(tmp_path):
+    # 200 frames sharing 100 tags of 60 KB: each frame alone fits the file, all of them don't.
+    path = tmp_path / "frames.tif"
+    path.write_bytes(
+        tiff_with_tags([(1000 + k, 7, 60_000, -1) for k in range(100)], 60_000, frames=200)
+    )
+    with pytest.raises(InvalidImageError, match=r"frames\.tif: its TIFF file declares"):
+        load_image_file(str(path))
+
+
+def test_jpeg_mpf_tags_that_overlap_are_refused_before_pil_decodes_them(tmp_path):
+    # A 66 KB JPEG whose MPF segment has 1,000 LONG tags spanning the segment: PIL decodes each
+    # to a tuple of 16K ints, 12 s and 650 MB. Now it is refused from the directory.
+    path = tmp_path / "mpf.jpg"
+    path.write_bytes(jpeg_with_mpf(photo(8, 8), overlapping_mpf(1000)))
+    with pytest.raises(InvalidImageError, match=r"mpf\.jpg: its JPEG's MPF segment declares"):
+        load_image_file(str(path))
+    assert _peak_while(lambda: load_image_file(str(path))) < 20_000_000
+    assert upright_image_bytes(path.read_bytes(), str(path)) == path.read_bytes()
+
+
+def test_well_formed_tiffs_and_mpos_still_convert(tmp_path):
+    frames = [Image.fromarray(photo(24, 16)), Image.fromarray(photo(16, 24))]
+    out = io.BytesIO()
+    frames[0].save(out, "TIFF", save_all=True, append_images=frames[1:], compression="raw")
+    assert to_rgb_jpeg(out.getvalue(), "two.tif")[1:3] == (16, 24)
+    out = io.BytesIO()
+    frames[0].save(out, "MPO", save_all=True, append_images=frames[1:])
+    assert out.getvalue().count(b"MPF\0")  # PIL wrote an MP index
+    assert to_rgb_jpeg(out.getvalue(), "two.mpo")[1:3] == (16, 24)
+    # Tags that fit the file, even many of them, are fine.
+    data = tiff_with_tags([(1000 + k, 1, 100, -1) for k in range(500)], 50_000)
+    assert to_rgb_jpeg(data, "many.tif")[1:3] == (1, 1)
+
+
+def _pil_tag_bytes(data: bytes) -> int:
+    # What PIL's directories hold after opening `data` and counting its frames, as the
+    # converter does: the raw tag values of every IFD it loaded.
+    from PIL import TiffImagePlugin
+
+    held = 0
+    load = TiffImagePlugin.ImageFileDirectory_v2.load
+
+    def counting(self, fp):
+        nonlocal held
+        load(self, fp)
+        held += sum(map(len, self._tagdata.values()))
+
+    TiffImagePlugin.ImageFileDirectory_v2.load = counting
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                getattr(image, "n_frames", 1)
+    except Exception:
+        pass
+    finally:
+        TiffImagePlugin.ImageFileDirectory_v2.load = load
+    return held
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 0xFFFF),
+            st.integers(0, 19),
+            st.sampled_from([0, 1, 5, 100, 10_000, 2**31]) | st.integers(0, 2**32 - 1),
+            st.sampled_from([-1, 0, 8, 30]) | st.integers(0, 2**32 - 1),
+        ),
+        max_size=12,
+    ),
+    st.integers(0, 4000),
+    st.integers(1, 6),
+    st.booleans(),
+)
+def test_what_pil_holds_of_tag_directories_is_bounded_by_the_file(extra, pad, frames, as_mpf):
+    # Any directories: refused naming the file, or what PIL then holds fits the bytes that
+    # carry them (plus the room for shared values).
+    from van_tfx.data.records import SHARED_TAG_BYTES, check_tag_directories
+
+    data = tiff_with_tags(extra, pad, frames)
+    if as_mpf:
+        data = jpeg_with_mpf(photo(8, 8), data[: 65533 - 4])
+    try:
+        check_tag_directories(data, "any.tif")
+    except InvalidImageError as exc:
+        assert str(exc).startswith("any.tif: its ")
+        return
+    if not as_mpf:
+        assert _pil_tag_bytes(data) <= len(data) + SHARED_TAG_BYTES

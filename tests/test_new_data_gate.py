@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from components.new_data_gate import (
     NewDataGate,
     RecordRejection,
     TrainingDataRecordError,
+    read_training_data,
     training_data_path,
     write_training_data,
 )
@@ -221,6 +223,24 @@ def test_unreadable_record_is_an_error_naming_the_file(data, tmp_path):
     Path(training_data_path(str(model_dir))).write_text("{not json")
     with pytest.raises(TrainingDataRecordError, match="van_training_data.json is not valid JSON"):
         gate(data, tmp_path / "serving", tmp_path)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.lists(st.sampled_from(["[", '{"k": ']), min_size=1, max_size=4),
+    st.sampled_from([1, 200, 1000, 50_000]),
+)
+def test_a_record_nested_at_any_depth_is_an_error_naming_the_file(tmp_path_factory, unit, repeat):
+    # A served model's record nested ~1,000 deep escaped as a bare RecursionError (json's
+    # scanner), naming no file; now it is a TrainingDataRecordError like any malformed record.
+    model_dir = tmp_path_factory.mktemp("served") / "1"
+    path = Path(training_data_path(str(model_dir)))
+    path.parent.mkdir(parents=True)
+    opening = "".join(unit) * repeat
+    closing = "".join("]" if u == "[" else "}" for u in reversed(unit)) * repeat
+    path.write_text(f'{{"span": {opening}{closing}, "input_fingerprint": "f"}}')
+    with pytest.raises(TrainingDataRecordError, match=re.escape(str(path))):
+        read_training_data(str(model_dir))
 
 
 @pytest.mark.parametrize(

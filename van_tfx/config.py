@@ -504,6 +504,12 @@ def _parse_yaml(text: str, source: str, prefix: str = "") -> Any:
             loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {_describe_yaml_error(exc, text)}") from exc
+    except RecursionError:
+        # PyYAML's scanner and composer recurse once per level: `a: [[[...]]]` ~330 deep was a
+        # RecursionError traceback naming no file. No config nests more than a few levels.
+        raise ConfigError(
+            f"{source}: not valid YAML: lists or mappings nested too deep for its parser"
+        ) from None
 
 
 def _where(mark: yaml.Mark) -> str:

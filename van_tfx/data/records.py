@@ -175,11 +175,105 @@ def _tiff_orientation(block: bytes) -> int | None:
     return None
 
 
+# What PIL holds while it opens an image with TIFF-structured directories (a TIFF's IFD chain,
+# walked whole for n_frames; a JPEG's MPF segment, loaded and decoded tag by tag): every entry's
+# declared value, read from wherever its offset points. Values may overlap, so a 1 MB TIFF of
+# 1,000 tags pointing at one 1 MB run cost 3 GB, and a 66 KB JPEG's MPF segment of 1,000 LONG
+# tags spanning the segment 650 MB and 12 s. A well-formed file stores each value once: the
+# directories and values fit in the bytes that carry them, with this much room for values that
+# several frames share.
+SHARED_TAG_BYTES = 1 << 20
+
+
+def check_tag_directories(data: bytes, name: str = "<bytes>") -> None:
+    """InvalidImageError naming `name` if the TIFF-structured directories PIL loads while
+    opening `data` (a TIFF's IFDs, a JPEG's MPF segments) declare more bytes of directories and
+    tag values than the bytes that carry them (plus SHARED_TAG_BYTES); the walk stops there,
+    so it costs at most one pass over `data`. Anything else is left for the decoder to judge."""
+    if data[:3] == b"\xff\xd8\xff":
+        for segment in _jpeg_mpf_segments(data):
+            _check_directories(segment, name, "JPEG's MPF segment")
+    elif data[:4] in _TIFF_PREFIXES:
+        _check_directories(data, name, "TIFF file")
+
+
+_TIFF_PREFIXES = (b"MM\0*", b"II*\0", b"MM*\0", b"II\0*", b"MM\0+", b"II+\0")  # PIL's
+
+
+def _jpeg_mpf_segments(data: bytes) -> Iterator[bytes]:
+    # The markers before the scan as PIL's JPEG reader walks them: fill bytes and junk between
+    # markers skipped, a segment's length believed as far as the data goes.
+    from PIL.JpegImagePlugin import MARKER
+
+    position = 2
+    while (position := data.find(b"\xff", position)) != -1 and position + 1 < len(data):
+        marker = 0xFF00 | data[position + 1]
+        if marker in (0xFF00, 0xFFFF) or marker not in MARKER:
+            position += 1
+            continue
+        position += 2
+        if MARKER[marker][2] is None:  # no segment (RSTn, SOI, EOI, ...)
+            continue
+        if marker == 0xFFDA or position + 2 > len(data):  # the scan: PIL reads no further
+            return
+        length = int.from_bytes(data[position : position + 2], "big")
+        segment = data[position + 2 : position + length]
+        if marker == 0xFFE2 and segment.startswith(b"MPF\0"):
+            yield segment[4:]
+        position += max(length, 2)
+
+
+def _check_directories(block: bytes, name: str, container: str) -> None:
+    from PIL.TiffImagePlugin import ImageFileDirectory_v2
+
+    units = {kind: size for kind, (size, _) in ImageFileDirectory_v2._load_dispatch.items()}
+    order = ">" if block[:2] == b"MM" else "<"
+    big = block[2:3] == b"+"
+    entry_size, count_format, small = (20, "Q", 8) if big else (12, "I", 4)
+    budget = len(block) + SHARED_TAG_BYTES
+    declared, seen = 0, set()
+    try:
+        (offset,) = struct.unpack_from(order + ("Q" if big else "I"), block, 8 if big else 4)
+        while offset and offset not in seen:  # PIL stops at a directory it has loaded
+            seen.add(offset)
+            (entries,) = struct.unpack_from(order + ("Q" if big else "H"), block, offset)
+            declared += (16 if big else 6) + entries * entry_size  # count, entries, next
+            if declared > budget:
+                break
+            for k in range(entries):
+                kind, count = struct.unpack_from(
+                    order + "H" + count_format,
+                    block,
+                    offset + (8 if big else 2) + 2 + k * entry_size,
+                )
+                size = count * units.get(kind, 0)
+                declared += size if size > small else 0
+                if declared > budget:
+                    break
+            if declared > budget:
+                break
+            (offset,) = struct.unpack_from(
+                order + ("Q" if big else "I"),
+                block,
+                offset + (8 if big else 2) + entries * entry_size,
+            )
+    except struct.error:  # a directory cut off: PIL stops or fails there itself
+        pass
+    if declared > budget:
+        raise InvalidImageError(
+            name,
+            f"its {container} declares more than {budget} bytes of directories and tag values "
+            f"({len(block)} bytes of its own, each value counted where an entry points to it; "
+            f"values read over and over would cost a decoder many times the file)",
+        )
+
+
 def upright_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> bytes:
     """`data` as is, unless its EXIF orientation is 2-8: then upright, re-encoded as RGB JPEG."""
     # For clients (`van-tfx predict --apply-exif-orientation`) of a model trained on
     # `data build --apply-exif-orientation`: the same transform, so serving sees what training saw.
     try:
+        check_tag_directories(data, name)
         with _own_pixel_limit(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as probe:  # the header and its EXIF, not the pixels
@@ -207,6 +301,7 @@ def _decode_fully(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image
     # verify() catches structural damage; load() catches truncation (a second open is required).
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must be False to detect truncation")
+    check_tag_directories(data, name)
     try:
         # PIL warns about damaged metadata (a JPEG's EXIF is parsed while opening it); those
         # warnings would print into the progress bar, and the metadata is not what is stored.
@@ -255,14 +350,50 @@ def _as_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# A file was read whole before its header was looked at: a 3 GB file in a class folder took
+# 3 GB of memory and 297 s (PIL's JPEG reader skips junk a byte at a time) to be refused as not an
+# image. No image within the pixel budget is larger than its pixels stored uncompressed at 16-bit
+# RGBA (8 bytes a pixel), plus this much room for metadata (ICC profiles, XMP, thumbnails).
+FILE_METADATA_BYTES = 64 << 20
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest image file the converter reads for a pixel budget of `max_pixels`."""
+    return max_pixels * 8 + FILE_METADATA_BYTES
+
+
+def _read_at_most(handle, count: int) -> bytes:
+    # In pieces: read(count) allocates `count` bytes up front, however short the file is.
+    pieces, left = [], count
+    while left and (piece := handle.read(min(left, 16 << 20))):
+        pieces.append(piece)
+        left -= len(piece)
+    return b"".join(pieces)
+
+
+def _too_large_file(size: int, limit: int, max_pixels: int) -> str:
+    return (
+        f"file of {size} bytes, more than an image within the pixel budget can take ({limit} "
+        f"bytes: {max_pixels} pixels at 8 bytes, 16-bit RGBA uncompressed, plus "
+        f"{FILE_METADATA_BYTES} of metadata; data.max_image_pixels, --max-image-pixels); not read"
+    )
+
+
 def load_image_file(
     path: str, max_pixels: int = MAX_PIXELS, apply_exif_orientation: bool = False
 ) -> ConvertedImage:
     """Read one file and normalise it to RGB JPEG; raises InvalidImageError naming it."""
+    limit = max_file_bytes(max_pixels)
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > limit:
+                raise InvalidImageError(path, _too_large_file(size, limit, max_pixels))
+            data = _read_at_most(handle, limit + 1)  # bounded even if the file grows
     except OSError as exc:
         raise InvalidImageError(path, f"cannot read file ({exc.strerror})") from None
+    if len(data) > limit:
+        raise InvalidImageError(path, _too_large_file(len(data), limit, max_pixels))
     if not data:
         raise InvalidImageError(path, "empty file")
     return to_rgb_jpeg(data, path, max_pixels, apply_exif_orientation)
