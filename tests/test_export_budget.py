@@ -19,7 +19,7 @@ from van_tfx.config import ServingConfig
 from van_trainer import export
 
 
-def budget(pixels: int = 25_000_000, images: int = 256, total: int = 250_000_000):
+def budget(pixels: int = 25_000_000, images: int = 1000, total: int = 1_000_000_000):
     """A serving config with these limits."""
     return ServingConfig(
         max_image_pixels=pixels, max_request_images=images, max_request_pixels=total
@@ -75,10 +75,10 @@ def test_a_request_of_many_tiny_images_is_refused_before_decoding():
     # hold ~75,000 630-byte JPEGs (~45 GB once resized to 224 px), sent as one value that TF's
     # repeat rule fills. Refused from the count alone, before a header is read.
     tiny = testing.encode_image((5, 6, 7), size=1, fmt="JPEG")
-    within = export.within_pixel_budget(tf.fill([256], tiny), budget(), "images")
-    assert within.shape == [256]
-    with pytest.raises(tf.errors.InvalidArgumentError, match="more than 256 images in one req"):
-        export.within_pixel_budget(tf.fill([257], tiny), budget(), "images")
+    within = export.within_pixel_budget(tf.fill([1000], tiny), budget(), "images")
+    assert within.shape == [1000]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more than 1000 images in one req"):
+        export.within_pixel_budget(tf.fill([1001], tiny), budget(), "images")
 
 
 @settings(max_examples=40, deadline=None)

@@ -664,9 +664,9 @@ def test_image_signatures_refuse_images_over_the_pixel_budget_before_decoding(
     example.features.feature[features.IMAGE_ENCODED].bytes_list.value[0] = bomb
     with pytest.raises(tf.errors.InvalidArgumentError, match="input image/encoded holds an image"):
         model.signatures["serving_default"](examples=tf.constant([example.SerializeToString()]))
-    # One request of more images than serving.max_request_images (256 by default), however small.
-    with pytest.raises(tf.errors.InvalidArgumentError, match="more than 256 images in one request"):
-        model.signatures["predict_images"](images=tf.fill([257], jpegs[0]))
+    # One request of more images than serving.max_request_images (1000 by default), however small.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more than 1000 images in one reques"):
+        model.signatures["predict_images"](images=tf.fill([1001], jpegs[0]))
 
 
 def test_a_padded_validation_pass_reports_exactly_the_real_examples_metrics(transform_paths):

@@ -274,14 +274,15 @@ class ServingConfig(_Section):
         "decode; larger ones are refused before decoding.",
     )
     max_request_images: int = Field(
-        256,
+        1000,
         ge=1,
         description="Most images one request may send to the exported graph: each costs the "
-        "model's input size and activations however small its file (a 630-byte JPEG becomes "
-        "224x224x3 floats); more are refused before decoding.",
+        "model's input and activations however small its file (VAN-b0: ~9.6 MB); more are "
+        "refused before decoding. 1000 is what TFMA's Evaluator sends per call (tfx_bsl's batch "
+        "cap): below it, the Evaluator retries refused batches one example at a time.",
     )
     max_request_pixels: int = Field(
-        250_000_000,
+        1_000_000_000,
         ge=1,
         description="Most pixels (width x height, summed over a request's images) the exported "
         "graph decodes for one request; more are refused before decoding.",
