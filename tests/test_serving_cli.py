@@ -378,13 +378,16 @@ def test_predict_rest_failures_name_the_server(served):
         silent.listen()
         hang = f"127.0.0.1:{silent.getsockname()[1]}"
         for server, says in (
-            (served["grpc"], "not an HTTP answer"),  # Before: BadStatusLine
+            # Before: BadStatusLine; then its raw line, NULs and escapes, reached the terminal.
+            (served["grpc"], "not an HTTP answer: its status line is '\\x00\\x00"),
             (hang, "no answer"),  # Before: TimeoutError
         ):
             result = van_tfx_process("predict", image, "--rest", "--server", server, "--timeout=2")
             assert result.returncode == 2, result.stderr
             assert f"no model server at {server} ({says}" in result.stderr, result.stderr
             assert "Traceback" not in result.stderr
+            error = next(line for line in result.stderr.splitlines() if "no model server" in line)
+            assert error.isprintable(), repr(error)
     bad_url = van_tfx_process("predict", image, "--rest", "--server", "http://[::1")
     assert bad_url.returncode == 2 and "error: --server http://[::1 is not a URL" in bad_url.stderr
     assert "Traceback" not in bad_url.stderr
