@@ -480,7 +480,11 @@ def _loadtest(args) -> int:
         print(f"error: no model server at {args.server} ({exc})", file=sys.stderr)
         return 2
     except client.PredictionError as exc:
-        print(f"error: the server at {args.server} rejected the request: {exc}", file=sys.stderr)
+        # As `predict`: the server's "images[0]" or a bare "invalid" becomes the file sent.
+        message = f"{exc.code}: {_naming_images(exc, args.image[:1])}" if args.image else exc
+        print(
+            f"error: the server at {args.server} rejected the request: {message}", file=sys.stderr
+        )
         return 1
     try:
         report = run_loadtest(

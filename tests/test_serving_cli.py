@@ -294,6 +294,19 @@ def test_loadtest_refuses_flags_that_never_end_or_send_nothing(served, flag, val
     assert "Traceback" not in result.stderr
 
 
+def test_loadtest_names_the_image_the_server_refused(served, tmp_path):
+    # Before: the server's message alone; `predict` named the file, loadtest did not.
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"not an image")
+    result = van_tfx_process(
+        "loadtest", "--server", served["grpc"], "--no-progress", "--duration=1",
+        "--image", str(garbage),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "rejected the request: INVALID_ARGUMENT: " in result.stderr, result.stderr
+    assert f"(image {garbage})" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_loadtest_stops_its_clients_when_the_swap_fails(served, tmp_path):
     # Before: a NotADirectoryError traceback (with --swap-to /nonexistent: no exit at all).
     not_a_dir = tmp_path / "base"
