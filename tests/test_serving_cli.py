@@ -294,6 +294,17 @@ def test_loadtest_refuses_flags_that_never_end_or_send_nothing(served, flag, val
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["predict", "loadtest"])
+def test_grpc_commands_refuse_a_url_naming_it(served, command):
+    # Before: "no model server at http://H:P (cannot resolve the host: Misformatted domain name)".
+    url = f"http://{served['grpc']}"
+    image = str(served["images"]["red.png"])
+    args = [image] if command == "predict" else ["--image", image, "--duration=1", "--no-progress"]
+    result = van_tfx_process(command, *args, "--server", url)
+    assert result.returncode == 2, result.stderr
+    assert f"error: --server {url} is a URL; gRPC takes host:port" in result.stderr, result.stderr
+
+
 def test_loadtest_names_the_image_the_server_refused(served, tmp_path):
     # Before: the server's message alone; `predict` named the file, loadtest did not.
     garbage = tmp_path / "garbage.jpg"
