@@ -287,7 +287,13 @@ def _config_and_package(args):
     config = resolve_config(args, keep=False)
     if args.pipeline:
         package = Path(args.pipeline)
-        load_pipeline_spec(package)  # refuse to send a file KFP would reject
+        spec = load_pipeline_spec(package)  # refuse to send a file KFP would reject
+        # The run's pipeline root overrides the package's; taken from the config, a package
+        # compiled elsewhere ran under another root (with no --config: gs://YOUR_BUCKET/...).
+        root = spec.default_pipeline_root
+        if root and root != config.kubeflow.pipeline_root:
+            kubeflow_section = config.kubeflow.model_copy(update={"pipeline_root": root})
+            config = config.model_copy(update={"kubeflow": kubeflow_section})
         return config, package
     package = config.home_dir / "kubeflow" / DEFAULT_PACKAGE
     kubeflow.compile_pipeline(

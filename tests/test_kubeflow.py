@@ -392,6 +392,19 @@ def test_submit_dry_run_prints_the_call_and_contacts_nothing(compiled, capsys):
     assert "warning" not in out.err  # no resolver: nothing open-source KFP would refuse
 
 
+@pytest.mark.parametrize("command", ["submit", "schedule"])
+def test_a_given_package_runs_under_its_own_pipeline_root(home, tmp_path, capsys, command):
+    # Before: the config's root was sent, overriding the package's (gs://YOUR_BUCKET/... when
+    # the home config was not the one compiled with).
+    path = tmp_path / "other.yaml"
+    compile_to(path, "--set", "kubeflow.pipeline_root=gs://other-bucket/root")
+    trigger = ["--cron", "0 0 3 * * *"] if command == "schedule" else []
+    capsys.readouterr()  # compile's own lines
+    assert main([command, "--pipeline", str(path), *trigger, "--dry-run"]) == 0
+    call = json.loads(capsys.readouterr().out)["calls"][-1]
+    assert call["kwargs"]["pipeline_root"] == "gs://other-bucket/root"
+
+
 def test_submit_to_an_unreachable_host_fails_in_one_line(compiled, capsys):
     path, _ = compiled
     host = f"http://127.0.0.1:{closed_port()}"
