@@ -11,6 +11,7 @@ from pathlib import Path
 from pipeline.cli import add_config_arguments, resolve_config
 from pipeline.kfp_spec import KubeflowError, load_pipeline_spec, resolver_tasks
 from van_tfx.config import ConfigError
+from van_tfx.data.cli import int_in
 
 HOST_ENV = "KFP_HOST"
 DEFAULT_PACKAGE = "pipeline.yaml"
@@ -50,7 +51,7 @@ def _add_kfp_local(subparsers) -> None:
     )
     parser.add_argument(
         "--parallelism",
-        type=int,
+        type=int_in(1),  # 0 and negatives ran as the CPU count and as 1, unannounced
         help="tasks run at once, as Argo runs independent ones (default: the CPU count)",
     )
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")

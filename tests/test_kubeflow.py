@@ -612,3 +612,12 @@ def test_compiling_leaves_a_new_home_without_a_config(tmp_path, monkeypatch):
     monkeypatch.setenv("VAN_TFX_HOME", str(tmp_path / "home"))
     compile_to(tmp_path / "p.yaml")
     assert not (tmp_path / "home" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_kfp_local_refuses_a_parallelism_below_one_naming_it(tmp_path, capsys, value):
+    # Before: 0 ran with the CPU count and -2 with one task at a time, unannounced.
+    with pytest.raises(SystemExit) as exited:
+        main(["kfp-local", str(tmp_path / "p.yaml"), "--parallelism", value])
+    assert exited.value.code == 2
+    assert "argument --parallelism: " in capsys.readouterr().err
