@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,20 @@ from van_tfx.config import ConfigError
 from van_tfx.data.cli import int_in
 
 HOST_ENV = "KFP_HOST"
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    # 0 made the connection non-blocking ("cannot reach ...: Operation now in progress").
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return seconds
+
+
 DEFAULT_PACKAGE = "pipeline.yaml"
 
 
@@ -93,7 +108,7 @@ def _add_connection_arguments(parser: argparse.ArgumentParser, default=None) -> 
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_seconds,
         default=default if default is not None else 30.0,
         help="seconds to wait for the KFP host (default 30)",
     )

@@ -621,3 +621,13 @@ def test_kfp_local_refuses_a_parallelism_below_one_naming_it(tmp_path, capsys, v
         main(["kfp-local", str(tmp_path / "p.yaml"), "--parallelism", value])
     assert exited.value.code == 2
     assert "argument --parallelism: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["submit"], ["schedule", "list"]])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_kfp_host_timeouts_must_be_positive_seconds(capsys, command, value):
+    # Before: 0 reported the host unreachable ("Operation now in progress").
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--host", "http://127.0.0.1:1", "--timeout", value])
+    assert exited.value.code == 2
+    assert "argument --timeout: " in capsys.readouterr().err
