@@ -8,6 +8,7 @@ import json
 import sys
 
 from van_tfx.config import DEMO_OVERRIDES, Config, ConfigError, load_config, save_config
+from van_tfx.data.cli import int_in
 from van_tfx.env import van_tfx_home
 
 HOME_CONFIG = "config.yaml"
@@ -25,7 +26,13 @@ def add_parser(subparsers) -> None:
         "demo", help="build the sample, run the pipeline, serve the model, predict over gRPC"
     )
     add_config_arguments(demo)
-    demo.add_argument("--num-predictions", type=int, default=8)
+    demo.add_argument(
+        "--num-predictions",
+        type=int_in(0),
+        default=8,
+        help="validation images printed with their prediction and truth (default 8; top-1 is "
+        "over all of them)",
+    )
     demo.set_defaults(func=demo_command)
 
 

@@ -76,7 +76,7 @@ def serve_and_predict(config: Config, records, num_predictions: int, echo) -> fl
     name = config.serving.model_name
     with running_model_server(str(config.serving_base_path), name) as (channel, port):
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        echo(f"server up on 127.0.0.1:{port}; {num_predictions} predictions:")
+        echo(f"server up on 127.0.0.1:{port}; {min(num_predictions, len(records))} predictions:")
         top1 = []
         for start in range(0, len(records), DEMO_BATCH):
             batch = records[start : start + DEMO_BATCH]
@@ -86,9 +86,9 @@ def serve_and_predict(config: Config, records, num_predictions: int, echo) -> fl
                 for classes, (_, true) in zip(top_k, batch, strict=True)
             ]
             top1.extend(predicted == true for predicted, _, true in rows)
-            if start == 0:
-                for predicted, score, true in rows[:num_predictions]:
-                    mark = "ok " if predicted == true else "BAD"
-                    echo(f"  {mark} true {true:<10} predicted {predicted:<10} p={score:.3f}")
+            # The first num_predictions of all batches (only the first batch's were printed).
+            for predicted, score, true in rows[: max(0, num_predictions - start)]:
+                mark = "ok " if predicted == true else "BAD"
+                echo(f"  {mark} true {true:<10} predicted {predicted:<10} p={score:.3f}")
     echo("server stopped")
     return float(np.mean(top1))

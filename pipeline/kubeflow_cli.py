@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,8 +12,23 @@ from pathlib import Path
 from pipeline.cli import add_config_arguments, resolve_config
 from pipeline.kfp_spec import KubeflowError, load_pipeline_spec, resolver_tasks
 from van_tfx.config import ConfigError
+from van_tfx.data.cli import int_in
 
 HOST_ENV = "KFP_HOST"
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    # 0 made the connection non-blocking ("cannot reach ...: Operation now in progress").
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return seconds
+
+
 DEFAULT_PACKAGE = "pipeline.yaml"
 
 
@@ -50,7 +66,7 @@ def _add_kfp_local(subparsers) -> None:
     )
     parser.add_argument(
         "--parallelism",
-        type=int,
+        type=int_in(1),  # 0 and negatives ran as the CPU count and as 1, unannounced
         help="tasks run at once, as Argo runs independent ones (default: the CPU count)",
     )
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
@@ -92,7 +108,7 @@ def _add_connection_arguments(parser: argparse.ArgumentParser, default=None) -> 
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_seconds,
         default=default if default is not None else 30.0,
         help="seconds to wait for the KFP host (default 30)",
     )
@@ -287,7 +303,13 @@ def _config_and_package(args):
     config = resolve_config(args, keep=False)
     if args.pipeline:
         package = Path(args.pipeline)
-        load_pipeline_spec(package)  # refuse to send a file KFP would reject
+        spec = load_pipeline_spec(package)  # refuse to send a file KFP would reject
+        # The run's pipeline root overrides the package's; taken from the config, a package
+        # compiled elsewhere ran under another root (with no --config: gs://YOUR_BUCKET/...).
+        root = spec.default_pipeline_root
+        if root and root != config.kubeflow.pipeline_root:
+            kubeflow_section = config.kubeflow.model_copy(update={"pipeline_root": root})
+            config = config.model_copy(update={"kubeflow": kubeflow_section})
         return config, package
     package = config.home_dir / "kubeflow" / DEFAULT_PACKAGE
     kubeflow.compile_pipeline(

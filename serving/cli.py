@@ -364,6 +364,15 @@ def _naming_images(error, paths: list[str]) -> str:
     return f"{message} (one of the images {', '.join(paths)})"
 
 
+# gRPC read an http:// URL as a host name: "cannot resolve the host: Misformatted domain name".
+_GRPC_URL_ERROR = "error: --server {server} is a URL; gRPC takes host:port (URLs are for --rest)"
+
+
+def _is_http_url(server: str) -> bool:
+    """Whether a gRPC --server was given as an http(s) URL (gRPC's own unix:// etc. are not)."""
+    return server.lower().startswith(("http://", "https://"))
+
+
 def _predict(args) -> int:
     from serving import client
 
@@ -392,6 +401,9 @@ def _predict(args) -> int:
                 url, images, args.model_name, args.signature, args.timeout, args.max_message_bytes
             )
         else:
+            if _is_http_url(server):
+                print(_GRPC_URL_ERROR.format(server=server), file=sys.stderr)
+                return 2
             rows = client.predict_images(
                 server,
                 images,
@@ -470,6 +482,9 @@ def _loadtest(args) -> int:
         from van_tfx.config import load_config
 
         args.base_path = str(load_config().serving_base_path)
+    if _is_http_url(args.server):
+        print(_GRPC_URL_ERROR.format(server=args.server), file=sys.stderr)
+        return 2
     images = _read_images(args.image) if args.image else [_sample_image()]
     try:  # fail fast and clearly when nothing listens
         first_timeout = min(args.timeout, LOADTEST_FIRST_TIMEOUT)
@@ -480,7 +495,11 @@ def _loadtest(args) -> int:
         print(f"error: no model server at {args.server} ({exc})", file=sys.stderr)
         return 2
     except client.PredictionError as exc:
-        print(f"error: the server at {args.server} rejected the request: {exc}", file=sys.stderr)
+        # As `predict`: the server's "images[0]" or a bare "invalid" becomes the file sent.
+        message = f"{exc.code}: {_naming_images(exc, args.image[:1])}" if args.image else exc
+        print(
+            f"error: the server at {args.server} rejected the request: {message}", file=sys.stderr
+        )
         return 1
     except client.AnswerTooLarge as exc:
         print(f"error: the server at {args.server} answered, but {exc}", file=sys.stderr)

@@ -313,7 +313,7 @@ def predict_images_rest(
     except TimeoutError as err:
         raise ServerUnavailable(f"no answer within {timeout:g} s") from err
     except (http.client.HTTPException, OSError) as err:  # not HTTP (a gRPC port), reset, ...
-        raise ServerUnavailable(f"not an HTTP answer: {_reason(err)}") from err
+        raise ServerUnavailable(f"not an HTTP answer: {_http_failure(err)}") from err
     if len(answer) > max_answer_bytes:
         raise AnswerTooLarge(f"the answer is more than {max_answer_bytes} bytes", max_answer_bytes)
     try:
@@ -341,6 +341,15 @@ def _reason(reason) -> str:
     if isinstance(reason, OSError) and reason.strerror:
         return reason.strerror
     return str(reason) or type(reason).__name__
+
+
+def _http_failure(err: Exception) -> str:
+    """Why an HTTP exchange failed, with a bad status line escaped."""
+    # A gRPC port answers with binary HTTP/2 frames: http.client's status line then held NULs and
+    # escape bytes that reached the terminal raw. RemoteDisconnected is a BadStatusLine too.
+    if isinstance(err, http.client.BadStatusLine) and not isinstance(err, ConnectionError):
+        return f"its status line is {_snippet(err.line.encode('latin-1', 'replace'))}"
+    return _reason(err)
 
 
 def _snippet(body: bytes, limit: int = 80) -> str:

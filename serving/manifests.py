@@ -8,6 +8,7 @@ tests check the committed files equal a fresh rendering of the default config.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -253,15 +254,26 @@ def _write_or_check(config, args) -> int:
     if args.check:
         stale = stale_manifests(config, args.out)
         if stale:
-            print(
-                f"stale manifests in {args.out}: {', '.join(stale)}; run `van-tfx serving-manifests`"
-            )
+            print(f"stale manifests in {args.out}: {', '.join(stale)}; run `{_rerun(args)}`")
             return 1
         print(f"manifests in {args.out} are up to date")
         return 0
     for path in write_manifests(config, args.out):
         print(f"wrote {path}")
     return 0
+
+
+def _rerun(args) -> str:
+    """The command that rewrites what --check compared: same config, overrides and --out."""
+    # A bare `van-tfx serving-manifests` would rewrite serving/deploy with the default config.
+    words = ["van-tfx", "serving-manifests"]
+    if args.config:
+        words += ["--config", str(args.config)]
+    for override in args.set:
+        words += ["--set", override]
+    if Path(args.out) != DEPLOY_DIR:
+        words += ["--out", str(args.out)]
+    return shlex.join(words)
 
 
 if __name__ == "__main__":

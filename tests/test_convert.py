@@ -344,6 +344,19 @@ def test_converted_weights_fine_tune_into_another_class_count(tmp_path, tiny_sta
     assert model.get_layer("head").kernel.shape == (128, 3)
 
 
+@pytest.mark.parametrize("content", [None, b"not a zip", "npz without head"])
+def test_cli_errors_name_the_checkpoint_once(tmp_path, capsys, content):
+    # Before: "van-tfx convert-weights: F: checkpoint not found: F", the path said twice.
+    checkpoint = tmp_path / ("w.npz" if content == "npz without head" else "w.pth")
+    if content == "npz without head":
+        np.savez(checkpoint, a=np.zeros(3))
+    elif content is not None:
+        checkpoint.write_bytes(content)
+    assert convert_with_cli(checkpoint, tmp_path / "w.weights.h5") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("van-tfx convert-weights: ") and line.count(str(checkpoint)) == 1, line
+
+
 def test_cli_reports_bad_checkpoint_without_traceback(tmp_path, capsys, tiny_state):
     state = dict(tiny_state)
     del state["norm3.bias"]

@@ -587,6 +587,20 @@ def test_an_output_path_that_is_a_file_is_one_line_naming_it(tmp_path, capsys):
     assert taken.read_text() == "a file"
 
 
+def test_an_image_dir_that_is_missing_or_a_file_is_one_line_naming_it(tmp_path, capsys):
+    # Before: a file given as IMAGE_DIR was "image directory not found".
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg_bytes())
+    for image_dir, says in ((image, "exists and is not a directory"), (tmp_path / "no", None)):
+        assert main(["data", "build", str(image_dir), str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        if says:
+            assert err == f"error: image directory {image_dir}: {says}\n"
+        else:
+            assert err == f"error: image directory not found: {image_dir}\n"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", ["build", "sample"])
 def test_a_full_output_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, command):
     # A full or size-limited output was a ResourceExhaustedError traceback. RLIMIT_FSIZE makes

@@ -392,6 +392,19 @@ def test_submit_dry_run_prints_the_call_and_contacts_nothing(compiled, capsys):
     assert "warning" not in out.err  # no resolver: nothing open-source KFP would refuse
 
 
+@pytest.mark.parametrize("command", ["submit", "schedule"])
+def test_a_given_package_runs_under_its_own_pipeline_root(home, tmp_path, capsys, command):
+    # Before: the config's root was sent, overriding the package's (gs://YOUR_BUCKET/... when
+    # the home config was not the one compiled with).
+    path = tmp_path / "other.yaml"
+    compile_to(path, "--set", "kubeflow.pipeline_root=gs://other-bucket/root")
+    trigger = ["--cron", "0 0 3 * * *"] if command == "schedule" else []
+    capsys.readouterr()  # compile's own lines
+    assert main([command, "--pipeline", str(path), *trigger, "--dry-run"]) == 0
+    call = json.loads(capsys.readouterr().out)["calls"][-1]
+    assert call["kwargs"]["pipeline_root"] == "gs://other-bucket/root"
+
+
 def test_submit_to_an_unreachable_host_fails_in_one_line(compiled, capsys):
     path, _ = compiled
     host = f"http://127.0.0.1:{closed_port()}"
@@ -599,3 +612,22 @@ def test_compiling_leaves_a_new_home_without_a_config(tmp_path, monkeypatch):
     monkeypatch.setenv("VAN_TFX_HOME", str(tmp_path / "home"))
     compile_to(tmp_path / "p.yaml")
     assert not (tmp_path / "home" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_kfp_local_refuses_a_parallelism_below_one_naming_it(tmp_path, capsys, value):
+    # Before: 0 ran with the CPU count and -2 with one task at a time, unannounced.
+    with pytest.raises(SystemExit) as exited:
+        main(["kfp-local", str(tmp_path / "p.yaml"), "--parallelism", value])
+    assert exited.value.code == 2
+    assert "argument --parallelism: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["submit"], ["schedule", "list"]])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_kfp_host_timeouts_must_be_positive_seconds(capsys, command, value):
+    # Before: 0 reported the host unreachable ("Operation now in progress").
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--host", "http://127.0.0.1:1", "--timeout", value])
+    assert exited.value.code == 2
+    assert "argument --timeout: " in capsys.readouterr().err

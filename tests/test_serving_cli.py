@@ -294,6 +294,30 @@ def test_loadtest_refuses_flags_that_never_end_or_send_nothing(served, flag, val
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["predict", "loadtest"])
+def test_grpc_commands_refuse_a_url_naming_it(served, command):
+    # Before: "no model server at http://H:P (cannot resolve the host: Misformatted domain name)".
+    url = f"http://{served['grpc']}"
+    image = str(served["images"]["red.png"])
+    args = [image] if command == "predict" else ["--image", image, "--duration=1", "--no-progress"]
+    result = van_tfx_process(command, *args, "--server", url)
+    assert result.returncode == 2, result.stderr
+    assert f"error: --server {url} is a URL; gRPC takes host:port" in result.stderr, result.stderr
+
+
+def test_loadtest_names_the_image_the_server_refused(served, tmp_path):
+    # Before: the server's message alone; `predict` named the file, loadtest did not.
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"not an image")
+    result = van_tfx_process(
+        "loadtest", "--server", served["grpc"], "--no-progress", "--duration=1",
+        "--image", str(garbage),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "rejected the request: INVALID_ARGUMENT: " in result.stderr, result.stderr
+    assert f"(image {garbage})" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_loadtest_stops_its_clients_when_the_swap_fails(served, tmp_path):
     # Before: a NotADirectoryError traceback (with --swap-to /nonexistent: no exit at all).
     not_a_dir = tmp_path / "base"
@@ -378,13 +402,16 @@ def test_predict_rest_failures_name_the_server(served):
         silent.listen()
         hang = f"127.0.0.1:{silent.getsockname()[1]}"
         for server, says in (
-            (served["grpc"], "not an HTTP answer"),  # Before: BadStatusLine
+            # Before: BadStatusLine; then its raw line, NULs and escapes, reached the terminal.
+            (served["grpc"], "not an HTTP answer: its status line is '\\x00\\x00"),
             (hang, "no answer"),  # Before: TimeoutError
         ):
             result = van_tfx_process("predict", image, "--rest", "--server", server, "--timeout=2")
             assert result.returncode == 2, result.stderr
             assert f"no model server at {server} ({says}" in result.stderr, result.stderr
             assert "Traceback" not in result.stderr
+            error = next(line for line in result.stderr.splitlines() if "no model server" in line)
+            assert error.isprintable(), repr(error)
     bad_url = van_tfx_process("predict", image, "--rest", "--server", "http://[::1")
     assert bad_url.returncode == 2 and "error: --server http://[::1 is not a URL" in bad_url.stderr
     assert "Traceback" not in bad_url.stderr

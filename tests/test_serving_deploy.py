@@ -1,6 +1,7 @@
 """Production manifests: generated from the config code, valid Kubernetes objects, and in sync."""
 
 import json
+import shlex
 
 import pytest
 import yaml
@@ -151,3 +152,18 @@ def test_serving_manifests_fail_in_one_line(tmp_path, capsys, args, code, says):
     assert main(["serving-manifests", *args]) == code
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith(says.format(blocker=blocker))
+
+
+def test_serving_manifests_check_names_the_command_that_rewrites_those_files(tmp_path, capsys):
+    # Before: it said `van-tfx serving-manifests`, which rewrites serving/deploy instead.
+    from van_tfx.cli import main
+
+    out = tmp_path / "deploy dir"
+    assert main(["serving-manifests", "--out", str(out)]) == 0
+    check = ["serving-manifests", "--set", "serving.model_name=cats", "--out", str(out)]
+    capsys.readouterr()
+    assert main([*check, "--check"]) == 1
+    hint = capsys.readouterr().out.strip().split("; run `")[1].rstrip("`")
+    assert shlex.split(hint)[:2] == ["van-tfx", "serving-manifests"]
+    assert main(shlex.split(hint)[1:]) == 0
+    assert main([*check, "--check"]) == 0

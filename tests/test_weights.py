@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import h5py
 import numpy as np
 import pytest
@@ -111,3 +113,20 @@ def test_a_file_that_is_not_keras_weights_is_named(tmp_path):
         pass
     with pytest.raises(weights.WeightsMismatchError, match="empty.weights.h5: no 'layers'"):
         weights.load_weights_by_name(tiny(), str(tmp_path / "empty.weights.h5"))
+
+
+def test_no_served_model_is_no_warm_start_without_a_warning(tmp_path, caplog):
+    # Before: every first run warned "warm start skipped: ... has no Keras weights at ...".
+    config = load_config(None, ["model.variant=tiny", "model.image_size=32"])
+    model = train.build_model(config, 3)
+    empty = tmp_path / "ServedModel" / "model" / "5" / "Format-Serving"  # nothing served
+    with caplog.at_level(logging.INFO, logger=train.log.name):
+        assert train.load_initial_weights(model, config, 3, str(empty)) == ""
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert "nothing is served yet" in caplog.text
+    caplog.clear()
+    empty.mkdir(parents=True)  # a served copy without our weights file is still a warning
+    with caplog.at_level(logging.INFO, logger=train.log.name):
+        assert train.load_initial_weights(model, config, 3, str(empty)) == ""
+    assert "warm start skipped" in caplog.text
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]

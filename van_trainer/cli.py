@@ -38,7 +38,11 @@ def _convert_weights(args: argparse.Namespace) -> int:
     try:
         output = convert_checkpoint(args.variant, args.checkpoint, args.output, args.num_classes)
     except (OSError, ValueError, pickle.UnpicklingError) as exc:  # bad user input, not a bug
-        print(f"van-tfx convert-weights: {args.checkpoint}: {exc}", file=sys.stderr)
+        # Most messages name the file already ("checkpoint not found: F"); say it once.
+        message = str(exc)
+        if str(args.checkpoint) not in message:
+            message = f"{args.checkpoint}: {message}"
+        print(f"van-tfx convert-weights: {message}", file=sys.stderr)
         return 2
     print(f"wrote VAN-{args.variant} weights to {output}")
     return 0

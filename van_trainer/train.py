@@ -234,7 +234,11 @@ def load_initial_weights(
     network is warm-started whatever the classes."""
     if base_model and config.train.warm_start:
         path = export.keras_weights_path(base_model)
-        if not tf.io.gfile.exists(path):
+        if not tf.io.gfile.exists(base_model):
+            # ServedModel leaves its artifact empty when nothing is served: every first run
+            # (every demo) warned about a missing weights file for what is not a problem.
+            log.info("no warm start: nothing is served yet (%s is empty)", base_model)
+        elif not tf.io.gfile.exists(path):
             log.warning("warm start skipped: %s has no Keras weights at %s", base_model, path)
         else:
             why_fresh = _classes_changed(export.read_class_list(base_model), class_names)

@@ -146,6 +146,9 @@ def list_images(
     """
     root = Path(image_dir)
     if not root.is_dir():
+        # A file given as IMAGE_DIR was reported as "not found", though it is there.
+        if root.exists():
+            raise NotADirectoryError(f"image directory {root}: exists and is not a directory")
         raise FileNotFoundError(f"image directory not found: {root}")
     try:
         out_stat = os.stat(output_dir) if output_dir is not None else None
