@@ -486,17 +486,23 @@ def _loadtest(args) -> int:
         print(_GRPC_URL_ERROR.format(server=args.server), file=sys.stderr)
         return 2
     images = _read_images(args.image) if args.image else [_sample_image()]
-    try:  # fail fast and clearly when nothing listens
+    # Each image once, up front: nothing listening fails fast, and an image the server refuses
+    # is named here (in the run it would only be counted among the errors).
+    sent = 0
+    try:
         first_timeout = min(args.timeout, LOADTEST_FIRST_TIMEOUT)
-        client.predict_images(
-            args.server, images[:1], args.model_name, args.signature, first_timeout
-        )
+        for index, image in enumerate(images):
+            sent = index  # named below if the server refuses it
+            client.predict_images(
+                args.server, [image], args.model_name, args.signature, first_timeout
+            )
     except client.ServerUnavailable as exc:
         print(f"error: no model server at {args.server} ({exc})", file=sys.stderr)
         return 2
     except client.PredictionError as exc:
         # As `predict`: the server's "images[0]" or a bare "invalid" becomes the file sent.
-        message = f"{exc.code}: {_naming_images(exc, args.image[:1])}" if args.image else exc
+        path = args.image[sent : sent + 1]
+        message = f"{exc.code}: {_naming_images(exc, path)}" if args.image else exc
         print(
             f"error: the server at {args.server} rejected the request: {message}", file=sys.stderr
         )

@@ -306,12 +306,13 @@ def test_grpc_commands_refuse_a_url_naming_it(served, command):
 
 
 def test_loadtest_names_the_image_the_server_refused(served, tmp_path):
-    # Before: the server's message alone; `predict` named the file, loadtest did not.
+    # Before: the server's message alone; `predict` named the file, loadtest did not, and an
+    # image after the first was only counted among the run's errors.
     garbage = tmp_path / "garbage.jpg"
     garbage.write_bytes(b"not an image")
     result = van_tfx_process(
         "loadtest", "--server", served["grpc"], "--no-progress", "--duration=1",
-        "--image", str(garbage),
+        "--image", str(served["images"]["red.png"]), "--image", str(garbage),
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
     assert "rejected the request: INVALID_ARGUMENT: " in result.stderr, result.stderr
