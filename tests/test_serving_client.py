@@ -384,6 +384,16 @@ def top_k_answer(synset: bytes = b"n01440764"):
     }
 
 
+def filling():
+    """A 30-byte float TensorProto declaring [100000, 100000]: one value TF fills it with."""
+    from tensorflow.core.framework import tensor_pb2, types_pb2
+
+    proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[0.5])
+    proto.tensor_shape.dim.add(size=100_000)
+    proto.tensor_shape.dim.add(size=100_000)
+    return proto
+
+
 def test_an_answer_over_grpcs_4_mib_default_is_taken_up_to_the_flag(capsys, closing, image):
     # Before: gRPC's default receive limit (4 MiB) refused it, reported as "no model server at
     # ... (the connection was lost before an answer: CLIENT: Received message larger than max".
@@ -408,12 +418,7 @@ def test_an_answer_over_grpcs_4_mib_default_is_taken_up_to_the_flag(capsys, clos
 def test_an_answer_declaring_more_than_the_limit_is_refused_before_decoding(capsys, closing, image):
     # TF's rule that one value fills any shape: 30 bytes on the wire declaring 40 GB of floats.
     # Before: tf.make_ndarray filled it (and .tolist() made a Python float of each).
-    from tensorflow.core.framework import tensor_pb2, types_pb2
-
-    huge = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[0.5])
-    huge.tensor_shape.dim.add(size=100_000)
-    huge.tensor_shape.dim.add(size=100_000)
-    server = grpc_server(closing, answering(**{**top_k_answer(), "top_k_scores": huge}))
+    server = grpc_server(closing, answering(**{**top_k_answer(), "top_k_scores": filling()}))
     code, err = van_tfx(capsys, "predict", image, "--server", server, f"--timeout={TIMEOUT}")
     assert code == 1, err
     assert (
@@ -518,12 +523,7 @@ def test_a_rest_error_answer_is_read_within_the_flag(capsys, closing, image, bod
 
 def test_loadtest_names_an_answer_over_the_limit(capsys, closing, image):
     # Its first request is predict's check: an answer over the limit is named there, as by predict.
-    from tensorflow.core.framework import tensor_pb2, types_pb2
-
-    huge = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[0.5])
-    huge.tensor_shape.dim.add(size=100_000)
-    huge.tensor_shape.dim.add(size=100_000)
-    server = grpc_server(closing, answering(**{**top_k_answer(), "top_k_scores": huge}))
+    server = grpc_server(closing, answering(**{**top_k_answer(), "top_k_scores": filling()}))
     code, err = loadtest(capsys, server, image)
     assert code == 1, err
     assert f"error: the server at {server} answered, but the answer's tensors decode to" in err

@@ -202,38 +202,38 @@ def within_pixel_budget(encoded, budget: ServingConfig, name: str):
     64 MiB request can hold 75,000 tiny JPEGs (45 GB once resized for the model), and decoding
     happens before any model code could object (TF Serving itself has no such limit)."""
     values = encoded.values if isinstance(encoded, tf.SparseTensor) else encoded
-    count = tf.size(values, out_type=tf.int64)
-    many = tf.debugging.assert_less_equal(
-        count,
-        tf.constant(budget.max_request_images, tf.int64),
-        message=(
-            f"input {name} holds more than {budget.max_request_images} images in one request "
-            "(serving.max_request_images); it was refused before decoding"
-        ),
+    many = _at_most(
+        tf.size(values, out_type=tf.int64),
+        budget.max_request_images,
+        f"input {name} holds more than {budget.max_request_images} images in one request "
+        "(serving.max_request_images); it was refused before decoding",
     )
     with tf.control_dependencies([many]):  # the headers are read only for a count in budget
         pixels = declared_pixels(values)
-    large = tf.debugging.assert_less_equal(
+    large = _at_most(
         pixels,
-        tf.constant(budget.max_image_pixels, tf.int64),
-        message=(
-            f"input {name} holds an image of more than {budget.max_image_pixels} pixels (width x "
-            "height, serving.max_image_pixels); it was refused before decoding"
-        ),
+        budget.max_image_pixels,
+        f"input {name} holds an image of more than {budget.max_image_pixels} pixels (width x "
+        "height, serving.max_image_pixels); it was refused before decoding",
         summarize=4,
     )
-    total = tf.debugging.assert_less_equal(
+    total = _at_most(
         tf.reduce_sum(pixels),
-        tf.constant(budget.max_request_pixels, tf.int64),
-        message=(
-            f"input {name} holds images of more than {budget.max_request_pixels} pixels in all "
-            "(serving.max_request_pixels); they were refused before decoding"
-        ),
+        budget.max_request_pixels,
+        f"input {name} holds images of more than {budget.max_request_pixels} pixels in all "
+        "(serving.max_request_pixels); they were refused before decoding",
     )
     with tf.control_dependencies([many, large, total]):
         if isinstance(encoded, tf.SparseTensor):
             return tf.SparseTensor(encoded.indices, tf.identity(values), encoded.dense_shape)
         return tf.identity(encoded)
+
+
+def _at_most(value: tf.Tensor, limit: int, message: str, summarize: int | None = None):
+    """An assertion that every element of the int64 `value` is <= `limit`, failing with `message`."""
+    return tf.debugging.assert_less_equal(
+        value, tf.constant(limit, tf.int64), message=message, summarize=summarize
+    )
 
 
 def export_serving_model(
