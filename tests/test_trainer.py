@@ -39,7 +39,8 @@ def tiny_config(**train) -> Config:
                 "deterministic": True,
                 **train,
             },
-            "serving": {"top_k": 3},
+            # Requests of more than 4 images run in chunks: the export tests below cover both.
+            "serving": {"top_k": 3, "inference_chunk_images": 4},
         }
     )
     return config

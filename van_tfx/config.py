@@ -276,10 +276,11 @@ class ServingConfig(_Section):
     max_request_images: int = Field(
         1000,
         ge=1,
-        description="Most images one request may send to the exported graph: each costs the "
-        "model's input and activations however small its file (VAN-b0: ~9.6 MB); more are "
-        "refused before decoding. 1000 is what TFMA's Evaluator sends per call (tfx_bsl's batch "
-        "cap): below it, the Evaluator retries refused batches one example at a time.",
+        description="Most images one request may send to the exported graph: each costs its "
+        "decoding and a model pass however small its file (the activations are bounded by "
+        "inference_chunk_images); more are refused before decoding. 1000 is what TFMA's Evaluator "
+        "sends per call (tfx_bsl's batch cap): below it, the Evaluator retries refused batches "
+        "one example at a time.",
     )
     max_request_pixels: int = Field(
         1_000_000_000,
@@ -298,6 +299,13 @@ class ServingConfig(_Section):
         le=64,
         description="The exported graph cuts each batch into N parts that run concurrently (1: "
         "the whole batch at once); batches smaller than N run whole.",
+    )
+    inference_chunk_images: int = Field(
+        32,
+        ge=1,
+        description="The exported graph runs a request's images through the model N at a time, "
+        "one chunk after another (each chunk in inference_slices slices): a request's memory is "
+        "N images' activations (VAN-b0: ~9.6 MB an image), whatever its image count.",
     )
 
     @model_validator(mode="after")

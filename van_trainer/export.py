@@ -79,11 +79,20 @@ class ServingModule(tf.Module):
         self._crop_pct = config.eval.crop_pct
         self._budget = config.serving
         self._slices = config.serving.inference_slices
+        self._chunk = config.serving.inference_chunk_images
 
     def _probabilities(self, transformed: dict) -> tf.Tensor:
-        images = augment.eval_images_from_jpeg(
-            transformed[features.TRANSFORMED_IMAGE], self._image_size, self._crop_pct
+        # Chunk by chunk: a 1000-image request (what TFMA's Evaluator sends) would otherwise hold
+        # the activations of all 1000 at once (VAN-b0: ~9.6 MB an image).
+        return in_chunks(
+            self._probabilities_of_chunk,
+            transformed[features.TRANSFORMED_IMAGE],
+            self._chunk,
+            self._forward.model.output_shape[-1],
         )
+
+    def _probabilities_of_chunk(self, stored_jpegs: tf.Tensor) -> tf.Tensor:
+        images = augment.eval_images_from_jpeg(stored_jpegs, self._image_size, self._crop_pct)
         logits = forward_in_slices(self._forward.model, images, self._slices)
         return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
 
@@ -143,6 +152,24 @@ class ServingModule(tf.Module):
             features.TRANSFORM_FEATURES_SIGNATURE: self.transform_features,
             features.CLASSIFY_SIGNATURE: self.classify,
         }
+
+
+def in_chunks(fn, inputs: tf.Tensor, chunk: int, width: int) -> tf.Tensor:
+    """fn(inputs) [N, width] float32, computed `chunk` rows of `inputs` at a time, one chunk after
+    another, so the work in flight (decoded pixels, activations) is bounded by `chunk` rows."""
+    size = tf.shape(inputs)[0]
+    # One pass for a batch of at most `chunk` (an empty one too: fn answers it), so small batches
+    # run as before and the model is traced once, inside the loop.
+    count = tf.maximum((size + chunk - 1) // chunk, 1)
+
+    def step(i, parts):
+        rows = inputs[i * chunk : (i + 1) * chunk]
+        return i + 1, parts.write(i, fn(rows))
+
+    parts = tf.TensorArray(tf.float32, size=count, infer_shape=False, element_shape=[None, width])
+    # parallel_iterations=1: chunks one after another; in parallel they would hold N rows again.
+    _, parts = tf.while_loop(lambda i, _: i < count, step, [0, parts], parallel_iterations=1)
+    return tf.ensure_shape(parts.concat(), [None, width])
 
 
 def forward_in_slices(model: keras.Model, images: tf.Tensor, slices: int) -> tf.Tensor:
