@@ -60,6 +60,7 @@ bench: venv
 	$(VENV)/bin/python benchmarks/bench_input.py --variant b0 --image-size 32 --batch-size 64
 	$(VENV)/bin/python benchmarks/bench_augment.py --rounds 3 --batches 16
 	$(VENV)/bin/python benchmarks/bench_serving.py
+	$(VENV)/bin/python benchmarks/bench_request_memory.py --batches 16,1000 --rounds 1
 	$(VENV)/bin/python benchmarks/bench_connections.py --connections 2000
 	$(VENV)/bin/python benchmarks/bench_fingerprint.py --delay 0.02 --rounds 2
 	$(VENV)/bin/python benchmarks/bench_shard_reads.py
