@@ -104,17 +104,21 @@ def throughput(target: str, image: bytes, clients: int, seconds: float) -> float
 
 
 def build_van_module(image_size: int = 32, variant: str = "tiny", classes: int = 10):
-    """VAN behind a predict_images signature, as the demo's pushed model serves it (folded,
-    the batch in `serving.inference_slices` concurrent slices)."""
+    """VAN behind a predict_images signature, as the demo's pushed model serves it (folded, the
+    request in `serving.inference_chunk_images` chunks, each in `serving.inference_slices`)."""
     import tensorflow as tf
 
     from serving import testing
     from van_tfx.config import ServingConfig
-    from van_trainer.export import forward_in_slices
+    from van_trainer.export import forward_in_slices, in_chunks
     from van_trainer.model import build_van, fold_for_inference
 
     model = fold_for_inference(build_van(variant, classes, (image_size, image_size, 3)))
-    slices = ServingConfig().inference_slices  # the batch in slices, as the export does
+    serving = ServingConfig()  # the request in chunks, each in slices, as the export does
+
+    def probabilities(images):
+        x = testing.decode_images(images, image_size)
+        return tf.nn.softmax(forward_in_slices(model, x, serving.inference_slices))
 
     class VanModule(tf.Module):
         def __init__(self):
@@ -124,9 +128,10 @@ def build_van_module(image_size: int = 32, variant: str = "tiny", classes: int =
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
         def predict_images(self, images):
-            x = testing.decode_images(images, image_size)
-            probabilities = tf.nn.softmax(forward_in_slices(self.model, x, slices))
-            return testing.prediction_outputs(probabilities, self.synsets)
+            chunk = serving.inference_chunk_images
+            return testing.prediction_outputs(
+                in_chunks(probabilities, images, chunk, classes), self.synsets
+            )
 
     return VanModule()
 

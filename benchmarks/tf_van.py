@@ -89,14 +89,20 @@ def make_train_step(model):
 
 
 def make_infer_step(model, slices: int):
-    """Inference as the exported graph runs it: one traced function, the batch in slices."""
+    """Inference as the exported graph runs it: one traced function, the batch in chunks of
+    serving.inference_chunk_images, each in slices."""
     import tensorflow as tf
 
-    from van_trainer.export import forward_in_slices
+    from van_trainer.export import forward_in_slices, in_chunks
+
+    chunk = ServingConfig().inference_chunk_images
+
+    def logits(images):
+        return tf.cast(forward_in_slices(model, images, slices), tf.float32)
 
     @tf.function
     def infer(images):
-        return forward_in_slices(model, images, slices)
+        return in_chunks(logits, images, chunk, model.output_shape[-1])
 
     return infer
 
