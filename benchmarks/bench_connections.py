@@ -31,6 +31,7 @@ class AnswerOk:
     disable_nagle_algorithm = True
 
     def do_GET(self):  # noqa: N802 (http.server naming)
+        """Answer every GET with the same small 200 JSON body, in one write."""
         body = b'{"ok": true}'
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -38,6 +39,7 @@ class AnswerOk:
         self.flush_headers()
 
     def log_message(self, *args):
+        """Log nothing (BaseHTTPRequestHandler would write a line per request to stderr)."""
         pass
 
 

@@ -107,15 +107,15 @@ def measure(args, variant: str, torch, tfs: dict) -> tuple[dict, dict]:
 
 
 def rotated(names: list[str], shift: int) -> list[str]:
-    """The rows starting `shift` places on, so no row always runs right after PyTorch: `ours`,
-    first in every round, was the slowest of identical graphs natively in two runs."""
+    """The rows starting `shift` places on, so no row always runs right after PyTorch."""
+    # `ours`, first in every round, was the slowest of identical graphs natively in two runs.
     shift %= max(len(names), 1)
     return names[shift:] + names[:shift]
 
 
 def fast_layouts(samples: dict, kind: str) -> list[str]:
-    """Layouts within 2x of the best after round 1; slower ones keep their one figure (the
-    other layout then counts anyway) and cost no more rounds."""
+    """Layouts within 2x of the best after round 1; slower ones cost no more rounds."""
+    # Slower ones keep their one figure (the other layout then counts anyway).
     first = {layout: samples[f"PyTorch (HF VAN), {layout}"][kind][0] for layout in TORCH_LAYOUTS}
     return [layout for layout, ips in first.items() if ips * 2 >= max(first.values())]
 
@@ -165,8 +165,8 @@ def round_spread(values: list[float]) -> float:
 
 
 def runs_here(idea: str, isa: str) -> bool:
-    """False for the bf16 row where oneDNN has no bf16 kernels (AVX2 cap, CPUs without bf16):
-    TF aborts the step there rather than falling back."""
+    """False for the bf16 row where oneDNN has no bf16 kernels (AVX2 cap, CPUs without bf16)."""
+    # TF aborts the step there rather than falling back.
     if "bfloat16" not in idea:
         return True
     has_bf16 = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})

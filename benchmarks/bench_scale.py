@@ -212,12 +212,10 @@ def run_transform(examples: Path, out: Path, mode: str) -> dict:
 
 
 def use_weighted_vocabulary() -> None:
-    """The baseline: the class vocabulary as it was made before van_trainer/class_list.py.
-
-    tft.compute_and_apply_vocabulary weighted by (max_label + 1 - label) / count(label), so that
-    TFT's frequency order comes out in label order: the weights need tft.count_per_key and
-    tft.max first, i.e. a second analysis phase (another pass over the training split).
-    """
+    """The baseline: the class vocabulary as it was made before van_trainer/class_list.py."""
+    # tft.compute_and_apply_vocabulary weighted by (max_label + 1 - label) / count(label), so that
+    # TFT's frequency order comes out in label order: the weights need tft.count_per_key and tft.max
+    # first, i.e. a second analysis phase (another pass over the training split).
     import tensorflow as tf
     import tensorflow_transform as tft
 

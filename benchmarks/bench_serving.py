@@ -104,8 +104,9 @@ def throughput(target: str, image: bytes, clients: int, seconds: float) -> float
 
 
 def build_van_module(image_size: int = 32, variant: str = "tiny", classes: int = 10):
-    """VAN behind a predict_images signature, as the demo's pushed model serves it (folded, the
-    request in `serving.inference_chunk_images` chunks, each in `serving.inference_slices`)."""
+    """VAN behind a predict_images signature, as the demo's pushed model serves it."""
+    # Folded, the request in `serving.inference_chunk_images` chunks, each in
+    # `serving.inference_slices`.
     import tensorflow as tf
 
     from serving import testing

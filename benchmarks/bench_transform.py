@@ -159,8 +159,8 @@ def imagenet_sized_records(directory: Path, count: int, shards: int = 4) -> list
 
 
 def preprocessing_at(revision: str, directory: Path):
-    """van_trainer/preprocessing.py as of a git revision, imported as a module of its own (it
-    imports the rest of the project, van_trainer.class_list included, from the working tree)."""
+    """van_trainer/preprocessing.py as of a git revision, imported as a module of its own."""
+    # It imports the rest of the project, van_trainer.class_list included, from the working tree.
     source = subprocess.run(
         ["git", "show", f"{revision}:van_trainer/preprocessing.py"],
         cwd=REPO,
@@ -203,8 +203,9 @@ def analyze_columns(preprocessing_fn, source) -> list[str]:
 
 
 def analysis_pass(files: list[str], preprocessing_fn, workdir: str) -> float:
-    """Seconds for TFX Transform's analysis pass on Beam's DirectRunner: the records read,
-    decoded by tfx_bsl projected to the analyzer input columns, then AnalyzeDataset."""
+    """Seconds for TFX Transform's analysis pass on Beam's DirectRunner."""
+    # The records read, decoded by tfx_bsl projected to the analyzer input columns, then
+    # AnalyzeDataset.
     import apache_beam as beam
     import tensorflow_transform.beam as tft_beam
 
@@ -220,8 +221,8 @@ def analysis_pass(files: list[str], preprocessing_fn, workdir: str) -> float:
 
 
 def decode_time(serialized: list[bytes], columns: list[str]) -> tuple[float, int]:
-    """(seconds, Arrow bytes) for tfx_bsl to decode `serialized` in one batch, projected to
-    `columns`: the decode step of the analysis pass alone, without reading or Beam."""
+    """(seconds, Arrow bytes) for tfx_bsl to decode `serialized` in one batch, projected."""
+    # Projected to `columns`: the decode step of the analysis pass alone, without reading or Beam.
     from tfx_bsl.coders import example_coder
     from tfx_bsl.tfxio import tensor_representation_util
 
@@ -236,8 +237,8 @@ def decode_time(serialized: list[bytes], columns: list[str]) -> tuple[float, int
 
 
 def analysis_pass_section(baseline: str, records: int, rounds: int) -> None:
-    """Print the analysis pass's decode time and whole time per 1,000 records, the baseline's and
-    ours, and before / after."""
+    """Print the analysis pass's decode and whole time per 1,000 records, before / after."""
+    # Both the baseline's and ours.
     import tensorflow as tf
 
     from van_trainer import preprocessing
@@ -291,8 +292,8 @@ def analysis_pass_section(baseline: str, records: int, rounds: int) -> None:
 
 
 def main() -> None:
-    """Print images/s for Transform vs bare tf.data, and for the converter (or the analysis
-    pass's time, before vs after, with --analysis-pass)."""
+    """Print images/s for Transform vs bare tf.data, and for the converter."""
+    # Or, with --analysis-pass, the analysis pass's time, before vs after.
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-side", dest="size", type=int, default=512)
     parser.add_argument("--analysis-pass", action="store_true")

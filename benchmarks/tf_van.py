@@ -89,8 +89,8 @@ def make_train_step(model):
 
 
 def make_infer_step(model, slices: int):
-    """Inference as the exported graph runs it: one traced function, the batch in chunks of
-    serving.inference_chunk_images, each in slices."""
+    """Inference as the exported graph runs it: one traced function, the batch in chunks."""
+    # The chunks are of serving.inference_chunk_images, each in slices.
     import tensorflow as tf
 
     from van_trainer.export import forward_in_slices, in_chunks

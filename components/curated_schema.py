@@ -52,8 +52,8 @@ def synsets_path(input_base: str, split_pattern: str, span: int, version: int | 
 
 
 def count_synsets(path: str) -> int:
-    """Number of synsets a synsets.txt lists (0 when there is none), read as `data build`
-    reads it; SynsetListError names the file and line of a malformed one."""
+    """Number of synsets a synsets.txt lists (0 if there is none), read as `data build` reads it."""
+    # SynsetListError names the file and line of a malformed one.
     if not tf.io.gfile.exists(path):
         return 0
     if tf.io.gfile.isdir(path):

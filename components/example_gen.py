@@ -83,8 +83,8 @@ def has_unresolved_specs(input_config_json: str) -> bool:
 
 
 def split_fingerprints(fingerprint: str, names: list[str]) -> str:
-    """The lines of a TFX input fingerprint (one `split:<name>,...` line per split) for `names`:
-    the gate fingerprints every split, an ExampleGen of fewer splits only its own."""
+    """The lines of a TFX input fingerprint (one `split:<name>,...` line per split) for `names`."""
+    # The gate fingerprints every split, an ExampleGen of fewer splits only its own.
     wanted = {f"split:{name}" for name in names}
     return "\n".join(line for line in fingerprint.split("\n") if line.split(",")[0] in wanted)
 
@@ -92,8 +92,8 @@ def split_fingerprints(fingerprint: str, names: list[str]) -> str:
 def resolve_like_the_driver(
     exec_properties: dict, examples_artifact, decided: dict | None = None
 ) -> dict:
-    """Exec properties with span, version, fingerprint and resolved patterns, as TFX's driver
-    sets them: for the span and version the gate `decided` on, else the newest."""
+    """Exec properties with span, version, fingerprint and patterns, resolved as TFX's driver."""
+    # For the span and version the gate `decided` on, else the newest.
     resolved = dict(exec_properties)
     config = proto_utils.json_to_proto(resolved[_INPUT_CONFIG], example_gen_pb2.Input())
     range_config = None
@@ -228,8 +228,9 @@ def check_first_records(shards: dict[str, tuple[str, list[str]]]) -> None:
 
 
 def check_splits_are_disjoint(shards: dict[str, tuple[str, list[str]]]) -> None:
-    """IncompleteShardsError naming a file that two splits' patterns match: the eval split would
-    hold training data, and the Evaluator would bless accuracy measured on it."""
+    """IncompleteShardsError naming a file that two splits' patterns match."""
+    # Otherwise the eval split would hold training data, and the Evaluator would bless accuracy
+    # measured on it.
     owner: dict[str, str] = {}
     for name, (pattern, paths) in shards.items():
         for path in paths:
@@ -242,8 +243,8 @@ def check_splits_are_disjoint(shards: dict[str, tuple[str, list[str]]]) -> None:
 
 
 def schema_path_config(schema_path: str) -> example_gen_pb2.CustomConfig:
-    """ImportExampleGen's custom_config naming the curated schema (data.schema_path; '' for the
-    one shipped), whose feature types the copy checks every record against."""
+    """ImportExampleGen's custom_config naming the curated schema (data.schema_path)."""
+    # '' names the one shipped. The copy checks every record against its feature types.
     from google.protobuf import any_pb2, wrappers_pb2
 
     packed = any_pb2.Any()
@@ -252,8 +253,9 @@ def schema_path_config(schema_path: str) -> example_gen_pb2.CustomConfig:
 
 
 def schema_kinds(exec_properties: dict) -> dict[str, str]:
-    """{feature: its tf.train.Feature kind ('bytes_list', 'int64_list', 'float_list')} for every
-    feature the curated schema (the one schema_path_config names) gives a type."""
+    """{feature: its tf.train.Feature kind} for every feature the curated schema gives a type."""
+    # Kinds are 'bytes_list', 'int64_list', 'float_list'; the schema is the one schema_path_config
+    # names.
     from google.protobuf import text_format, wrappers_pb2
     from tensorflow_metadata.proto.v0 import schema_pb2
 
@@ -300,8 +302,9 @@ def record_kind_problem(record: bytes, kinds: dict[str, str], spec: dict) -> str
 
 
 def check_record_kinds(batch, kinds: dict[str, str], spec: dict, source: str, start: int) -> None:
-    """Raise BadRecordError naming the shard, the record's index and the feature if a record of
-    `batch` (records `start`.. of `source`) holds a schema feature of another kind."""
+    """Raise BadRecordError if a record of `batch` holds a schema feature of another kind."""
+    # The records are `start`.. of `source`; the error names the shard, the record's index and the
+    # feature.
     import tensorflow as tf
 
     try:
@@ -320,8 +323,9 @@ def check_record_kinds(batch, kinds: dict[str, str], spec: dict, source: str, st
 
 
 def copy_shard(source: str, target: str, kinds: dict[str, str] | None = None) -> int:
-    """Copy one TFRecord shard record by record (lengths bounded, CRCs checked), uncompressed,
-    checking each record's schema features are of the schema's `kinds`; returns the count."""
+    """Copy one TFRecord shard record by record, uncompressed, checked; returns the count."""
+    # Lengths are bounded and CRCs checked, and each record's schema features must be of the
+    # schema's `kinds`.
     records = shard_records(source)
     if kinds:
         records = _kind_checked(records, kinds, source)
@@ -369,8 +373,8 @@ def is_copyable(exec_properties: dict) -> bool:
 
 
 def shard_error(error: Exception) -> Exception | None:
-    """The CorruptShardError or BadRecordError inside a runner's error (which wraps it, or
-    re-raises it with the step's name appended), or None."""
+    """The CorruptShardError or BadRecordError inside a runner's error, or None."""
+    # The runner's error wraps it, or re-raises it with the step's name appended.
     found = re.search(
         r"(CorruptShardError|BadRecordError): (TFRecord shard .*?)(?: \[while running|$)",
         str(error),
@@ -385,8 +389,9 @@ def shard_error(error: Exception) -> Exception | None:
 
 
 class SpanResolvingImportExecutor(import_executor.Executor):
-    """TFX's ImportExampleGen executor that resolves span specs left unresolved by the runner
-    and ingests by copying shards."""
+    """TFX's ImportExampleGen executor, resolving span specs and ingesting by copying shards."""
+
+    # It resolves span specs left unresolved by the runner.
 
     def Do(self, input_dict, output_dict, exec_properties):  # noqa: N802  (TFX's name)
         """Resolve {SPAN} like TFX's driver when no driver did, then ingest the shards."""

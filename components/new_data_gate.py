@@ -222,8 +222,8 @@ def write_training_data(model_dir: str, decision) -> None:
 
 
 def newest_served_version(serving_base_path: str) -> str | None:
-    """The directory of the version TF Serving would serve: the highest integer dir holding
-    saved_model.pb, named as it is on disk (`007` stays `007`)."""
+    """The directory of the version TF Serving would serve: the highest integer dir with a model."""
+    # The dir must hold saved_model.pb; it is named as it is on disk (`007` stays `007`).
     # The model server's own listing: a version still being pushed (no saved_model.pb yet, the
     # Pusher copies it last) is not served, so it is not what the data is compared with.
     dirs = version_dirs(serving_base_path) or {}
@@ -241,8 +241,8 @@ _KIND_NAMES = {int: "an integer", str: "a string", (int, type(None)): "an intege
 
 
 def read_record(path: str, required: tuple[str, ...] = ()) -> dict | None:
-    """A JSON object file holding the `required` keys; None when there is no such file, and a
-    TrainingDataRecordError naming the file when it is not one."""
+    """A JSON object file holding the `required` keys; None when there is no such file."""
+    # A TrainingDataRecordError names the file when it is not one.
     if not tf.io.gfile.exists(path):
         return None
     with tf.io.gfile.GFile(path) as handle:
@@ -337,8 +337,9 @@ def compare_with_served(current: dict, serving_base_path: str, version: str | No
 
 
 def decide(current: dict, serving_base_path: str, force: bool = False) -> tuple[bool, str, str]:
-    """(train?, why, served version or "") for data `current` against the newest served model
-    and the candidates already rejected on the same data and recipe."""
+    """(train?, why, served version or "") for data `current` against the served model's record."""
+    # Compared with the newest served model and the candidates already rejected on the same data and
+    # recipe.
     span = current["span"]
     version = newest_served_version(serving_base_path)
     served = version or ""

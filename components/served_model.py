@@ -82,8 +82,9 @@ def ServedModel(  # noqa: N802  (TFX component names are class-like)
 
 
 class ServedBaselineEvaluator(evaluator_executor.Executor):
-    """TFX's Evaluator executor; an empty ServedModel baseline counts as no baseline at all, and
-    so does one trained on another class list."""
+    """TFX's Evaluator executor; an empty ServedModel baseline counts as no baseline at all."""
+
+    # So does one trained on another class list.
 
     def Do(self, input_dict, output_dict, exec_properties):  # noqa: N802  (TFX's name)
         """Drop a baseline that holds no model or another class list, then evaluate as TFX does."""
@@ -111,13 +112,11 @@ def model_dir(model) -> str:
 
 
 def class_list_change(candidate_dir: str, baseline_dir: str, version: str) -> str:
-    """Why the served model can't be the baseline for this candidate ("" when it can).
-
-    Each model labels the evaluation records through its own class list (its transform_features
-    signature), which refuses a synset it doesn't know: a baseline trained on another list made
-    the Evaluator fail after training, and every later run train again. Their top-1 figures
-    would not measure the same task anyway (another number of classes, other label ids).
-    """
+    """Why the served model can't be the baseline for this candidate ("" when it can)."""
+    # Each model labels the evaluation records through its own class list (its transform_features
+    # signature), which refuses a synset it doesn't know: a baseline trained on another list made
+    # the Evaluator fail after training, and every later run train again. Their top-1 figures would
+    # not measure the same task anyway (another number of classes, other label ids).
     candidate, baseline = read_class_list(candidate_dir), read_class_list(baseline_dir)
     if baseline is None:
         return (

@@ -103,8 +103,8 @@ class ShardingTransformExecutor(tfx_transform.Executor):
     """TFX's Transform executor; transformed splits are written by ShardingTransformProcessor."""
 
     def Do(self, input_dict, output_dict, exec_properties):  # noqa: N802  (TFX's name)
-        """TFX's Do, with the sharding processor in place of TFX's and the schema's class count
-        handed to the preprocessing_fn."""
+        """TFX's Do, with the sharding processor in place of TFX's and the schema's class count."""
+        # The schema's class count is handed to the preprocessing_fn.
         per_shard = examples_per_shard(exec_properties)
         schema = artifact_utils.get_single_uri(input_dict[standard_component_specs.SCHEMA_KEY])
         exec_properties = with_declared_classes(exec_properties, declared_classes(schema))
@@ -122,9 +122,10 @@ def declared_classes(schema_dir: str) -> int | None:
 
 
 def with_declared_classes(exec_properties: dict, count: int | None) -> dict:
-    """exec_properties whose custom_config carries `declared_classes`: the class list must have
-    that many entries, so a class with no training record fails Transform, not a model of one
-    class fewer (a missing top label left no gap below the highest one seen)."""
+    """exec_properties whose custom_config carries `declared_classes`."""
+    # The class list must have that many entries, so a class with no training record fails
+    # Transform, not a model of one class fewer (a missing top label left no gap below the highest
+    # one seen).
     if count is None:
         return exec_properties
     raw = exec_properties.get(standard_component_specs.CUSTOM_CONFIG_KEY) or "{}"

@@ -53,13 +53,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args, profile: list[str] = (), keep: bool = True) -> Config:
-    """Load the config a command runs with; a new home that a run (`keep`) uses keeps a copy.
-
-    `profile` (e.g. the demo's settings) applies only when neither --config nor a home config
-    exists, so a home made by `make demo` keeps repeating the demo's pipeline. Commands that
-    only compile or send the pipeline elsewhere don't keep one: a Kubeflow config saved there
-    would have become what the next local `run` or `demo` used.
-    """
+    """Load the config a command runs with; a new home that a run (`keep`) uses keeps a copy."""
+    # `profile` (e.g. the demo's settings) applies only when neither --config nor a home config
+    # exists, so a home made by `make demo` keeps repeating the demo's pipeline. Commands that only
+    # compile or send the pipeline elsewhere don't keep one: a Kubeflow config saved there would
+    # have become what the next local `run` or `demo` used.
     from pathlib import Path
 
     home_config = Path(van_tfx_home()) / HOME_CONFIG

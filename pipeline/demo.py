@@ -47,8 +47,8 @@ def ensure_sample_data(config: Config, echo) -> None:
 
 
 def latest_version(base_path: Path) -> int | None:
-    """Highest version with a saved_model.pb (what TF Serving would load), as the server reads
-    version names (serving.manager)."""
+    """Highest version with a saved_model.pb (what TF Serving would load)."""
+    # Version names are read as the server reads them (serving.manager).
     return max(version_dirs(str(base_path)) or {}, default=None)
 
 

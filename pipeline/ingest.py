@@ -28,11 +28,9 @@ _SPAN_DIR = "span-{SPAN}/"
 
 
 def split_patterns(config: DataConfig) -> dict[str, str]:
-    """File patterns of the train and eval splits, relative to the data root.
-
-    The plain layout drops the `span-{SPAN}/` directory from the configured patterns, so
-    `data.layout=plain` alone reads <root>/train-* and <root>/validation-*.
-    """
+    """File patterns of the train and eval splits, relative to the data root."""
+    # The plain layout drops the `span-{SPAN}/` directory from the configured patterns, so
+    # `data.layout=plain` alone reads <root>/train-* and <root>/validation-*.
     patterns = {TRAIN_SPLIT: config.train_pattern, EVAL_SPLIT: config.eval_pattern}
     if config.layout == "plain":
         patterns = {k: p.replace(_SPAN_DIR, "") for k, p in patterns.items()}
@@ -71,9 +69,9 @@ def new_data_gate(
     recipe: str = "",
     span: int | None = None,
 ) -> NewDataGate:
-    """The gate comparing the span ExampleGen would ingest (`span`, a pinned_span, else the
-    newest) with the served model's record (and with the candidates rejected on it under the
-    same `recipe` fingerprint)."""
+    """The gate comparing the span ExampleGen would ingest with the served model's record."""
+    # The span: `span`, a pinned_span, else the newest. It is also compared with the candidates
+    # rejected on it under the same `recipe` fingerprint.
     return NewDataGate(
         input_base=str(data_root),
         input_config=proto_utils.proto_to_json(input_config(config)),
@@ -90,8 +88,8 @@ def example_gen(
     splits=(TRAIN_SPLIT, EVAL_SPLIT),
     span: int | None = None,
 ) -> tfx.components.ImportExampleGen:
-    """ImportExampleGen over the data root's TFRecords, splits 'train' and 'eval' by default, of
-    `span` (a pinned_span) if given, else the newest."""
+    """ImportExampleGen over the data root's TFRecords, splits 'train' and 'eval' by default."""
+    # Of `span` (a pinned_span) if given, else the newest.
     component = tfx.components.ImportExampleGen(
         input_base=str(data_root),
         input_config=input_config(config, splits),
@@ -156,8 +154,7 @@ def example_validator(
 
 
 def anomalies_gate(example_validator_component, statistics_gen_component):
-    """The gate that fails the run, with a readable summary, when any split is empty or has
-    anomalies."""
+    """The gate failing the run, with a readable summary, if any split is empty or has anomalies."""
     from components.anomalies_gate import AnomaliesGate
 
     return AnomaliesGate(

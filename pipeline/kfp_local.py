@@ -219,6 +219,7 @@ def finish(run: RunState, summary: RunSummary, result: TaskResult, number, echo)
 
 
 def progress_prefix(number: dict[str, int], name: str) -> str:
+    """The `  [ n/N] name` prefix of a task's progress line."""
     return f"  [{number[name]:2d}/{len(number)}] {name}"
 
 

@@ -174,11 +174,9 @@ def compile_pipeline(
 
 
 def never_cache(spec: dict[str, Any], task: str) -> None:
-    """Switch KFP's step cache off for one task of the root DAG.
-
-    The NewDataGate reads the serving directory, which is not among its inputs: a cached gate
-    would repeat an old decision after a push.
-    """
+    """Switch KFP's step cache off for one task of the root DAG."""
+    # The NewDataGate reads the serving directory, which is not among its inputs: a cached gate
+    # would repeat an old decision after a push.
     tasks = spec["root"]["dag"]["tasks"]
     if task not in tasks:
         raise KubeflowError(f"the compiled pipeline has no task {task!r}")
@@ -189,14 +187,12 @@ _CONDITION_INPUT = re.compile(r"inputs\.artifacts\['([^']+)'\]")
 
 
 def name_conditions_by_their_inputs(spec: dict[str, Any]) -> None:
-    """Make each task's trigger condition name its inputs as the task does.
-
-    TFX 1.16's step builder encodes a Cond's predicate with the channel key a previous encoding
-    left on it: the first gated task it builds gets `inputs.artifacts['_NewDataGate.decision']`
-    even when it takes the decision as an input named `decision`, and the KFP driver then fails
-    evaluating the condition. Such a key (`_<producer>.<output>`) is renamed to the task's input
-    fed by that producer output; a condition naming no input of its task is an error here.
-    """
+    """Make each task's trigger condition name its inputs as the task does."""
+    # TFX 1.16's step builder encodes a Cond's predicate with the channel key a previous encoding
+    # left on it: the first gated task it builds gets `inputs.artifacts['_NewDataGate.decision']`
+    # even when it takes the decision as an input named `decision`, and the KFP driver then fails
+    # evaluating the condition. Such a key (`_<producer>.<output>`) is renamed to the task's input
+    # fed by that producer output; a condition naming no input of its task is an error here.
     for name, task in spec["root"]["dag"]["tasks"].items():
         condition = task.get("triggerPolicy", {}).get("condition")
         if not condition:

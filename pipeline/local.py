@@ -137,8 +137,8 @@ def run_locally(config: Config, *, force: bool = False, echo=print) -> RunOutcom
 
 
 def same_data_as_last_run(config: Config, current: dict, last: dict | None) -> str | None:
-    """Why not to start the pipeline: the last run had this data and the gate would skip it too;
-    None when it would train (the gate, not the record, decides)."""
+    """Why not to start the pipeline (the last run had this data); None when it would train."""
+    # Only when the gate would skip it too: the gate, not the record, decides.
     from components.new_data_gate import RECIPE_KEY, decide, recipe_fingerprint
     from van_trainer.train import custom_config_for
 
@@ -167,8 +167,8 @@ def with_force(config: Config, force: bool) -> Config:
 
 
 def run_pipeline(config: Config, location, span: int | None = None) -> None:
-    """Build the pipeline for this machine (every ExampleGen pinned to `span`, if given) and run
-    it with LocalDagRunner."""
+    """Build the pipeline for this machine and run it with LocalDagRunner."""
+    # Every ExampleGen is pinned to `span`, if given.
     from tfx.dsl.compiler import compiler
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
 

@@ -33,12 +33,10 @@ class PipelineLocation:
 def create_pipeline(
     config: Config, location: PipelineLocation, span: int | None = None
 ) -> tfx.dsl.Pipeline:
-    """Assemble the gate, then ExampleGen → validation → Transform → Trainer → Evaluator → push.
-
-    `span` pins the gate and both ExampleGens to one span (LocalDagRunner: run_locally resolved
-    it); without it each resolves the newest itself, and on open-source KFP the ExampleGens
-    take the gate's from its decision.
-    """
+    """Assemble the gate, then ExampleGen → validation → Transform → Trainer → Evaluator → push."""
+    # `span` pins the gate and both ExampleGens to one span (LocalDagRunner: run_locally resolved
+    # it); without it each resolves the newest itself, and on open-source KFP the ExampleGens take
+    # the gate's from its decision.
     span = ingest.pinned_span(config.data, span)  # None where the patterns name no span
     gate = ingest.new_data_gate(
         config.data,

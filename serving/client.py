@@ -28,8 +28,9 @@ class ClassScore:
 
 
 class ServerUnavailable(ConnectionError):
-    """No model server answered at the given address (nothing listens, or what answers is not a
-    model server)."""
+    """No model server answered at the given address."""
+
+    # Either nothing listens, or what answers is not a model server.
 
 
 def checked_rest_url(url: str) -> str:
@@ -215,8 +216,9 @@ DEADLINE_SLACK_SECONDS = 0.01
 def grpc_failure(
     code, details: str | None, elapsed: float, timeout: float, connected: bool | None = None
 ) -> ServerUnavailable | PredictionError | AnswerTooLarge:
-    """ServerUnavailable for a gRPC call no server answered, AnswerTooLarge for an answer over
-    the client's limit, else the server's PredictionError."""
+    """The error for a failed gRPC call: ServerUnavailable, AnswerTooLarge or PredictionError."""
+    # ServerUnavailable for a gRPC call no server answered, AnswerTooLarge for an answer over the
+    # client's limit, else the server's PredictionError.
     # `connected`: whether the channel was READY before the call (None: not known).
     import grpc
 

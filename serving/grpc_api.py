@@ -103,22 +103,27 @@ class PredictionService(_Servicer):
 
     @_rpc("Predict", PredictRequestEntries)
     async def Predict(self, request, light):
+        """gRPC Predict: run the request's signature and answer its outputs."""
         return await handlers.predict_async(self.manager, request, self.executor, light)
 
     @_rpc("Classify", classification_pb2.ClassificationRequest)
     async def Classify(self, request, light):
+        """gRPC Classify: run a classification signature on the request's tf.Examples."""
         return await handlers.classify_async(self.manager, request, self.executor, light)
 
     @_rpc(None, get_model_metadata_pb2.GetModelMetadataRequest)
     async def GetModelMetadata(self, request, light):
+        """gRPC GetModelMetadata: answer the model's signature_def metadata."""
         return await self._answer(light, handlers.metadata, self.manager, request)
 
     @_rpc("Regress", regression_pb2.RegressionRequest)
     async def Regress(self, request, light):
+        """gRPC Regress: run a regression signature on the request's tf.Examples."""
         return await handlers.regress_async(self.manager, request, self.executor, light)
 
     @_rpc(None, inference_pb2.MultiInferenceRequest)
     async def MultiInference(self, request, light):
+        """gRPC MultiInference: always UNIMPLEMENTED, as van-tfx does not support it."""
         raise ServingError(
             grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not supported by van-tfx"
         )
@@ -129,10 +134,12 @@ class ModelService(_Servicer):
 
     @_rpc(None, get_model_status_pb2.GetModelStatusRequest)
     async def GetModelStatus(self, request, light):
+        """gRPC GetModelStatus: answer the state of the model's versions."""
         return await self._answer(light, handlers.status, self.manager, request)
 
     @_rpc(None, model_management_pb2.ReloadConfigRequest)
     async def HandleReloadConfigRequest(self, request, light):
+        """gRPC HandleReloadConfigRequest: load the request's model_config_list and serve it."""
         config = request.config
         if config.WhichOneof("config") != "model_config_list":  # model_service_impl.cc
             raise ServingError(

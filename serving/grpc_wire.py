@@ -121,8 +121,8 @@ def _varint(raw: bytes, position: int) -> tuple[int | None, int | None]:
 
 
 def predict_inputs(request) -> dict:
-    """The `inputs` map of a PredictRequest (or PredictRequestEntries: later keys win, as in a
-    map), one entry per Python step."""
+    """The `inputs` map of a PredictRequest (or PredictRequestEntries), an entry per Python step."""
+    # With PredictRequestEntries, later keys win, as in a map.
     if not isinstance(request, PredictRequestEntries):
         return dict(request.inputs)
     with gc_paused():

@@ -54,8 +54,8 @@ def predict(manager, request, timeout: float | None = None):
 
 
 async def predict_async(manager, request, executor=None, light: bool = True) -> bytes:
-    """A serialized PredictResponse from an event loop: the model runs off the loop, and so does
-    everything proportional to the request's size unless the request is `light`."""
+    """A serialized PredictResponse from an event loop; the model runs off the loop."""
+    # So does everything proportional to the request's size, unless the request is `light`.
     servable = resolve(manager, model_spec_of(request))
     key = request.model_spec.signature_name or DEFAULT_SIGNATURE
     inputs = await off_the_loop_unless(light, executor, predict_inputs, request)
@@ -148,11 +148,9 @@ def classification_signature(servable: Servable, key: str):
 
 
 def check_classification_signature(signature, method_name_check: bool = False) -> None:
-    """Reject what TF Serving's PreProcessClassification rejects, in its order.
-
-    The method name is checked only with --enable_signature_method_name_check (off by default in
-    TF Serving); then one input named `inputs`, one or two outputs, `classes` and/or `scores`.
-    """
+    """Reject what TF Serving's PreProcessClassification rejects, in its order."""
+    # The method name is checked only with --enable_signature_method_name_check (off by default in
+    # TF Serving); then one input named `inputs`, one or two outputs, `classes` and/or `scores`.
     if method_name_check and signature.method_name != CLASSIFY_METHOD_NAME:
         raise invalid_argument(
             f"Expected classification signature method_name to be {CLASSIFY_METHOD_NAME}. "
@@ -324,8 +322,9 @@ def _examples_feed(input_proto, limit: int) -> dict:
 
 
 def examples_of(input_proto, limit: int | None = None) -> list[bytes]:
-    """Serialized tf.Examples of a tensorflow.serving.Input (context merged into each), refused
-    when they would decode to more than `limit` bytes (the context is copied into every one)."""
+    """Serialized tf.Examples of a tensorflow.serving.Input (context merged into each)."""
+    # Refused when they would decode to more than `limit` bytes (the context is copied into every
+    # one).
     kind = input_proto.WhichOneof("kind")
     if kind == "example_list":
         examples, context = input_proto.example_list.examples, None
@@ -370,8 +369,8 @@ def metadata(manager, request):
 
 
 def status(manager, request):
-    """Answer a GetModelStatusRequest (a version label is ignored, as in get_model_status_impl.cc:
-    all versions are reported)."""
+    """Answer a GetModelStatusRequest, reporting all versions."""
+    # A version label is ignored, as in get_model_status_impl.cc: all versions are reported.
     spec = model_spec_of(request)
     version = spec.version.value if spec.WhichOneof("version_choice") == "version" else None
     response = get_model_status_pb2.GetModelStatusResponse()

@@ -112,15 +112,15 @@ def drop_unread_request_bytes(connection: socket.socket, limit: int) -> None:
 
 
 def is_gzip(headers: Message) -> bool:
-    """Whether the body is to be gunzipped: EvHTTPRequest::NeedUncompressGzipContent (TF Serving
-    decompresses by default when Content-Encoding contains "gzip")."""
+    """Whether the body is to be gunzipped: EvHTTPRequest::NeedUncompressGzipContent."""
+    # TF Serving decompresses by default when Content-Encoding contains "gzip".
     return any("gzip" in value for value in headers.get_all("Content-Encoding") or [])
 
 
 def gunzip(body: bytes, limit: int) -> bytes:
-    """`body` decompressed; BodyRefused (413) past `limit` bytes, checked as it inflates (a
-    small zip bomb must not allocate gigabytes). Not gzip: b"", as TF Serving reads an
-    undecompressable body as empty (then "The document is empty")."""
+    """`body` decompressed; BodyRefused (413) past `limit` bytes, checked as it inflates."""
+    # Checked as it inflates: a small zip bomb must not allocate gigabytes. Not gzip: b"", as TF
+    # Serving reads an undecompressable body as empty (then "The document is empty").
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
         data = inflater.decompress(body, limit + 1)

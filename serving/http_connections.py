@@ -51,8 +51,8 @@ class TransferPace:
         self._deadline += count / self._min_rate
 
     def wait(self) -> float:
-        """Seconds the next read or write may wait: the stall time, or less near the deadline;
-        TimeoutError once the transfer has fallen behind its pace."""
+        """Seconds the next read or write may wait: the stall time, or less near the deadline."""
+        # TimeoutError once the transfer has fallen behind its pace.
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the transfer fell behind its minimum pace")
@@ -170,8 +170,10 @@ def default_max_idle() -> int:
 
 
 class KeepAliveHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer whose connections wait for their next request in one selector thread
-    and are served by at most `max_threads` threads."""
+    """ThreadingHTTPServer whose idle connections wait in one selector thread, served by a pool."""
+
+    # Connections wait for their next request in one selector thread and are served by at most
+    # `max_threads` threads.
 
     daemon_threads = True
 
@@ -205,8 +207,8 @@ class KeepAliveHTTPServer(ThreadingHTTPServer):
         self._watcher.start()
 
     def handle_error(self, request, client_address):
-        """Log a failed connection (socketserver prints a traceback to stderr); a client that
-        reset or went quiet is routine."""
+        """Log a failed connection (socketserver prints a traceback to stderr)."""
+        # A client that reset or went quiet is routine.
         error = sys.exc_info()[1]
         if isinstance(error, ConnectionError | TimeoutError):
             log.debug("REST connection from %s ended: %r", client_address, error)

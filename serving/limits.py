@@ -38,8 +38,8 @@ NO_REST_TIMEOUT_SECONDS = INT32_MAX / 1000
 
 
 def checked_in_range(name: str, value, low, high):
-    """`value` if a finite number within [low, high] (None: unbounded), else a ValueError naming
-    the option `name`."""
+    """`value` if a finite number within [low, high] (None: unbounded), else a ValueError."""
+    # The ValueError names the option `name`.
     bounds = [f">= {low}" if low is not None else "", f"<= {high}" if high is not None else ""]
     wanted = " and ".join(b for b in bounds if b)
     if isinstance(value, float) and not math.isfinite(value):
@@ -50,8 +50,8 @@ def checked_in_range(name: str, value, low, high):
 
 
 def checked_positive_seconds(name: str, seconds: float) -> float:
-    """`seconds` if a finite number of seconds > 0 (a timeout, a duration), else a ValueError
-    naming the option `name`."""
+    """`seconds` if a finite number of seconds > 0 (a timeout, a duration), else a ValueError."""
+    # The ValueError names the option `name`.
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"{name} must be a finite number of seconds > 0, got {seconds}")
     return seconds
@@ -85,14 +85,14 @@ def checked_max_image_pixels(pixels: int) -> int:
 
 
 def checked_poll_wait_seconds(seconds: float, name: str = "file_system_poll_wait_seconds"):
-    """`seconds` if usable as a poll interval (0 or negative: no periodic poll, as in TF
-    Serving; NaN and inf are not numbers of seconds), else a ValueError."""
+    """`seconds` if usable as a poll interval, else a ValueError."""
+    # 0 or negative: no periodic poll, as in TF Serving; NaN and inf are not numbers of seconds.
     return checked_in_range(name, seconds, -INT32_MAX - 1, INT32_MAX)
 
 
 def checked_rest_timeout_ms(ms: int) -> int:
-    """`ms` if usable as --rest_api_timeout_in_ms (0 or negative: no timeout, as in TF
-    Serving), else a ValueError."""
+    """`ms` if usable as --rest_api_timeout_in_ms, else a ValueError."""
+    # 0 or negative: no timeout, as in TF Serving.
     return checked_in_range("rest_api_timeout_in_ms", ms, -INT32_MAX - 1, INT32_MAX)
 
 

@@ -78,9 +78,9 @@ def next_version(base_path: str) -> int:
 
 
 def push_version(source_dir: str, base_path: str) -> tuple[int, float]:
-    """Copy a SavedModel dir in as the next version the way TFX's Pusher does: everything into
-    `<base>/<version>/`, saved_model.pb last. Returns the version and when saved_model.pb landed
-    (time.monotonic())."""
+    """Copy a SavedModel dir in as the next version the way TFX's Pusher does."""
+    # Everything goes into `<base>/<version>/`, saved_model.pb last. Returns the version and when
+    # saved_model.pb landed (time.monotonic()).
     if not os.path.isfile(os.path.join(source_dir, "saved_model.pb")):
         raise FileNotFoundError(f"{source_dir} has no saved_model.pb")
     version = next_version(base_path)
@@ -104,10 +104,10 @@ def run_loadtest(
     settle: float | None = None,
     timeout: float = 30.0,
 ) -> LoadTestReport:
-    """Hammer `target` with `concurrency` clients for `duration` seconds, each request given
-    `timeout` seconds; with `swap_to`, push that SavedModel as the next version after
-    `swap_after` seconds (default: half-way), and with `settle`, stop that long after the new
-    version first answered."""
+    """Hammer `target` with `concurrency` clients for `duration` s, optionally swapping versions."""
+    # Each request is given `timeout` seconds; with `swap_to`, push that SavedModel as the next
+    # version after `swap_after` seconds (default: half-way), and with `settle`, stop that long
+    # after the new version first answered.
     requests = [predict_request([image], model_name, signature) for image in images]
     swap_after = duration / 2 if swap_after is None else swap_after
     return asyncio.run(
@@ -213,10 +213,11 @@ def measure_swap(
     server_cwd: str | None = None,
     max_seconds: float = 120.0,
 ) -> LoadTestReport:
-    """Serve `model_dir` as version 1 of a fresh base path (`van-tfx serve`, or
-    `server_command`), load it with `clients` callers and `neighbours` busy processes, push it
-    again as version 2 after 3 s, and stop 3 s after version 2 first answered (or at
-    `max_seconds`); the report says when version 2 went live."""
+    """Measure when a pushed version 2 of `model_dir` goes live under load; returns the report."""
+    # Serve `model_dir` as version 1 of a fresh base path (`van-tfx serve`, or `server_command`),
+    # load it with `clients` callers and `neighbours` busy processes, push it again as version 2
+    # after 3 s, and stop 3 s after version 2 first answered (or at `max_seconds`); the report says
+    # when version 2 went live.
     from serving.process import running_model_server
 
     with tempfile.TemporaryDirectory(prefix="swap-") as base:

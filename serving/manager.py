@@ -56,14 +56,13 @@ class LoadError(RuntimeError):
 
 
 class LoadPriority:
-    """While a version loads and warms up, live servables run one model call at a time.
+    """While a version loads and warms up, live servables run one model call at a time."""
 
-    Loading is CPU work (function restoration, then graph optimisation on each signature's first
-    call) that competes with request handling for the same cores and the GIL; on a small, shared
-    box a fair share was not enough (a new version took ~40 s to go live under four clients and
-    busy neighbours). Serialising model calls for those seconds keeps every request answered,
-    only slower, and leaves the loader most of the machine.
-    """
+    # Loading is CPU work (function restoration, then graph optimisation on each signature's first
+    # call) that competes with request handling for the same cores and the GIL; on a small, shared
+    # box a fair share was not enough (a new version took ~40 s to go live under four clients and
+    # busy neighbours). Serialising model calls for those seconds keeps every request answered, only
+    # slower, and leaves the loader most of the machine.
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -368,8 +367,8 @@ class ModelManager:
     def wait_until_available(
         self, timeout: float | None = None, cancel: threading.Event | None = None
     ) -> None:
-        """Poll until every model has its aspired versions AVAILABLE (startup, like TF Serving);
-        StartupCancelled once `cancel` is set."""
+        """Poll until every model has its aspired versions AVAILABLE (startup, like TF Serving)."""
+        # StartupCancelled once `cancel` is set.
         deadline = None if timeout is None else time.monotonic() + timeout
         cancel = cancel or threading.Event()
         warned = False
@@ -587,11 +586,9 @@ def _check_configs(configs: list) -> None:
 
 
 def run_warmup(servable: Servable) -> int:
-    """Replay <version>/assets.extra/tf_serving_warmup_requests; returns the records replayed.
-
-    Records run concurrently (up to WARMUP_THREADS): most of warmup is each signature's first
-    call optimising its graph, single-threaded work that parallelises across signatures.
-    """
+    """Replay <version>/assets.extra/tf_serving_warmup_requests; returns the records replayed."""
+    # Records run concurrently (up to WARMUP_THREADS): most of warmup is each signature's first call
+    # optimising its graph, single-threaded work that parallelises across signatures.
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_log_pb2
 

@@ -39,11 +39,9 @@ class ModelServerBinary:
 
 
 def model_server_binary() -> ModelServerBinary:
-    """The real tensorflow_model_server when one is on PATH, else the `van-tfx serve` stand-in.
-
-    The version comes from `tensorflow_model_server --version` ("TensorFlow ModelServer: X"); a
-    binary that cannot report one is broken, and that is an error, not a reason to fall back.
-    """
+    """The real tensorflow_model_server when one is on PATH, else the `van-tfx serve` stand-in."""
+    # The version comes from `tensorflow_model_server --version` ("TensorFlow ModelServer: X"); a
+    # binary that cannot report one is broken, and that is an error, not a reason to fall back.
     path = shutil.which(TF_SERVING_BINARY)
     if path is None:
         from importlib.metadata import version
@@ -84,8 +82,9 @@ def running_model_server(
     server_command: list[str] | None = None,
     cwd: str | None = None,
 ):
-    """Run `van-tfx serve` (or `server_command`, which takes tensorflow_model_server's flags) on a
-    free loopback port; yield (grpc channel, port) once the model is AVAILABLE."""
+    """Run a model server on a free loopback port; yield (grpc channel, port) once AVAILABLE."""
+    # The server is `van-tfx serve`, or `server_command`, which takes tensorflow_model_server's
+    # flags.
     port = free_port()
     command = [
         *(server_command or STAND_IN_COMMAND),

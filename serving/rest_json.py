@@ -161,8 +161,9 @@ _NUMBER_TOKEN = re.compile(rb"(?<![\w.+-])-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
 
 
 class JsonObject(dict):
-    """A JSON object with duplicate keys: lookups see the first (RapidJSON's FindMember),
-    `pairs` keeps them all in order (for what iterates members, like MakeExampleFromJsonObject)."""
+    """A JSON object with duplicate keys: lookups see the first (RapidJSON's FindMember)."""
+
+    # `pairs` keeps them all in order (for what iterates members, like MakeExampleFromJsonObject).
 
     __slots__ = ("pairs",)
 
@@ -201,9 +202,10 @@ def json_units(body: bytes) -> int:
 
 
 def parse_json(body: bytes, max_units: int = MAX_JSON_UNITS, deadline=None) -> dict:
-    """The request object (ParseJson): JSON Parse errors as RapidJSON words them, or `Is not
-    object`; a 400 naming MAX_JSON_UNITS if the body would expand past it; DEADLINE_EXCEEDED
-    if locating an error takes past `deadline` (time.monotonic())."""
+    """The request object (ParseJson), or the error TF Serving would answer."""
+    # JSON Parse errors as RapidJSON words them, or `Is not object`; a 400 naming MAX_JSON_UNITS if
+    # the body would expand past it; DEADLINE_EXCEEDED if locating an error takes past `deadline`
+    # (time.monotonic()).
     if not body:
         raise invalid_argument("JSON Parse error: The document is empty")
     units = json_units(body)
@@ -587,8 +589,8 @@ def signature_name(doc: dict) -> str:
 
 
 def is_text(value: str) -> bool:
-    """Whether `value` is valid Unicode text (no bytes kept from invalid UTF-8, no lone
-    surrogate): only such text can name a signature or go into a protobuf string."""
+    """Whether `value` is valid Unicode text (no bytes kept from bad UTF-8, no lone surrogate)."""
+    # Only such text can name a signature or go into a protobuf string.
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -608,11 +610,9 @@ def check_deadline(deadline: float | None) -> None:
 
 
 def predict_inputs(doc: dict, input_dtypes: dict[str, str], signature: str, deadline=None):
-    """(inputs as arrays, ROW or COLUMNAR) from a predict request, per FillPredictRequestFromJson.
-
-    `input_dtypes` maps the signature's input aliases to NumPy dtype names ('string' for
-    DT_STRING); it is TF Serving's tensorinfo_map. `deadline` (time.monotonic()) stops the work.
-    """
+    """(inputs as arrays, ROW or COLUMNAR) of a predict request, per FillPredictRequestFromJson."""
+    # `input_dtypes` maps the signature's input aliases to NumPy dtype names ('string' for
+    # DT_STRING); it is TF Serving's tensorinfo_map. `deadline` (time.monotonic()) stops the work.
     if not input_dtypes:
         raise invalid_argument(f"Failed to get input map for signature: {signature or 'DEFAULT'}")
     has_instances, has_inputs = INSTANCES_KEY in doc, INPUTS_KEY in doc
@@ -972,8 +972,9 @@ _B64_TEXT = re.compile(r"([A-Za-z0-9+/]*)([=.]*)")
 
 
 def base64_unescape(text: str) -> bytes | None:
-    """absl::Base64Unescape: the standard alphabet; whitespace anywhere is skipped; the end is
-    no padding or exactly the right padding, of '=' and/or '.'; None if not base64."""
+    """absl::Base64Unescape of `text`; None if it is not base64."""
+    # The standard alphabet; whitespace anywhere is skipped; the end is no padding or exactly the
+    # right padding, of '=' and/or '.'.
     if not text.isascii():
         return None
     match = _B64_TEXT.fullmatch(text.translate(_B64_SPACE))
@@ -1079,8 +1080,8 @@ class _Full(Exception):
 
 
 def value_text(value) -> str:
-    """JsonValueToString: the value as RapidJSON's PrettyWriter writes it (4-space indent,
-    `"key": value`), cut to a readable length."""
+    """JsonValueToString: the value as RapidJSON's PrettyWriter writes it, cut to a short length."""
+    # PrettyWriter: 4-space indent, `"key": value`.
     if isinstance(value, float):  # written by WriteDecimal, as a float when it fits one
         if abs(value) <= 3.4028234e38 or not math.isfinite(value):
             return _decimal_texts(np.array([value], dtype=np.float32))[0]
@@ -1144,8 +1145,8 @@ def _shape_text(shape: list[int]) -> str:
 
 
 def classify_examples(doc: dict, deadline=None, limit: int | None = None) -> list[bytes]:
-    """Serialized tf.Examples (context merged into each) of a classify request body, refused
-    past `limit` decoded bytes as gRPC's are (the context is copied into every one)."""
+    """Serialized tf.Examples (context merged into each) of a classify request body."""
+    # Refused past `limit` decoded bytes as gRPC's are (the context is copied into every one).
     context = b""
     if CONTEXT_KEY in doc:
         context = _example_bytes(doc[CONTEXT_KEY])

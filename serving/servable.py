@@ -92,8 +92,8 @@ class Servable:
         output_filter=(),
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Validate `inputs` (arrays or TensorProtos) against signature `key`, run it (batched if
-        enabled), filter outputs."""
+        """Check `inputs` against signature `key`, run it (batched if enabled), filter outputs."""
+        # `inputs` are arrays or TensorProtos.
         key, feed, wanted = self._prepare(key, inputs, output_filter)
         if self._batching is None or self._unloaded:  # in-flight calls finish after an unload
             outputs = self._call_with_deadline(key, feed, timeout)
@@ -122,11 +122,9 @@ class Servable:
     async def run_async(
         self, key: str, inputs: dict, output_filter=(), executor=None, light: bool = True
     ) -> dict[str, np.ndarray]:
-        """`run` for an event loop: batched calls join the batch queue, others go to `executor`;
-        inputs are checked on the loop only when they and their request are `light`.
-
-        No timeout: cancelling the awaiting task (grpc.aio does at the deadline) abandons the call.
-        """
+        """`run` for an event loop: batched calls join the batch queue, others go to `executor`."""
+        # Inputs are checked on the loop only when they and their request are `light`. No timeout:
+        # cancelling the awaiting task (grpc.aio does at the deadline) abandons the call.
         loop = asyncio.get_running_loop()
         key, feed, wanted = await off_the_loop_unless(
             light and is_light(inputs), executor, self._prepare, key, inputs, output_filter

@@ -52,9 +52,10 @@ ANY_PORT = -1  # rest_api_port value that picks a free port (0 disables REST, as
 
 @dataclasses.dataclass
 class ServerOptions:
-    """tensorflow_model_server's flags (those van-tfx supports), with its defaults, plus ours:
-    grpc_host, rest_api_host, max_message_bytes, max_image_pixels, startup_timeout_seconds,
-    rest_api_stall_seconds, rest_api_num_threads (threads reading and answering REST)."""
+    """tensorflow_model_server's flags (those van-tfx supports), with its defaults, plus ours."""
+
+    # Ours: grpc_host, rest_api_host, max_message_bytes, max_image_pixels, startup_timeout_seconds,
+    # rest_api_stall_seconds, rest_api_num_threads (threads reading and answering REST).
 
     port: int = 8500  # gRPC; 0 picks a free port
     grpc_host: str = "127.0.0.1"
@@ -174,8 +175,8 @@ class ModelServer:
         return f"http://{self.options.rest_api_host}:{self.rest_port}" if self.rest_port else None
 
     def start(self, cancel: threading.Event | None = None) -> ModelServer:
-        """Load all models (ports stay closed until they are AVAILABLE), then serve; setting
-        `cancel` meanwhile stops waiting for them (StartupCancelled)."""
+        """Load all models (ports stay closed until they are AVAILABLE), then serve."""
+        # Setting `cancel` meanwhile stops waiting for them (StartupCancelled).
         options = self.options
         configs = options.model_configs()
         batching = options.batching_settings()
@@ -239,11 +240,9 @@ class ModelServer:
 
     @classmethod
     def for_saved_model(cls, saved_model_dir: str, model_name: str = "van", **options):
-        """A server (not started) for one SavedModel dir, e.g. a pipeline's candidate model.
-
-        The dir is linked in as version 1 of a private base path; gRPC and REST take free ports
-        on 127.0.0.1 unless `options` say otherwise.
-        """
+        """A server (not started) for one SavedModel dir, e.g. a pipeline's candidate model."""
+        # The dir is linked in as version 1 of a private base path; gRPC and REST take free ports on
+        # 127.0.0.1 unless `options` say otherwise.
         if not os.path.isfile(os.path.join(saved_model_dir, "saved_model.pb")):
             raise FileNotFoundError(f"{saved_model_dir} holds no saved_model.pb")
         base = tempfile.mkdtemp(prefix=f"van-tfx-serve-{model_name}-")

@@ -26,8 +26,9 @@ STRING_ELEMENT_OVERHEAD = 256
 
 
 def check_examples_size(kind: str, count: int, context: int, size: int, limit: int | None) -> None:
-    """INVALID_ARGUMENT if `count` examples, each merged with a `context`-byte context, plus
-    `size` bytes of their own would decode to more than `limit` bytes."""
+    """INVALID_ARGUMENT if the examples would decode to more than `limit` bytes."""
+    # The examples: `count` of them, each merged with a `context`-byte context, plus `size` bytes of
+    # their own.
     # Computed from the counts before anything is built: 600 empty examples with a 1 MiB
     # context are 600 MiB of tensor, and each empty example costs 2 bytes of message.
     decoded = count * (STRING_ELEMENT_OVERHEAD + context) + size
@@ -88,12 +89,10 @@ def tensor_parsing_error(alias: str):
 
 
 def from_tensor_proto(proto, alias: str = "") -> np.ndarray:
-    """A numpy array from a TensorProto (strings become an object array of bytes).
-
-    TF's rules, with TF Serving's answer for what they reject: fewer values than the shape holds
-    repeat the last one, none means zeros, extra values are dropped. Callers bound the size
-    first (decoded_nbytes): the shape alone decides how much memory this takes.
-    """
+    """A numpy array from a TensorProto (strings become an object array of bytes)."""
+    # TF's rules, with TF Serving's answer for what they reject: fewer values than the shape holds
+    # repeat the last one, none means zeros, extra values are dropped. Callers bound the size first
+    # (decoded_nbytes): the shape alone decides how much memory this takes.
     shape = checked_shape(proto, alias)
     count = math.prod(shape)
     if proto.dtype == types_pb2.DT_STRING and proto.tensor_content:
@@ -158,11 +157,9 @@ def _decode_string_list(content: bytes, count: int, alias: str) -> np.ndarray:
 
 
 def checked_shape(proto, alias: str = "") -> list[int]:
-    """The proto's shape, if TensorShape would accept it (sizes >= 0, rank and size in range).
-
-    unknown_rank is ignored, as TensorShape::IsValid (not PartialTensorShape's) ignores it: the
-    dims, if any, are the shape.
-    """
+    """The proto's shape, if TensorShape would accept it (sizes >= 0, rank and size in range)."""
+    # unknown_rank is ignored, as TensorShape::IsValid (not PartialTensorShape's) ignores it: the
+    # dims, if any, are the shape.
     shape = proto.tensor_shape
     dims = [d.size for d in shape.dim]
     if len(dims) > MAX_RANK or any(d < 0 for d in dims):
@@ -205,12 +202,10 @@ def _numpy_dtype(enum: int) -> np.dtype | None:
 
 
 def to_tensor_proto(value: np.ndarray, into=None, as_tensor_content: bool = False):
-    """A TensorProto from a numpy array (filled in place when `into` is given).
-
-    Values go in the dtype's repeated field (float_val, int_val, ...) as TF Serving's
-    Tensor::AsProtoField writes them by default; `as_tensor_content` packs numbers into
-    tensor_content instead (--enable_serialization_as_tensor_content).
-    """
+    """A TensorProto from a numpy array (filled in place when `into` is given)."""
+    # Values go in the dtype's repeated field (float_val, int_val, ...) as TF Serving's
+    # Tensor::AsProtoField writes them by default; `as_tensor_content` packs numbers into
+    # tensor_content instead (--enable_serialization_as_tensor_content).
     proto = tensor_pb2.TensorProto() if into is None else into
     enum = _datatype_enum(value.dtype)
     if enum is None:

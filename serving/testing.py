@@ -79,12 +79,10 @@ def build_tiny_model(top_k: int = 2, bias: float = 0.0):
 
 
 def build_numbers_model():
-    """A model with numeric inputs and a slow signature, for request-handling tests.
-
-    `serving_default`: `x` float32 [N, 2] and `k` int64 [N] -> `total` float32 [N] (row sum + k)
-    and `labels_bytes` string [N]; `regress`: serialized tf.Examples `inputs` -> `outputs` float32
-    [N] (sum of feature "x"); `spin`: `n` int64 [] -> `acc` float32 [], a loop of n steps.
-    """
+    """A model with numeric inputs and a slow signature, for request-handling tests."""
+    # `serving_default`: `x` float32 [N, 2] and `k` int64 [N] -> `total` float32 [N] (row sum + k)
+    # and `labels_bytes` string [N]; `regress`: serialized tf.Examples `inputs` -> `outputs` float32
+    # [N] (sum of feature "x"); `spin`: `n` int64 [] -> `acc` float32 [], a loop of n steps.
     import tensorflow as tf
 
     class Numbers(tf.Module):
@@ -115,9 +113,10 @@ def build_numbers_model():
 
 
 def build_heavy_model(steps: int = 500, signatures: int = 3):
-    """A model that takes seconds to load and warm up, like the pipeline's export, and exports
-    in seconds: `signatures` image signatures (`predict_images`, `predict_1`, ...), each a chain
-    of `steps` elementwise ops, to restore as Python graphs and optimise on first call."""
+    """A model that takes seconds to load and warm up, like the pipeline's export; quick to save."""
+    # It exports in seconds: `signatures` image signatures (`predict_images`, `predict_1`, ...),
+    # each a chain of `steps` elementwise ops, to restore as Python graphs and optimise on first
+    # call.
     import tensorflow as tf
 
     class Heavy(tf.Module):
@@ -276,8 +275,9 @@ def export(module, base_path: str, version: int) -> str:
 
 
 def export_test_models(root: str, numbers_version: int = 1) -> str:
-    """The tiny image model (`van`, version 1) and the numbers model (`numbers`) under `root`,
-    and a models.config serving both; returns the config file's path."""
+    """Export the tiny image and numbers models, and a models.config for both; return its path."""
+    # Under `root`: the tiny image model (`van`, version 1) and the numbers model (`numbers`); the
+    # path returned is the config file's.
     from serving.protos import render_model_config
 
     export(build_tiny_model(), os.path.join(root, "van"), 1)

@@ -94,3 +94,33 @@ def test_the_runners_share_the_outcome_code_without_a_circle(module):
     assert "pipeline.kfp_local" not in graph["pipeline.outcome"]
     if module != "pipeline.outcome":
         assert "pipeline.outcome" in graph[module]
+
+
+def public_definitions(body: list[ast.stmt], prefix: str = ""):
+    """(qualified name, node) of each public function and class in `body`, and their methods."""
+    # Public: the name does not start with `_`. Methods of public classes count; nested
+    # functions and the methods of private classes do not.
+    for node in body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            if not node.name.startswith("_"):
+                yield f"{prefix}{node.name}", node
+                if isinstance(node, ast.ClassDef):
+                    yield from public_definitions(node.body, f"{prefix}{node.name}.")
+
+
+def test_every_public_function_has_a_one_line_docstring():
+    # The style guide: "Docstring every public function in one line; comment the why, not the
+    # what." Details belong in `#` comments at the top of the body.
+    offenders = []
+    for pkg in PACKAGES:
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for name, node in public_definitions(tree.body):
+                doc = ast.get_docstring(node, clean=False)
+                if doc is None or "\n" in doc.strip():
+                    problem = "no docstring" if doc is None else "docstring of several lines"
+                    where = f"{path.relative_to(REPO)}:{node.lineno}"
+                    offenders.append(f"{where} {name}: {problem}")
+    assert not offenders, "public definitions without a one-line docstring:\n" + "\n".join(
+        offenders
+    )

@@ -359,11 +359,10 @@ class KubeflowConfig(_Section):
 
 
 class Config(_Section):
-    """Everything a van-tfx run needs; defaults are the official VAN ImageNet-1k recipe.
+    """Everything a van-tfx run needs; defaults are the official VAN ImageNet-1k recipe."""
 
-    (8 GPUs x 128 = 1024 batch, AdamW 1e-3 at 1024, 300 epochs, 5 warmup, 224 px.) `van-tfx demo`
-    layers DEMO_OVERRIDES on top for a few CPU minutes on the bundled digits.
-    """
+    # The official recipe: 8 GPUs x 128 = 1024 batch, AdamW 1e-3 at 1024, 300 epochs, 5 warmup, 224
+    # px. `van-tfx demo` layers DEMO_OVERRIDES on top for a few CPU minutes on the bundled digits.
 
     pipeline_name: str = Field("van-tfx", pattern=r"^[a-z0-9][a-z0-9-]*$")
     home: str = Field("", description="State directory; empty means $VAN_TFX_HOME.")
@@ -666,8 +665,8 @@ def _override_value(keys: list[str], raw: str, item: str) -> Any:
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
-    """Write a Config as YAML that load_config reads back to an equal Config, whole or not at
-    all (a full disk left an empty file, which then read as every default)."""
+    """Write a Config as YAML that load_config reads back equal, whole or not at all."""
+    # Whole or not at all: a full disk left an empty file, which then read as every default.
     path = Path(path)
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     try:

@@ -5,8 +5,8 @@ import sys
 
 
 def require_legacy_keras() -> None:
-    """Force TF_USE_LEGACY_KERAS=1 (and default oneDNN on), failing loudly if TensorFlow was
-    already imported with Keras 3."""
+    """Force TF_USE_LEGACY_KERAS=1 (and default oneDNN on), failing if TF already has Keras 3."""
+    # Fails loudly if TensorFlow was already imported with Keras 3.
     # TFT and TFMA 1.16 only understand Keras 2 (tf_keras); TensorFlow reads this variable once, at
     # import, so setting it after `import tensorflow` would silently give us Keras 3.
     already_loaded = "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1"

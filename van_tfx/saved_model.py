@@ -7,14 +7,12 @@ PREDICT_METHOD_NAME = "tensorflow/serving/predict"
 
 
 def mark_classification_signature(export_dir: str, signature_key: str) -> None:
-    """Give `signature_key` TF Serving's classify method name, which strict servers require.
-
-    TF2's `tf.saved_model.save` writes every signature as a predict signature; TF Serving run with
-    `--enable_signature_method_name_check` rejects those in Classify ("Expected classification
-    signature method_name to be tensorflow/serving/classify"); without the flag (its default) it
-    takes them. Rewriting the method name in saved_model.pb is the standard way to serve either;
-    loading code ignores method names, so nothing else changes.
-    """
+    """Give `signature_key` TF Serving's classify method name, which strict servers require."""
+    # TF2's `tf.saved_model.save` writes every signature as a predict signature; TF Serving run with
+    # `--enable_signature_method_name_check` rejects those in Classify ("Expected classification
+    # signature method_name to be tensorflow/serving/classify"); without the flag (its default) it
+    # takes them. Rewriting the method name in saved_model.pb is the standard way to serve either;
+    # loading code ignores method names, so nothing else changes.
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2
 

@@ -22,8 +22,8 @@ CONCURRENT_CALLS = 16
 
 
 def for_each_file(function, *iterables) -> list:
-    """`function` over the zipped `iterables`, CONCURRENT_CALLS at a time; the results in
-    order, and the first failure in that order re-raised."""
+    """`function` over the zipped `iterables`, CONCURRENT_CALLS at a time; the results in order."""
+    # The first failure in that order is re-raised.
     with concurrent.futures.ThreadPoolExecutor(CONCURRENT_CALLS) as pool:
         return list(pool.map(function, *iterables))
 
@@ -85,13 +85,11 @@ def is_remote(path: str) -> bool:
 
 
 def copy_tree(source: str, destination: str, last: tuple[str, ...] = ()) -> None:
-    """Copy the directory tree `source` to `destination` (either may be object storage).
-
-    Empty directories are recreated too (a SavedModel's `assets/`). Files already at the
-    destination are overwritten, so a retried step can write the same output URI again. The
-    files at the relative paths `last` are copied after every other one: a model server takes a
-    version directory as complete once its `saved_model.pb` is there.
-    """
+    """Copy the directory tree `source` to `destination` (either may be object storage)."""
+    # Empty directories are recreated too (a SavedModel's `assets/`). Files already at the
+    # destination are overwritten, so a retried step can write the same output URI again. The files
+    # at the relative paths `last` are copied after every other one: a model server takes a version
+    # directory as complete once its `saved_model.pb` is there.
     import tensorflow as tf
 
     source = str(source).rstrip("/")
@@ -118,8 +116,8 @@ def copy_tree(source: str, destination: str, last: tuple[str, ...] = ()) -> None
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a small text file (its directory created), local or on object storage, whole or not
-    at all: readers (the NewDataGate, next run) never see half a record."""
+    """Write a small text file (directory created), local or on object storage, all or nothing."""
+    # Whole or not at all: readers (the NewDataGate, next run) never see half a record.
     if not is_remote(path):
         write_local_text(path, text)
         return
@@ -157,10 +155,8 @@ def write_local_text(path: str | os.PathLike, text: str) -> None:
 
 @contextlib.contextmanager
 def local_copy(path: str):
-    """Yield a local path holding the file `path`: `path` itself when local, else a temp copy.
-
-    The copy keeps the file's name (libraries pick formats from suffixes such as .weights.h5).
-    """
+    """Yield a local path holding the file `path`: `path` itself when local, else a temp copy."""
+    # The copy keeps the file's name (libraries pick formats from suffixes such as .weights.h5).
     if not is_remote(path):
         yield str(path)
         return
@@ -173,10 +169,8 @@ def local_copy(path: str):
 
 @contextlib.contextmanager
 def local_output(path: str):
-    """Yield a local path to write the file `path` to; a remote `path` gets it uploaded after.
-
-    Nothing is uploaded when the block raises.
-    """
+    """Yield a local path to write the file `path` to; a remote `path` gets it uploaded after."""
+    # Nothing is uploaded when the block raises.
     if not is_remote(path):
         yield str(path)
         return

@@ -78,11 +78,9 @@ def eval_resize_size(image_size: int, crop_pct: float) -> int:
 
 
 def center_view(image: tf.Tensor, image_size: int, crop_pct: float) -> tf.Tensor:
-    """Resize-shorter-side + centre crop of one image: [H,W,3] -> float32 [s,s,3] in [0, 255].
-
-    timm/torchvision: bicubic (antialiased, like PIL) resize of the shorter side to
-    floor(image_size / crop_pct) (the longer side scaled alike, truncated), then centre crop.
-    """
+    """Resize-shorter-side + centre crop of one image: [H,W,3] -> float32 [s,s,3] in [0, 255]."""
+    # timm/torchvision: bicubic (antialiased, like PIL) resize of the shorter side to
+    # floor(image_size / crop_pct) (the longer side scaled alike, truncated), then centre crop.
     resize = eval_resize_size(image_size, crop_pct)
     shape = tf.shape(image)[:2]
     new_shape = tf.maximum(shape * resize // tf.reduce_min(shape), resize)
@@ -125,12 +123,10 @@ def eval_images_from_jpeg(encoded: tf.Tensor, image_size: int, crop_pct: float) 
 
 
 def random_resized_crop_window(height, width, scale, ratio, seed, attempts: int = 10):
-    """timm RandomResizedCrop.get_params: [top, left, h, w] of a box in a height x width image.
-
-    Up to `attempts` draws of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio); the
-    first box that fits wins, at a uniform position. Otherwise the whole image, cropped to the
-    nearest allowed ratio, centred. Sampled over the whole image, whatever its aspect ratio.
-    """
+    """timm RandomResizedCrop.get_params: [top, left, h, w] of a box in a height x width image."""
+    # Up to `attempts` draws of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio); the
+    # first box that fits wins, at a uniform position. Otherwise the whole image, cropped to the
+    # nearest allowed ratio, centred. Sampled over the whole image, whatever its aspect ratio.
     h_img = tf.cast(height, tf.float32)
     w_img = tf.cast(width, tf.float32)
     area = _uniform(seed, 51, scale[0], scale[1], [attempts]) * h_img * w_img
@@ -176,8 +172,8 @@ def random_resized_crop_jpeg(encoded, size, scale, ratio, seed):
 
 
 def apply_if(condition, transform, image):
-    """`transform()` where `condition` holds, else `image`: the transform runs only when applied
-    (tf.where would compute it for every image and keep it for some)."""
+    """`transform()` where `condition` holds, else `image`; the transform runs only when applied."""
+    # tf.where would compute the transform for every image and keep it for some.
     return tf.cond(condition, transform, lambda: image)
 
 
@@ -304,8 +300,8 @@ def randaugment_op(image, op_index, magnitude, seed):
 
 
 def randaugment(image, num_ops, magnitude, magnitude_std, seed, prob=0.5):
-    """timm RandAugment: `num_ops` ops drawn with replacement, each applied with probability 0.5,
-    each at a magnitude drawn from N(magnitude, magnitude_std) clipped to [0, 10]."""
+    """timm RandAugment: `num_ops` ops drawn with replacement, each applied with probability 0.5."""
+    # Each op runs at a magnitude drawn from N(magnitude, magnitude_std) clipped to [0, 10].
     for i in range(num_ops):
         op_seed = fold_seed(seed, 100 + i)
         op_index = tf.random.stateless_uniform(

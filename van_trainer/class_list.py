@@ -74,8 +74,8 @@ def _named(pairs: list[tuple[tuple[int, bytes], bytes]]) -> str:
 def class_list(
     pairs: list[tuple[tuple[int, bytes], bytes]], declared: int | None = None
 ) -> list[bytes]:
-    """The synsets in label order, from every distinct (label, synset) pair of the split, which
-    must number `declared` classes when the schema declares a count."""
+    """The synsets in label order, from every distinct (label, synset) pair of the split."""
+    # They must number `declared` classes when the schema declares a count.
     if not pairs:
         raise ClassListError("the training split has no records: there is no class list")
     by_label: dict[int, list] = {}

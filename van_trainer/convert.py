@@ -719,11 +719,9 @@ _KERAS_TO_TORCH = {
 
 
 def official_weight_map(model) -> dict:
-    """Official state-dict key -> (layer, Keras variable) for every weight of a `build_van` model.
-
-    The mapping is `<layer name>.<torch weight name>`; a LayerScale layer *is* the parameter
-    (`block1.0.layer_scale_1`).
-    """
+    """Official state-dict key -> (layer, Keras variable) for each weight of a `build_van` model."""
+    # The mapping is `<layer name>.<torch weight name>`; a LayerScale layer *is* the parameter
+    # (`block1.0.layer_scale_1`).
     from van_trainer.model import LayerScale
 
     mapping = {}

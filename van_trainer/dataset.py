@@ -89,11 +89,9 @@ def train_dataset(
     batch_size: int | None = None,
     input_context: tf.distribute.InputContext | None = None,
 ) -> tf.data.Dataset:
-    """Endless, shuffled, augmented batches of (normalised images, soft one-hot targets).
-
-    The shuffle comes before the repeat, so epoch k + 1 starts only once epoch k has emitted every
-    record of this pipeline's files. With `input_context`, batches are per replica.
-    """
+    """Endless, shuffled, augmented batches of (normalised images, soft one-hot targets)."""
+    # The shuffle comes before the repeat, so epoch k + 1 starts only once epoch k has emitted every
+    # record of this pipeline's files. With `input_context`, batches are per replica.
     batch_size = _per_replica_batch(batch_size or config.train.batch_size, input_context)
     files = worker_files(files, input_context)
     seed = config.train.seed
@@ -135,14 +133,12 @@ def eval_dataset(
     steps: int | None = None,
     weight: float = 1.0,
 ) -> tf.data.Dataset:
-    """One pass of (eval view, one-hot targets) over this pipeline's files (augment.eval_view).
-
-    With `steps`, the pass is exactly `steps` full batches per replica, padded with zero-weight
-    examples and yielding (images, targets, weights), real examples weighing `weight`: every
-    worker of a strategy then runs the same steps over its own files, none sees an empty batch
-    (TensorFlow's CPU convolution returns its input unchanged for one), and weighted metrics and
-    the loss (sum over slots / slots, see train.eval_plan) are exactly those of the real examples.
-    """
+    """One pass of (eval view, one-hot targets) over this pipeline's files (augment.eval_view)."""
+    # With `steps`, the pass is exactly `steps` full batches per replica, padded with zero-weight
+    # examples and yielding (images, targets, weights), real examples weighing `weight`: every
+    # worker of a strategy then runs the same steps over its own files, none sees an empty batch
+    # (TensorFlow's CPU convolution returns its input unchanged for one), and weighted metrics and
+    # the loss (sum over slots / slots, see train.eval_plan) are exactly those of the real examples.
     batch_size = _per_replica_batch(batch_size or config.train.batch_size, input_context)
     spec = transformed_feature_spec()
     size = config.model.image_size

@@ -155,8 +155,8 @@ class ServingModule(tf.Module):
 
 
 def in_chunks(fn, inputs: tf.Tensor, chunk: int, width: int) -> tf.Tensor:
-    """fn(inputs) [N, width] float32, computed `chunk` rows of `inputs` at a time, one chunk after
-    another, so the work in flight (decoded pixels, activations) is bounded by `chunk` rows."""
+    """fn(inputs) [N, width] float32, computed `chunk` rows of `inputs` at a time, in turn."""
+    # So the work in flight (decoded pixels, activations) is bounded by `chunk` rows.
     size = tf.shape(inputs)[0]
     # One pass for a batch of at most `chunk` (an empty one too: fn answers it), so small batches
     # run as before and the model is traced once, inside the loop.
@@ -173,8 +173,8 @@ def in_chunks(fn, inputs: tf.Tensor, chunk: int, width: int) -> tf.Tensor:
 
 
 def forward_in_slices(model: keras.Model, images: tf.Tensor, slices: int) -> tf.Tensor:
-    """model(images) with the batch cut into `slices` parts that TF runs concurrently; a batch
-    smaller than `slices` runs whole, an empty one gives empty logits."""
+    """model(images) with the batch cut into `slices` parts that TF runs concurrently."""
+    # A batch smaller than `slices` runs whole, an empty one gives empty logits.
     # Two half-batch ops keep two cores busier than one op split across both: VAN-b0 at batch 16
     # infers ~18 % faster in 2 slices (13 % AVX2-capped), benchmarks/bench_model.py --ideas.
     size = tf.shape(images)[0]
@@ -202,8 +202,8 @@ class _Untracked:
 
 
 def checked_images(images: tf.Tensor) -> tf.Tensor:
-    """`images`, after failing with InvalidArgumentError naming the input if any element is not
-    a whole JPEG or PNG (unknown format or truncated): never a silent placeholder image."""
+    """`images`, after failing with InvalidArgumentError if any is not a whole JPEG or PNG."""
+    # The error names the input (unknown format or truncated): never a silent placeholder image.
     check = tf.debugging.assert_equal(
         tf.reduce_all(preprocessing.image_is_complete(images)),
         True,
@@ -223,11 +223,12 @@ def declared_pixels(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def within_pixel_budget(encoded, budget: ServingConfig, name: str):
-    """`encoded` (dense or sparse), after failing with InvalidArgumentError if any image declares
-    more than serving.max_image_pixels pixels, or the request more images or pixels in all than
-    serving.max_request_images / max_request_pixels: a 1 MB file can declare 400 M pixels, a
-    64 MiB request can hold 75,000 tiny JPEGs (45 GB once resized for the model), and decoding
-    happens before any model code could object (TF Serving itself has no such limit)."""
+    """`encoded` (dense or sparse), after failing with InvalidArgumentError if it is over budget."""
+    # Over budget: any image declares more than serving.max_image_pixels pixels, or the request more
+    # images or pixels in all than serving.max_request_images / max_request_pixels. A 1 MB file can
+    # declare 400 M pixels, a 64 MiB request can hold 75,000 tiny JPEGs (45 GB once resized for the
+    # model), and decoding happens before any model code could object (TF Serving itself has no such
+    # limit).
     values = encoded.values if isinstance(encoded, tf.SparseTensor) else encoded
     many = _at_most(
         tf.size(values, out_type=tf.int64),

@@ -52,17 +52,16 @@ VARIANTS: dict[str, VanConfig] = {
 
 @dataclasses.dataclass(frozen=True)
 class Implementation:
-    """How the same maths is laid out in TF ops; only the benchmark changes the defaults.
+    """How the same maths is laid out in TF ops; only the benchmark changes the defaults."""
 
-    ``pointwise="dense"`` runs 1x1 convs as a MatMul on NHWC (kernel [in, out]); ``"conv"`` as
-    Conv2D (kernel [1, 1, in, out]). ``depthwise="grouped"`` is the naive Conv2D(groups=C) port;
-    ``"kernels"`` runs depthwise convs as van_trainer.kernels' C++ ops (CPU, float32), with the
-    MLP's GELU fused into its 3x3 conv (`training_implementation` picks it where it can run).
-    ``gelu="fused"`` runs GELU and its gradient as one XLA-compiled kernel each, ``"analytic"``
-    as TF ops with the analytic gradient, ``"autodiff"`` as TF ops differentiated op by op.
-    ``fold_gelu_constants`` (inference fold only) moves GELU's 1/sqrt(2) and 1/2 into the
-    neighbouring convolutions, leaving 3 element-wise ops per GELU instead of 5.
-    """
+    # ``pointwise="dense"`` runs 1x1 convs as a MatMul on NHWC (kernel [in, out]); ``"conv"`` as
+    # Conv2D (kernel [1, 1, in, out]). ``depthwise="grouped"`` is the naive Conv2D(groups=C) port;
+    # ``"kernels"`` runs depthwise convs as van_trainer.kernels' C++ ops (CPU, float32), with the
+    # MLP's GELU fused into its 3x3 conv (`training_implementation` picks it where it can run).
+    # ``gelu="fused"`` runs GELU and its gradient as one XLA-compiled kernel each, ``"analytic"`` as
+    # TF ops with the analytic gradient, ``"autodiff"`` as TF ops differentiated op by op.
+    # ``fold_gelu_constants`` (inference fold only) moves GELU's 1/sqrt(2) and 1/2 into the
+    # neighbouring convolutions, leaving 3 element-wise ops per GELU instead of 5.
 
     pointwise: str = "dense"
     depthwise: str = "depthwise"
@@ -86,8 +85,9 @@ KERNELS_IMPLEMENTATION = Implementation(depthwise="kernels")
 
 
 def training_implementation(use_kernels: bool = True) -> Implementation:
-    """The fastest layout that can run here: C++ depthwise kernels on a CPU-only host where they
-    load (`use_kernels` and no GPU), else stock TF ops (GPUs, XLA, no compiler)."""
+    """The fastest layout that runs here: C++ depthwise kernels where they load, else stock TF."""
+    # The kernels run on a CPU-only host where they load (`use_kernels` and no GPU); otherwise stock
+    # TF ops (GPUs, XLA, no compiler).
     if not use_kernels or tf.config.list_logical_devices("GPU"):
         return DEFAULT_IMPLEMENTATION
     from van_trainer import kernels  # builds the library on first use if `make venv` did not
@@ -104,6 +104,7 @@ class LayerScale(keras.layers.Layer):
         self.init_value = init_value
 
     def build(self, input_shape):
+        """Create the per-channel scale, initialised to `init_value`."""
         self.scale = self.add_weight(
             name="scale",
             shape=(input_shape[-1],),
@@ -113,9 +114,11 @@ class LayerScale(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, inputs):
+        """Scale each channel of `inputs` by the learned scale."""
         return inputs * tf.cast(self.scale, inputs.dtype)
 
     def get_config(self):
+        """The layer's config, with `init_value`."""
         return {**super().get_config(), "init_value": self.init_value}
 
 
@@ -128,6 +131,7 @@ class DropPath(keras.layers.Layer):
         self.rate = float(rate)
 
     def call(self, inputs, training=None):
+        """Drop samples' branch at `rate` while training, rescaling the rest; else identity."""
         if self.rate == 0.0 or not training:
             return inputs
         keep = 1.0 - self.rate
@@ -137,6 +141,7 @@ class DropPath(keras.layers.Layer):
         return inputs / tf.cast(keep, inputs.dtype) * mask
 
     def get_config(self):
+        """The layer's config, with `rate`."""
         return {**super().get_config(), "rate": self.rate}
 
 
@@ -156,8 +161,10 @@ def _pointwise(filters: int, name: str, impl: Implementation) -> keras.layers.La
 
 @keras.saving.register_keras_serializable(package="van")
 class KernelDepthwiseConv2D(keras.layers.DepthwiseConv2D):
-    """DepthwiseConv2D (same weights, same names) run by van_trainer.kernels, optionally with
-    exact GELU fused on its output; stock ops where the layer computes in another dtype."""
+    """DepthwiseConv2D (same weights, same names) run by van_trainer.kernels, optionally + GELU."""
+
+    # The exact GELU is fused on its output when `fused_gelu`; stock ops run where the layer
+    # computes in another dtype.
 
     def __init__(self, *args, fused_gelu: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -175,6 +182,7 @@ class KernelDepthwiseConv2D(keras.layers.DepthwiseConv2D):
             raise ValueError(f"{self.name}: KernelDepthwiseConv2D does not support {refused}")
 
     def call(self, inputs):
+        """Depthwise conv (+ GELU) with the C++ kernels in float32, stock ops in other dtypes."""
         if inputs.dtype != tf.float32:  # the kernels are float32 only (mixed precision)
             outputs = super().call(inputs)
             return fused_gelu(outputs) if self.fused_gelu else outputs
@@ -190,6 +198,7 @@ class KernelDepthwiseConv2D(keras.layers.DepthwiseConv2D):
         )
 
     def get_config(self):
+        """The layer's config, with `fused_gelu`."""
         return {**super().get_config(), "fused_gelu": self.fused_gelu}
 
 
@@ -404,10 +413,12 @@ class ChannelScale(keras.layers.Layer):
     """x * scale per channel: what the attention's BatchNorm'd shortcut + residual fold into."""
 
     def build(self, input_shape):
+        """Create the per-channel scale, initialised to ones."""
         self.scale = self.add_weight(name="scale", shape=(input_shape[-1],), initializer="ones")
         super().build(input_shape)
 
     def call(self, inputs):
+        """Multiply each channel of `inputs` by its scale."""
         return inputs * self.scale
 
 
@@ -491,8 +502,9 @@ def fold_for_inference(
     input_shape=(None, None, 3),
     implementation: Implementation = INFERENCE_IMPLEMENTATION,
 ) -> keras.Model:
-    """Inference-only float32 copy of a `build_van` model with every BatchNorm and layer scale
-    folded into neighbouring convolutions (same logits up to float rounding, fewer ops)."""
+    """Inference-only float32 copy of a `build_van` model, BatchNorms and layer scales folded."""
+    # Every BatchNorm and layer scale is folded into neighbouring convolutions: same logits up to
+    # float rounding, fewer ops.
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:

@@ -76,15 +76,14 @@ def is_decayed(variable: tf.Variable) -> bool:
 
 @keras.saving.register_keras_serializable(package="van_trainer")
 class FusedAdamW(keras.optimizers.AdamW):
-    """tf_keras AdamW with TF's fused ResourceApplyAdam kernel and per-step scalars built once.
+    """tf_keras AdamW with TF's fused ResourceApplyAdam kernel and per-step scalars built once."""
 
-    tf_keras builds about fifteen graph ops per variable per step (learning-rate reads, casts,
-    beta powers, the Adam arithmetic, the decay); here the scalars are built once per traced
-    step and each variable gets the one fused kernel (same formula) plus, if decayed, one
-    multiply-subtract. The train step traces in about half the time and dispatches fewer ops.
-    Clipping, EMA and loss scaling stay tf_keras' own; sparse gradients and AMSGrad fall back to
-    the tf_keras update.
-    """
+    # tf_keras builds about fifteen graph ops per variable per step (learning-rate reads, casts,
+    # beta powers, the Adam arithmetic, the decay); here the scalars are built once per traced step
+    # and each variable gets the one fused kernel (same formula) plus, if decayed, one
+    # multiply-subtract. The train step traces in about half the time and dispatches fewer ops.
+    # Clipping, EMA and loss scaling stay tf_keras' own; sparse gradients and AMSGrad fall back to
+    # the tf_keras update.
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

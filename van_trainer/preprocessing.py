@@ -331,8 +331,8 @@ def _png_header(encoded: tf.Tensor) -> tuple[tf.Tensor, ...]:
 
 
 def image_headers(encoded: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Per image: is_jpeg, is_png, height, width, channels (JPEG), readable (header parsed),
-    header_end (where the image data begins)."""
+    """Per image: is_jpeg, is_png, height, width, channels (JPEG), readable, header_end."""
+    # readable: the header parsed; header_end: where the image data begins.
     is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_START)), _PNG_START)
     is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_START)), _JPEG_START)
     j_height, j_width, channels, j_found, frame_end = _jpeg_frame(encoded)
@@ -388,12 +388,10 @@ def _jpeg_padding_only(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def image_decodes(encoded: tf.Tensor, allowed: tf.Tensor | None = None) -> tf.Tensor:
-    """Per example: whether TensorFlow's decoder accepts the image (a decode error is a False);
-    only images `allowed` marks are decoded (the rest are False).
-
-    tf.data's ignore_errors is the one graph-mode way to catch a kernel error per element. JPEGs
-    are decoded at 1/8 scale: the same header, table and scan parsing, a fraction of the IDCT.
-    """
+    """Per example: whether TensorFlow's decoder accepts the image (a decode error is a False)."""
+    # Only images `allowed` marks are decoded (the rest are False). tf.data's ignore_errors is the
+    # one graph-mode way to catch a kernel error per element. JPEGs are decoded at 1/8 scale: the
+    # same header, table and scan parsing, a fraction of the IDCT.
     if allowed is None:
         allowed = tf.ones_like(encoded, tf.bool)
 
@@ -435,8 +433,8 @@ def _value_at(values: tf.Tensor, index: tf.Tensor, sentinel) -> tf.Tensor:
 def check_pixel_budget(
     headers: dict[str, tf.Tensor], filenames: tf.Tensor, max_pixels: int
 ) -> tf.Operation:
-    """An assertion that fails naming the first record whose image declares more than
-    `max_pixels` pixels (data.max_image_pixels), before anything decodes it."""
+    """An assertion naming the first record whose image declares more than `max_pixels` pixels."""
+    # `max_pixels` is data.max_image_pixels; the check runs before anything decodes the image.
     within = declared_pixels(headers) <= max_pixels
     first = _first_false(within)
     return tf.debugging.Assert(
@@ -457,8 +455,8 @@ def check_pixel_budget(
 def check_images(
     encoded: tf.Tensor, filenames: tf.Tensor, decodes: tf.Tensor, headers: dict | None = None
 ) -> tf.Operation:
-    """An assertion that fails naming the first record whose image/encoded is not a whole JPEG
-    or PNG, or does not decode (`decodes`, from image_decodes)."""
+    """An assertion naming the first record whose image/encoded is no whole, decodable JPEG/PNG."""
+    # Not decodable: `decodes` (from image_decodes) marks it False.
     good = image_is_complete(encoded, headers) & decodes
     first_bad = _first_false(good)
     return tf.debugging.Assert(
@@ -481,10 +479,10 @@ def stored_images(
     headers: dict | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tf.Tensor:
-    """What Transform stores per image: the JPEG itself if it is RGB/gray within the cap, else the
-    image resized to the cap (aspect kept) and encoded as JPEG; b'' for unreadable bytes (and for
-    those `decodes` marks False). `headers`: image_headers(encoded), if already read;
-    `max_pixels`: the pixels a batch may have decoded at once (data.max_image_pixels)."""
+    """What Transform stores per image: the JPEG if RGB/gray within the cap, else a resized JPEG."""
+    # Resized: the image scaled to the cap (aspect kept) and encoded as JPEG; b'' for unreadable
+    # bytes (and for those `decodes` marks False). `headers`: image_headers(encoded), if already
+    # read; `max_pixels`: the pixels a batch may have decoded at once (data.max_image_pixels).
     headers = headers or image_headers(encoded)
     # No Assert in here: a stateful op would make TFT run this work in every analysis phase too.
     # Unreadable or undecodable bytes must not reach a decoder here either (its error names no
@@ -565,12 +563,10 @@ def rgb_on_white(encoded: tf.Tensor) -> tf.Tensor:
 def class_vocabulary(
     labels: tf.Tensor, synsets: tf.Tensor, filenames: tf.Tensor, declared: int | None = None
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """(the `synsets` vocabulary file, its length): label i's synset on line i - 1.
-
-    One analyzer over the distinct (label, synset) pairs (van_trainer/class_list.py), in the same
-    analysis pass as everything else: TFT's frequency-ordered vocabulary needed label-count
-    weights, i.e. a second pass over the training split, to come out in label order.
-    """
+    """(the `synsets` vocabulary file, its length): label i's synset on line i - 1."""
+    # One analyzer over the distinct (label, synset) pairs (van_trainer/class_list.py), in the same
+    # analysis pass as everything else: TFT's frequency-ordered vocabulary needed label-count
+    # weights, i.e. a second pass over the training split, to come out in label order.
     from van_trainer.class_list import PLACEHOLDER, ClassList
 
     columns = [labels, synsets, filenames]
@@ -597,9 +593,9 @@ def check_labels(
     filenames: tf.Tensor,
     analyzed: tf.Tensor,
 ) -> tf.Operation:
-    """An assertion, once the class list exists, that every class id is image/class/label - 1;
-    it names the first record where it is not, with its label and synset (the training split's
-    pairs are checked while the list is made; this catches the eval split's)."""
+    """An assertion, once the class list exists, that every class id is image/class/label - 1."""
+    # It names the first record where it is not, with its label and synset (the training split's
+    # pairs are checked while the list is made; this catches the eval split's).
     good = tf.equal(ids, labels - 1)
     first = _first_false(good)
     return tf.debugging.Assert(

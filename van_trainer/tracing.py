@@ -16,21 +16,17 @@ TF_KERAS_RULE = config_lib.DoNotConvert("tf_keras")
 
 
 def keep_autograph_out_of_tf_keras() -> None:
-    """Make AutoGraph call tf_keras' own code as plain Python, as it already does for `keras`.
-
-    tf_keras is written for graph mode (its loops over tensors go through tf.range inside the
-    tf.function it creates, which AutoGraph still converts), so nothing changes but the cost.
-    Our layers' `call` methods are still converted: tf_keras converts subclassed layers itself.
-    """
+    """Make AutoGraph call tf_keras' own code as plain Python, as it already does for `keras`."""
+    # tf_keras is written for graph mode (its loops over tensors go through tf.range inside the
+    # tf.function it creates, which AutoGraph still converts), so nothing changes but the cost. Our
+    # layers' `call` methods are still converted: tf_keras converts subclassed layers itself.
     rules = autograph_config.CONVERSION_RULES
     if not any(str(rule) == str(TF_KERAS_RULE) for rule in rules):
         autograph_config.CONVERSION_RULES = (TF_KERAS_RULE, *rules)
 
 
 def create_optimizer_variables(model: keras.Model) -> None:
-    """Create the compiled optimizer's slots now (in the strategy scope), not in the first step.
-
-    A tf.function that creates variables on its first call is traced a second time; with the
-    slots in place the train step is traced once.
-    """
+    """Create the compiled optimizer's slots now (in the strategy scope), not in the first step."""
+    # A tf.function that creates variables on its first call is traced a second time; with the slots
+    # in place the train step is traced once.
     model.optimizer.build(model.trainable_variables)

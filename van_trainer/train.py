@@ -49,9 +49,10 @@ def config_from_custom_config(custom_config: dict | None) -> Config:
 
 
 def plan_steps(config: Config, transform_output: str, train_steps: int | None) -> tuple[int, int]:
-    """(epochs, steps_per_epoch): TFX train_args.num_steps, if set, is the total step budget
-    spread over train.epochs; otherwise train.steps_per_epoch, or one pass over the training split
-    as counted by Transform (never by reading the data)."""
+    """(epochs, steps_per_epoch) from TFX train_args.num_steps or the train config."""
+    # TFX train_args.num_steps, if set, is the total step budget spread over train.epochs; otherwise
+    # train.steps_per_epoch, or one pass over the training split as counted by Transform (never by
+    # reading the data).
     epochs = config.train.epochs
     if train_steps:
         epochs = min(epochs, train_steps)
@@ -89,16 +90,14 @@ def eval_plan(
     eval_files: list[str],
     steps: int | None = None,
 ) -> EvalPlan:
-    """Steps and weight of a validation pass in which every worker reads its own eval files.
-
-    Keras needs a step count for distributed datasets, and every worker must run the same steps:
-    the full pass is as long as the longest worker's share (from the per-file counts Transform
-    recorded, never by reading), the other workers pad theirs with zero-weight examples
-    (dataset.eval_dataset). Keras divides the summed loss by the slots of every batch, padding
-    included, so real examples weigh slots / real examples: loss and weighted metrics are then
-    exactly those of the real examples. `steps` (train.eval_steps, TFX eval num_steps) shortens
-    the pass.
-    """
+    """Steps and weight of a validation pass in which every worker reads its own eval files."""
+    # Keras needs a step count for distributed datasets, and every worker must run the same steps:
+    # the full pass is as long as the longest worker's share (from the per-file counts Transform
+    # recorded, never by reading), the other workers pad theirs with zero-weight examples
+    # (dataset.eval_dataset). Keras divides the summed loss by the slots of every batch, padding
+    # included, so real examples weigh slots / real examples: loss and weighted metrics are then
+    # exactly those of the real examples. `steps` (train.eval_steps, TFX eval num_steps) shortens
+    # the pass.
     per_file = shards.read_shard_examples(transform_output, EVAL_SPLIT) or {}
     missing = [f for f in eval_files if os.path.basename(f) not in per_file]
     if missing:
@@ -142,6 +141,7 @@ class NanGuard(keras.callbacks.Callback):
     """Stop training with a clear error as soon as the loss is NaN or infinite."""
 
     def on_train_batch_end(self, batch, logs=None):
+        """Raise a RuntimeError naming the step if the batch's loss is NaN or infinite."""
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             step = int(self.model.optimizer.iterations.numpy())
@@ -160,11 +160,13 @@ class ProgressLog(keras.callbacks.Callback):
         self.initial_step = 0
 
     def on_train_begin(self, logs=None):
+        """Record and log the step training (re)starts from."""
         # Runs after BackupAndRestore restored the optimizer, so this is the resumed step.
         self.initial_step = int(self.model.optimizer.iterations.numpy())
         log.info("training starts at step %d", self.initial_step)
 
     def on_epoch_end(self, epoch, logs=None):
+        """Add the epoch's learning rate to the logs."""
         if logs is not None:
             logs["learning_rate"] = float(self.schedule(self.model.optimizer.iterations))
 
@@ -191,8 +193,8 @@ def build_callbacks(config: Config, model_run_dir: str, schedule, chief: bool) -
 
 
 def build_model(config: Config, num_classes: int) -> keras.Model:
-    """VAN at config.model, taking config.model.image_size inputs, in the fastest layout that
-    runs here (C++ depthwise kernels on CPU unless train.cpu_kernels is off or XLA compiles)."""
+    """VAN at config.model, taking config.model.image_size inputs, in the fastest layout here."""
+    # Fastest layout: C++ depthwise kernels on CPU unless train.cpu_kernels is off or XLA compiles.
     from van_trainer.model import build_van, training_implementation  # heavy: import late
 
     size = config.model.image_size
@@ -227,11 +229,10 @@ def load_initial_weights(
     base_model: str | None,
     class_names: list[str] | None = None,
 ) -> str:
-    """Warm start from the last blessed model, else official weights; returns what was loaded.
-
-    The classifier is warm-started only when the base model's class list is `class_names`: with
-    the same count but another list, its rows would stand for other classes. The rest of the
-    network is warm-started whatever the classes."""
+    """Warm start from the last blessed model, else official weights; returns what was loaded."""
+    # The classifier is warm-started only when the base model's class list is `class_names`: with
+    # the same count but another list, its rows would stand for other classes. The rest of the
+    # network is warm-started whatever the classes.
     if base_model and config.train.warm_start:
         path = export.keras_weights_path(base_model)
         if not tf.io.gfile.exists(base_model):
@@ -289,8 +290,8 @@ def _load_if_compatible(model, config, num_classes, path, why_fresh: str | None)
 
 
 def compile_model(model, config: Config, schedule, num_classes: int) -> None:
-    """AdamW recipe, label-smoothed soft-target cross-entropy, top-1/top-5 accuracy; XLA and
-    steps per call as train.jit_compile / train.steps_per_execution say."""
+    """AdamW recipe, label-smoothed soft-target cross-entropy, top-1/top-5 accuracy."""
+    # XLA and steps per call as train.jit_compile / train.steps_per_execution say.
     model.compile(
         optimizer=optim.build_optimizer(config.train, schedule, model.trainable_variables),
         loss=keras.losses.CategoricalCrossentropy(

@@ -87,8 +87,8 @@ def _differences(model, stored, keep_fresh, skip=()) -> tuple[list[str], list[st
 def load_weights_by_name(
     model: keras.Model, path: str, keep_fresh: tuple[str, ...] = (), skip: tuple[str, ...] = ()
 ) -> list[str]:
-    """Load `path` into `model` layer by layer, all or nothing, except `keep_fresh` layers whose
-    shapes differ and `skip` layers; returns the layers kept fresh."""
+    """Load `path` into `model` layer by layer, all or nothing; returns the layers kept fresh."""
+    # Except `keep_fresh` layers whose shapes differ (kept fresh) and `skip` layers.
     stored = read_weights_file(path)
     problems, fresh = _differences(model, stored, keep_fresh, skip)
     if problems:

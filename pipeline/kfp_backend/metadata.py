@@ -130,11 +130,9 @@ _WHOLE_NUMBER = re.compile(r"[+-]?[0-9]{1,20}")
 
 
 def parameter_from_text(name: str, text: str, parameter_type: int):
-    """A `--param NAME=TEXT` as the value of a root parameter of the declared type.
-
-    A STRING takes the text as typed (`007` stays `007`); numbers, booleans, lists and structs
-    must read as that type, or the error names the parameter.
-    """
+    """A `--param NAME=TEXT` as the value of a root parameter of the declared type."""
+    # A STRING takes the text as typed (`007` stays `007`); numbers, booleans, lists and structs
+    # must read as that type, or the error names the parameter.
     from google.protobuf import struct_pb2
 
     def refuse(why: str) -> KubeflowError:

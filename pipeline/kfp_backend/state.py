@@ -53,8 +53,8 @@ class RunState:
 
 
 def root_parameter_values(spec, params: dict[str, str]) -> dict[str, Any]:
-    """The run's root parameters: given values (text, typed as declared), else defaults
-    (argocompiler.Compile fills them)."""
+    """The run's root parameters: given values (text, typed as declared), else defaults."""
+    # The defaults are those argocompiler.Compile fills in.
     from google.protobuf import struct_pb2
 
     definitions = spec.root.input_definitions.parameters

@@ -137,13 +137,11 @@ HIDDEN = "hidden (name starts with '.')"
 def list_images(
     image_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None
 ) -> Listing:
-    """List IMAGE_DIR/<synset>/<file>: every entry is a class, an image, a problem or ignored.
-
-    Hidden entries (names starting with '.') and OUTPUT_DIR are ignored, and listed as such.
-    Anything else that is not a folder at the top or a regular file (or a link to one) inside a
-    class folder is a problem: files at the top, nested folders, broken links, link loops,
-    FIFOs, devices; so is a class folder without images.
-    """
+    """List IMAGE_DIR/<synset>/<file>: every entry is a class, an image, a problem or ignored."""
+    # Hidden entries (names starting with '.') and OUTPUT_DIR are ignored, and listed as such.
+    # Anything else that is not a folder at the top or a regular file (or a link to one) inside a
+    # class folder is a problem: files at the top, nested folders, broken links, link loops, FIFOs,
+    # devices; so is a class folder without images.
     root = Path(image_dir)
     if not root.is_dir():
         # A file given as IMAGE_DIR was reported as "not found", though it is there.
@@ -238,11 +236,9 @@ def check_class_folder_names(names: list[str], root: Path) -> None:
 def resolve_synsets(
     found: list[str], output_dir: Path, synsets_file: str | os.PathLike | None
 ) -> tuple[dict[str, str], bool]:
-    """The synset list (in label order, with texts) and whether it already exists on disk.
-
-    An existing OUTPUT_DIR/synsets.txt fixes the labels (so validation matches train); otherwise
-    the sorted synset directories do. Texts come from --synsets-file, else the existing list.
-    """
+    """The synset list (in label order, with texts) and whether it already exists on disk."""
+    # An existing OUTPUT_DIR/synsets.txt fixes the labels (so validation matches train); otherwise
+    # the sorted synset directories do. Texts come from --synsets-file, else the existing list.
     existing_path = output_dir / SYNSETS_FILE
     existing = read_synset_mapping(existing_path) if existing_path.exists() else None
     mapping = read_synset_mapping(synsets_file) if synsets_file else None
@@ -308,8 +304,8 @@ def _decoded(
 
 
 def in_order(pool, function, items: Iterable, in_flight: int) -> Iterator:
-    """`function` over `items` on `pool`, answers in order, at most `in_flight` calls submitted
-    and not yet taken by the caller."""
+    """`function` over `items` on `pool`, answers in order, at most `in_flight` calls pending."""
+    # Pending: at most `in_flight` calls submitted and not yet taken by the caller.
     pending: collections.deque = collections.deque()
     try:
         for item in items:
@@ -499,20 +495,16 @@ def _missing_training_classes(synsets_path: Path, missing: list[str]) -> str:
 
 
 def rejected_report_path(output_dir: Path, split: str) -> Path:
-    """Where a build lists the files it skipped: `rejected-<split>.tsv`.
-
-    Not `<split>-…`: ExampleGen's patterns (`span-{SPAN}/<split>-*`) would read it as a shard.
-    """
+    """Where a build lists the files it skipped: `rejected-<split>.tsv`."""
+    # Not `<split>-…`: ExampleGen's patterns (`span-{SPAN}/<split>-*`) would read it as a shard.
     return output_dir / f"rejected-{check_split_name(split)}.tsv"
 
 
 def write_rejected_report(
     output_dir: Path, split: str, rejected: list[tuple[str, str]]
 ) -> Path | None:
-    """Write `rejected-<split>.tsv` (path, reason) or remove a stale one when nothing was rejected.
-
-    Fields are `escaped`: a tab, line break or non-UTF-8 byte in a file name cannot split a row.
-    """
+    """Write `rejected-<split>.tsv` (path, reason), or remove a stale one if none was rejected."""
+    # Fields are `escaped`: a tab, line break or non-UTF-8 byte in a file name cannot split a row.
     report = rejected_report_path(output_dir, split)
     # Older builds wrote `<split>-rejected.tsv`, which the split's input pattern matches.
     (output_dir / f"{split}-rejected.tsv").unlink(missing_ok=True)

@@ -95,14 +95,12 @@ def to_rgb_jpeg(
     max_pixels: int = MAX_PIXELS,
     apply_exif_orientation: bool = False,
 ) -> ConvertedImage:
-    """Decode any PIL-readable image and return it as RGB JPEG bytes with their size.
-
-    RGB JPEGs are kept byte-for-byte; PNG, grayscale, CMYK, palette and alpha images are converted
-    (alpha composited on white) and re-encoded, as TF's build_imagenet_data.py does. An image
-    whose header declares more than `max_pixels` pixels is refused before it is decoded. With
-    `apply_exif_orientation`, an image whose EXIF orientation is 2-8 is turned upright and
-    re-encoded; otherwise the orientation is only reported, and the pixels stored as they lie.
-    """
+    """Decode any PIL-readable image and return it as RGB JPEG bytes with their size."""
+    # RGB JPEGs are kept byte-for-byte; PNG, grayscale, CMYK, palette and alpha images are converted
+    # (alpha composited on white) and re-encoded, as TF's build_imagenet_data.py does. An image
+    # whose header declares more than `max_pixels` pixels is refused before it is decoded. With
+    # `apply_exif_orientation`, an image whose EXIF orientation is 2-8 is turned upright and
+    # re-encoded; otherwise the orientation is only reported, and the pixels stored as they lie.
     image = _decode_fully(data, name, max_pixels)
     orientation = exif_orientation(image)
     turn = UPRIGHT.get(orientation) if apply_exif_orientation else None
@@ -186,10 +184,11 @@ SHARED_TAG_BYTES = 1 << 20
 
 
 def check_tag_directories(data: bytes, name: str = "<bytes>") -> None:
-    """InvalidImageError naming `name` if the TIFF-structured directories PIL loads while
-    opening `data` (a TIFF's IFDs, a JPEG's MPF segments) declare more bytes of directories and
-    tag values than the bytes that carry them (plus SHARED_TAG_BYTES); the walk stops there,
-    so it costs at most one pass over `data`. Anything else is left for the decoder to judge."""
+    """InvalidImageError naming `name` if `data`'s TIFF-style directories overstate their size."""
+    # The directories are those PIL loads while opening `data` (a TIFF's IFDs, a JPEG's MPF
+    # segments); they fail when they declare more bytes of directories and tag values than the bytes
+    # that carry them (plus SHARED_TAG_BYTES). The walk stops there, so it costs at most one pass
+    # over `data`. Anything else is left for the decoder to judge.
     if data[:3] == b"\xff\xd8\xff":
         for segment in _jpeg_mpf_segments(data):
             _check_directories(segment, name, "JPEG's MPF segment")
@@ -410,8 +409,9 @@ def read_synset_mapping(path: str | os.PathLike) -> dict[str, str]:
 
 
 def parse_synset_mapping(data: bytes, source: str) -> dict[str, str]:
-    """The `synset text...` lines of a synset list's bytes; SynsetListError names `source` and
-    the line of anything that is not one synset per line of UTF-8 text."""
+    """The `synset text...` lines of a synset list's bytes; SynsetListError on a malformed one."""
+    # The SynsetListError names `source` and the line of anything that is not one synset per line of
+    # UTF-8 text.
     try:
         text = data.decode("utf-8-sig")  # a byte order mark is not part of the first synset
     except UnicodeDecodeError as exc:
@@ -538,11 +538,9 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 def write_split(
     records: Iterable[ImageRecord], output_dir: str | os.PathLike, split: str, num_shards: int
 ) -> list[Path]:
-    """Write records round-robin into `num_shards` shards, atomically per split; return the paths.
-
-    The records are held in memory (for the sample, tests and benchmarks) and written one shard
-    file at a time, so any shard count fits within the open-file limit.
-    """
+    """Write records round-robin into `num_shards` shards, atomically per split; return paths."""
+    # The records are held in memory (for the sample, tests and benchmarks) and written one shard
+    # file at a time, so any shard count fits within the open-file limit.
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     records = list(records)
@@ -557,11 +555,9 @@ def write_shards(
     split: str,
     num_shards: int,
 ) -> list[Path]:
-    """Write shard k from the k-th iterable, one open file at a time, atomically per split.
-
-    `shards` is asked for one more item after the last shard (none may come): a generator can
-    run its final checks there, and raise to abort, while the split is still temporary.
-    """
+    """Write shard k from the k-th iterable, one open file at a time, atomically per split."""
+    # `shards` is asked for one more item after the last shard (none may come): a generator can run
+    # its final checks there, and raise to abort, while the split is still temporary.
     import tensorflow as tf
 
     names = [shard_name(split, k, num_shards) for k in range(num_shards)]

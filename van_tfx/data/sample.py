@@ -43,11 +43,9 @@ def existing_spans(data_dir: str | os.PathLike) -> list[int]:
 def build_sample(
     data_dir: str | os.PathLike | None = None, new_span: bool = False, shards: int = 2
 ) -> Path:
-    """Write the digits sample as span 1 (or span N+1 with new_span) and return the span dir.
-
-    Without new_span an existing span is left untouched (rewriting it would change the files'
-    mtimes and so ExampleGen's fingerprint, which would retrain on identical data).
-    """
+    """Write the digits sample as span 1 (or span N+1 with new_span) and return the span dir."""
+    # Without new_span an existing span is left untouched (rewriting it would change the files'
+    # mtimes and so ExampleGen's fingerprint, which would retrain on identical data).
     from van_tfx.env import van_tfx_home
 
     if not 1 <= shards <= 2 * VALIDATION_IMAGES:

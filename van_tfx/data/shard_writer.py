@@ -99,8 +99,9 @@ def _finalize(written: list[tuple[str, int]], prefix: str, temp_dir: str, count_
 
 
 class WriteShards(beam.PTransform):
-    """Serialized records -> `<prefix>-NNNNN-of-MMMMM` shards of `examples_per_shard` records
-    (the last of each bundle shorter), and their total in `count_path` (if given)."""
+    """Serialized records -> `<prefix>-NNNNN-of-MMMMM` shards of `examples_per_shard` records."""
+
+    # The last shard of each bundle is shorter; the records' total goes to `count_path` (if given).
 
     def __init__(self, prefix: str, examples_per_shard: int, count_path: str = ""):
         super().__init__()
@@ -111,6 +112,7 @@ class WriteShards(beam.PTransform):
         self._count_path = count_path
 
     def expand(self, records):
+        """Write the records to rolling temp shards, then rename them into place and count them."""
         temp_dir = f"{os.path.dirname(self._prefix)}.tmp-{uuid.uuid4().hex[:12]}"
         return (
             records

@@ -57,8 +57,8 @@ class BuildError(RuntimeError):
 
 
 def library_name() -> str:
-    """File name of the library for these sources and flags and this TensorFlow (not the
-    compiler: an image built with g++ then drops it, and the library must still be found)."""
+    """File name of the library for these sources, flags and TensorFlow (not the compiler)."""
+    # Not the compiler: an image built with g++ then drops it, and the library must still be found.
     import tensorflow as tf
 
     digest = hashlib.sha256()
@@ -70,8 +70,8 @@ def library_name() -> str:
 
 
 def search_dirs() -> list[pathlib.Path]:
-    """Where a built library is looked for, and built into (the first writable one):
-    $VAN_TFX_KERNELS_DIR alone if set, else the package's _build/ and the user's cache."""
+    """Where a built library is looked for, and built into (the first writable one)."""
+    # $VAN_TFX_KERNELS_DIR alone if set, else the package's _build/ and the user's cache.
     if os.environ.get(CACHE_DIR_ENV):
         return [pathlib.Path(os.environ[CACHE_DIR_ENV])]
     return [HERE / "_build", pathlib.Path.home() / ".cache" / "van-tfx" / "kernels"]
