@@ -276,9 +276,10 @@ def _load_if_compatible(model, config, num_classes, path, why_fresh: str | None)
         with storage.local_copy(path) as local:
             weights.load_weights_by_name(model, local, skip=head)  # all or nothing
     except weights.WeightsMismatchError as exc:
+        # Another variant or a damaged file (the message says which, naming the file): the
+        # run trains fresh rather than fail for the model it would replace.
         log.warning(
-            "warm start skipped: %s does not fit %s with %d classes (%s)",
-            path,
+            "warm start skipped, VAN-%s with %d classes starts fresh: %s",
             config.model.variant,
             num_classes,
             exc,
