@@ -241,7 +241,11 @@ def load_initial_weights(
         elif not tf.io.gfile.exists(path):
             log.warning("warm start skipped: %s has no Keras weights at %s", base_model, path)
         else:
-            why_fresh = _classes_changed(export.read_class_list(base_model), class_names)
+            try:
+                why_fresh = _classes_changed(export.read_class_list(base_model), class_names)
+            except export.ClassListFileError as exc:
+                # Which class each row is can't be known: only the classifier starts fresh.
+                why_fresh = f"the base model's class list is unusable ({exc})"
             if _load_if_compatible(model, config, num_classes, path, why_fresh):
                 return path
     if config.model.pretrained_weights:
