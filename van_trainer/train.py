@@ -9,6 +9,7 @@ history.csv, metrics.json and training_curves.png.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -434,6 +435,15 @@ def _final_metrics(model, config, history, strategy, eval_files, num_classes, pl
 # --------------------------------------------------------------------------- report
 
 
+# history.csv gains a row an epoch: more is not a run's history (and is not read).
+MAX_HISTORY_ROWS = 100_000
+MAX_HISTORY_BYTES = 64 << 20
+
+
+class HistoryFileError(ValueError):
+    """history.csv can't be plotted: names the file, the line and what is wrong with it."""
+
+
 def write_run_report(model_run_dir: str, report: dict) -> None:
     """metrics.json and training_curves.png (from history.csv, which spans restarts)."""
     tf.io.gfile.makedirs(model_run_dir)
@@ -441,20 +451,59 @@ def write_run_report(model_run_dir: str, report: dict) -> None:
         f.write(json.dumps(report, indent=2))
     csv_path = os.path.join(model_run_dir, HISTORY_CSV)
     if tf.io.gfile.exists(csv_path):
-        plot_training_curves(csv_path, os.path.join(model_run_dir, CURVES_PNG))
+        try:
+            plot_training_curves(csv_path, os.path.join(model_run_dir, CURVES_PNG))
+        except HistoryFileError as exc:
+            # The model is trained and exported, and metrics.json holds this run's history:
+            # a damaged plot input (a row cut by a killed run) must not fail the Trainer.
+            log.warning("%s not drawn: %s", CURVES_PNG, exc)
 
 
-def _read_history(csv_path: str) -> dict[str, list[float]]:
+def _read_history(csv_path: str) -> dict[str, tuple[list[int], list[float]]]:
+    """history.csv's columns as (epochs, values), each value with its own row's epoch (1-based);
+    HistoryFileError naming the file and line for anything else."""
     import csv
 
-    with tf.io.gfile.GFile(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    columns: dict[str, list[float]] = {}
-    for row in rows:
-        for key, value in row.items():
-            if value not in ("", None):
-                columns.setdefault(key, []).append(float(value))
+    try:
+        size = tf.io.gfile.stat(csv_path).length
+        if size > MAX_HISTORY_BYTES:
+            raise HistoryFileError(f"{csv_path} is over {MAX_HISTORY_BYTES} bytes ({size})")
+        with tf.io.gfile.GFile(csv_path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except tf.errors.OpError as exc:
+        raise HistoryFileError(f"{csv_path} is unreadable: {exc.message}") from None
+    except UnicodeDecodeError as exc:
+        raise HistoryFileError(f"{csv_path} is not UTF-8 text ({exc})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    columns: dict[str, tuple[list[int], list[float]]] = {}
+    try:
+        for row in reader:
+            where = f"{csv_path} line {reader.line_num}"
+            if reader.line_num > MAX_HISTORY_ROWS + 1:
+                raise HistoryFileError(f"{where}: more than {MAX_HISTORY_ROWS} rows")
+            if None in row:  # a row cut by a kill, continued by the next run's first row
+                raise HistoryFileError(
+                    f"{where}: more fields than the header's {len(reader.fieldnames)}"
+                )
+            epoch = _number(row.get("epoch") or "", f"{where}: epoch")
+            if not (epoch.is_integer() and epoch >= 0):
+                raise HistoryFileError(f"{where}: epoch is {row['epoch'][:50]!r}")
+            for key, value in row.items():
+                # "NA" is CSVLogger's mark for a value not logged that epoch.
+                if key != "epoch" and value not in ("", None, "NA"):
+                    xs, ys = columns.setdefault(key, ([], []))
+                    xs.append(int(epoch) + 1)
+                    ys.append(_number(value, f"{where}: {key}"))
+    except csv.Error as exc:
+        raise HistoryFileError(f"{csv_path} line {reader.line_num}: {exc}") from None
     return columns
+
+
+def _number(value: str, where: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise HistoryFileError(f"{where} is {value[:50]!r}, not a number") from None
 
 
 def plot_training_curves(csv_path: str, png_path: str) -> None:
@@ -465,13 +514,12 @@ def plot_training_curves(csv_path: str, png_path: str) -> None:
     import matplotlib.pyplot as plt
 
     history = _read_history(csv_path)
-    epochs = [int(e) + 1 for e in history.get("epoch", [])]
     panels = (("loss", "loss"), ("accuracy", "top-1 accuracy"), ("learning_rate", "learning rate"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for name, style in ((key, "-o"), (f"val_{key}", "--s")):
             if name in history:
-                ax.plot(epochs[: len(history[name])], history[name], style, label=name, ms=3)
+                ax.plot(*history[name], style, label=name, ms=3)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
