@@ -170,10 +170,44 @@ class ProgressLog(keras.callbacks.Callback):
             logs["learning_rate"] = float(self.schedule(self.model.optimizer.iterations))
 
 
+class ResumeCheckpointError(RuntimeError):
+    """The run directory's resume checkpoint can't be restored: names it and what to do."""
+
+
+class BackupAndRestore(keras.callbacks.BackupAndRestore):
+    """tf_keras' BackupAndRestore; a checkpoint it can't restore is an error naming the backup
+    directory and how to go on, never a bare TF error or a silent start from step 0."""
+
+    # What a damaged or foreign checkpoint raises (found by cutting, removing and swapping
+    # real checkpoint files): IndexError for a cut data file, ValueError for another model's.
+    _RESTORE_ERRORS = (tf.errors.OpError, ValueError, IndexError, KeyError, AssertionError)
+
+    def on_train_begin(self, logs=None):
+        """Restore the last checkpoint as tf_keras does, or refuse naming the directory."""
+        chief = os.path.join(self.backup_dir, "chief")  # where tf_keras reads checkpoints
+        if tf.io.gfile.glob(os.path.join(chief, "ckpt-*.index")):
+            try:
+                latest = tf.train.latest_checkpoint(chief)
+            except self._RESTORE_ERRORS as exc:
+                raise self._refusal(chief, f"{type(exc).__name__}: {exc}") from None
+            if latest is None:  # tf_keras would start again from step 0 without a word
+                raise self._refusal(chief, "its state file `checkpoint` names no checkpoint")
+        try:
+            super().on_train_begin(logs)
+        except self._RESTORE_ERRORS as exc:
+            raise self._refusal(chief, f"{type(exc).__name__}: {exc}") from None
+
+    def _refusal(self, chief: str, problem: str) -> ResumeCheckpointError:
+        return ResumeCheckpointError(
+            f"the resume checkpoint in {chief} can't be restored ({problem[:500]}): remove "
+            f"{self.backup_dir} to train this run from its first step"
+        )
+
+
 def build_callbacks(config: Config, model_run_dir: str, schedule, chief: bool) -> list:
     """Checkpoint/resume first (the others must see restored state), then logging and guards."""
     callbacks = [
-        keras.callbacks.BackupAndRestore(
+        BackupAndRestore(
             os.path.join(model_run_dir, BACKUP_DIR),
             save_freq=config.train.checkpoint_every_steps,
             delete_checkpoint=True,
