@@ -194,6 +194,8 @@ HOSTILE = {
     "chunk larger than the dataset": (_chunk_bomb, r"chunks \(268435456,\) larger than"),
     "NaN weights": (_refill("0", np.nan), "2352 non-finite value"),
     "infinite bias": (_refill("1", np.inf), "16 non-finite value"),
+    # Finite in float64, Inf once set_weights cast it to the model's float32.
+    "float64 beyond float32": (_replace("0", data=np.full((7, 7, 3, 16), 1e300)), "2352 non-fin"),
     "integer weights": (_replace("0", data=np.ones((7, 7, 3, 16), "i8")), "dtype int64"),
     "string weights": (_replace("0", data=np.full((7, 7, 3, 16), b"x")), "dtype |S1"),
     "group for a weight": (lambda v, k, b: (v.__delitem__("0"), v.create_group("0")), "is a Group"),

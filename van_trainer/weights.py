@@ -119,9 +119,12 @@ def _read(dataset: h5py.Dataset, path: str) -> np.ndarray:
     except _HDF5_ERRORS as exc:
         raise WeightsMismatchError(f"{path}: {dataset.name} is unreadable ({exc})") from None
     bad = array.size - np.count_nonzero(np.isfinite(array))
+    if array.dtype.itemsize > 4:  # float64 beyond float32's range: Inf once assigned
+        bad += np.count_nonzero(np.abs(array[np.isfinite(array)]) > np.finfo(np.float32).max)
     if bad:  # a warm start from NaN weights ends the run at its first step
         raise WeightsMismatchError(
-            f"{path}: {dataset.name} holds {bad} non-finite value(s) (NaN or Inf) of {array.size}"
+            f"{path}: {dataset.name} holds {bad} non-finite value(s) (NaN or Inf, or beyond "
+            f"float32's range) of {array.size}"
         )
     return array
 
