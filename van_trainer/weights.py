@@ -76,6 +76,9 @@ def _checked_dataset(dataset: h5py.Dataset, path: str) -> h5py.Dataset:
         raise WeightsMismatchError(f"{where} has dtype {dataset.dtype}; weights are floats")
     if dataset.is_virtual or dataset.external:
         raise WeightsMismatchError(f"{where} keeps its data in another file")
+    # Declared but never written: HDF5 would hand out its fill value (zeros) as the weights.
+    if dataset.size and not dataset.id.get_storage_size():
+        raise WeightsMismatchError(f"{where} has no stored values")
     # A compressed chunk is inflated whole: one larger than the dataset would let a few stored
     # bytes make the reader inflate gigabytes for a 16-value bias.
     if dataset.chunks and any(
