@@ -192,6 +192,15 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 raise self._refusal(chief, f"{type(exc).__name__}: {exc}") from None
             if latest is None:  # tf_keras would start again from step 0 without a word
                 raise self._refusal(chief, "its state file `checkpoint` names no checkpoint")
+            # Every value read once, checksums checked, before fit: tf_keras restores some
+            # (optimizer slots) only when they are created in the first step, where a damaged
+            # value raised DataLossError from inside the train function.
+            try:
+                reader = tf.train.load_checkpoint(latest)
+                for key in reader.get_variable_to_shape_map():
+                    reader.get_tensor(key)
+            except self._RESTORE_ERRORS as exc:
+                raise self._refusal(chief, f"{type(exc).__name__}: {exc}") from None
         try:
             super().on_train_begin(logs)
         except self._RESTORE_ERRORS as exc:
