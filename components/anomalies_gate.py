@@ -23,34 +23,47 @@ class DataAnomaliesError(RuntimeError):
     """The data does not match the schema; the message lists every anomaly."""
 
 
+class ValidationFileError(ValueError):
+    """A statistics or anomalies file is unreadable or not its proto; names the file."""
+
+
+def _read_proto(path: str, message):
+    """`message` parsed from the file at `path`; ValidationFileError naming it otherwise."""
+    from google.protobuf.message import DecodeError
+    from tfx.utils import io_utils
+
+    try:
+        message.ParseFromString(io_utils.read_bytes_file(path))
+    except DecodeError as exc:  # named no file: "Error parsing message with type ..."
+        raise ValidationFileError(
+            f"{path} is not a {message.DESCRIPTOR.full_name} proto ({exc})"
+        ) from None
+    return message
+
+
 def read_anomalies(anomalies_artifact) -> dict:
     """{split name: tensorflow_metadata Anomalies proto} of an ExampleAnomalies artifact."""
     from tensorflow_metadata.proto.v0 import anomalies_pb2
-    from tfx.utils import io_utils
 
     result = {}
     for split in artifact_utils.decode_split_names(anomalies_artifact.split_names):
         path = os.path.join(
             artifact_utils.get_split_uri([anomalies_artifact], split), ANOMALIES_FILE
         )
-        anomalies = anomalies_pb2.Anomalies()
-        anomalies.ParseFromString(io_utils.read_bytes_file(path))
-        result[split] = anomalies
+        result[split] = _read_proto(path, anomalies_pb2.Anomalies())
     return result
 
 
 def empty_splits(statistics_artifact) -> list[str]:
     """The splits of an ExampleStatistics artifact that count no examples."""
     from tensorflow_metadata.proto.v0 import statistics_pb2
-    from tfx.utils import io_utils
 
     empty = []
     for split in artifact_utils.decode_split_names(statistics_artifact.split_names):
         path = os.path.join(
             artifact_utils.get_split_uri([statistics_artifact], split), STATISTICS_FILE
         )
-        stats = statistics_pb2.DatasetFeatureStatisticsList()
-        stats.ParseFromString(io_utils.read_bytes_file(path))
+        stats = _read_proto(path, statistics_pb2.DatasetFeatureStatisticsList())
         if sum(dataset.num_examples for dataset in stats.datasets) == 0:
             empty.append(split)
     return sorted(empty)

@@ -92,6 +92,10 @@ REJECTIONS_DIR = ".van_tfx_rejected"
 _BLESSED_KEY = "blessed"  # the Evaluator's verdict on its ModelBlessing, as Pusher reads it
 
 
+# The largest record read: the gate's records (training data, rejections) are a few hundred bytes.
+MAX_RECORD_BYTES = 1 << 20
+
+
 class TrainingDataRecordError(ValueError):
     """A served model's training-data record is unreadable; the message names the file."""
 
@@ -245,11 +249,22 @@ def read_record(path: str, required: tuple[str, ...] = ()) -> dict | None:
     # A TrainingDataRecordError names the file when it is not one.
     if not tf.io.gfile.exists(path):
         return None
-    with tf.io.gfile.GFile(path) as handle:
-        text = handle.read()
     try:
+        with tf.io.gfile.GFile(path, "rb") as handle:
+            # No more than a record can be: json held ~5x a file's size (a 100 MB one, 490 MB).
+            data = handle.read(MAX_RECORD_BYTES + 1)
+    except tf.errors.OpError as exc:
+        raise TrainingDataRecordError(f"{path} is unreadable: {exc.message}") from None
+    if len(data) > MAX_RECORD_BYTES:
+        raise TrainingDataRecordError(
+            f"{path} is over {MAX_RECORD_BYTES} bytes: not a record (they hold a few hundred)"
+        )
+    try:
+        text = data.decode("utf-8")
         record = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except UnicodeDecodeError as exc:
+        raise TrainingDataRecordError(f"{path} is not valid JSON: not UTF-8 text ({exc})") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4,300 digits
         raise TrainingDataRecordError(f"{path} is not valid JSON: {exc}") from None
     except RecursionError:  # json's scanner recurses per level: `[[[...]]]` ~1,000 deep
         raise TrainingDataRecordError(

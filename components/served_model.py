@@ -32,7 +32,7 @@ from tfx.utils import path_utils
 from components.new_data_gate import SERVED_VERSION_KEY
 from serving.manager import version_dirs
 from van_tfx import storage
-from van_trainer.export import read_class_list
+from van_trainer.export import ClassListFileError, read_class_list
 
 SERVED_MODEL_ID = "ServedModel"
 SERVED_PATH_KEY = "served_path"
@@ -117,7 +117,14 @@ def class_list_change(candidate_dir: str, baseline_dir: str, version: str) -> st
     # signature), which refuses a synset it doesn't know: a baseline trained on another list made
     # the Evaluator fail after training, and every later run train again. Their top-1 figures would
     # not measure the same task anyway (another number of classes, other label ids).
-    candidate, baseline = read_class_list(candidate_dir), read_class_list(baseline_dir)
+    candidate = read_class_list(candidate_dir)  # this run's own: damage is an error
+    try:
+        baseline = read_class_list(baseline_dir)
+    except ClassListFileError as exc:
+        return (
+            f"served version {version}'s class list is unusable ({exc}), so its top-1 can't be "
+            "compared with the candidate's: the candidate is judged by eval.min_top1 alone"
+        )
     if baseline is None:
         return (
             f"served version {version} keeps no class list (assets.extra/van.classes.txt), so "

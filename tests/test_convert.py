@@ -391,6 +391,29 @@ def test_non_finite_weights_are_refused_with_key_and_count(tiny_state, key, spot
         convert.convert_state_dict({**tiny_state, key: array}, "tiny")
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    key=st.sampled_from(["block1.0.mlp.fc1.weight", "head.bias", "norm4.weight"]),
+    spots=st.lists(
+        st.tuples(st.integers(0, 10**6), st.floats(3.5e38, 1e308) | st.floats(-1e308, -3.5e38)),
+        min_size=1,
+    ),
+)
+def test_float64_weights_beyond_float32s_range_are_refused_with_key_and_count(
+    tiny_state, key, spots
+):
+    # Before: finite in float64, they were cast to float32 and loaded as Inf without a word.
+    array = tiny_state[key].astype(np.float64)
+    for position, value in spots:
+        array.reshape(-1)[position % array.size] = value
+    over = int(np.count_nonzero(np.abs(array) > np.finfo(np.float32).max))
+    with pytest.raises(
+        convert.CheckpointMismatchError,
+        match=rf"^'{re.escape(key)}' has {over} value\(s\) beyond float32's range",
+    ):
+        convert.convert_state_dict({**tiny_state, key: array}, "tiny")
+
+
 @pytest.mark.parametrize(
     "dtype", [np.int64, np.int32, np.uint8, np.bool_, np.complex64, "<U3", object]
 )

@@ -22,6 +22,7 @@ from tfx.utils import proto_utils
 from components.new_data_gate import (
     GATE_ID,
     INCOMPLETE_KEY,
+    MAX_RECORD_BYTES,
     NEW_DATA_KEY,
     REASON_KEY,
     REJECTIONS_DIR,
@@ -241,6 +242,61 @@ def test_a_record_nested_at_any_depth_is_an_error_naming_the_file(tmp_path_facto
     path.write_text(f'{{"span": {opening}{closing}, "input_fingerprint": "f"}}')
     with pytest.raises(TrainingDataRecordError, match=re.escape(str(path))):
         read_training_data(str(model_dir))
+
+
+def _served_record(model_dir: Path, data: bytes | None) -> Path:
+    path = Path(training_data_path(str(model_dir)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        path.mkdir()
+    else:
+        path.write_bytes(data)
+    return path
+
+
+VALID = b'{"span": 1, "input_fingerprint": "f"}'
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (b'{"span": 1, "input_fingerprint": "\xff"}', "is not valid JSON: not UTF-8 text"),
+        (b'{"span": ' + b"9" * 5000 + b', "input_fingerprint": "f"}', "integer string"),
+        (VALID + b" " * MAX_RECORD_BYTES, f"is over {MAX_RECORD_BYTES} bytes"),
+        (None, "is unreadable"),
+    ],
+    ids=["not UTF-8", "5000-digit span", "over the size limit", "a directory"],
+)
+def test_a_record_that_is_not_json_text_of_a_record_size_is_an_error_naming_the_file(
+    tmp_path, data, says
+):
+    # Before: UnicodeDecodeError, "ValueError: Exceeds the limit (4300) for integer string
+    # conversion", a TF error, all naming no file; and any size was read whole and parsed
+    # (a 100 MB record held 490 MB).
+    path = _served_record(tmp_path / "1", data)
+    with pytest.raises(TrainingDataRecordError, match=re.escape(says)) as failure:
+        read_training_data(str(tmp_path / "1"))
+    assert str(path) in str(failure.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.binary(max_size=80)
+    | st.builds(
+        lambda at, junk: VALID[:at] + junk + VALID[at:],
+        st.integers(0, len(VALID)),
+        st.binary(max_size=6),
+    )
+)
+def test_any_bytes_are_a_typed_record_or_an_error_naming_the_file(tmp_path_factory, data):
+    model_dir = tmp_path_factory.mktemp("served") / "1"
+    path = _served_record(model_dir, data)
+    try:
+        record = read_training_data(str(model_dir))
+    except TrainingDataRecordError as exc:
+        assert str(path) in str(exc)
+        return
+    assert type(record["span"]) is int and isinstance(record["input_fingerprint"], str)
 
 
 @pytest.mark.parametrize(

@@ -540,7 +540,8 @@ def test_warm_start_keeps_the_classifier_fresh_when_the_class_list_changed(resum
         train.build_model(config, 10), config, 10, str(unlabelled), classes
     )
     (unlabelled / export.CLASS_LIST_PATH).write_bytes(b"n01\xff\n")  # damaged: not UTF-8
-    assert export.read_class_list(str(unlabelled)) is None
+    with pytest.raises(export.ClassListFileError, match="van.classes.txt is not a class list"):
+        export.read_class_list(str(unlabelled))
 
 
 def test_run_fn_with_every_uri_on_object_storage_writes_there_and_warm_starts_from_it(

@@ -804,6 +804,14 @@ def _check_values(key: str, array: np.ndarray) -> None:
         raise CheckpointMismatchError(
             f"{_brief(key)} has {bad} non-finite value(s) (NaN or Inf) of {array.size}"
         )
+    # The model is float32: a float64 value beyond its range would be loaded as Inf.
+    limit = np.finfo(np.float32).max
+    over = np.count_nonzero(np.abs(array) > limit) if array.dtype.itemsize > 4 else 0
+    if over:
+        raise CheckpointMismatchError(
+            f"{_brief(key)} has {over} value(s) beyond float32's range (|x| > {limit:.4g}) of "
+            f"{array.size}"
+        )
 
 
 def convert_state_dict(state_dict: dict, variant: str, num_classes: int | None = None):

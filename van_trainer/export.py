@@ -38,17 +38,55 @@ def keras_weights_path(export_dir: str) -> str:
     return os.path.join(export_dir, KERAS_WEIGHTS_PATH)
 
 
+# Bounds on a class list read back from a model (it may be damaged, or not ours): more classes
+# than any image model has (ImageNet-22k: 21,841), and bytes for names of ~160 characters each.
+MAX_CLASSES = 100_000
+MAX_CLASS_LIST_BYTES = 16 << 20
+
+
+class ClassListFileError(ValueError):
+    """An exported model's class list is unreadable or not one distinct name a line; names it."""
+
+
 def read_class_list(export_dir: str) -> list[str] | None:
     """The synsets an exported model's classifier rows stand for, or None if it kept none."""
+    # ClassListFileError naming the file when it is not a list of distinct names.
     path = os.path.join(export_dir, CLASS_LIST_PATH)
     if not tf.io.gfile.exists(path):
         return None
-    with tf.io.gfile.GFile(path, "rb") as handle:
-        data = handle.read()
     try:
-        return data.decode("utf-8").split("\n")[:-1]
-    except UnicodeDecodeError:  # damaged: as good as none (the classifier stays fresh)
-        return None
+        with tf.io.gfile.GFile(path, "rb") as handle:
+            # Read no more than a class list can be: a 300 MB file of newlines took 5 GB.
+            data = handle.read(MAX_CLASS_LIST_BYTES + 1)
+    except tf.errors.OpError as exc:
+        raise ClassListFileError(f"{path} is unreadable: {exc.message}") from None
+    return parse_class_list(data, path)
+
+
+def parse_class_list(data: bytes, path: str) -> list[str]:
+    """One class name a line, each line ended by a newline, distinct, non-empty UTF-8 text."""
+
+    def refuse(problem: str):
+        return ClassListFileError(f"{path} is not a class list (one name a line): {problem}")
+
+    if len(data) > MAX_CLASS_LIST_BYTES or data.count(b"\n") > MAX_CLASSES:
+        raise refuse(f"over {MAX_CLASS_LIST_BYTES} bytes or {MAX_CLASSES} lines")
+    if not data.endswith(b"\n"):  # the writer ends every line: a cut file lost its last name
+        raise refuse("its last line has no newline (a cut file?)" if data else "it is empty")
+    try:
+        names = data.decode("utf-8").split("\n")[:-1]
+    except UnicodeDecodeError as exc:
+        raise refuse(f"not UTF-8 text ({exc})") from None
+    for line, name in enumerate(names, 1):
+        # What the writer can't have written (class_list.py refuses such synsets): an empty
+        # name would give a row to no class, and a repeated one two rows to one class.
+        if not name or "\r" in name:
+            raise refuse(f"line {line} is {name[:100]!r}: empty, or with a carriage return")
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        first = next(n for n in names if n in seen or seen.add(n))
+        raise refuse(f"{first[:100]!r} is on more than one line")
+    return names
 
 
 def serving_feature_spec(tft_output: tft.TFTransformOutput) -> dict:

@@ -9,6 +9,7 @@ history.csv, metrics.json and training_curves.png.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -171,10 +172,55 @@ class ProgressLog(keras.callbacks.Callback):
             logs["learning_rate"] = float(self.schedule(self.model.optimizer.iterations))
 
 
+class ResumeCheckpointError(RuntimeError):
+    """The run directory's resume checkpoint can't be restored: names it and what to do."""
+
+
+class BackupAndRestore(keras.callbacks.BackupAndRestore):
+    """tf_keras' BackupAndRestore; a checkpoint it can't restore is an error naming the backup."""
+
+    # The error names the backup directory and how to go on: never a bare TF error or a silent
+    # start from step 0.
+
+    # What a damaged or foreign checkpoint raises (found by cutting, removing and swapping
+    # real checkpoint files): IndexError for a cut data file, ValueError for another model's.
+    _RESTORE_ERRORS = (tf.errors.OpError, ValueError, IndexError, KeyError, AssertionError)
+
+    def on_train_begin(self, logs=None):
+        """Restore the last checkpoint as tf_keras does, or refuse naming the directory."""
+        chief = os.path.join(self.backup_dir, "chief")  # where tf_keras reads checkpoints
+        if tf.io.gfile.glob(os.path.join(chief, "ckpt-*.index")):
+            try:
+                latest = tf.train.latest_checkpoint(chief)
+            except self._RESTORE_ERRORS as exc:
+                raise self._refusal(chief, f"{type(exc).__name__}: {exc}") from None
+            if latest is None:  # tf_keras would start again from step 0 without a word
+                raise self._refusal(chief, "its state file `checkpoint` names no checkpoint")
+            # Every value read once, checksums checked, before fit: tf_keras restores some
+            # (optimizer slots) only when they are created in the first step, where a damaged
+            # value raised DataLossError from inside the train function.
+            try:
+                reader = tf.train.load_checkpoint(latest)
+                for key in reader.get_variable_to_shape_map():
+                    reader.get_tensor(key)
+            except self._RESTORE_ERRORS as exc:
+                raise self._refusal(chief, f"{type(exc).__name__}: {exc}") from None
+        try:
+            super().on_train_begin(logs)
+        except self._RESTORE_ERRORS as exc:
+            raise self._refusal(chief, f"{type(exc).__name__}: {exc}") from None
+
+    def _refusal(self, chief: str, problem: str) -> ResumeCheckpointError:
+        return ResumeCheckpointError(
+            f"the resume checkpoint in {chief} can't be restored ({problem[:500]}): remove "
+            f"{self.backup_dir} to train this run from its first step"
+        )
+
+
 def build_callbacks(config: Config, model_run_dir: str, schedule, chief: bool) -> list:
     """Checkpoint/resume first (the others must see restored state), then logging and guards."""
     callbacks = [
-        keras.callbacks.BackupAndRestore(
+        BackupAndRestore(
             os.path.join(model_run_dir, BACKUP_DIR),
             save_freq=config.train.checkpoint_every_steps,
             delete_checkpoint=True,
@@ -242,7 +288,11 @@ def load_initial_weights(
         elif not tf.io.gfile.exists(path):
             log.warning("warm start skipped: %s has no Keras weights at %s", base_model, path)
         else:
-            why_fresh = _classes_changed(export.read_class_list(base_model), class_names)
+            try:
+                why_fresh = _classes_changed(export.read_class_list(base_model), class_names)
+            except export.ClassListFileError as exc:
+                # Which class each row is can't be known: only the classifier starts fresh.
+                why_fresh = f"the base model's class list is unusable ({exc})"
             if _load_if_compatible(model, config, num_classes, path, why_fresh):
                 return path
     if config.model.pretrained_weights:
@@ -277,9 +327,10 @@ def _load_if_compatible(model, config, num_classes, path, why_fresh: str | None)
         with storage.local_copy(path) as local:
             weights.load_weights_by_name(model, local, skip=head)  # all or nothing
     except weights.WeightsMismatchError as exc:
+        # Another variant or a damaged file (the message says which, naming the file): the
+        # run trains fresh rather than fail for the model it would replace.
         log.warning(
-            "warm start skipped: %s does not fit %s with %d classes (%s)",
-            path,
+            "warm start skipped, VAN-%s with %d classes starts fresh: %s",
             config.model.variant,
             num_classes,
             exc,
@@ -430,6 +481,15 @@ def _final_metrics(model, config, history, strategy, eval_files, num_classes, pl
 # --------------------------------------------------------------------------- report
 
 
+# history.csv gains a row an epoch: more is not a run's history (and is not read).
+MAX_HISTORY_ROWS = 100_000
+MAX_HISTORY_BYTES = 64 << 20
+
+
+class HistoryFileError(ValueError):
+    """history.csv can't be plotted: names the file, the line and what is wrong with it."""
+
+
 def write_run_report(model_run_dir: str, report: dict) -> None:
     """metrics.json and training_curves.png (from history.csv, which spans restarts)."""
     tf.io.gfile.makedirs(model_run_dir)
@@ -437,20 +497,59 @@ def write_run_report(model_run_dir: str, report: dict) -> None:
         f.write(json.dumps(report, indent=2))
     csv_path = os.path.join(model_run_dir, HISTORY_CSV)
     if tf.io.gfile.exists(csv_path):
-        plot_training_curves(csv_path, os.path.join(model_run_dir, CURVES_PNG))
+        try:
+            plot_training_curves(csv_path, os.path.join(model_run_dir, CURVES_PNG))
+        except HistoryFileError as exc:
+            # The model is trained and exported, and metrics.json holds this run's history:
+            # a damaged plot input (a row cut by a killed run) must not fail the Trainer.
+            log.warning("%s not drawn: %s", CURVES_PNG, exc)
 
 
-def _read_history(csv_path: str) -> dict[str, list[float]]:
+def _read_history(csv_path: str) -> dict[str, tuple[list[int], list[float]]]:
+    """history.csv's columns as (epochs, values), each value with its own row's epoch (1-based);
+    HistoryFileError naming the file and line for anything else."""
     import csv
 
-    with tf.io.gfile.GFile(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    columns: dict[str, list[float]] = {}
-    for row in rows:
-        for key, value in row.items():
-            if value not in ("", None):
-                columns.setdefault(key, []).append(float(value))
+    try:
+        size = tf.io.gfile.stat(csv_path).length
+        if size > MAX_HISTORY_BYTES:
+            raise HistoryFileError(f"{csv_path} is over {MAX_HISTORY_BYTES} bytes ({size})")
+        with tf.io.gfile.GFile(csv_path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except tf.errors.OpError as exc:
+        raise HistoryFileError(f"{csv_path} is unreadable: {exc.message}") from None
+    except UnicodeDecodeError as exc:
+        raise HistoryFileError(f"{csv_path} is not UTF-8 text ({exc})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    columns: dict[str, tuple[list[int], list[float]]] = {}
+    try:
+        for row in reader:
+            where = f"{csv_path} line {reader.line_num}"
+            if reader.line_num > MAX_HISTORY_ROWS + 1:
+                raise HistoryFileError(f"{where}: more than {MAX_HISTORY_ROWS} rows")
+            if None in row:  # a row cut by a kill, continued by the next run's first row
+                raise HistoryFileError(
+                    f"{where}: more fields than the header's {len(reader.fieldnames)}"
+                )
+            epoch = _number(row.get("epoch") or "", f"{where}: epoch")
+            if not (epoch.is_integer() and epoch >= 0):
+                raise HistoryFileError(f"{where}: epoch is {row['epoch'][:50]!r}")
+            for key, value in row.items():
+                # "NA" is CSVLogger's mark for a value not logged that epoch.
+                if key != "epoch" and value not in ("", None, "NA"):
+                    xs, ys = columns.setdefault(key, ([], []))
+                    xs.append(int(epoch) + 1)
+                    ys.append(_number(value, f"{where}: {key}"))
+    except csv.Error as exc:
+        raise HistoryFileError(f"{csv_path} line {reader.line_num}: {exc}") from None
     return columns
+
+
+def _number(value: str, where: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise HistoryFileError(f"{where} is {value[:50]!r}, not a number") from None
 
 
 def plot_training_curves(csv_path: str, png_path: str) -> None:
@@ -461,13 +560,12 @@ def plot_training_curves(csv_path: str, png_path: str) -> None:
     import matplotlib.pyplot as plt
 
     history = _read_history(csv_path)
-    epochs = [int(e) + 1 for e in history.get("epoch", [])]
     panels = (("loss", "loss"), ("accuracy", "top-1 accuracy"), ("learning_rate", "learning rate"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for name, style in ((key, "-o"), (f"val_{key}", "--s")):
             if name in history:
-                ax.plot(epochs[: len(history[name])], history[name], style, label=name, ms=3)
+                ax.plot(*history[name], style, label=name, ms=3)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
