@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import itertools
 import logging
 import os
 import threading
@@ -593,32 +593,75 @@ def run_warmup(servable: Servable) -> int:
     call optimising its graph, single-threaded work that parallelises across signatures.
     """
     import tensorflow as tf
-    from tensorflow_serving.apis import prediction_log_pb2
 
     path = os.path.join(servable.path, WARMUP_FILE)
     if not tf.io.gfile.exists(path):
         return 0
-    records = []
+    # Streamed, as saved_model_warmup_util.cc reads them: a record is read when a thread is free
+    # for it, so memory holds WARMUP_THREADS records, not the file (1000 records of 2 MB were
+    # 8.8 GB resident before the first one ran), and a failure stops the reading.
+    pending: collections.deque = collections.deque()
+    replayed = 0
+    pool = concurrent.futures.ThreadPoolExecutor(WARMUP_THREADS, "warmup")
+    with pool, contextlib.closing(_warmup_logs(path)) as logs:
+        try:
+            unreadable = None
+            while True:
+                try:
+                    number, entry = next(logs, (None, None))
+                except LoadError as exc:  # reported after the records before it
+                    unreadable = exc
+                    break
+                if entry is None:
+                    break
+                pending.append((number, pool.submit(_replay, servable, entry)))
+                if len(pending) >= WARMUP_THREADS:
+                    _raise_on_failure(path, *pending.popleft())
+                    replayed += 1
+            while pending:
+                _raise_on_failure(path, *pending.popleft())
+                replayed += 1
+            if unreadable is not None:
+                raise unreadable
+        finally:  # a failure: the records queued behind it do not run
+            for _, future in pending:
+                future.cancel()
+    return replayed
+
+
+def _warmup_logs(path: str):
+    """(record number, PredictionLog) of each warmup record, read one at a time; LoadError with
+    TF Serving's code for a damaged file, a record that is no PredictionLog, or too many."""
+    from google.protobuf.message import DecodeError
+    from tensorflow_serving.apis import prediction_log_pb2
+
     try:
-        raw_records = list(itertools.islice(read_records(path), MAX_WARMUP_RECORDS + 1))
+        for number, record in enumerate(read_records(path), start=1):
+            if number > MAX_WARMUP_RECORDS:
+                raise LoadError(
+                    f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS}) at "
+                    f"{path}",
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                )
+            try:
+                entry = prediction_log_pb2.PredictionLog.FromString(record)
+            except DecodeError:  # saved_model_warmup_util.cc: INVALID_ARGUMENT, not UNKNOWN
+                raise LoadError(
+                    f"Failed to parse warmup record {number} ({len(record)} bytes) from {path}: "
+                    "not a serialized PredictionLog",
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ) from None
+            yield number, entry
     except CorruptShardError as exc:  # TF's reader would allocate a damaged header's length
         # TF Serving's RecordReader fails the load with DATA_LOSS ("corrupted record at N").
         raise LoadError(str(exc), grpc.StatusCode.DATA_LOSS) from None
-    for record in raw_records:
-        if len(records) == MAX_WARMUP_RECORDS:
-            raise LoadError(
-                f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS})",
-                grpc.StatusCode.INVALID_ARGUMENT,
-            )
-        records.append(prediction_log_pb2.PredictionLog.FromString(record))
-    with concurrent.futures.ThreadPoolExecutor(WARMUP_THREADS, "warmup") as pool:
-        outcomes = list(pool.map(lambda entry: _replay(servable, entry), records))
-    for number, problem in enumerate(outcomes, start=1):
-        if problem:  # the failing request's own code, as saved_model_warmup.cc returns it
-            raise LoadError(
-                f"warmup record {number} of {path} failed: {problem.message}", problem.code
-            )
-    return len(records)
+
+
+def _raise_on_failure(path: str, number: int, outcome: concurrent.futures.Future) -> None:
+    """Raise the failing request's own code, as saved_model_warmup.cc returns it."""
+    problem = outcome.result()
+    if problem:
+        raise LoadError(f"warmup record {number} of {path} failed: {problem.message}", problem.code)
 
 
 def _replay(servable: Servable, entry) -> ServingError | None:
