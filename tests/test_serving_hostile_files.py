@@ -2,15 +2,17 @@
 a real exported SavedModel, no mocks)."""
 
 import os
+import subprocess
+import sys
 
 import grpc
 import pytest
 import tensorflow as tf
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-from serving import testing
+from serving import protos, testing
 from serving.manager import MAX_WARMUP_RECORDS, LoadError, run_warmup
 from serving.servable import WARMUP_FILE, Servable
 from van_tfx.tfrecords import record_header, write_records
@@ -99,3 +101,93 @@ def test_warmup_reports_the_first_bad_record_or_counts_them_all(servable, kinds)
     # The first bad record is the one reported, whatever runs concurrently behind it.
     assert f"record {bad[0]} " in str(failure.value)
     assert path in str(failure.value)
+
+
+NESTED_ANY = "[type.googleapis.com/google.protobuf.Any] { "
+
+
+def nested_config(levels: int) -> str:
+    """A ModelServerConfig whose custom_model_config nests `levels` messages in all, with braces
+    in a comment and in a string that must not count as nesting."""
+    braces = "{<" * 200
+    inner = levels - 2  # custom_model_config and the innermost StringValue are two levels
+    return (
+        f"# {braces}\ncustom_model_config {{ {NESTED_ANY * inner}"
+        f"[type.googleapis.com/google.protobuf.StringValue] {{ value: '{braces}' }}"
+        f"{'}' * inner} }}  # {braces}\n"
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(levels=st.integers(2, 2 * protos.MAX_TEXT_PROTO_DEPTH))
+@example(levels=protos.MAX_TEXT_PROTO_DEPTH)
+@example(levels=protos.MAX_TEXT_PROTO_DEPTH + 1)
+def test_config_nesting_is_refused_past_protobufs_depth_limit(tmp_path_factory, levels):
+    path = tmp_path_factory.mktemp("nested") / "models.config"
+    path.write_text(nested_config(levels))
+    if levels <= protos.MAX_TEXT_PROTO_DEPTH:
+        assert protos.parse_text_proto(path, protos.ModelServerConfig).custom_model_config
+        return
+    with pytest.raises(protos.ConfigFileError) as failure:
+        protos.parse_text_proto(path, protos.ModelServerConfig)
+    message = str(failure.value)
+    assert message.startswith(f"{path} is not a valid ModelServerConfig text proto: ")
+    assert message.endswith(
+        f"Message is too deep: more than {protos.MAX_TEXT_PROTO_DEPTH} nested levels"
+    )
+
+
+def test_a_config_nested_ten_thousand_deep_is_a_config_error_not_a_recursion_error(tmp_path):
+    # Python's text parser recursed per level: RecursionError, a traceback from `van-tfx serve`.
+    path = tmp_path / "batching.config"
+    path.write_text(nested_config(10_000))
+    with pytest.raises(protos.ConfigFileError, match="Message is too deep") as failure:
+        protos.parse_model_config_file(path)
+    assert len(str(failure.value)) < 1000  # the 440 KB line it quotes is shortened
+
+
+def test_a_huge_config_file_is_refused_by_its_size_unread(tmp_path):
+    path = tmp_path / "models.config"
+    with open(path, "wb") as f:  # sparse: 64 MiB of NULs that take no disk
+        f.truncate(64 << 20)
+    with pytest.raises(protos.ConfigFileError) as failure:
+        protos.parse_model_config_file(path)
+    assert str(failure.value) == (
+        f"config file {path} is {64 << 20} bytes, more than the "
+        f"{protos.MAX_CONFIG_FILE_BYTES} bytes this server reads from it"
+    )
+
+
+def test_a_config_that_is_not_utf8_names_the_file_and_byte(tmp_path):
+    path = tmp_path / "monitoring.config"
+    path.write_bytes(b"prometheus_config { path: '\xff' }")
+    with pytest.raises(protos.ConfigFileError) as failure:
+        protos.parse_monitoring_file(path)
+    assert str(failure.value) == (
+        f"{path} is not a valid MonitoringConfig text proto: byte 27 is not UTF-8"
+    )
+
+
+def test_read_bounded_stops_at_the_limit_of_an_endless_file():
+    from serving.files import FileTooLargeError, read_bounded
+
+    with pytest.raises(FileTooLargeError, match="/dev/zero is over 4096 bytes"):
+        read_bounded("/dev/zero", 4096, "config file")
+
+
+def test_serve_refuses_a_huge_config_file_with_one_line(tmp_path):
+    # The whole file was read (1.5 GB of NULs: 3.6 GB resident, then a MemoryError traceback).
+    path = tmp_path / "models.config"
+    with open(path, "wb") as f:
+        f.truncate(1 << 30)
+    result = subprocess.run(
+        [sys.executable, "-m", "van_tfx.cli", "serve", "--port=0", "--rest_api_port=0",
+         f"--model_config_file={path}"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"error: config file {path} is {1 << 30} bytes, more than the "
+        f"{protos.MAX_CONFIG_FILE_BYTES} bytes this server reads from it"
+    )
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,36 @@
+"""Bounded reads of the files an operator (or anyone who can write them) hands the server: a
+config file may be a multi-GB file, /dev/zero or a FIFO, and a whole-file read would hold it all."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+
+class FileTooLargeError(ValueError):
+    """A file larger than what its reader accepts (named, with the limit)."""
+
+
+def read_prefix(path: str | os.PathLike, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of `path` from its start (more than `limit`: the file is larger)."""
+    with open(path, "rb") as f:
+        # One read of limit + 1 bytes, never the whole file: /dev/zero or a growing file too.
+        return f.read(limit + 1)
+
+
+def read_bounded(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
+    """The bytes of `path`; FileTooLargeError naming it (as `what`) when over `limit` bytes."""
+    with open(path, "rb") as f:
+        info = os.fstat(f.fileno())
+        # A regular file's size is known before reading a byte; anything else (a FIFO, a
+        # device) is read up to the limit.
+        if stat.S_ISREG(info.st_mode) and info.st_size > limit:
+            raise FileTooLargeError(_too_large(what, path, f"{info.st_size} bytes", limit))
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLargeError(_too_large(what, path, f"over {limit} bytes", limit))
+    return data
+
+
+def _too_large(what: str, path, size: str, limit: int) -> str:
+    return f"{what} {path} is {size}, more than the {limit} bytes this server reads from it"
