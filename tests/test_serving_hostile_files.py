@@ -191,3 +191,31 @@ def test_serve_refuses_a_huge_config_file_with_one_line(tmp_path):
         f"{protos.MAX_CONFIG_FILE_BYTES} bytes this server reads from it"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_manifests_check_finds_huge_and_binary_manifests_stale_without_reading_them(tmp_path):
+    # A 2 GB file in place of a manifest was read whole (4.2 GB resident); one that is not
+    # UTF-8 was a UnicodeDecodeError traceback. Under a 1 GiB address-space limit the whole
+    # read cannot happen: the check must compare a prefix.
+    out = tmp_path / "deploy"
+    command = [sys.executable, "-m", "serving.manifests", "--out", str(out)]
+    subprocess.run(command, capture_output=True, check=True, timeout=120)
+    with open(out / "configmap.yaml", "r+b") as f:
+        f.truncate(2 << 30)  # sparse
+    (out / "service.yaml").write_bytes(b"\xff\xfe")
+
+    def limited():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    result = subprocess.run(
+        [*command, "--check"], capture_output=True, text=True, timeout=120, check=False,
+        preexec_fn=limited,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == (
+        f"stale manifests in {out}: configmap.yaml, service.yaml; "
+        f"run `van-tfx serving-manifests --out {out}`\n"
+    )
+    assert "Traceback" not in result.stderr
