@@ -205,7 +205,7 @@ class ModelServer:
         self.manager.start_polling()
         if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
             threading.Thread(
-                target=self._watch_config_file, name="config-poll", daemon=True
+                target=self._watch_config_file, args=(configs,), name="config-poll", daemon=True
             ).start()
         log.info("gRPC on %s, REST on %s", self.grpc_target, self.rest_url)
         return self
@@ -261,9 +261,10 @@ class ModelServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _watch_config_file(self) -> None:
+    def _watch_config_file(self, seen: list) -> None:
         # --model_config_file_poll_wait_seconds: apply edits of the config file like a reload RPC.
-        seen = parse_model_config_file(self.options.model_config_file)
+        # `seen` is what start() loaded, not a second read: an edit made while the models loaded
+        # would have become the baseline, never applied, and a bad file then ended this thread.
         while not self._stopping.wait(self.options.model_config_file_poll_wait_seconds):
             try:
                 configs = parse_model_config_file(self.options.model_config_file)

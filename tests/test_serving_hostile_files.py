@@ -4,6 +4,7 @@ a real exported SavedModel, no mocks)."""
 import os
 import subprocess
 import sys
+import threading
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 from serving import protos, testing
 from serving.manager import MAX_WARMUP_RECORDS, LoadError, run_warmup
 from serving.servable import WARMUP_FILE, Servable
+from serving.server import ModelServer, ServerOptions
 from van_tfx.tfrecords import record_header, write_records
 
 IMAGE = testing.encode_image((10, 200, 30))
@@ -219,3 +221,38 @@ def test_manifests_check_finds_huge_and_binary_manifests_stale_without_reading_t
         f"run `van-tfx serving-manifests --out {out}`\n"
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("meanwhile", ["another config", "a broken config"])
+def test_a_config_edited_while_the_models_load_is_applied_once_serving(tmp_path, meanwhile):
+    # The watcher took its baseline from a second read after startup: an edit made while the
+    # models loaded became that baseline and was never applied, and a broken file there ended
+    # the watcher (no edit applied again).
+    from model_dirs import push, wait_for
+
+    exported = testing.export(testing.build_tiny_model(), str(tmp_path / "export"), 1)
+    (tmp_path / "van").mkdir()
+    push(tmp_path / "other", exported, 1)
+    config = tmp_path / "models.config"
+    config.write_text(protos.render_model_config([("van", str(tmp_path / "van"))]))
+    both = protos.render_model_config(
+        [("van", str(tmp_path / "van")), ("other", str(tmp_path / "other"))]
+    )
+    server = ModelServer(
+        ServerOptions(
+            model_config_file=str(config), model_config_file_poll_wait_seconds=0.05,
+            file_system_poll_wait_seconds=0.05, port=0, rest_api_port=0,
+        )
+    )  # fmt: skip
+    starting = threading.Thread(target=server.start)
+    starting.start()  # waits for a version of "van"
+    try:
+        wait_for(lambda: server.manager is not None)  # the config file has been read
+        config.write_text(both if meanwhile == "another config" else "model_config_list {")
+        push(tmp_path / "van", exported, 1)  # now startup can finish
+        starting.join()
+        config.write_text(both)  # (for the broken file: fixed once serving)
+        wait_for(lambda: server.manager.is_available("other"))
+    finally:
+        starting.join()
+        server.stop()
