@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from model_dirs import push, wait_for
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from serving import protos, testing
@@ -228,8 +229,6 @@ def test_a_config_edited_while_the_models_load_is_applied_once_serving(tmp_path,
     # The watcher took its baseline from a second read after startup: an edit made while the
     # models loaded became that baseline and was never applied, and a broken file there ended
     # the watcher (no edit applied again).
-    from model_dirs import push, wait_for
-
     exported = testing.export(testing.build_tiny_model(), str(tmp_path / "export"), 1)
     (tmp_path / "van").mkdir()
     push(tmp_path / "other", exported, 1)
@@ -256,3 +255,44 @@ def test_a_config_edited_while_the_models_load_is_applied_once_serving(tmp_path,
     finally:
         starting.join()
         server.stop()
+
+
+def _waiting(thread: threading.Thread) -> bool:
+    """Whether `thread` ended or is blocked in Condition.wait (where a batch worker waits)."""
+    frame = sys._current_frames().get(thread.ident)
+    return not thread.is_alive() or (frame is not None and frame.f_code.co_name == "wait")
+
+
+def test_an_int64_max_batch_timeout_waits_for_a_full_batch_and_keeps_its_worker(tmp_path):
+    # TF Serving reads batch_timeout_micros as an int64 and waits for a full batch. Here
+    # Condition.wait(2**63 µs) raised OverflowError: the worker thread died at each request,
+    # and with none left every request waited out its deadline.
+    import numpy as np
+
+    from serving.batching import Batcher
+
+    path = tmp_path / "batching.config"
+    path.write_text(
+        "max_batch_size { value: 2 }\nbatch_timeout_micros { value: 9223372036854775807 }\n"
+        "num_batch_threads { value: 1 }\n"
+    )
+    batcher = Batcher(lambda feed: feed, protos.parse_batching_file(path), "timeout")
+    (worker,) = batcher._threads
+    try:
+        for round_ in range(2):
+            first: dict = {}
+            alone = threading.Thread(
+                target=lambda answers: answers.update(
+                    batcher.submit({"x": np.array([1.0])}, timeout=60)
+                ),
+                args=(first,),
+            )
+            alone.start()  # one row of two: its worker waits for a second
+            wait_for(lambda: batcher._queued_rows == 1 and _waiting(worker))
+            assert worker.is_alive(), f"round {round_}: the batch worker died"
+            second = batcher.submit({"x": np.array([2.0])}, timeout=60)  # fills the batch
+            alone.join()
+            assert (first["x"].tolist(), second["x"].tolist()) == ([1.0], [2.0])
+        assert batcher.batches_run == 2
+    finally:
+        batcher.stop()
