@@ -151,8 +151,17 @@ def parse_batching_file(path: str | Path) -> BatchingSettings:
     """Read --batching_parameters_file into BatchingSettings (unset fields keep TF defaults)."""
     params = parse_text_proto(path, BatchingParameters)
     defaults = BatchingSettings.tf_serving_defaults()
+    max_batch_size = _value(params, "max_batch_size", defaults.max_batch_size)
+    # WrapSessionForBatching (bundle_factory_util.cc) fails every version's load with this; the
+    # batcher here does not pad, so a mismatch would otherwise be served without a word.
+    allowed = params.allowed_batch_sizes
+    if allowed and allowed[-1] != max_batch_size:
+        raise ConfigFileError(
+            f"{path}: Last entry in allowed_batch_sizes must match max_batch_size; last entry "
+            f"was {allowed[-1]}; expected {max_batch_size}"
+        )
     return BatchingSettings(
-        max_batch_size=_value(params, "max_batch_size", defaults.max_batch_size),
+        max_batch_size=max_batch_size,
         batch_timeout_micros=_value(params, "batch_timeout_micros", defaults.batch_timeout_micros),
         max_enqueued_batches=_value(params, "max_enqueued_batches", defaults.max_enqueued_batches),
         num_batch_threads=_value(params, "num_batch_threads", defaults.num_batch_threads),

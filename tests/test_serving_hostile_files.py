@@ -296,3 +296,27 @@ def test_an_int64_max_batch_timeout_waits_for_a_full_batch_and_keeps_its_worker(
         assert batcher.batches_run == 2
     finally:
         batcher.stop()
+
+
+@pytest.mark.parametrize(
+    ("fields", "last", "expected"),
+    [
+        ("max_batch_size { value: 32 } allowed_batch_sizes: [8, 16]", 16, 32),
+        ("allowed_batch_sizes: 64", 64, 1000),  # TF Serving's default max_batch_size
+    ],
+)
+def test_allowed_batch_sizes_must_end_at_max_batch_size_as_in_tf_serving(
+    tmp_path, fields, last, expected
+):
+    # TF Serving fails each version's load (INVALID_ARGUMENT); the field was ignored here and
+    # the model served as if the file were fine.
+    path = tmp_path / "batching.config"
+    path.write_text(fields)
+    with pytest.raises(protos.ConfigFileError) as failure:
+        protos.parse_batching_file(path)
+    assert str(failure.value) == (
+        f"{path}: Last entry in allowed_batch_sizes must match max_batch_size; last entry was "
+        f"{last}; expected {expected}"
+    )
+    path.write_text(f"max_batch_size {{ value: {last} }} allowed_batch_sizes: [2, {last}]")
+    assert protos.parse_batching_file(path).max_batch_size == last
