@@ -36,6 +36,29 @@ SAVED_MODEL_FILE = "saved_model.pb"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
 
+# Protocol buffers cannot exceed 2 GiB - 1 bytes; TF Serving's ReadBinaryProto stops there.
+MAX_SAVED_MODEL_BYTES = 2**31 - 1
+
+
+def check_saved_model_size(path: str) -> None:
+    """DATA_LOSS, before anything is read, when <path>/saved_model.pb is larger than a protocol
+    buffer can be (tf.saved_model.load reads it whole first: a 20 GB sparse file ended the
+    server with SIGSEGV under an 8 GB address-space limit)."""
+    import tensorflow as tf
+
+    file = os.path.join(path, SAVED_MODEL_FILE)
+    try:
+        size = tf.io.gfile.stat(file).length
+    except tf.errors.NotFoundError:
+        return  # tf.saved_model.load reports a missing file with its own message
+    if size > MAX_SAVED_MODEL_BYTES:
+        raise ServingError(
+            grpc.StatusCode.DATA_LOSS,
+            f"Can't parse {file} as binary proto: it is {size} bytes, more than the "
+            f"{MAX_SAVED_MODEL_BYTES} a protocol buffer may hold",
+        )
+
+
 def read_signature_defs(path: str):
     """The SignatureDef map of the SavedModel's (only) MetaGraph, as TF Serving reports it."""
     import tensorflow as tf
@@ -63,6 +86,7 @@ class Servable:
         import tensorflow as tf
 
         self.name, self.version, self.path = name, version, path
+        check_saved_model_size(path)
         self._model = tf.saved_model.load(path)
         self.signature_defs = read_signature_defs(path)
         self._functions = dict(self._model.signatures)

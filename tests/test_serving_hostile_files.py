@@ -320,3 +320,51 @@ def test_allowed_batch_sizes_must_end_at_max_batch_size_as_in_tf_serving(
     )
     path.write_text(f"max_batch_size {{ value: {last} }} allowed_batch_sizes: [2, {last}]")
     assert protos.parse_batching_file(path).max_batch_size == last
+
+
+MANAGER_SCRIPT = """
+import json, sys
+from serving.manager import ModelManager
+from serving.protos import ModelConfig
+config = ModelConfig(name="van", base_path=sys.argv[1], model_platform="tensorflow")
+config.model_version_policy.all.SetInParent()
+manager = ModelManager([config], max_num_load_retries=0)
+manager.poll_once()
+print(json.dumps([[s.version, s.state, s.error_code, s.error] for s in manager.status("van")]))
+"""
+
+
+def test_a_saved_model_pb_larger_than_a_proto_fails_its_version_not_the_server(tmp_path):
+    # tf.saved_model.load read it whole: a 20 GB (sparse) saved_model.pb in a new version dir
+    # ended the whole server with SIGSEGV under an 8 GB address-space limit.
+    import json
+    import shutil
+
+    from serving.servable import MAX_SAVED_MODEL_BYTES
+
+    exported = testing.export(testing.build_tiny_model(), str(tmp_path / "export"), 1)
+    shutil.copytree(exported, tmp_path / "base" / "1")
+    shutil.copytree(exported, tmp_path / "base" / "2")
+    huge = tmp_path / "base" / "2" / "saved_model.pb"
+    with open(huge, "r+b") as f:
+        f.truncate(20 << 30)
+
+    def limited():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    result = subprocess.run(
+        [sys.executable, "-c", MANAGER_SCRIPT, str(tmp_path / "base")], capture_output=True,
+        text=True, timeout=300, check=False, preexec_fn=limited,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    statuses = json.loads(result.stdout.splitlines()[-1])
+    assert statuses == [
+        [
+            2, 50, grpc.StatusCode.DATA_LOSS.value[0],
+            f"Can't parse {huge} as binary proto: it is {20 << 30} bytes, more than the "
+            f"{MAX_SAVED_MODEL_BYTES} a protocol buffer may hold",
+        ],
+        [1, 30, 0, ""],  # version 1 still AVAILABLE
+    ]  # fmt: skip
