@@ -34,3 +34,18 @@ def read_bounded(path: str | os.PathLike, limit: int, what: str = "file") -> byt
 
 def _too_large(what: str, path, size: str, limit: int) -> str:
     return f"{what} {path} is {size}, more than the {limit} bytes this server reads from it"
+
+
+def irregular_kind(path: str | os.PathLike) -> str | None:
+    """What a local `path` is when it exists and is not a regular file ("a FIFO", "a directory",
+    ...), else None; never opens it (opening a FIFO blocks until someone writes to it)."""
+    if "://" in str(path):
+        return None  # object storage holds only regular objects
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks, as open() would
+    except OSError:
+        return None  # missing or unreadable: the reader reports it with its own error
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISDIR: "a directory", stat.S_ISSOCK: "a socket"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "a device")

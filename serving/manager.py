@@ -24,7 +24,7 @@ from serving.errors import (
 )
 from serving.limits import RequestLimits
 from serving.protos import BatchingSettings
-from serving.servable import SAVED_MODEL_FILE, WARMUP_FILE, Servable
+from serving.servable import SAVED_MODEL_FILE, WARMUP_FILE, Servable, check_regular_file
 from van_tfx.tfrecords import CorruptShardError, read_records
 
 log = logging.getLogger(__name__)
@@ -597,6 +597,7 @@ def run_warmup(servable: Servable) -> int:
     path = os.path.join(servable.path, WARMUP_FILE)
     if not tf.io.gfile.exists(path):
         return 0
+    check_regular_file(path)  # a FIFO would block this (the poll) thread until written to
     # Streamed, as saved_model_warmup_util.cc reads them: a record is read when a thread is free
     # for it, so memory holds WARMUP_THREADS records, not the file (1000 records of 2 MB were
     # 8.8 GB resident before the first one ran), and a failure stops the reading.

@@ -14,6 +14,7 @@ import numpy as np
 
 from serving.batching import Batcher
 from serving.errors import ServingError, from_tf_error, invalid_argument, signature_not_found
+from serving.files import irregular_kind
 from serving.grpc_wire import sorted_gently
 from serving.images import check_pixel_budget
 from serving.limits import RequestLimits
@@ -40,13 +41,15 @@ WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_SAVED_MODEL_BYTES = 2**31 - 1
 
 
-def check_saved_model_size(path: str) -> None:
-    """DATA_LOSS, before anything is read, when <path>/saved_model.pb is larger than a protocol
-    buffer can be (tf.saved_model.load reads it whole first: a 20 GB sparse file ended the
-    server with SIGSEGV under an 8 GB address-space limit)."""
+def check_saved_model_file(path: str) -> None:
+    """Refuse <path>/saved_model.pb before anything reads it: FAILED_PRECONDITION when it is no
+    regular file (opening a FIFO blocked the poll thread for good: no version of any model
+    loaded again), DATA_LOSS when larger than a protocol buffer can be (tf.saved_model.load
+    reads it whole: a 20 GB sparse file ended the server with SIGSEGV under an 8 GB limit)."""
     import tensorflow as tf
 
     file = os.path.join(path, SAVED_MODEL_FILE)
+    check_regular_file(file)
     try:
         size = tf.io.gfile.stat(file).length
     except tf.errors.NotFoundError:
@@ -56,6 +59,15 @@ def check_saved_model_size(path: str) -> None:
             grpc.StatusCode.DATA_LOSS,
             f"Can't parse {file} as binary proto: it is {size} bytes, more than the "
             f"{MAX_SAVED_MODEL_BYTES} a protocol buffer may hold",
+        )
+
+
+def check_regular_file(file: str) -> None:
+    """FAILED_PRECONDITION (TF's code for EISDIR) when a version's `file` is no regular file."""
+    kind = irregular_kind(file)
+    if kind is not None:
+        raise ServingError(
+            grpc.StatusCode.FAILED_PRECONDITION, f"{file} is {kind}, not a regular file"
         )
 
 
@@ -86,7 +98,7 @@ class Servable:
         import tensorflow as tf
 
         self.name, self.version, self.path = name, version, path
-        check_saved_model_size(path)
+        check_saved_model_file(path)
         self._model = tf.saved_model.load(path)
         self.signature_defs = read_signature_defs(path)
         self._functions = dict(self._model.signatures)

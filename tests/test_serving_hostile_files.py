@@ -368,3 +368,38 @@ def test_a_saved_model_pb_larger_than_a_proto_fails_its_version_not_the_server(t
         ],
         [1, 30, 0, ""],  # version 1 still AVAILABLE
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("file", "make", "kind"),
+    [
+        ("saved_model.pb", os.mkfifo, "a FIFO"),
+        (WARMUP_FILE, os.mkfifo, "a FIFO"),
+        (WARMUP_FILE, os.mkdir, "a directory"),
+    ],
+)
+def test_a_version_file_that_is_no_regular_file_fails_its_version_unopened(
+    tmp_path, file, make, kind
+):
+    # Opening a FIFO blocks until someone writes: the poll thread hung for good, so no version
+    # of any model loaded again (here the script never ended); a warmup directory was UNKNOWN.
+    import json
+    import shutil
+
+    exported = testing.export(testing.build_tiny_model(), str(tmp_path / "export"), 1)
+    shutil.copytree(exported, tmp_path / "base" / "1")
+    shutil.copytree(exported, tmp_path / "base" / "2")
+    target = tmp_path / "base" / "2" / file
+    target.parent.mkdir(exist_ok=True)
+    if target.exists():
+        target.unlink()
+    make(target)
+    result = subprocess.run(
+        [sys.executable, "-c", MANAGER_SCRIPT, str(tmp_path / "base")], capture_output=True,
+        text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == [
+        [2, 50, grpc.StatusCode.FAILED_PRECONDITION.value[0], f"{target} is {kind}, not a regular file"],
+        [1, 30, 0, ""],
+    ]  # fmt: skip
