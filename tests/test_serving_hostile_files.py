@@ -403,3 +403,29 @@ def test_a_version_file_that_is_no_regular_file_fails_its_version_unopened(
         [2, 50, grpc.StatusCode.FAILED_PRECONDITION.value[0], f"{target} is {kind}, not a regular file"],
         [1, 30, 0, ""],
     ]  # fmt: skip
+
+
+ASPIRED_SCRIPT = """
+from serving.manager import aspired_versions
+from serving.protos import ModelConfig
+config = ModelConfig(name="m", base_path="/m", model_platform="tensorflow")
+config.model_version_policy.specific.versions.extend(range(1, 200_001))
+available = list(range(190_001, 210_001))
+print(len(aspired_versions(config, available)))
+"""
+
+
+def test_a_long_specific_version_list_costs_one_pass_not_one_per_available_version():
+    # The set of specific versions was rebuilt for every available version: 200k x 20k here,
+    # minutes of CPU (25 s for 200k x 2000). A CPU-time limit (not a clock) makes that a failure.
+    def limited():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CPU, (120, 120))
+
+    result = subprocess.run(
+        [sys.executable, "-c", ASPIRED_SCRIPT], capture_output=True, text=True, timeout=600,
+        check=False, preexec_fn=limited,
+    )  # fmt: skip
+    assert result.returncode == 0, f"killed by the CPU limit: {result.returncode}"
+    assert result.stdout.splitlines()[-1] == "10000"
