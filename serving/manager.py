@@ -546,7 +546,8 @@ def load_error(exc: Exception) -> ServingError:
         text = str(exc)
         if text.startswith("Cannot parse file"):
             return ServingError(grpc.StatusCode.DATA_LOSS, text)
-        if "does not exist" in text:
+        # FileNotFoundError: a missing variables/ file, NOT_FOUND from TF Serving's restore op.
+        if "does not exist" in text or isinstance(exc, FileNotFoundError):
             return ServingError(grpc.StatusCode.NOT_FOUND, text)
     error = from_tf_error(exc)
     if error.code == grpc.StatusCode.INTERNAL:  # not a TensorFlow status: no code to report

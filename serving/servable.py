@@ -71,15 +71,38 @@ def check_regular_file(file: str) -> None:
         )
 
 
+# tensorflow_model_server's default --saved_model_tags (server.cc: kSavedModelTagServe).
+SERVE_TAGS = frozenset({"serve"})
+
+
 def read_signature_defs(path: str):
-    """The SignatureDef map of the SavedModel's (only) MetaGraph, as TF Serving reports it."""
+    """The SignatureDef map of the SavedModel's MetaGraph tagged exactly {serve}, as TF Serving's
+    loader finds it (reader.cc FindMetaGraphDef); DATA_LOSS or NOT_FOUND as its reader fails."""
     import tensorflow as tf
+    from google.protobuf.message import DecodeError
     from tensorflow.core.protobuf import saved_model_pb2
 
+    file = os.path.join(path, SAVED_MODEL_FILE)
     saved_model = saved_model_pb2.SavedModel()
-    with tf.io.gfile.GFile(os.path.join(path, SAVED_MODEL_FILE), "rb") as f:
-        saved_model.ParseFromString(f.read())
-    return saved_model.meta_graphs[0].signature_def
+    with tf.io.gfile.GFile(file, "rb") as f:
+        data = f.read()  # at most MAX_SAVED_MODEL_BYTES (check_saved_model_file)
+    try:
+        saved_model.ParseFromString(data)
+    except DecodeError:
+        raise ServingError(
+            grpc.StatusCode.DATA_LOSS, f"Can't parse {file} as binary proto"
+        ) from None
+    for meta_graph in saved_model.meta_graphs:
+        if set(meta_graph.meta_info_def.tags) == SERVE_TAGS:
+            return meta_graph.signature_def
+    # tf.saved_model.load without tags took a lone MetaGraph whatever its tags: a version with
+    # one empty MetaGraph went AVAILABLE (no signatures) and replaced the one serving.
+    raise ServingError(
+        grpc.StatusCode.NOT_FOUND,
+        f"Could not find meta graph def matching supplied tags: {{ {' '.join(sorted(SERVE_TAGS))} "
+        "}. To inspect available tag-sets in the SavedModel, please use the SavedModel CLI: "
+        "`saved_model_cli`",
+    )
 
 
 class Servable:
@@ -99,8 +122,8 @@ class Servable:
 
         self.name, self.version, self.path = name, version, path
         check_saved_model_file(path)
-        self._model = tf.saved_model.load(path)
-        self.signature_defs = read_signature_defs(path)
+        self.signature_defs = read_signature_defs(path)  # first: it refuses untagged graphs
+        self._model = tf.saved_model.load(path, tags=sorted(SERVE_TAGS))
         self._functions = dict(self._model.signatures)
         self._batching = batching
         self._batchers: dict[str, Batcher] = {}

@@ -429,3 +429,72 @@ def test_a_long_specific_version_list_costs_one_pass_not_one_per_available_versi
     )  # fmt: skip
     assert result.returncode == 0, f"killed by the CPU limit: {result.returncode}"
     assert result.stdout.splitlines()[-1] == "10000"
+
+
+def _retagged(saved_model_pb: bytes, tags: list[str]) -> bytes:
+    """The SavedModel `saved_model_pb` with its MetaGraph's tags replaced by `tags`."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel.FromString(saved_model_pb)
+    del saved_model.meta_graphs[0].meta_info_def.tags[:]
+    saved_model.meta_graphs[0].meta_info_def.tags.extend(tags)
+    return saved_model.SerializeToString()
+
+
+NO_SERVE_GRAPH = (
+    "Could not find meta graph def matching supplied tags: { serve }. To inspect available "
+    "tag-sets in the SavedModel, please use the SavedModel CLI: `saved_model_cli`"
+)
+
+
+@pytest.mark.parametrize(
+    ("damage", "code", "message"),
+    [
+        ("one empty MetaGraph", grpc.StatusCode.NOT_FOUND, NO_SERVE_GRAPH),
+        ("no MetaGraph", grpc.StatusCode.NOT_FOUND, NO_SERVE_GRAPH),
+        ("tagged train", grpc.StatusCode.NOT_FOUND, NO_SERVE_GRAPH),
+        ("tagged serve and gpu", grpc.StatusCode.NOT_FOUND, NO_SERVE_GRAPH),
+        ("not a proto", grpc.StatusCode.DATA_LOSS, "Can't parse {pb} as binary proto"),
+        ("no variables", grpc.StatusCode.NOT_FOUND, "Unsuccessful TensorSliceReader constructor"),
+    ],
+)
+def test_a_new_version_tf_serving_cannot_load_fails_with_its_code_and_the_old_one_serves(
+    tmp_path, damage, code, message
+):
+    # tf.saved_model.load without tags loads a lone MetaGraph whatever its tags: a version with
+    # an empty one (or one tagged train) went AVAILABLE and replaced the version serving, where
+    # TF Serving (tags {serve}) fails it with NOT_FOUND. Others were UNKNOWN.
+    import shutil
+
+    from serving.manager import ModelManager
+
+    exported = testing.export(testing.build_tiny_model(), str(tmp_path / "export"), 1)
+    shutil.copytree(exported, tmp_path / "base" / "1")
+    config = protos.ModelConfig(name="van", base_path=str(tmp_path / "base"))
+    config.model_platform = "tensorflow"
+    manager = ModelManager([config], max_num_load_retries=0, enable_warmup=False)
+    manager.poll_once()  # version 1 serves
+    shutil.copytree(exported, tmp_path / "staging")
+    pb = tmp_path / "staging" / "saved_model.pb"
+    original = pb.read_bytes()
+    contents = {
+        "one empty MetaGraph": b"\x12\x00",
+        "no MetaGraph": b"",
+        "tagged train": _retagged(original, ["train"]),
+        "tagged serve and gpu": _retagged(original, ["serve", "gpu"]),
+        "not a proto": b"\x0a\x05hello\xff",
+    }
+    if damage == "no variables":
+        shutil.rmtree(tmp_path / "staging" / "variables")
+    else:
+        pb.write_bytes(contents[damage])
+    os.rename(tmp_path / "staging", tmp_path / "base" / "2")
+    pb = tmp_path / "base" / "2" / "saved_model.pb"
+    try:
+        manager.poll_once()
+        status = manager.status("van", 2)[0]
+        assert (status.state, status.error_code) == (50, code.value[0]), status.error
+        assert status.error.startswith(message.replace("{pb}", str(pb)))
+        assert manager.resolve("van").version == 1
+    finally:
+        manager.stop()
