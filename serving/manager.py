@@ -7,6 +7,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -128,30 +129,63 @@ def numbered_children(base_path: str) -> list[tuple[int, str]] | None:
     return children
 
 
-def version_dirs(base_path: str) -> dict[int, str] | None:
-    """{version: child dir name} of the live versions under `base_path`; None if it is missing."""
-    import tensorflow as tf
+def version_dirs(base_path: str, config=None) -> dict[int, str] | None:
+    """{version: child dir name} of the live versions under `base_path`; None if it is missing.
 
+    With a ModelConfig, only the versions its policy can aspire are looked at: from the highest
+    down until its latest.num_versions are found live, or only its specific versions.
+    """
     children = numbered_children(base_path)
     if children is None:
         return None
+    # A poll stats saved_model.pb of the versions the policy needs, not of every numbered child:
+    # 100k children cost 1.3 to 2.3 s a poll, every second (TF Serving stats none; it aspires
+    # the highest child whatever it holds).
+    wanted, candidates = _policy_candidates(config, children)
     found: dict[int, str] = {}
-    for version, name in children:
-        # A version is live once the exporter has written saved_model.pb (the Pusher copies it
-        # last). One unreadable entry must not hide the others.
-        try:
-            live = tf.io.gfile.exists(os.path.join(base_path, name, SAVED_MODEL_FILE))
-        except Exception as exc:
-            log.warning("skipping %s: %s", os.path.join(base_path, name), exc)
-            continue
+    for version, names in candidates:
+        live = [name for name in names if _is_live(base_path, name)]
+        if len(live) > 1:  # IndexChildrenByVersion: the later child wins, with a warning
+            log.warning(
+                "Duplicate version directories detected. Version %d will be loaded from %s, "
+                "%s will be ignored.", version, live[-1], ", ".join(live[:-1]),
+            )  # fmt: skip
         if live:
-            if version in found:  # IndexChildrenByVersion: the later child wins, with a warning
-                log.warning(
-                    "Duplicate version directories detected. Version %d will be loaded from %s, "
-                    "%s will be ignored.", version, name, found[version],
-                )  # fmt: skip
-            found[version] = name
+            found[version] = live[-1]
+            if len(found) == wanted:
+                break
     return dict(sorted(found.items()))
+
+
+def _policy_candidates(config, children: list[tuple[int, str]]):
+    """(how many live versions the policy wants, None for all; an iterator of (version, its
+    child names in name order), highest version first, over the versions it may aspire)."""
+    policy = config.model_version_policy if config is not None else None
+    which = policy.WhichOneof("policy_choice") if policy is not None else "all"
+    if which == "specific":
+        wanted = set(policy.specific.versions)
+        children = [child for child in children if child[0] in wanted]
+    # Sorted by version (stable: names stay in name order), grouped from the highest down.
+    ordered = sorted(children, key=lambda child: child[0], reverse=True)
+    groups = (
+        (version, sorted(name for _, name in group))
+        for version, group in itertools.groupby(ordered, key=lambda child: child[0])
+    )
+    if which in ("all", "specific"):
+        return None, groups
+    return max(policy.latest.num_versions if which == "latest" else 1, 1), groups
+
+
+def _is_live(base_path: str, name: str) -> bool:
+    """Whether child `name` holds saved_model.pb (the exporter writes it, the Pusher copies it
+    last); one unreadable entry must not hide the others."""
+    import tensorflow as tf
+
+    try:
+        return tf.io.gfile.exists(os.path.join(base_path, name, SAVED_MODEL_FILE))
+    except Exception as exc:
+        log.warning("skipping %s: %s", os.path.join(base_path, name), exc)
+        return False
 
 
 def list_versions(base_path: str) -> list[int]:
@@ -438,7 +472,7 @@ class ModelManager:
     def _sync(self, model: _Model, relist: bool = True) -> None:
         name = model.config.name
         if relist or model.listing is None:
-            listing = version_dirs(model.config.base_path)
+            listing = version_dirs(model.config.base_path, model.config)
             if listing is None:  # a missing base path changes nothing (the source reports an error)
                 log.warning("base path %s of model %s not found", model.config.base_path, name)
                 return
