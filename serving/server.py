@@ -136,11 +136,11 @@ class ServerOptions:
 
     def prometheus_path(self) -> str | None:
         """Where Prometheus metrics are exposed on the REST port, if enabled."""
-        return (
-            parse_monitoring_file(self.monitoring_config_file)
-            if self.monitoring_config_file
-            else None
-        )
+        # server.cc reads --monitoring_config_file only when there is a REST port to serve it:
+        # without one, a missing or broken file must not stop the server.
+        if not self.monitoring_config_file or self.rest_api_port == 0:
+            return None
+        return parse_monitoring_file(self.monitoring_config_file)
 
 
 class ModelServer:

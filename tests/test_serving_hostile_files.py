@@ -572,3 +572,19 @@ def test_polling_many_version_dirs_stats_only_what_the_policy_needs(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, f"killed by the CPU limit: {result.returncode}"
     assert result.stdout.splitlines()[-1] == "{19999: '19999'}"
+
+
+def test_a_broken_monitoring_file_is_not_read_without_a_rest_port(tmp_path):
+    # server.cc parses --monitoring_config_file only when the HTTP port is set; this server
+    # refused to start over a file it would never use.
+    monitoring = tmp_path / "monitoring.config"
+    monitoring.write_text("prometheus_config { enable: tru")
+    exported = testing.export(testing.build_tiny_model(), str(tmp_path / "base"), 1)
+    options = dict(
+        model_name="van", model_base_path=os.path.dirname(exported), port=0,
+        monitoring_config_file=str(monitoring),
+    )  # fmt: skip
+    with ModelServer(ServerOptions(rest_api_port=0, **options)) as server:
+        assert server.manager.is_available("van") and server.rest_url is None
+    with pytest.raises(protos.ConfigFileError, match="monitoring.config is not a valid"):
+        ModelServer(ServerOptions(rest_api_port=-1, **options)).start()
