@@ -20,7 +20,7 @@ def read_prefix(path: str | os.PathLike, limit: int) -> bytes:
 
 def read_bounded(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
     """The bytes of `path`; FileTooLargeError naming it (as `what`) when over `limit` bytes."""
-    with open(path, "rb") as f:
+    with _open_unblocked(path) as f:
         info = os.fstat(f.fileno())
         # A regular file's size is known before reading a byte; anything else (a FIFO, a
         # device) is read up to the limit.
@@ -30,6 +30,22 @@ def read_bounded(path: str | os.PathLike, limit: int, what: str = "file") -> byt
     if len(data) > limit:
         raise FileTooLargeError(_too_large(what, path, f"over {limit} bytes", limit))
     return data
+
+
+def _open_unblocked(path: str | os.PathLike):
+    """`path` opened for reading without waiting for a FIFO's writer.
+
+    open() of a FIFO with no writer blocks, and in a system call Python retries after each
+    signal: `van-tfx serve --model_config_file=<fifo>` hung, SIGTERM or not. O_NONBLOCK opens
+    at once; cleared again, reads block as usual, and with no writer they read end of file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _too_large(what: str, path, size: str, limit: int) -> str:

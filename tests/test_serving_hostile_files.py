@@ -588,3 +588,17 @@ def test_a_broken_monitoring_file_is_not_read_without_a_rest_port(tmp_path):
         assert server.manager.is_available("van") and server.rest_url is None
     with pytest.raises(protos.ConfigFileError, match="monitoring.config is not a valid"):
         ModelServer(ServerOptions(rest_api_port=-1, **options)).start()
+
+
+def test_serve_with_a_fifo_config_and_no_writer_exits_instead_of_hanging(tmp_path):
+    # open() of a FIFO without a writer blocked for good, and SIGTERM did not end it (Python
+    # retries the interrupted open). Now it reads as empty, at once.
+    fifo = tmp_path / "models.config"
+    os.mkfifo(fifo)
+    result = subprocess.run(
+        [sys.executable, "-m", "van_tfx.cli", "serve", "--port=0", "--rest_api_port=0",
+         f"--model_config_file={fifo}"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == f"error: {fifo} must hold a model_config_list"
