@@ -22,6 +22,7 @@ from serving.errors import ServingError, failed_precondition, invalid_argument, 
 from serving.protos import BatchingSettings
 
 Tensors = dict[str, np.ndarray]
+MAX_WAIT_SECONDS = 3600.0  # one Condition.wait of a batch timeout (the loop waits again)
 
 
 class _Task:
@@ -149,7 +150,10 @@ class Batcher:
                 full = self._queued_rows >= self._settings.max_batch_size
                 if full or wait <= 0 or self._stopping:
                     return self._take_batch()
-                self._cond.wait(wait)
+                # batch_timeout_micros is an int64 from the batching file: past TIMEOUT_MAX
+                # (~292 years) Condition.wait raised OverflowError and the worker thread died,
+                # one per request, until none was left. Longer waits are taken in steps.
+                self._cond.wait(min(wait, MAX_WAIT_SECONDS))
 
     def _take_batch(self) -> list[_Task]:
         self._drop_abandoned()

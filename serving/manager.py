@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -24,7 +25,7 @@ from serving.errors import (
 )
 from serving.limits import RequestLimits
 from serving.protos import BatchingSettings
-from serving.servable import SAVED_MODEL_FILE, WARMUP_FILE, Servable
+from serving.servable import SAVED_MODEL_FILE, WARMUP_FILE, Servable, check_regular_file
 from van_tfx.tfrecords import CorruptShardError, read_records
 
 log = logging.getLogger(__name__)
@@ -127,30 +128,63 @@ def numbered_children(base_path: str) -> list[tuple[int, str]] | None:
     return children
 
 
-def version_dirs(base_path: str) -> dict[int, str] | None:
-    """{version: child dir name} of the live versions under `base_path`; None if it is missing."""
-    import tensorflow as tf
+def version_dirs(base_path: str, config=None) -> dict[int, str] | None:
+    """{version: child dir name} of the live versions under `base_path`; None if it is missing.
 
+    With a ModelConfig, only the versions its policy can aspire are looked at: from the highest
+    down until its latest.num_versions are found live, or only its specific versions.
+    """
     children = numbered_children(base_path)
     if children is None:
         return None
+    # A poll stats saved_model.pb of the versions the policy needs, not of every numbered child:
+    # 100k children cost 1.3 to 2.3 s a poll, every second (TF Serving stats none; it aspires
+    # the highest child whatever it holds).
+    wanted, candidates = _policy_candidates(config, children)
     found: dict[int, str] = {}
-    for version, name in children:
-        # A version is live once the exporter has written saved_model.pb (the Pusher copies it
-        # last). One unreadable entry must not hide the others.
-        try:
-            live = tf.io.gfile.exists(os.path.join(base_path, name, SAVED_MODEL_FILE))
-        except Exception as exc:
-            log.warning("skipping %s: %s", os.path.join(base_path, name), exc)
-            continue
+    for version, names in candidates:
+        live = [name for name in names if _is_live(base_path, name)]
+        if len(live) > 1:  # IndexChildrenByVersion: the later child wins, with a warning
+            log.warning(
+                "Duplicate version directories detected. Version %d will be loaded from %s, "
+                "%s will be ignored.", version, live[-1], ", ".join(live[:-1]),
+            )  # fmt: skip
         if live:
-            if version in found:  # IndexChildrenByVersion: the later child wins, with a warning
-                log.warning(
-                    "Duplicate version directories detected. Version %d will be loaded from %s, "
-                    "%s will be ignored.", version, name, found[version],
-                )  # fmt: skip
-            found[version] = name
+            found[version] = live[-1]
+            if len(found) == wanted:
+                break
     return dict(sorted(found.items()))
+
+
+def _policy_candidates(config, children: list[tuple[int, str]]):
+    """(how many live versions the policy wants, None for all; an iterator of (version, its
+    child names in name order), highest version first, over the versions it may aspire)."""
+    policy = config.model_version_policy if config is not None else None
+    which = policy.WhichOneof("policy_choice") if policy is not None else "all"
+    if which == "specific":
+        wanted = set(policy.specific.versions)
+        children = [child for child in children if child[0] in wanted]
+    # Sorted by version (stable: names stay in name order), grouped from the highest down.
+    ordered = sorted(children, key=lambda child: child[0], reverse=True)
+    groups = (
+        (version, sorted(name for _, name in group))
+        for version, group in itertools.groupby(ordered, key=lambda child: child[0])
+    )
+    if which in ("all", "specific"):
+        return None, groups
+    return max(policy.latest.num_versions if which == "latest" else 1, 1), groups
+
+
+def _is_live(base_path: str, name: str) -> bool:
+    """Whether child `name` holds saved_model.pb (the exporter writes it, the Pusher copies it
+    last); one unreadable entry must not hide the others."""
+    import tensorflow as tf
+
+    try:
+        return tf.io.gfile.exists(os.path.join(base_path, name, SAVED_MODEL_FILE))
+    except Exception as exc:
+        log.warning("skipping %s: %s", os.path.join(base_path, name), exc)
+        return False
 
 
 def list_versions(base_path: str) -> list[int]:
@@ -165,7 +199,10 @@ def aspired_versions(config, available: list[int]) -> list[int]:
     if which == "all":
         return list(available)
     if which == "specific":
-        return [v for v in available if v in set(policy.specific.versions)]
+        # One set, not one per available version: that was versions x available work, 25 s per
+        # call for 200k specific versions and 2000 live ones, partly under the manager's lock.
+        wanted = set(policy.specific.versions)
+        return [v for v in available if v in wanted]
     count = policy.latest.num_versions if which == "latest" else 1
     return list(available[-max(count, 1) :])
 
@@ -434,7 +471,7 @@ class ModelManager:
     def _sync(self, model: _Model, relist: bool = True) -> None:
         name = model.config.name
         if relist or model.listing is None:
-            listing = version_dirs(model.config.base_path)
+            listing = version_dirs(model.config.base_path, model.config)
             if listing is None:  # a missing base path changes nothing (the source reports an error)
                 log.warning("base path %s of model %s not found", model.config.base_path, name)
                 return
@@ -542,7 +579,8 @@ def load_error(exc: Exception) -> ServingError:
         text = str(exc)
         if text.startswith("Cannot parse file"):
             return ServingError(grpc.StatusCode.DATA_LOSS, text)
-        if "does not exist" in text:
+        # FileNotFoundError: a missing variables/ file, NOT_FOUND from TF Serving's restore op.
+        if "does not exist" in text or isinstance(exc, FileNotFoundError):
             return ServingError(grpc.StatusCode.NOT_FOUND, text)
     error = from_tf_error(exc)
     if error.code == grpc.StatusCode.INTERNAL:  # not a TensorFlow status: no code to report
@@ -590,32 +628,76 @@ def run_warmup(servable: Servable) -> int:
     # Records run concurrently (up to WARMUP_THREADS): most of warmup is each signature's first call
     # optimising its graph, single-threaded work that parallelises across signatures.
     import tensorflow as tf
-    from tensorflow_serving.apis import prediction_log_pb2
 
     path = os.path.join(servable.path, WARMUP_FILE)
     if not tf.io.gfile.exists(path):
         return 0
-    records = []
+    check_regular_file(path)  # a FIFO would block this (the poll) thread until written to
+    # Streamed, as saved_model_warmup_util.cc reads them: a record is read when a thread is free
+    # for it, so memory holds WARMUP_THREADS records, not the file (1000 records of 2 MB were
+    # 8.8 GB resident before the first one ran), and a failure stops the reading.
+    pending: collections.deque = collections.deque()
+    replayed = 0
+    pool = concurrent.futures.ThreadPoolExecutor(WARMUP_THREADS, "warmup")
+    with pool, contextlib.closing(_warmup_logs(path)) as logs:
+        try:
+            unreadable = None
+            while True:
+                try:
+                    number, entry = next(logs, (None, None))
+                except LoadError as exc:  # reported after the records before it
+                    unreadable = exc
+                    break
+                if entry is None:
+                    break
+                pending.append((number, pool.submit(_replay, servable, entry)))
+                if len(pending) >= WARMUP_THREADS:
+                    _raise_on_failure(path, *pending.popleft())
+                    replayed += 1
+            while pending:
+                _raise_on_failure(path, *pending.popleft())
+                replayed += 1
+            if unreadable is not None:
+                raise unreadable
+        finally:  # a failure: the records queued behind it do not run
+            for _, future in pending:
+                future.cancel()
+    return replayed
+
+
+def _warmup_logs(path: str):
+    """(record number, PredictionLog) of each warmup record, read one at a time; LoadError with
+    TF Serving's code for a damaged file, a record that is no PredictionLog, or too many."""
+    from google.protobuf.message import DecodeError
+    from tensorflow_serving.apis import prediction_log_pb2
+
     try:
-        raw_records = list(itertools.islice(read_records(path), MAX_WARMUP_RECORDS + 1))
+        for number, record in enumerate(read_records(path), start=1):
+            if number > MAX_WARMUP_RECORDS:
+                raise LoadError(
+                    f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS}) at "
+                    f"{path}",
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                )
+            try:
+                entry = prediction_log_pb2.PredictionLog.FromString(record)
+            except DecodeError:  # saved_model_warmup_util.cc: INVALID_ARGUMENT, not UNKNOWN
+                raise LoadError(
+                    f"Failed to parse warmup record {number} ({len(record)} bytes) from {path}: "
+                    "not a serialized PredictionLog",
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ) from None
+            yield number, entry
     except CorruptShardError as exc:  # TF's reader would allocate a damaged header's length
         # TF Serving's RecordReader fails the load with DATA_LOSS ("corrupted record at N").
         raise LoadError(str(exc), grpc.StatusCode.DATA_LOSS) from None
-    for record in raw_records:
-        if len(records) == MAX_WARMUP_RECORDS:
-            raise LoadError(
-                f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS})",
-                grpc.StatusCode.INVALID_ARGUMENT,
-            )
-        records.append(prediction_log_pb2.PredictionLog.FromString(record))
-    with concurrent.futures.ThreadPoolExecutor(WARMUP_THREADS, "warmup") as pool:
-        outcomes = list(pool.map(lambda entry: _replay(servable, entry), records))
-    for number, problem in enumerate(outcomes, start=1):
-        if problem:  # the failing request's own code, as saved_model_warmup.cc returns it
-            raise LoadError(
-                f"warmup record {number} of {path} failed: {problem.message}", problem.code
-            )
-    return len(records)
+
+
+def _raise_on_failure(path: str, number: int, outcome: concurrent.futures.Future) -> None:
+    """Raise the failing request's own code, as saved_model_warmup.cc returns it."""
+    problem = outcome.result()
+    if problem:
+        raise LoadError(f"warmup record {number} of {path} failed: {problem.message}", problem.code)
 
 
 def _replay(servable: Servable, entry) -> ServingError | None:

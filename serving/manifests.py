@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from serving.files import read_prefix
 from serving.protos import (
     DEFAULT_PROMETHEUS_PATH,
     BatchingSettings,
@@ -212,8 +213,17 @@ def stale_manifests(config, out_dir: Path = DEPLOY_DIR) -> list[str]:
     return [
         file
         for file, text in render_manifests(config).items()
-        if not (out_dir / file).is_file() or (out_dir / file).read_text() != text
+        if not (out_dir / file).is_file() or not _holds(out_dir / file, text.encode())
     ]
+
+
+def _holds(path: Path, expected: bytes) -> bool:
+    """Whether file `path` holds exactly `expected`, reading at most one byte more than it.
+
+    Compared as bytes: a file that is not UTF-8 is stale, not a UnicodeDecodeError, and a 2 GB
+    file in its place (read whole, it held 4.2 GB) is stale after len(expected) + 1 bytes.
+    """
+    return read_prefix(path, len(expected)) == expected
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, text_format, wrappe
 from google.protobuf import message_factory as _message_factory
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving.files import FileTooLargeError, read_bounded
+
 DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
 
 
@@ -79,17 +81,62 @@ class ConfigFileError(ValueError):
     """A config file that is missing or is not the text proto it should be."""
 
 
+# TF Serving's config files are a few KB; a larger one is not a config (and Python's text
+# parser needs ~2.5x the file in memory: a 1.5 GB file of NULs held 3.6 GB, then MemoryError).
+MAX_CONFIG_FILE_BYTES = 4 << 20
+# protobuf's default recursion limit for parsing; Python's text parser recurses per level and
+# a config nesting Any messages 100k deep ended in RecursionError, a traceback.
+MAX_TEXT_PROTO_DEPTH = 100
+_SHOWN_ERROR_CHARS = 500  # a ParseError quotes the whole current line, which may be megabytes
+
+
 def parse_text_proto(path: str | Path, message_class):
     """Parse a text-proto file into `message_class`, naming the file on error."""
+    name = message_class.DESCRIPTOR.name
     try:
-        text = Path(path).read_text()
+        data = read_bounded(path, MAX_CONFIG_FILE_BYTES, "config file")
+    except FileTooLargeError as exc:
+        raise ConfigFileError(str(exc)) from None
     except OSError as exc:
-        raise ConfigFileError(f"cannot read {path}: {exc.strerror}") from exc
+        raise ConfigFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(
+            f"{path} is not a valid {name} text proto: byte {exc.start} is not UTF-8"
+        ) from None
+    try:
+        _check_depth(text)
         return text_format.Parse(text, message_class())
     except text_format.ParseError as exc:
-        name = message_class.DESCRIPTOR.name
-        raise ConfigFileError(f"{path} is not a valid {name} text proto: {exc}") from exc
+        raise ConfigFileError(
+            f"{path} is not a valid {name} text proto: {_shortened(str(exc))}"
+        ) from exc
+
+
+def _check_depth(text: str) -> None:
+    """ParseError when messages nest deeper than MAX_TEXT_PROTO_DEPTH (strings and comments are
+    skipped by protobuf's own tokenizer, so a brace inside them does not count)."""
+    tokenizer = text_format.Tokenizer(text.split("\n"))
+    depth = 0
+    while not tokenizer.AtEnd():
+        token = tokenizer.token
+        if token in ("{", "<"):
+            depth += 1
+            if depth > MAX_TEXT_PROTO_DEPTH:
+                raise tokenizer.ParseError(
+                    f"Message is too deep: more than {MAX_TEXT_PROTO_DEPTH} nested levels"
+                )
+        elif token in ("}", ">"):
+            depth -= 1
+        tokenizer.NextToken()
+
+
+def _shortened(text: str, limit: int = _SHOWN_ERROR_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]} ... ({len(text) - 2 * half} characters) ... {text[-half:]}"
 
 
 def parse_model_config_file(path: str | Path) -> list:
@@ -104,8 +151,17 @@ def parse_batching_file(path: str | Path) -> BatchingSettings:
     """Read --batching_parameters_file into BatchingSettings (unset fields keep TF defaults)."""
     params = parse_text_proto(path, BatchingParameters)
     defaults = BatchingSettings.tf_serving_defaults()
+    max_batch_size = _value(params, "max_batch_size", defaults.max_batch_size)
+    # WrapSessionForBatching (bundle_factory_util.cc) fails every version's load with this; the
+    # batcher here does not pad, so a mismatch would otherwise be served without a word.
+    allowed = params.allowed_batch_sizes
+    if allowed and allowed[-1] != max_batch_size:
+        raise ConfigFileError(
+            f"{path}: Last entry in allowed_batch_sizes must match max_batch_size; last entry "
+            f"was {allowed[-1]}; expected {max_batch_size}"
+        )
     return BatchingSettings(
-        max_batch_size=_value(params, "max_batch_size", defaults.max_batch_size),
+        max_batch_size=max_batch_size,
         batch_timeout_micros=_value(params, "batch_timeout_micros", defaults.batch_timeout_micros),
         max_enqueued_batches=_value(params, "max_enqueued_batches", defaults.max_enqueued_batches),
         num_batch_threads=_value(params, "num_batch_threads", defaults.num_batch_threads),

@@ -14,6 +14,7 @@ import numpy as np
 
 from serving.batching import Batcher
 from serving.errors import ServingError, from_tf_error, invalid_argument, signature_not_found
+from serving.files import irregular_kind
 from serving.grpc_wire import sorted_gently
 from serving.images import check_pixel_budget
 from serving.limits import RequestLimits
@@ -36,15 +37,72 @@ SAVED_MODEL_FILE = "saved_model.pb"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
 
-def read_signature_defs(path: str):
-    """The SignatureDef map of the SavedModel's (only) MetaGraph, as TF Serving reports it."""
+# Protocol buffers cannot exceed 2 GiB - 1 bytes; TF Serving's ReadBinaryProto stops there.
+MAX_SAVED_MODEL_BYTES = 2**31 - 1
+
+
+def check_saved_model_file(path: str) -> None:
+    """Refuse <path>/saved_model.pb before anything reads it: FAILED_PRECONDITION when it is no
+    regular file (opening a FIFO blocked the poll thread for good: no version of any model
+    loaded again), DATA_LOSS when larger than a protocol buffer can be (tf.saved_model.load
+    reads it whole: a 20 GB sparse file ended the server with SIGSEGV under an 8 GB limit)."""
     import tensorflow as tf
+
+    file = os.path.join(path, SAVED_MODEL_FILE)
+    check_regular_file(file)
+    try:
+        size = tf.io.gfile.stat(file).length
+    except tf.errors.NotFoundError:
+        return  # tf.saved_model.load reports a missing file with its own message
+    if size > MAX_SAVED_MODEL_BYTES:
+        raise ServingError(
+            grpc.StatusCode.DATA_LOSS,
+            f"Can't parse {file} as binary proto: it is {size} bytes, more than the "
+            f"{MAX_SAVED_MODEL_BYTES} a protocol buffer may hold",
+        )
+
+
+def check_regular_file(file: str) -> None:
+    """FAILED_PRECONDITION (TF's code for EISDIR) when a version's `file` is no regular file."""
+    kind = irregular_kind(file)
+    if kind is not None:
+        raise ServingError(
+            grpc.StatusCode.FAILED_PRECONDITION, f"{file} is {kind}, not a regular file"
+        )
+
+
+# tensorflow_model_server's default --saved_model_tags (server.cc: kSavedModelTagServe).
+SERVE_TAGS = frozenset({"serve"})
+
+
+def read_signature_defs(path: str):
+    """The SignatureDef map of the SavedModel's MetaGraph tagged exactly {serve}, as TF Serving's
+    loader finds it (reader.cc FindMetaGraphDef); DATA_LOSS or NOT_FOUND as its reader fails."""
+    import tensorflow as tf
+    from google.protobuf.message import DecodeError
     from tensorflow.core.protobuf import saved_model_pb2
 
+    file = os.path.join(path, SAVED_MODEL_FILE)
     saved_model = saved_model_pb2.SavedModel()
-    with tf.io.gfile.GFile(os.path.join(path, SAVED_MODEL_FILE), "rb") as f:
-        saved_model.ParseFromString(f.read())
-    return saved_model.meta_graphs[0].signature_def
+    with tf.io.gfile.GFile(file, "rb") as f:
+        data = f.read()  # at most MAX_SAVED_MODEL_BYTES (check_saved_model_file)
+    try:
+        saved_model.ParseFromString(data)
+    except DecodeError:
+        raise ServingError(
+            grpc.StatusCode.DATA_LOSS, f"Can't parse {file} as binary proto"
+        ) from None
+    for meta_graph in saved_model.meta_graphs:
+        if set(meta_graph.meta_info_def.tags) == SERVE_TAGS:
+            return meta_graph.signature_def
+    # tf.saved_model.load without tags took a lone MetaGraph whatever its tags: a version with
+    # one empty MetaGraph went AVAILABLE (no signatures) and replaced the one serving.
+    raise ServingError(
+        grpc.StatusCode.NOT_FOUND,
+        f"Could not find meta graph def matching supplied tags: {{ {' '.join(sorted(SERVE_TAGS))} "
+        "}. To inspect available tag-sets in the SavedModel, please use the SavedModel CLI: "
+        "`saved_model_cli`",
+    )
 
 
 class Servable:
@@ -63,8 +121,9 @@ class Servable:
         import tensorflow as tf
 
         self.name, self.version, self.path = name, version, path
-        self._model = tf.saved_model.load(path)
-        self.signature_defs = read_signature_defs(path)
+        check_saved_model_file(path)
+        self.signature_defs = read_signature_defs(path)  # first: it refuses untagged graphs
+        self._model = tf.saved_model.load(path, tags=sorted(SERVE_TAGS))
         self._functions = dict(self._model.signatures)
         self._batching = batching
         self._batchers: dict[str, Batcher] = {}

@@ -137,11 +137,11 @@ class ServerOptions:
 
     def prometheus_path(self) -> str | None:
         """Where Prometheus metrics are exposed on the REST port, if enabled."""
-        return (
-            parse_monitoring_file(self.monitoring_config_file)
-            if self.monitoring_config_file
-            else None
-        )
+        # server.cc reads --monitoring_config_file only when there is a REST port to serve it:
+        # without one, a missing or broken file must not stop the server.
+        if not self.monitoring_config_file or self.rest_api_port == 0:
+            return None
+        return parse_monitoring_file(self.monitoring_config_file)
 
 
 class ModelServer:
@@ -206,7 +206,7 @@ class ModelServer:
         self.manager.start_polling()
         if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
             threading.Thread(
-                target=self._watch_config_file, name="config-poll", daemon=True
+                target=self._watch_config_file, args=(configs,), name="config-poll", daemon=True
             ).start()
         log.info("gRPC on %s, REST on %s", self.grpc_target, self.rest_url)
         return self
@@ -260,9 +260,10 @@ class ModelServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _watch_config_file(self) -> None:
+    def _watch_config_file(self, seen: list) -> None:
         # --model_config_file_poll_wait_seconds: apply edits of the config file like a reload RPC.
-        seen = parse_model_config_file(self.options.model_config_file)
+        # `seen` is what start() loaded, not a second read: an edit made while the models loaded
+        # would have become the baseline, never applied, and a bad file then ended this thread.
         while not self._stopping.wait(self.options.model_config_file_poll_wait_seconds):
             try:
                 configs = parse_model_config_file(self.options.model_config_file)
