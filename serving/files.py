@@ -53,8 +53,8 @@ def _too_large(what: str, path, size: str, limit: int) -> str:
 
 
 def irregular_kind(path: str | os.PathLike) -> str | None:
-    """What a local `path` is when it exists and is not a regular file ("a FIFO", "a directory",
-    ...), else None; never opens it (opening a FIFO blocks until someone writes to it)."""
+    """What a local `path` is when it exists and is not a regular file ("a FIFO", ...), else None."""
+    # Never opens it: opening a FIFO blocks until someone writes to it.
     if "://" in str(path):
         return None  # object storage holds only regular objects
     try:

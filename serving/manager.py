@@ -129,11 +129,9 @@ def numbered_children(base_path: str) -> list[tuple[int, str]] | None:
 
 
 def version_dirs(base_path: str, config=None) -> dict[int, str] | None:
-    """{version: child dir name} of the live versions under `base_path`; None if it is missing.
-
-    With a ModelConfig, only the versions its policy can aspire are looked at: from the highest
-    down until its latest.num_versions are found live, or only its specific versions.
-    """
+    """{version: child dir name} of the live versions under `base_path`; None if it is missing."""
+    # With a ModelConfig, only the versions its policy can aspire are looked at: from the highest
+    # down until its latest.num_versions are found live, or only its specific versions.
     children = numbered_children(base_path)
     if children is None:
         return None

@@ -42,10 +42,11 @@ MAX_SAVED_MODEL_BYTES = 2**31 - 1
 
 
 def check_saved_model_file(path: str) -> None:
-    """Refuse <path>/saved_model.pb before anything reads it: FAILED_PRECONDITION when it is no
-    regular file (opening a FIFO blocked the poll thread for good: no version of any model
-    loaded again), DATA_LOSS when larger than a protocol buffer can be (tf.saved_model.load
-    reads it whole: a 20 GB sparse file ended the server with SIGSEGV under an 8 GB limit)."""
+    """Refuse <path>/saved_model.pb before anything reads it if it is no file or too large."""
+    # FAILED_PRECONDITION when it is no regular file (opening a FIFO blocked the poll thread for
+    # good: no version of any model loaded again), DATA_LOSS when larger than a protocol buffer
+    # can be (tf.saved_model.load reads it whole: a 20 GB sparse file ended the server with
+    # SIGSEGV under an 8 GB limit).
     import tensorflow as tf
 
     file = os.path.join(path, SAVED_MODEL_FILE)
@@ -76,8 +77,8 @@ SERVE_TAGS = frozenset({"serve"})
 
 
 def read_signature_defs(path: str):
-    """The SignatureDef map of the SavedModel's MetaGraph tagged exactly {serve}, as TF Serving's
-    loader finds it (reader.cc FindMetaGraphDef); DATA_LOSS or NOT_FOUND as its reader fails."""
+    """The SignatureDef map of the SavedModel's MetaGraph tagged exactly {serve}, as TF Serving's."""
+    # As its loader finds it (reader.cc FindMetaGraphDef); DATA_LOSS or NOT_FOUND as it fails.
     import tensorflow as tf
     from google.protobuf.message import DecodeError
     from tensorflow.core.protobuf import saved_model_pb2
