@@ -33,6 +33,7 @@ cut to one line naming the split's pattern.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -256,6 +257,30 @@ def schema_kinds(exec_properties: dict) -> dict[str, str]:
     """{feature: its tf.train.Feature kind} for every feature the curated schema gives a type."""
     # Kinds are 'bytes_list', 'int64_list', 'float_list'; the schema is the one schema_path_config
     # names.
+    schema = _curated_schema(exec_properties)
+    return {f.name: _FEATURE_KINDS[f.type] for f in schema.feature if f.type in _FEATURE_KINDS}
+
+
+def schema_value_limits(exec_properties: dict) -> dict[str, int]:
+    """{feature: the most values one record may hold} for each typed feature the schema bounds."""
+    # From `value_count { max }` or a fixed `shape` (the product of its dims). A record over it
+    # (a label list [3, 7], two images in image/encoded) used to reach ExampleValidator, whose
+    # anomaly names no record, or Transform, whose fixed-length parse fails naming none; taking
+    # the first value instead would silently mislabel. Fewer values than the minimum are left to
+    # ExampleValidator: absent and empty look alike to the batch parse.
+    schema = _curated_schema(exec_properties)
+    limits = {}
+    for f in schema.feature:
+        if f.type not in _FEATURE_KINDS:
+            continue
+        if f.HasField("shape"):
+            limits[f.name] = math.prod(d.size for d in f.shape.dim)
+        elif f.HasField("value_count") and f.value_count.max > 0:
+            limits[f.name] = f.value_count.max
+    return limits
+
+
+def _curated_schema(exec_properties: dict):
     from google.protobuf import text_format, wrappers_pb2
     from tensorflow_metadata.proto.v0 import schema_pb2
 
@@ -266,8 +291,7 @@ def schema_kinds(exec_properties: dict) -> dict[str, str]:
     if config:
         parsed = proto_utils.json_to_proto(config, example_gen_pb2.CustomConfig())
         parsed.custom_config.Unpack(path)
-    schema = text_format.Parse(curated_schema_text(path.value), schema_pb2.Schema())
-    return {f.name: _FEATURE_KINDS[f.type] for f in schema.feature if f.type in _FEATURE_KINDS}
+    return text_format.Parse(curated_schema_text(path.value), schema_pb2.Schema())
 
 
 def _parse_spec(kinds: dict[str, str]) -> dict:
@@ -301,18 +325,27 @@ def record_kind_problem(record: bytes, kinds: dict[str, str], spec: dict) -> str
     return None
 
 
-def check_record_kinds(batch, kinds: dict[str, str], spec: dict, source: str, start: int) -> None:
-    """Raise BadRecordError if a record of `batch` holds a schema feature of another kind."""
+def check_record_kinds(
+    batch,
+    kinds: dict[str, str],
+    spec: dict,
+    source: str,
+    start: int,
+    limits: dict[str, int] | None = None,
+) -> None:
+    """Raise BadRecordError if a record of `batch` breaks the schema's feature kinds or limits."""
     # The records are `start`.. of `source`; the error names the shard, the record's index and the
-    # feature.
+    # feature. `limits` (schema_value_limits) bound each feature's number of values per record.
     import tensorflow as tf
 
     try:
         # One C++ parse per batch; the records are read again one by one only when it fails.
-        tf.io.parse_example(batch, spec)
-        return
+        parsed = tf.io.parse_example(batch, spec)
     except (tf.errors.InvalidArgumentError, UnicodeDecodeError):
-        pass
+        parsed = None
+    if parsed is not None:
+        _check_value_counts(parsed, len(batch), limits or {}, source, start)
+        return
     for offset, record in enumerate(batch):
         problem = record_kind_problem(record, kinds, spec)
         if problem:
@@ -322,17 +355,43 @@ def check_record_kinds(batch, kinds: dict[str, str], spec: dict, source: str, st
             )
 
 
-def copy_shard(source: str, target: str, kinds: dict[str, str] | None = None) -> int:
+def _check_value_counts(parsed: dict, size: int, limits: dict, source: str, start: int) -> None:
+    # The first record of the batch (then feature, in name order) holding more values than its
+    # limit; the sparse parse's row indices count each record's values without a Python loop.
+    import numpy as np
+
+    worst = None
+    for name in sorted(limits):
+        if name not in parsed:
+            continue
+        counts = np.bincount(parsed[name].indices.numpy()[:, 0], minlength=size)
+        over = np.flatnonzero(counts > limits[name])
+        if over.size and (worst is None or over[0] < worst[0]):
+            worst = (int(over[0]), name, int(counts[over[0]]))
+    if worst is not None:
+        offset, name, count = worst
+        raise BadRecordError(
+            f"TFRecord shard {source}: record {start + offset} (0-based) feature {name!r} holds "
+            f"{count} values, but the schema allows at most {limits[name]} per record"
+        )
+
+
+def copy_shard(
+    source: str,
+    target: str,
+    kinds: dict[str, str] | None = None,
+    limits: dict[str, int] | None = None,
+) -> int:
     """Copy one TFRecord shard record by record, uncompressed, checked; returns the count."""
     # Lengths are bounded and CRCs checked, and each record's schema features must be of the
-    # schema's `kinds`.
+    # schema's `kinds` and hold at most `limits` values.
     records = shard_records(source)
     if kinds:
-        records = _kind_checked(records, kinds, source)
+        records = _kind_checked(records, kinds, source, limits)
     return write_records(target, records)
 
 
-def _kind_checked(records, kinds: dict[str, str], source: str):
+def _kind_checked(records, kinds: dict[str, str], source: str, limits=None):
     # Batches of _COPY_BATCH records or _COPY_BATCH_BYTES: one C++ parse each, the records
     # re-read one by one only on failure.
     spec, batch, start, held = _parse_spec(kinds), [], 0, 0
@@ -340,11 +399,11 @@ def _kind_checked(records, kinds: dict[str, str], source: str):
         batch.append(record)
         held += len(record)
         if len(batch) == _COPY_BATCH or held >= _COPY_BATCH_BYTES:
-            check_record_kinds(batch, kinds, spec, source, start)
+            check_record_kinds(batch, kinds, spec, source, start, limits)
             yield from batch
             start, batch, held = start + len(batch), [], 0
     if batch:
-        check_record_kinds(batch, kinds, spec, source, start)
+        check_record_kinds(batch, kinds, spec, source, start, limits)
         yield from batch
 
 
@@ -436,7 +495,10 @@ class SpanResolvingImportExecutor(import_executor.Executor):
                     pipeline
                     | "Shards" >> beam.Create(copies)
                     | "Spread" >> beam.Reshuffle()  # file names only: a few KB
-                    | "CopyShards" >> beam.MapTuple(copy_shard, kinds=kinds)
+                    | "CopyShards"
+                    >> beam.MapTuple(
+                        copy_shard, kinds=kinds, limits=schema_value_limits(exec_properties)
+                    )
                 )
         except Exception as exc:
             named = shard_error(exc)

@@ -616,6 +616,85 @@ def test_the_kind_check_holds_a_bounded_number_of_bytes_however_large_the_record
     assert peak < 60 << 20, f"{peak / 2**20:.0f} MiB held"
 
 
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        (features.LABEL, 7),
+        (features.IMAGE_ENCODED, b"\xff\xd8second image"),
+        (features.SYNSET, b"n9"),
+    ],
+)
+def test_a_record_with_more_values_than_the_schema_allows_is_named_with_its_shard(
+    tmp_path, name, extra
+):
+    # A label list [1, 7] or two images in one record: ExampleValidator's anomaly named no
+    # record, Transform's fixed-length parse of image/encoded failed naming none, and a reader
+    # taking the first value would mislabel it silently.
+    data = tmp_path / "data"
+    write_span(data, 1)
+    shard = data / "span-1" / "validation-00000-of-00001"
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for n in range(300):
+            example = image_example(n)
+            if n == 290:
+                field = example.features.feature[name]
+                getattr(field, field.WhichOneof("kind")).value.append(extra)
+            writer.write(example.SerializeToString())
+    with pytest.raises(BadRecordError) as failure:
+        ingest_span(tmp_path, data)
+    assert str(failure.value) == (
+        f"TFRecord shard {shard}: record 290 (0-based) feature {name!r} holds 2 values, but "
+        "the schema allows at most 1 per record"
+    )
+
+
+@given(
+    counts=st.lists(
+        st.fixed_dictionaries(
+            {features.LABEL: st.integers(0, 3), features.IMAGE_ENCODED: st.integers(0, 3)}
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_the_copy_refuses_exactly_the_records_over_the_schemas_value_counts(counts):
+    # Whatever each record's value counts, the copy fails iff one holds more than the schema's
+    # 1, naming the first such record (then feature, by name); missing values are not its job.
+    import tempfile
+
+    from components.example_gen import copy_shard, schema_kinds, schema_value_limits
+
+    limits = schema_value_limits({})
+    assert limits[features.LABEL] == limits[features.IMAGE_ENCODED] == 1
+    with tempfile.TemporaryDirectory() as directory:
+        source, target = Path(directory, "in"), Path(directory, "out")
+        with tf.io.TFRecordWriter(str(source)) as writer:
+            for record in counts:
+                example = tf.train.Example()
+                feature = example.features.feature
+                feature[features.LABEL].int64_list.value.extend([1] * record[features.LABEL])
+                feature[features.IMAGE_ENCODED].bytes_list.value.extend(
+                    [b"x"] * record[features.IMAGE_ENCODED]
+                )
+                writer.write(example.SerializeToString())
+        over = [
+            (index, name)
+            for index, record in enumerate(counts)
+            for name in sorted(record)
+            if record[name] > 1
+        ]
+        if not over:
+            assert copy_shard(str(source), str(target), schema_kinds({}), limits) == len(counts)
+            return
+        index, name = over[0]
+        with pytest.raises(BadRecordError) as failure:
+            copy_shard(str(source), str(target), schema_kinds({}), limits)
+        assert str(failure.value) == (
+            f"TFRecord shard {source}: record {index} (0-based) feature {name!r} holds "
+            f"{counts[index][name]} values, but the schema allows at most 1 per record"
+        )
+
+
 def test_a_record_that_is_no_tf_example_is_named_with_its_shard(tmp_path):
     data = tmp_path / "data"
     write_span(data, 1)
