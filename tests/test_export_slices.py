@@ -20,31 +20,39 @@ def folded():
     return fold_for_inference(build_van("tiny", num_classes=7, input_shape=(32, 32, 3)))
 
 
-@pytest.fixture(scope="module")
-def sliced_forward(folded):
-    """One traced function per slice count, for any batch size (as the signatures are)."""
+def traced_per_setting(forward):
+    """forward(setting, x) traced once per setting, for any batch size (as the signatures are)."""
     cache = {}
 
-    def forward(slices):
-        if slices not in cache:
-            cache[slices] = tf.function(
-                lambda x: forward_in_slices(folded, x, slices),
-                input_signature=[tf.TensorSpec([None, 32, 32, 3])],
+    def traced(setting):
+        if setting not in cache:
+            cache[setting] = tf.function(
+                lambda x: forward(setting, x), input_signature=[tf.TensorSpec([None, 32, 32, 3])]
             )
-        return cache[slices]
+        return cache[setting]
 
-    return forward
+    return traced
+
+
+def assert_whole_batch_logits(folded, logits, images, batch):
+    """`logits` are the folded model's on `images`, in order: [batch, 7] float32."""
+    assert logits.shape == (batch, 7) and logits.dtype == np.float32
+    if batch:
+        expected = folded(images, training=False).numpy()
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def sliced_forward(folded):
+    """One traced function per slice count."""
+    return traced_per_setting(lambda slices, x: forward_in_slices(folded, x, slices))
 
 
 @settings(max_examples=25, deadline=None)
 @given(batch=st.integers(0, 9), slices=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_sliced_logits_equal_the_whole_batch_in_order(folded, sliced_forward, batch, slices, seed):
     images = tf.random.stateless_normal([batch, 32, 32, 3], seed=[seed, 0])
-    logits = sliced_forward(slices)(images).numpy()
-    assert logits.shape == (batch, 7) and logits.dtype == np.float32
-    if batch:
-        expected = folded(images, training=False).numpy()
-        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert_whole_batch_logits(folded, sliced_forward(slices)(images).numpy(), images, batch)
 
 
 def _conv_ops(function) -> int:
@@ -61,28 +69,16 @@ def test_each_slice_is_its_own_model_call(sliced_forward):
 @pytest.fixture(scope="module")
 def chunked_forward(folded):
     """One traced function per chunk size: 2 slices inside each chunk, as the export runs."""
-    cache = {}
-
-    def forward(chunk):
-        if chunk not in cache:
-            cache[chunk] = tf.function(
-                lambda x: in_chunks(lambda rows: forward_in_slices(folded, rows, 2), x, chunk, 7),
-                input_signature=[tf.TensorSpec([None, 32, 32, 3])],
-            )
-        return cache[chunk]
-
-    return forward
+    return traced_per_setting(
+        lambda chunk, x: in_chunks(lambda rows: forward_in_slices(folded, rows, 2), x, chunk, 7)
+    )
 
 
 @settings(max_examples=25, deadline=None)
 @given(batch=st.integers(0, 11), chunk=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_chunked_logits_equal_the_whole_batch_in_order(folded, chunked_forward, batch, chunk, seed):
     images = tf.random.stateless_normal([batch, 32, 32, 3], seed=[seed, 1])
-    logits = chunked_forward(chunk)(images).numpy()
-    assert logits.shape == (batch, 7) and logits.dtype == np.float32
-    if batch:
-        expected = folded(images, training=False).numpy()
-        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert_whole_batch_logits(folded, chunked_forward(chunk)(images).numpy(), images, batch)
 
 
 @settings(max_examples=40, deadline=None)

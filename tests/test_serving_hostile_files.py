@@ -178,16 +178,21 @@ def test_read_bounded_stops_at_the_limit_of_an_endless_file():
         read_bounded("/dev/zero", 4096, "config file")
 
 
+def serve_with_model_config(path):
+    """`van-tfx serve` with `path` as --model_config_file, run to its exit."""
+    return subprocess.run(
+        [sys.executable, "-m", "van_tfx.cli", "serve", "--port=0", "--rest_api_port=0",
+         f"--model_config_file={path}"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
 def test_serve_refuses_a_huge_config_file_with_one_line(tmp_path):
     # The whole file was read (1.5 GB of NULs: 3.6 GB resident, then a MemoryError traceback).
     path = tmp_path / "models.config"
     with open(path, "wb") as f:
         f.truncate(1 << 30)
-    result = subprocess.run(
-        [sys.executable, "-m", "van_tfx.cli", "serve", "--port=0", "--rest_api_port=0",
-         f"--model_config_file={path}"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    result = serve_with_model_config(path)
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == (
         f"error: config file {path} is {1 << 30} bytes, more than the "
@@ -595,10 +600,6 @@ def test_serve_with_a_fifo_config_and_no_writer_exits_instead_of_hanging(tmp_pat
     # retries the interrupted open). Now it reads as empty, at once.
     fifo = tmp_path / "models.config"
     os.mkfifo(fifo)
-    result = subprocess.run(
-        [sys.executable, "-m", "van_tfx.cli", "serve", "--port=0", "--rest_api_port=0",
-         f"--model_config_file={fifo}"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    result = serve_with_model_config(fifo)
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == f"error: {fifo} must hold a model_config_list"
