@@ -37,6 +37,7 @@ import math
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from absl import logging
 from tfx.components.example_gen import driver, utils
@@ -65,9 +66,10 @@ _BEAM_CORRUPT_RECORD = "Not a valid TFRecord"
 # The input TFX's KFP compiler adds to each task under the gate's Cond, for its condition.
 GATE_DECISION_INPUT = f"_{GATE_ID}.{DECISION_OUTPUT}"
 _OUTPUT_SHARD = "data_tfrecord-{index:05d}-of-{count:05d}"
-# Records checked against the schema's kinds per C++ parse: at most this many, and no more
-# bytes than _COPY_BATCH_BYTES unless one record alone is larger (a record may hold 256 MiB, and
-# 256 of those would have been held at once, twice: the list and the parse's string tensor).
+# Records checked against the schema's kinds and value bounds per C++ parse: at most this many,
+# and no more bytes than _COPY_BATCH_BYTES unless one record alone is larger (a record may hold
+# 256 MiB, and 256 of those would have been held at once, twice: the list and the parse's string
+# tensor).
 _COPY_BATCH = 256
 _COPY_BATCH_BYTES = 32 << 20
 # tf.train.Feature's kind for each schema type (STRUCT and unknown types are not checked).
@@ -245,7 +247,8 @@ def check_splits_are_disjoint(shards: dict[str, tuple[str, list[str]]]) -> None:
 
 def schema_path_config(schema_path: str) -> example_gen_pb2.CustomConfig:
     """ImportExampleGen's custom_config naming the curated schema (data.schema_path)."""
-    # '' names the one shipped. The copy checks every record against its feature types.
+    # '' names the one shipped. The copy checks every record against its feature types and
+    # value counts (record_schema).
     from google.protobuf import any_pb2, wrappers_pb2
 
     packed = any_pb2.Any()
@@ -253,31 +256,60 @@ def schema_path_config(schema_path: str) -> example_gen_pb2.CustomConfig:
     return example_gen_pb2.CustomConfig(custom_config=packed)
 
 
-def schema_kinds(exec_properties: dict) -> dict[str, str]:
-    """{feature: its tf.train.Feature kind} for every feature the curated schema gives a type."""
-    # Kinds are 'bytes_list', 'int64_list', 'float_list'; the schema is the one schema_path_config
-    # names.
-    schema = _curated_schema(exec_properties)
-    return {f.name: _FEATURE_KINDS[f.type] for f in schema.feature if f.type in _FEATURE_KINDS}
+@dataclass(frozen=True)
+class ValueBounds:
+    """How many values of one feature a record must and may hold, by the curated schema."""
+
+    least: int  # fewer is refused (0: no lower bound)
+    most: int | None  # more is refused (None: no upper bound)
+    required: bool  # whether a record without it (absent or empty) is refused
 
 
-def schema_value_limits(exec_properties: dict) -> dict[str, int]:
-    """{feature: the most values one record may hold} for each typed feature the schema bounds."""
-    # From `value_count { max }` or a fixed `shape` (the product of its dims). A record over it
-    # (a label list [3, 7], two images in image/encoded) used to reach ExampleValidator, whose
-    # anomaly names no record, or Transform, whose fixed-length parse fails naming none; taking
-    # the first value instead would silently mislabel. Fewer values than the minimum are left to
-    # ExampleValidator: absent and empty look alike to the batch parse.
+@dataclass(frozen=True)
+class RecordSchema:
+    """The curated schema as the copy checks each record: feature kinds and value bounds."""
+
+    kinds: dict[str, str]  # {feature: 'bytes_list', 'int64_list' or 'float_list'}
+    bounds: dict[str, ValueBounds]  # the typed features the schema bounds
+
+
+def record_schema(exec_properties: dict) -> RecordSchema:
+    """The kinds and value bounds of the curated schema schema_path_config names (one parse)."""
+    # Parsed once per executor run and handed to every copy_shard (Beam pickles it along).
     schema = _curated_schema(exec_properties)
-    limits = {}
+    kinds, bounds = {}, {}
     for f in schema.feature:
         if f.type not in _FEATURE_KINDS:
-            continue
-        if f.HasField("shape"):
-            limits[f.name] = math.prod(d.size for d in f.shape.dim)
-        elif f.HasField("value_count") and f.value_count.max > 0:
-            limits[f.name] = f.value_count.max
-    return limits
+            continue  # STRUCT and unknown types: not checked
+        kinds[f.name] = _FEATURE_KINDS[f.type]
+        bound = value_bounds(f)
+        if bound is not None:
+            bounds[f.name] = bound
+    return RecordSchema(kinds, bounds)
+
+
+def value_bounds(feature) -> ValueBounds | None:
+    """The ValueBounds of one schema feature, or None when it bounds nothing."""
+    # A fixed `shape` means exactly the product of its dims, in every record: Transform parses it
+    # fixed-length. Otherwise `value_count { min max }`, and `presence { min_fraction: 1.0 }`
+    # makes it required (at least 1 value when value_count sets no min). A record out of these
+    # bounds (a label list [3, 7], a record without image/encoded) used to reach
+    # ExampleValidator, whose anomaly names no record ("present in fewer examples than
+    # expected"), or Transform, whose fixed-length parse fails naming none; taking a list's first
+    # value would silently mislabel.
+    # An optional feature with no values passes: the batch parse cannot tell absent from empty.
+    if feature.HasField("shape"):
+        size = math.prod(d.size for d in feature.shape.dim)
+        return ValueBounds(least=size, most=size, required=True)
+    required = feature.presence.min_fraction >= 1.0
+    counted = feature.HasField("value_count")
+    least = feature.value_count.min if counted else 0
+    most = feature.value_count.max if counted and feature.value_count.max > 0 else None
+    if required:
+        least = max(least, 1)
+    if least == 0 and most is None:
+        return None
+    return ValueBounds(least=least, most=most, required=required)
 
 
 def _curated_schema(exec_properties: dict):
@@ -325,17 +357,10 @@ def record_kind_problem(record: bytes, kinds: dict[str, str], spec: dict) -> str
     return None
 
 
-def check_record_kinds(
-    batch,
-    kinds: dict[str, str],
-    spec: dict,
-    source: str,
-    start: int,
-    limits: dict[str, int] | None = None,
-) -> None:
-    """Raise BadRecordError if a record of `batch` breaks the schema's feature kinds or limits."""
-    # The records are `start`.. of `source`; the error names the shard, the record's index and the
-    # feature. `limits` (schema_value_limits) bound each feature's number of values per record.
+def check_records(batch, schema: RecordSchema, spec: dict, source: str, start: int) -> None:
+    """Raise BadRecordError if a record of `batch` breaks the schema's feature kinds or bounds."""
+    # The records are `start`.. of `source`; the error names the shard, the first bad record's
+    # index and the feature.
     import tensorflow as tf
 
     try:
@@ -344,66 +369,88 @@ def check_record_kinds(
     except (tf.errors.InvalidArgumentError, UnicodeDecodeError):
         parsed = None
     if parsed is not None:
-        _check_value_counts(parsed, len(batch), limits or {}, source, start)
+        _check_value_counts(parsed, len(batch), schema.bounds, source, start)
         return
     for offset, record in enumerate(batch):
-        problem = record_kind_problem(record, kinds, spec)
+        problem = record_kind_problem(record, schema.kinds, spec)
         if problem:
+            if offset:
+                # The records before it parse: one of them out of bounds is the first bad one.
+                before = tf.io.parse_example(batch[:offset], spec)
+                _check_value_counts(before, offset, schema.bounds, source, start)
             raise BadRecordError(
                 f"TFRecord shard {source}: record {start + offset} (0-based) {problem}; "
                 "StatisticsGen cannot merge one feature of two kinds"
             )
 
 
-def _check_value_counts(parsed: dict, size: int, limits: dict, source: str, start: int) -> None:
-    # The first record of the batch (then feature, in name order) holding more values than its
-    # limit; the sparse parse's row indices count each record's values without a Python loop.
+def _check_value_counts(
+    parsed: dict, size: int, bounds: dict[str, ValueBounds], source: str, start: int
+) -> None:
+    # The first record of the batch (then feature, in name order) holding fewer or more values
+    # than its bounds; one bincount of the sparse parse's row indices per feature counts each
+    # record's values without a Python loop, for both bounds.
     import numpy as np
 
     worst = None
-    for name in sorted(limits):
+    for name in sorted(bounds):
         if name not in parsed:
             continue
+        bound = bounds[name]
         counts = np.bincount(parsed[name].indices.numpy()[:, 0], minlength=size)
-        over = np.flatnonzero(counts > limits[name])
-        if over.size and (worst is None or over[0] < worst[0]):
-            worst = (int(over[0]), name, int(counts[over[0]]))
+        bad = counts < bound.least
+        if not bound.required:
+            bad &= counts > 0  # an optional feature may be absent (or empty: the same here)
+        if bound.most is not None:
+            bad |= counts > bound.most
+        found = np.flatnonzero(bad)
+        if found.size and (worst is None or found[0] < worst[0]):
+            worst = (int(found[0]), name, int(counts[found[0]]))
     if worst is not None:
         offset, name, count = worst
         raise BadRecordError(
-            f"TFRecord shard {source}: record {start + offset} (0-based) feature {name!r} holds "
-            f"{count} values, but the schema allows at most {limits[name]} per record"
+            f"TFRecord shard {source}: record {start + offset} (0-based) "
+            f"{_count_problem(name, count, bounds[name])}"
         )
 
 
-def copy_shard(
-    source: str,
-    target: str,
-    kinds: dict[str, str] | None = None,
-    limits: dict[str, int] | None = None,
-) -> int:
+def _count_problem(name: str, count: int, bound: ValueBounds) -> str:
+    if count == 0:
+        return f"lacks feature {name!r}, which the schema requires in every record"
+    if count < bound.least:
+        return (
+            f"feature {name!r} holds {count} values, but the schema requires at least "
+            f"{bound.least} per record"
+        )
+    return (
+        f"feature {name!r} holds {count} values, but the schema allows at most {bound.most} "
+        "per record"
+    )
+
+
+def copy_shard(source: str, target: str, schema: RecordSchema | None = None) -> int:
     """Copy one TFRecord shard record by record, uncompressed, checked; returns the count."""
     # Lengths are bounded and CRCs checked, and each record's schema features must be of the
-    # schema's `kinds` and hold at most `limits` values.
+    # schema's kinds and hold as many values as its bounds say.
     records = shard_records(source)
-    if kinds:
-        records = _kind_checked(records, kinds, source, limits)
+    if schema is not None and schema.kinds:
+        records = _schema_checked(records, schema, source)
     return write_records(target, records)
 
 
-def _kind_checked(records, kinds: dict[str, str], source: str, limits=None):
+def _schema_checked(records, schema: RecordSchema, source: str):
     # Batches of _COPY_BATCH records or _COPY_BATCH_BYTES: one C++ parse each, the records
     # re-read one by one only on failure.
-    spec, batch, start, held = _parse_spec(kinds), [], 0, 0
+    spec, batch, start, held = _parse_spec(schema.kinds), [], 0, 0
     for record in records:
         batch.append(record)
         held += len(record)
         if len(batch) == _COPY_BATCH or held >= _COPY_BATCH_BYTES:
-            check_record_kinds(batch, kinds, spec, source, start, limits)
+            check_records(batch, schema, spec, source, start)
             yield from batch
             start, batch, held = start + len(batch), [], 0
     if batch:
-        check_record_kinds(batch, kinds, spec, source, start, limits)
+        check_records(batch, schema, spec, source, start)
         yield from batch
 
 
@@ -485,7 +532,7 @@ class SpanResolvingImportExecutor(import_executor.Executor):
 
         self._log_startup({}, {"examples": [examples]}, exec_properties)
         copies = shard_copies(shards, examples.uri)
-        kinds = schema_kinds(exec_properties)
+        schema = record_schema(exec_properties)  # the curated schema, parsed once
         for directory in sorted({os.path.dirname(target) for _, target in copies}):
             fileio.makedirs(directory)
         examples.split_names = artifact_utils.encode_split_names(list(shards))
@@ -495,10 +542,7 @@ class SpanResolvingImportExecutor(import_executor.Executor):
                     pipeline
                     | "Shards" >> beam.Create(copies)
                     | "Spread" >> beam.Reshuffle()  # file names only: a few KB
-                    | "CopyShards"
-                    >> beam.MapTuple(
-                        copy_shard, kinds=kinds, limits=schema_value_limits(exec_properties)
-                    )
+                    | "CopyShards" >> beam.MapTuple(copy_shard, schema=schema)
                 )
         except Exception as exc:
             named = shard_error(exc)

@@ -13,7 +13,7 @@ import tensorflow as tf
 from google.protobuf import text_format
 from hypothesis import example, given
 from hypothesis import strategies as st
-from spans import write_span
+from spans import marked_example, write_span
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx.components.example_gen import utils as example_gen_utils
 from tfx.proto import example_gen_pb2
@@ -362,8 +362,7 @@ def test_an_eval_only_ingest_compares_its_own_split_with_the_gates_fingerprint(t
 
 
 def write_records(path: Path, count: int, options=None) -> None:
-    example = tf.train.Example()
-    example.features.feature["x"].bytes_list.value.append(b"x" * 300)
+    example = marked_example(b"x" * 300)
     with tf.io.TFRecordWriter(str(path), options) as writer:
         for _ in range(count):
             writer.write(example.SerializeToString())
@@ -631,7 +630,7 @@ def test_the_kind_check_holds_a_bounded_number_of_bytes_however_large_the_record
     # once. Ten 8 MiB records, the 8th of the wrong kind: named, and at most ~32 MiB held.
     import tracemalloc
 
-    from components.example_gen import copy_shard, schema_kinds
+    from components.example_gen import copy_shard, record_schema
 
     source, target = tmp_path / "in", tmp_path / "out"
     with tf.io.TFRecordWriter(str(source)) as writer:
@@ -649,7 +648,7 @@ def test_the_kind_check_holds_a_bounded_number_of_bytes_however_large_the_record
         with pytest.raises(
             BadRecordError, match=r"record 7 \(0-based\) feature 'image/class/label'"
         ):
-            copy_shard(str(source), str(target), schema_kinds({}))
+            copy_shard(str(source), str(target), record_schema({}))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -688,51 +687,189 @@ def test_a_record_with_more_values_than_the_schema_allows_is_named_with_its_shar
     )
 
 
+def without(example: tf.train.Example, name: str, empty: bool) -> None:
+    """`example` lacking feature `name`: absent, or present with an empty value list."""
+    kind = example.features.feature[name].WhichOneof("kind")
+    del example.features.feature[name]
+    if empty:
+        getattr(example.features.feature[name], kind).SetInParent()
+
+
+REQUIRED = [
+    features.LABEL,
+    features.IMAGE_ENCODED,
+    features.SYNSET,
+    features.IMAGE_FORMAT,
+    features.IMAGE_HEIGHT,
+    features.IMAGE_WIDTH,
+]
+
+
+@pytest.mark.parametrize("empty", [False, True], ids=["absent", "empty"])
+@pytest.mark.parametrize("name", REQUIRED)
+def test_a_record_lacking_a_required_feature_is_named_with_its_shard(tmp_path, name, empty):
+    # Absent or present with no values: the copy passed it, and the run stopped at
+    # ExampleValidator ("present in fewer examples than expected", no record named) or at
+    # Transform's fixed-length parse of image/encoded ("is required but could not be found").
+    data = tmp_path / "data"
+    write_span(data, 1)
+    shard = data / "span-1" / "validation-00000-of-00001"
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for n in range(300):
+            example = image_example(n)
+            if n == 290:
+                without(example, name, empty)
+            writer.write(example.SerializeToString())
+    with pytest.raises(BadRecordError) as failure:
+        ingest_span(tmp_path, data)
+    assert str(failure.value) == (
+        f"TFRecord shard {shard}: record 290 (0-based) lacks feature {name!r}, which the schema "
+        "requires in every record"
+    )
+
+
+@pytest.mark.parametrize("empty", [False, True], ids=["absent", "empty"])
+def test_a_record_without_an_optional_feature_is_copied(tmp_path, empty):
+    data = tmp_path / "data"
+    write_span(data, 1)
+    shard = data / "span-1" / "validation-00000-of-00001"
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for n in range(300):
+            example = image_example(n)
+            if n == 290:
+                without(example, features.IMAGE_FILENAME, empty)
+            writer.write(example.SerializeToString())
+    examples = ingest_span(tmp_path, data)
+    [records] = read_split(examples, "eval").values()
+    assert records == records_of(shard)
+
+
+def test_before_a_record_of_the_wrong_kind_a_record_lacking_a_feature_is_named_first(tmp_path):
+    # The batch's parse fails on the wrong kind, and the records are read one by one: the
+    # earlier record missing its label is still the one named.
+    from components.example_gen import copy_shard, record_schema
+
+    source = tmp_path / "in"
+    with tf.io.TFRecordWriter(str(source)) as writer:
+        for n in range(10):
+            example = image_example(n)
+            if n == 3:
+                without(example, features.LABEL, empty=False)
+            if n == 5:
+                retyped(example, features.IMAGE_WIDTH, "float_list")
+            writer.write(example.SerializeToString())
+    with pytest.raises(BadRecordError) as failure:
+        copy_shard(str(source), str(tmp_path / "out"), record_schema({}))
+    assert str(failure.value) == (
+        f"TFRecord shard {source}: record 3 (0-based) lacks feature 'image/class/label', which "
+        "the schema requires in every record"
+    )
+
+
+def bounded_schema(required, optional) -> str:
+    """A schema of a required INT feature 'a' and an optional BYTES feature 'b'."""
+
+    # `required` is ('shape', size) or ('count', min, max); `optional` is (min, max); a max of
+    # None is left unset.
+    def value_count(least, most):
+        return f"value_count {{ min: {least}" + (f" max: {most}" if most else "") + " }"
+
+    if required[0] == "shape":
+        a = f"shape {{ dim {{ size: {required[1]} }} }}"
+    else:
+        a = "presence { min_fraction: 1.0 } " + value_count(*required[1:])
+    b = "presence { min_count: 0 } " + value_count(*optional)
+    return f'feature {{ name: "a" type: INT {a} }}\nfeature {{ name: "b" type: BYTES {b} }}\n'
+
+
+def out_of_bounds(count: int, required, optional, name: str) -> str | None:
+    """What the schema says of `count` values of feature `name` in one record, or None if fine."""
+    # The plain reading: a shape is exactly its size; a required feature at least max(min, 1);
+    # an optional one absent (0), or min..max.
+    if name == "a" and required[0] == "shape":
+        least, most = required[1], required[1]
+    elif name == "a":
+        least, most = max(required[1], 1), required[2]
+    else:
+        least, most = optional
+        if count == 0:
+            return None
+    if count == 0:
+        return f"lacks feature {name!r}, which the schema requires in every record"
+    if count < least:
+        return (
+            f"feature {name!r} holds {count} values, but the schema requires at least {least} "
+            "per record"
+        )
+    if most and count > most:
+        return (
+            f"feature {name!r} holds {count} values, but the schema allows at most {most} "
+            "per record"
+        )
+    return None
+
+
+@st.composite
+def min_max(draw, lowest: int) -> tuple[int, int | None]:
+    least = draw(st.integers(lowest, 2))
+    return least, draw(st.one_of(st.none(), st.integers(max(least, 1), 3)))
+
+
 @given(
+    required=st.one_of(
+        st.tuples(st.just("shape"), st.integers(1, 2)),
+        min_max(0).map(lambda bounds: ("count", *bounds)),
+    ),
+    optional=min_max(0),
     counts=st.lists(
         st.fixed_dictionaries(
-            {features.LABEL: st.integers(0, 3), features.IMAGE_ENCODED: st.integers(0, 3)}
+            {"a": st.integers(0, 3), "b": st.integers(0, 3), "empty": st.booleans()}
         ),
         min_size=1,
         max_size=12,
-    )
+    ),
 )
-def test_the_copy_refuses_exactly_the_records_over_the_schemas_value_counts(counts):
-    # Whatever each record's value counts, the copy fails iff one holds more than the schema's
-    # 1, naming the first such record (then feature, by name); missing values are not its job.
+@example(required=("count", 0, 1), optional=(2, 3), counts=[{"a": 1, "b": 1, "empty": False}])
+@example(required=("shape", 2), optional=(1, None), counts=[{"a": 0, "b": 0, "empty": True}])
+def test_the_copy_refuses_exactly_the_records_outside_the_schemas_value_counts(
+    required, optional, counts
+):
+    # Whatever the schema's bounds and each record's value counts, the copy fails iff a record
+    # holds fewer or more values than the schema says (a required feature absent or empty
+    # alike), naming the first such record (then feature, by name); else it copies them all.
     import tempfile
 
-    from components.example_gen import copy_shard, schema_kinds, schema_value_limits
+    from components.example_gen import copy_shard, record_schema, schema_path_config
 
-    limits = schema_value_limits({})
-    assert limits[features.LABEL] == limits[features.IMAGE_ENCODED] == 1
     with tempfile.TemporaryDirectory() as directory:
+        schema_file = Path(directory, "schema.pbtxt")
+        schema_file.write_text(bounded_schema(required, optional))
+        config = proto_utils.proto_to_json(schema_path_config(str(schema_file)))
+        schema = record_schema({"custom_config": config})
         source, target = Path(directory, "in"), Path(directory, "out")
         with tf.io.TFRecordWriter(str(source)) as writer:
             for record in counts:
                 example = tf.train.Example()
                 feature = example.features.feature
-                feature[features.LABEL].int64_list.value.extend([1] * record[features.LABEL])
-                feature[features.IMAGE_ENCODED].bytes_list.value.extend(
-                    [b"x"] * record[features.IMAGE_ENCODED]
-                )
+                for name, value, kind in (("a", 7, "int64_list"), ("b", b"v", "bytes_list")):
+                    if record[name] or record["empty"]:  # 0 values: absent, or an empty list
+                        getattr(feature[name], kind).value.extend([value] * record[name])
+                        getattr(feature[name], kind).SetInParent()
                 writer.write(example.SerializeToString())
-        over = [
-            (index, name)
+        problems = [
+            (index, problem)
             for index, record in enumerate(counts)
-            for name in sorted(record)
-            if record[name] > 1
+            for name in ("a", "b")
+            if (problem := out_of_bounds(record[name], required, optional, name))
         ]
-        if not over:
-            assert copy_shard(str(source), str(target), schema_kinds({}), limits) == len(counts)
+        if not problems:
+            assert copy_shard(str(source), str(target), schema) == len(counts)
+            assert records_of(target) == records_of(source)
             return
-        index, name = over[0]
+        index, problem = problems[0]
         with pytest.raises(BadRecordError) as failure:
-            copy_shard(str(source), str(target), schema_kinds({}), limits)
-        assert str(failure.value) == (
-            f"TFRecord shard {source}: record {index} (0-based) feature {name!r} holds "
-            f"{counts[index][name]} values, but the schema allows at most 1 per record"
-        )
+            copy_shard(str(source), str(target), schema)
+        assert str(failure.value) == f"TFRecord shard {source}: record {index} (0-based) {problem}"
 
 
 def test_a_record_that_is_no_tf_example_is_named_with_its_shard(tmp_path):
@@ -751,15 +888,16 @@ def test_a_record_that_is_no_tf_example_is_named_with_its_shard(tmp_path):
 
 def test_the_kinds_come_from_the_configured_schema(tmp_path):
     # write_span's records carry an int64 'x'; a schema typing it BYTES refuses them.
-    from components.example_gen import schema_kinds, schema_path_config
+    from components.example_gen import record_schema, schema_path_config
 
     schema = tmp_path / "schema.pbtxt"
     schema.write_text('feature { name: "x" type: BYTES }\n')
     data = tmp_path / "data"
     write_span(data, 1)
     config = proto_utils.proto_to_json(schema_path_config(str(schema)))
-    assert schema_kinds({"custom_config": config}) == {"x": "bytes_list"}
-    assert schema_kinds({})[features.LABEL] == "int64_list"  # the schema shipped
+    assert record_schema({"custom_config": config}).kinds == {"x": "bytes_list"}
+    assert record_schema({"custom_config": config}).bounds == {}  # nothing required
+    assert record_schema({}).kinds[features.LABEL] == "int64_list"  # the schema shipped
     with pytest.raises(BadRecordError, match="feature 'x' holds int64_list values"):
         ingest_span(tmp_path, data, custom_config=config)
 
@@ -782,7 +920,7 @@ def test_each_shard_is_copied_record_for_record_uncompressed(tmp_path):
     sources = []
     for index in range(3):  # 700 records: more than one copy batch per shard
         source = span / f"train-{index:05d}-of-00003{'.gz' if index == 1 else ''}"
-        example = tf.train.Example()
+        example = marked_example(0)
         with tf.io.TFRecordWriter(str(source), "GZIP" if index == 1 else None) as writer:
             for n in range(700 + index):
                 example.features.feature["x"].int64_list.value[:] = [index * 1000 + n]
