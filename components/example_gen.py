@@ -298,6 +298,10 @@ def value_bounds(feature) -> ValueBounds | None:
     # expected"), or Transform, whose fixed-length parse fails naming none; taking a list's first
     # value would silently mislabel.
     # An optional feature with no values passes: the batch parse cannot tell absent from empty.
+    # A deprecated feature bounds nothing, as in TFDV's FeatureTypeIsDeprecated (feature_util.cc),
+    # so the copy never refuses what ExampleValidator would accept.
+    if feature_is_deprecated(feature):
+        return None
     if feature.HasField("shape"):
         size = math.prod(d.size for d in feature.shape.dim)
         return ValueBounds(least=size, most=size, required=True)
@@ -310,6 +314,20 @@ def value_bounds(feature) -> ValueBounds | None:
     if least == 0 and most is None:
         return None
     return ValueBounds(least=least, most=most, required=required)
+
+
+def feature_is_deprecated(feature) -> bool:
+    """Whether TFDV skips validating a schema feature (deprecated, or a not-yet/no-longer stage)."""
+    # `deprecated: true`, or a lifecycle_stage of PLANNED, ALPHA, DEPRECATED, DEBUG_ONLY or
+    # DISABLED (LifecycleStageIsDeprecated); TFX's ExampleValidator passes no environment, so
+    # in_environment / not_in_environment change nothing there either.
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    stages = schema_pb2.LifecycleStage
+    skipped = {stages.PLANNED, stages.ALPHA, stages.DEPRECATED, stages.DEBUG_ONLY, stages.DISABLED}
+    return feature.deprecated or (
+        feature.HasField("lifecycle_stage") and feature.lifecycle_stage in skipped
+    )
 
 
 def _curated_schema(exec_properties: dict):

@@ -744,6 +744,36 @@ def test_a_record_without_an_optional_feature_is_copied(tmp_path, empty):
     assert records == records_of(shard)
 
 
+@pytest.mark.parametrize(
+    "marking, bounded",
+    [
+        ("deprecated: true", False),
+        ("lifecycle_stage: DEPRECATED", False),
+        ("lifecycle_stage: DISABLED", False),
+        ("lifecycle_stage: PLANNED", False),
+        ("lifecycle_stage: ALPHA", False),
+        ("lifecycle_stage: DEBUG_ONLY", False),
+        ("lifecycle_stage: PRODUCTION", True),
+        ("lifecycle_stage: BETA", True),
+        ("", True),
+    ],
+)
+def test_a_feature_tfdv_does_not_validate_bounds_no_record(tmp_path, marking, bounded):
+    # TFDV skips deprecated features (FeatureTypeIsDeprecated): the copy must not refuse a record
+    # ExampleValidator would accept.
+    from components.example_gen import record_schema, schema_path_config
+
+    schema = tmp_path / "schema.pbtxt"
+    schema.write_text(
+        f'feature {{ name: "x" type: INT {marking} presence {{ min_fraction: 1.0 }} '
+        "value_count { min: 1 max: 1 } }\n"
+    )
+    config = proto_utils.proto_to_json(schema_path_config(str(schema)))
+    parsed = record_schema({"custom_config": config})
+    assert parsed.kinds == {"x": "int64_list"}
+    assert ("x" in parsed.bounds) == bounded
+
+
 def test_before_a_record_of_the_wrong_kind_a_record_lacking_a_feature_is_named_first(tmp_path):
     # The batch's parse fails on the wrong kind, and the records are read one by one: the
     # earlier record missing its label is still the one named.
