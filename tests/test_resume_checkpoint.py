@@ -6,6 +6,9 @@ a bare TF error or a silent start from step 0."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +16,10 @@ import tensorflow as tf
 import tf_keras as keras
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tensor_bundle import declare_string_length, header, read_entries, write_index
 
 from van_tfx.config import load_config
-from van_trainer import optim, train
+from van_trainer import checkpoint_index, optim, train
 
 CONFIG = load_config(None, ["train.checkpoint_every_steps=1"])
 KILLED_AT = 3  # steps done before the simulated kill
@@ -87,7 +91,7 @@ def _garbage_state(chief):
 
 
 DAMAGE = {
-    "cut data file": (_cut_data, "IndexError: Read less bytes than requested", {}),
+    "cut data file": (_cut_data, "_CHECKPOINTABLE_OBJECT_GRAPH lies past the end of its data", {}),
     "index removed": (_no_index, "NotFoundError", {}),
     "state file garbage": (_garbage_state, "state file `checkpoint` names no checkpoint", {}),
     "another model's": (lambda chief: None, "declares shape [8] where the model's", {"width": 16}),
@@ -175,6 +179,31 @@ def refusal_of(run_dir) -> str:
     return message
 
 
+def refusal_and_peak_rss_growth(run_dir) -> tuple[str, int]:
+    """(The ResumeCheckpointError message, peak RSS growth in MiB) of fit() in a new process."""
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_resume_checkpoint import fit
+from van_trainer import train
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    fit({str(run_dir)!r})
+except train.ResumeCheckpointError as exc:
+    print(exc)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    done = subprocess.run(
+        [sys.executable, "-B", "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    *message, growth_mib = done.stdout.strip().splitlines()
+    assert f"remove {run_dir / train.BACKUP_DIR} to train this run from its first step" in (
+        "\n".join(message)
+    )
+    return "\n".join(message), int(growth_mib)
+
+
 def test_a_checkpoint_declaring_a_huge_shape_is_refused_from_its_index(killed_run, tmp_path):
     # Before: the 8 TiB allocation failed in TF's allocator (its dump in the log) and the error
     # was about slices; a shape TF could allocate was allocated (see the RSS test below).
@@ -192,10 +221,6 @@ def test_a_checkpoint_declaring_a_huge_shape_is_refused_before_any_big_allocatio
     # 512 MiB declared and present as data (64 slices of the same 8 MiB, the file made sparse:
     # 8 KB on disk). Before: restoring grew the process by ~1.1 GiB (read twice: once by the
     # check that every value is readable, once by tf_keras) before tf_keras refused the shape.
-    import subprocess
-    import sys
-    from pathlib import Path
-
     run_dir = copy_of(killed_run, tmp_path)
     chief = run_dir / train.BACKUP_DIR / "chief"
     latest = rewrite(chief, BIAS, full_shape=(2**27,), slice_rows=2**21)
@@ -209,24 +234,8 @@ def test_a_checkpoint_declaring_a_huge_shape_is_refused_before_any_big_allocatio
                 target.write(chunk)
         target.truncate()
     sparse.replace(data)
-    script = f"""
-import resource, sys
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_resume_checkpoint import fit
-from van_trainer import optim, train
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-try:
-    fit({str(run_dir)!r})
-except train.ResumeCheckpointError as exc:
-    print(exc)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
-"""
-    done = subprocess.run(
-        [sys.executable, "-B", "-c", script], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    *message, growth_mib = done.stdout.strip().splitlines()
-    assert f"{BIAS} declares shape [134217728] where the model's " in "\n".join(message)
+    message, growth_mib = refusal_and_peak_rss_growth(run_dir)
+    assert f"{BIAS} declares shape [134217728] where the model's " in message
     print(f"\npeak RSS growth refusing a 512 MiB entry: {growth_mib} MiB")
     assert int(growth_mib) < 200  # reading the entry needs >= 512 MiB
 
@@ -337,3 +346,96 @@ def test_the_expected_entries_are_what_tf_keras_writes_for_van(tmp_path, overrid
         key: (tuple(s), dtypes[key].name) for key, s in reader.get_variable_to_shape_map().items()
     }
     assert written == {key: (shape, dtype) for key, (shape, dtype, _) in expected.items()}
+    # The index and object graph bounds hold with room to spare (a quarter used at most).
+    latest = tf.train.latest_checkpoint(str(tmp_path / "chief"))
+    tensors = len(expected)
+    index_limit = train.INDEX_BYTES_BASE + train.INDEX_BYTES_PER_TENSOR * tensors
+    string_limit = train.STRING_BYTES_BASE + train.STRING_BYTES_PER_TENSOR * tensors
+    entries = checkpoint_index.read_index(f"{latest}.index", index_limit // 4)
+    checkpoint_index.check_strings(latest, entries, string_limit // 4)
+    assert entries.keys() == expected.keys()
+
+
+# --------------------------------------------------------------------------- index structure
+# What TF allocates from the index's structure and the string data, before reading: written with
+# tests/tensor_bundle.py, as TF's writer never would.
+
+
+def test_a_string_declaring_a_huge_length_is_refused_before_any_big_allocation(
+    killed_run, tmp_path
+):
+    # The object graph entry pointed at 12 bytes declaring a 1 GiB string (length checksum
+    # valid). Before: TF zero-filled the declared 2 GiB (peak RSS +2054 MiB) and then raised
+    # "IndexError: Read less bytes than requested".
+    run_dir = copy_of(killed_run, tmp_path)
+    latest = tf.train.latest_checkpoint(str(run_dir / train.BACKUP_DIR / "chief"))
+    declare_string_length(latest, train.OBJECT_GRAPH_KEY, 2**30)
+    message, growth_mib = refusal_and_peak_rss_growth(run_dir)
+    assert "string entry _CHECKPOINTABLE_OBJECT_GRAPH declares 1073741824 bytes of strings in " in (
+        message
+    )
+    print(f"\npeak RSS growth refusing a 1 GiB string: {growth_mib} MiB")
+    assert growth_mib < 200
+
+
+@given(length=st.integers(0, 2**40))
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_a_string_entry_is_refused_unless_its_lengths_are_what_it_holds(
+    killed_run, tmp_path_factory, length
+):
+    run_dir = copy_of(killed_run, tmp_path_factory.mktemp("string"))
+    latest = tf.train.latest_checkpoint(str(run_dir / train.BACKUP_DIR / "chief"))
+    declare_string_length(latest, train.OBJECT_GRAPH_KEY, length)
+    entries = checkpoint_index.read_index(f"{latest}.index", 1 << 20)
+    if length == 3:  # the bytes it holds: TF may read it (and finds no object graph in "abc")
+        checkpoint_index.check_strings(latest, entries, 1 << 20)
+    else:
+        with pytest.raises(checkpoint_index.CheckpointIndexError, match=f"declares {length} "):
+            checkpoint_index.check_strings(latest, entries, 1 << 20)
+
+
+def test_an_index_rewritten_with_the_same_entries_still_resumes(killed_run, tmp_path):
+    # The test writer's tables are read by TF as its own (so the refusals below are not about
+    # the writer).
+    run_dir = copy_of(killed_run, tmp_path)
+    latest = tf.train.latest_checkpoint(str(run_dir / train.BACKUP_DIR / "chief"))
+    entries = {key: entry.SerializeToString() for key, entry in read_entries(latest).items()}
+    write_index(f"{latest}.index", {"": header(), **entries})
+    assert fit(run_dir)[1].initial_step == KILLED_AT
+
+
+def test_an_index_footer_declaring_a_huge_block_is_refused_unread(killed_run, tmp_path):
+    # Before: TF allocated the declared size first: std::bad_alloc (a bare MemoryError) under
+    # the 16 GB address-space limit, "Read less bytes than requested" without one.
+    run_dir = copy_of(killed_run, tmp_path)
+    latest = tf.train.latest_checkpoint(str(run_dir / train.BACKUP_DIR / "chief"))
+    entries = {key: entry.SerializeToString() for key, entry in read_entries(latest).items()}
+    write_index(f"{latest}.index", {"": header(), **entries}, index_block_size=2**40)
+    assert "footer declares a block of 1099511627776 bytes at " in refusal_of(run_dir)
+
+
+@given(
+    spots=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1),
+    cut=st.floats(0, 1),
+)
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_reading_any_damaged_index_gives_entries_or_a_checkpoint_index_error(
+    killed_run, tmp_path_factory, spots, cut
+):
+    # The Python reader runs before TF on untrusted bytes: no other exception (TF checks the
+    # blocks' checksums itself, once the reader has found every block inside the file).
+    [index] = (killed_run / train.BACKUP_DIR / "chief").glob("ckpt-*.index")
+    data = bytearray(index.read_bytes())
+    for where, byte in spots:
+        data[int(where * len(data))] = byte
+    path = tmp_path_factory.mktemp("index") / "ckpt-1.index"
+    path.write_bytes(bytes(data[: max(1, int(cut * len(data)))] if cut < 1 else data))
+    try:
+        entries = checkpoint_index.read_index(str(path), 1 << 20)
+    except checkpoint_index.CheckpointIndexError:
+        return
+    assert all(isinstance(key, str) for key in entries)

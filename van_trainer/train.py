@@ -21,7 +21,7 @@ import tf_keras as keras
 from van_tfx import features, storage
 from van_tfx.config import Config
 from van_tfx.data import shards
-from van_trainer import dataset, distribute, export, optim, tracing, weights
+from van_trainer import checkpoint_index, dataset, distribute, export, optim, tracing, weights
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,10 @@ INDEX_BYTES_PER_TENSOR = 1024
 INDEX_BYTES_BASE = 64 * 1024
 # The state file `checkpoint` names the last checkpoints (tf_keras keeps one): TF reads it whole.
 STATE_FILE_MAX_BYTES = 64 * 1024
+# The object graph (a string) holds a short node per object: VAN-tiny's, with AdamW and EMA,
+# is about 100 bytes per variable (a test checks the bound holds for VAN).
+STRING_BYTES_PER_TENSOR = 2048
+STRING_BYTES_BASE = 1024 * 1024
 # The entry TF's saver adds to every checkpoint: the object graph, one serialized proto.
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
@@ -295,8 +299,14 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         if not self.model.built:
             raise self._refusal(chief, "the model is not built, so its variables can't be checked")
         expected = resume_checkpoint_entries(self.model)
+        # The index's structure first (TF allocates the block sizes it declares), in Python.
         limit = INDEX_BYTES_BASE + INDEX_BYTES_PER_TENSOR * len(expected)
-        self._check_size(chief, f"{latest}.index", limit)
+        try:
+            entries = checkpoint_index.read_index(f"{latest}.index", limit)
+        except checkpoint_index.CheckpointIndexError as exc:
+            raise self._refusal(chief, str(exc)) from None
+        except self._RESTORE_ERRORS as exc:
+            raise self._refusal(chief, f"{type(exc).__name__}: {exc}") from None
         try:
             reader = tf.train.load_checkpoint(latest)
             shapes = reader.get_variable_to_shape_map()
@@ -308,6 +318,15 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise self._refusal(chief, f"{problems[0]}{more}")
+        # The shapes are the model's; the object graph (a string) is sized by the data file.
+        try:
+            checkpoint_index.check_strings(
+                latest, entries, STRING_BYTES_BASE + STRING_BYTES_PER_TENSOR * len(expected)
+            )
+        except checkpoint_index.CheckpointIndexError as exc:
+            raise self._refusal(chief, str(exc)) from None
+        except self._RESTORE_ERRORS as exc:
+            raise self._refusal(chief, f"{type(exc).__name__}: {exc}") from None
 
     def _check_size(self, chief: str, path: str, limit: int) -> None:
         try:
