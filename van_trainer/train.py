@@ -21,7 +21,7 @@ import tf_keras as keras
 from van_tfx import features, storage
 from van_tfx.config import Config
 from van_tfx.data import shards
-from van_trainer import dataset, distribute, export, optim, tracing, weights
+from van_trainer import checkpoint_index, dataset, distribute, export, optim, tracing, weights
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,85 @@ class ResumeCheckpointError(RuntimeError):
     """The run directory's resume checkpoint can't be restored: names it and what to do."""
 
 
+# A checkpoint's `.index` holds one short entry per tensor (about 100 bytes for VAN's keys): a
+# legitimate one stays far below this per expected tensor. TF reads the whole index into memory.
+INDEX_BYTES_PER_TENSOR = 1024
+INDEX_BYTES_BASE = 64 * 1024
+# The state file `checkpoint` names the last checkpoints (tf_keras keeps one): TF reads it whole.
+STATE_FILE_MAX_BYTES = 64 * 1024
+# The object graph (a string) holds a short node per object: VAN-tiny's, with AdamW and EMA,
+# is about 100 bytes per variable (a test checks the bound holds for VAN).
+STRING_BYTES_PER_TENSOR = 2048
+STRING_BYTES_BASE = 1024 * 1024
+# The entry TF's saver adds to every checkpoint: the object graph, one serialized proto.
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
+
+def checkpoint_mismatches(
+    declared: dict[str, tuple[tuple[int, ...], str]],
+    expected: dict[str, tuple[tuple[int, ...], str, str]],
+) -> list[str]:
+    """Each entry of a checkpoint's index (key -> shape, dtype) that the model does not hold."""
+    # `expected` maps each checkpoint key to (shape, dtype, the variable's name). TF allocates a
+    # declared shape before reading a byte of data, so every declared entry must be one the
+    # model has with the same shape and dtype: then restoring costs what the model's variables
+    # do, whatever the index says. A key the model has no variable for is a problem too (the
+    # restore would read it, or drop it without a word).
+    problems = []
+    for key in sorted(declared):
+        shape, dtype = declared[key]
+        if key not in expected:
+            problems.append(f"{key} (shape {list(shape)}) is not a variable of this model")
+            continue
+        want_shape, want_dtype, name = expected[key]
+        if tuple(shape) != tuple(want_shape):
+            problems.append(
+                f"{key} declares shape {list(shape)} where the model's {name} has shape "
+                f"{list(want_shape)}"
+            )
+        elif dtype != want_dtype:
+            problems.append(
+                f"{key} declares dtype {dtype} where the model's {name} has dtype {want_dtype}"
+            )
+    return problems
+
+
+def checkpoint_entries(root) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """Each key a checkpoint of `root` holds -> (shape, dtype, variable name), from TF's naming."""
+    # TF's own traversal (the one its saver uses), so the keys are the ones it writes; reads
+    # no variable's value. Every trackable the model holds with state is a variable (checked by
+    # a test against a checkpoint TF writes for VAN and its optimizer).
+    from tensorflow.python.checkpoint import graph_view, util
+
+    objects, _, _, _, paths = util.objects_ids_and_slot_variables_and_paths(
+        graph_view.ObjectGraphView(root)
+    )
+    entries = {OBJECT_GRAPH_KEY: ((), tf.string.name, "object graph")}
+    for obj in objects:
+        if isinstance(obj, tf.Variable):
+            key = f"{paths[obj]}/.ATTRIBUTES/VARIABLE_VALUE"
+            entries[key] = (tuple(obj.shape.as_list()), obj.dtype.name, obj.name)
+    return entries
+
+
+def resume_checkpoint_entries(model: keras.Model) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """checkpoint_entries of what tf_keras' BackupAndRestore saves for `model` (optimizer built)."""
+    # The optimizer's variables are created by its first step otherwise (compile_model creates
+    # them already), and a checkpoint holds them: build them now, as that step would (same
+    # variables, same order), so they can be compared too.
+    if model.optimizer is not None:
+        tracing.create_optimizer_variables(model)
+    # The objects tf_keras' WorkerTrainingState checkpoints, under the same names.
+    root = tf.train.Checkpoint(
+        model=model,
+        ckpt_saved_epoch=tf.Variable(0, dtype=tf.int64),
+        ckpt_saved_batch=tf.Variable(0, dtype=tf.int64),
+        train_counter=model._train_counter,
+    )
+    root.save_counter  # noqa: B018  (created on first use, as saving does)
+    return checkpoint_entries(root)
+
+
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
     """tf_keras' BackupAndRestore; a checkpoint it can't restore is an error naming the backup."""
 
@@ -190,12 +269,14 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         """Restore the last checkpoint as tf_keras does, or refuse naming the directory."""
         chief = os.path.join(self.backup_dir, "chief")  # where tf_keras reads checkpoints
         if tf.io.gfile.glob(os.path.join(chief, "ckpt-*.index")):
+            self._check_size(chief, os.path.join(chief, "checkpoint"), STATE_FILE_MAX_BYTES)
             try:
                 latest = tf.train.latest_checkpoint(chief)
             except self._RESTORE_ERRORS as exc:
                 raise self._refusal(chief, f"{type(exc).__name__}: {exc}") from None
             if latest is None:  # tf_keras would start again from step 0 without a word
                 raise self._refusal(chief, "its state file `checkpoint` names no checkpoint")
+            self._check_entries(chief, latest)
             # Every value read once, checksums checked, before fit: tf_keras restores some
             # (optimizer slots) only when they are created in the first step, where a damaged
             # value raised DataLossError from inside the train function.
@@ -209,6 +290,55 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             super().on_train_begin(logs)
         except self._RESTORE_ERRORS as exc:
             raise self._refusal(chief, f"{type(exc).__name__}: {exc}") from None
+
+    def _check_entries(self, chief: str, latest: str) -> None:
+        # The index declares each tensor's shape and dtype, and TF allocates that shape before
+        # reading its data: 8 KB on disk declaring a 1 GiB tensor grew the process by 1 GiB,
+        # 8 TiB made the allocator fail. So the index alone (never the data) is compared with
+        # the model's variables first, its own size bounded.
+        if not self.model.built:
+            raise self._refusal(chief, "the model is not built, so its variables can't be checked")
+        expected = resume_checkpoint_entries(self.model)
+        # The index's structure first (TF allocates the block sizes it declares), in Python.
+        limit = INDEX_BYTES_BASE + INDEX_BYTES_PER_TENSOR * len(expected)
+        try:
+            entries = checkpoint_index.read_index(f"{latest}.index", limit)
+        except checkpoint_index.CheckpointIndexError as exc:
+            raise self._refusal(chief, str(exc)) from None
+        except self._RESTORE_ERRORS as exc:
+            raise self._refusal(chief, f"{type(exc).__name__}: {exc}") from None
+        try:
+            reader = tf.train.load_checkpoint(latest)
+            shapes = reader.get_variable_to_shape_map()
+            dtypes = reader.get_variable_to_dtype_map()
+        except self._RESTORE_ERRORS as exc:
+            raise self._refusal(chief, f"{type(exc).__name__}: {exc}") from None
+        declared = {key: (tuple(shapes[key]), dtypes[key].name) for key in shapes}
+        problems = checkpoint_mismatches(declared, expected)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise self._refusal(chief, f"{problems[0]}{more}")
+        # The shapes are the model's; the object graph (a string) is sized by the data file.
+        try:
+            checkpoint_index.check_strings(
+                latest, entries, STRING_BYTES_BASE + STRING_BYTES_PER_TENSOR * len(expected)
+            )
+        except checkpoint_index.CheckpointIndexError as exc:
+            raise self._refusal(chief, str(exc)) from None
+        except self._RESTORE_ERRORS as exc:
+            raise self._refusal(chief, f"{type(exc).__name__}: {exc}") from None
+
+    def _check_size(self, chief: str, path: str, limit: int) -> None:
+        try:
+            size = tf.io.gfile.stat(path).length
+        except tf.errors.NotFoundError:
+            return  # reading it gives the error (and its wording) it always gave
+        if size > limit:
+            raise self._refusal(
+                chief,
+                f"{os.path.basename(path)} is {size} bytes, more than the {limit} a checkpoint "
+                "of this model needs",
+            )
 
     def _refusal(self, chief: str, problem: str) -> ResumeCheckpointError:
         return ResumeCheckpointError(
