@@ -271,6 +271,26 @@ def test_an_entry_the_model_has_no_variable_for_is_refused_naming_it(killed_run,
     )
 
 
+def test_a_checkpoint_lacking_one_of_the_models_variables_is_refused_naming_it(
+    killed_run, tmp_path
+):
+    # Before: tf_keras restored the other entries and kept this variable's fresh value silently.
+    run_dir = copy_of(killed_run, tmp_path)
+    chief = run_dir / train.BACKUP_DIR / "chief"
+    latest = tf.train.latest_checkpoint(str(chief))
+    reader = tf.train.load_checkpoint(latest)
+    kept = sorted(name for name in reader.get_variable_to_shape_map() if name != BIAS)
+    tensors = [reader.get_tensor(name) for name in kept]
+    for path in tf.io.gfile.glob(latest + ".*"):
+        tf.io.gfile.remove(path)
+    tf.raw_ops.SaveV2(
+        prefix=latest, tensor_names=kept, shape_and_slices=[""] * len(kept), tensors=tensors
+    )
+    message = refusal_of(run_dir)
+    assert f"{BIAS} (the model's " in message
+    assert "/bias:0) is missing from the checkpoint" in message
+
+
 @pytest.mark.parametrize("name", ["index", "state"])
 def test_an_index_or_state_file_larger_than_the_model_needs_is_refused_unread(
     killed_run, tmp_path, name
@@ -296,12 +316,21 @@ def test_the_check_refuses_exactly_the_entries_unlike_the_models(expected_entrie
     keys = sorted(expected_entries)
     declared = {key: (shape, dtype) for key, (shape, dtype, _) in expected_entries.items()}
     assert train.checkpoint_mismatches(declared, expected_entries) == []
+    missing = data.draw(st.lists(st.sampled_from(keys), unique=True, max_size=2))
+    for key in missing:
+        del declared[key]
+    keys = sorted(declared)
     changed = data.draw(st.lists(st.sampled_from(keys), unique=True, max_size=4))
     for key in changed:
         shape = data.draw(st.lists(st.integers(0, 2**40), max_size=4).map(tuple))
         dtype = data.draw(st.sampled_from(["float32", "float64", "int64", "string"]))
         declared[key] = (shape, dtype)
     problems = train.checkpoint_mismatches(declared, expected_entries)
+    for problem, key in zip(problems, sorted(missing), strict=False):
+        assert problem == (
+            f"{key} (the model's {expected_entries[key][2]}) is missing from the checkpoint"
+        )
+    problems = problems[len(missing) :]
     differing = [key for key in keys if declared[key] != expected_entries[key][:2]]
     assert [problem.split(" ", 1)[0] for problem in problems] == differing
     for problem, key in zip(problems, differing, strict=True):

@@ -199,8 +199,12 @@ def checkpoint_mismatches(
     # declared shape before reading a byte of data, so every declared entry must be one the
     # model has with the same shape and dtype: then restoring costs what the model's variables
     # do, whatever the index says. A key the model has no variable for is a problem too (the
-    # restore would read it, or drop it without a word).
-    problems = []
+    # restore would read it, or drop it without a word), and so is a variable the checkpoint
+    # lacks: tf_keras would restore the rest and leave it fresh without a word.
+    problems = [
+        f"{key} (the model's {expected[key][2]}) is missing from the checkpoint"
+        for key in sorted(set(expected) - set(declared))
+    ]
     for key in sorted(declared):
         shape, dtype = declared[key]
         if key not in expected:
