@@ -202,6 +202,7 @@ class _Failure:
     attempts: int = 0
     retry_at: float = 0.0
     gave_up: bool = False
+    error: ServingError | None = None  # the last attempt's
 
 
 class _Model:
@@ -464,11 +465,8 @@ class ModelManager:
                 return
             model.listing = listing
         listing = model.listing
-        # A failed version whose directory went away (or was replaced by another dir naming the
-        # same version) is forgotten: a re-push loads fresh, with its own retries.
-        for version in [v for v, f in model.failures.items() if listing.get(v) != f.dirname]:
-            del model.failures[version]
         aspired = aspired_versions(model.config, list(listing))
+        self._forget_unaspired_failures(model, {v: listing[v] for v in aspired})
         loaded = {}
         now = time.monotonic()
         for version in aspired:
@@ -494,6 +492,21 @@ class ModelManager:
                     stale = [s for v, s in model.servables.items() if v not in aspired]
                     model.servables = {v: s for v, s in model.servables.items() if v in aspired}
         self._unload(model, stale)
+
+    def _forget_unaspired_failures(self, model: _Model, aspired: dict[int, str]) -> None:
+        # A failed version no longer aspired (its directory went away or was replaced by another
+        # naming the same version, or the policy or base path moved on) is forgotten: aspired
+        # again, it loads fresh, with its own retries. One still retrying ENDs with its last
+        # error, as CancelLoadServableRetry ends TF Serving's; it stayed LOADING for good.
+        for version, failure in list(model.failures.items()):
+            if aspired.get(version) == failure.dirname:
+                continue
+            del model.failures[version]
+            if not failure.gave_up and failure.error is not None:
+                error = failure.error
+                self._set_state(
+                    model, VersionStatus(version, State.END, error.message, error.code.value[0])
+                )
 
     def _load(self, model: _Model, version: int, dirname: str) -> Servable | None:
         name = model.config.name
@@ -528,6 +541,7 @@ class ModelManager:
         # poll can catch a push mid-copy); meanwhile the version stays LOADING, as there.
         failure = model.failures.setdefault(version, _Failure(dirname))
         failure.attempts += 1
+        failure.error = load_error(exc)
         name = model.config.name
         if failure.attempts <= self._max_retries:
             failure.retry_at = time.monotonic() + self._retry_interval
@@ -538,7 +552,7 @@ class ModelManager:
             return
         failure.gave_up = True
         log.error("failed to load %s version %d: %s", name, version, exc)
-        error = load_error(exc)
+        error = failure.error
         self._set_state(
             model, VersionStatus(version, State.END, error.message, error.code.value[0])
         )

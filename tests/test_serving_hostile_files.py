@@ -609,6 +609,37 @@ def test_a_poll_costs_the_same_whatever_the_number_of_versions_without_a_model(
     assert counts == [1, 1]  # one listing each
 
 
+def test_a_version_retrying_its_load_ends_with_its_error_once_no_longer_aspired(tmp_path):
+    # A push in progress (no saved_model.pb yet) is aspired and retried; pulled before it
+    # completes, it stayed LOADING in GetModelStatus for good. TF Serving cancels the retries of
+    # a version no longer aspired (CancelLoadServableRetry): END, with the last load error.
+    import shutil
+
+    from serving.manager import ModelManager, State
+
+    exported = testing.export(testing.build_tiny_model(), str(tmp_path / "export"), 1)
+    shutil.copytree(exported, tmp_path / "base" / "1")
+    config = protos.ModelConfig(name="van", base_path=str(tmp_path / "base"))
+    config.model_platform = "tensorflow"
+    manager = ModelManager([config], enable_warmup=False, load_retry_interval_seconds=60)
+    try:
+        manager.poll_once()  # version 1 serves
+        os.makedirs(tmp_path / "base" / "2")
+        manager.poll_once()
+        assert [(s.version, s.state) for s in manager.status("van")] == [
+            (2, State.LOADING),
+            (1, State.AVAILABLE),
+        ]
+        os.rmdir(tmp_path / "base" / "2")
+        manager.poll_once()
+        (status,) = manager.status("van", 2)
+        assert (status.state, status.error_code) == (State.END, grpc.StatusCode.NOT_FOUND.value[0])
+        assert status.error == NO_SAVED_MODEL.format(dir=tmp_path / "base" / "2")
+        assert manager.resolve("van").version == 1
+    finally:
+        manager.stop()
+
+
 def test_a_broken_monitoring_file_is_not_read_without_a_rest_port(tmp_path):
     # server.cc parses --monitoring_config_file only when the HTTP port is set; this server
     # refused to start over a file it would never use.
