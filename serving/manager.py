@@ -203,6 +203,7 @@ class _Failure:
     retry_at: float = 0.0
     gave_up: bool = False
     error: ServingError | None = None  # the last attempt's
+    awaiting_model: bool = False  # the last attempt found no saved_model.pb
 
 
 class _Model:
@@ -472,7 +473,7 @@ class ModelManager:
         for version in aspired:
             failure = model.failures.get(version)
             if version in model.servables or (
-                failure and (failure.gave_up or now < failure.retry_at)
+                failure and (failure.gave_up or not self._retry_due(model, failure, now))
             ):
                 continue
             servable = self._load(model, version, listing[version])
@@ -492,6 +493,17 @@ class ModelManager:
                     stale = [s for v, s in model.servables.items() if v not in aspired]
                     model.servables = {v: s for v, s in model.servables.items() if v in aspired}
         self._unload(model, stale)
+
+    @staticmethod
+    def _retry_due(model: _Model, failure: _Failure, now: float) -> bool:
+        """Whether a failed version's next load attempt is due."""
+        # After load_retry_interval, as in TF Serving; sooner for a version that had no
+        # saved_model.pb (a push caught mid-copy) once it has one: pushers copy it last, and
+        # TF Serving's 60 s default wait would hold a complete push back for up to a minute.
+        # One stat per aspired version waiting so, not per child.
+        if now >= failure.retry_at:
+            return True
+        return failure.awaiting_model and _is_live(model.config.base_path, failure.dirname)
 
     def _forget_unaspired_failures(self, model: _Model, aspired: dict[int, str]) -> None:
         # A failed version no longer aspired (its directory went away or was replaced by another
@@ -542,6 +554,7 @@ class ModelManager:
         failure = model.failures.setdefault(version, _Failure(dirname))
         failure.attempts += 1
         failure.error = load_error(exc)
+        failure.awaiting_model = not _is_live(model.config.base_path, dirname)
         name = model.config.name
         if failure.attempts <= self._max_retries:
             failure.retry_at = time.monotonic() + self._retry_interval

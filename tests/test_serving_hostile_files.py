@@ -586,7 +586,8 @@ def test_a_poll_costs_the_same_whatever_the_number_of_versions_without_a_model(
 ):
     # Every numbered child without saved_model.pb was stat'ed each poll, to skip it: 100k of
     # them took 1.26 s a poll (every second by default). TF Serving aspires the highest child
-    # by its name; its load fails NOT_FOUND and is retried, so a poll is one listing.
+    # by its name; its load fails NOT_FOUND and is retried, so a poll is one listing and one
+    # check of that child.
     from serving.manager import ModelManager, State
 
     calls = FileCalls(monkeypatch)
@@ -606,7 +607,7 @@ def test_a_poll_costs_the_same_whatever_the_number_of_versions_without_a_model(
             assert (status.version, status.state) == (children, State.LOADING)  # while retried
         finally:
             manager.stop()
-    assert counts == [1, 1]  # one listing each
+    assert counts == [2, 2]  # the listing, and whether the top child has its model yet
 
 
 def test_a_version_retrying_its_load_ends_with_its_error_once_no_longer_aspired(tmp_path):
