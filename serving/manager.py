@@ -100,6 +100,9 @@ def parse_version(name: str) -> int | None:
     # ParseVersionNumber (file_system_storage_path_source.cc) is safe_strto64: surrounding
     # whitespace, an optional '-', ASCII digits only, int64 range. str.isdigit()/int() would
     # take Unicode digits ("²", "٣") and unbounded values that no request can name.
+    if name.isascii() and name.isdigit():  # the common case, without the checks below
+        value = int(name)
+        return value if value <= INT64_MAX else None
     text = name.strip(_C_SPACES)
     digits = text[1:] if text.startswith("-") else text
     if not digits or not set(digits) <= _ASCII_DIGITS:
