@@ -147,9 +147,8 @@ def _decode_string_list(content: bytes, count: int, alias: str) -> np.ndarray:
             shift += 7
             if byte < 0x80:
                 break
-        if length >= 1 << 32:
-            raise tensor_parsing_error(alias)
-        lengths.append(length)
+        # GetVarint32Ptr works in uint32: a fifth byte's bits above 32 are dropped, not refused.
+        lengths.append(length & 0xFFFFFFFF)
     if sum(lengths) != len(content) - position:
         raise tensor_parsing_error(alias)
     for index, length in enumerate(lengths):

@@ -335,6 +335,22 @@ _FIELD_VALUES = {
 
 
 @st.composite
+def _string_lists(draw):
+    """(count, DT_STRING tensor_content): varint lengths, some in five bytes with bits above 32."""
+    values = draw(st.lists(st.binary(max_size=6), max_size=4))
+    lengths = b""
+    for value in values:
+        size = len(value)
+        if draw(st.booleans()):
+            high = draw(st.integers(0, 7)) << 4  # what a uint32 varint cannot hold
+            lengths += bytes([(size >> s) & 0x7F | 0x80 for s in (0, 7, 14, 21)])
+            lengths += bytes([(size >> 28) & 0x0F | high])
+        else:
+            lengths += bytes([size])
+    return len(values), lengths + b"".join(values)
+
+
+@st.composite
 def _tensor_protos(draw):
     """Small TensorProtos of any dtype, with content bytes and value fields of any kind."""
     proto = tensor_pb2.TensorProto(dtype=draw(st.sampled_from(_DTYPES)))
@@ -342,6 +358,11 @@ def _tensor_protos(draw):
         proto.tensor_shape.dim.add(size=size)
     if draw(st.booleans()):
         proto.tensor_content = draw(st.binary(max_size=40))
+    elif proto.dtype == types_pb2.DT_STRING and draw(st.booleans()):
+        count, proto.tensor_content = draw(_string_lists())
+        if draw(st.booleans()):  # a shape holding as many strings as the content
+            del proto.tensor_shape.dim[:]
+            proto.tensor_shape.dim.add(size=count)
     for field in draw(st.lists(st.sampled_from(sorted(_FIELD_VALUES)), max_size=2, unique=True)):
         getattr(proto, field).extend(draw(st.lists(_FIELD_VALUES[field], max_size=6)))
     return proto
@@ -352,8 +373,9 @@ def _tensor_protos(draw):
 def test_tensor_protos_are_read_as_tensor_from_proto_reads_them(proto):
     # tf.io.parse_tensor is Tensor::FromProto (parse_tensor_op.cc), which GetInputValues runs on
     # every input: refused there is "tensor parsing error", accepted the same values. It took a
-    # zero-element string tensor with content (an empty batch) that this refused, and refused a
-    # bool byte other than 0 and 1 that this passed on to the model as True.
+    # zero-element string tensor with content (an empty batch) and string lengths whose fifth
+    # varint byte sets bits above 32 (it drops them) that this refused, and refused a bool byte
+    # other than 0 and 1 that this passed on to the model as True.
     from serving.errors import ServingError
     from serving.tensors import from_tensor_proto
 
@@ -378,6 +400,19 @@ def test_tensor_protos_are_read_as_tensor_from_proto_reads_them(proto):
             if ours.dtype == object
             else ours.tobytes() == theirs.tobytes()
         )
+
+
+@given(_string_lists())
+@settings(max_examples=100, deadline=None)
+def test_string_lengths_are_read_as_uint32_varints(string_list):
+    # DecodeStringList reads each length with GetVarint32Ptr, in uint32: bits a fifth byte sets
+    # above 32 are dropped. This refused such lengths ("tensor parsing error").
+    from serving.tensors import from_tensor_proto
+
+    count, content = string_list
+    proto = string_proto([count], content=content)
+    theirs = tf.io.parse_tensor(proto.SerializeToString(), tf.string).numpy().tolist()
+    assert from_tensor_proto(proto).tolist() == theirs
 
 
 def test_tensor_from_proto_answers_over_grpc(stub):
