@@ -7,7 +7,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import itertools
 import logging
 import os
 import threading
@@ -101,6 +100,9 @@ def parse_version(name: str) -> int | None:
     # ParseVersionNumber (file_system_storage_path_source.cc) is safe_strto64: surrounding
     # whitespace, an optional '-', ASCII digits only, int64 range. str.isdigit()/int() would
     # take Unicode digits ("²", "٣") and unbounded values that no request can name.
+    if name.isascii() and name.isdigit():  # the common case, without the checks below
+        value = int(name)
+        return value if value <= INT64_MAX else None
     text = name.strip(_C_SPACES)
     digits = text[1:] if text.startswith("-") else text
     if not digits or not set(digits) <= _ASCII_DIGITS:
@@ -128,49 +130,39 @@ def numbered_children(base_path: str) -> list[tuple[int, str]] | None:
     return children
 
 
-def version_dirs(base_path: str, config=None) -> dict[int, str] | None:
-    """{version: child dir name} of the live versions under `base_path`; None if it is missing."""
-    # With a ModelConfig, only the versions its policy can aspire are looked at: from the highest
-    # down until its latest.num_versions are found live, or only its specific versions.
+def aspired_children(base_path: str, config=None) -> dict[int, str] | None:
+    """{version: child name} a poll aspires under `base_path`, by name only; None if missing."""
+    # PollFileSystemForServable: IndexChildrenByVersion, then AspireLatestVersions (the
+    # num_versions highest), AspireAllVersions or AspireSpecificVersions, from the names alone.
+    # Nothing inside a child is looked at: one without saved_model.pb (a push in progress) is
+    # aspired, its load fails NOT_FOUND and is retried (LoaderHarness) while the version before
+    # keeps serving. Stat'ing saved_model.pb to skip such children cost a stat per child every
+    # poll: 100k model-less children took 1.26 s a poll (every second by default).
     children = numbered_children(base_path)
     if children is None:
         return None
-    # A poll stats saved_model.pb of the versions the policy needs, not of every numbered child:
-    # 100k children cost 1.3 to 2.3 s a poll, every second (TF Serving stats none; it aspires
-    # the highest child whatever it holds).
-    wanted, candidates = _policy_candidates(config, children)
-    found: dict[int, str] = {}
-    for version, names in candidates:
-        live = [name for name in names if _is_live(base_path, name)]
-        if len(live) > 1:  # IndexChildrenByVersion: the later child wins, with a warning
+    by_version: dict[int, str] = {}
+    for version, name in children:  # in name order: the later child wins, with a warning
+        if version in by_version:
             log.warning(
                 "Duplicate version directories detected. Version %d will be loaded from %s, "
-                "%s will be ignored.", version, live[-1], ", ".join(live[:-1]),
+                "%s will be ignored.", version, name, by_version[version],
             )  # fmt: skip
-        if live:
-            found[version] = live[-1]
-            if len(found) == wanted:
-                break
-    return dict(sorted(found.items()))
+        by_version[version] = name
+    versions = sorted(by_version)
+    if config is not None:
+        versions = aspired_versions(config, versions)
+    return {version: by_version[version] for version in versions}
 
 
-def _policy_candidates(config, children: list[tuple[int, str]]):
-    """(how many live versions the policy wants, None for all; an iterator of (version, its
-    child names in name order), highest version first, over the versions it may aspire)."""
-    policy = config.model_version_policy if config is not None else None
-    which = policy.WhichOneof("policy_choice") if policy is not None else "all"
-    if which == "specific":
-        wanted = set(policy.specific.versions)
-        children = [child for child in children if child[0] in wanted]
-    # Sorted by version (stable: names stay in name order), grouped from the highest down.
-    ordered = sorted(children, key=lambda child: child[0], reverse=True)
-    groups = (
-        (version, sorted(name for _, name in group))
-        for version, group in itertools.groupby(ordered, key=lambda child: child[0])
-    )
-    if which in ("all", "specific"):
-        return None, groups
-    return max(policy.latest.num_versions if which == "latest" else 1, 1), groups
+def version_dirs(base_path: str) -> dict[int, str] | None:
+    """{version: child dir name} of the complete versions under `base_path`; None if missing."""
+    # Complete: holding saved_model.pb, which exporters and pushers write last. For callers that
+    # want a model to copy or compare (the NewDataGate, the demo); polls use aspired_children.
+    children = aspired_children(base_path)
+    if children is None:
+        return None
+    return {version: name for version, name in children.items() if _is_live(base_path, name)}
 
 
 def _is_live(base_path: str, name: str) -> bool:
@@ -213,6 +205,8 @@ class _Failure:
     attempts: int = 0
     retry_at: float = 0.0
     gave_up: bool = False
+    error: ServingError | None = None  # the last attempt's
+    awaiting_model: bool = False  # the last attempt found no saved_model.pb
 
 
 class _Model:
@@ -221,7 +215,7 @@ class _Model:
         self.servables: dict[int, Servable] = {}
         self.states: dict[int, VersionStatus] = {}
         self.failures: dict[int, _Failure] = {}
-        self.listing: dict[int, str] | None = None  # the last version_dirs() of the base path
+        self.listing: dict[int, str] | None = None  # the last aspired_children() of the base path
 
 
 class ModelManager:
@@ -469,23 +463,20 @@ class ModelManager:
     def _sync(self, model: _Model, relist: bool = True) -> None:
         name = model.config.name
         if relist or model.listing is None:
-            listing = version_dirs(model.config.base_path, model.config)
+            listing = aspired_children(model.config.base_path, model.config)
             if listing is None:  # a missing base path changes nothing (the source reports an error)
                 log.warning("base path %s of model %s not found", model.config.base_path, name)
                 return
             model.listing = listing
         listing = model.listing
-        # A failed version whose directory went away (or was replaced by another dir naming the
-        # same version) is forgotten: a re-push loads fresh, with its own retries.
-        for version in [v for v, f in model.failures.items() if listing.get(v) != f.dirname]:
-            del model.failures[version]
         aspired = aspired_versions(model.config, list(listing))
+        self._forget_unaspired_failures(model, {v: listing[v] for v in aspired})
         loaded = {}
         now = time.monotonic()
         for version in aspired:
             failure = model.failures.get(version)
             if version in model.servables or (
-                failure and (failure.gave_up or now < failure.retry_at)
+                failure and (failure.gave_up or not self._retry_due(model, failure, now))
             ):
                 continue
             servable = self._load(model, version, listing[version])
@@ -505,6 +496,32 @@ class ModelManager:
                     stale = [s for v, s in model.servables.items() if v not in aspired]
                     model.servables = {v: s for v, s in model.servables.items() if v in aspired}
         self._unload(model, stale)
+
+    @staticmethod
+    def _retry_due(model: _Model, failure: _Failure, now: float) -> bool:
+        """Whether a failed version's next load attempt is due."""
+        # After load_retry_interval, as in TF Serving; sooner for a version that had no
+        # saved_model.pb (a push caught mid-copy) once it has one: pushers copy it last, and
+        # TF Serving's 60 s default wait would hold a complete push back for up to a minute.
+        # One stat per aspired version waiting so, not per child.
+        if now >= failure.retry_at:
+            return True
+        return failure.awaiting_model and _is_live(model.config.base_path, failure.dirname)
+
+    def _forget_unaspired_failures(self, model: _Model, aspired: dict[int, str]) -> None:
+        # A failed version no longer aspired (its directory went away or was replaced by another
+        # naming the same version, or the policy or base path moved on) is forgotten: aspired
+        # again, it loads fresh, with its own retries. One still retrying ENDs with its last
+        # error, as CancelLoadServableRetry ends TF Serving's; it stayed LOADING for good.
+        for version, failure in list(model.failures.items()):
+            if aspired.get(version) == failure.dirname:
+                continue
+            del model.failures[version]
+            if not failure.gave_up and failure.error is not None:
+                error = failure.error
+                self._set_state(
+                    model, VersionStatus(version, State.END, error.message, error.code.value[0])
+                )
 
     def _load(self, model: _Model, version: int, dirname: str) -> Servable | None:
         name = model.config.name
@@ -539,6 +556,8 @@ class ModelManager:
         # poll can catch a push mid-copy); meanwhile the version stays LOADING, as there.
         failure = model.failures.setdefault(version, _Failure(dirname))
         failure.attempts += 1
+        failure.error = load_error(exc)
+        failure.awaiting_model = not _is_live(model.config.base_path, dirname)
         name = model.config.name
         if failure.attempts <= self._max_retries:
             failure.retry_at = time.monotonic() + self._retry_interval
@@ -549,7 +568,7 @@ class ModelManager:
             return
         failure.gave_up = True
         log.error("failed to load %s version %d: %s", name, version, exc)
-        error = load_error(exc)
+        error = failure.error
         self._set_state(
             model, VersionStatus(version, State.END, error.message, error.code.value[0])
         )

@@ -54,7 +54,13 @@ def check_saved_model_file(path: str) -> None:
     try:
         size = tf.io.gfile.stat(file).length
     except tf.errors.NotFoundError:
-        return  # tf.saved_model.load reports a missing file with its own message
+        # A numbered child is aspired by its name alone; reader.cc's ReadSavedModel message.
+        raise ServingError(
+            grpc.StatusCode.NOT_FOUND,
+            "Could not find SavedModel .pb or .pbtxt at supplied export directory path: "
+            f"{path}. Check that the directory exists and that you have the right permissions "
+            "for accessing it.",
+        ) from None
     if size > MAX_SAVED_MODEL_BYTES:
         raise ServingError(
             grpc.StatusCode.DATA_LOSS,

@@ -95,6 +95,13 @@ def from_tensor_proto(proto, alias: str = "") -> np.ndarray:
     # (decoded_nbytes): the shape alone decides how much memory this takes.
     shape = checked_shape(proto, alias)
     count = math.prod(shape)
+    if not count and _numpy_dtype(proto.dtype) is not None:  # FromProto reads no values then
+        try:  # not even tensor_content: a string tensor's need not be a string list
+            return np.zeros(shape, _numpy_dtype(proto.dtype))
+        except ValueError:  # NumPy's own limit on dims ([0, 2**62]): TF's numpy bridge fails too
+            raise tensor_parsing_error(alias) from None
+    if proto.dtype == types_pb2.DT_BOOL and proto.tensor_content.translate(None, b"\0\1"):
+        raise tensor_parsing_error(alias)  # Tensor::FromProto takes only bytes 0 and 1 as bools
     if proto.dtype == types_pb2.DT_STRING and proto.tensor_content:
         return _decode_string_list(proto.tensor_content, count, alias).reshape(shape)
     if proto.dtype == types_pb2.DT_STRING:
@@ -109,11 +116,6 @@ def from_tensor_proto(proto, alias: str = "") -> np.ndarray:
         try:
             return array.reshape(shape)
         except ValueError:  # NumPy's own limit on dims ([0, 2**62])
-            raise tensor_parsing_error(alias) from None
-    if not count and _numpy_dtype(proto.dtype) is not None:  # FromProto reads no values then
-        try:
-            return np.zeros(shape, _numpy_dtype(proto.dtype))
-        except ValueError:  # NumPy's own limit on dims ([0, 2**62]): TF's numpy bridge fails too
             raise tensor_parsing_error(alias) from None
     field = _VALUE_FIELDS.get(proto.dtype)
     if not proto.tensor_content and field and len(getattr(proto, field[0])) > count * field[1]:
@@ -145,9 +147,8 @@ def _decode_string_list(content: bytes, count: int, alias: str) -> np.ndarray:
             shift += 7
             if byte < 0x80:
                 break
-        if length >= 1 << 32:
-            raise tensor_parsing_error(alias)
-        lengths.append(length)
+        # GetVarint32Ptr works in uint32: a fifth byte's bits above 32 are dropped, not refused.
+        lengths.append(length & 0xFFFFFFFF)
     if sum(lengths) != len(content) - position:
         raise tensor_parsing_error(alias)
     for index, length in enumerate(lengths):

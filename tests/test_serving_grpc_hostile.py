@@ -313,6 +313,121 @@ def test_string_tensor_content_decodes_as_tensorflow_does(values):
     assert tf.io.parse_tensor(proto.SerializeToString(), tf.string).numpy().tolist() == values
 
 
+_DTYPES = [
+    types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_INT32, types_pb2.DT_UINT8,
+    types_pb2.DT_INT16, types_pb2.DT_INT8, types_pb2.DT_INT64, types_pb2.DT_BOOL,
+    types_pb2.DT_HALF, types_pb2.DT_BFLOAT16, types_pb2.DT_UINT16, types_pb2.DT_UINT32,
+    types_pb2.DT_UINT64, types_pb2.DT_STRING, types_pb2.DT_COMPLEX64, types_pb2.DT_COMPLEX128,
+]  # fmt: skip
+_FIELD_VALUES = {
+    "float_val": st.floats(width=32, allow_nan=False),
+    "double_val": st.floats(allow_nan=False),
+    "int_val": st.integers(-(2**31), 2**31 - 1),
+    "int64_val": st.integers(-(2**63), 2**63 - 1),
+    "bool_val": st.booleans(),
+    "half_val": st.integers(-(2**31), 2**31 - 1),
+    "uint32_val": st.integers(0, 2**32 - 1),
+    "uint64_val": st.integers(0, 2**64 - 1),
+    "string_val": st.binary(max_size=4),
+    "scomplex_val": st.floats(width=32, allow_nan=False),
+    "dcomplex_val": st.floats(allow_nan=False),
+}
+
+
+@st.composite
+def _string_lists(draw):
+    """(count, DT_STRING tensor_content): varint lengths, some in five bytes with bits above 32."""
+    values = draw(st.lists(st.binary(max_size=6), max_size=4))
+    lengths = b""
+    for value in values:
+        size = len(value)
+        if draw(st.booleans()):
+            high = draw(st.integers(0, 7)) << 4  # what a uint32 varint cannot hold
+            lengths += bytes([(size >> s) & 0x7F | 0x80 for s in (0, 7, 14, 21)])
+            lengths += bytes([(size >> 28) & 0x0F | high])
+        else:
+            lengths += bytes([size])
+    return len(values), lengths + b"".join(values)
+
+
+@st.composite
+def _tensor_protos(draw):
+    """Small TensorProtos of any dtype, with content bytes and value fields of any kind."""
+    proto = tensor_pb2.TensorProto(dtype=draw(st.sampled_from(_DTYPES)))
+    for size in draw(st.lists(st.integers(0, 4), max_size=3)):
+        proto.tensor_shape.dim.add(size=size)
+    if draw(st.booleans()):
+        proto.tensor_content = draw(st.binary(max_size=40))
+    elif proto.dtype == types_pb2.DT_STRING and draw(st.booleans()):
+        count, proto.tensor_content = draw(_string_lists())
+        if draw(st.booleans()):  # a shape holding as many strings as the content
+            del proto.tensor_shape.dim[:]
+            proto.tensor_shape.dim.add(size=count)
+    for field in draw(st.lists(st.sampled_from(sorted(_FIELD_VALUES)), max_size=2, unique=True)):
+        getattr(proto, field).extend(draw(st.lists(_FIELD_VALUES[field], max_size=6)))
+    return proto
+
+
+@given(_tensor_protos())
+@settings(max_examples=400, deadline=None)
+def test_tensor_protos_are_read_as_tensor_from_proto_reads_them(proto):
+    # tf.io.parse_tensor is Tensor::FromProto (parse_tensor_op.cc), which GetInputValues runs on
+    # every input: refused there is "tensor parsing error", accepted the same values. It took a
+    # zero-element string tensor with content (an empty batch) and string lengths whose fifth
+    # varint byte sets bits above 32 (it drops them) that this refused, and refused a bool byte
+    # other than 0 and 1 that this passed on to the model as True.
+    from serving.errors import ServingError
+    from serving.tensors import from_tensor_proto
+
+    try:
+        theirs = tf.io.parse_tensor(proto.SerializeToString(), tf.dtypes.as_dtype(proto.dtype))
+    except tf.errors.InvalidArgumentError:
+        theirs = None
+    try:
+        ours = from_tensor_proto(proto, "a")
+    except ServingError as exc:
+        assert (exc.code, exc.message) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tensor parsing error: a",
+        )
+        ours = None
+    assert (ours is None) == (theirs is None)
+    if ours is not None:
+        theirs = np.asarray(theirs.numpy(), dtype=ours.dtype if ours.dtype == object else None)
+        assert (ours.shape, ours.dtype) == (theirs.shape, theirs.dtype)
+        assert (
+            ours.tolist() == theirs.tolist()
+            if ours.dtype == object
+            else ours.tobytes() == theirs.tobytes()
+        )
+
+
+@given(_string_lists())
+@settings(max_examples=100, deadline=None)
+def test_string_lengths_are_read_as_uint32_varints(string_list):
+    # DecodeStringList reads each length with GetVarint32Ptr, in uint32: bits a fifth byte sets
+    # above 32 are dropped. This refused such lengths ("tensor parsing error").
+    from serving.tensors import from_tensor_proto
+
+    count, content = string_list
+    proto = string_proto([count], content=content)
+    theirs = tf.io.parse_tensor(proto.SerializeToString(), tf.string).numpy().tolist()
+    assert from_tensor_proto(proto).tolist() == theirs
+
+
+def test_tensor_from_proto_answers_over_grpc(stub):
+    # An empty batch given as string content is a batch of none; a bool byte 2 is no bool, and
+    # FromProto's refusal comes before the session's dtype check.
+    empty = string_proto([0], content=b"abc")
+    response = stub.Predict(images_request(empty), timeout=30)
+    assert tf.make_ndarray(response.outputs["probabilities"]).shape == (0, 4)
+    flag = tensor_pb2.TensorProto(dtype=types_pb2.DT_BOOL, tensor_content=b"\x02")
+    assert code_and_message(stub.Predict, images_request(flag)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor parsing error: images",
+    )
+
+
 # 8. HandleReloadConfigRequest answers as server_core.cc and model_service_impl.cc do.
 
 

@@ -16,7 +16,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving import testing
-from serving.manager import LoadError
+from serving.manager import LoadError, State
 from serving.protos import render_model_config
 from serving.server import ModelServer, ServerOptions
 from van_tfx.tfrecords import record_header
@@ -49,21 +49,28 @@ def serve(base, **kwargs):
     return ModelServer(ServerOptions(**options))
 
 
-def test_only_integer_dirs_with_saved_model_count_and_latest_wins(tmp_path, exported):
+def test_integer_dirs_count_by_name_and_a_version_without_a_model_is_retried(tmp_path, exported):
+    # TF Serving aspires the highest numbered child whatever it holds: a push in progress (no
+    # saved_model.pb yet) fails to load with NOT_FOUND and is retried while the version before
+    # keeps serving (availability preserving). Its retry comes once saved_model.pb is there, not
+    # after the 60 s default --load_retry_interval_micros.
     push(tmp_path, exported, 1)
     push(tmp_path, exported, 3)
     shutil.copytree(exported, tmp_path / "temp-4")  # not an integer name: ignored
-    os.makedirs(tmp_path / "5")  # no saved_model.pb yet: not live
     with serve(tmp_path, file_system_poll_wait_seconds=0.1) as server:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(
             grpc.insecure_channel(server.grpc_target)
         )
         assert predict(stub).model_spec.version.value == 3
         with pytest.raises(grpc.RpcError) as err:
-            predict(stub, version=1)  # latest{num_versions: 1} unloads nothing but serves only 3
+            predict(stub, version=1)  # latest{num_versions: 1} serves only 3
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
-        shutil.copytree(exported, tmp_path / "5", dirs_exist_ok=True)  # the pusher finishes
-        wait_for(lambda: predict(stub).model_spec.version.value == 5)
+        last = shutil.ignore_patterns("saved_model.pb")
+        shutil.copytree(exported, tmp_path / "5", ignore=last)  # a push in progress
+        wait_for(lambda: server.manager.status("van", 5)[0].state == State.LOADING)  # retried
+        assert predict(stub).model_spec.version.value == 3
+        shutil.copy(os.path.join(exported, "saved_model.pb"), tmp_path / "5")  # it finishes
+        wait_for(lambda: predict(stub).model_spec.version.value == 5, timeout=20)
         shutil.rmtree(tmp_path / "5")  # removed versions are unloaded; 3 comes back
         wait_for(lambda: predict(stub).model_spec.version.value == 3)
 
