@@ -35,6 +35,7 @@ from pipeline.kfp_backend.launcher import (
     collect_output_parameters,
     compiled_command,
     image_environment,
+    prepare_output_folders,
     read_executor_output,
     record_outputs,
     run_executor,
@@ -111,6 +112,7 @@ def run_task(run: RunState, name: str, task) -> TaskResult:
     if run.publish_logs:  # getLogWriter tees into the executor-logs artifact's file
         log_path = executor_input.outputs.artifacts[LOGS_OUTPUT].artifacts[0].uri
     command = compiled_command(container, with_default_parameters(executor_input, component))
+    prepare_output_folders(executor_input)
     started = time.monotonic()
     code = run_executor(command, image_environment(container), task_root, log_path)
     seconds = time.monotonic() - started

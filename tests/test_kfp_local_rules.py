@@ -9,8 +9,12 @@ helper in isolation. The Go file each rule comes from is named beside its test
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
+
+from pipeline.kfp_backend import metadata
 from pipeline.kfp_spec import write_pipeline_spec
 from van_tfx.cli import main
 
@@ -120,3 +124,94 @@ def test_an_input_from_a_task_that_is_not_in_the_dag_is_refused_when_the_run_is_
         'Failed to compile job: compiling DAG "root": failed to add implicit deps: unknown '
         'producer task "nowhere" in DAG'
     ) in err
+
+
+# ------------------------------------------------- launcher_v2.go: output parameters from files
+
+# Writes argv[2k+2] into the file argv[2k+1] with a plain open(): no directory is created.
+WRITE_FILES = (
+    "import sys; a = sys.argv[1:]\n"
+    "for path, text in zip(a[::2], a[1::2]): open(path, 'w').write(text)"
+)
+
+
+def parameter_producer(values: dict[str, tuple[str, str]]):
+    """A task declaring output parameters {name: (type, text its file gets)}."""
+    args = []
+    for name, (_kind, text) in values.items():
+        args += [f"{{{{$.outputs.parameters['{name}'].output_file}}}}", text]
+    outputs = {"parameters": {name: {"parameterType": k} for name, (k, _t) in values.items()}}
+    return container_task("producer", WRITE_FILES, args=args, outputs=outputs)
+
+
+def seen_by(tmp_path: Path, task: str) -> dict:
+    """What a RECORD_SCRIPT task wrote about its invocation."""
+    [seen] = (tmp_path / "root" / "rules").glob(f"*/{task}/*/seen.json")
+    return json.loads(seen.read_text())
+
+
+def test_output_parameter_files_are_read_with_gos_strconv_into_a_made_directory(tmp_path, capsys):
+    # launcher_v2.go prepareOutputFolders makes each output file's directory before the command
+    # runs; collectOutputParameters reads each file with metadata.TextToPbValue: ParseBool takes
+    # "1" as true, ParseInt the trimmed " 7\n".
+    producer = parameter_producer({"b": ("BOOLEAN", "1"), "n": ("NUMBER_INTEGER", " 7\n")})
+    consume = {
+        "parameters": {
+            name: {"taskOutputParameter": {"producerTask": "producer", "outputParameterKey": name}}
+            for name in ("b", "n")
+        }
+    }
+    consumer = container_task(
+        "consumer",
+        RECORD_SCRIPT,
+        args=["{{$.inputs.parameters['b']}}", "{{$.inputs.parameters['n']}}"],
+        inputs=consume,
+        deps=["producer"],
+        params={"b": {"parameterType": "BOOLEAN"}, "n": {"parameterType": "NUMBER_INTEGER"}},
+    )
+    path = write_spec(tmp_path, {"producer": producer, "consumer": consumer})
+    code, record, err = replay(path, capsys)
+    assert code == 0, err
+    assert seen_by(tmp_path, "consumer")["argv"] == ["true", "7"]
+
+
+def test_an_integer_parameter_file_holding_a_float_fails_the_task(tmp_path, capsys):
+    path = write_spec(tmp_path, {"producer": parameter_producer({"n": ("NUMBER_INTEGER", "1.0")})})
+    code, record, err = replay(path, capsys)
+    assert code == 1 and states(record) == {"producer": "failed"}
+    assert 'failed to read output parameter name="n" type="NUMBER_INTEGER"' in err
+    assert 'strconv.ParseInt: parsing "1.0": invalid syntax' in err
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "expected"),
+    [
+        ("NUMBER_INTEGER", "-12", -12.0),
+        ("NUMBER_INTEGER", "1.0", 'strconv.ParseInt: parsing "1.0": invalid syntax'),
+        ("NUMBER_INTEGER", "1_000", "invalid syntax"),
+        ("NUMBER_INTEGER", str(2**63), "value out of range"),
+        ("NUMBER_DOUBLE", " 2.5e3\n", 2500.0),
+        ("NUMBER_DOUBLE", "0x1p-2", 0.25),
+        ("NUMBER_DOUBLE", "1_000", 'strconv.ParseFloat: parsing "1_000": invalid syntax'),
+        ("NUMBER_DOUBLE", "1e400", "value out of range"),
+        ("BOOLEAN", "T", True),
+        ("BOOLEAN", "0", False),
+        ("BOOLEAN", "yes", 'strconv.ParseBool: parsing "yes": invalid syntax'),
+        ("LIST", '[1, "a"]', [1.0, "a"]),
+        ("LIST", '{"a": 1}', "unexpected type"),
+        ("STRUCT", '{"a": 1, "a": 2}', "duplicate map key"),
+        ("STRUCT", '{"a": NaN}', "invalid value NaN"),
+        ("STRING", " as is\n", " as is\n"),
+    ],
+)
+def test_text_to_value_follows_gos_strconv_and_protojson(kind, text, expected):
+    from google.protobuf import json_format
+
+    number = {"NUMBER_DOUBLE": 1, "NUMBER_INTEGER": 2, "STRING": 3, "BOOLEAN": 4, "LIST": 5,
+              "STRUCT": 6}[kind]  # fmt: skip
+    if isinstance(expected, str) and kind != "STRING":
+        with pytest.raises(metadata.TextConversionError, match=re.escape(expected)):
+            metadata.text_as_value(text, number)
+    else:
+        value = json_format.MessageToDict(metadata.text_as_value(text, number))
+        assert value == expected

@@ -12,6 +12,8 @@ from pipeline.kfp_backend import LOGS_OUTPUT, NotReplayed, TaskFailed
 from pipeline.kfp_backend.driver import PARAMETER_TYPE_NAMES
 from pipeline.kfp_backend.metadata import (
     StoredArtifact,
+    TextConversionError,
+    go_quote,
     struct_value_to_mlmd,
     text_as_value,
     value_as_text,
@@ -77,6 +79,17 @@ def image_environment(container) -> dict[str, str]:
     return env
 
 
+def prepare_output_folders(executor_input) -> None:
+    """launcher_v2.prepareOutputFolders: the parent directory of every output file exists."""
+    # A container may write `{{$.outputs.parameters['x'].output_file}}` without creating its
+    # directory (/tmp/kfp/outputs in the pod): the launcher creates it before the command runs.
+    for parameter in executor_input.outputs.parameters.values():
+        os.makedirs(os.path.dirname(parameter.output_file), exist_ok=True)
+    for artifact_list in executor_input.outputs.artifacts.values():
+        for artifact in artifact_list.artifacts:
+            os.makedirs(os.path.dirname(artifact.uri), exist_ok=True)
+
+
 def run_executor(command: list[str], env: dict[str, str], cwd: str, log_path: str) -> int:
     """exec.Command(...).Run() with stdout and stderr teed to the executor-logs file."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -112,15 +125,18 @@ def collect_output_parameters(executor_input, executor_output, component) -> dic
         if name in values:
             continue
         definition = component.output_definitions.parameters[name]
+        where = (
+            f"failed to read output parameter name={go_quote(name)} "
+            f"type={go_quote(PARAMETER_TYPE_NAMES.get(definition.parameter_type, ''))} "
+            f"path={go_quote(parameter.output_file)}"
+        )
         try:
             text = Path(parameter.output_file).read_text()
+            values[name] = text_as_value(text, definition.parameter_type)
         except OSError as exc:
-            raise TaskFailed(
-                f"failed to read output parameter name={name!r} "
-                f"type={PARAMETER_TYPE_NAMES.get(definition.parameter_type)!r} "
-                f"path={parameter.output_file!r}: {exc.strerror}"
-            ) from None
-        values[name] = text_as_value(text, definition.parameter_type)
+            raise TaskFailed(f"{where}: {exc.strerror}") from None
+        except TextConversionError as exc:
+            raise TaskFailed(f"{where}: {exc}") from None
     return values
 
 

@@ -104,17 +104,92 @@ def value_as_text(value) -> str:
     return ""
 
 
+class TextConversionError(ValueError):
+    """metadata.TextToPbValue's error: the text is not a value of the parameter's type."""
+
+
+_GO_INT = re.compile(r"[+-]?[0-9]+")  # strconv.ParseInt(s, 10, 0): no underscores in base 10
+_GO_DECIMAL_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_GO_HEX_FLOAT = re.compile(r"[+-]?0[xX]([0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)[pP][+-]?[0-9]+")
+_GO_SPECIAL_FLOAT = re.compile(r"[+-]?(inf|infinity)|nan", re.IGNORECASE)
+_GO_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True}
+_GO_BOOLS.update({"0": False, "f": False, "F": False, "FALSE": False, "false": False})
+_GO_BOOLS["False"] = False
+
+
 def text_as_value(text: str, parameter_type: int):
-    """metadata.TextToPbValue: an output parameter file's text as a typed value."""
+    """metadata.TextToPbValue: an output parameter file's text as a value of its declared type."""
+    # Go's strconv, not Python's conversions: an integer parameter refuses "1.0", a boolean takes
+    # only ParseBool's spellings ("yes" is an error, "1" is true), and a LIST or STRUCT file must
+    # hold a JSON list or object. Each refusal fails the task.
     from google.protobuf import struct_pb2
 
+    kind = PARAMETER_TYPE_NAMES.get(parameter_type, str(parameter_type))
+
+    def refuse(why: str) -> TextConversionError:
+        return TextConversionError(
+            f"TextToPbValue(text={go_quote(text)}, type={go_quote(kind)}) failed: {why}"
+        )
+
+    trimmed = text.strip(" \t\n\r\v\f")  # strings.TrimSpace
     if parameter_type == 3:
         return struct_pb2.Value(string_value=text)
-    if parameter_type in (1, 2):
-        return struct_pb2.Value(number_value=float(text))
+    if parameter_type == 2:
+        if not _GO_INT.fullmatch(trimmed):
+            raise refuse(f"strconv.ParseInt: parsing {go_quote(trimmed)}: invalid syntax")
+        number = int(trimmed)
+        if not -(2**63) <= number < 2**63:
+            raise refuse(f"strconv.ParseInt: parsing {go_quote(trimmed)}: value out of range")
+        return struct_pb2.Value(number_value=float(number))
+    if parameter_type == 1:
+        return struct_pb2.Value(number_value=_go_parse_float(trimmed, refuse))
     if parameter_type == 4:
-        return struct_pb2.Value(bool_value=text.strip().lower() == "true")
-    return value_of(json.loads(text))
+        if trimmed not in _GO_BOOLS:
+            raise refuse(f"strconv.ParseBool: parsing {go_quote(trimmed)}: invalid syntax")
+        return struct_pb2.Value(bool_value=_GO_BOOLS[trimmed])
+    if parameter_type in (5, 6):
+        try:
+            parsed = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        except ValueError as exc:  # protojson: no duplicate keys, no NaN/Infinity literals
+            raise refuse(f"proto: syntax error: {exc}") from None
+        if not isinstance(parsed, list if parameter_type == 5 else dict):
+            raise refuse("unexpected type")
+        return value_of(parsed)
+    raise refuse(
+        "unknown type. Expected STRING, NUMBER_INTEGER, NUMBER_DOUBLE, BOOLEAN, LIST or STRUCT"
+    )
+
+
+def _go_parse_float(text: str, refuse) -> float:
+    """strconv.ParseFloat(text, 64): its grammar, and overflow as an error."""
+    if _GO_SPECIAL_FLOAT.fullmatch(text):
+        return float(text)
+    if _GO_HEX_FLOAT.fullmatch(text):
+        number = float.fromhex(text)
+    elif _GO_DECIMAL_FLOAT.fullmatch(text):
+        number = float(text)
+    else:
+        raise refuse(f"strconv.ParseFloat: parsing {go_quote(text)}: invalid syntax")
+    if number in (float("inf"), float("-inf")):
+        raise refuse(f"strconv.ParseFloat: parsing {go_quote(text)}: value out of range")
+    return number
+
+
+def _unique_keys(pairs):
+    keys = [key for key, _ in pairs]
+    duplicate = next((key for key in keys if keys.count(key) > 1), None)
+    if duplicate is not None:
+        raise ValueError(f"duplicate map key {go_quote(duplicate)}")
+    return dict(pairs)
+
+
+def _no_constant(name):
+    raise ValueError(f"invalid value {name}")
+
+
+def go_quote(text: str) -> str:
+    """Go's %q of a string (as JSON quotes it: close enough for the messages quoted here)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def value_of(python_value):
