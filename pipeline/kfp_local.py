@@ -29,7 +29,12 @@ from pathlib import Path
 
 from pipeline.kfp_backend import LOGS_OUTPUT, LOGS_SCHEMA_TITLE, TaskFailed
 from pipeline.kfp_backend.compiler import check_compiles
-from pipeline.kfp_backend.driver import driver_context, provision_outputs, resolve_inputs
+from pipeline.kfp_backend.driver import (
+    driver_context,
+    provision_outputs,
+    resolve_container_args,
+    resolve_inputs,
+)
 from pipeline.kfp_backend.expression import evaluate_condition
 from pipeline.kfp_backend.launcher import (
     collect_output_parameters,
@@ -111,7 +116,13 @@ def run_task(run: RunState, name: str, task) -> TaskResult:
     log_path = os.path.join(task_root, LOGS_OUTPUT)
     if run.publish_logs:  # getLogWriter tees into the executor-logs artifact's file
         log_path = executor_input.outputs.artifacts[LOGS_OUTPUT].artifacts[0].uri
-    command = compiled_command(container, with_default_parameters(executor_input, component))
+    try:
+        driven = resolve_container_args(
+            container.command, executor_input, "command"
+        ) + resolve_container_args(container.args, executor_input, "args")
+    except TaskFailed as exc:
+        raise TaskFailed(f"driver.Container({context}) failed: {exc}") from None
+    command = compiled_command(driven, with_default_parameters(executor_input, component))
     prepare_output_folders(executor_input)
     started = time.monotonic()
     code = run_executor(command, image_environment(container), task_root, log_path)

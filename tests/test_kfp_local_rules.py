@@ -215,3 +215,121 @@ def test_text_to_value_follows_gos_strconv_and_protojson(kind, text, expected):
     else:
         value = json_format.MessageToDict(metadata.text_as_value(text, number))
         assert value == expected
+
+
+# ------------------------------------- driver/util.go + launcher_v2.go: command and args placeholders
+
+
+def constant(value) -> dict:
+    """A task input parameter given as `runtimeValue.constant`."""
+    return {"runtimeValue": {"constant": value}}
+
+
+def test_the_driver_fills_input_parameters_with_its_own_formatting_before_the_launcher(
+    tmp_path, capsys
+):
+    # driver/util.go resolveContainerArgs (pbValueToString: %d for whole numbers, %g else, JSON
+    # of a struct as encoding/json writes it) runs first; an arg naming `$.outputs` is left to
+    # the launcher's getPlaceholders, which writes numbers with strconv 'f'.
+    params = {"x": "NUMBER_DOUBLE", "big": "NUMBER_DOUBLE", "n": "NUMBER_INTEGER", "s": "STRUCT"}
+    task = container_task(
+        "a",
+        RECORD_SCRIPT,
+        args=[
+            "{{$.inputs.parameters['x']}}",
+            "{{$.inputs.parameters['big']}}",
+            "n={{$.inputs.parameters['n']}}",
+            "{{$.inputs.parameters['s']}}",
+            "{{$.outputs.artifacts['out'].uri}} x={{$.inputs.parameters['x']}}",
+        ],
+        inputs={
+            "parameters": {
+                "x": constant(1e-05),
+                "big": constant(1234567.5),
+                "n": constant(3.0),
+                "s": constant({"b": 1.0, "a": "<é>"}),
+            }
+        },
+        outputs=ARTIFACT_OUT,
+        params={name: {"parameterType": kind} for name, kind in params.items()},
+    )
+    path = write_spec(tmp_path, {"a": task})
+    code, record, err = replay(path, capsys)
+    assert code == 0, err
+    out = record["tasks"][0]["outputs"]["out"]["uri"]
+    assert seen_by(tmp_path, "a")["argv"] == [
+        "1e-05",
+        "1.2345675e+06",
+        "n=3",
+        '{"a":"\\u003cé\\u003e","b":1}',
+        f"{out} x=0.00001",
+    ]
+
+
+def test_a_placeholder_of_a_parameter_that_only_has_a_default_fails_at_the_driver(tmp_path, capsys):
+    # The launcher adds component defaults (addDefaultParams), but the driver's
+    # resolveInputParameterPlaceholders runs before it, on the inputs the task was given.
+    task = container_task(
+        "a",
+        RECORD_SCRIPT,
+        args=["{{$.inputs.parameters['d']}}"],
+        params={"d": {"parameterType": "STRING", "defaultValue": "fallback"}},
+    )
+    code, record, err = replay(write_spec(tmp_path, {"a": task}), capsys)
+    assert code == 1 and states(record) == {"a": "failed"}
+    assert (
+        "failed to resolve container args: failed to resolve input parameters: "
+        'parameter "d" not found in executor input'
+    ) in err
+    assert record["tasks"][0]["log"] is None, "the driver failed: no container started"
+
+
+def test_if_present_takes_then_for_a_given_parameter_and_else_for_a_missing_one(tmp_path, capsys):
+    # driver/util.go resolveCondition: only parameters count as present, a null one does not.
+    task = container_task(
+        "a",
+        RECORD_SCRIPT,
+        args=[
+            json.dumps(
+                {"IfPresent": {"InputName": "x", "Then": ["--x", "{{$.inputs.parameters['x']}}"]}}
+            ),
+            json.dumps({"IfPresent": {"InputName": "y", "Then": "--y", "Else": "--no-y"}}),
+            json.dumps({"IfPresent": {"InputName": "y", "Then": "--y"}}),
+        ],
+        inputs={"parameters": {"x": constant("given")}},
+        params={
+            "x": {"parameterType": "STRING"},
+            "y": {"parameterType": "STRING", "isOptional": True},
+        },
+    )
+    code, record, err = replay(write_spec(tmp_path, {"a": task}), capsys)
+    assert code == 0, err
+    assert seen_by(tmp_path, "a")["argv"] == ["--x", "given", "--no-y"]
+
+
+def test_the_launcher_fills_only_the_executor_input_into_the_first_element():
+    # launcher_v2.go compileCmdAndArgs writes its placeholder loop's result for the command
+    # into `cmd`, which it never uses: only `{{$}}` reaches the command itself.
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from pipeline.kfp_backend import launcher
+
+    executor_input = pipeline_spec_pb2.ExecutorInput()
+    executor_input.outputs.artifacts["o"].artifacts.add(uri="/bucket/o")
+    uri = "{{$.outputs.artifacts['o'].uri}}"
+    command = launcher.compiled_command([f"{uri}|{{{{$}}}}", uri], executor_input)
+    assert command[0].startswith(f"{uri}|{{") and command[1] == "/bucket/o"
+
+
+def test_a_struct_given_to_a_string_parameter_becomes_gos_json_of_it():
+    # driver resolveInputs converts with metadata.PbValueToText: json.Marshal of the Struct.
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from pipeline.kfp_backend import driver
+
+    component = pipeline_spec_pb2.ComponentSpec()
+    component.input_definitions.parameters["s"].parameter_type = 3  # STRING
+    inputs = pipeline_spec_pb2.ExecutorInput.Inputs()
+    inputs.parameter_values["s"].struct_value.update({"z": [1.0, 0.5], "a": "x&y"})
+    driver.validate_parameter_types(inputs, component)
+    assert inputs.parameter_values["s"].string_value == '{"a":"x\\u0026y","z":[1,0.5]}'

@@ -5,7 +5,9 @@ Mirrors backend/src/v2/driver (container.go `Container`, resolve.go, driver.go `
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import uuid
 
 from pipeline.kfp_backend import (
@@ -17,6 +19,8 @@ from pipeline.kfp_backend import (
 )
 from pipeline.kfp_backend.metadata import (
     PARAMETER_TYPE_NAMES,
+    go_format_float,
+    go_json,
     runtime_artifact_of,
     value_as_text,
 )
@@ -182,3 +186,80 @@ def provision_outputs(run: RunState, task_name: str, component):
     # The pod's <LocalPathForURI(task root)>/output_metadata.json: the task root itself here.
     outputs.output_file = os.path.join(task_root, METADATA_FILE)
     return outputs
+
+
+# driver/util.go fullInputParameterRe: the driver fills these into command and args itself.
+_INPUT_PARAMETER = re.compile(r"\{\{\$\.inputs\.parameters\['(.+?)']}}")
+
+
+def pb_value_to_string(value) -> str:
+    """driver/util.go pbValueToString: whole numbers with %d, others with %g; lists as JSON."""
+    # Not the launcher's text: 1e-05 stays 1e-05 (the launcher would write 0.00001), and
+    # 1234567.5 becomes 1.2345675e+06.
+    from google.protobuf import json_format
+
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if number == number and -(2**63) <= number < 2**63 and number.is_integer():
+            return str(int(number))
+        return go_format_float(number, "g")
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    if kind == "null_value" or kind is None:
+        return ""
+    return go_json(json_format.MessageToDict(value))
+
+
+def _resolve_input_parameters(arg: str, executor_input) -> str:
+    """driver/util.go resolveInputParameterPlaceholders: every input parameter placeholder."""
+    values = executor_input.inputs.parameter_values
+
+    def substitute(match) -> str:
+        if match.group(1) not in values:
+            raise TaskFailed(f'parameter "{match.group(1)}" not found in executor input')
+        return pb_value_to_string(values[match.group(1)])
+
+    return _INPUT_PARAMETER.sub(substitute, arg)
+
+
+def _if_present(arg: str, executor_input) -> list[str]:
+    """driver/util.go resolveCondition: an IfPresent clause's Then or Else, filled in."""
+    try:
+        clause = json.loads(arg)["IfPresent"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TaskFailed(f"failed to parse IfPresent JSON: {exc}") from None
+    value = executor_input.inputs.parameter_values.get(clause.get("InputName", ""))
+    # A null value is absent; so is an artifact of that name (only parameters are looked at).
+    present = value is not None and value.WhichOneof("kind") != "null_value"
+    chosen = clause.get("Then" if present else "Else")
+    if chosen is None:
+        return []
+    items = [chosen] if isinstance(chosen, str) else chosen
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise TaskFailed(f"unexpected type in IfPresent Then/Else: {chosen!r}")
+    return [_resolve_input_parameters(item, executor_input) for item in items]
+
+
+def resolve_container_args(args, executor_input, what: str) -> list[str]:
+    """driver/util.go resolveContainerArgs: input parameters and IfPresent, before the launcher."""
+    # Runs on the driver's ExecutorInput, before the launcher adds component defaults: a
+    # placeholder of a parameter that only has a default fails the task here.
+    resolved: list[str] = []
+    for arg in args:
+        if "$.outputs" in arg:  # left whole to the launcher, input placeholders included
+            resolved.append(arg)
+            continue
+        try:
+            if arg.strip().startswith('{"IfPresent":'):
+                resolved.extend(_if_present(arg, executor_input))
+            else:
+                resolved.append(_resolve_input_parameters(arg, executor_input))
+        except TaskFailed as exc:
+            step = "condition" if arg.strip().startswith('{"IfPresent":') else "input parameters"
+            raise TaskFailed(
+                f"failed to resolve container {what}: failed to resolve {step}: {exc}"
+            ) from None
+    return resolved

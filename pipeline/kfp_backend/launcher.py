@@ -34,7 +34,7 @@ def with_default_parameters(executor_input, component):
 
 
 def placeholders(executor_input) -> dict[str, str]:
-    """launcher_v2.getPlaceholders (and the driver's input-parameter substitution)."""
+    """launcher_v2.getPlaceholders: artifact URIs and paths, input parameters, output files."""
     values: dict[str, str] = {}
     for name, artifacts in executor_input.inputs.artifacts.items():
         if artifacts.artifacts:
@@ -53,21 +53,26 @@ def placeholders(executor_input) -> dict[str, str]:
     return values
 
 
-def compiled_command(container, executor_input) -> list[str]:
-    """The container's command + args with `{{$}}` (the ExecutorInput JSON) and placeholders."""
+def compiled_command(command_and_args: list[str], executor_input) -> list[str]:
+    """launcher_v2.compileCmdAndArgs: `{{$}}` (the ExecutorInput JSON) and the placeholders."""
+    # command_and_args is what the driver resolved (driver.resolve_container_args); the
+    # launcher takes its first element as the command and fills only `{{$}}` into that one
+    # (its placeholder loop writes to a variable it never uses), the rest are its args.
     from google.protobuf import json_format
 
     as_json = json_format.MessageToJson(executor_input, indent=None)
     substitutions = placeholders(executor_input)
-    command = []
-    for arg in [*container.command, *container.args]:
-        if arg.startswith('{"IfPresent"') or arg.startswith('{"Concat"'):
+    for arg in command_and_args:
+        if arg.startswith('{"Concat"'):
             raise NotReplayed(f"structured placeholder {arg[:40]}...")
+    command, *args = command_and_args
+    compiled = [command.replace("{{$}}", as_json)]
+    for arg in args:
         arg = arg.replace("{{$}}", as_json)
         for placeholder, value in substitutions.items():
             arg = arg.replace(placeholder, value)
-        command.append(arg)
-    return command
+        compiled.append(arg)
+    return compiled
 
 
 def image_environment(container) -> dict[str, str]:

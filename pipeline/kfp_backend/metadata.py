@@ -99,9 +99,63 @@ def value_as_text(value) -> str:
         return str(int(number)) if number.is_integer() else format(Decimal(repr(number)), "f")
     if kind == "bool_value":
         return "true" if value.bool_value else "false"
-    if kind in ("list_value", "struct_value"):
-        return json.dumps(json_format.MessageToDict(getattr(value, kind)), separators=(",", ":"))
+    if kind in ("list_value", "struct_value"):  # json.Marshal of the ListValue / Struct
+        return go_json(json_format.MessageToDict(getattr(value, kind)))
     return ""
+
+
+def go_json(python_value) -> str:
+    """encoding/json.Marshal of a decoded JSON value: sorted keys, Go's numbers, HTML escaped."""
+    # Go writes 1.0 as 1 (all numbers are float64), sorts object keys, keeps non-ASCII as UTF-8
+    # and escapes <, > and & (and U+2028/U+2029) inside strings.
+    if isinstance(python_value, dict):
+        items = sorted(python_value.items())
+        return "{" + ",".join(f"{go_json(k)}:{go_json(v)}" for k, v in items) + "}"
+    if isinstance(python_value, list):
+        return "[" + ",".join(go_json(v) for v in python_value) + "]"
+    if isinstance(python_value, bool) or python_value is None:
+        return json.dumps(python_value)
+    if isinstance(python_value, int | float):
+        return _go_json_number(float(python_value))
+    text = json.dumps(python_value, ensure_ascii=False)
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        text = text.replace(char, escape)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def _go_json_number(number: float) -> str:
+    """encoding/json's floatEncoder: 'f' format, 'e' below 1e-6 or from 1e21 (e-07 -> e-7)."""
+    if number != 0 and (abs(number) < 1e-6 or abs(number) >= 1e21):
+        text = go_format_float(number, "e")
+        if len(text) >= 4 and text[-4:-1] == "e-0":
+            text = text[:-2] + text[-1]
+        return text
+    return go_format_float(number, "f")
+
+
+def go_format_float(number: float, fmt: str) -> str:
+    """strconv.FormatFloat(number, fmt, -1, 64) for fmt 'f', 'e' or 'g': shortest digits."""
+    if number != number:
+        return "NaN"
+    if number in (float("inf"), float("-inf")):
+        return "+Inf" if number > 0 else "-Inf"
+    sign, digits, exponent = Decimal(repr(number)).as_tuple()
+    digits_text = "".join(map(str, digits)).rstrip("0") or "0"
+    exponent += len(digits) - len(digits_text)  # the stripped zeros
+    point = len(digits_text) + exponent if digits_text != "0" else 1  # digits before the point
+    minus = "-" if sign else ""
+    if fmt == "g":
+        # %e when the exponent is below -4 or, for shortest digits, at least 6.
+        fmt = "f" if -4 <= point - 1 < 6 else "e"
+    if fmt == "e":
+        mantissa = digits_text[0] + ("." + digits_text[1:] if len(digits_text) > 1 else "")
+        power = 0 if digits_text == "0" else point - 1
+        return f"{minus}{mantissa}e{'-' if power < 0 else '+'}{abs(power):02d}"
+    if point <= 0:
+        return f"{minus}0.{'0' * -point}{digits_text}"
+    if point >= len(digits_text):
+        return minus + digits_text + "0" * (point - len(digits_text))
+    return f"{minus}{digits_text[:point]}.{digits_text[point:]}"
 
 
 class TextConversionError(ValueError):
