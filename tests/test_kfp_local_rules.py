@@ -45,14 +45,17 @@ def container_task(
     return task, component, executor
 
 
-def write_spec(tmp_path: Path, tasks: dict[str, tuple]) -> Path:
+def write_spec(tmp_path: Path, tasks: dict[str, tuple], root_inputs=None) -> Path:
     """A bare PipelineSpec YAML of the given container tasks, rooted under tmp_path/root."""
     spec = {
         "pipelineInfo": {"name": "rules"},
         "schemaVersion": "2.1.0",
         "sdkVersion": "hand-made",
         "defaultPipelineRoot": str(tmp_path / "root"),
-        "root": {"dag": {"tasks": {}}},
+        "root": {
+            "dag": {"tasks": {}},
+            **({"inputDefinitions": root_inputs} if root_inputs else {}),
+        },
         "components": {},
         "deploymentSpec": {"executors": {}},
     }
@@ -333,3 +336,40 @@ def test_a_struct_given_to_a_string_parameter_becomes_gos_json_of_it():
     inputs.parameter_values["s"].struct_value.update({"z": [1.0, 0.5], "a": "x&y"})
     driver.validate_parameter_types(inputs, component)
     assert inputs.parameter_values["s"].string_value == '{"a":"x\\u0026y","z":[1,0.5]}'
+
+
+# ------------------------------------------ driver/resolve.go: an optional root input left out
+
+
+OPTIONAL_ROOT_INPUT = {"parameters": {"opt": {"parameterType": "STRING", "isOptional": True}}}
+FROM_ROOT = {"parameters": {"opt": {"componentInputParameter": "opt"}}}
+
+
+def test_an_optional_root_input_left_out_leaves_an_optional_parameter_to_its_default(
+    tmp_path, capsys
+):
+    # argocompiler.Compile makes the left-out input null; resolveInputParameter answers
+    # ErrResolvedParameterNull and resolveInputs skips the optional parameter, so the launcher's
+    # addDefaultParams gives the component's default.
+    task = container_task(
+        "a",
+        RECORD_SCRIPT,
+        args=["{{$}}"],
+        inputs=FROM_ROOT,
+        params={"opt": {"parameterType": "STRING", "isOptional": True, "defaultValue": "dflt"}},
+    )
+    path = write_spec(tmp_path, {"a": task}, root_inputs=OPTIONAL_ROOT_INPUT)
+    code, record, err = replay(path, capsys)
+    assert code == 0, err
+    [executor_input] = seen_by(tmp_path, "a")["argv"]
+    assert json.loads(executor_input)["inputs"]["parameterValues"] == {"opt": "dflt"}
+
+
+def test_an_optional_root_input_left_out_fails_a_task_that_requires_it(tmp_path, capsys):
+    task = container_task(
+        "a", RECORD_SCRIPT, inputs=FROM_ROOT, params={"opt": {"parameterType": "STRING"}}
+    )
+    path = write_spec(tmp_path, {"a": task}, root_inputs=OPTIONAL_ROOT_INPUT)
+    code, record, err = replay(path, capsys)
+    assert code == 1 and states(record) == {"a": "failed"}
+    assert "failed to resolve inputs: the resolved input parameter is null: opt" in err

@@ -33,6 +33,10 @@ _RUNTIME_VALUE_TYPES = {  # Go's %T of each ValueOrRuntimeParameter oneof member
 }
 
 
+class ResolvedParameterNull(TaskFailed):
+    """driver.ErrResolvedParameterNull: a root input that is optional, left out, with no default."""
+
+
 def driver_context(run: RunState, name: str, task) -> str:
     """driver.Options.info(): how the driver names a task in its errors."""
     return (
@@ -63,7 +67,10 @@ def resolve_parameter(run: RunState, task_name: str, spec):
                 f"resolving input parameter with spec {described}: parent DAG does not have "
                 f"input parameter {name}"
             )
-        return run.root_parameters[name]
+        value = run.root_parameters[name]
+        if value.WhichOneof("kind") == "null_value":  # an optional root input left out
+            raise ResolvedParameterNull(f"the resolved input parameter is null: {name}")
+        return value
     if kind == "task_output_parameter":
         producer = spec.task_output_parameter.producer_task
         key = spec.task_output_parameter.output_parameter_key
@@ -155,7 +162,16 @@ def resolve_inputs(run: RunState, task_name: str, task, component):
         spec = task.inputs.parameters[name]
         if spec.parameter_expression_selector:
             raise NotReplayed(f"parameter {name!r} uses a parameterExpressionSelector")
-        inputs.parameter_values[name].CopyFrom(resolve_parameter(run, task_name, spec))
+        try:
+            value = resolve_parameter(run, task_name, spec)
+        except ResolvedParameterNull:
+            # Left out when the component's parameter is optional: the launcher adds its
+            # default, or the component resolves it itself. Otherwise the task fails.
+            definition = component.input_definitions.parameters.get(name)
+            if definition is not None and definition.is_optional:
+                continue
+            raise
+        inputs.parameter_values[name].CopyFrom(value)
     for name in sorted(task.inputs.artifacts):
         inputs.artifacts[name].CopyFrom(resolve_artifacts(run, name, task.inputs.artifacts[name]))
     validate_parameter_types(inputs, component)
