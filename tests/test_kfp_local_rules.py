@@ -373,3 +373,24 @@ def test_an_optional_root_input_left_out_fails_a_task_that_requires_it(tmp_path,
     code, record, err = replay(path, capsys)
     assert code == 1 and states(record) == {"a": "failed"}
     assert "failed to resolve inputs: the resolved input parameter is null: opt" in err
+
+
+def test_create_and_schedule_time_placeholders_are_the_runs_creation_in_utc(tmp_path, capsys):
+    # driver/resolve.go resolveInputParameter's switch; cmd/driver/main.go: a manual run's
+    # schedule time falls back to its create time, RFC 3339 in UTC.
+    names = ("create", "schedule")
+    task = container_task(
+        "a",
+        RECORD_SCRIPT,
+        args=[f"{{{{$.inputs.parameters['{name}']}}}}" for name in names],
+        inputs={
+            "parameters": {
+                name: constant(f"{{{{$.pipeline_job_{name}_time_utc}}}}") for name in names
+            }
+        },
+        params={name: {"parameterType": "STRING"} for name in names},
+    )
+    code, record, err = replay(write_spec(tmp_path, {"a": task}), capsys)
+    assert code == 0, err
+    created, scheduled = seen_by(tmp_path, "a")["argv"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", created) and scheduled == created

@@ -88,15 +88,23 @@ def _with_run_placeholders(run: RunState, task_name: str, constant):
     """The run-level placeholders a constant may be (resolveInputParameter's switch)."""
     from google.protobuf import struct_pb2
 
+    text = constant.string_value if constant.WhichOneof("kind") == "string_value" else ""
+    if "{{$.workspace_path}}" in text:
+        raise NotReplayed("a parameter names {{$.workspace_path}}: kfp-local mounts no workspace")
+    # A manual run's schedule time is its create time (cmd/driver resolvePipelineJobTimes), both
+    # the workflow's creation in RFC 3339, UTC; the task uuid is the root DAG's execution id.
+    created = run.created.strftime("%Y-%m-%dT%H:%M:%SZ")
     replacements = {
         "{{$.pipeline_job_name}}": run.run_id,
         "{{$.pipeline_job_resource_name}}": run.run_id,
         "{{$.pipeline_job_uuid}}": run.run_id,
         "{{$.pipeline_task_name}}": task_name,
         "{{$.pipeline_task_uuid}}": "1",
+        "{{$.pipeline_job_create_time_utc}}": created,
+        "{{$.pipeline_job_schedule_time_utc}}": created,
     }
-    if constant.WhichOneof("kind") == "string_value" and constant.string_value in replacements:
-        return struct_pb2.Value(string_value=replacements[constant.string_value])
+    if text in replacements:
+        return struct_pb2.Value(string_value=replacements[text])
     return constant
 
 
