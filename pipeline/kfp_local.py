@@ -34,6 +34,7 @@ from pipeline.kfp_backend.driver import (
     provision_outputs,
     resolve_container_args,
     resolve_inputs,
+    validate_container,
 )
 from pipeline.kfp_backend.expression import evaluate_condition
 from pipeline.kfp_backend.launcher import (
@@ -96,6 +97,10 @@ def run_task(run: RunState, name: str, task) -> TaskResult:
     component = run.spec.components[task.component_ref.name]
     container = run.deploy.executors[component.executor_label].container
     context = driver_context(run, name, task)
+    try:
+        validate_container(task)
+    except TaskFailed as exc:
+        raise TaskFailed(f"driver.Container({context}) failed: {exc}") from None
     try:
         inputs = resolve_inputs(run, name, task, component)
     except TaskFailed as exc:

@@ -39,11 +39,17 @@ class ResolvedParameterNull(TaskFailed):
 
 def driver_context(run: RunState, name: str, task) -> str:
     """driver.Options.info(): how the driver names a task in its errors."""
+    display = f'taskDisplayName="{task.task_info.name}", ' if task.task_info.name else ""
     return (
-        f"pipelineName={run.spec.pipeline_info.name}, runID={run.run_id}, "
-        f'taskDisplayName="{task.task_info.name}", taskName="{name}", '
-        f'component="{task.component_ref.name}", componentSpec'
+        f"pipelineName={run.spec.pipeline_info.name}, runID={run.run_id}, {display}"
+        f'taskName="{name}", component="{task.component_ref.name}", componentSpec'
     )
+
+
+def validate_container(task) -> None:
+    """driver.validateContainer (validateNonRoot): a task without taskInfo.name fails its driver."""
+    if not task.task_info.name:
+        raise TaskFailed("invalid container driver args: task spec is required")
 
 
 def resolve_parameter(run: RunState, task_name: str, spec):
