@@ -394,3 +394,32 @@ def test_create_and_schedule_time_placeholders_are_the_runs_creation_in_utc(tmp_
     assert code == 0, err
     created, scheduled = seen_by(tmp_path, "a")["argv"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", created) and scheduled == created
+
+
+# -------------------------------------------------------------- driver: what a task is handed
+
+
+def test_the_executor_input_json_has_gos_numbers(tmp_path, capsys):
+    # The driver and launcher write `{{$}}` with protojson.Marshal: a whole number is `6`, so a
+    # component that json.loads it gets an int, as on the cluster (json_format wrote 6.0).
+    task = container_task(
+        "a",
+        RECORD_SCRIPT,
+        args=["{{$}}"],
+        inputs={"parameters": {"n": constant(6.0)}},
+        params={"n": {"parameterType": "NUMBER_INTEGER"}},
+    )
+    code, record, err = replay(write_spec(tmp_path, {"a": task}), capsys)
+    assert code == 0, err
+    [executor_input] = seen_by(tmp_path, "a")["argv"]
+    assert '"parameterValues":{"n":6}' in executor_input
+    assert json.loads(executor_input)["inputs"]["parameterValues"]["n"] == 6
+
+
+def test_a_task_without_a_task_info_name_fails_at_its_driver(tmp_path, capsys):
+    # driver.go validateNonRoot, via container.go validateContainer.
+    task, component, executor = container_task("a", RECORD_SCRIPT)
+    del task["taskInfo"]
+    code, record, err = replay(write_spec(tmp_path, {"a": (task, component, executor)}), capsys)
+    assert code == 1 and states(record) == {"a": "failed"}
+    assert "failed: invalid container driver args: task spec is required" in err

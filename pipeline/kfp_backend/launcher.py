@@ -14,6 +14,7 @@ from pipeline.kfp_backend.metadata import (
     StoredArtifact,
     TextConversionError,
     go_quote,
+    protojson,
     struct_value_to_mlmd,
     text_as_value,
     value_as_text,
@@ -58,9 +59,7 @@ def compiled_command(command_and_args: list[str], executor_input) -> list[str]:
     # command_and_args is what the driver resolved (driver.resolve_container_args); the
     # launcher takes its first element as the command and fills only `{{$}}` into that one
     # (its placeholder loop writes to a variable it never uses), the rest are its args.
-    from google.protobuf import json_format
-
-    as_json = json_format.MessageToJson(executor_input, indent=None)
+    as_json = protojson(executor_input)
     substitutions = placeholders(executor_input)
     for arg in command_and_args:
         if arg.startswith('{"Concat"'):

@@ -104,23 +104,38 @@ def value_as_text(value) -> str:
     return ""
 
 
-def go_json(python_value) -> str:
+def go_json(python_value, escape_html: bool = True) -> str:
     """encoding/json.Marshal of a decoded JSON value: sorted keys, Go's numbers, HTML escaped."""
     # Go writes 1.0 as 1 (all numbers are float64), sorts object keys, keeps non-ASCII as UTF-8
-    # and escapes <, > and & (and U+2028/U+2029) inside strings.
+    # and escapes <, > and & (and U+2028/U+2029) inside strings; protojson does not escape.
     if isinstance(python_value, dict):
         items = sorted(python_value.items())
-        return "{" + ",".join(f"{go_json(k)}:{go_json(v)}" for k, v in items) + "}"
+        return (
+            "{"
+            + ",".join(f"{go_json(k, escape_html)}:{go_json(v, escape_html)}" for k, v in items)
+            + "}"
+        )
     if isinstance(python_value, list):
-        return "[" + ",".join(go_json(v) for v in python_value) + "]"
+        return "[" + ",".join(go_json(v, escape_html) for v in python_value) + "]"
     if isinstance(python_value, bool) or python_value is None:
         return json.dumps(python_value)
     if isinstance(python_value, int | float):
         return _go_json_number(float(python_value))
     text = json.dumps(python_value, ensure_ascii=False)
+    if not escape_html:
+        return text
     for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
         text = text.replace(char, escape)
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def protojson(message) -> str:
+    """protojson.Marshal of a message, as the driver and launcher write an ExecutorInput."""
+    # Same JSON as Python's json_format, but numbers as Go writes them: a parameter value 6.0
+    # is `6` for the component that reads `{{$}}` (json.loads gives it an int, not 6.0).
+    from google.protobuf import json_format
+
+    return go_json(json_format.MessageToDict(message), escape_html=False)
 
 
 def _go_json_number(number: float) -> str:
