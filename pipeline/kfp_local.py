@@ -42,6 +42,7 @@ from pipeline.kfp_backend.launcher import (
     compiled_command,
     image_environment,
     prepare_output_folders,
+    qualify_executor_logs,
     read_executor_output,
     record_outputs,
     run_executor,
@@ -117,18 +118,20 @@ def run_task(run: RunState, name: str, task) -> TaskResult:
         if not triggered:
             return TaskResult(name, "skipped", reason=f"condition is false: {condition}")
     executor_input.outputs.CopyFrom(provision_outputs(run, name, component))
-    task_root = os.path.dirname(executor_input.outputs.output_file)
-    log_path = os.path.join(task_root, LOGS_OUTPUT)
-    if run.publish_logs:  # getLogWriter tees into the executor-logs artifact's file
-        log_path = executor_input.outputs.artifacts[LOGS_OUTPUT].artifacts[0].uri
     try:
         driven = resolve_container_args(
             container.command, executor_input, "command"
         ) + resolve_container_args(container.args, executor_input, "args")
     except TaskFailed as exc:
         raise TaskFailed(f"driver.Container({context}) failed: {exc}") from None
-    command = compiled_command(driven, with_default_parameters(executor_input, component))
+    # The launcher, from here on.
     prepare_output_folders(executor_input)
+    task_root = os.path.dirname(executor_input.outputs.output_file)
+    log_path = os.path.join(task_root, LOGS_OUTPUT)
+    if run.publish_logs:  # getLogWriter tees into the executor-logs artifact's file
+        qualify_executor_logs(executor_input)
+        log_path = executor_input.outputs.artifacts[LOGS_OUTPUT].artifacts[0].uri
+    command = compiled_command(driven, with_default_parameters(executor_input, component))
     started = time.monotonic()
     code = run_executor(command, image_environment(container), task_root, log_path)
     seconds = time.monotonic() - started

@@ -423,3 +423,18 @@ def test_a_task_without_a_task_info_name_fails_at_its_driver(tmp_path, capsys):
     code, record, err = replay(write_spec(tmp_path, {"a": (task, component, executor)}), capsys)
     assert code == 1 and states(record) == {"a": "failed"}
     assert "failed: invalid container driver args: task spec is required" in err
+
+
+def test_the_log_artifact_is_qualified_with_the_retry_index_before_the_task_sees_it(
+    tmp_path, capsys
+):
+    # launcher_v2.go qualifyExecutorLogsForRetry (PUBLISH_LOGS=true): `executor-logs-0` without
+    # a retry, in the ExecutorInput the command gets and in what is recorded.
+    task = container_task("a", RECORD_SCRIPT, args=["{{$}}"])
+    code, record, err = replay(write_spec(tmp_path, {"a": task}), capsys)
+    assert code == 0, err
+    logs = record["tasks"][0]["outputs"]["executor-logs"]["uri"]
+    assert logs.endswith("/executor-logs-0") and record["tasks"][0]["log"] == logs
+    [executor_input] = seen_by(tmp_path, "a")["argv"]
+    seen = json.loads(executor_input)["outputs"]["artifacts"]["executor-logs"]["artifacts"]
+    assert seen[0]["uri"] == logs

@@ -94,6 +94,15 @@ def prepare_output_folders(executor_input) -> None:
             os.makedirs(os.path.dirname(artifact.uri), exist_ok=True)
 
 
+def qualify_executor_logs(executor_input, retry_index: str = "0") -> None:
+    """launcher_v2.qualifyExecutorLogsForRetry: `executor-logs` becomes `executor-logs-<attempt>`."""
+    # With PUBLISH_LOGS=true the launcher suffixes the log artifact's URI with the Argo retry
+    # index (0 without retries) before `{{$}}` is written and before it records the artifact.
+    for artifact in executor_input.outputs.artifacts[LOGS_OUTPUT].artifacts:
+        if not artifact.uri.endswith(f"-{retry_index}"):
+            artifact.uri += f"-{retry_index}"
+
+
 def run_executor(command: list[str], env: dict[str, str], cwd: str, log_path: str) -> int:
     """exec.Command(...).Run() with stdout and stderr teed to the executor-logs file."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
