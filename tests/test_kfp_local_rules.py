@@ -85,6 +85,32 @@ def states(record: dict) -> dict[str, str]:
 ARTIFACT_OUT = {"artifacts": {"out": {"artifactType": {"schemaTitle": "system.Artifact"}}}}
 
 
+# ------------------------------------------- apiserver/template: what the run request refuses
+
+
+def test_a_spec_whose_schema_version_is_not_2_1_0_is_refused_before_any_task(tmp_path, capsys):
+    path = write_spec(tmp_path, {"a": container_task("a", "pass")})
+    path.write_text(path.read_text().replace("schemaVersion: 2.1.0", "schemaVersion: 2.0.0"))
+    code, record, err = replay(path, capsys)
+    assert code == 2 and not record
+    assert (
+        "InvalidInputError: KFP only supports schema version 2.1.0, but the pipeline spec has "
+        "version 2.0.0: pipeline spec is invalid"
+    ) in err
+
+
+def test_a_pipeline_name_without_a_lower_case_alphanumeric_is_refused(tmp_path, capsys):
+    # v2_template.go matches the name pattern unanchored: "Rules_1" passes (it has "ules"),
+    # "__" does not.
+    path = write_spec(tmp_path, {"a": container_task("a", "pass")})
+    text = path.read_text()
+    path.write_text(text.replace("name: rules", "name: Rules_1"))
+    assert replay(path, capsys)[0] == 0
+    path.write_text(text.replace("name: rules", "name: __"))
+    code, _, err = replay(path, capsys)
+    assert code == 2 and "name should consist of lower case alphanumeric characters" in err
+
+
 # ------------------------------------------------------------ argocompiler/dag.go: dependencies
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pipeline.kfp_backend import BackendRefusal, NotReplayed
 
 
@@ -18,10 +20,39 @@ def deployment_config(spec):
     )
 
 
+SCHEMA_VERSION = "2.1.0"  # apiserver/template/template.go SCHEMA_VERSION_2_1_0
+# apiserver/template/v2_template.go matches this unanchored (regexp.MatchString): a name passes
+# when any part of it does.
+_PIPELINE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def check_template(spec) -> None:
+    """Refuse what the API server refuses when a run's spec arrives (template.New)."""
+
+    # Before any compiling: TFX's default spec (schema 2.0.0) is refused here, at the request.
+    def refuse(message: str) -> BackendRefusal:
+        # util.NewInvalidInputErrorWithDetails(ErrorInvalidPipelineSpec, message)
+        return BackendRefusal(f"InvalidInputError: {message}: pipeline spec is invalid")
+
+    if not spec.pipeline_info.name or not spec.HasField("root"):
+        raise refuse("unknown template format")  # template.go isPipelineSpec
+    if spec.schema_version != SCHEMA_VERSION:
+        raise refuse(
+            f"KFP only supports schema version {SCHEMA_VERSION}, but the pipeline spec has "
+            f"version {spec.schema_version}"
+        )
+    if not _PIPELINE_NAME.search(spec.pipeline_info.name):
+        raise refuse(
+            "invalid v2 pipeline spec: name should consist of lower case alphanumeric "
+            "characters, '-' or '.', and must start and end with an alphanumeric character"
+        )
+
+
 def check_compiles(spec) -> None:
     """Refuse what argocompiler.Compile refuses, and add the dependencies it adds to each task."""
     # Like argocompiler's DAG(), this edits the spec's tasks in place: the drivers then see the
     # dependentTasks the workflow was compiled with (addImplicitDependencies).
+    check_template(spec)
     try:
         if not spec.pipeline_info.name:
             raise BackendRefusal("pipelineInfo.name is empty")  # argocompiler.Compile
