@@ -133,7 +133,8 @@ def run_task(run: RunState, name: str, task) -> TaskResult:
         log_path = executor_input.outputs.artifacts[LOGS_OUTPUT].artifacts[0].uri
     command = compiled_command(driven, with_default_parameters(executor_input, component))
     started = time.monotonic()
-    code = run_executor(command, image_environment(container), task_root, log_path)
+    pod_name = f"{run.spec.pipeline_info.name}-{run.run_id}-{name}".lower()  # Argo's, roughly
+    code = run_executor(command, image_environment(container, pod_name), task_root, log_path)
     seconds = time.monotonic() - started
     if code != 0:
         record_outputs(run, executor_input, pipeline_spec_pb2.ExecutorOutput(), succeeded=False)

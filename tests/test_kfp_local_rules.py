@@ -464,3 +464,18 @@ def test_the_log_artifact_is_qualified_with_the_retry_index_before_the_task_sees
     [executor_input] = seen_by(tmp_path, "a")["argv"]
     seen = json.loads(executor_input)["outputs"]["artifacts"]["executor-logs"]["artifacts"]
     assert seen[0]["uri"] == logs
+
+
+def test_the_executor_sees_the_pods_name_and_uid_and_the_specs_env_over_them(tmp_path, capsys):
+    # argocompiler/common.go commonEnvs (KFP_POD_NAME, KFP_POD_UID from field refs), under the
+    # driver's podSpecPatch env (the container spec's `env`).
+    script = (
+        "import json, os; open('seen.json', 'w').write(json.dumps({k: os.environ.get(k) "
+        "for k in ('KFP_POD_NAME', 'KFP_POD_UID', 'MINE')}))"
+    )
+    task, component, executor = container_task("a", script)
+    executor["container"]["env"] = [{"name": "MINE", "value": "x"}]
+    code, _, err = replay(write_spec(tmp_path, {"a": (task, component, executor)}), capsys)
+    assert code == 0, err
+    seen = seen_by(tmp_path, "a")
+    assert seen["KFP_POD_NAME"] and seen["KFP_POD_UID"] and seen["MINE"] == "x"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,15 @@ def compiled_command(command_and_args: list[str], executor_input) -> list[str]:
     return compiled
 
 
-def image_environment(container) -> dict[str, str]:
-    """The task's environment: this one (standing in for the image's), plus the spec's `env`."""
+def image_environment(container, pod_name: str) -> dict[str, str]:
+    """The task's environment: this one (standing in for the image's), the pod's, the spec's."""
     env = dict(os.environ)
     # `python` in the command is the image's interpreter: here, the one running this runner.
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    # argocompiler/common.go commonEnvs: every executor pod has its name and uid (field refs);
+    # the spec's env is the podSpecPatch's, merged over them by name.
+    env["KFP_POD_NAME"] = pod_name
+    env["KFP_POD_UID"] = str(uuid.uuid4())
     env.update({item.name: item.value for item in container.env})
     return env
 
