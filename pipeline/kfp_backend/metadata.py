@@ -181,9 +181,9 @@ _GO_INT = re.compile(r"[+-]?[0-9]+")  # strconv.ParseInt(s, 10, 0): no underscor
 _GO_DECIMAL_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _GO_HEX_FLOAT = re.compile(r"[+-]?0[xX]([0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)[pP][+-]?[0-9]+")
 _GO_SPECIAL_FLOAT = re.compile(r"[+-]?(inf|infinity)|nan", re.IGNORECASE)
-_GO_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True}
-_GO_BOOLS.update({"0": False, "f": False, "F": False, "FALSE": False, "false": False})
-_GO_BOOLS["False"] = False
+# strconv.ParseBool's spellings, nothing else.
+_GO_BOOLS = {text: True for text in ("1", "t", "T", "TRUE", "true", "True")}
+_GO_BOOLS.update({text: False for text in ("0", "f", "F", "FALSE", "false", "False")})
 
 
 def text_as_value(text: str, parameter_type: int):
