@@ -29,12 +29,20 @@ from pathlib import Path
 
 from pipeline.kfp_backend import LOGS_OUTPUT, LOGS_SCHEMA_TITLE, TaskFailed
 from pipeline.kfp_backend.compiler import check_compiles
-from pipeline.kfp_backend.driver import driver_context, provision_outputs, resolve_inputs
+from pipeline.kfp_backend.driver import (
+    driver_context,
+    provision_outputs,
+    resolve_container_args,
+    resolve_inputs,
+    validate_container,
+)
 from pipeline.kfp_backend.expression import evaluate_condition
 from pipeline.kfp_backend.launcher import (
     collect_output_parameters,
     compiled_command,
     image_environment,
+    prepare_output_folders,
+    qualify_executor_logs,
     read_executor_output,
     record_outputs,
     run_executor,
@@ -91,6 +99,10 @@ def run_task(run: RunState, name: str, task) -> TaskResult:
     container = run.deploy.executors[component.executor_label].container
     context = driver_context(run, name, task)
     try:
+        validate_container(task)
+    except TaskFailed as exc:
+        raise TaskFailed(f"driver.Container({context}) failed: {exc}") from None
+    try:
         inputs = resolve_inputs(run, name, task, component)
     except TaskFailed as exc:
         raise TaskFailed(
@@ -106,13 +118,23 @@ def run_task(run: RunState, name: str, task) -> TaskResult:
         if not triggered:
             return TaskResult(name, "skipped", reason=f"condition is false: {condition}")
     executor_input.outputs.CopyFrom(provision_outputs(run, name, component))
+    try:
+        driven = resolve_container_args(
+            container.command, executor_input, "command"
+        ) + resolve_container_args(container.args, executor_input, "args")
+    except TaskFailed as exc:
+        raise TaskFailed(f"driver.Container({context}) failed: {exc}") from None
+    # The launcher, from here on.
+    prepare_output_folders(executor_input)
     task_root = os.path.dirname(executor_input.outputs.output_file)
     log_path = os.path.join(task_root, LOGS_OUTPUT)
     if run.publish_logs:  # getLogWriter tees into the executor-logs artifact's file
+        qualify_executor_logs(executor_input)
         log_path = executor_input.outputs.artifacts[LOGS_OUTPUT].artifacts[0].uri
-    command = compiled_command(container, with_default_parameters(executor_input, component))
+    command = compiled_command(driven, with_default_parameters(executor_input, component))
     started = time.monotonic()
-    code = run_executor(command, image_environment(container), task_root, log_path)
+    pod_name = f"{run.spec.pipeline_info.name}-{run.run_id}-{name}".lower()  # Argo's, roughly
+    code = run_executor(command, image_environment(container, pod_name), task_root, log_path)
     seconds = time.monotonic() - started
     if code != 0:
         record_outputs(run, executor_input, pipeline_spec_pb2.ExecutorOutput(), succeeded=False)

@@ -103,9 +103,25 @@ def test_a_spec_with_a_resolver_is_refused_with_the_compilers_message(tmp_path, 
     assert not (tmp_path / "root" / "small").exists(), "no task may start"
 
 
-def test_tfx_default_spec_fails_at_the_first_driver_on_constant_value(tmp_path, capsys):
+def test_tfx_default_spec_is_refused_by_the_api_server_for_its_schema_version(tmp_path, capsys):
     path = compile_small(tmp_path, spec_2_1=False)
-    assert "constantValue" in path.read_text()
+    code, _, err = kfp_local_json(path, capsys=capsys)
+    assert code == 2
+    # apiserver/template/v2_template.go NewV2SpecTemplate, when the run is created.
+    assert (
+        "InvalidInputError: KFP only supports schema version 2.1.0, but the pipeline spec has "
+        "version 2.0.0"
+    ) in err
+    assert not (tmp_path / "root" / "small").exists(), "no task may start"
+
+
+def test_tfx_default_parameters_fail_at_the_first_driver_on_constant_value(tmp_path, capsys):
+    # Even with the schema version the server wants, TFX's legacy `constantValue` parameters
+    # fail at the driver: what use_pipeline_spec_2_1 changes besides the version.
+    path = compile_small(tmp_path, spec_2_1=False)
+    text = path.read_text()
+    assert "constantValue" in text and "schemaVersion: 2.0.0" in text
+    path.write_text(text.replace("schemaVersion: 2.0.0", "schemaVersion: 2.1.0"))
     code, outcome, err = kfp_local_json(path, capsys=capsys)
     assert code == 1
     assert (

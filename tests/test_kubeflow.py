@@ -389,6 +389,9 @@ def test_submit_dry_run_prints_the_call_and_contacts_nothing(compiled, capsys):
     assert call["kwargs"]["run_name"] == "nightly-1"
     assert call["kwargs"]["experiment_name"] == "van-tfx"
     assert call["kwargs"]["pipeline_root"] == PIPELINE_ROOT
+    # kfp's client writes a non-None enable_caching into every task (_override_caching_options):
+    # True would cache the gate, whose inputs never change, and replay its first decision.
+    assert call["kwargs"]["enable_caching"] is None
     assert "warning" not in out.err  # no resolver: nothing open-source KFP would refuse
 
 
@@ -449,6 +452,7 @@ def test_schedule_dry_run_requests_one_run_at_a_time_without_catchup(compiled, c
     assert kwargs["max_concurrency"] == 1 and kwargs["no_catchup"] is True
     assert kwargs["pipeline_package_path"] == str(path)
     assert kwargs["job_name"] == "van-tfx-retrain"
+    assert kwargs["enable_caching"] is None  # the gate keeps its enableCache: false
 
 
 def test_schedule_by_interval(compiled, capsys):

@@ -5,7 +5,9 @@ Mirrors backend/src/v2/driver (container.go `Container`, resolve.go, driver.go `
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import uuid
 
 from pipeline.kfp_backend import (
@@ -17,6 +19,8 @@ from pipeline.kfp_backend import (
 )
 from pipeline.kfp_backend.metadata import (
     PARAMETER_TYPE_NAMES,
+    go_format_float,
+    go_json,
     runtime_artifact_of,
     value_as_text,
 )
@@ -29,13 +33,23 @@ _RUNTIME_VALUE_TYPES = {  # Go's %T of each ValueOrRuntimeParameter oneof member
 }
 
 
+class ResolvedParameterNull(TaskFailed):
+    """driver.ErrResolvedParameterNull: a root input that is optional, left out, with no default."""
+
+
 def driver_context(run: RunState, name: str, task) -> str:
     """driver.Options.info(): how the driver names a task in its errors."""
+    display = f'taskDisplayName="{task.task_info.name}", ' if task.task_info.name else ""
     return (
-        f"pipelineName={run.spec.pipeline_info.name}, runID={run.run_id}, "
-        f'taskDisplayName="{task.task_info.name}", taskName="{name}", '
-        f'component="{task.component_ref.name}", componentSpec'
+        f"pipelineName={run.spec.pipeline_info.name}, runID={run.run_id}, {display}"
+        f'taskName="{name}", component="{task.component_ref.name}", componentSpec'
     )
+
+
+def validate_container(task) -> None:
+    """driver.validateContainer (validateNonRoot): a task without taskInfo.name fails its driver."""
+    if not task.task_info.name:
+        raise TaskFailed("invalid container driver args: task spec is required")
 
 
 def resolve_parameter(run: RunState, task_name: str, spec):
@@ -59,7 +73,10 @@ def resolve_parameter(run: RunState, task_name: str, spec):
                 f"resolving input parameter with spec {described}: parent DAG does not have "
                 f"input parameter {name}"
             )
-        return run.root_parameters[name]
+        value = run.root_parameters[name]
+        if value.WhichOneof("kind") == "null_value":  # an optional root input left out
+            raise ResolvedParameterNull(f"the resolved input parameter is null: {name}")
+        return value
     if kind == "task_output_parameter":
         producer = spec.task_output_parameter.producer_task
         key = spec.task_output_parameter.output_parameter_key
@@ -77,15 +94,23 @@ def _with_run_placeholders(run: RunState, task_name: str, constant):
     """The run-level placeholders a constant may be (resolveInputParameter's switch)."""
     from google.protobuf import struct_pb2
 
+    text = constant.string_value if constant.WhichOneof("kind") == "string_value" else ""
+    if "{{$.workspace_path}}" in text:
+        raise NotReplayed("a parameter names {{$.workspace_path}}: kfp-local mounts no workspace")
+    # A manual run's schedule time is its create time (cmd/driver resolvePipelineJobTimes), both
+    # the workflow's creation in RFC 3339, UTC; the task uuid is the root DAG's execution id.
+    created = run.created.strftime("%Y-%m-%dT%H:%M:%SZ")
     replacements = {
         "{{$.pipeline_job_name}}": run.run_id,
         "{{$.pipeline_job_resource_name}}": run.run_id,
         "{{$.pipeline_job_uuid}}": run.run_id,
         "{{$.pipeline_task_name}}": task_name,
         "{{$.pipeline_task_uuid}}": "1",
+        "{{$.pipeline_job_create_time_utc}}": created,
+        "{{$.pipeline_job_schedule_time_utc}}": created,
     }
-    if constant.WhichOneof("kind") == "string_value" and constant.string_value in replacements:
-        return struct_pb2.Value(string_value=replacements[constant.string_value])
+    if text in replacements:
+        return struct_pb2.Value(string_value=replacements[text])
     return constant
 
 
@@ -151,7 +176,16 @@ def resolve_inputs(run: RunState, task_name: str, task, component):
         spec = task.inputs.parameters[name]
         if spec.parameter_expression_selector:
             raise NotReplayed(f"parameter {name!r} uses a parameterExpressionSelector")
-        inputs.parameter_values[name].CopyFrom(resolve_parameter(run, task_name, spec))
+        try:
+            value = resolve_parameter(run, task_name, spec)
+        except ResolvedParameterNull:
+            # Left out when the component's parameter is optional: the launcher adds its
+            # default, or the component resolves it itself. Otherwise the task fails.
+            definition = component.input_definitions.parameters.get(name)
+            if definition is not None and definition.is_optional:
+                continue
+            raise
+        inputs.parameter_values[name].CopyFrom(value)
     for name in sorted(task.inputs.artifacts):
         inputs.artifacts[name].CopyFrom(resolve_artifacts(run, name, task.inputs.artifacts[name]))
     validate_parameter_types(inputs, component)
@@ -182,3 +216,80 @@ def provision_outputs(run: RunState, task_name: str, component):
     # The pod's <LocalPathForURI(task root)>/output_metadata.json: the task root itself here.
     outputs.output_file = os.path.join(task_root, METADATA_FILE)
     return outputs
+
+
+# driver/util.go fullInputParameterRe: the driver fills these into command and args itself.
+_INPUT_PARAMETER = re.compile(r"\{\{\$\.inputs\.parameters\['(.+?)']}}")
+
+
+def pb_value_to_string(value) -> str:
+    """driver/util.go pbValueToString: whole numbers with %d, others with %g; lists as JSON."""
+    # Not the launcher's text: 1e-05 stays 1e-05 (the launcher would write 0.00001), and
+    # 1234567.5 becomes 1.2345675e+06.
+    from google.protobuf import json_format
+
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if number == number and -(2**63) <= number < 2**63 and number.is_integer():
+            return str(int(number))
+        return go_format_float(number, "g")
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    if kind == "null_value" or kind is None:
+        return ""
+    return go_json(json_format.MessageToDict(value))
+
+
+def _resolve_input_parameters(arg: str, executor_input) -> str:
+    """driver/util.go resolveInputParameterPlaceholders: every input parameter placeholder."""
+    values = executor_input.inputs.parameter_values
+
+    def substitute(match) -> str:
+        if match.group(1) not in values:
+            raise TaskFailed(f'parameter "{match.group(1)}" not found in executor input')
+        return pb_value_to_string(values[match.group(1)])
+
+    return _INPUT_PARAMETER.sub(substitute, arg)
+
+
+def _if_present(arg: str, executor_input) -> list[str]:
+    """driver/util.go resolveCondition: an IfPresent clause's Then or Else, filled in."""
+    try:
+        clause = json.loads(arg)["IfPresent"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TaskFailed(f"failed to parse IfPresent JSON: {exc}") from None
+    value = executor_input.inputs.parameter_values.get(clause.get("InputName", ""))
+    # A null value is absent; so is an artifact of that name (only parameters are looked at).
+    present = value is not None and value.WhichOneof("kind") != "null_value"
+    chosen = clause.get("Then" if present else "Else")
+    if chosen is None:
+        return []
+    items = [chosen] if isinstance(chosen, str) else chosen
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise TaskFailed(f"unexpected type in IfPresent Then/Else: {chosen!r}")
+    return [_resolve_input_parameters(item, executor_input) for item in items]
+
+
+def resolve_container_args(args, executor_input, what: str) -> list[str]:
+    """driver/util.go resolveContainerArgs: input parameters and IfPresent, before the launcher."""
+    # Runs on the driver's ExecutorInput, before the launcher adds component defaults: a
+    # placeholder of a parameter that only has a default fails the task here.
+    resolved: list[str] = []
+    for arg in args:
+        if "$.outputs" in arg:  # left whole to the launcher, input placeholders included
+            resolved.append(arg)
+            continue
+        try:
+            if arg.strip().startswith('{"IfPresent":'):
+                resolved.extend(_if_present(arg, executor_input))
+            else:
+                resolved.append(_resolve_input_parameters(arg, executor_input))
+        except TaskFailed as exc:
+            step = "condition" if arg.strip().startswith('{"IfPresent":') else "input parameters"
+            raise TaskFailed(
+                f"failed to resolve container {what}: failed to resolve {step}: {exc}"
+            ) from None
+    return resolved

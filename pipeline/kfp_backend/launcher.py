@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,9 @@ from pipeline.kfp_backend import LOGS_OUTPUT, NotReplayed, TaskFailed
 from pipeline.kfp_backend.driver import PARAMETER_TYPE_NAMES
 from pipeline.kfp_backend.metadata import (
     StoredArtifact,
+    TextConversionError,
+    go_quote,
+    protojson,
     struct_value_to_mlmd,
     text_as_value,
     value_as_text,
@@ -32,7 +36,7 @@ def with_default_parameters(executor_input, component):
 
 
 def placeholders(executor_input) -> dict[str, str]:
-    """launcher_v2.getPlaceholders (and the driver's input-parameter substitution)."""
+    """launcher_v2.getPlaceholders: artifact URIs and paths, input parameters, output files."""
     values: dict[str, str] = {}
     for name, artifacts in executor_input.inputs.artifacts.items():
         if artifacts.artifacts:
@@ -51,30 +55,57 @@ def placeholders(executor_input) -> dict[str, str]:
     return values
 
 
-def compiled_command(container, executor_input) -> list[str]:
-    """The container's command + args with `{{$}}` (the ExecutorInput JSON) and placeholders."""
-    from google.protobuf import json_format
-
-    as_json = json_format.MessageToJson(executor_input, indent=None)
+def compiled_command(command_and_args: list[str], executor_input) -> list[str]:
+    """launcher_v2.compileCmdAndArgs: `{{$}}` (the ExecutorInput JSON) and the placeholders."""
+    # command_and_args is what the driver resolved (driver.resolve_container_args); the
+    # launcher takes its first element as the command and fills only `{{$}}` into that one
+    # (its placeholder loop writes to a variable it never uses), the rest are its args.
+    as_json = protojson(executor_input)
     substitutions = placeholders(executor_input)
-    command = []
-    for arg in [*container.command, *container.args]:
-        if arg.startswith('{"IfPresent"') or arg.startswith('{"Concat"'):
+    for arg in command_and_args:
+        if arg.startswith('{"Concat"'):
             raise NotReplayed(f"structured placeholder {arg[:40]}...")
+    command, *args = command_and_args
+    compiled = [command.replace("{{$}}", as_json)]
+    for arg in args:
         arg = arg.replace("{{$}}", as_json)
         for placeholder, value in substitutions.items():
             arg = arg.replace(placeholder, value)
-        command.append(arg)
-    return command
+        compiled.append(arg)
+    return compiled
 
 
-def image_environment(container) -> dict[str, str]:
-    """The task's environment: this one (standing in for the image's), plus the spec's `env`."""
+def image_environment(container, pod_name: str) -> dict[str, str]:
+    """The task's environment: this one (standing in for the image's), the pod's, the spec's."""
     env = dict(os.environ)
     # `python` in the command is the image's interpreter: here, the one running this runner.
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    # argocompiler/common.go commonEnvs: every executor pod has its name and uid (field refs);
+    # the spec's env is the podSpecPatch's, merged over them by name.
+    env["KFP_POD_NAME"] = pod_name
+    env["KFP_POD_UID"] = str(uuid.uuid4())
     env.update({item.name: item.value for item in container.env})
     return env
+
+
+def prepare_output_folders(executor_input) -> None:
+    """launcher_v2.prepareOutputFolders: the parent directory of every output file exists."""
+    # A container may write `{{$.outputs.parameters['x'].output_file}}` without creating its
+    # directory (/tmp/kfp/outputs in the pod): the launcher creates it before the command runs.
+    for parameter in executor_input.outputs.parameters.values():
+        os.makedirs(os.path.dirname(parameter.output_file), exist_ok=True)
+    for artifact_list in executor_input.outputs.artifacts.values():
+        for artifact in artifact_list.artifacts:
+            os.makedirs(os.path.dirname(artifact.uri), exist_ok=True)
+
+
+def qualify_executor_logs(executor_input, retry_index: str = "0") -> None:
+    """launcher_v2.qualifyExecutorLogsForRetry: `executor-logs` becomes `executor-logs-<attempt>`."""
+    # With PUBLISH_LOGS=true the launcher suffixes the log artifact's URI with the Argo retry
+    # index (0 without retries) before `{{$}}` is written and before it records the artifact.
+    for artifact in executor_input.outputs.artifacts[LOGS_OUTPUT].artifacts:
+        if not artifact.uri.endswith(f"-{retry_index}"):
+            artifact.uri += f"-{retry_index}"
 
 
 def run_executor(command: list[str], env: dict[str, str], cwd: str, log_path: str) -> int:
@@ -112,15 +143,18 @@ def collect_output_parameters(executor_input, executor_output, component) -> dic
         if name in values:
             continue
         definition = component.output_definitions.parameters[name]
+        where = (
+            f"failed to read output parameter name={go_quote(name)} "
+            f"type={go_quote(PARAMETER_TYPE_NAMES.get(definition.parameter_type, ''))} "
+            f"path={go_quote(parameter.output_file)}"
+        )
         try:
             text = Path(parameter.output_file).read_text()
+            values[name] = text_as_value(text, definition.parameter_type)
         except OSError as exc:
-            raise TaskFailed(
-                f"failed to read output parameter name={name!r} "
-                f"type={PARAMETER_TYPE_NAMES.get(definition.parameter_type)!r} "
-                f"path={parameter.output_file!r}: {exc.strerror}"
-            ) from None
-        values[name] = text_as_value(text, definition.parameter_type)
+            raise TaskFailed(f"{where}: {exc.strerror}") from None
+        except TextConversionError as exc:
+            raise TaskFailed(f"{where}: {exc}") from None
     return values
 
 

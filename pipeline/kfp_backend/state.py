@@ -33,7 +33,8 @@ class RunState:
     def __init__(self, spec, pipeline_root: str, params: dict[str, str], publish_logs: bool):
         self.spec = spec
         self.deploy = deployment_config(spec)
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.created = datetime.datetime.now(datetime.timezone.utc)  # the workflow's creation
+        stamp = self.created.astimezone().strftime("%Y%m%d-%H%M%S")
         self.run_id = f"{stamp}-{uuid.uuid4().hex[:8]}"
         # metadata.Client.GetPipeline: the run's root is <pipeline root>/<pipeline name>/<run id>.
         self.run_root = os.path.join(
