@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from functools import partial
 
@@ -349,19 +350,29 @@ def _request_bytes(images: list[bytes], rest: bool) -> int:
 def _naming_images(error, paths: list[str]) -> str:
     """The server's error message with `images[i]` replaced by the i-th path, or, when it names
     none and says the input is invalid, naming the paths sent."""
-    import re
 
     def path_of(match: re.Match) -> str:
         index = int(match[1])
         return paths[index] if index < len(paths) else match[0]
 
-    message = error.message
+    message = model_assertion(error.message)
     named = re.sub(r"\bimages\[(\d+)\]", path_of, message)
     if named != message or error.code not in ("INVALID_ARGUMENT", "400"):
         return named
     if len(paths) == 1:
         return f"{message} (image {paths[0]})"
     return f"{message} (one of the images {', '.join(paths)})"
+
+
+# TensorFlow's Assert failure: "assertion failed: [<the model's message>] [Condition x == y did
+# not hold element-wise:] [x (All_1:0) = ] [0] ... [[{{node assert_equal_1/...}}]]". Only the first
+# bracket was written for the caller; TF prints it with quotes escaped (\').
+_ASSERTION = re.compile(r"assertion failed: \[((?:[^\]\\]|\\.)*)\].*", re.DOTALL)
+
+
+def model_assertion(message: str) -> str:
+    """A server error with a TF assertion's graph details cut down to the model's own message."""
+    return _ASSERTION.sub(lambda m: re.sub(r"\\(.)", r"\1", m[1]), message)
 
 
 # gRPC read an http:// URL as a host name: "cannot resolve the host: Misformatted domain name".

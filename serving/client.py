@@ -350,6 +350,10 @@ def _http_failure(err: Exception) -> str:
     # A gRPC port answers with binary HTTP/2 frames: http.client's status line then held NULs and
     # escape bytes that reached the terminal raw. RemoteDisconnected is a BadStatusLine too.
     if isinstance(err, http.client.BadStatusLine) and not isinstance(err, ConnectionError):
+        # An HTTP/2 frame header (3-byte length, then type 4, SETTINGS) is how a gRPC server
+        # greets: the user pointed --rest at the gRPC port.
+        if err.line[:2] == "\x00\x00" and err.line[3:4] == "\x04":
+            return "it speaks HTTP/2, as a gRPC port does: drop --rest, or give the REST port"
         return f"its status line is {_snippet(err.line.encode('latin-1', 'replace'))}"
     return _reason(err)
 

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from serving import testing
+from serving import cli, client, testing
 from serving.manifests import PRODUCTION_BATCHING
 from serving.protos import render_batching, render_monitoring
 from van_tfx.cli import main
@@ -403,8 +403,9 @@ def test_predict_rest_failures_name_the_server(served):
         silent.listen()
         hang = f"127.0.0.1:{silent.getsockname()[1]}"
         for server, says in (
-            # Before: BadStatusLine; then its raw line, NULs and escapes, reached the terminal.
-            (served["grpc"], "not an HTTP answer: its status line is '\\x00\\x00"),
+            # Before: BadStatusLine; then its raw line, NULs and escapes, reached the terminal;
+            # then that line escaped ('\x00\x00\x18\x04...'), which did not say it was gRPC.
+            (served["grpc"], "not an HTTP answer: it speaks HTTP/2, as a gRPC port does: drop"),
             (hang, "no answer"),  # Before: TimeoutError
         ):
             result = van_tfx_process("predict", image, "--rest", "--server", server, "--timeout=2")
@@ -416,6 +417,26 @@ def test_predict_rest_failures_name_the_server(served):
     bad_url = van_tfx_process("predict", image, "--rest", "--server", "http://[::1")
     assert bad_url.returncode == 2 and "error: --server http://[::1 is not a URL" in bad_url.stderr
     assert "Traceback" not in bad_url.stderr
+
+
+def test_a_model_assertion_is_shown_without_tensorflows_graph_details():
+    # What `van-tfx predict notes.txt` printed against a pushed VAN model (both APIs): the
+    # exported signature's message buried in TF's Assert internals, its quotes escaped.
+    sent = (
+        "assertion failed: [\\'images\\' holds bytes that are not a complete JPEG or PNG image] "
+        "[Condition x == y did not hold element-wise:] [x (All_1:0) = ] [0] "
+        "[y (assert_equal_1/y:0) = ] [1] [[{{node assert_equal_1/Assert/AssertGuard/Assert}}]]"
+    )
+    assert cli.model_assertion(sent) == (
+        "'images' holds bytes that are not a complete JPEG or PNG image"
+    )
+    error = client.PredictionError("INVALID_ARGUMENT", sent)
+    assert cli._naming_images(error, ["notes.txt"]) == (
+        "'images' holds bytes that are not a complete JPEG or PNG image (image notes.txt)"
+    )
+    assert cli.model_assertion("Servable not found for request: Latest(x)") == (
+        "Servable not found for request: Latest(x)"
+    )
 
 
 @pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf"])
