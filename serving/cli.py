@@ -87,10 +87,12 @@ def _add_serve(subparsers) -> None:
         "--rest_api_port",
         type=_checked(int, partial(checked_port, name="rest_api_port")),
         default=defaults.rest_port,
-        help="0 disables REST",
+        help="0 disables REST (TF Serving's default is 0)",
     )
     p.add_argument("--rest_api_host", default="127.0.0.1", help="REST bind address (ours)")
-    p.add_argument("--model_name", default=defaults.model_name)
+    p.add_argument(
+        "--model_name", default=defaults.model_name, help="TF Serving's default is 'default'"
+    )
     p.add_argument("--model_base_path", default="", help="default: the config's serving base path")
     p.add_argument("--model_config_file", default="", help="ModelServerConfig text proto")
     p.add_argument(
@@ -167,6 +169,21 @@ def _add_serve(subparsers) -> None:
     )
     p.add_argument("--config", help="van-tfx config YAML (for the default base path)")
     p.set_defaults(func=_serve)
+    show_defaults(p)
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append '(default: X)' to the help of each flag whose default is a value."""
+    # As `tensorflow_model_server --help` lists every flag's default: without them a user could
+    # not tell that --rest_api_port is 8501 here (0 in TF Serving) or what --timeout waits.
+    for action in parser._actions:
+        if not action.option_strings or action.default in (None, "", [], argparse.SUPPRESS):
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            continue  # an on/off switch: its default is being off
+        action.help = (
+            f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+        )
 
 
 def _serve(args) -> int:
@@ -294,6 +311,7 @@ def _add_predict(subparsers) -> None:
         "which the server decodes with EXIF ignored, as TF Serving does)",
     )
     p.set_defaults(func=_predict)
+    show_defaults(p)
 
 
 # A request's envelope beyond its images' bytes (names, tensor shape, JSON or proto framing).
@@ -480,6 +498,7 @@ def _add_loadtest(subparsers) -> None:
     p.add_argument("--base-path", help="the served model base path (for --swap-to)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_loadtest)
+    show_defaults(p)
 
 
 LOADTEST_FIRST_TIMEOUT = 10.0  # seconds for loadtest's first request, which checks the server

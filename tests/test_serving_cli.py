@@ -419,6 +419,26 @@ def test_predict_rest_failures_name_the_server(served):
     assert "Traceback" not in bad_url.stderr
 
 
+@pytest.mark.parametrize(
+    "command, shows",
+    [("serve", ["--port PORT gRPC port (default: 8500)",
+                "0 disables REST (TF Serving's default is 0) (default: 8501)",
+                "TF Serving's default is 'default' (default: van)",
+                "--enable_model_warmup [ENABLE_MODEL_WARMUP] default: True",
+                "--grpc_max_threads GRPC_MAX_THREADS default: 64"]),
+     ("predict", ["--timeout TIMEOUT seconds (default: 30.0)"]),
+     ("loadtest", ["--concurrency CONCURRENCY default: 8"])],
+)  # fmt: skip
+def test_help_shows_each_flags_default_as_tensorflow_model_server_does(capsys, command, shows):
+    # Before: most flags showed none, and --rest_api_port's 8501 (0 in TF Serving) was unsaid.
+    result = van_tfx(capsys, command, "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for phrase in shows:
+        assert phrase in text, text
+    assert "(default: [])" not in text and "--no-progress default" not in text
+
+
 def test_a_model_assertion_is_shown_without_tensorflows_graph_details():
     # What `van-tfx predict notes.txt` printed against a pushed VAN model (both APIs): the
     # exported signature's message buried in TF's Assert internals, its quotes escaped.
