@@ -441,6 +441,15 @@ def _predict(args) -> int:
                 args.timeout,
                 args.max_message_bytes,
             )
+    except client.WrongProtocol as exc:
+        # A server is there, on the other API's port: "start one" would send users astray.
+        other = (
+            f"drop --rest, or give the REST port (default {defaults.rest_port})"
+            if args.rest
+            else f"pass --rest for a REST port, or give the gRPC port (default {defaults.grpc_port})"
+        )
+        print(f"error: no model server at {server} ({exc}); {other}", file=sys.stderr)
+        return 2
     except client.ServerUnavailable as exc:
         print(
             f"error: no model server at {server} ({exc}); start one with `van-tfx serve`",

@@ -405,7 +405,7 @@ def test_predict_rest_failures_name_the_server(served):
         for server, says in (
             # Before: BadStatusLine; then its raw line, NULs and escapes, reached the terminal;
             # then that line escaped ('\x00\x00\x18\x04...'), which did not say it was gRPC.
-            (served["grpc"], "not an HTTP answer: it speaks HTTP/2, as a gRPC port does: drop"),
+            (served["grpc"], "not an HTTP answer: it speaks HTTP/2, as a gRPC port does); drop"),
             (hang, "no answer"),  # Before: TimeoutError
         ):
             result = van_tfx_process("predict", image, "--rest", "--server", server, "--timeout=2")
@@ -481,6 +481,21 @@ def test_predict_errors_name_the_image(served, tmp_path, rest):
     assert result.returncode == 1, result.stderr
     assert f"Input {bomb} is an image of 16000x16000" in result.stderr, result.stderr
     assert "images[1]" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("rest", [[], ["--rest"]])
+def test_predict_at_the_other_apis_port_says_so_instead_of_start_a_server(served, rest):
+    # Before: "no model server at ...; start one with `van-tfx serve`", with one running there.
+    image = str(served["images"]["red.png"])
+    server = served["grpc"] if rest else served["rest"]
+    result = van_tfx_process("predict", image, "--server", server, *rest)
+    assert result.returncode == 2, result.stderr
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    if rest:
+        assert "it speaks HTTP/2, as a gRPC port does); drop --rest, or give the REST port" in error
+    else:
+        assert "not a gRPC server" in error and "); pass --rest for a REST port, or" in error
+    assert "start one" not in error and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("rest", [[], ["--rest"]])
