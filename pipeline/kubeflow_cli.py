@@ -341,6 +341,7 @@ def _config_and_package(args):
         if root and root != config.kubeflow.pipeline_root:
             kubeflow_section = config.kubeflow.model_copy(update={"pipeline_root": root})
             config = config.model_copy(update={"kubeflow": kubeflow_section})
+        _warn_about_placeholders(package)
         return config, package
     package = config.home_dir / "kubeflow" / DEFAULT_PACKAGE
     kubeflow.compile_pipeline(
@@ -350,7 +351,20 @@ def _config_and_package(args):
         gpus=args.gpus,
         vertex_training=args.vertex_training,
     )
+    _warn_about_placeholders(package)
     return config, package
+
+
+def _warn_about_placeholders(package: Path) -> None:
+    # What is sent, whoever compiled it: a run from it would fail in the cluster's pods.
+    text = package.read_text(encoding="utf-8", errors="replace")
+    found = [placeholder for placeholder in PLACEHOLDERS if placeholder in text]
+    if found:
+        print(
+            f"warning: {package} holds placeholders no cluster can use ({', '.join(found)}): "
+            "set kubeflow.* in your --config, as configs/kubeflow.example.yaml shows",
+            file=sys.stderr,
+        )
 
 
 def _dispatch(command: str, args, calls, print_result) -> int:

@@ -289,6 +289,11 @@ def test_compiling_with_placeholders_left_warns_naming_the_settings(home, tmp_pa
     assert "warning" not in capsys.readouterr().err
     assert main(["compile", "--output", str(path), *OVERRIDES, root, "--vertex-training"]) == 0
     assert "from kubeflow.vertex_project:" in capsys.readouterr().err
+    # What submit would send, compiled here or given, is checked the same way.
+    assert main(["submit", "--config", str(home / "config.yaml"), "--dry-run"]) == 0
+    assert "holds placeholders no cluster can use (YOUR_BUCKET)" in capsys.readouterr().err
+    assert main(["submit", "--pipeline", str(path), "--dry-run"]) == 0  # the Vertex one above
+    assert "holds placeholders no cluster can use (YOUR_PROJECT)" in capsys.readouterr().err
 
 
 def test_compiling_reads_and_writes_no_data_root(home, tmp_path, monkeypatch):
@@ -406,7 +411,7 @@ def test_submit_dry_run_prints_the_call_and_contacts_nothing(compiled, capsys):
     assert call["kwargs"]["run_name"] == "nightly-1"
     assert call["kwargs"]["experiment_name"] == "van-tfx"
     assert call["kwargs"]["pipeline_root"] == PIPELINE_ROOT
-    assert "warning" not in out.err  # no resolver: nothing open-source KFP would refuse
+    assert "resolver" not in out.err  # no resolver: nothing open-source KFP would refuse
 
 
 @pytest.mark.parametrize("command", ["submit", "schedule"])
