@@ -179,7 +179,38 @@ def compile_command(args) -> int:
         return _fail("compile", exc)
     tasks = sorted(spec["root"]["dag"]["tasks"])
     print(f"Wrote {args.output}: {len(tasks)} tasks ({', '.join(tasks)})")
+    left = example_values(config, args.vertex_training)
+    if left:
+        print(
+            f"warning: {args.output} holds placeholders no cluster can use (YOUR_BUCKET, "
+            f"YOUR_PROJECT), from {', '.join(left)}: set them in your --config, as "
+            "configs/kubeflow.example.yaml shows",
+            file=sys.stderr,
+        )
     return 0
+
+
+# The defaults in KubeflowConfig that stand for the user's own bucket and project.
+PLACEHOLDERS = ("YOUR_BUCKET", "YOUR_PROJECT")
+
+
+def example_values(config, vertex_training: bool | None = None) -> list[str]:
+    """The kubeflow settings still holding a YOUR_BUCKET / YOUR_PROJECT placeholder."""
+    # A spec compiled from them is written without a word and fails only in the cluster's pods.
+    kubeflow = config.kubeflow
+    settings = {
+        "data_root": kubeflow.data_root,
+        "pipeline_root": kubeflow.pipeline_root,
+        "serving_base_path": kubeflow.serving_base_path,
+        "beam_args": " ".join(kubeflow.beam_args),
+    }
+    if kubeflow.vertex_training if vertex_training is None else vertex_training:
+        settings["vertex_project"] = kubeflow.vertex_project
+    return [
+        f"kubeflow.{key}"
+        for key, value in settings.items()
+        if any(placeholder in value for placeholder in PLACEHOLDERS)
+    ]
 
 
 def kfp_local_command(args) -> int:
@@ -310,6 +341,7 @@ def _config_and_package(args):
         if root and root != config.kubeflow.pipeline_root:
             kubeflow_section = config.kubeflow.model_copy(update={"pipeline_root": root})
             config = config.model_copy(update={"kubeflow": kubeflow_section})
+        _warn_about_placeholders(package)
         return config, package
     package = config.home_dir / "kubeflow" / DEFAULT_PACKAGE
     kubeflow.compile_pipeline(
@@ -319,7 +351,20 @@ def _config_and_package(args):
         gpus=args.gpus,
         vertex_training=args.vertex_training,
     )
+    _warn_about_placeholders(package)
     return config, package
+
+
+def _warn_about_placeholders(package: Path) -> None:
+    # What is sent, whoever compiled it: a run from it would fail in the cluster's pods.
+    text = package.read_text(encoding="utf-8", errors="replace")
+    found = [placeholder for placeholder in PLACEHOLDERS if placeholder in text]
+    if found:
+        print(
+            f"warning: {package} holds placeholders no cluster can use ({', '.join(found)}): "
+            "set kubeflow.* in your --config, as configs/kubeflow.example.yaml shows",
+            file=sys.stderr,
+        )
 
 
 def _dispatch(command: str, args, calls, print_result) -> int:

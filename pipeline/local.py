@@ -153,9 +153,11 @@ def same_data_as_last_run(config: Config, current: dict, last: dict | None) -> s
     )
     if train:
         return None
+    # The whole command, not "--force": `van-tfx demo` prints this too and has no such flag.
     return (
         f"no new data: {why} (last run {last['run_id']}); nothing was trained or pushed. Add "
-        "data (e.g. `van-tfx data sample --new-span`) or pass --force to retrain anyway."
+        "data (e.g. `van-tfx data sample --new-span`) or retrain anyway with `van-tfx run "
+        "--force`."
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from functools import partial
 
@@ -86,10 +87,12 @@ def _add_serve(subparsers) -> None:
         "--rest_api_port",
         type=_checked(int, partial(checked_port, name="rest_api_port")),
         default=defaults.rest_port,
-        help="0 disables REST",
+        help="0 disables REST (TF Serving's default is 0)",
     )
     p.add_argument("--rest_api_host", default="127.0.0.1", help="REST bind address (ours)")
-    p.add_argument("--model_name", default=defaults.model_name)
+    p.add_argument(
+        "--model_name", default=defaults.model_name, help="TF Serving's default is 'default'"
+    )
     p.add_argument("--model_base_path", default="", help="default: the config's serving base path")
     p.add_argument("--model_config_file", default="", help="ModelServerConfig text proto")
     p.add_argument(
@@ -166,6 +169,21 @@ def _add_serve(subparsers) -> None:
     )
     p.add_argument("--config", help="van-tfx config YAML (for the default base path)")
     p.set_defaults(func=_serve)
+    show_defaults(p)
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append '(default: X)' to the help of each flag whose default is a value."""
+    # As `tensorflow_model_server --help` lists every flag's default: without them a user could
+    # not tell that --rest_api_port is 8501 here (0 in TF Serving) or what --timeout waits.
+    for action in parser._actions:
+        if not action.option_strings or action.default in (None, "", [], argparse.SUPPRESS):
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            continue  # an on/off switch: its default is being off
+        action.help = (
+            f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+        )
 
 
 def _serve(args) -> int:
@@ -293,6 +311,7 @@ def _add_predict(subparsers) -> None:
         "which the server decodes with EXIF ignored, as TF Serving does)",
     )
     p.set_defaults(func=_predict)
+    show_defaults(p)
 
 
 # A request's envelope beyond its images' bytes (names, tensor shape, JSON or proto framing).
@@ -349,19 +368,29 @@ def _request_bytes(images: list[bytes], rest: bool) -> int:
 def _naming_images(error, paths: list[str]) -> str:
     """The server's error message with `images[i]` replaced by the i-th path, or, when it names
     none and says the input is invalid, naming the paths sent."""
-    import re
 
     def path_of(match: re.Match) -> str:
         index = int(match[1])
         return paths[index] if index < len(paths) else match[0]
 
-    message = error.message
+    message = model_assertion(error.message)
     named = re.sub(r"\bimages\[(\d+)\]", path_of, message)
     if named != message or error.code not in ("INVALID_ARGUMENT", "400"):
         return named
     if len(paths) == 1:
         return f"{message} (image {paths[0]})"
     return f"{message} (one of the images {', '.join(paths)})"
+
+
+# TensorFlow's Assert failure: "assertion failed: [<the model's message>] [Condition x == y did
+# not hold element-wise:] [x (All_1:0) = ] [0] ... [[{{node assert_equal_1/...}}]]". Only the first
+# bracket was written for the caller; TF prints it with quotes escaped (\').
+_ASSERTION = re.compile(r"assertion failed: \[((?:[^\]\\]|\\.)*)\].*", re.DOTALL)
+
+
+def model_assertion(message: str) -> str:
+    """A server error with a TF assertion's graph details cut down to the model's own message."""
+    return _ASSERTION.sub(lambda m: re.sub(r"\\(.)", r"\1", m[1]), message)
 
 
 # gRPC read an http:// URL as a host name: "cannot resolve the host: Misformatted domain name".
@@ -412,6 +441,15 @@ def _predict(args) -> int:
                 args.timeout,
                 args.max_message_bytes,
             )
+    except client.WrongProtocol as exc:
+        # A server is there, on the other API's port: "start one" would send users astray.
+        other = (
+            f"drop --rest, or give the REST port (default {defaults.rest_port})"
+            if args.rest
+            else f"pass --rest for a REST port, or give the gRPC port (default {defaults.grpc_port})"
+        )
+        print(f"error: no model server at {server} ({exc}); {other}", file=sys.stderr)
+        return 2
     except client.ServerUnavailable as exc:
         print(
             f"error: no model server at {server} ({exc}); start one with `van-tfx serve`",
@@ -469,6 +507,7 @@ def _add_loadtest(subparsers) -> None:
     p.add_argument("--base-path", help="the served model base path (for --swap-to)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_loadtest)
+    show_defaults(p)
 
 
 LOADTEST_FIRST_TIMEOUT = 10.0  # seconds for loadtest's first request, which checks the server

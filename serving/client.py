@@ -33,6 +33,12 @@ class ServerUnavailable(ConnectionError):
     # Either nothing listens, or what answers is not a model server.
 
 
+class WrongProtocol(ServerUnavailable):
+    """What answered speaks the other API's protocol (HTTP/2 at --rest, HTTP/1 at gRPC)."""
+
+    # Its own type so the CLI can say "the other port" instead of "start a server".
+
+
 def checked_rest_url(url: str) -> str:
     """`url` if an http(s) URL with a host and valid port, else a ValueError saying why."""
     try:
@@ -244,8 +250,13 @@ def grpc_failure(
         # status means it connected after all, and that status is the server's.
         connected is False or lowered.startswith(NO_CONNECTION) or lowered.startswith(NO_ADDRESS)
     ):
-        return ServerUnavailable(_connect_failure(details))
+        failure = _connect_failure(details)
+        kind = WrongProtocol if failure.startswith(NOT_GRPC) else ServerUnavailable
+        return kind(failure)
     return PredictionError(code.name, details)
+
+
+NOT_GRPC = "not a gRPC server"
 
 
 def _connect_failure(details: str) -> str:
@@ -256,7 +267,7 @@ def _connect_failure(details: str) -> str:
         return f"cannot resolve the host: {_cause(details)}"
     cause = _cause(details)
     if "HTTP/2" in cause:  # what answers is not a gRPC server (a REST port, a web server)
-        return f"not a gRPC server: {cause}"
+        return f"{NOT_GRPC}: {cause}"
     return f"could not connect: {cause}"
 
 
@@ -315,7 +326,9 @@ def predict_images_rest(
     except TimeoutError as err:
         raise ServerUnavailable(f"no answer within {timeout:g} s") from err
     except (http.client.HTTPException, OSError) as err:  # not HTTP (a gRPC port), reset, ...
-        raise ServerUnavailable(f"not an HTTP answer: {_http_failure(err)}") from err
+        failure = _http_failure(err)
+        kind = WrongProtocol if failure.startswith(SPEAKS_HTTP2) else ServerUnavailable
+        raise kind(f"not an HTTP answer: {failure}") from err
     if len(answer) > max_answer_bytes:
         raise AnswerTooLarge(f"the answer is more than {max_answer_bytes} bytes", max_answer_bytes)
     try:
@@ -345,11 +358,18 @@ def _reason(reason) -> str:
     return str(reason) or type(reason).__name__
 
 
+SPEAKS_HTTP2 = "it speaks HTTP/2"
+
+
 def _http_failure(err: Exception) -> str:
     """Why an HTTP exchange failed, with a bad status line escaped."""
     # A gRPC port answers with binary HTTP/2 frames: http.client's status line then held NULs and
     # escape bytes that reached the terminal raw. RemoteDisconnected is a BadStatusLine too.
     if isinstance(err, http.client.BadStatusLine) and not isinstance(err, ConnectionError):
+        # An HTTP/2 frame header (3-byte length, then type 4, SETTINGS) is how a gRPC server
+        # greets: the user pointed --rest at the gRPC port.
+        if err.line[:2] == "\x00\x00" and err.line[3:4] == "\x04":
+            return f"{SPEAKS_HTTP2}, as a gRPC port does"
         return f"its status line is {_snippet(err.line.encode('latin-1', 'replace'))}"
     return _reason(err)
 

@@ -56,6 +56,36 @@ def test_bad_values_name_the_key(override, needle):
         load_config(overrides=[override])
 
 
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        # Before: pydantic's "Extra inputs are not permitted" / "Input should be a valid tuple"
+        # alone; which key was meant, or how a pair is written, was left to config.py.
+        (
+            "train.epocs=3",
+            "train.epocs: Extra inputs are not permitted (did you mean train.epochs?)",
+        ),
+        ("trian.epochs=3", "trian: Extra inputs are not permitted (did you mean train?)"),
+        ("train.zzzz=3", "train.zzzz: Extra inputs are not permitted (from --set"),
+        (
+            "augment.crop_scale=0.9,0.1",
+            "augment.crop_scale: Input should be a valid tuple; write a list, e.g. [0.08, 1.0]",
+        ),
+    ],
+)
+def test_an_unknown_key_names_the_nearest_one_and_a_pair_says_how_it_is_written(override, says):
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=[override])
+    assert says in str(error.value)
+
+
+def test_a_misspelt_key_in_a_file_names_the_nearest_one(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("eval:\n  min_top_1: 0.5\n")
+    with pytest.raises(ConfigError, match=r"eval\.min_top_1: .*\(did you mean eval\.min_top1\?\)$"):
+        load_config(path)
+
+
 def test_stored_size_must_cover_model_input():
     with pytest.raises(ConfigError, match="max_image_side"):
         load_config(overrides=["data.max_image_side=32", "model.image_size=64"])

@@ -248,6 +248,26 @@ def test_cli_without_skip_invalid_fails_naming_files(dir_with_bad_files, tmp_pat
     assert "notes.jpg" in err and "--skip-invalid" in err
 
 
+def test_a_jpeg_with_a_damaged_header_is_named_as_a_damaged_jpeg(image_dir, tmp_path, capsys):
+    # Before: "not an image format PIL reads", as for a text file, which sent users of a .jpg
+    # looking for missing JPEG support.
+    root = tmp_path / "in"
+    (root / "n_photo").mkdir(parents=True)
+    china = bytearray((image_dir / "n_photo" / "china.jpg").read_bytes())
+    frame = china.find(b"\xff\xc0")
+    assert frame > 0
+    china[frame + 5 : frame + 9] = bytes(4)  # height and width 0: PIL cannot identify it
+    (root / "n_photo" / "frame.jpg").write_bytes(bytes(china))
+    (root / "n_photo" / "notes.jpg").write_text("this is not an image")
+    code = main(["data", "build", str(root), str(tmp_path / "o"), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert (
+        "frame.jpg: not a decodable image (a damaged JPEG file: its header cannot be read)" in err
+    )
+    assert "notes.jpg: not a decodable image (not an image format PIL reads)" in err
+
+
 def test_truncated_shard_is_reported_by_name(built, tmp_path):
     _, result = built
     shard = tmp_path / "train-00000-of-00001"

@@ -361,6 +361,32 @@ def test_an_eval_only_ingest_compares_its_own_split_with_the_gates_fingerprint(t
     assert "span 1 changed since the NewDataGate looked" in caplog.text
 
 
+def test_the_eval_only_ingest_keeps_every_validation_record_in_its_eval_split(tmp_path):
+    # Before: the component was built without an output config, so TFX gave its one input split
+    # the default hash buckets train:2 / eval:1, and the Evaluator gated on a third of the
+    # validation images (122 of 360 in the demo); the other two thirds sat in a 'train' split.
+    data = tmp_path / "data"
+    write_span(data, 1)
+    shard = data / "span-1" / "validation-00000-of-00001"
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for n in range(90):
+            example = marked_example(1)
+            example.features.feature["x"].int64_list.value[:] = [n]
+            writer.write(example.SerializeToString())
+    component = ingest.eval_example_gen(DataConfig(), str(data))
+    examples = Examples()
+    examples.uri = str(tmp_path / "EvalExampleGen" / "examples")
+    properties = {
+        key: component.exec_properties[key]
+        for key in ("input_base", "input_config", "output_config")
+    }
+    properties.update(output_data_format=6, output_file_format=5)
+    SpanResolvingImportExecutor().Do({}, {"examples": [examples]}, properties)
+    assert examples.split_names == '["eval"]'
+    assert [len(records) for records in read_split(examples, "eval").values()] == [90]
+    assert read_split(examples, "eval") == {"data_tfrecord-00000-of-00001": records_of(shard)}
+
+
 def write_records(path: Path, count: int, options=None) -> None:
     example = marked_example(b"x" * 300)
     with tf.io.TFRecordWriter(str(path), options) as writer:

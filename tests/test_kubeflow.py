@@ -274,6 +274,28 @@ def test_a_local_schema_file_is_refused_for_the_cluster(home, tmp_path, capsys):
     )
 
 
+def test_compiling_with_placeholders_left_warns_naming_the_settings(home, tmp_path, capsys):
+    # Before: the default config's gs://YOUR_BUCKET paths and --project=YOUR_PROJECT were
+    # compiled without a word, to fail only in the cluster's pods.
+    path = tmp_path / "p.yaml"
+    assert main(["compile", "--output", str(path), *OVERRIDES]) == 0
+    err = capsys.readouterr().err
+    assert "YOUR_BUCKET" in path.read_text()
+    assert f"warning: {path} holds placeholders no cluster can use" in err
+    assert "from kubeflow.serving_base_path: set them in your --config" in err
+    root = "--set=kubeflow.serving_base_path=gs://test-bucket/serving/van"
+    assert main(["compile", "--output", str(path), *OVERRIDES, root]) == 0
+    assert "YOUR_" not in path.read_text()
+    assert "warning" not in capsys.readouterr().err
+    assert main(["compile", "--output", str(path), *OVERRIDES, root, "--vertex-training"]) == 0
+    assert "from kubeflow.vertex_project:" in capsys.readouterr().err
+    # What submit would send, compiled here or given, is checked the same way.
+    assert main(["submit", "--config", str(home / "config.yaml"), "--dry-run"]) == 0
+    assert "holds placeholders no cluster can use (YOUR_BUCKET)" in capsys.readouterr().err
+    assert main(["submit", "--pipeline", str(path), "--dry-run"]) == 0  # the Vertex one above
+    assert "holds placeholders no cluster can use (YOUR_PROJECT)" in capsys.readouterr().err
+
+
 def test_compiling_reads_and_writes_no_data_root(home, tmp_path, monkeypatch):
     # A data root that holds spans and a synsets.txt, readable and writable from here: the
     # compiled spec must not depend on it, and nothing may be written into it.
@@ -392,7 +414,7 @@ def test_submit_dry_run_prints_the_call_and_contacts_nothing(compiled, capsys):
     # kfp's client writes a non-None enable_caching into every task (_override_caching_options):
     # True would cache the gate, whose inputs never change, and replay its first decision.
     assert call["kwargs"]["enable_caching"] is None
-    assert "warning" not in out.err  # no resolver: nothing open-source KFP would refuse
+    assert "resolver" not in out.err  # no resolver: nothing open-source KFP would refuse
 
 
 @pytest.mark.parametrize("command", ["submit", "schedule"])

@@ -826,8 +826,15 @@ def test_van_tfx_run_skips_the_data_of_its_last_run_only_when_the_gate_would(tmp
     assert same_data_as_last_run(config, current, last) == (
         "no new data: span 1 with the same input fingerprint is what served version 1700000000 "
         "was trained on (last run 20261206-010203); nothing was trained or pushed. Add data "
-        "(e.g. `van-tfx data sample --new-span`) or pass --force to retrain anyway."
+        "(e.g. `van-tfx data sample --new-span`) or retrain anyway with `van-tfx run --force`."
     )
+    # `van-tfx demo` prints it too, and has no --force (it said "pass --force"): the command
+    # named is one the CLI takes.
+    from van_tfx.cli import build_parser
+
+    assert build_parser().parse_args(["run", "--force"]).force is True
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--force"])
     other = {**last, "fingerprint": "another"}
     assert same_data_as_last_run(config, current, other) is None  # the data changed
     assert same_data_as_last_run(config, current, None) is None

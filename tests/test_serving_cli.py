@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from serving import testing
+from serving import cli, client, testing
 from serving.manifests import PRODUCTION_BATCHING
 from serving.protos import render_batching, render_monitoring
 from van_tfx.cli import main
@@ -403,8 +403,9 @@ def test_predict_rest_failures_name_the_server(served):
         silent.listen()
         hang = f"127.0.0.1:{silent.getsockname()[1]}"
         for server, says in (
-            # Before: BadStatusLine; then its raw line, NULs and escapes, reached the terminal.
-            (served["grpc"], "not an HTTP answer: its status line is '\\x00\\x00"),
+            # Before: BadStatusLine; then its raw line, NULs and escapes, reached the terminal;
+            # then that line escaped ('\x00\x00\x18\x04...'), which did not say it was gRPC.
+            (served["grpc"], "not an HTTP answer: it speaks HTTP/2, as a gRPC port does); drop"),
             (hang, "no answer"),  # Before: TimeoutError
         ):
             result = van_tfx_process("predict", image, "--rest", "--server", server, "--timeout=2")
@@ -416,6 +417,46 @@ def test_predict_rest_failures_name_the_server(served):
     bad_url = van_tfx_process("predict", image, "--rest", "--server", "http://[::1")
     assert bad_url.returncode == 2 and "error: --server http://[::1 is not a URL" in bad_url.stderr
     assert "Traceback" not in bad_url.stderr
+
+
+@pytest.mark.parametrize(
+    "command, shows",
+    [("serve", ["--port PORT gRPC port (default: 8500)",
+                "0 disables REST (TF Serving's default is 0) (default: 8501)",
+                "TF Serving's default is 'default' (default: van)",
+                "--enable_model_warmup [ENABLE_MODEL_WARMUP] default: True",
+                "--grpc_max_threads GRPC_MAX_THREADS default: 64"]),
+     ("predict", ["--timeout TIMEOUT seconds (default: 30.0)"]),
+     ("loadtest", ["--concurrency CONCURRENCY default: 8"])],
+)  # fmt: skip
+def test_help_shows_each_flags_default_as_tensorflow_model_server_does(capsys, command, shows):
+    # Before: most flags showed none, and --rest_api_port's 8501 (0 in TF Serving) was unsaid.
+    result = van_tfx(capsys, command, "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for phrase in shows:
+        assert phrase in text, text
+    assert "(default: [])" not in text and "--no-progress default" not in text
+
+
+def test_a_model_assertion_is_shown_without_tensorflows_graph_details():
+    # What `van-tfx predict notes.txt` printed against a pushed VAN model (both APIs): the
+    # exported signature's message buried in TF's Assert internals, its quotes escaped.
+    sent = (
+        "assertion failed: [\\'images\\' holds bytes that are not a complete JPEG or PNG image] "
+        "[Condition x == y did not hold element-wise:] [x (All_1:0) = ] [0] "
+        "[y (assert_equal_1/y:0) = ] [1] [[{{node assert_equal_1/Assert/AssertGuard/Assert}}]]"
+    )
+    assert cli.model_assertion(sent) == (
+        "'images' holds bytes that are not a complete JPEG or PNG image"
+    )
+    error = client.PredictionError("INVALID_ARGUMENT", sent)
+    assert cli._naming_images(error, ["notes.txt"]) == (
+        "'images' holds bytes that are not a complete JPEG or PNG image (image notes.txt)"
+    )
+    assert cli.model_assertion("Servable not found for request: Latest(x)") == (
+        "Servable not found for request: Latest(x)"
+    )
 
 
 @pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf"])
@@ -440,6 +481,21 @@ def test_predict_errors_name_the_image(served, tmp_path, rest):
     assert result.returncode == 1, result.stderr
     assert f"Input {bomb} is an image of 16000x16000" in result.stderr, result.stderr
     assert "images[1]" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("rest", [[], ["--rest"]])
+def test_predict_at_the_other_apis_port_says_so_instead_of_start_a_server(served, rest):
+    # Before: "no model server at ...; start one with `van-tfx serve`", with one running there.
+    image = str(served["images"]["red.png"])
+    server = served["grpc"] if rest else served["rest"]
+    result = van_tfx_process("predict", image, "--server", server, *rest)
+    assert result.returncode == 2, result.stderr
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    if rest:
+        assert "it speaks HTTP/2, as a gRPC port does); drop --rest, or give the REST port" in error
+    else:
+        assert "not a gRPC server" in error and "); pass --rest for a REST port, or" in error
+    assert "start one" not in error and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("rest", [[], ["--rest"]])

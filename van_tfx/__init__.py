@@ -3,3 +3,4 @@
 from van_tfx import env as _env
 
 _env.require_legacy_keras()
+_env.silence_unactionable_warnings()

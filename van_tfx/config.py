@@ -7,6 +7,7 @@ the section it needs (TFX components receive `section.model_dump()` through `cus
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import reprlib
@@ -463,10 +464,39 @@ def load_config(
         source = f" in {path}" if path else ""
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            + _hint(err)
             + _override_note(tuple(str(p) for p in err["loc"]), applied)
             for err in exc.errors()
         )
         raise ConfigError(f"invalid config{source}: {problems}") from exc
+
+
+def _hint(err: Any) -> str:
+    """What to write instead, for an unknown key (the nearest known one) or a pair not a list."""
+    # pydantic says only "Extra inputs are not permitted" or "Input should be a valid tuple";
+    # the user then had to open config.py to find `epochs` or how a pair is spelled.
+    loc = [str(p) for p in err["loc"]]
+    if err["type"] == "extra_forbidden" and loc:
+        model = _section_model(loc[:-1])
+        near = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1) if model else []
+        return f" (did you mean {'.'.join([*loc[:-1], near[0]])}?)" if near else ""
+    if err["type"] in ("tuple_type", "list_type") and (model := _section_model(loc[:-1])):
+        field = model.model_fields.get(loc[-1]) if loc else None
+        if field is not None and isinstance(field.default, tuple | list) and field.default:
+            return f"; write a list, e.g. [{', '.join(str(v) for v in field.default)}]"
+    return ""
+
+
+def _section_model(keys: list[str]) -> type[BaseModel] | None:
+    """The pydantic model of the config section at dotted `keys` ([] is Config itself)."""
+    model: type[BaseModel] = Config
+    for key in keys:
+        field = model.model_fields.get(key)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
 
 
 def _override_note(loc: tuple[str, ...], applied: list[tuple[tuple[str, ...], str]]) -> str:

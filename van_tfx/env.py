@@ -2,6 +2,7 @@
 
 import os
 import sys
+import warnings
 
 
 def require_legacy_keras() -> None:
@@ -21,6 +22,21 @@ def require_legacy_keras() -> None:
             "TensorFlow was imported before van-tfx could set TF_USE_LEGACY_KERAS=1; "
             "import van_tfx (or set TF_USE_LEGACY_KERAS=1) before importing tensorflow."
         )
+
+
+# Warnings a user of this stack cannot act on, printed a dozen times by every command that loads
+# the Google Cloud clients TFX brings: TFX 1.16 supports Python 3.10 only (so "upgrade to 3.11"
+# would break it), and google-cloud-storage is held below 3 by TFX's aiplatform pin.
+UNACTIONABLE_WARNINGS = (
+    (FutureWarning, r"You are using a non-supported Python version"),
+    (FutureWarning, r"Support for google-cloud-storage < 3\.0\.0 will be removed"),
+)
+
+
+def silence_unactionable_warnings() -> None:
+    """Ignore the dependency warnings listed in UNACTIONABLE_WARNINGS (no others)."""
+    for category, message in UNACTIONABLE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def van_tfx_home() -> str:

@@ -320,15 +320,37 @@ def _decode_fully(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image
     except InvalidImageError:
         raise
     except UnidentifiedImageError:
-        raise InvalidImageError(
-            name, "not a decodable image (not an image format PIL reads)"
-        ) from None
+        kind = _signature_format(data)
+        reason = (
+            f"a damaged {kind} file: its header cannot be read"
+            if kind
+            else "not an image format PIL reads"
+        )
+        raise InvalidImageError(name, f"not a decodable image ({reason})") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         reason = _ADDRESS.sub("", str(exc)) or type(exc).__name__
         raise InvalidImageError(name, f"not a decodable image ({reason})") from None
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)  # animated GIF/PNG: the first frame, as tf.io.decode_image would
     return image
+
+
+# The first bytes of the formats PIL reads for us. A file that starts like one but that PIL cannot
+# identify is that format, damaged (e.g. its frame header): "not an image format PIL reads" sent
+# users of a .jpg looking for missing JPEG support.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+
+
+def _signature_format(data: bytes) -> str:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for magic, kind in _SIGNATURES if data.startswith(magic)), "")
 
 
 # " at 0x7f3a..." in a repr: a memory address, different in every run.
