@@ -370,7 +370,7 @@ def _warn_about_placeholders(package: Path) -> None:
 def _dispatch(command: str, args, calls, print_result) -> int:
     from pipeline import kfp_client
 
-    _warn_about_resolvers(calls)
+    _warn_about_open_source_refusals(calls)
     host = args.host or os.environ.get(HOST_ENV)
     if args.dry_run:
         print(kfp_client.describe_request(host, calls))
@@ -382,17 +382,32 @@ def _dispatch(command: str, args, calls, print_result) -> int:
     return 0
 
 
-def _warn_about_resolvers(calls) -> None:
+def _warn_about_open_source_refusals(calls) -> None:
+    """Warn about what open-source KFP refuses in the package sent: resolvers, a 2.0.0 spec."""
+    # Warnings, not errors: Vertex AI Pipelines runs both (TFX's KubeflowV2DagRunner output).
+    from pipeline.kfp_backend import BackendRefusal
+    from pipeline.kfp_backend.compiler import check_template
+
     package = calls[-1]["kwargs"].get("pipeline_file") or calls[-1]["kwargs"].get(
         "pipeline_package_path"
     )
-    resolvers = resolver_tasks(load_pipeline_spec(package))
+    spec = load_pipeline_spec(package)
+    resolvers = resolver_tasks(spec)
     if resolvers:
         print(
             f"warning: {package} has TFX resolver executors ({', '.join(resolvers)}); "
             "open-source KFP refuses to compile such a run ('non-container and non-importer "
             "executor not implemented'), only Vertex AI Pipelines runs them. A package from "
             "`van-tfx compile` has none. See docs/kubeflow.md.",
+            file=sys.stderr,
+        )
+    try:
+        check_template(spec)
+    except BackendRefusal as exc:
+        print(
+            f"warning: open-source KFP's API server refuses {package} when the run is created "
+            f"({exc}); only Vertex AI Pipelines runs it. A package from `van-tfx compile` "
+            "passes. See docs/kubeflow.md.",
             file=sys.stderr,
         )
 

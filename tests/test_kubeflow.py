@@ -417,6 +417,21 @@ def test_submit_dry_run_prints_the_call_and_contacts_nothing(compiled, capsys):
     assert "resolver" not in out.err  # no resolver: nothing open-source KFP would refuse
 
 
+def test_submit_warns_about_a_spec_the_open_source_api_server_refuses(compiled, tmp_path, capsys):
+    # TFX's own KubeflowV2DagRunner writes schemaVersion 2.0.0, which Vertex runs and the
+    # open-source API server refuses when the run is created (v2_template.go).
+    path, spec = compiled
+    old = tmp_path / "schema-2.0.0.yaml"
+    old.write_text(yaml.safe_dump({**spec, "schemaVersion": "2.0.0"}))
+    host = f"http://127.0.0.1:{closed_port()}"
+    assert main(["submit", "--pipeline", str(old), "--host", host, "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: open-source KFP's API server refuses {old} when the run is created" in err
+    assert "KFP only supports schema version 2.1.0, but the pipeline spec has version 2.0.0" in err
+    assert main(["submit", "--pipeline", str(path), "--host", host, "--dry-run"]) == 0
+    assert "API server refuses" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["submit", "schedule"])
 def test_a_given_package_runs_under_its_own_pipeline_root(home, tmp_path, capsys, command):
     # Before: the config's root was sent, overriding the package's (gs://YOUR_BUCKET/... when
