@@ -620,6 +620,27 @@ def retyped(example: tf.train.Example, name: str, kind: str) -> None:
     getattr(example.features.feature[name], kind).value.append(value)
 
 
+def span_with_one_altered_record(tmp_path: Path, count: int, index: int, alter, *args):
+    """A span whose validation shard holds `count` image records, record `index` altered."""
+    # alter(example, *args) edits that record in place; returns (data root, the shard).
+    data = tmp_path / "data"
+    write_span(data, 1)
+    shard = data / "span-1" / "validation-00000-of-00001"
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for n in range(count):
+            example = image_example(n)
+            if n == index:
+                alter(example, *args)
+            writer.write(example.SerializeToString())
+    return data, shard
+
+
+def with_extra_value(example: tf.train.Example, name: str, extra) -> None:
+    """`example` with one more value in its feature `name`."""
+    field = example.features.feature[name]
+    getattr(field, field.WhichOneof("kind")).value.append(extra)
+
+
 @pytest.mark.parametrize(
     "name, kind, expected",
     [
@@ -633,15 +654,7 @@ def test_a_record_with_a_feature_of_the_wrong_kind_is_named_with_its_shard(
     tmp_path, name, kind, expected, index
 ):
     # StatisticsGen would fail with "Unable to merge incompatible type", naming nothing.
-    data = tmp_path / "data"
-    write_span(data, 1)
-    shard = data / "span-1" / "validation-00000-of-00001"
-    with tf.io.TFRecordWriter(str(shard)) as writer:
-        for n in range(400):
-            example = image_example(n)
-            if n == index:
-                retyped(example, name, kind)
-            writer.write(example.SerializeToString())
+    data, shard = span_with_one_altered_record(tmp_path, 400, index, retyped, name, kind)
     with pytest.raises(BadRecordError) as failure:
         ingest_span(tmp_path, data)
     assert str(failure.value) == (
@@ -695,16 +708,7 @@ def test_a_record_with_more_values_than_the_schema_allows_is_named_with_its_shar
     # A label list [1, 7] or two images in one record: ExampleValidator's anomaly named no
     # record, Transform's fixed-length parse of image/encoded failed naming none, and a reader
     # taking the first value would mislabel it silently.
-    data = tmp_path / "data"
-    write_span(data, 1)
-    shard = data / "span-1" / "validation-00000-of-00001"
-    with tf.io.TFRecordWriter(str(shard)) as writer:
-        for n in range(300):
-            example = image_example(n)
-            if n == 290:
-                field = example.features.feature[name]
-                getattr(field, field.WhichOneof("kind")).value.append(extra)
-            writer.write(example.SerializeToString())
+    data, shard = span_with_one_altered_record(tmp_path, 300, 290, with_extra_value, name, extra)
     with pytest.raises(BadRecordError) as failure:
         ingest_span(tmp_path, data)
     assert str(failure.value) == (
@@ -737,15 +741,7 @@ def test_a_record_lacking_a_required_feature_is_named_with_its_shard(tmp_path, n
     # Absent or present with no values: the copy passed it, and the run stopped at
     # ExampleValidator ("present in fewer examples than expected", no record named) or at
     # Transform's fixed-length parse of image/encoded ("is required but could not be found").
-    data = tmp_path / "data"
-    write_span(data, 1)
-    shard = data / "span-1" / "validation-00000-of-00001"
-    with tf.io.TFRecordWriter(str(shard)) as writer:
-        for n in range(300):
-            example = image_example(n)
-            if n == 290:
-                without(example, name, empty)
-            writer.write(example.SerializeToString())
+    data, shard = span_with_one_altered_record(tmp_path, 300, 290, without, name, empty)
     with pytest.raises(BadRecordError) as failure:
         ingest_span(tmp_path, data)
     assert str(failure.value) == (
@@ -756,15 +752,9 @@ def test_a_record_lacking_a_required_feature_is_named_with_its_shard(tmp_path, n
 
 @pytest.mark.parametrize("empty", [False, True], ids=["absent", "empty"])
 def test_a_record_without_an_optional_feature_is_copied(tmp_path, empty):
-    data = tmp_path / "data"
-    write_span(data, 1)
-    shard = data / "span-1" / "validation-00000-of-00001"
-    with tf.io.TFRecordWriter(str(shard)) as writer:
-        for n in range(300):
-            example = image_example(n)
-            if n == 290:
-                without(example, features.IMAGE_FILENAME, empty)
-            writer.write(example.SerializeToString())
+    data, shard = span_with_one_altered_record(
+        tmp_path, 300, 290, without, features.IMAGE_FILENAME, empty
+    )
     examples = ingest_span(tmp_path, data)
     [records] = read_split(examples, "eval").values()
     assert records == records_of(shard)
